@@ -1,0 +1,416 @@
+"""Every message that crosses a QNTX socket, declared once.
+
+Messages are msgspec Structs encoded as MessagePack maps. Each request/reply
+message carries its class name in the ``type`` field, so one tagged union per
+socket role decodes whatever arrives there. Records embedded in messages
+(``Attestation``, ``Job``...) are plain maps without a tag.
+
+The framing around these bodies (correlation frames, topics) belongs to
+``qntx.bus``; docs/PROTOCOL.md describes both for clients in other languages.
+
+Socket roles and their unions:
+
+=====================  ==========================  ===========================
+socket                 requests (decoded there)    replies / pushes
+=====================  ==========================  ===========================
+ats ROUTER             ``AtsRequest``              ``AtsReply``
+server ROUTER          ``ServerRequest``           ``ServerReply``
+workers ROUTER         ``WorkerMessage``           ``Dispatch`` / ``Ack``
+plugin ROUTER          ``PluginRequest``           ``PluginReply``
+ats / server PUB       -                           ``Event``
+=====================  ==========================  ===========================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Message(msgspec.Struct, tag_field="type", tag=True, omit_defaults=True, kw_only=True):
+    """Base of every tagged wire message; the tag is the class name."""
+
+
+# --------------------------------------------------------------------- generic
+
+
+class ErrorReply(Message):
+    """The reply to any request that failed. ``code`` is one of ERROR_CODES."""
+
+    code: str
+    message: str
+
+
+class Ping(Message):
+    pass
+
+
+class Pong(Message):
+    actor: str
+    pid: int
+    version: str = ""
+
+
+class Ack(Message):
+    pass
+
+
+# ERROR_CODES: the closed set of ErrorReply.code values.
+ERROR_CODES = (
+    "bad_request",  # the frames or the body could not be decoded
+    "unknown_type",  # a well-formed message this socket does not answer
+    "too_large",  # the body exceeds the maximum message size
+    "invalid",  # the message decoded but its values are not acceptable
+    "not_found",  # the referenced attestation, job or handler does not exist
+    "conflict",  # the request clashes with the current state (e.g. duplicate id)
+    "unavailable",  # an actor needed for the request is not reachable
+    "timeout",  # the request did not finish in time
+    "internal",  # a bug: the actor logged the traceback
+)
+
+
+# --------------------------------------------------------------------- records
+
+
+class Attestation(msgspec.Struct, kw_only=True):
+    """One immutable claim: subjects are <predicates> in <contexts> according to <actors>."""
+
+    id: str
+    subjects: list[str]
+    predicates: list[str]
+    contexts: list[str]
+    actors: list[str]
+    timestamp: int  # ms: when the claim was made
+    source: str
+    attributes: dict[str, Any]
+    created_at: int  # ms: when the store accepted it
+
+
+class NewAttestation(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An attestation to create; the store fills id, timestamp and created_at."""
+
+    subjects: list[str]
+    predicates: list[str] = msgspec.field(default_factory=lambda: ["_"])
+    contexts: list[str] = msgspec.field(default_factory=lambda: ["_"])
+    actors: list[str] = msgspec.field(default_factory=list)
+    timestamp: int | None = None
+    source: str = "python"
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+    id: str | None = None
+
+
+class Filter(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An attestation query: OR within a field, AND across fields, case-insensitive."""
+
+    subjects: list[str] = msgspec.field(default_factory=list)
+    predicates: list[str] = msgspec.field(default_factory=list)
+    contexts: list[str] = msgspec.field(default_factory=list)
+    actors: list[str] = msgspec.field(default_factory=list)
+    time_start: int | None = None  # ms, inclusive
+    time_end: int | None = None  # ms, inclusive
+    source: str | None = None
+    limit: int | None = None
+
+
+class Progress(msgspec.Struct, kw_only=True):
+    current: float = 0
+    total: float = 0
+
+
+class JobError(msgspec.Struct, kw_only=True):
+    message: str
+    traceback: str = ""
+
+
+# JOB_STATUSES: queued -> running -> completed | failed | cancelled; paused holds a queued job.
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "paused")
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
+class Job(msgspec.Struct, kw_only=True):
+    id: str
+    handler: str
+    payload: Any = None
+    status: str = "queued"
+    attempts: int = 0
+    max_attempts: int = 3
+    timeout_s: float = 300.0
+    priority: int = 0
+    created_at: int = 0
+    started_at: int | None = None
+    finished_at: int | None = None
+    progress: Progress | None = None
+    result: Any = None
+    error: JobError | None = None
+    logs: str = ""
+    parent_id: str | None = None
+    worker: str | None = None
+    idempotency_key: str | None = None
+    run_after: int = 0  # ms: a retried job waits for its backoff until then
+
+
+# --------------------------------------------------------------------- ats
+
+
+class Attest(Message):
+    """Store attestations; the reply comes only after they are durably committed."""
+
+    items: list[NewAttestation]
+
+
+class Attested(Message):
+    records: list[Attestation]
+
+
+class Query(Message):
+    filter: Filter
+
+
+class QueryResult(Message):
+    records: list[Attestation]
+
+
+class GetAttestation(Message):
+    id: str
+
+
+class AttestationReply(Message):
+    record: Attestation
+
+
+class Stats(Message):
+    pass
+
+
+class StatsReply(Message):
+    attestations: int
+    map_size: int
+    used_bytes: int
+    path: str
+
+
+AtsRequest = Ping | Attest | Query | GetAttestation | Stats
+AtsReply = Pong | Attested | QueryResult | AttestationReply | StatsReply | ErrorReply
+
+
+# --------------------------------------------------------------------- server
+
+
+class Submit(Message):
+    handler: str
+    payload: Any = None
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float = 300.0
+    idempotency_key: str | None = None
+    parent_id: str | None = None
+
+
+class GetJob(Message):
+    id: str
+
+
+class ListJobs(Message):
+    status: str | None = None
+    limit: int = 50
+
+
+class CancelJob(Message):
+    id: str
+
+
+class RetryJob(Message):
+    id: str
+
+
+class JobReply(Message):
+    job: Job
+
+
+class JobList(Message):
+    jobs: list[Job]
+
+
+class GetStatus(Message):
+    pass
+
+
+class ActorStatus(msgspec.Struct, kw_only=True):
+    name: str
+    pid: int | None = None
+    endpoint: str = ""
+    healthy: bool = False
+
+
+class StatusReply(Message):
+    actors: list[ActorStatus]
+    queue: dict[str, int]
+    handlers: list[str]
+
+
+class RegisterPlugin(Message):
+    """A plugin announces itself; the server then calls Metadata and Initialize on it."""
+
+    name: str
+    endpoint: str
+    pid: int = 0
+
+
+class HandlersChanged(Message):
+    """A plugin's handler set changed while running (live discovery)."""
+
+    plugin: str
+    handler_names: list[str]
+
+
+class JobProgress(Message):
+    """Sent by whoever runs a job while it runs (fire and forget)."""
+
+    job_id: str
+    current: float
+    total: float
+
+
+ServerRequest = (
+    Ping
+    | Submit
+    | GetJob
+    | ListJobs
+    | CancelJob
+    | RetryJob
+    | GetStatus
+    | RegisterPlugin
+    | HandlersChanged
+    | JobProgress
+)
+ServerReply = Pong | JobReply | JobList | StatusReply | Ack | ErrorReply
+
+
+# --------------------------------------------------------------------- workers
+
+
+class WorkerReady(Message):
+    """A worker says it can take ``credit`` more jobs; also its heartbeat."""
+
+    worker: str
+    credit: int = 1
+    pid: int = 0
+    running: list[str] = msgspec.field(default_factory=list)
+
+
+class JobDone(Message):
+    """The outcome of one attempt of a job."""
+
+    job_id: str
+    attempt: int
+    success: bool
+    result: Any = None
+    error: JobError | None = None
+    logs: str = ""
+
+
+class Dispatch(Message):
+    """The server hands one job attempt to a worker."""
+
+    job: Job
+    plugin_endpoint: str | None = None  # where to forward a plugin handler
+
+
+class CancelRunning(Message):
+    """The server asks a worker to kill a running attempt."""
+
+    job_id: str
+
+
+WorkerMessage = WorkerReady | JobDone | JobProgress
+WorkerCommand = Dispatch | CancelRunning
+
+
+# --------------------------------------------------------------------- plugins
+
+
+class Metadata(Message):
+    pass
+
+
+class MetadataReply(Message):
+    name: str
+    version: str
+    description: str = ""
+
+
+class Initialize(Message):
+    ats_endpoint: str
+    server_endpoint: str
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class InitializeReply(Message):
+    handler_names: list[str]
+
+
+class Health(Message):
+    pass
+
+
+class HealthReply(Message):
+    healthy: bool
+    detail: str = ""
+
+
+class ExecuteJob(Message):
+    job_id: str
+    handler: str
+    payload: Any = None
+    timeout_s: float = 300.0
+    attempt: int = 1
+    progress_endpoint: str | None = None
+
+
+class ExecuteResult(Message):
+    success: bool
+    result: Any = None
+    error: JobError | None = None
+    stdout: str = ""
+    stderr: str = ""
+    progress: Progress | None = None
+
+
+class CancelExecution(Message):
+    job_id: str
+
+
+class Shutdown(Message):
+    pass
+
+
+PluginRequest = Ping | Metadata | Initialize | Health | ExecuteJob | CancelExecution | Shutdown
+PluginReply = (
+    Pong | MetadataReply | InitializeReply | HealthReply | ExecuteResult | Ack | ErrorReply
+)
+
+
+# --------------------------------------------------------------------- events
+
+
+class AttestationCreated(Message):
+    record: Attestation
+
+
+class JobChanged(Message):
+    job: Job
+
+
+class JobProgressed(Message):
+    job_id: str
+    current: float
+    total: float
+
+
+class HandlersRegistered(Message):
+    plugin: str
+    handler_names: list[str]
+
+
+Event = AttestationCreated | JobChanged | JobProgressed | HandlersRegistered
