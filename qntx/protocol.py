@@ -27,46 +27,13 @@ from typing import Any
 
 import msgspec
 
-
-class Message(msgspec.Struct, tag_field="type", tag=True, omit_defaults=True, kw_only=True):
-    """Base of every tagged wire message; the tag is the class name."""
-
-
-# --------------------------------------------------------------------- generic
-
-
-class ErrorReply(Message):
-    """The reply to any request that failed. ``code`` is one of ERROR_CODES."""
-
-    code: str
-    message: str
-
-
-class Ping(Message):
-    pass
-
-
-class Pong(Message):
-    actor: str
-    pid: int
-    version: str = ""
-
-
-class Ack(Message):
-    pass
-
-
-# ERROR_CODES: the closed set of ErrorReply.code values.
-ERROR_CODES = (
-    "bad_request",  # the frames or the body could not be decoded
-    "unknown_type",  # a well-formed message this socket does not answer
-    "too_large",  # the body exceeds the maximum message size
-    "invalid",  # the message decoded but its values are not acceptable
-    "not_found",  # the referenced attestation, job or handler does not exist
-    "conflict",  # the request clashes with the current state (e.g. duplicate id)
-    "unavailable",  # an actor needed for the request is not reachable
-    "timeout",  # the request did not finish in time
-    "internal",  # a bug: the actor logged the traceback
+from qntx.bus.messages import (  # noqa: F401  (re-exported: one import for every message)
+    ERROR_CODES,
+    Ack,
+    ErrorReply,
+    Message,
+    Ping,
+    Pong,
 )
 
 
