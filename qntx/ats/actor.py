@@ -1,0 +1,122 @@
+"""The ATS actor: owns the attestation store and serves it on the bus.
+
+Answers ``Ping``, ``Attest``, ``Query``, ``GetAttestation`` and ``Stats``; publishes
+``AttestationCreated`` on its PUB socket (topic ``att.<first subject>``) for each
+attestation it stores.
+
+Writes use group commit: every ``Attest`` that arrives during one loop turn is held,
+then all of them are written in one synced LMDB transaction, and only then does
+each writer get its reply. Many concurrent writers thus share one fsync, and no
+reply ever says "stored" before the data is durable.
+"""
+
+from __future__ import annotations
+
+
+from loguru import logger
+
+from qntx import __version__
+from qntx.ats.store import AttestationStore
+from qntx.bus.actor import Actor, Publisher, Request
+from qntx.bus.pidlock import PidLock
+from qntx.errors import NotFound, QntxError, Unavailable
+from qntx.protocol import (
+    Attest,
+    Attested,
+    AtsRequest,
+    AttestationCreated,
+    AttestationReply,
+    GetAttestation,
+    NewAttestation,
+    Ping,
+    Pong,
+    Query,
+    QueryResult,
+    Stats,
+    StatsReply,
+)
+from qntx.settings import Settings
+
+
+def ats_lock_path(settings: Settings):
+    return settings.run_dir / "ats.lock"
+
+
+class AtsActor(Actor):
+    name = "ats"
+    label = "ATS"
+
+    def __init__(self, settings: Settings):
+        super().__init__(max_message_bytes=settings.max_message_bytes)
+        self.settings = settings
+        self._pending: list[tuple[Request, list[NewAttestation]]] = []
+
+    def setup(self) -> None:
+        self.settings.ensure_dirs()
+        self.lock = PidLock(ats_lock_path(self.settings))
+        if not self.lock.acquire():
+            raise Unavailable(f"another ATS actor already owns {self.settings.ats_path}")
+        self.store = AttestationStore(self.settings.ats_path, map_size=self.settings.ats_map_size)
+        self.events = Publisher(self, self.settings.ats_events_endpoint)
+        self.service = self.serve(
+            self.settings.ats_endpoint,
+            AtsRequest,
+            {
+                Ping: self.on_ping,
+                Attest: self.on_attest,
+                Query: self.on_query,
+                GetAttestation: self.on_get,
+                Stats: self.on_stats,
+            },
+        )
+        logger.info("ATS serving {} (store {}, {} attestations)", self.settings.ats_endpoint, self.settings.ats_path, self.store.count())
+
+    def teardown(self) -> None:
+        self.after_batch()  # never drop writes that were already received
+        self.store.close()
+        self.lock.release()
+
+    def on_ping(self, message: Ping, request: Request) -> Pong:
+        return Pong(actor=self.name, pid=self.pid, version=__version__)
+
+    def on_attest(self, message: Attest, request: Request) -> None:
+        self._pending.append((request, message.items))
+        return None  # answered in after_batch, once committed
+
+    def after_batch(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        try:
+            outcomes = self.store.put_batches([items for _, items in pending])
+        except Exception as exc:  # the whole transaction failed: tell every writer
+            logger.exception("group commit of {} requests failed", len(pending))
+            for request, _ in pending:
+                request.fail(QntxError(f"store write failed: {exc}"))
+            return
+        for (request, _), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, QntxError):
+                request.fail(outcome)
+                continue
+            request.reply(Attested(records=outcome))
+            for record in outcome:
+                self.events.publish(b"att." + record.subjects[0].encode(), AttestationCreated(record=record))
+
+    def on_query(self, message: Query, request: Request) -> QueryResult:
+        return QueryResult(records=self.store.query(message.filter))
+
+    def on_get(self, message: GetAttestation, request: Request) -> AttestationReply:
+        record = self.store.get(message.id)
+        if record is None:
+            raise NotFound(f"no attestation {message.id}")
+        return AttestationReply(record=record)
+
+    def on_stats(self, message: Stats, request: Request) -> StatsReply:
+        return StatsReply(**self.store.stats())
+
+
+def run_ats(settings: Settings) -> None:
+    AtsActor(settings).run()
+
+
+

@@ -1,0 +1,354 @@
+"""The actor runtime: one thread, one poll loop, handler tables keyed by message type.
+
+An actor owns sockets. ``serve`` binds a ROUTER and answers requests with a
+handler table ``{MessageType: handler}``; a handler returns the reply message, or
+``None`` to reply later through ``Request.reply`` (the ATS uses that to commit many
+writers in one transaction before answering any of them). ``call`` sends a request
+to another actor and runs a callback with the reply, so an actor never blocks on a
+peer. Timers and an ``after_batch`` hook (run once each loop turn, after every
+readable socket was drained) complete the toolbox.
+
+Whatever a client sends, the loop survives: undecodable frames, oversized bodies,
+unknown types and handler bugs become a typed ErrorReply when a reply can be
+routed, and a log line either way.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+from loguru import logger
+
+from qntx.bus.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    HARD_LIMIT_FACTOR,
+    Decoder,
+    encode,
+    error_reply,
+)
+from qntx.bus.messages import ErrorReply
+from qntx.errors import BadRequest, Internal, QntxError, Timeout, TooLarge, UnknownType
+
+# How many messages one socket may deliver per loop turn before the others get a go.
+DRAIN_LIMIT = 512
+# The poll loop never sleeps longer than this, so a stop request is seen promptly.
+MAX_POLL_S = 0.25
+
+
+class Request:
+    """Where a reply to one request goes; kept by handlers that reply later."""
+
+    __slots__ = ("service", "identity", "correlation", "received_at")
+
+    def __init__(self, service: Service, identity: bytes, correlation: bytes):
+        self.service = service
+        self.identity = identity
+        self.correlation = correlation
+        self.received_at = time.monotonic()
+
+    @property
+    def wants_reply(self) -> bool:
+        return bool(self.correlation)
+
+    def reply(self, message: msgspec.Struct) -> None:
+        self.service.send_reply(self, message)
+
+    def fail(self, error: QntxError) -> None:
+        self.service.send_reply(self, error_reply(error))
+
+
+Handler = Callable[[Any, Request], "msgspec.Struct | None"]
+
+
+class Service:
+    """A bound ROUTER answering one tagged union of requests."""
+
+    def __init__(
+        self,
+        actor: Actor,
+        socket: zmq.Socket,
+        request_type: Any,
+        handlers: dict[type, Handler],
+        max_message_bytes: int,
+    ):
+        self.actor = actor
+        self.socket = socket
+        self.decoder = Decoder(request_type)
+        self.handlers = handlers
+        self.max_message_bytes = max_message_bytes
+
+    def on_readable(self) -> None:
+        sock = self.socket
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(frames)
+
+    def handle(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 3:
+            correlation = frames[1] if len(frames) > 1 else b""
+            self._reject(identity, correlation, BadRequest(f"expected 2 frames [correlation, body], got {len(frames) - 1}"))
+            return
+        correlation, body = frames[1], frames[2]
+        if len(body) > self.max_message_bytes:
+            self._reject(identity, correlation, TooLarge(f"message of {len(body)} bytes exceeds the limit of {self.max_message_bytes}"))
+            return
+        try:
+            message = self.decoder.decode(body)
+        except (BadRequest, UnknownType) as exc:
+            self._reject(identity, correlation, exc)
+            return
+        request = Request(self, identity, correlation)
+        handler = self.handlers.get(type(message))
+        if handler is None:
+            request.fail(UnknownType(f"{self.actor.label} does not answer {type(message).__name__}"))
+            return
+        try:
+            reply = handler(message, request)
+        except QntxError as exc:
+            logger.debug("{} failed: {}", type(message).__name__, exc)
+            request.fail(exc)
+            return
+        except Exception as exc:  # a bug in a handler must not take the actor down
+            logger.error("handler for {} crashed:\n{}", type(message).__name__, traceback.format_exc())
+            request.fail(Internal(f"{type(exc).__name__}: {exc}"))
+            return
+        if reply is not None:
+            request.reply(reply)
+
+    def _reject(self, identity: bytes, correlation: bytes, error: QntxError) -> None:
+        logger.warning("rejected a message from peer {}: {}", identity.hex(), error)
+        if correlation:
+            self._send(identity, correlation, encode(error_reply(error)))
+
+    def send_reply(self, request: Request, message: msgspec.Struct) -> None:
+        if request.correlation:
+            self._send(request.identity, request.correlation, encode(message))
+
+    def send_to(self, identity: bytes, message: msgspec.Struct) -> None:
+        """Push an unsolicited message to a connected peer (e.g. a job to a worker)."""
+        self._send(identity, b"", encode(message))
+
+    def _send(self, identity: bytes, correlation: bytes, body: bytes) -> None:
+        try:
+            self.socket.send_multipart([identity, correlation, body], zmq.NOBLOCK)
+        except zmq.Again:
+            # The peer stopped reading (or vanished); its request is lost to it,
+            # not to the store, and the loop must not block on it.
+            logger.warning("dropped a reply to an unresponsive peer {}", identity.hex())
+
+
+class Peer:
+    """A DEALER to another actor, with non-blocking calls and reply callbacks."""
+
+    def __init__(self, actor: Actor, endpoint: str, reply_type: Any):
+        self.actor = actor
+        self.endpoint = endpoint
+        self.socket = actor.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.decoder = Decoder(reply_type)
+        self._ids = itertools.count(1)
+        self._pending: dict[bytes, tuple[Callable[[Any], None], Timer | None]] = {}
+        actor.add_reader(self.socket, self.on_readable)
+
+    def call(self, message: msgspec.Struct, callback: Callable[[Any], None], timeout_s: float = 10.0) -> None:
+        """Send ``message``; ``callback`` later gets the reply, an ErrorReply, or a timeout ErrorReply."""
+        correlation = next(self._ids).to_bytes(8, "big")
+        timer = self.actor.call_later(timeout_s, lambda: self._expire(correlation))
+        self._pending[correlation] = (callback, timer)
+        self.socket.send_multipart([correlation, encode(message)])
+
+    def notify(self, message: msgspec.Struct) -> None:
+        """Fire and forget."""
+        self.socket.send_multipart([b"", encode(message)], zmq.NOBLOCK)
+
+    def _expire(self, correlation: bytes) -> None:
+        entry = self._pending.pop(correlation, None)
+        if entry is not None:
+            entry[0](error_reply(Timeout(f"no reply from {self.endpoint}")))
+
+    def on_readable(self) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            entry = self._pending.pop(frames[0], None)
+            if entry is None:
+                continue  # a reply that came after its timeout
+            callback, timer = entry
+            if timer is not None:
+                timer.cancel()
+            try:
+                reply = self.decoder.decode(frames[1])
+            except QntxError as exc:
+                reply = ErrorReply(code=exc.code, message=exc.message)
+            callback(reply)
+
+    def close(self) -> None:
+        self.actor.remove_reader(self.socket)
+        self.socket.close(0)
+        for callback, timer in self._pending.values():
+            if timer is not None:
+                timer.cancel()
+        self._pending.clear()
+
+
+class Timer:
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]):
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Actor:
+    """Base of every actor process. Subclasses set ``name``/``label`` and wire sockets in ``setup``."""
+
+    name = "actor"
+    label = "Actor"
+
+    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.context = zmq.Context()
+        self.max_message_bytes = max_message_bytes
+        self.poller = zmq.Poller()
+        self._readers: dict[zmq.Socket, Callable[[], None]] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._timer_ids = itertools.count()
+        self._stopping = False
+        self.pid = os.getpid()
+
+    # ------------------------------------------------------------------ sockets
+
+    def bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.ROUTER:
+            # Past this the transport drops the peer's message unread; between the
+            # soft limit and this, the peer gets a too_large reply instead.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes * HARD_LIMIT_FACTOR)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.bind(endpoint)
+        return sock
+
+    def serve(self, endpoint: str, request_type: Any, handlers: dict[type, Handler]) -> Service:
+        sock = self.bind(zmq.ROUTER, endpoint)
+        service = Service(self, sock, request_type, handlers, self.max_message_bytes)
+        self.add_reader(sock, service.on_readable)
+        return service
+
+    def connect(self, endpoint: str, reply_type: Any) -> Peer:
+        return Peer(self, endpoint, reply_type)
+
+    def add_reader(self, sock: Any, callback: Callable[[], None]) -> None:
+        self._readers[sock] = callback
+        self.poller.register(sock, zmq.POLLIN)
+
+    def remove_reader(self, sock: Any) -> None:
+        if self._readers.pop(sock, None) is not None:
+            self.poller.unregister(sock)
+
+    # ------------------------------------------------------------------ timers
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + max(0.0, delay_s), callback)
+        heapq.heappush(self._timers, (timer.deadline, next(self._timer_ids), timer))
+        return timer
+
+    def _run_due_timers(self) -> float | None:
+        """Run expired timers; return seconds until the next one (None if none)."""
+        now = time.monotonic()
+        while self._timers:
+            deadline, _, timer = self._timers[0]
+            if timer.cancelled:
+                heapq.heappop(self._timers)
+                continue
+            if deadline > now:
+                return deadline - now
+            heapq.heappop(self._timers)
+            self._guarded(timer.callback)
+            now = time.monotonic()
+        return None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self) -> None:
+        """Bind and connect sockets. Runs in the actor's process before the loop."""
+
+    def after_batch(self) -> None:
+        """Runs once per loop turn after all readable sockets were drained."""
+
+    def teardown(self) -> None:
+        """Runs after the loop ends, before sockets close."""
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
+        self.setup()
+        try:
+            self.loop()
+        finally:
+            self._guarded(self.teardown)
+            self.context.destroy(linger=0)
+
+    def loop(self) -> None:
+        while not self._stopping:
+            wait = self._run_due_timers()
+            timeout = MAX_POLL_S if wait is None else min(wait, MAX_POLL_S)
+            try:
+                ready = self.poller.poll(timeout * 1000)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    break
+                raise
+            for sock, _ in ready:
+                callback = self._readers.get(sock)
+                if callback is not None:
+                    self._guarded(callback)
+            self._guarded(self.after_batch)
+
+    def _guarded(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            logger.error("{} recovered from an error:\n{}", self.label, traceback.format_exc())
+
+
+class Publisher:
+    """A PUB socket: events are ``[topic, body]``."""
+
+    def __init__(self, actor: Actor, endpoint: str):
+        self.socket = actor.bind(zmq.PUB, endpoint)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+
+    def publish(self, topic: bytes, message: msgspec.Struct) -> None:
+        try:
+            self.socket.send_multipart([topic, encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB drops for slow subscribers by design

@@ -1,0 +1,60 @@
+"""Encoding message bodies and the frame layout around them.
+
+Request/reply over ROUTER/DEALER uses two frames from the client's point of view:
+
+    [correlation id, body]
+
+The correlation id is opaque bytes chosen by the client (empty means "no reply
+wanted": a fire-and-forget notice). The ROUTER side sees the peer identity
+prepended. The reply repeats the correlation id. Events over PUB/SUB are
+``[topic, body]``. Bodies are MessagePack maps with a ``type`` tag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from qntx.bus.messages import ErrorReply
+from qntx.errors import BadRequest, QntxError, UnknownType, error_from_code
+
+# The default ceiling for one message body; the transport drops anything past
+# HARD_LIMIT_FACTOR times this without reading it (see Actor).
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+HARD_LIMIT_FACTOR = 4
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+class Decoder:
+    """Decodes bodies into one tagged union, mapping failures to typed errors."""
+
+    def __init__(self, message_type: Any):
+        self._decoder = msgspec.msgpack.Decoder(message_type)
+
+    def decode(self, body: bytes) -> Any:
+        try:
+            return self._decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            if "`$.type`" in text or "Object missing required field `type`" in text:
+                raise UnknownType(f"unknown or missing message type: {text}") from None
+            raise BadRequest(f"invalid message: {text}") from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"malformed MessagePack body: {exc}") from None
+
+
+def raise_if_error(reply: Any) -> Any:
+    """Return ``reply`` unless it is an ErrorReply, which becomes its exception."""
+    if isinstance(reply, ErrorReply):
+        raise error_from_code(reply.code, reply.message)
+    return reply
+
+
+def error_reply(error: QntxError) -> ErrorReply:
+    return ErrorReply(code=error.code, message=error.message)

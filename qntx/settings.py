@@ -1,0 +1,113 @@
+"""Settings, resolved once: home -> <home>/config.toml -> QNTX_* environment -> flags.
+
+Every actor and command receives one ``Settings`` and reads nothing else from the
+environment. Endpoints default to ipc sockets under ``<home>/run`` (mode 0700);
+any of them can be set to a ``tcp://`` address for a multi-machine bus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qntx.errors import Invalid
+
+DEFAULT_HOME = "~/.qntx"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    workers: int = 2  # worker processes started by `qntx up`
+    request_timeout_s: float = 10.0
+    max_message_bytes: int = 16 << 20
+    ats_map_size: int = 1 << 30  # initial LMDB map; it grows on demand
+    python_pool_size: int = 2  # warm interpreter processes of the python plugin
+    python_memory_mb: int = 1024  # address-space limit per handler interpreter
+    python_cpu_s: int = 600  # CPU-seconds limit per handler run
+    heartbeat_s: float = 1.0  # worker and plugin liveness interval
+    ats_endpoint: str = ""
+    ats_events_endpoint: str = ""
+    server_endpoint: str = ""
+    events_endpoint: str = ""
+    workers_endpoint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def ats_path(self) -> Path:
+        return self.home / "ats"
+
+    @property
+    def pulse_path(self) -> Path:
+        return self.home / "pulse"
+
+    def plugin_endpoint(self, name: str) -> str:
+        return f"ipc://{self.run_dir}/plugin-{name}.sock"
+
+    def ensure_dirs(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)  # mkdir's mode is masked by the umask
+        self.logs_dir.mkdir(exist_ok=True)
+
+
+_ENDPOINTS = {
+    "ats_endpoint": "ats.sock",
+    "ats_events_endpoint": "ats-events.sock",
+    "server_endpoint": "server.sock",
+    "events_endpoint": "events.sock",
+    "workers_endpoint": "workers.sock",
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("home", "extra")}
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    kind = type(_FIELDS[name].default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise Invalid(f"{origin}: {name} must be {kind.__name__}, got {value!r}") from None
+
+
+def load_settings(home: str | Path | None = None, environ: dict[str, str] | None = None, **flags: Any) -> Settings:
+    """Resolve settings. ``flags`` with value None are ignored (an unset CLI flag)."""
+    env = os.environ if environ is None else environ
+    home_path = Path(home or env.get("QNTX_HOME") or DEFAULT_HOME).expanduser().resolve()
+    values: dict[str, Any] = {}
+    config_file = home_path / "config.toml"
+    extra: dict[str, Any] = {}
+    if config_file.is_file():
+        try:
+            loaded = tomllib.loads(config_file.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            raise Invalid(f"{config_file}: {exc}") from None
+        for key, value in loaded.items():
+            if key in _FIELDS:
+                values[key] = _coerce(key, value, str(config_file))
+            else:
+                extra[key] = value
+    for name in _FIELDS:
+        raw = env.get(f"QNTX_{name.upper()}")
+        if raw:
+            values[name] = _coerce(name, raw, f"QNTX_{name.upper()}")
+    for name, value in flags.items():
+        if value is not None:
+            if name not in _FIELDS:
+                raise Invalid(f"unknown setting {name!r}")
+            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    for name, sock in _ENDPOINTS.items():
+        if not values.get(name):
+            values[name] = f"ipc://{home_path / 'run' / sock}"
+    return Settings(home=home_path, extra=extra, **values)
