@@ -36,7 +36,6 @@ from qntx.bus.messages import (  # noqa: F401  (re-exported: one import for ever
     Pong,
 )
 
-
 # --------------------------------------------------------------------- records
 
 

@@ -12,7 +12,6 @@ reply ever says "stored" before the data is durable.
 
 from __future__ import annotations
 
-
 from loguru import logger
 
 from qntx import __version__
@@ -21,11 +20,11 @@ from qntx.bus.actor import Actor, Publisher, Request
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
 from qntx.protocol import (
-    Attest,
-    Attested,
     AtsRequest,
+    Attest,
     AttestationCreated,
     AttestationReply,
+    Attested,
     GetAttestation,
     NewAttestation,
     Ping,

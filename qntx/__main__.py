@@ -1,0 +1,5 @@
+import sys
+
+from qntx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The ``qntx`` command line: a thin layer over the scripting API (``qntx.api``).
+
+Global options (``--home``, ``--debug``) are accepted anywhere on the line. Every
+error becomes one line on stderr and a non-zero exit code (2 for bad input);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Annotated
+
+from cyclopts import App, Parameter
+from cyclopts.exceptions import CycloptsError
+
+from qntx import __version__
+from qntx.errors import QntxError
+
+
+@dataclass
+class Options:
+    home: str | None = None
+    debug: bool = False
+
+
+options = Options()
+
+app = App(
+    name="qntx",
+    help="QNTX: attestations, handlers and durable jobs over a ZeroMQ bus.",
+    version=__version__,
+    exit_on_error=False,
+    print_error=False,
+    help_on_error=False,
+)
+
+
+@app.meta.default
+def _launcher(
+    *tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
+    home: Annotated[str | None, Parameter(help="QNTX home directory (default $QNTX_HOME or ~/.qntx).")] = None,
+    debug: Annotated[bool, Parameter(help="Show tracebacks and debug logs.")] = False,
+):
+    options.home = home
+    options.debug = debug
+    return app(tokens)
+
+
+def settings(**flags):
+    from qntx.settings import load_settings
+
+    return load_settings(options.home, **flags)
+
+
+def open_bus(**flags):
+    from qntx.api import Bus
+
+    return Bus(settings(**flags))
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Stop the command with one error line."""
+    raise SystemExit(_error_line(message, code))
+
+
+def _error_line(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qntx.cli import attestations, run  # noqa: F401  (registers commands)
+
+    try:
+        result = app.meta(sys.argv[1:] if argv is None else argv)
+    except CycloptsError as exc:
+        text = str(exc).strip().splitlines()
+        return _error_line(text[0] if text else "invalid command line", 2)
+    except QntxError as exc:
+        if options.debug:
+            raise
+        return _error_line(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # a bug: still one line unless --debug
+        if options.debug:
+            raise
+        return _error_line(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)", 1)
+    return result if isinstance(result, int) else 0

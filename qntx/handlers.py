@@ -1,0 +1,105 @@
+"""Python handlers as attestations: create, resolve the current set, history, tombstones.
+
+A handler version is the attestation ``[name] handler python`` by ``[name]`` (the
+handler certifies itself) whose attributes hold ``code``. The newest attestation
+per name wins; one with ``attributes.deleted`` is a tombstone that hides the
+handler. History is never edited. The CLI and the python plugin both resolve
+handlers here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qntx.errors import Invalid
+from qntx.protocol import Attestation, Filter, NewAttestation
+
+PREDICATE = "handler"
+CONTEXT = "python"
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+
+HANDLER_FILTER = Filter(predicates=[PREDICATE], contexts=[CONTEXT])
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise Invalid(
+            f"invalid handler name {name!r}: use letters, digits, '_' and '-', starting with a letter or '_'"
+        )
+    return name
+
+
+def check_code(name: str, code: str) -> str:
+    """Reject code that does not compile, with the line it fails on."""
+    if not code.strip():
+        raise Invalid(f"handler {name!r} has no code")
+    try:
+        compile(code, f"<handler {name}>", "exec")
+    except SyntaxError as exc:
+        raise Invalid(f"handler {name!r} does not compile: {exc.msg} (line {exc.lineno})") from None
+    return code
+
+
+def handler_attestation(name: str, code: str, source: str = "qntx-cli") -> NewAttestation:
+    check_name(name)
+    check_code(name, code)
+    return NewAttestation(
+        subjects=[name],
+        predicates=[PREDICATE],
+        contexts=[CONTEXT],
+        actors=[name],
+        attributes={"code": code},
+        source=source,
+    )
+
+
+def tombstone_attestation(name: str, source: str = "qntx-cli") -> NewAttestation:
+    check_name(name)
+    return NewAttestation(
+        subjects=[name],
+        predicates=[PREDICATE],
+        contexts=[CONTEXT],
+        actors=[name],
+        attributes={"deleted": True},
+        source=source,
+    )
+
+
+def is_tombstone(record: Attestation) -> bool:
+    return bool(record.attributes.get("deleted"))
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The current handlers by name, and the names skipped for having no code."""
+
+    current: dict[str, Attestation]
+    skipped: list[str]
+
+
+def resolve(records: list[Attestation]) -> Resolution:
+    """Newest attestation per subject wins; tombstones hide, code-less entries are skipped.
+
+    ``records`` must be newest first, as every store query returns them (ties in
+    timestamp are ordered by the store's write sequence).
+    """
+    newest: dict[str, Attestation] = {}
+    for record in records:
+        for subject in record.subjects:
+            newest.setdefault(subject, record)
+    current: dict[str, Attestation] = {}
+    skipped: list[str] = []
+    for name in sorted(newest):
+        record = newest[name]
+        if is_tombstone(record):
+            continue
+        if not isinstance(record.attributes.get("code"), str):
+            skipped.append(name)
+            continue
+        current[name] = record
+    return Resolution(current=current, skipped=skipped)
+
+
+def history_filter(name: str) -> Filter:
+    return Filter(subjects=[name], predicates=[PREDICATE], contexts=[CONTEXT])

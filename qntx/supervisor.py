@@ -1,0 +1,180 @@
+"""``qntx up``: start every actor as its own process and keep them running.
+
+The supervisor holds ``<home>/run/up.lock`` (a second ``up`` on the same home is
+refused), starts the children in dependency order, copies each child's log lines
+to the console and to ``<home>/logs/<child>.log``, restarts a child that dies with
+exponential backoff, and on SIGINT/SIGTERM stops them in reverse order: SIGTERM,
+a grace period, then SIGKILL. Children get PR_SET_PDEATHSIG so they die with the
+supervisor even when it is killed with -9.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from qntx.bus.pidlock import PidLock, lock_holder
+from qntx.errors import Conflict
+from qntx.settings import Settings
+
+BACKOFF_START_S = 0.25
+BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 30.0  # a child that ran this long gets its backoff reset
+STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    ready_socket: Path | None = None  # wait for this ipc socket file after start
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+    log_threads: list[threading.Thread] = field(default_factory=list)
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: children are still stopped on a clean shutdown
+    os.setpgid(0, 0)  # a Ctrl-C on the terminal reaches the supervisor only
+
+
+def up_lock_path(settings: Settings) -> Path:
+    return settings.run_dir / "up.lock"
+
+
+def actor_command(settings: Settings, *args: str) -> list[str]:
+    return [sys.executable, "-m", "qntx", "--home", str(settings.home), *args]
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, children: list[Child], *, echo: bool = True):
+        self.settings = settings
+        self.children = children
+        self.echo = echo
+        self._stop = threading.Event()
+        self._console_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- processes
+
+    def _start(self, child: Child) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child.process = subprocess.Popen(
+            child.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log_path = self.settings.logs_dir / f"{child.name}.log"
+        thread = threading.Thread(target=self._pump, args=(child, child.process, log_path), daemon=True)
+        thread.start()
+        child.log_threads = [thread]
+        self._write_pidfile()
+
+    def _pump(self, child: Child, process: subprocess.Popen, log_path: Path) -> None:
+        with open(log_path, "ab", buffering=0) as log:
+            for line in process.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                if self.echo:
+                    with self._console_lock:
+                        sys.stderr.buffer.write(line)
+                        sys.stderr.buffer.flush()
+
+    def _wait_ready(self, child: Child, timeout_s: float = 15.0) -> None:
+        if child.ready_socket is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if child.ready_socket.exists():
+                return
+            if child.process is not None and child.process.poll() is not None:
+                return  # it died; the monitor loop restarts it
+            time.sleep(0.01)
+        logger.warning("{} did not bind {} within {}s", child.name, child.ready_socket, timeout_s)
+
+    def _write_pidfile(self) -> None:
+        lines = [f"{c.name} {c.process.pid}" for c in self.children if c.process and c.process.poll() is None]
+        tmp = self.settings.run_dir / "actors.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.settings.run_dir / "actors")
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        self.settings.ensure_dirs()
+        lock = PidLock(up_lock_path(self.settings))
+        if not lock.acquire():
+            holder = lock_holder(up_lock_path(self.settings))
+            raise Conflict(f"qntx is already up on {self.settings.home} (pid {holder}); stop it first")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self._stop.set())
+        try:
+            for child in self.children:
+                if child.ready_socket is not None:
+                    child.ready_socket.unlink(missing_ok=True)  # a stale file from a killed run
+                self._start(child)
+                self._wait_ready(child)
+            logger.info("QNTX is up on {} ({} actors); Ctrl-C stops it", self.settings.home, len(self.children))
+            self._monitor()
+        finally:
+            self._stop_all()
+            (self.settings.run_dir / "actors").unlink(missing_ok=True)
+            lock.release()
+        return 0
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            for child in self.children:
+                process = child.process
+                if process is None or process.poll() is None:
+                    continue
+                if child.restart_at is None:
+                    ran = now - child.started_at
+                    if ran > STABLE_AFTER_S:
+                        child.backoff_s = BACKOFF_START_S
+                    child.restart_at = now + child.backoff_s
+                    logger.warning(
+                        "{} exited with code {}; restarting in {:.2f}s", child.name, process.returncode, child.backoff_s
+                    )
+                    child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
+                elif now >= child.restart_at:
+                    child.restarts += 1
+                    self._start(child)
+
+    def _stop_all(self) -> None:
+        for child in reversed(self.children):
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in reversed(self.children):
+            process = child.process
+            if process is None:
+                continue
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("{} did not stop in {}s; killing it", child.name, STOP_GRACE_S)
+                process.kill()
+                process.wait()
+            for thread in child.log_threads:
+                thread.join(timeout=1)
