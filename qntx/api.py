@@ -16,19 +16,33 @@ import msgspec
 from qntx.ats.actor import ats_lock_path
 from qntx.bus.client import Client
 from qntx.bus.pidlock import lock_holder
-from qntx.errors import Invalid
+from qntx.errors import Invalid, QntxError
 from qntx.protocol import (
+    FINAL_STATUSES,
+    ActorStatus,
     AtsReply,
     Attest,
     Attestation,
+    CancelJob,
     Filter,
     GetAttestation,
+    GetJob,
+    GetStatus,
+    Job,
+    JobChanged,
+    JobError,
+    JobProgressed,
+    ListJobs,
     NewAttestation,
     Ping,
     Pong,
     Query,
+    RetryJob,
+    ServerReply,
     Stats,
     StatsReply,
+    StatusReply,
+    Submit,
 )
 from qntx.settings import Settings, load_settings
 
@@ -137,6 +151,44 @@ def ats_is_up(settings: Settings) -> bool:
     return lock_holder(ats_lock_path(settings)) is not None
 
 
+class JobFailed(QntxError):
+    """A job ended failed or cancelled; ``job`` is its final record."""
+
+    code = "job_failed"
+
+    def __init__(self, job: Job):
+        error = job.error or JobError(message=job.status)
+        super().__init__(f"job {job.id} {job.status}: {error.message}")
+        self.job = job
+        self.error = error
+
+
+class JobHandle:
+    """A submitted job: ``.id``, ``.record()``, ``.result(timeout)``."""
+
+    def __init__(self, bus: Bus, job: Job):
+        self.bus = bus
+        self.id = job.id
+        self.submitted = job
+
+    def record(self) -> Job:
+        return self.bus.job(self.id)
+
+    def wait(self, timeout: float | None = None) -> Job:
+        """Block until the job is final; return its record."""
+        return self.bus.wait(self.id, timeout=timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's result; raises JobFailed if it failed or was cancelled."""
+        job = self.wait(timeout)
+        if job.status != "completed":
+            raise JobFailed(job)
+        return job.result
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+
 class Bus:
     """A connection to one QNTX home: attestations, queries and (with `up`) jobs."""
 
@@ -145,6 +197,8 @@ class Bus:
         if embedded is None:
             embedded = not ats_is_up(settings)
         self._ats = _EmbeddedAts(settings) if embedded else _RemoteAts(settings)
+        self._server: Client | None = None
+        self._follower = None
 
     @property
     def embedded(self) -> bool:
@@ -224,8 +278,88 @@ class Bus:
     def stats(self) -> StatsReply:
         return self._ats.stats()
 
+    # ---------------------------------------------------------------- jobs
+
+    @property
+    def server(self) -> Client:
+        if self._server is None:
+            self._server = Client(self.settings.server_endpoint, ServerReply, timeout_s=self.settings.request_timeout_s)
+        return self._server
+
+    def submit(
+        self,
+        handler: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        max_attempts: int = 3,
+        timeout_s: float = 300.0,
+        idempotency_key: str | None = None,
+        parent_id: str | None = None,
+    ) -> JobHandle:
+        """Enqueue a job; returns once it is durably accepted."""
+        message = Submit(
+            handler=handler,
+            payload=payload,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+            idempotency_key=idempotency_key,
+            parent_id=parent_id,
+        )
+        self._ensure_follower()  # subscribe before the job can finish
+        return JobHandle(self, self.server.request(message).job)
+
+    def job(self, id: str) -> Job:
+        return self.server.request(GetJob(id=id)).job
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
+        return self.server.request(ListJobs(status=status, limit=limit)).jobs
+
+    def cancel(self, id: str) -> Job:
+        return self.server.request(CancelJob(id=id)).job
+
+    def retry(self, id: str) -> Job:
+        return self.server.request(RetryJob(id=id)).job
+
+    def status(self) -> StatusReply:
+        """Every actor with pid/endpoint/health, queue depth by status, registered handlers."""
+        reply = self.server.request(GetStatus())
+        try:
+            pong = _RemoteAts(self.settings).ping() if not self.embedded else None
+            ats = ActorStatus(name="ats", pid=pong.pid if pong else None, endpoint=self.settings.ats_endpoint, healthy=pong is not None)
+        except QntxError:
+            ats = ActorStatus(name="ats", endpoint=self.settings.ats_endpoint, healthy=False)
+        reply.actors.insert(0, ats)
+        return reply
+
+    def follow(self, id: str, timeout: float | None = None) -> Iterable[JobChanged | JobProgressed]:
+        """Job events for ``id`` as they happen, ending with the final JobChanged."""
+        follower = self._ensure_follower()
+        yield from follower.follow(id, timeout, fetch=self.job)
+
+    def wait(self, id: str, *, timeout: float | None = None) -> Job:
+        """Block until job ``id`` is final and return its record."""
+        last = None
+        for event in self.follow(id, timeout):
+            if isinstance(event, JobChanged):
+                last = event.job
+        assert last is not None and last.status in FINAL_STATUSES
+        return last
+
+    def _ensure_follower(self):
+        if self._follower is None:
+            from qntx.follow import JobFollower
+
+            self._follower = JobFollower(self.settings.events_endpoint)
+        return self._follower
+
     def close(self) -> None:
         self._ats.close()
+        if self._server is not None:
+            self._server.close()
+        if self._follower is not None:
+            self._follower.close()
 
     def __enter__(self) -> Bus:
         return self

@@ -217,7 +217,7 @@ class AttestationStore:
         )
 
     def _write_batches(self, txn, prepared: list[list[Attestation] | QntxError]):
-        taken: set[str] = set()  # ids written earlier in this transaction
+        taken: set[str] = set()  # ids claimed in this transaction
         counts: Counter[tuple[str, bytes]] = Counter()  # (field, value key) -> new entries
         seq = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0]
         results: list[list[Attestation] | QntxError] = []
@@ -231,6 +231,7 @@ class AttestationStore:
                 results.append(exc)
                 continue
             # Nothing below can fail for a prepared batch, so the batch is all or nothing.
+            taken.update(r.id for r in batch if r.id)  # generated ids must avoid these
             records = []
             for record in batch:
                 seq += 1
@@ -354,7 +355,7 @@ class AttestationStore:
             total = sum(_U64.unpack(c)[0] for c in counts if c)
             if total == 0:
                 return field, []
-            if best is None or total < best[0]:
+            if best is None or total > best[0]:
                 best = (total, field, vkeys)
         assert best is not None
         return best[1], best[2]

@@ -44,6 +44,43 @@ DRAIN_LIMIT = 512
 MAX_POLL_S = 0.25
 
 
+class RejectedFrames(Exception):
+    """Frames that cannot become a request; the error goes back if it can be routed."""
+
+    def __init__(self, identity: bytes, correlation: bytes, error: QntxError):
+        self.identity = identity
+        self.correlation = correlation
+        self.error = error
+
+
+def unpack_request(frames: list[bytes], decoder: Decoder, max_bytes: int) -> tuple[bytes, bytes, Any]:
+    """ROUTER frames -> (identity, correlation, message), or RejectedFrames."""
+    identity = frames[0]
+    if len(frames) != 3:
+        correlation = frames[1] if len(frames) > 1 else b""
+        raise RejectedFrames(
+            identity, correlation, BadRequest(f"expected 2 frames [correlation, body], got {len(frames) - 1}")
+        )
+    correlation, body = frames[1], frames[2]
+    if len(body) > max_bytes:
+        raise RejectedFrames(
+            identity, correlation, TooLarge(f"message of {len(body)} bytes exceeds the limit of {max_bytes}")
+        )
+    try:
+        return identity, correlation, decoder.decode(body)
+    except (BadRequest, UnknownType) as exc:
+        raise RejectedFrames(identity, correlation, exc) from None
+
+
+def error_for(message: Any, exc: Exception) -> QntxError:
+    """The typed error a failed handler answers with; a bug is logged with its traceback."""
+    if isinstance(exc, QntxError):
+        logger.debug("{} failed: {}", type(message).__name__, exc)
+        return exc
+    logger.error("handler for {} crashed:\n{}", type(message).__name__, traceback.format_exc())
+    return Internal(f"{type(exc).__name__}: {exc}")
+
+
 class Request:
     """Where a reply to one request goes; kept by handlers that reply later."""
 
@@ -96,19 +133,10 @@ class Service:
             self.handle(frames)
 
     def handle(self, frames: list[bytes]) -> None:
-        identity = frames[0]
-        if len(frames) != 3:
-            correlation = frames[1] if len(frames) > 1 else b""
-            self._reject(identity, correlation, BadRequest(f"expected 2 frames [correlation, body], got {len(frames) - 1}"))
-            return
-        correlation, body = frames[1], frames[2]
-        if len(body) > self.max_message_bytes:
-            self._reject(identity, correlation, TooLarge(f"message of {len(body)} bytes exceeds the limit of {self.max_message_bytes}"))
-            return
         try:
-            message = self.decoder.decode(body)
-        except (BadRequest, UnknownType) as exc:
-            self._reject(identity, correlation, exc)
+            identity, correlation, message = unpack_request(frames, self.decoder, self.max_message_bytes)
+        except RejectedFrames as rejected:
+            self._reject(rejected.identity, rejected.correlation, rejected.error)
             return
         request = Request(self, identity, correlation)
         handler = self.handlers.get(type(message))
@@ -117,13 +145,8 @@ class Service:
             return
         try:
             reply = handler(message, request)
-        except QntxError as exc:
-            logger.debug("{} failed: {}", type(message).__name__, exc)
-            request.fail(exc)
-            return
         except Exception as exc:  # a bug in a handler must not take the actor down
-            logger.error("handler for {} crashed:\n{}", type(message).__name__, traceback.format_exc())
-            request.fail(Internal(f"{type(exc).__name__}: {exc}"))
+            request.fail(error_for(message, exc))
             return
         if reply is not None:
             request.reply(reply)
@@ -203,7 +226,7 @@ class Peer:
     def close(self) -> None:
         self.actor.remove_reader(self.socket)
         self.socket.close(0)
-        for callback, timer in self._pending.values():
+        for _callback, timer in self._pending.values():
             if timer is not None:
                 timer.cancel()
         self._pending.clear()

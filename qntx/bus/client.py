@@ -115,6 +115,7 @@ class AsyncClient:
         *,
         timeout_s: float = 10.0,
         context: zmq.asyncio.Context | None = None,
+        fail_on_disconnect: bool = False,
     ):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -125,10 +126,16 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._pending: dict[bytes, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        # When the peer process dies its in-flight requests will never be
+        # answered; failing them at once beats waiting for their timeouts.
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED) if fail_on_disconnect else None
 
     async def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+            if self._monitor is not None:
+                self._watcher = asyncio.get_running_loop().create_task(self._watch_disconnects())
         correlation = next(self._ids).to_bytes(8, "big")
         future = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
@@ -148,6 +155,13 @@ class AsyncClient:
             self._pending.pop(correlation, None)
         return raise_if_error(reply)
 
+    def notify(self, message: msgspec.Struct) -> None:
+        """Fire and forget; dropped if the peer is not connected (progress and the like)."""
+        try:
+            self._socket.send_multipart([b"", encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     async def _read_replies(self) -> None:
         while True:
             frames = await self._socket.recv_multipart()
@@ -160,7 +174,18 @@ class AsyncClient:
                 except Exception as exc:
                     future.set_exception(exc)
 
+    async def _watch_disconnects(self) -> None:
+        while True:
+            await self._monitor.recv_multipart()
+            for future in list(self._pending.values()):
+                if not future.done():
+                    future.set_exception(Unavailable(f"lost the connection to {self.endpoint}"))
+
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(0)
         self._socket.close(0)

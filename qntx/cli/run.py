@@ -35,7 +35,15 @@ def up(
 
         return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
-    children = [Child("ats", actor_command(resolved, "ats"), ipc_path(resolved.ats_endpoint))]
+    children = [
+        Child("ats", actor_command(resolved, "ats"), ipc_path(resolved.ats_endpoint)),
+        Child("server", actor_command(resolved, "server"), ipc_path(resolved.server_endpoint)),
+        *(
+            Child(f"worker-{n}", actor_command(resolved, "worker", "--name", f"worker-{n}"))
+            for n in range(1, resolved.workers + 1)
+        ),
+        Child("plugin-python", actor_command(resolved, "plugin", "python"), ipc_path(resolved.plugin_endpoint("python"))),
+    ]
     return Supervisor(resolved, children).run()
 
 
@@ -46,3 +54,45 @@ def ats():
 
     _actor_logging("ATS")
     run_ats(settings())
+
+
+@app.command(show=False)
+def server():
+    """Run the server actor (with Pulse) in the foreground (normally started by `qntx up`)."""
+    from qntx.server import run_server
+
+    _actor_logging("QNTX Server")
+    run_server(settings())
+
+
+@app.command
+def worker(
+    *,
+    name: Annotated[str | None, Parameter(help="Worker name (default worker-<host>-<pid>).")] = None,
+    capacity: Annotated[int, Parameter(help="Job attempts this worker runs at once.")] = 4,
+    connect: Annotated[str | None, Parameter(help="The server's workers endpoint (default: this home's).")] = None,
+):
+    """Run one worker that takes jobs from the server (`qntx up` starts some itself)."""
+    from qntx.errors import Invalid
+    from qntx.pulse.worker import run_worker
+
+    if capacity < 1:
+        raise Invalid("--capacity must be at least 1")
+    _actor_logging("Worker")
+    run_worker(settings(workers_endpoint=connect), name, capacity)
+
+
+@app.command
+def plugin(
+    kind: Annotated[str, Parameter(help="Which plugin to run (only `python` exists).")],
+    /,
+):
+    """Run a plugin actor in the foreground (`qntx up` starts the python plugin itself)."""
+    from qntx.errors import Invalid
+
+    if kind != "python":
+        raise Invalid(f"unknown plugin {kind!r} (available: python)")
+    from plugins.python.plugin import run_python_plugin
+
+    _actor_logging("Python plugin")
+    run_python_plugin(settings())

@@ -1,0 +1,271 @@
+"""The Python plugin actor: runs handler scripts stored as attestations.
+
+Binds its ROUTER (``PluginRequest``) and registers with the server, repeating the
+registration as a heartbeat. Answers ``Metadata``, ``Initialize`` (discovers the
+handlers in ATS and returns their names), ``Health``, ``ExecuteJob`` (runs code in
+the warm interpreter pool), ``CancelExecution`` and ``Shutdown``.
+
+Live discovery: it subscribes to the ATS event stream; a handler attestation
+(predicate ``handler``, context ``python``) triggers a re-discovery, the same log
+lines, and ``HandlersChanged`` to the server when the set of names changed. A slow
+resync covers events missed while ATS restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from plugins.python.pool import InterpreterPool
+from qntx import __version__
+from qntx.bus.aio import AsyncRequest, AsyncService, install_stop_signals
+from qntx.bus.client import AsyncClient
+from qntx.bus.codec import Decoder
+from qntx.errors import QntxError
+from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
+from qntx.protocol import (
+    Ack,
+    AtsReply,
+    AttestationCreated,
+    CancelExecution,
+    Event,
+    ExecuteJob,
+    ExecuteResult,
+    HandlersChanged,
+    Health,
+    HealthReply,
+    Initialize,
+    InitializeReply,
+    JobError,
+    JobProgress,
+    Metadata,
+    MetadataReply,
+    Ping,
+    PluginRequest,
+    Pong,
+    Query,
+    RegisterPlugin,
+    ServerReply,
+    Shutdown,
+)
+from qntx.settings import Settings
+
+NAME = "python"
+SCRIPT_HANDLER = "python.script"
+RESYNC_S = 5.0
+
+
+class PythonPlugin:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.endpoint = settings.plugin_endpoint(NAME)
+        self.context = zmq.asyncio.Context()
+        self.handlers: dict[str, str] = {}  # name -> code
+        self.ats: AsyncClient | None = None
+        self.ats_endpoint = settings.ats_endpoint
+        self.pool: InterpreterPool | None = None
+        self.initialized = asyncio.Event()
+        self.stop = asyncio.Event()
+        self._discovery_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        install_stop_signals(self.stop)
+        self.service = AsyncService(
+            self.context,
+            self.endpoint,
+            PluginRequest,
+            {
+                Ping: self.on_ping,
+                Metadata: self.on_metadata,
+                Initialize: self.on_initialize,
+                Health: self.on_health,
+                ExecuteJob: self.on_execute,
+                CancelExecution: self.on_cancel,
+                Shutdown: self.on_shutdown,
+            },
+            label="Python plugin",
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+        self.server = AsyncClient(self.settings.server_endpoint, ServerReply, context=self.context)
+        tasks = [
+            asyncio.create_task(self.service.serve_forever()),
+            asyncio.create_task(self._register_forever()),
+        ]
+        await self.stop.wait()
+        for task in tasks:
+            task.cancel()
+        self.service.close()
+        self.server.close()
+        if self.ats is not None:
+            self.ats.close()
+        if self.pool is not None:
+            await self.pool.close()
+        self.context.destroy(linger=0)
+
+    async def _register_forever(self) -> None:
+        message = RegisterPlugin(name=NAME, endpoint=self.endpoint, pid=os.getpid())
+        while True:
+            try:
+                await self.server.request(message, timeout_s=self.settings.heartbeat_s * 2)
+            except QntxError as exc:
+                logger.debug("server not reachable yet: {}", exc)
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    # ---------------------------------------------------------------- requests
+
+    def on_ping(self, message: Ping, request: AsyncRequest) -> Pong:
+        return Pong(actor=f"plugin:{NAME}", pid=os.getpid(), version=__version__)
+
+    def on_metadata(self, message: Metadata, request: AsyncRequest) -> MetadataReply:
+        return MetadataReply(name=NAME, version=__version__, description="Runs Python handler scripts stored in ATS")
+
+    async def on_initialize(self, message: Initialize, request: AsyncRequest) -> InitializeReply:
+        logger.info("Initializing Python plugin")
+        if self.ats is None or message.ats_endpoint != self.ats_endpoint:
+            if self.ats is not None:
+                self.ats.close()
+            self.ats_endpoint = message.ats_endpoint
+            self.ats = AsyncClient(message.ats_endpoint, AtsReply, context=self.context)
+        logger.info("ATSStore endpoint: {}", message.ats_endpoint)
+        if self.pool is None:
+            self.pool = InterpreterPool(
+                self.settings.python_pool_size,
+                memory_mb=self.settings.python_memory_mb,
+                ats_endpoint=message.ats_endpoint,
+            )
+            await self.pool.start()
+        await self._discover()
+        if not self.initialized.is_set():
+            self.initialized.set()
+            asyncio.create_task(self._follow_ats())
+        return InitializeReply(handler_names=self.handler_names())
+
+    def handler_names(self) -> list[str]:
+        return [SCRIPT_HANDLER, *(f"{NAME}.{name}" for name in sorted(self.handlers))]
+
+    async def _discover(self) -> bool:
+        """Query ATS for handlers; returns True when the set of names changed."""
+        async with self._discovery_lock:
+            logger.info("Discovering Python handlers from ATS store")
+            reply = await self.ats.request(Query(filter=HANDLER_FILTER))
+            resolution = resolve(reply.records)
+            for name in resolution.skipped:
+                logger.warning("handler {!r} has no attributes.code; skipped", name)
+            found = {name: record.attributes["code"] for name, record in resolution.current.items()}
+            names = sorted(found)
+            logger.info("Discovered {} handler(s) from ATS store: {}", len(names), json.dumps(names))
+            changed = sorted(found) != sorted(self.handlers)
+            self.handlers = found
+            logger.info("Announcing async handlers: {}", json.dumps(self.handler_names()))
+            return changed
+
+    async def _follow_ats(self) -> None:
+        """Live discovery from the ATS event stream, with a slow resync as a safety net."""
+        sub = self.context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"att.")
+        sub.connect(self.settings.ats_events_endpoint)
+        decoder = Decoder(Event)
+        known = dict(self.handlers)
+        while not self.stop.is_set():
+            relevant = False
+            try:
+                if await sub.poll(RESYNC_S * 1000):
+                    while True:
+                        try:
+                            frames = sub.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        event = decoder.decode(frames[-1])
+                        if isinstance(event, AttestationCreated) and self._is_handler(event.record):
+                            relevant = True
+                    if not relevant:
+                        continue
+                names_changed = await self._discover() if relevant else await self._quiet_resync()
+                if names_changed or self.handlers != known:
+                    known = dict(self.handlers)
+                    await self.server.request(HandlersChanged(plugin=NAME, handler_names=self.handler_names()))
+            except QntxError as exc:
+                logger.warning("handler discovery failed: {}", exc)
+            except Exception:
+                logger.exception("handler discovery crashed; retrying")
+                await asyncio.sleep(1)
+
+    async def _quiet_resync(self) -> bool:
+        reply = await self.ats.request(Query(filter=HANDLER_FILTER))
+        current = {n: r.attributes["code"] for n, r in resolve(reply.records).current.items()}
+        if current == self.handlers:
+            return False
+        return await self._discover()
+
+    @staticmethod
+    def _is_handler(record) -> bool:
+        return PREDICATE in (p.casefold() for p in record.predicates) and CONTEXT in (
+            c.casefold() for c in record.contexts
+        )
+
+    def on_health(self, message: Health, request: AsyncRequest) -> HealthReply:
+        healthy = self.pool is not None and self.initialized.is_set()
+        return HealthReply(healthy=healthy, detail="" if healthy else "not initialized")
+
+    async def on_execute(self, message: ExecuteJob, request: AsyncRequest) -> ExecuteResult:
+        if self.pool is None:
+            return ExecuteResult(success=False, error=JobError(message="python plugin is not initialized"))
+        code, filename = self._code_for(message)
+        if code is None:
+            return ExecuteResult(success=False, error=JobError(message=filename))
+
+        def on_progress(current: float, total: float) -> None:
+            self.server.notify(JobProgress(job_id=message.job_id, current=current, total=total))
+
+        outcome = await self.pool.run(
+            message.job_id,
+            code,
+            filename=filename,
+            payload=message.payload,
+            timeout_s=message.timeout_s,
+            cpu_s=self.settings.python_cpu_s,
+            on_progress=on_progress,
+        )
+        return ExecuteResult(
+            success=outcome.success,
+            result=outcome.result,
+            error=outcome.error,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            progress=outcome.progress,
+        )
+
+    def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:
+        """(code, filename) for a job, or (None, error message)."""
+        if message.handler == SCRIPT_HANDLER:
+            payload = message.payload
+            if not isinstance(payload, dict) or not isinstance(payload.get("content"), str):
+                return None, "python.script needs a payload {\"content\": \"<python code>\"}"
+            return payload["content"], "<python.script>"
+        prefix = f"{NAME}."
+        name = message.handler[len(prefix):] if message.handler.startswith(prefix) else ""
+        code = self.handlers.get(name)
+        if code is None:
+            return None, f"unknown handler {message.handler!r}"
+        return code, f"<handler {name}>"
+
+    async def on_cancel(self, message: CancelExecution, request: AsyncRequest) -> Ack:
+        if self.pool is not None:
+            await self.pool.cancel(message.job_id)
+        return Ack()
+
+    def on_shutdown(self, message: Shutdown, request: AsyncRequest) -> Ack:
+        self.stop.set()
+        return Ack()
+
+
+def run_python_plugin(settings: Settings) -> None:
+    asyncio.run(PythonPlugin(settings).run())

@@ -1,0 +1,395 @@
+"""The warm pool of child interpreters that runs handler code for the Python plugin.
+
+It owns the children's lives: spawning ``size`` runners ahead of need, handing each
+job to an idle one (jobs beyond ``size`` wait their turn, first come first served),
+enforcing the wall-clock timeout, cancelling, and replacing any runner that dies,
+breaks a limit or is killed, in the background so the pool returns to full size.
+Handler code never runs in this process; ``plugins.python.runner`` is what runs
+inside a child, and declares the frames spoken over the private pipes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from loguru import logger
+
+from plugins.python.runner import (
+    MAX_FRAME_BYTES,
+    JobReply,
+    ReportProgress,
+    RunJob,
+    ToParent,
+    frame,
+)
+from qntx.protocol import JobError, Progress
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 30.0  # a cold interpreter start, on a loaded machine
+CLOSE_GRACE_S = 1.0  # how long close() lets a busy runner finish before killing it
+EXIT_GRACE_S = 0.5  # after a child exits, how long its last frames may still be in flight
+RESPAWN_MAX_DELAY_S = 10.0
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass
+class RunOutcome:
+    success: bool
+    result: Any = None
+    error: JobError | None = None
+    stdout: str = ""
+    stderr: str = ""
+    progress: Progress | None = None
+
+
+def _failure(message: str, progress: Progress | None = None) -> RunOutcome:
+    return RunOutcome(success=False, error=JobError(message=message), progress=progress)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """Why a child ended, in words fit for a job's error message."""
+    if returncode is None:
+        return "interpreter died"
+    if returncode >= 0:
+        return f"interpreter died (exit code {returncode})"
+    if -returncode == signal.SIGXCPU:
+        return "CPU time limit exceeded (killed by SIGXCPU)"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"interpreter died (killed by {name})"
+
+
+class _Died(Exception):
+    """The child stopped answering: it exited, or we killed it."""
+
+
+class _Interpreter(asyncio.Protocol):
+    """One child process: the protocol reading its frames, and the parent's pipe ends."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.WriteTransport | None = None
+        self.in_service = False  # said Ready: its death must be replaced
+        self.kill_reason: str | None = None  # set when we kill it on purpose
+        self.last_progress: Progress | None = None
+        self._lost = False
+        self._buffer = bytearray()
+        self._pending: asyncio.Future | None = None  # the awaited Ready or JobReply
+        self._on_progress: Callable[[float, float], None] | None = None
+        self._decoder = msgspec.msgpack.Decoder(ToParent)
+
+    @property
+    def usable(self) -> bool:
+        return not self._lost and self.kill_reason is None and self.proc.returncode is None
+
+    def expect(self, on_progress: Callable[[float, float], None] | None = None) -> asyncio.Future:
+        """A future for the next Ready/JobReply frame; it fails with _Died if the child goes."""
+        self._pending = asyncio.get_running_loop().create_future()
+        self._on_progress, self.last_progress = on_progress, None
+        if self._lost:
+            self._pending.set_exception(_Died())
+        return self._pending
+
+    def send(self, body: bytes) -> None:
+        self.writer.write(frame(body))
+
+    def kill(self, reason: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        if self.proc.returncode is None:
+            self.proc.kill()
+        # Do not wait for EOF: a process forked by handler code may hold the pipe open.
+        self.fail_pending()
+
+    def fail_pending(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.set_exception(_Died())
+
+    # asyncio.Protocol: the read end of the child's output pipe
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            size = int.from_bytes(self._buffer[:4], "big")
+            if size > MAX_FRAME_BYTES:
+                self.kill(f"protocol error: a {size}-byte frame from the interpreter")
+                return
+            if len(self._buffer) < 4 + size:
+                return
+            body = self._buffer[4 : 4 + size]
+            del self._buffer[: 4 + size]
+            try:
+                message = self._decoder.decode(body)
+            except msgspec.MsgspecError as exc:
+                self.kill(f"protocol error: {exc}")
+                return
+            self._dispatch(message)
+
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, ReportProgress):
+            self.last_progress = Progress(current=message.current, total=message.total)
+            if self._on_progress is not None:
+                try:
+                    self._on_progress(message.current, message.total)
+                except Exception:
+                    logger.exception("progress callback failed")
+        elif self._pending is not None and not self._pending.done():
+            self._pending.set_result(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.fail_pending()
+
+
+class InterpreterPool:
+    """``size`` warm child interpreters; ``run`` executes one handler job on one of them."""
+
+    def __init__(
+        self,
+        size: int = 2,
+        *,
+        memory_mb: int = 1024,
+        ats_endpoint: str = "",
+        python: str = sys.executable,
+    ):
+        if size < 1:
+            raise ValueError("an interpreter pool needs at least one interpreter")
+        self._size = size
+        self._memory_mb = memory_mb
+        self._ats_endpoint = ats_endpoint
+        self._python = python
+        self._live: set[_Interpreter] = set()  # spawned and not yet reaped
+        self._idle: deque[_Interpreter] = deque()
+        self._waiters: deque[asyncio.Future] = deque()  # run() calls waiting for an interpreter
+        self._waiting: dict[str, asyncio.Future] = {}  # job id -> its waiter
+        self._running: dict[str, _Interpreter] = {}  # job id -> interpreter running it
+        self._watchers: set[asyncio.Task] = set()
+        self._respawns: set[asyncio.Task] = set()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def idle(self) -> int:
+        return sum(1 for interp in self._idle if interp.usable)
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    def pids(self) -> list[int]:
+        return sorted(i.proc.pid for i in self._live if i.proc.returncode is None)
+
+    async def start(self) -> None:
+        try:
+            for interp in await asyncio.gather(*(self._spawn() for _ in range(self._size))):
+                self._release(interp)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def run(
+        self,
+        job_id: str,
+        code: str,
+        *,
+        filename: str,
+        payload: Any,
+        timeout_s: float,
+        cpu_s: int = 600,
+        on_progress: Callable[[float, float], None] | None = None,
+    ) -> RunOutcome:
+        interp = await self._acquire(job_id)
+        if interp is None:
+            return _failure("interpreter pool closed" if self._closed else "cancelled")
+        self._running[job_id] = interp
+        reply = interp.expect(on_progress)
+        job = RunJob(
+            job_id=job_id,
+            code=code,
+            filename=filename,
+            payload=payload,
+            cpu_s=cpu_s,
+            ats_endpoint=self._ats_endpoint,
+        )
+        timer = asyncio.get_running_loop().call_later(
+            timeout_s, interp.kill, f"timed out after {timeout_s:g}s"
+        )
+        try:
+            interp.send(_encoder.encode(job))
+            message: JobReply = await reply
+        except _Died:
+            if interp.kill_reason is None:
+                await interp.proc.wait()  # for the exit status that names the cause
+            return _failure(interp.kill_reason or describe_exit(interp.proc.returncode), interp.last_progress)
+        except BaseException:
+            # run() itself was cancelled: the child is mid-job and can never be reused.
+            interp.kill("run cancelled")
+            raise
+        finally:
+            timer.cancel()
+            if self._running.get(job_id) is interp:
+                del self._running[job_id]
+        self._release(interp)
+        return RunOutcome(
+            success=message.success,
+            result=message.result,
+            error=message.error,
+            stdout=message.stdout,
+            stderr=message.stderr,
+            progress=interp.last_progress,
+        )
+
+    async def cancel(self, job_id: str) -> bool:
+        """Stop a job: kill the interpreter running it, or drop it from the wait line."""
+        interp = self._running.get(job_id)
+        if interp is not None:
+            interp.kill("cancelled")
+            return True
+        waiter = self._waiting.get(job_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+            return True
+        return False
+
+    async def close(self) -> None:
+        """Stop every child and reap it; jobs still running fail."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        for task in self._respawns:
+            task.cancel()
+        await asyncio.gather(*self._respawns, return_exceptions=True)
+        # EOF on its input makes an idle runner exit at once; a busy one after its job.
+        for interp in self._live:
+            if interp.writer is not None:
+                interp.writer.close()
+        procs = [interp.proc for interp in self._live]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), CLOSE_GRACE_S)
+        except TimeoutError:
+            for interp in list(self._live):
+                interp.kill("interpreter pool closed")
+            await asyncio.gather(*(p.wait() for p in procs))
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+
+    # ----------------------------------------------------------------- internals
+
+    async def _acquire(self, job_id: str) -> _Interpreter | None:
+        """An idle interpreter, waiting in line for one; None if cancelled or closed."""
+        while not self._closed:
+            while self._idle:
+                interp = self._idle.popleft()
+                if interp.usable:
+                    return interp
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self._waiting[job_id] = waiter
+            try:
+                interp = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self._release(waiter.result())  # handed over just as we were cancelled
+                raise
+            finally:
+                if self._waiting.get(job_id) is waiter:
+                    del self._waiting[job_id]
+            if interp is None:
+                return None
+            if interp.usable:
+                return interp
+        return None
+
+    def _release(self, interp: _Interpreter) -> None:
+        """Give a free interpreter to the longest-waiting run(), or park it idle."""
+        if self._closed or not interp.usable:
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(interp)
+                return
+        self._idle.append(interp)
+
+    async def _spawn(self) -> _Interpreter:
+        loop = asyncio.get_running_loop()
+        interp = _Interpreter()
+        child_in, to_child = os.pipe()
+        from_child, child_out = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        try:
+            interp.proc = await asyncio.create_subprocess_exec(
+                self._python, "-m", "plugins.python.runner",
+                "--rfd", str(child_in), "--wfd", str(child_out),
+                "--memory-mb", str(self._memory_mb),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                pass_fds=(child_in, child_out),
+                cwd=REPO_ROOT,
+                env=env,
+            )  # fmt: skip
+        except BaseException:
+            os.close(to_child)
+            os.close(from_child)
+            raise
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        self._live.add(interp)
+        watcher = loop.create_task(self._reap(interp))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        await loop.connect_read_pipe(lambda: interp, os.fdopen(from_child, "rb", buffering=0))
+        interp.writer, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(to_child, "wb", buffering=0)
+        )
+        try:
+            await asyncio.wait_for(interp.expect(), READY_TIMEOUT_S)
+        except (_Died, TimeoutError):
+            interp.kill("failed to start")
+            code = await interp.proc.wait()
+            raise RuntimeError(f"python interpreter failed to start: {describe_exit(code)}") from None
+        interp.in_service = True
+        return interp
+
+    async def _reap(self, interp: _Interpreter) -> None:
+        """Wait for a child to exit, forget it, and start its replacement."""
+        await interp.proc.wait()
+        self._live.discard(interp)
+        if interp in self._idle:
+            self._idle.remove(interp)
+        if interp.writer is not None:
+            interp.writer.close()
+        # Normally EOF on the pipe ends a pending job; this covers a pipe still held open.
+        asyncio.get_running_loop().call_later(EXIT_GRACE_S, interp.fail_pending)
+        if interp.in_service and not self._closed:
+            task = asyncio.get_running_loop().create_task(self._respawn())
+            self._respawns.add(task)
+            task.add_done_callback(self._respawns.discard)
+
+    async def _respawn(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                self._release(await self._spawn())
+                return
+            except Exception as exc:
+                logger.warning("could not replace a python interpreter ({}); retrying in {:g}s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESPAWN_MAX_DELAY_S)

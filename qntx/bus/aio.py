@@ -1,0 +1,125 @@
+"""The asyncio flavour of the actor runtime, for actors whose work is waiting.
+
+Workers wait on plugins and the python plugin waits on interpreter processes, so
+they run on asyncio: ``AsyncService`` answers a ROUTER with the same frame rules,
+typed errors and handler tables as the poll-loop ``Service``; a coroutine handler
+runs as its own task, so one slow job never holds up a Health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from qntx.bus.actor import DRAIN_LIMIT, RejectedFrames, error_for, unpack_request
+from qntx.bus.codec import HARD_LIMIT_FACTOR, Decoder, encode, error_reply
+from qntx.errors import UnknownType
+
+
+class AsyncRequest:
+    __slots__ = ("service", "identity", "correlation")
+
+    def __init__(self, service: AsyncService, identity: bytes, correlation: bytes):
+        self.service = service
+        self.identity = identity
+        self.correlation = correlation
+
+    def reply(self, message: msgspec.Struct) -> None:
+        self.service.send(self.identity, self.correlation, message)
+
+
+class AsyncService:
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        endpoint: str,
+        request_type: Any,
+        handlers: dict[type, Callable[[Any, AsyncRequest], Any]],
+        *,
+        label: str,
+        max_message_bytes: int,
+    ):
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
+        self.socket.bind(endpoint)
+        self.decoder = Decoder(request_type)
+        self.handlers = handlers
+        self.label = label
+        self.max_message_bytes = max_message_bytes
+        self._tasks: set[asyncio.Task] = set()
+
+    def send(self, identity: bytes, correlation: bytes, message: msgspec.Struct) -> None:
+        if not correlation:
+            return
+        try:
+            self.socket.send_multipart([identity, correlation, encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("dropped a reply to an unresponsive peer {}", identity.hex())
+
+    async def serve_forever(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart()
+            self._handle(frames)
+            # Drain what is already queued without yielding per message.
+            for _ in range(DRAIN_LIMIT):
+                try:
+                    frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            identity, correlation, message = unpack_request(frames, self.decoder, self.max_message_bytes)
+        except RejectedFrames as rejected:
+            logger.warning("rejected a message from peer {}: {}", rejected.identity.hex(), rejected.error)
+            self.send(rejected.identity, rejected.correlation, error_reply(rejected.error))
+            return
+        request = AsyncRequest(self, identity, correlation)
+        handler = self.handlers.get(type(message))
+        if handler is None:
+            error = UnknownType(f"{self.label} does not answer {type(message).__name__}")
+            request.reply(error_reply(error))
+            return
+        if inspect.iscoroutinefunction(handler):
+            task = asyncio.get_running_loop().create_task(self._run(handler, message, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        try:
+            reply = handler(message, request)
+        except Exception as exc:
+            reply = error_reply(error_for(message, exc))
+        if reply is not None:
+            request.reply(reply)
+
+    async def _run(self, handler, message: Any, request: AsyncRequest) -> None:
+        try:
+            reply = await handler(message, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reply = error_reply(error_for(message, exc))
+        if reply is not None:
+            request.reply(reply)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.socket.close(0)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+

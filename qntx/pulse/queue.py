@@ -1,0 +1,565 @@
+"""Pulse's job queue: the durable state machine of every job (SPEC §4.1, §4.2).
+
+Owns job state and its LMDB layout, nothing else: no sockets, no dispatching, and no
+clock of its own (``now_ms`` is injected so tests control time). The Pulse server wraps
+it: in one loop turn it calls the mutating methods as messages arrive, then ``flush()``
+once, and only then sends replies and dispatches. So a job is accepted only once it is
+committed, and a busy turn costs one synced transaction (group commit).
+
+Live state is in memory: every non-final job (plus final ones until they are flushed),
+a ready heap keyed by (-priority, seq), a delayed heap keyed by (run_after, seq) and a
+lease heap keyed by deadline. Heaps delete lazily: an entry counts only while its token
+(or deadline) is still the job's current one. Final jobs are read back from disk.
+
+Named sub-databases:
+
+* ``jobs``     id → MessagePack ``[seq, Job]``
+* ``keys``     idempotency key → id
+* ``status``   status + NUL + created_at(8 BE) + seq(8 BE) → id
+* ``created``  created_at(8 BE) + seq(8 BE) → id
+* ``meta``     ``seq`` → the next sequence number; ``count:<status>`` → jobs in it
+
+``seq`` is given once per job at submit: it makes lease order FIFO within a priority
+(across restarts, and a retried job keeps its place) and breaks created_at ties.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgspec
+
+from qntx.asid import new_asid
+from qntx.errors import Conflict, Invalid, NotFound
+from qntx.protocol import FINAL_STATUSES, JOB_STATUSES, Job, JobError, Progress, Submit
+
+LEASE_GRACE_MS = 5_000  # a worker gets this long past timeout_s to report before we give up
+MAX_LOG_BYTES = 64 << 10
+INTERRUPTED = "interrupted (the actor running it stopped)"
+LIVE_STATUSES = ("queued", "running", "paused")
+
+_U64 = struct.Struct(">Q")
+_STAMP = struct.Struct(">QQ")  # created_at, seq
+_MAX_KEY_BYTES = 400  # LMDB keys stop at 511 bytes
+_DBS = ("jobs", "keys", "status", "created", "meta")
+
+
+class _Stored(msgspec.Struct, array_like=True):
+    seq: int
+    job: Job
+
+
+def _real_now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def bound_logs(text: str, limit: int = MAX_LOG_BYTES) -> str:
+    """``text`` if it fits in ``limit`` bytes, else its tail behind a marker line."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    tail = data[-(limit - 100) :].decode("utf-8", "ignore")  # 100 bytes leave room for the marker
+    dropped = len(data) - len(tail.encode())
+    return f"[... {dropped} bytes of earlier output dropped ...]\n{tail}"
+
+
+def _status_key(status: str, stamp: bytes) -> bytes:
+    return status.encode() + b"\x00" + stamp
+
+
+def _walk(txn, db, prefix: bytes, *, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every entry whose key starts with ``prefix``, in key order or reversed."""
+    cursor = txn.cursor(db=db)
+    if reverse:
+        # Land on the first key past the prefix, then step back into it.
+        after = prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else b""
+        found = cursor.prev() if after and cursor.set_range(after) else cursor.last()
+    else:
+        found = cursor.set_range(prefix)
+    while found and cursor.key().startswith(prefix):
+        yield cursor.key(), cursor.value()
+        found = cursor.prev() if reverse else cursor.next()
+
+
+def _check_submit(spec: Submit) -> None:
+    if not isinstance(spec, Submit):
+        raise Invalid(f"expected a Submit, got {type(spec).__name__}")
+    if not isinstance(spec.handler, str) or not spec.handler.strip():
+        raise Invalid(f"handler must be a non-empty string, got {spec.handler!r}")
+    if not _is_int(spec.priority):
+        raise Invalid(f"priority must be an integer, got {spec.priority!r}")
+    if not _is_int(spec.max_attempts) or spec.max_attempts < 1:
+        raise Invalid(f"max_attempts must be an integer >= 1, got {spec.max_attempts!r}")
+    timeout = spec.timeout_s
+    if (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not (0 < timeout and math.isfinite(timeout))
+    ):
+        raise Invalid(f"timeout_s must be a number of seconds > 0, got {timeout!r}")
+    key = spec.idempotency_key
+    if key is not None and (
+        not isinstance(key, str) or not key or len(key.encode()) > _MAX_KEY_BYTES
+    ):
+        raise Invalid(
+            f"idempotency_key must be a non-empty string of at most {_MAX_KEY_BYTES} bytes"
+        )
+    if spec.parent_id is not None and not isinstance(spec.parent_id, str):
+        raise Invalid(f"parent_id must be a string, got {spec.parent_id!r}")
+
+
+class JobQueue:
+    """Every job of one Pulse home: in memory for speed, in LMDB once ``flush()`` says so."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        map_size: int = 256 << 20,
+        sync: bool = True,
+        now_ms: Callable[[], int] | None = None,
+        backoff_base_ms: int = 500,
+        backoff_max_ms: int = 60_000,
+    ):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._now = now_ms or _real_now_ms
+        self._backoff_base_ms = backoff_base_ms
+        self._backoff_max_ms = backoff_max_ms
+        self._env = lmdb.open(
+            str(self.path), map_size=map_size, subdir=True, sync=sync, max_dbs=len(_DBS)
+        )
+        self._db = {name: self._env.open_db(name.encode()) for name in _DBS}
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(_Stored)
+
+        self._jobs: dict[str, Job] = {}  # every non-final job, and final ones until flushed
+        self._seq: dict[str, int] = {}  # seq of each job in _jobs
+        self._stored: dict[str, str] = {}  # status on disk of each job in _jobs (absent: new)
+        self._dirty: dict[str, None] = {}  # ids changed since the last flush (ordered set)
+        self._new_keys: dict[str, str] = {}  # idempotency key -> id, not yet flushed
+        self._counts = dict.fromkeys(JOB_STATUSES, 0)
+        self._next_seq = 0
+
+        self._token = itertools.count()
+        self._tokens: dict[str, int] = {}  # queued id -> token of its one live heap entry
+        self._ready: list[tuple[int, int, int, str]] = []  # (-priority, seq, token, id)
+        self._ready_ids: set[str] = set()
+        self._delayed: list[tuple[int, int, int, str]] = []  # (run_after, seq, token, id)
+        self._deadlines: dict[str, int] = {}  # running id -> lease deadline (ms)
+        self._leases: list[tuple[int, str]] = []  # (deadline, id)
+        self._by_worker: dict[str, set[str]] = {}
+        self._load()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> JobQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load(self) -> None:
+        """Bring every live job into memory and recover the ones a crash left running."""
+
+        def work(txn) -> list[_Stored]:
+            meta = self._db["meta"]
+            raw = txn.get(b"seq", db=meta)
+            self._next_seq = _U64.unpack(raw)[0] if raw else 0
+            for status in JOB_STATUSES:
+                raw = txn.get(b"count:" + status.encode(), db=meta)
+                self._counts[status] = _U64.unpack(raw)[0] if raw else 0
+            return [
+                self._decoder.decode(txn.get(job_id, db=self._db["jobs"]))
+                for status in LIVE_STATUSES
+                for _, job_id in _walk(
+                    txn, self._db["status"], status.encode() + b"\x00", reverse=False
+                )
+            ]
+
+        now = self._now()
+        for stored in self._read(work):
+            job = stored.job
+            self._adopt(stored)
+            if job.status == "queued":
+                self._enqueue(job, now)
+            elif job.status == "running":
+                # Whoever ran it is gone with the old process; the attempt stays counted.
+                self._fail(job, JobError(message=INTERRUPTED), backoff=False)
+        self.flush()
+
+    def _adopt(self, stored: _Stored) -> None:
+        self._jobs[stored.job.id] = stored.job
+        self._seq[stored.job.id] = stored.seq
+        self._stored[stored.job.id] = stored.job.status
+
+    def _read(self, work):
+        while True:
+            try:
+                with self._env.begin(buffers=False) as txn:
+                    return work(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+
+    def _write(self, work) -> None:
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapFullError:
+                # The txn was aborted; retry it whole against a bigger map.
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+
+    # ------------------------------------------------------------------ persistence
+
+    def flush(self) -> int:
+        """Write every job changed since the last flush in one synced transaction."""
+        if not self._dirty:
+            return 0
+        rows = [
+            (self._jobs[i], self._encoder.encode(_Stored(seq=self._seq[i], job=self._jobs[i])))
+            for i in self._dirty
+        ]
+
+        def work(txn) -> None:
+            for job, blob in rows:
+                job_id = job.id.encode()
+                stamp = _STAMP.pack(job.created_at, self._seq[job.id])
+                old = self._stored.get(job.id)
+                txn.put(job_id, blob, db=self._db["jobs"])
+                if old is None:
+                    txn.put(stamp, job_id, db=self._db["created"])
+                    if job.idempotency_key is not None:
+                        txn.put(job.idempotency_key.encode(), job_id, db=self._db["keys"])
+                if old != job.status:
+                    if old is not None:
+                        txn.delete(_status_key(old, stamp), db=self._db["status"])
+                    txn.put(_status_key(job.status, stamp), job_id, db=self._db["status"])
+            txn.put(b"seq", _U64.pack(self._next_seq), db=self._db["meta"])
+            for status, count in self._counts.items():
+                txn.put(b"count:" + status.encode(), _U64.pack(count), db=self._db["meta"])
+
+        self._write(work)
+        for job, _ in rows:
+            if job.status in FINAL_STATUSES:  # durable now: memory keeps only live jobs
+                del self._jobs[job.id], self._seq[job.id], self._stored[job.id]
+            else:
+                self._stored[job.id] = job.status
+        self._dirty.clear()
+        self._new_keys.clear()
+        return len(rows)
+
+    def _load_stored(self, job_id: str) -> _Stored | None:
+        if not isinstance(job_id, str):
+            raise Invalid(f"a job id must be a string, got {job_id!r}")
+        key = job_id.encode()
+        if not key or len(key) > 511:
+            return None
+        raw = self._read(lambda txn: txn.get(key, db=self._db["jobs"]))
+        return None if raw is None else self._decoder.decode(raw)
+
+    def _find(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            stored = self._load_stored(job_id)
+            if stored is None:
+                raise NotFound(f"no job {job_id}")
+            job = stored.job
+        return job
+
+    # ------------------------------------------------------------------ state changes
+
+    def _set_status(self, job: Job, status: str) -> None:
+        self._counts[job.status] -= 1
+        self._counts[status] += 1
+        job.status = status
+        self._dirty[job.id] = None
+
+    def _enqueue(self, job: Job, now: int) -> None:
+        token = next(self._token)
+        self._tokens[job.id] = token
+        if job.run_after <= now:
+            heapq.heappush(self._ready, (-job.priority, self._seq[job.id], token, job.id))
+            self._ready_ids.add(job.id)
+        else:
+            heapq.heappush(self._delayed, (job.run_after, self._seq[job.id], token, job.id))
+
+    def _dequeue(self, job_id: str) -> None:
+        del self._tokens[job_id]
+        self._ready_ids.discard(job_id)
+        if len(self._ready) + len(self._delayed) > 2 * len(self._tokens) + 64:
+            # Mostly dead entries (cancelled or paused jobs): rebuild from the live ones.
+            self._ready, self._delayed, tokens = [], [], self._tokens
+            self._tokens, now = {}, self._now()
+            self._ready_ids.clear()
+            for queued_id in tokens:
+                self._enqueue(self._jobs[queued_id], now)
+
+    def _promote(self, now: int) -> None:
+        """Move delayed jobs whose backoff has passed onto the ready heap."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq, token, job_id = heapq.heappop(self._delayed)
+            if self._tokens.get(job_id) == token:
+                heapq.heappush(self._ready, (-self._jobs[job_id].priority, seq, token, job_id))
+                self._ready_ids.add(job_id)
+
+    def _end_lease(self, job: Job) -> None:
+        self._deadlines.pop(job.id, None)
+        running = self._by_worker.get(job.worker or "")
+        if running is not None:
+            running.discard(job.id)
+            if not running:
+                del self._by_worker[job.worker]
+        if len(self._leases) > 2 * len(self._deadlines) + 64:  # finished jobs leave dead entries
+            self._leases = [(deadline, i) for i, deadline in self._deadlines.items()]
+            heapq.heapify(self._leases)
+
+    def _fail(self, job: Job, error: JobError, *, backoff: bool = True) -> None:
+        """End a running attempt that did not succeed: queue it again or give up."""
+        self._end_lease(job)
+        job.error = error
+        now = self._now()
+        if job.attempts < job.max_attempts:
+            exponent = min(max(job.attempts - 1, 0), 30)
+            delay = min(self._backoff_base_ms * 2**exponent, self._backoff_max_ms)
+            job.run_after = now + (delay if backoff else 0)
+            job.worker = None
+            self._set_status(job, "queued")
+            self._enqueue(job, now)
+        else:
+            job.finished_at = now
+            self._set_status(job, "failed")  # kept: the dead-letter view lists it
+
+    def _running_attempt(self, job_id: str, attempt: int) -> Job | None:
+        # A result for an attempt that was already re-queued (lease expired, worker
+        # declared dead) must not overwrite the newer attempt.
+        job = self._jobs.get(job_id)
+        if job is None or job.status != "running" or job.attempts != attempt:
+            return None
+        return job
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, spec: Submit) -> tuple[Job, bool]:
+        """Accept a job (durable after the next flush); ``created`` is False for a known key."""
+        _check_submit(spec)
+        key = spec.idempotency_key
+        if key is not None:
+            existing = self._new_keys.get(key) or self._read(
+                lambda txn: txn.get(key.encode(), db=self._db["keys"])
+            )
+            if existing is not None:
+                job_id = existing.decode() if isinstance(existing, bytes) else existing
+                return msgspec.structs.replace(self._find(job_id)), False
+        job_id = new_asid(spec.handler, "_", "_", prefix="JB")
+        while job_id in self._jobs or self._load_stored(job_id) is not None:
+            job_id = new_asid(spec.handler, "_", "_", prefix="JB")
+        job = Job(
+            id=job_id, handler=spec.handler, payload=spec.payload, priority=spec.priority,
+            max_attempts=spec.max_attempts, timeout_s=spec.timeout_s, created_at=self._now(),
+            parent_id=spec.parent_id, idempotency_key=key,
+        )  # fmt: skip
+        self._jobs[job_id] = job
+        self._seq[job_id] = self._next_seq
+        self._next_seq += 1
+        self._counts["queued"] += 1
+        self._dirty[job_id] = None
+        if key is not None:
+            self._new_keys[key] = job_id
+        self._enqueue(job, job.created_at)
+        return msgspec.structs.replace(job), True
+
+    def lease(self, worker: str) -> Job | None:
+        """The next ready job (highest priority, then oldest), now running on ``worker``."""
+        now = self._now()
+        self._promote(now)
+        while self._ready:
+            _, _, token, job_id = heapq.heappop(self._ready)
+            if self._tokens.get(job_id) != token:
+                continue
+            self._dequeue(job_id)
+            job = self._jobs[job_id]
+            job.attempts += 1
+            job.started_at, job.finished_at = now, None
+            job.worker, job.progress = worker, None
+            self._set_status(job, "running")
+            deadline = now + int(job.timeout_s * 1000) + LEASE_GRACE_MS
+            self._deadlines[job_id] = deadline
+            heapq.heappush(self._leases, (deadline, job_id))
+            self._by_worker.setdefault(worker, set()).add(job_id)
+            return msgspec.structs.replace(job)
+        return None
+
+    def complete(self, job_id: str, attempt: int, result: Any, logs: str = "") -> Job | None:
+        job = self._running_attempt(job_id, attempt)
+        if job is None:
+            return None
+        self._end_lease(job)
+        job.result, job.error, job.logs = result, None, bound_logs(logs)
+        job.finished_at = self._now()
+        self._set_status(job, "completed")
+        return msgspec.structs.replace(job)
+
+    def fail_attempt(
+        self, job_id: str, attempt: int, error: JobError | None, logs: str = ""
+    ) -> Job | None:
+        job = self._running_attempt(job_id, attempt)
+        if job is None:
+            return None
+        job.logs = bound_logs(logs)  # the last attempt's output, next to its error
+        self._fail(job, error or JobError(message="the attempt failed without an error"))
+        return msgspec.structs.replace(job)
+
+    def release_worker(self, worker: str, reason: str) -> list[Job]:
+        """Every job ``worker`` was running counts as a failed attempt (it died)."""
+        changed = []
+        for job_id in sorted(self._by_worker.get(worker, ())):
+            job = self._jobs[job_id]
+            self._fail(job, JobError(message=reason))
+            changed.append(msgspec.structs.replace(job))
+        return changed
+
+    def expire_leases(self) -> list[Job]:
+        """Running jobs past their lease deadline count as failed (timed out) attempts."""
+        now, expired = self._now(), []
+        while self._leases and self._leases[0][0] <= now:
+            deadline, job_id = heapq.heappop(self._leases)
+            if self._deadlines.get(job_id) != deadline:
+                continue
+            job = self._jobs[job_id]
+            self._fail(job, JobError(message=f"timed out after {job.timeout_s:g}s"))
+            expired.append(msgspec.structs.replace(job))
+        return expired
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a live job; the caller kills it if the returned job has a ``worker``."""
+        job = self._find(job_id)
+        if job.status in FINAL_STATUSES:
+            raise Conflict(f"job {job_id} is already {job.status}")
+        if job.status == "queued":
+            self._dequeue(job_id)
+        elif job.status == "running":
+            self._end_lease(job)
+        job.finished_at = self._now()
+        self._set_status(job, "cancelled")
+        return msgspec.structs.replace(job)
+
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again with a fresh set of attempts."""
+        job = self._find(job_id)
+        if job.status not in ("failed", "cancelled"):
+            raise Conflict(
+                f"only failed or cancelled jobs can be retried; {job_id} is {job.status}"
+            )
+        if job_id not in self._jobs:
+            self._adopt(self._load_stored(job_id))
+            job = self._jobs[job_id]
+        job.attempts, job.error, job.run_after = 0, None, 0
+        job.started_at = job.finished_at = job.worker = job.progress = None
+        self._set_status(job, "queued")
+        self._enqueue(job, self._now())
+        return msgspec.structs.replace(job)
+
+    def pause(self, job_id: str) -> Job:
+        job = self._find(job_id)
+        if job.status != "queued":
+            raise Conflict(f"only queued jobs can be paused; {job_id} is {job.status}")
+        self._dequeue(job_id)
+        self._set_status(job, "paused")
+        return msgspec.structs.replace(job)
+
+    def resume(self, job_id: str) -> Job:
+        job = self._find(job_id)
+        if job.status != "paused":
+            raise Conflict(f"only paused jobs can be resumed; {job_id} is {job.status}")
+        self._set_status(job, "queued")
+        self._enqueue(job, self._now())
+        return msgspec.structs.replace(job)
+
+    def progress(self, job_id: str, current: float, total: float) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.status != "running":
+            return None  # late progress of a finished attempt is not an error
+        job.progress = Progress(current=current, total=total)
+        self._dirty[job_id] = None
+        return msgspec.structs.replace(job)
+
+    # ------------------------------------------------------------------ views
+
+    def get(self, job_id: str) -> Job:
+        return msgspec.structs.replace(self._find(job_id))
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
+        """Newest first; ``status`` walks that status's index, never the whole store."""
+        if status is not None and status not in JOB_STATUSES:
+            raise Invalid(f"status must be one of {', '.join(JOB_STATUSES)}, got {status!r}")
+        if not _is_int(limit) or limit < 1:
+            raise Invalid(f"limit must be an integer >= 1, got {limit!r}")
+        # Jobs changed since the last flush are current in memory and stale on disk.
+        changed = (self._jobs[i] for i in self._dirty)
+        found = [
+            (job.created_at, self._seq[job.id], job)
+            for job in changed
+            if status is None or job.status == status
+        ]
+
+        def work(txn) -> None:
+            db, prefix = (
+                (self._db["created"], b"") if status is None
+                else (self._db["status"], status.encode() + b"\x00")
+            )  # fmt: skip
+            taken = 0
+            for key, raw_id in _walk(txn, db, prefix, reverse=True):
+                if taken == limit:
+                    break
+                job_id = raw_id.decode()
+                if job_id in self._dirty:
+                    continue
+                job = self._jobs.get(job_id)  # clean, so the same as on disk
+                if job is None:
+                    job = self._decoder.decode(txn.get(raw_id, db=self._db["jobs"])).job
+                created, seq = _STAMP.unpack(key[-_STAMP.size :])
+                found.append((created, seq, job))
+                taken += 1
+
+        self._read(work)
+        found.sort(key=lambda row: row[:2], reverse=True)
+        return [msgspec.structs.replace(job) for _, _, job in found[:limit]]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def ready_count(self) -> int:
+        self._promote(self._now())
+        return len(self._ready_ids)
+
+    def running(self) -> list[Job]:
+        return [msgspec.structs.replace(self._jobs[i]) for i in self._deadlines]
+
+    def next_wakeup_ms(self) -> int | None:
+        """When a backoff ends or a lease expires next, whichever is first (None: never)."""
+        self._promote(self._now())
+        delayed, leases = self._delayed, self._leases
+        while delayed and self._tokens.get(delayed[0][3]) != delayed[0][2]:
+            heapq.heappop(delayed)
+        while leases and self._deadlines.get(leases[0][1]) != leases[0][0]:
+            heapq.heappop(leases)
+        times = [heap[0][0] for heap in (delayed, leases) if heap]
+        return min(times) if times else None

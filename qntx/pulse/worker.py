@@ -1,0 +1,185 @@
+"""A worker actor: takes job attempts from the server and runs them.
+
+Connects a DEALER to the server's workers ROUTER and sends ``WorkerReady`` (its
+capacity; repeated every heartbeat). For each ``Dispatch`` it runs a built-in
+handler itself or forwards ``ExecuteJob`` to the plugin that owns the handler,
+then reports ``JobDone``. ``CancelRunning`` kills an attempt. Timeouts are
+enforced here for built-ins and by the plugin for its handlers (with a margin
+here as a backstop). If a plugin process dies mid-job, the lost connection fails
+its in-flight attempts at once, so the server can retry them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from qntx.bus.aio import install_stop_signals
+from qntx.bus.client import AsyncClient
+from qntx.bus.codec import Decoder, encode
+from qntx.errors import QntxError
+from qntx.protocol import (
+    CancelExecution,
+    CancelRunning,
+    Dispatch,
+    ExecuteJob,
+    ExecuteResult,
+    Job,
+    JobDone,
+    JobError,
+    PluginReply,
+    WorkerCommand,
+    WorkerReady,
+)
+from qntx.settings import Settings
+
+# How long past a job's own timeout the worker waits for its plugin to answer.
+PLUGIN_TIMEOUT_MARGIN_S = 5.0
+# On SIGTERM, running attempts get this long to finish before the worker exits.
+STOP_GRACE_S = 5.0
+
+
+class BuiltinFailure(Exception):
+    pass
+
+
+async def run_builtin(job: Job) -> Any:
+    """The built-in handlers: echo (returns its payload), sleep (payload seconds), fail."""
+    if job.handler == "builtin.echo":
+        return job.payload
+    if job.handler == "builtin.sleep":
+        seconds = job.payload.get("seconds", 1) if isinstance(job.payload, dict) else job.payload
+        await asyncio.sleep(float(seconds or 0))
+        return {"slept": seconds}
+    if job.handler == "builtin.fail":
+        raise BuiltinFailure(str(job.payload) if job.payload is not None else "failed on purpose")
+    raise BuiltinFailure(f"no built-in handler {job.handler!r}")
+
+
+class Worker:
+    def __init__(self, settings: Settings, name: str | None = None, capacity: int = 4):
+        self.settings = settings
+        self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.capacity = capacity
+        self.context = zmq.asyncio.Context()
+        self.decoder = Decoder(WorkerCommand)
+        self.running: dict[str, asyncio.Task] = {}
+        self.plugins: dict[str, AsyncClient] = {}
+        self.stopping = False
+
+    async def run(self) -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 2000)  # let final JobDone messages out
+        self.socket.connect(self.settings.workers_endpoint)
+        logger.info("worker {} connected to {} (capacity {})", self.name, self.settings.workers_endpoint, self.capacity)
+        tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._receive())]
+        await stop.wait()
+        tasks[0].cancel()  # no more heartbeats: the server stops sending work
+        if self.running:
+            logger.info("worker {} stopping: {} running job(s) get {}s to finish", self.name, len(self.running), STOP_GRACE_S)
+            await asyncio.wait(list(self.running.values()), timeout=STOP_GRACE_S)
+        self.stopping = True
+        if self.running:
+            logger.info("worker {}: {} job(s) left unfinished; the server re-queues them", self.name, len(self.running))
+        for task in [*tasks, *self.running.values()]:
+            task.cancel()
+        for client in self.plugins.values():
+            client.close()
+        self.socket.close(linger=0)
+        self.context.term()
+
+    def _send(self, message) -> None:
+        self.socket.send_multipart([b"", encode(message)])
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._send(WorkerReady(worker=self.name, credit=self.capacity, pid=os.getpid(), running=list(self.running)))
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart()
+            if len(frames) != 2:
+                continue
+            try:
+                command = self.decoder.decode(frames[1])
+            except QntxError as exc:
+                logger.warning("ignored an undecodable command from the server: {}", exc)
+                continue
+            if isinstance(command, Dispatch):
+                task = asyncio.create_task(self._attempt(command))
+                self.running[command.job.id] = task
+            elif isinstance(command, CancelRunning):
+                await self._cancel(command.job_id)
+
+    async def _attempt(self, dispatch: Dispatch) -> None:
+        job = dispatch.job
+        try:
+            done = await self._execute(job, dispatch.plugin_endpoint)
+        except asyncio.CancelledError:
+            if self.stopping:
+                return  # unreported: the server re-queues it when this worker is gone
+            done = JobDone(job_id=job.id, attempt=job.attempts, success=False, error=JobError(message="cancelled"))
+        finally:
+            self.running.pop(job.id, None)
+        self._send(done)
+
+    async def _execute(self, job: Job, plugin_endpoint: str | None) -> JobDone:
+        if plugin_endpoint is None:
+            try:
+                result = await asyncio.wait_for(run_builtin(job), job.timeout_s)
+            except TimeoutError:
+                return self._failed(job, f"timed out after {job.timeout_s:g}s")
+            except Exception as exc:
+                return self._failed(job, f"{type(exc).__name__}: {exc}")
+            return JobDone(job_id=job.id, attempt=job.attempts, success=True, result=result)
+        plugin = self._plugin(plugin_endpoint)
+        request = ExecuteJob(
+            job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s, attempt=job.attempts
+        )
+        try:
+            reply: ExecuteResult = await plugin.request(request, timeout_s=job.timeout_s + PLUGIN_TIMEOUT_MARGIN_S)
+        except QntxError as exc:
+            return self._failed(job, f"plugin at {plugin_endpoint} failed: {exc}")
+        logs = reply.stdout + (("\n--- stderr ---\n" + reply.stderr) if reply.stderr else "")
+        return JobDone(
+            job_id=job.id,
+            attempt=job.attempts,
+            success=reply.success,
+            result=reply.result,
+            error=reply.error,
+            logs=logs,
+        )
+
+    def _failed(self, job: Job, message: str) -> JobDone:
+        return JobDone(job_id=job.id, attempt=job.attempts, success=False, error=JobError(message=message))
+
+    def _plugin(self, endpoint: str) -> AsyncClient:
+        client = self.plugins.get(endpoint)
+        if client is None:
+            client = AsyncClient(endpoint, PluginReply, context=self.context, fail_on_disconnect=True)
+            self.plugins[endpoint] = client
+        return client
+
+    async def _cancel(self, job_id: str) -> None:
+        task = self.running.get(job_id)
+        if task is None:
+            return
+        for endpoint, client in self.plugins.items():
+            try:
+                await client.request(CancelExecution(job_id=job_id), timeout_s=2)
+            except QntxError as exc:
+                logger.debug("cancel of {} at {}: {}", job_id, endpoint, exc)
+        task.cancel()
+
+
+def run_worker(settings: Settings, name: str | None = None, capacity: int = 4) -> None:
+    asyncio.run(Worker(settings, name, capacity).run())
