@@ -335,15 +335,14 @@ class InterpreterPool:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         try:
             interp.proc = await asyncio.create_subprocess_exec(
-                self._python, "-m", "plugins.python.runner",
-                "--rfd", str(child_in), "--wfd", str(child_out),
-                "--memory-mb", str(self._memory_mb),
+                *(self._python, "-m", "plugins.python.runner", "--memory-mb", str(self._memory_mb)),
+                *("--rfd", str(child_in), "--wfd", str(child_out)),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 pass_fds=(child_in, child_out),
                 cwd=REPO_ROOT,
                 env=env,
-            )  # fmt: skip
+            )
         except BaseException:
             os.close(to_child)
             os.close(from_child)

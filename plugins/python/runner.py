@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from qntx.bus.client import Client
-from qntx.protocol import Attest, Attested, AtsReply, JobError, NewAttestation
+from qntx.protocol import AtsReply, Attest, Attested, JobError, NewAttestation
 
 MAX_OUTPUT_CHARS = 1 << 20  # per stream; the tail is kept, it usually holds the error
 MAX_FRAME_BYTES = 1 << 30

@@ -355,7 +355,7 @@ class AttestationStore:
             total = sum(_U64.unpack(c)[0] for c in counts if c)
             if total == 0:
                 return field, []
-            if best is None or total > best[0]:
+            if best is None or total < best[0]:
                 best = (total, field, vkeys)
         assert best is not None
         return best[1], best[2]

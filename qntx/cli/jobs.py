@@ -1,0 +1,163 @@
+"""Commands over jobs and the running bus: ``ix``, ``pulse …`` and ``status``."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+from cyclopts import App, Parameter
+
+from qntx.cli import app, open_bus
+from qntx.cli.attestations import print_json
+from qntx.protocol import Job, JobChanged, JobProgressed
+
+pulse_app = App(name="pulse", help="Inspect and steer Pulse jobs.")
+app.command(pulse_app)
+
+
+def _time(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _job_dict(job: Job) -> dict:
+    return msgspec.to_builtins(job)
+
+
+def _print_failure(job: Job) -> None:
+    error = job.error
+    print(f"error: job {job.id} {job.status}: {error.message if error else job.status}", file=sys.stderr)
+    if error and error.traceback:
+        sys.stderr.write(error.traceback if error.traceback.endswith("\n") else error.traceback + "\n")
+
+
+@app.command
+def ix(
+    name: str,
+    /,
+    *args: str,
+    no_wait: Annotated[bool, Parameter(help="Print the job id and return at once.")] = False,
+    timeout: Annotated[float, Parameter(help="Seconds the handler may run.")] = 300.0,
+    priority: Annotated[int, Parameter(help="Higher runs first.")] = 0,
+    max_attempts: Annotated[int, Parameter(help="Attempts before the job fails.")] = 3,
+):
+    """Run handler NAME with ARGS as a job and stream its output.
+
+    NAME is a python handler (``vacancies`` means ``python.vacancies``); a name with a
+    dot is used as is (``builtin.echo``). Exits 0 on success, 1 on failure.
+    """
+    handler = name if "." in name else f"python.{name}"
+    with open_bus() as bus:
+        handle = bus.submit(handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout)
+        if no_wait:
+            print(handle.id)
+            return 0
+        final = None
+        for event in bus.follow(handle.id):
+            if isinstance(event, JobProgressed):
+                print(f"progress {event.current:g}/{event.total:g}", file=sys.stderr)
+            elif isinstance(event, JobChanged) and event.job.status in ("completed", "failed", "cancelled"):
+                final = event.job
+            elif isinstance(event, JobChanged) and event.job.status == "queued" and event.job.attempts:
+                print(f"attempt {event.job.attempts} failed: {event.job.error.message if event.job.error else ''}; retrying", file=sys.stderr)
+    if final.logs:
+        sys.stdout.write(final.logs if final.logs.endswith("\n") else final.logs + "\n")
+    if final.status != "completed":
+        _print_failure(final)
+        return 1
+    if final.result is not None:
+        print_json(final.result)
+    return 0
+
+
+@pulse_app.command
+def jobs(
+    *,
+    status: Annotated[str | None, Parameter(help="queued, running, completed, failed, cancelled or paused.")] = None,
+    limit: Annotated[int, Parameter(help="At most N jobs, newest first.")] = 20,
+    json_: Annotated[bool, Parameter(name="--json")] = False,
+):
+    """List jobs, newest first (``--status failed`` is the dead-letter view)."""
+    with open_bus() as bus:
+        found = bus.jobs(status=status, limit=limit)
+    if json_:
+        print_json([_job_dict(j) for j in found])
+        return
+    if not found:
+        print("(no jobs)")
+        return
+    print(f"{'ID':<34} {'HANDLER':<24} {'STATUS':<10} {'TRIES':<6} {'CREATED (UTC)':<20} ERROR")
+    for job in found:
+        error = job.error.message.splitlines()[0][:60] if job.error else ""
+        print(f"{job.id:<34} {job.handler[:24]:<24} {job.status:<10} {job.attempts}/{job.max_attempts:<4} {_time(job.created_at):<20} {error}")
+
+
+@pulse_app.command
+def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = False):
+    """Show one job in full."""
+    with open_bus() as bus:
+        job = bus.job(job_id)
+    if json_:
+        print_json(_job_dict(job))
+        return
+    print(f"Job {job.id}")
+    print(f"  Handler:  {job.handler}")
+    print(f"  Status:   {job.status} (attempt {job.attempts} of {job.max_attempts})")
+    print(f"  Priority: {job.priority}   Timeout: {job.timeout_s:g}s")
+    print(f"  Created:  {_time(job.created_at)}   Started: {_time(job.started_at)}   Finished: {_time(job.finished_at)}")
+    if job.worker:
+        print(f"  Worker:   {job.worker}")
+    if job.progress:
+        print(f"  Progress: {job.progress.current:g}/{job.progress.total:g}")
+    print(f"  Payload:  {msgspec.json.encode(job.payload).decode()}")
+    if job.result is not None:
+        print(f"  Result:   {msgspec.json.encode(job.result).decode()}")
+    if job.error:
+        print(f"  Error:    {job.error.message}")
+        for line in job.error.traceback.splitlines():
+            print(f"    {line}")
+    if job.logs:
+        print("  Logs:")
+        for line in job.logs.splitlines():
+            print(f"    {line}")
+
+
+@pulse_app.command
+def cancel(job_id: str, /):
+    """Cancel a queued or running job (a running one is killed)."""
+    with open_bus() as bus:
+        job = bus.cancel(job_id)
+    print(f"✓ Job {job.id} {job.status}")
+
+
+@pulse_app.command
+def retry(job_id: str, /):
+    """Queue a failed or cancelled job again, with fresh attempts."""
+    with open_bus() as bus:
+        job = bus.retry(job_id)
+    print(f"✓ Job {job.id} {job.status}")
+
+
+@app.command
+def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
+    """Every actor (pid, endpoint, health), queue depth by status, registered handlers."""
+    with open_bus() as bus:
+        reply = bus.status()
+    if json_:
+        print_json(
+            {
+                "actors": [msgspec.to_builtins(a) for a in reply.actors],
+                "queue": reply.queue,
+                "handlers": reply.handlers,
+            }
+        )
+        return
+    print("Actors:")
+    for actor in reply.actors:
+        health = "healthy" if actor.healthy else "UNHEALTHY"
+        print(f"  {actor.name:<16} pid {actor.pid or '-':<8} {health:<10} {actor.endpoint}")
+    print("Queue:    " + ", ".join(f"{k} {v}" for k, v in reply.queue.items()))
+    print("Handlers: " + (", ".join(reply.handlers) or "(none)"))
