@@ -30,8 +30,12 @@ _qntx_bootstrap() {
     if [ ! -x "$QNTX_VENV/bin/python" ]; then
         "$py" -m venv "$QNTX_VENV" || return 1
     fi
-    "$QNTX_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -e "$QNTX_ROOT[test]" >&2 || return 1
+    if ! "$QNTX_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -e "$QNTX_ROOT[test]" >"$QNTX_VENV/install.log" 2>&1; then
+        cat "$QNTX_VENV/install.log" >&2
+        echo "qntx: installing the project into $QNTX_VENV failed (log above)" >&2
+        return 1
+    fi
     echo "$want" >"$stamp"
 }
 

@@ -339,7 +339,7 @@ class AttestationStore:
             previous = tail
             self.last_query_scanned += 1
             record = self._decoder.decode(txn.get(id, db=self._records))
-            if _matches(record, want, lo, hi):
+            if _matches(record, want):
                 out.append(record)
                 if limit is not None and len(out) >= limit:
                     break
@@ -377,9 +377,8 @@ def _walk_back(cursor, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]
             return
 
 
-def _matches(record: Attestation, want: dict[str, set[str]], lo: int, hi: int) -> bool:
-    if not lo <= record.timestamp <= hi:
-        return False
+def _matches(record: Attestation, want: dict[str, set[str]]) -> bool:
+    """The field conditions (the time range is already bounded by the index keys)."""
     for field, values in want.items():
         have = [record.source] if field == "source" else getattr(record, field)
         if not any(v.casefold() in values for v in have):

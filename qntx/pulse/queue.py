@@ -259,7 +259,8 @@ class JobQueue:
         self._write(work)
         for job, _ in rows:
             if job.status in FINAL_STATUSES:  # durable now: memory keeps only live jobs
-                del self._jobs[job.id], self._seq[job.id], self._stored[job.id]
+                del self._jobs[job.id], self._seq[job.id]
+                self._stored.pop(job.id, None)
             else:
                 self._stored[job.id] = job.status
         self._dirty.clear()
@@ -386,26 +387,43 @@ class JobQueue:
         self._enqueue(job, job.created_at)
         return msgspec.structs.replace(job), True
 
-    def lease(self, worker: str) -> Job | None:
-        """The next ready job (highest priority, then oldest), now running on ``worker``."""
+    def lease(self, worker: str, *, accept: Callable[[str], bool] | None = None) -> Job | None:
+        """The next ready job (highest priority, then oldest), now running on ``worker``.
+
+        ``accept(handler)`` lets the caller pass over jobs nobody can run yet (their
+        plugin is not up): those stay queued in their place for a later lease.
+        """
         now = self._now()
         self._promote(now)
-        while self._ready:
-            _, _, token, job_id = heapq.heappop(self._ready)
-            if self._tokens.get(job_id) != token:
-                continue
-            self._dequeue(job_id)
-            job = self._jobs[job_id]
-            job.attempts += 1
-            job.started_at, job.finished_at = now, None
-            job.worker, job.progress = worker, None
-            self._set_status(job, "running")
-            deadline = now + int(job.timeout_s * 1000) + LEASE_GRACE_MS
-            self._deadlines[job_id] = deadline
-            heapq.heappush(self._leases, (deadline, job_id))
-            self._by_worker.setdefault(worker, set()).add(job_id)
-            return msgspec.structs.replace(job)
-        return None
+        skipped: list[tuple[int, int, int, str]] = []
+        verdicts: dict[str, bool] = {}  # ask once per handler, however many jobs it has
+        try:
+            while self._ready:
+                entry = heapq.heappop(self._ready)
+                job_id = entry[3]
+                if self._tokens.get(job_id) != entry[2]:
+                    continue
+                job = self._jobs[job_id]
+                if accept is not None:
+                    if job.handler not in verdicts:
+                        verdicts[job.handler] = bool(accept(job.handler))
+                    if not verdicts[job.handler]:
+                        skipped.append(entry)
+                        continue
+                self._dequeue(job_id)
+                job.attempts += 1
+                job.started_at, job.finished_at = now, None
+                job.worker, job.progress = worker, None
+                self._set_status(job, "running")
+                deadline = now + int(job.timeout_s * 1000) + LEASE_GRACE_MS
+                self._deadlines[job_id] = deadline
+                heapq.heappush(self._leases, (deadline, job_id))
+                self._by_worker.setdefault(worker, set()).add(job_id)
+                return msgspec.structs.replace(job)
+            return None
+        finally:
+            for entry in skipped:  # stale if _dequeue rebuilt the heaps meanwhile: harmless
+                heapq.heappush(self._ready, entry)
 
     def complete(self, job_id: str, attempt: int, result: Any, logs: str = "") -> Job | None:
         job = self._running_attempt(job_id, attempt)

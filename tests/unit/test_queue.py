@@ -131,6 +131,25 @@ def test_priority_first_then_fifo_also_after_reopen(open_queue, clock):
     assert queue.lease("w") is None
 
 
+def test_lease_passes_over_handlers_the_caller_cannot_run(open_queue):
+    queue = open_queue()
+    blocked = submit(queue, "plugin.down", priority=9)
+    first, second = submit(queue, "python.a"), submit(queue, "python.b")
+    asked = []
+
+    def accept(handler: str) -> bool:
+        asked.append(handler)
+        return handler != "plugin.down"
+
+    assert queue.lease("w", accept=accept).id == first.id
+    assert queue.lease("w", accept=lambda handler: handler == "nothing") is None
+    assert queue.get(blocked.id).status == "queued" and queue.ready_count() == 2
+    assert asked == ["plugin.down", "python.a"]
+    # Once its plugin is up, the skipped job is still first in line.
+    assert queue.lease("w").id == blocked.id
+    assert queue.lease("w", accept=accept).id == second.id
+
+
 def test_idempotency_key_returns_the_same_job_also_after_reopen(open_queue):
     queue = open_queue()
     first = submit(queue, idempotency_key="order-7")

@@ -1,0 +1,124 @@
+"""Fixtures that run real actor processes on ipc sockets in a temporary home.
+
+Every process a test starts is registered here and stopped at teardown (SIGTERM,
+then SIGKILL), whatever the test did.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qntx.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Process:
+    """One started command, its output in a log file."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]):
+        self.argv = argv
+        self.log = log
+        self._log_file = open(log, "wb")
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_output(self, text: str, timeout: float = 20.0) -> str:
+        wait_for(lambda: text in self.output(), timeout, what=f"{text!r} in {self.log.name}")
+        return self.output()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(sig)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log_file.close()
+        return self.popen.returncode
+
+
+class Bus:
+    """Starts qntx commands against one home and cleans up after them."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.settings: Settings = load_settings(home)
+        self.env = dict(os.environ, QNTX_HOME=str(home), PYTHONUNBUFFERED="1")
+        self.env.pop("QNTX_WORKERS", None)
+        self.processes: list[Process] = []
+        self._count = 0
+
+    def qntx_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "qntx", "--home", str(self.home), *args]
+
+    def start(self, *args: str) -> Process:
+        self._count += 1
+        log = self.home / f"test-{self._count}-{args[0]}.out"
+        process = Process(self.qntx_argv(*args), log, self.env)
+        self.processes.append(process)
+        return process
+
+    def run(self, *args: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.qntx_argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env, cwd=REPO, input=input
+        )
+
+    def start_ats(self) -> Process:
+        process = self.start("ats")
+        wait_for(lambda: Path(self.settings.ats_endpoint[6:]).exists() or not process.alive(), what="ATS socket")
+        assert process.alive(), process.output()
+        return process
+
+    def start_up(self, *extra: str) -> Process:
+        process = self.start("up", *extra)
+        process.wait_output("handler=python.script", timeout=30)
+        return process
+
+    def connect(self, **kw):
+        import qntx
+
+        return qntx.connect(self.home, **kw)
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+@pytest.fixture
+def bus(home):
+    b = Bus(home)
+    try:
+        yield b
+    finally:
+        b.stop_all()
