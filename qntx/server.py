@@ -247,7 +247,8 @@ class ServerActor(Actor):
             owner = self.routes.get(name)
             if owner is not None and owner != entry.name:
                 logger.error("plugin {} announced {} which plugin {} owns; ignored", entry.name, name, owner)
-        wanted = sorted({n for n in names if self.routes.get(n, entry.name) == entry.name and n not in BUILTIN_HANDLERS})
+        # Keep the plugin's announced order: the log reads like its announcement.
+        wanted = [n for n in dict.fromkeys(names) if self.routes.get(n, entry.name) == entry.name and n not in BUILTIN_HANDLERS]
         for name in entry.handlers:
             if name not in wanted:
                 self.routes.pop(name, None)

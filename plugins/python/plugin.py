@@ -178,11 +178,8 @@ class PythonPlugin:
             relevant = False
             try:
                 if await sub.poll(RESYNC_S * 1000):
-                    while True:
-                        try:
-                            frames = sub.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                    while await sub.poll(0):
+                        frames = await sub.recv_multipart()
                         event = decoder.decode(frames[-1])
                         if isinstance(event, AttestationCreated) and self._is_handler(event.record):
                             relevant = True

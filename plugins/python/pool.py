@@ -23,14 +23,7 @@ from typing import Any
 import msgspec
 from loguru import logger
 
-from plugins.python.runner import (
-    MAX_FRAME_BYTES,
-    JobReply,
-    ReportProgress,
-    RunJob,
-    ToParent,
-    frame,
-)
+from plugins.python.runner import MAX_FRAME_BYTES, JobReply, ReportProgress, RunJob, ToParent, frame
 from qntx.protocol import JobError, Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,19 +49,16 @@ def _failure(message: str, progress: Progress | None = None) -> RunOutcome:
     return RunOutcome(success=False, error=JobError(message=message), progress=progress)
 
 
-def describe_exit(returncode: int | None) -> str:
+def describe_exit(returncode: int) -> str:
     """Why a child ended, in words fit for a job's error message."""
-    if returncode is None:
-        return "interpreter died"
     if returncode >= 0:
         return f"interpreter died (exit code {returncode})"
     if -returncode == signal.SIGXCPU:
         return "CPU time limit exceeded (killed by SIGXCPU)"
     try:
-        name = signal.Signals(-returncode).name
+        return f"interpreter died (killed by {signal.Signals(-returncode).name})"
     except ValueError:
-        name = f"signal {-returncode}"
-    return f"interpreter died (killed by {name})"
+        return f"interpreter died (killed by signal {-returncode})"
 
 
 class _Died(Exception):
@@ -102,9 +92,6 @@ class _Interpreter(asyncio.Protocol):
             self._pending.set_exception(_Died())
         return self._pending
 
-    def send(self, body: bytes) -> None:
-        self.writer.write(frame(body))
-
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
             self.kill_reason = reason
@@ -122,14 +109,14 @@ class _Interpreter(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         while len(self._buffer) >= 4:
-            size = int.from_bytes(self._buffer[:4], "big")
-            if size > MAX_FRAME_BYTES:
-                self.kill(f"protocol error: a {size}-byte frame from the interpreter")
+            end = 4 + int.from_bytes(self._buffer[:4], "big")
+            if end > 4 + MAX_FRAME_BYTES:
+                self.kill("protocol error: an oversized frame from the interpreter")
                 return
-            if len(self._buffer) < 4 + size:
+            if len(self._buffer) < end:
                 return
-            body = self._buffer[4 : 4 + size]
-            del self._buffer[: 4 + size]
+            body = self._buffer[4:end]
+            del self._buffer[:end]
             try:
                 message = self._decoder.decode(body)
             except msgspec.MsgspecError as exc:
@@ -175,8 +162,7 @@ class InterpreterPool:
         self._waiters: deque[asyncio.Future] = deque()  # run() calls waiting for an interpreter
         self._waiting: dict[str, asyncio.Future] = {}  # job id -> its waiter
         self._running: dict[str, _Interpreter] = {}  # job id -> interpreter running it
-        self._watchers: set[asyncio.Task] = set()
-        self._respawns: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # reapers and respawners
         self._closed = False
 
     @property
@@ -226,16 +212,15 @@ class InterpreterPool:
             cpu_s=cpu_s,
             ats_endpoint=self._ats_endpoint,
         )
-        timer = asyncio.get_running_loop().call_later(
-            timeout_s, interp.kill, f"timed out after {timeout_s:g}s"
-        )
+        timeout = f"timed out after {timeout_s:g}s"
+        timer = asyncio.get_running_loop().call_later(timeout_s, interp.kill, timeout)
         try:
-            interp.send(_encoder.encode(job))
+            interp.writer.write(frame(_encoder.encode(job)))
             message: JobReply = await reply
         except _Died:
-            if interp.kill_reason is None:
-                await interp.proc.wait()  # for the exit status that names the cause
-            return _failure(interp.kill_reason or describe_exit(interp.proc.returncode), interp.last_progress)
+            # Unless we killed it, wait for the exit status: it names the cause.
+            reason = interp.kill_reason or describe_exit(await interp.proc.wait())
+            return _failure(reason, interp.last_progress)
         except BaseException:
             # run() itself was cancelled: the child is mid-job and can never be reused.
             interp.kill("run cancelled")
@@ -246,11 +231,11 @@ class InterpreterPool:
                 del self._running[job_id]
         self._release(interp)
         return RunOutcome(
-            success=message.success,
-            result=message.result,
-            error=message.error,
-            stdout=message.stdout,
-            stderr=message.stderr,
+            message.success,
+            message.result,
+            message.error,
+            message.stdout,
+            message.stderr,
             progress=interp.last_progress,
         )
 
@@ -272,9 +257,10 @@ class InterpreterPool:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        for task in self._respawns:
+        # From here on close() reaps the children itself and nothing is respawned.
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._respawns, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         # EOF on its input makes an idle runner exit at once; a busy one after its job.
         for interp in self._live:
             if interp.writer is not None:
@@ -286,7 +272,7 @@ class InterpreterPool:
             for interp in list(self._live):
                 interp.kill("interpreter pool closed")
             await asyncio.gather(*(p.wait() for p in procs))
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._live.clear()
 
     # ----------------------------------------------------------------- internals
 
@@ -351,9 +337,7 @@ class InterpreterPool:
             os.close(child_in)
             os.close(child_out)
         self._live.add(interp)
-        watcher = loop.create_task(self._reap(interp))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        self._background(self._reap(interp))
         await loop.connect_read_pipe(lambda: interp, os.fdopen(from_child, "rb", buffering=0))
         interp.writer, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(to_child, "wb", buffering=0)
@@ -362,8 +346,8 @@ class InterpreterPool:
             await asyncio.wait_for(interp.expect(), READY_TIMEOUT_S)
         except (_Died, TimeoutError):
             interp.kill("failed to start")
-            code = await interp.proc.wait()
-            raise RuntimeError(f"python interpreter failed to start: {describe_exit(code)}") from None
+            cause = describe_exit(await interp.proc.wait())
+            raise RuntimeError(f"python interpreter failed to start: {cause}") from None
         interp.in_service = True
         return interp
 
@@ -378,9 +362,12 @@ class InterpreterPool:
         # Normally EOF on the pipe ends a pending job; this covers a pipe still held open.
         asyncio.get_running_loop().call_later(EXIT_GRACE_S, interp.fail_pending)
         if interp.in_service and not self._closed:
-            task = asyncio.get_running_loop().create_task(self._respawn())
-            self._respawns.add(task)
-            task.add_done_callback(self._respawns.discard)
+            self._background(self._respawn())
+
+    def _background(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)  # a strong reference, and a handle for close()
+        task.add_done_callback(self._tasks.discard)
 
     async def _respawn(self) -> None:
         delay = 0.1
@@ -389,6 +376,8 @@ class InterpreterPool:
                 self._release(await self._spawn())
                 return
             except Exception as exc:
-                logger.warning("could not replace a python interpreter ({}); retrying in {:g}s", exc, delay)
+                logger.warning(
+                    "could not replace a python interpreter ({}); retry in {:g}s", exc, delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RESPAWN_MAX_DELAY_S)

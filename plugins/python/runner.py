@@ -148,7 +148,9 @@ def _job_error(exc: BaseException) -> JobError:
         tb = tb.tb_next
     text = str(exc)
     message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return JobError(message=message, traceback="".join(traceback.format_exception(type(exc), exc, tb)))
+    return JobError(
+        message=message, traceback="".join(traceback.format_exception(type(exc), exc, tb))
+    )
 
 
 class HandlerRunner:
@@ -161,7 +163,10 @@ class HandlerRunner:
         self._encoder = msgspec.msgpack.Encoder()
 
     def _compile(self, code: str, filename: str) -> Any:
-        key = (filename, hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+        key = (
+            filename,
+            hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
+        )
         cached = self._code_cache.get(key)
         if cached is None:
             if len(self._code_cache) >= CODE_CACHE_SIZE:
@@ -198,7 +203,9 @@ class HandlerRunner:
         return attest
 
     def _progress(self, current: float, total: float) -> None:
-        self._pipe.send(self._encoder.encode(ReportProgress(current=float(current), total=float(total))))
+        self._pipe.send(
+            self._encoder.encode(ReportProgress(current=float(current), total=float(total)))
+        )
 
     def run(self, job: RunJob) -> bytes:
         """Run one job and return its encoded ``JobReply``."""
@@ -269,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the plugin, which owns shutdown
     _, core_hard = resource.getrlimit(resource.RLIMIT_CORE)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, core_hard))  # a SIGXCPU kill must not drop a core file
+    resource.setrlimit(
+        resource.RLIMIT_CORE, (0, core_hard)
+    )  # a SIGXCPU kill must not drop a core file
     limit_memory(options.memory_mb)
 
     pipe = Pipe(options.rfd, options.wfd)

@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from qntx.bus.actor import DRAIN_LIMIT, RejectedFrames, error_for, unpack_request
+from qntx.bus.actor import RejectedFrames, error_for, unpack_request
 from qntx.bus.codec import HARD_LIMIT_FACTOR, Decoder, encode, error_reply
 from qntx.errors import UnknownType
 
@@ -67,15 +67,9 @@ class AsyncService:
 
     async def serve_forever(self) -> None:
         while True:
-            frames = await self.socket.recv_multipart()
-            self._handle(frames)
-            # Drain what is already queued without yielding per message.
-            for _ in range(DRAIN_LIMIT):
-                try:
-                    frames = self.socket.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._handle(frames)
+            # An asyncio socket returns an already-completed future when a message
+            # is waiting, so a busy socket is drained without waking the selector.
+            self._handle(await self.socket.recv_multipart())
 
     def _handle(self, frames: list[bytes]) -> None:
         try:

@@ -117,7 +117,10 @@ def test_upstream_is_the_payload_and_args_come_from_it():
         payload = {"args": ["a", "b"], "other": 1}
         assert (await run(pool, code, payload)).result == [payload, ["a", "b"]]
         assert (await run(pool, code, [1, 2])).result == [[1, 2], []]
-        assert (await run(pool, code, {"args": "not a list"})).result == [{"args": "not a list"}, []]
+        assert (await run(pool, code, {"args": "not a list"})).result == [
+            {"args": "not a list"},
+            [],
+        ]
 
     in_pool(body)
 
@@ -189,7 +192,9 @@ def test_progress_reaches_the_callback_and_the_outcome():
     async def body(pool):
         seen = []
         code = "for i in range(3):\n    progress(i + 1, 3)\n"
-        outcome = await run(pool, code, on_progress=lambda current, total: seen.append((current, total)))
+        outcome = await run(
+            pool, code, on_progress=lambda current, total: seen.append((current, total))
+        )
         assert outcome.success
         assert seen == [(1, 3), (2, 3), (3, 3)]
         assert outcome.progress == Progress(current=3, total=3)

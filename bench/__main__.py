@@ -1,0 +1,68 @@
+"""``python -m bench <name> [options]``: run one benchmark, or ``all`` of them.
+
+Each benchmark is the module ``bench.<name>`` with a ``main(argv) -> int``; the
+dispatcher imports it only when asked, so a benchmark still being written (its
+module absent) is reported as not yet available instead of breaking the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+# name -> one line for --help; the order is the order `all` runs them in.
+BENCHMARKS = {
+    "ats": "attestation store through the bus: durable writes, group commit, queries, CLI",
+    "pulse": "job scheduler throughput and latency",
+}
+
+USAGE = """usage: bin/bench <benchmark> [--quick] [--json]
+       bin/bench all [--quick]
+
+Benchmarks (each prints its raw limit, measured in the same run, and the ratio):
+{lines}
+
+Options (passed on to the benchmark):
+  --quick   small sizes and short runs (a smoke test, not a measurement)
+  --json    print one JSON document instead of the table
+  -h, --help  this text, or a benchmark's own with `bin/bench <name> --help`
+"""
+
+
+def usage() -> str:
+    lines = "\n".join(f"  {name:<8} {text}" for name, text in BENCHMARKS.items())
+    return USAGE.format(lines=lines)
+
+
+def available(name: str) -> bool:
+    return importlib.util.find_spec(f"bench.{name}") is not None
+
+
+def run(name: str, argv: list[str]) -> int:
+    if not available(name):
+        print(f"bench {name}: not yet available", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"bench.{name}")
+    return module.main(argv)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name == "all":
+        if "--json" in rest:
+            print("bench all: --json needs one benchmark (bin/bench <name> --json)", file=sys.stderr)
+            return 2
+        codes = [run(n, rest) for n in BENCHMARKS if available(n)]
+        return max(codes, default=0)
+    if name not in BENCHMARKS:
+        print(f"bench: unknown benchmark {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return run(name, rest)
+
+
+if __name__ == "__main__":  # guarded: spawned client processes re-import this module
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""Throwaway homes and the real processes a benchmark starts in them.
+
+Everything started here is stopped by ``Home.close`` (SIGTERM, then SIGKILL), which
+every benchmark calls in a ``finally``: a benchmark that fails half way must not
+leave an actor holding a socket or a store. Homes live directly under /tmp with
+short names because ipc socket paths are limited to ~100 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STOP_WAIT_S = 10.0
+
+
+def stop_process(popen: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
+    """SIGTERM, give it ``wait_s`` to finish its teardown, then SIGKILL."""
+    if popen.poll() is not None:
+        return
+    try:
+        popen.send_signal(signal.SIGTERM)
+        popen.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(5)
+
+
+def stop_multiprocess(process, wait_s: float = STOP_WAIT_S) -> None:
+    """The same for a ``multiprocessing`` child."""
+    if process.pid is None:
+        return  # never started
+    process.join(0 if not process.is_alive() else 0.1)
+    if process.is_alive():
+        process.terminate()  # SIGTERM
+        process.join(wait_s)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+
+
+class Home:
+    """A temporary QNTX home and the ``qntx`` processes started against it."""
+
+    def __init__(self, prefix: str = "qb-"):
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.env = dict(os.environ, QNTX_HOME=str(self.path), PYTHONUNBUFFERED="1")
+        self.processes: list[subprocess.Popen] = []
+        self._logs = []
+
+    def qntx_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "qntx", "--home", str(self.path), *args]
+
+    def start(self, *args: str) -> subprocess.Popen:
+        log = open(self.path / f"bench-{len(self.processes)}-{args[0]}.log", "wb")
+        self._logs.append(log)
+        popen = subprocess.Popen(
+            self.qntx_argv(*args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
+        )
+        self.processes.append(popen)
+        return popen
+
+    def start_ats(self, timeout_s: float = 20.0) -> subprocess.Popen:
+        """Start ``qntx ats`` and return once it answers a ping."""
+        from qntx import connect
+        from qntx.errors import QntxError
+
+        popen = self.start("ats")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if popen.poll() is not None:
+                raise RuntimeError(f"the ATS actor exited with {popen.returncode}:\n{self.log_text()}")
+            try:
+                with connect(self.path, embedded=False, request_timeout_s=1.0) as bus:
+                    bus.ping()
+                return popen
+            except QntxError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the ATS actor did not answer within {timeout_s:g}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(self.path.glob("bench-*.log")))
+
+    def close(self) -> None:
+        for popen in reversed(self.processes):
+            stop_process(popen)
+        for log in self._logs:
+            log.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> Home:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
