@@ -1,0 +1,149 @@
+"""The headline flow of SPEC §2, end to end: handler create, up, ix, live discovery."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import qntx
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+PLUGIN_LINES = [
+    "[Python plugin] Initializing Python plugin",
+    "[Python plugin] ATSStore endpoint: {ats}",
+    "[Python plugin] Discovering Python handlers from ATS store",
+    '[Python plugin] Discovered 3 handler(s) from ATS store: ["test1", "test2", "vacancies"]',
+    '[Python plugin] Announcing async handlers: ["python.script", "python.test1", "python.test2", "python.vacancies"]',
+    "[QNTX Server] Registering plugin async handler plugin=python handler=python.script",
+    "[QNTX Server] Registering plugin async handler plugin=python handler=python.test1",
+    "[QNTX Server] Registering plugin async handler plugin=python handler=python.test2",
+    "[QNTX Server] Registering plugin async handler plugin=python handler=python.vacancies",
+]
+
+
+def _messages(output: str) -> list[str]:
+    """Log lines without their time and level prefix."""
+    return [m.group(1) for m in re.finditer(r"^\S+ +\w+ +(\[.*)$", output, re.M)]
+
+
+def test_handler_create_prints_the_attestation(bus):
+    result = bus.run("handler", "create", "vacancies", "--code", "print('Hello from vacancies handler')")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "✓ Handler 'vacancies' created"
+    assert re.fullmatch(r"  ASID: AS-VACANCIE-HANDLER-PYTHON-[2-9A-Z]{8}", lines[1])
+    assert lines[2:] == [
+        "  Subject: [vacancies]",
+        "  Predicate: [handler]",
+        "  Context: [python]",
+        "  Actor: [vacancies] (self-certifying)",
+        "  Attributes:",
+        "  {",
+        '    "code": "print(\'Hello from vacancies handler\')"',
+        "  }",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["handler", "create", "x"], ["handler", "create", "x", "--code", "1", "--file", "f.py"]],
+)
+def test_handler_create_needs_exactly_one_source(bus, args):
+    result = bus.run(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: give exactly one of --code or --file"
+    assert "Traceback" not in result.stderr
+
+
+def test_headline_flow(bus):
+    for name in ("vacancies", "test2", "test1"):
+        created = bus.run("handler", "create", name, "--code", f"print('Hello from {name} handler')")
+        assert created.returncode == 0, created.stderr
+    up = bus.start_up()
+    output = up.wait_output("handler=python.vacancies")
+    messages = _messages(output)
+    expected = [line.format(ats=bus.settings.ats_endpoint) for line in PLUGIN_LINES]
+    positions = [messages.index(line) for line in expected]
+    assert positions == sorted(positions), "headline log lines out of order"
+
+    ran = bus.run("ix", "vacancies", "some", "args")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "Hello from vacancies handler\n"
+
+    # A second `up` on the same home is refused with one clear line.
+    second = bus.run("up")
+    assert second.returncode != 0
+    assert "already up" in second.stderr and "Traceback" not in second.stderr
+
+    # Live discovery: a handler created while up is registered within a second or so.
+    created = bus.run("handler", "create", "live", "--code", "_result = {'args': args, 'up': upstream}")
+    assert created.returncode == 0, created.stderr
+    up.wait_output("Registering plugin async handler plugin=python handler=python.live", timeout=5)
+    assert '[Python plugin] Discovered 4 handler(s) from ATS store: ["live", "test1", "test2", "vacancies"]' in _messages(up.output())
+
+    with qntx.connect(bus.home) as b:
+        handle = b.submit("python.live", {"args": ["x", "y"]})
+        assert handle.result(timeout=30) == {"args": ["x", "y"], "up": {"args": ["x", "y"]}}
+        assert b.job(handle.id).status == "completed"
+
+    # Unknown handler: one line naming the known ones.
+    unknown = bus.run("ix", "nope")
+    assert unknown.returncode != 0
+    assert unknown.stderr.count("\n") == 1 and "python.vacancies" in unknown.stderr
+
+    # Deleting unregisters it live.
+    assert bus.run("handler", "delete", "live").returncode == 0
+    up.wait_output("Unregistering plugin async handler plugin=python handler=python.live", timeout=5)
+
+    status = bus.run("status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    names = {a["name"] for a in data["actors"]}
+    assert {"ats", "server", "worker-1", "worker-2", "plugin:python"} <= names
+    assert all(a["healthy"] and a["pid"] for a in data["actors"])
+    assert data["queue"]["completed"] >= 2
+    assert "python.vacancies" in data["handlers"] and "python.live" not in data["handlers"]
+
+
+def test_failing_handler_shows_its_traceback_and_exits_non_zero(bus):
+    bus.run("handler", "create", "boom", "--code", "def f():\n    raise ValueError('bad thing')\nf()\n")
+    bus.start_up()
+    ran = bus.run("ix", "boom", "--max-attempts", "1")
+    assert ran.returncode == 1
+    assert "ValueError: bad thing" in ran.stderr
+    assert "<handler boom>" in ran.stderr and "line 2" in ran.stderr
+
+
+def test_no_wait_prints_the_job_id(bus):
+    bus.start_up()
+    ran = bus.run("ix", "builtin.echo", "--no-wait")
+    assert ran.returncode == 0, ran.stderr
+    job_id = ran.stdout.strip()
+    assert job_id.startswith("JB-")
+    with qntx.connect(bus.home) as b:
+        assert b.wait(job_id, timeout=20).status == "completed"
+    shown = bus.run("pulse", "show", job_id, "--json")
+    assert json.loads(shown.stdout)["id"] == job_id
+    listed = bus.run("pulse", "jobs", "--status", "completed", "--json")
+    assert job_id in [j["id"] for j in json.loads(listed.stdout)]
+
+
+def test_up_stops_cleanly_on_sigterm(bus):
+    up = bus.start_up()
+    pids = [int(line.split()[1]) for line in (bus.home / "run" / "actors").read_text().split("\n") if line]
+    assert len(pids) == 5
+    assert up.stop() == 0
+    import os
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(lambda: all(gone(p) for p in pids), 10, what="actors to exit")
