@@ -159,14 +159,14 @@ class ServerActor(Actor):
         return JobList(jobs=self.pulse.queue.jobs(message.status, message.limit))
 
     def on_cancel(self, message: CancelJob, request: Request) -> JobReply:
-        self.pulse.cancel(message.id)
+        job = self.pulse.cancel(message.id)
         self.pulse.end_turn()  # commit before answering
-        return JobReply(job=self.pulse.get(message.id))
+        return JobReply(job=job)
 
     def on_retry(self, message: RetryJob, request: Request) -> JobReply:
-        self.pulse.change(self.pulse.queue.retry(message.id))
-        self.pulse.end_turn()
-        return JobReply(job=self.pulse.get(message.id))
+        job = self.pulse.change(self.pulse.queue.retry(message.id))
+        self.pulse.end_turn()  # commit (and maybe dispatch) before answering
+        return JobReply(job=job)
 
     def on_progress(self, message: JobProgress, request: Request) -> None:
         self.pulse.progress(message.job_id, message.current, message.total)

@@ -1,0 +1,125 @@
+"""Pulse job semantics against a real `qntx up`: timeouts, retries, cancel, idempotency, garbage."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import qntx
+from qntx.bus.client import Client
+from qntx.errors import NotFound
+from qntx.protocol import Ping, PluginReply, Pong, ServerReply
+from tests.integration.fuzz import hammer
+
+pytestmark = pytest.mark.timeout(120)
+
+HANDLERS = {
+    "forever": "while True:\n    pass\n",
+    "sleepy": "import time\ntime.sleep(float(args[0]) if args else 30)\n_result = 'woke'",
+    "raiser": "def inner():\n    raise RuntimeError('nope ' + str(len(args)))\ninner()\n",
+    "progressive": "for i in range(3):\n    progress(i + 1, 3)\n_result = 'done'",
+    "attester": "rec = attest(['job-made'], ['is'], ['test'], attributes={'n': len(args)})\n_result = rec['id']",
+}
+
+
+@pytest.fixture
+def up(bus):
+    for name, code in HANDLERS.items():
+        result = bus.run("handler", "create", name, "--code", code)
+        assert result.returncode == 0, result.stderr
+    process = bus.start_up()
+    process.wait_output("handler=python.sleepy")
+    return process
+
+
+def test_timeout_kills_an_endless_loop(bus, up):
+    with qntx.connect(bus.home) as b:
+        handle = b.submit("python.forever", {"args": []}, timeout_s=1, max_attempts=1)
+        job = handle.wait(timeout=30)
+        assert job.status == "failed"
+        assert "timed out after 1s" in job.error.message
+        # The interpreter was replaced: the pool still runs jobs.
+        assert b.submit("python.sleepy", {"args": ["0"]}).result(timeout=30) == "woke"
+
+
+def test_raising_handler_fails_after_its_retries_with_the_traceback(bus, up):
+    with qntx.connect(bus.home) as b:
+        handle = b.submit("python.raiser", {"args": [1, 2]}, max_attempts=2)
+        with pytest.raises(qntx.JobFailed) as failed:
+            handle.result(timeout=30)
+        job = failed.value.job
+        assert job.status == "failed" and job.attempts == 2
+        assert "RuntimeError: nope 2" in job.error.message
+        assert "<handler raiser>" in job.error.traceback and "line 2" in job.error.traceback
+        assert job.id in [j.id for j in b.jobs(status="failed")]
+        # retry gives it fresh attempts
+        again = b.retry(job.id)
+        assert again.status == "queued" and again.attempts == 0
+
+
+def test_cancel_a_running_job_kills_it(bus, up):
+    with qntx.connect(bus.home) as b:
+        handle = b.submit("python.sleepy", {"args": ["60"]})
+        for _ in range(500):
+            if b.job(handle.id).status == "running":
+                break
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert b.cancel(handle.id).status == "cancelled"
+        assert b.wait(handle.id, timeout=10).status == "cancelled"
+        # The interpreter was killed, so the pool is free again quickly.
+        assert b.submit("python.sleepy", {"args": ["0"]}).result(timeout=20) == "woke"
+        assert time.monotonic() - started < 15
+        cancelled = b.submit("builtin.sleep", {"seconds": 0}, priority=-5)
+        b.wait(cancelled.id, timeout=10)
+        with pytest.raises(qntx.QntxError):
+            b.cancel(cancelled.id)  # a finished job cannot be cancelled
+
+
+def test_idempotency_key_returns_the_same_job(bus, up):
+    with qntx.connect(bus.home) as b:
+        first = b.submit("builtin.echo", {"n": 1}, idempotency_key="order-42")
+        second = b.submit("builtin.echo", {"n": 2}, idempotency_key="order-42")
+        assert first.id == second.id
+        assert second.result(timeout=10) == {"n": 1}
+
+
+def test_progress_attest_and_unknown_ids(bus, up):
+    with qntx.connect(bus.home) as b:
+        handle = b.submit("python.progressive", {"args": []})
+        events = list(b.follow(handle.id, timeout=20))
+        assert events[-1].job.status == "completed" and events[-1].job.result == "done"
+        assert b.job(handle.id).progress.current == 3
+        made = b.submit("python.attester", {"args": ["a"]}).result(timeout=20)
+        assert b.get(made).attributes == {"n": 1}
+        with pytest.raises(NotFound):
+            b.job("JB-NOPE---22222222")
+
+
+def test_ix_streams_progress(bus, up):
+    ran = bus.run("ix", "progressive")
+    assert ran.returncode == 0, ran.stderr
+    assert '"done"' in ran.stdout
+
+
+def test_server_and_plugin_survive_garbage(bus, up):
+    settings = bus.settings
+    with Client(settings.server_endpoint, ServerReply) as c:
+        server_pid = c.request(Ping()).pid
+    plugin_endpoint = settings.plugin_endpoint("python")
+    with Client(plugin_endpoint, PluginReply) as c:
+        plugin_pid = c.request(Ping()).pid
+    hammer(settings.server_endpoint, rounds=200)
+    hammer(plugin_endpoint, rounds=200)
+    hammer(settings.workers_endpoint, rounds=100)
+    with Client(settings.server_endpoint, ServerReply) as c:
+        pong = c.request(Ping())
+        assert isinstance(pong, Pong) and pong.pid == server_pid
+    with Client(plugin_endpoint, PluginReply) as c:
+        assert c.request(Ping()).pid == plugin_pid
+    os.kill(server_pid, 0)
+    with qntx.connect(bus.home) as b:
+        assert b.submit("builtin.echo", "still").result(timeout=10) == "still"
+        assert b.submit("python.sleepy", {"args": ["0"]}).result(timeout=20) == "woke"
