@@ -1,0 +1,149 @@
+"""kill -9 of each actor while 300 jobs run: every accepted job completes with its own result.
+
+Nothing here waits on a fixed sleep to "let things settle": each test kills once
+jobs are demonstrably in flight, then waits for the outcome it asserts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import qntx
+from qntx.errors import QntxError
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+JOBS = 300
+WORK = "import time\ntime.sleep(0.02)\n_result = {'n': upstream['n'], 'pid': __import__('os').getpid()}\n"
+
+
+def actor_pids(bus) -> dict[str, int]:
+    path = bus.home / "run" / "actors"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return {name: int(pid) for name, pid in (line.split() for line in lines if line)}
+
+
+def interpreter_pids(plugin_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(plugin_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def submit_all(bus, handler: str = "python.work") -> dict[str, int]:
+    with qntx.connect(bus.home) as b:
+        return {b.submit(handler, {"n": n}, max_attempts=20).id: n for n in range(JOBS)}
+
+
+def wait_in_flight(bus, minimum: int = 20) -> None:
+    """Block until some jobs have finished and some are still to do."""
+
+    def progressing():
+        try:
+            with qntx.connect(bus.home) as b:
+                counts = b.status().queue
+        except QntxError:
+            return False
+        return counts["completed"] >= minimum and counts["queued"] + counts["running"] > 0
+
+    wait_for(progressing, 60, 0.01, what="jobs in flight")
+    with qntx.connect(bus.home) as b:
+        left = b.status().queue
+    assert left["queued"] + left["running"] >= JOBS // 2, left  # the kill lands mid-run
+
+
+def assert_all_completed(bus, jobs: dict[str, int], timeout: float = 150) -> int:
+    """Every accepted job ends completed with its own result; none lost, none stuck.
+
+    Returns how many jobs needed more than one attempt (the kill's victims).
+    """
+    deadline = time.monotonic() + timeout
+    pending = dict(jobs)
+    retried = 0
+    while pending and time.monotonic() < deadline:
+        try:
+            with qntx.connect(bus.home) as b:
+                for job_id, n in list(pending.items()):
+                    job = b.job(job_id)
+                    if job.status in ("completed", "failed", "cancelled"):
+                        assert job.status == "completed", (job.status, job.error)
+                        assert job.result["n"] == n
+                        retried += job.attempts > 1
+                        del pending[job_id]
+        except QntxError:
+            pass  # the server is restarting
+        if pending:
+            time.sleep(0.2)
+    assert not pending, f"{len(pending)} jobs never finished, e.g. {next(iter(pending))}"
+    with qntx.connect(bus.home) as b:
+        counts = b.status().queue
+    assert counts["running"] == 0 and counts["queued"] == 0
+    assert counts["completed"] == len(jobs)
+    return retried
+
+
+@pytest.fixture
+def working(bus):
+    assert bus.run("handler", "create", "work", "--code", WORK).returncode == 0
+    up = bus.start_up()
+    up.wait_output("handler=python.work")
+    return up
+
+
+def test_kill_9_worker(bus, working):
+    jobs = submit_all(bus)
+    wait_in_flight(bus)
+    os.kill(actor_pids(bus)["worker-1"], signal.SIGKILL)
+    assert assert_all_completed(bus, jobs) >= 1  # its in-flight jobs ran again
+    assert "worker-1 exited with code -9" in working.output()
+
+
+def test_kill_9_plugin_interpreter(bus, working):
+    jobs = submit_all(bus)
+    wait_in_flight(bus)
+    plugin = actor_pids(bus)["plugin-python"]
+    victims = interpreter_pids(plugin)
+    assert victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    assert assert_all_completed(bus, jobs) >= 1
+    assert set(interpreter_pids(plugin)).isdisjoint(victims)
+
+
+def test_kill_9_python_plugin(bus, working):
+    jobs = submit_all(bus)
+    wait_in_flight(bus)
+    plugin = actor_pids(bus)["plugin-python"]
+    os.kill(plugin, signal.SIGKILL)
+    assert assert_all_completed(bus, jobs) >= 1
+    assert actor_pids(bus)["plugin-python"] != plugin
+
+
+def test_kill_9_server(bus, working):
+    jobs = submit_all(bus)
+    wait_in_flight(bus)
+    server = actor_pids(bus)["server"]
+    os.kill(server, signal.SIGKILL)
+    assert assert_all_completed(bus, jobs) >= 1  # running ones were recovered
+    assert actor_pids(bus)["server"] != server
+
+
+def test_kill_9_everything_then_a_fresh_up(bus, working):
+    jobs = submit_all(bus)
+    wait_in_flight(bus)
+    pids = actor_pids(bus)
+    working.stop(signal.SIGKILL)
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone with its supervisor
+    bus.start_up()
+    assert assert_all_completed(bus, jobs) >= 1
