@@ -21,7 +21,6 @@ import struct
 import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import lmdb
 import msgspec

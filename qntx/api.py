@@ -15,6 +15,7 @@ import msgspec
 
 from qntx.ats.actor import ats_lock_path
 from qntx.bus.client import Client
+from qntx.bus.codec import raise_if_error
 from qntx.bus.pidlock import lock_holder
 from qntx.errors import Invalid, QntxError
 from qntx.protocol import (
@@ -78,6 +79,41 @@ def new_attestation(
         source=source or "python",
         id=id,
     )
+
+
+def make_filter(
+    subjects: str | Sequence[str] | None = None,
+    predicates: str | Sequence[str] | None = None,
+    contexts: str | Sequence[str] | None = None,
+    actors: str | Sequence[str] | None = None,
+    time_start: int | None = None,
+    time_end: int | None = None,
+    source: str | None = None,
+    limit: int | None = None,
+) -> Filter:
+    return Filter(
+        subjects=_as_list(subjects, "subjects"),
+        predicates=_as_list(predicates, "predicates"),
+        contexts=_as_list(contexts, "contexts"),
+        actors=_as_list(actors, "actors"),
+        time_start=time_start,
+        time_end=time_end,
+        source=source,
+        limit=limit,
+    )
+
+
+def ax_filter(text: str, limit: int | None = None) -> Filter:
+    """The Filter of an ax query; a syntax error is Invalid with its position."""
+    from qntx.ats.ax import AxSyntaxError, parse_ax
+
+    try:
+        flt = parse_ax(text).filter
+    except AxSyntaxError as exc:
+        raise Invalid(f"ax: {exc}") from None
+    if limit is not None:
+        flt = msgspec.structs.replace(flt, limit=limit)
+    return flt
 
 
 class _RemoteAts:
@@ -245,16 +281,7 @@ class Bus:
     ) -> list[Attestation]:
         """Attestations matching the filter, newest first."""
         return self.query_filter(
-            Filter(
-                subjects=_as_list(subjects, "subjects"),
-                predicates=_as_list(predicates, "predicates"),
-                contexts=_as_list(contexts, "contexts"),
-                actors=_as_list(actors, "actors"),
-                time_start=time_start,
-                time_end=time_end,
-                source=source,
-                limit=limit,
-            )
+            make_filter(subjects, predicates, contexts, actors, time_start, time_end, source, limit)
         )
 
     def query_filter(self, flt: Filter) -> list[Attestation]:
@@ -262,15 +289,7 @@ class Bus:
 
     def ax(self, text: str, *, limit: int | None = None) -> list[Attestation]:
         """Run an ax query (``"alice is knows of work since '3 days ago'"``)."""
-        from qntx.ats.ax import AxSyntaxError, parse_ax
-
-        try:
-            flt = parse_ax(text).filter
-        except AxSyntaxError as exc:
-            raise Invalid(f"ax: {exc}") from None
-        if limit is not None:
-            flt = msgspec.structs.replace(flt, limit=limit)
-        return self.query_filter(flt)
+        return self.query_filter(ax_filter(text, limit))
 
     def get(self, id: str) -> Attestation:
         return self._ats.get(id)
@@ -309,6 +328,38 @@ class Bus:
         )
         self._ensure_follower()  # subscribe before the job can finish
         return JobHandle(self, self.server.request(message).job)
+
+    def submit_many(
+        self,
+        handler: str,
+        payloads: Iterable[Any],
+        *,
+        priority: int = 0,
+        max_attempts: int = 3,
+        timeout_s: float = 300.0,
+    ) -> list[JobHandle]:
+        """Enqueue many jobs at once (pipelined; they share durable commits).
+
+        Every returned handle is accepted. If some submissions were refused, the
+        first refusal is raised after the others were sent, with the accepted
+        handles on the exception as ``accepted``.
+        """
+        messages = [
+            Submit(handler=handler, payload=p, priority=priority, max_attempts=max_attempts, timeout_s=timeout_s)
+            for p in payloads
+        ]
+        self._ensure_follower()
+        handles: list[JobHandle] = []
+        first_error: QntxError | None = None
+        for reply in self.server.request_many(messages):
+            try:
+                handles.append(JobHandle(self, raise_if_error(reply).job))
+            except QntxError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            first_error.accepted = handles
+            raise first_error
+        return handles
 
     def job(self, id: str) -> Job:
         return self.server.request(GetJob(id=id)).job

@@ -1,88 +1,182 @@
 """Following jobs live over the server's event stream.
 
-One SUB socket per ``Bus`` subscribes to every ``job.`` event and keeps the
-newest final record of each job it sees, so waiting for thousands of jobs costs
-one socket. Events are fast but not guaranteed (PUB drops for slow readers and a
-subscription takes a moment to reach the server), so a follower also asks the
-server for the record now and then: a missed event costs latency, never a hang.
+One SUB socket per bus connection subscribes to every ``job.`` event and keeps
+the final record of each watched job it sees, so waiting for thousands of jobs
+costs one socket. Events are fast but not guaranteed (PUB drops for slow readers,
+and a subscription takes a moment to reach the server), so a follower also asks
+the server for the record now and then: a missed event costs latency, never a
+hang. ``EventBook`` is the bookkeeping; ``JobFollower`` and ``AsyncJobFollower``
+only differ in how they wait.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import zmq
+import zmq.asyncio
 
 from qntx.bus.codec import Decoder
 from qntx.errors import Timeout
 from qntx.protocol import FINAL_STATUSES, Event, Job, JobChanged, JobProgressed
 
 RECHECK_S = 0.5
+# Final records kept for jobs nobody watches yet (a batch submitted before waiting).
+FINAL_KEPT = 100_000
+
+JobEvent = JobChanged | JobProgressed
+
+
+class EventBook:
+    """Job events received so far, kept only for the jobs someone watches."""
+
+    def __init__(self):
+        self._decoder = Decoder(Event)
+        self._final: OrderedDict[str, Job] = OrderedDict()
+        self._backlog: dict[str, list[JobEvent]] = {}
+        self._watching: dict[str, int] = {}
+
+    def watch(self, job_id: str) -> None:
+        self._watching[job_id] = self._watching.get(job_id, 0) + 1
+
+    def unwatch(self, job_id: str) -> None:
+        left = self._watching.get(job_id, 1) - 1
+        if left:
+            self._watching[job_id] = left
+            return
+        self._watching.pop(job_id, None)
+        self._final.pop(job_id, None)
+        self._backlog.pop(job_id, None)
+
+    def ingest(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        event = self._decoder.decode(frames[1])
+        if isinstance(event, JobChanged):
+            job_id = event.job.id
+        elif isinstance(event, JobProgressed):
+            job_id = event.job_id
+        else:
+            return
+        if isinstance(event, JobChanged) and event.job.status in FINAL_STATUSES:
+            self._final[job_id] = event.job
+            if len(self._final) > FINAL_KEPT:
+                self._final.popitem(last=False)
+        if job_id in self._watching:
+            self._backlog.setdefault(job_id, []).append(event)
+
+    def take(self, job_id: str) -> tuple[list[JobEvent], bool]:
+        """Events since the last take (ending with the final one, if the job is done)."""
+        events = self._backlog.pop(job_id, [])
+        final = self._final.get(job_id)
+        if final is None:
+            return events, False
+        if not events or not isinstance(events[-1], JobChanged) or events[-1].job is not final:
+            events.append(JobChanged(job=final))
+        return events, True
+
+
+def _subscriber(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"job.")
+    sock.connect(endpoint)
+    return sock
+
+
+class _Clock:
+    """When to re-ask the server, and when to give up."""
+
+    def __init__(self, job_id: str, timeout: float | None):
+        self.job_id = job_id
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.next_check = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            raise Timeout(f"job {self.job_id} did not finish within {self.timeout:g}s")
+        if now >= self.next_check:
+            self.next_check = now + RECHECK_S
+            return True
+        return False
+
+    def wait_s(self) -> float:
+        end = self.next_check if self.deadline is None else min(self.next_check, self.deadline)
+        return max(0.0, end - time.monotonic())
 
 
 class JobFollower:
     def __init__(self, endpoint: str, context: zmq.Context | None = None):
-        self.endpoint = endpoint
-        self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 0)
-        self._socket.setsockopt(zmq.SUBSCRIBE, b"job.")
-        self._socket.connect(endpoint)
-        self._decoder = Decoder(Event)
-        self._final: dict[str, Job] = {}
-        self._backlog: dict[str, list[JobChanged | JobProgressed]] = {}
-        self._watching: set[str] = set()
+        self._socket = _subscriber(context or zmq.Context.instance(), endpoint)
+        self.book = EventBook()
 
     def _pump(self, wait_s: float) -> None:
-        """Read events for up to wait_s (returns early after the first batch)."""
-        if not self._socket.poll(max(0.0, wait_s) * 1000):
-            return
-        while True:
-            try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                continue
-            event = self._decoder.decode(frames[1])
-            if isinstance(event, JobChanged):
-                job_id = event.job.id
-                if event.job.status in FINAL_STATUSES:
-                    self._final[job_id] = event.job
-            elif isinstance(event, JobProgressed):
-                job_id = event.job_id
-            else:
-                continue
-            if job_id in self._watching:
-                self._backlog.setdefault(job_id, []).append(event)
-
-    def follow(
-        self, job_id: str, timeout: float | None, fetch: Callable[[str], Job]
-    ) -> Iterator[JobChanged | JobProgressed]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._watching.add(job_id)
-        try:
-            next_check = 0.0
+        if self._socket.poll(wait_s * 1000):
             while True:
-                final = self._final.pop(job_id, None)
-                yield from self._backlog.pop(job_id, [])
-                if final is not None:
+                try:
+                    self.book.ingest(self._socket.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
                     return
-                now = time.monotonic()
-                if now >= next_check:
+
+    def follow(self, job_id: str, timeout: float | None, fetch: Callable[[str], Job]) -> Iterator[JobEvent]:
+        clock = _Clock(job_id, timeout)
+        self.book.watch(job_id)
+        self._pump(0)  # events already here save a round trip to the server
+        try:
+            while True:
+                events, final = self.book.take(job_id)
+                yield from events
+                if final:
+                    return
+                if clock.due():
                     job = fetch(job_id)
                     if job.status in FINAL_STATUSES:
                         yield JobChanged(job=job)
                         return
-                    next_check = now + RECHECK_S
-                if deadline is not None and now >= deadline:
-                    raise Timeout(f"job {job_id} did not finish within {timeout:g}s")
-                wait = next_check - now if deadline is None else min(next_check, deadline) - now
-                self._pump(wait)
+                self._pump(clock.wait_s())
         finally:
-            self._watching.discard(job_id)
-            self._final.pop(job_id, None)
+            self.book.unwatch(job_id)
+
+    def close(self) -> None:
+        self._socket.close(0)
+
+
+class AsyncJobFollower:
+    def __init__(self, endpoint: str, context: zmq.asyncio.Context):
+        self._socket = _subscriber(context, endpoint)
+        self.book = EventBook()
+
+    async def _pump(self, wait_s: float) -> None:
+        if await self._socket.poll(wait_s * 1000):
+            while await self._socket.poll(0):
+                self.book.ingest(await self._socket.recv_multipart())
+
+    async def follow(
+        self, job_id: str, timeout: float | None, fetch: Callable[[str], Awaitable[Job]]
+    ) -> AsyncIterator[JobEvent]:
+        clock = _Clock(job_id, timeout)
+        self.book.watch(job_id)
+        await self._pump(0)
+        try:
+            while True:
+                events, final = self.book.take(job_id)
+                for event in events:
+                    yield event
+                if final:
+                    return
+                if clock.due():
+                    job = await fetch(job_id)
+                    if job.status in FINAL_STATUSES:
+                        yield JobChanged(job=job)
+                        return
+                await self._pump(clock.wait_s())
+        finally:
+            self.book.unwatch(job_id)
 
     def close(self) -> None:
         self._socket.close(0)

@@ -78,20 +78,12 @@ def ax(
 
     Examples: ``qntx ax alice is knows``, ``qntx ax is handler of python since '3 days ago'``.
     """
-    import msgspec
 
-    from qntx.ats.ax import AxSyntaxError, parse_ax
+    from qntx.api import ax_filter
 
-    text = query_text(query)
-    try:
-        parsed = parse_ax(text)
-    except AxSyntaxError as exc:
-        fail(f"ax: {exc}")
-    flt = parsed.filter
-    if limit is not None:
-        if limit <= 0:
-            fail("--limit must be positive")
-        flt = msgspec.structs.replace(flt, limit=limit)
+    if limit is not None and limit <= 0:
+        fail("--limit must be positive")
+    flt = ax_filter(query_text(query), limit)
     with open_bus() as bus:
         records = bus.query_filter(flt)
     if json_:

@@ -123,3 +123,33 @@ def test_server_and_plugin_survive_garbage(bus, up):
     with qntx.connect(bus.home) as b:
         assert b.submit("builtin.echo", "still").result(timeout=10) == "still"
         assert b.submit("python.sleepy", {"args": ["0"]}).result(timeout=20) == "woke"
+
+
+def test_asyncio_client(bus, up):
+    import asyncio
+
+    import qntx.aio
+
+    async def scenario():
+        async with await qntx.aio.connect(bus.home) as b:
+            assert (await b.ping()).actor == "ats"
+            record = await b.attest("async", "works")
+            assert (await b.query(subjects="async"))[0].id == record.id
+            assert (await b.ax("async is works"))[0].id == record.id
+            handles = await asyncio.gather(*(b.submit("builtin.echo", n) for n in range(50)))
+            results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+            assert results == list(range(50))
+            failing = await b.submit("python.raiser", {"args": []}, max_attempts=1)
+            with pytest.raises(qntx.JobFailed):
+                await failing.result(timeout=30)
+
+    asyncio.run(scenario())
+
+
+def test_submit_many_shares_commits(bus, up):
+    with qntx.connect(bus.home) as b:
+        handles = b.submit_many("builtin.echo", range(500))
+        assert [h.result(timeout=30) for h in handles] == list(range(500))
+        with pytest.raises(NotFound) as refused:
+            b.submit_many("no.such", [1, 2])
+        assert refused.value.accepted == []
