@@ -35,9 +35,11 @@ from qntx.protocol import (
     JobProgressed,
     ListJobs,
     NewAttestation,
+    PauseJob,
     Ping,
     Pong,
     Query,
+    ResumeJob,
     RetryJob,
     ServerReply,
     Stats,
@@ -372,6 +374,13 @@ class Bus:
 
     def retry(self, id: str) -> Job:
         return self.server.request(RetryJob(id=id)).job
+
+    def pause(self, id: str) -> Job:
+        """Hold a queued job (it keeps its place) until ``resume``."""
+        return self.server.request(PauseJob(id=id)).job
+
+    def resume(self, id: str) -> Job:
+        return self.server.request(ResumeJob(id=id)).job
 
     def status(self) -> StatusReply:
         """Every actor with pid/endpoint/health, queue depth by status, registered handlers."""

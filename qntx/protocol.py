@@ -15,7 +15,7 @@ socket                 requests (decoded there)    replies / pushes
 =====================  ==========================  ===========================
 ats ROUTER             ``AtsRequest``              ``AtsReply``
 server ROUTER          ``ServerRequest``           ``ServerReply``
-workers ROUTER         ``WorkerMessage``           ``Dispatch`` / ``Ack``
+workers ROUTER         ``WorkerMessage``           ``WorkerCommand`` (pushed)
 plugin ROUTER          ``PluginRequest``           ``PluginReply``
 ats / server PUB       -                           ``Event``
 =====================  ==========================  ===========================
@@ -190,6 +190,14 @@ class RetryJob(Message):
     id: str
 
 
+class PauseJob(Message):
+    id: str
+
+
+class ResumeJob(Message):
+    id: str
+
+
 class JobReply(Message):
     job: Job
 
@@ -245,6 +253,8 @@ ServerRequest = (
     | ListJobs
     | CancelJob
     | RetryJob
+    | PauseJob
+    | ResumeJob
     | GetStatus
     | RegisterPlugin
     | HandlersChanged
@@ -331,7 +341,6 @@ class ExecuteJob(Message):
     payload: Any = None
     timeout_s: float = 300.0
     attempt: int = 1
-    progress_endpoint: str | None = None
 
 
 class ExecuteResult(Message):

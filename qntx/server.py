@@ -45,10 +45,12 @@ from qntx.protocol import (
     ListJobs,
     Metadata,
     MetadataReply,
+    PauseJob,
     Ping,
     PluginReply,
     Pong,
     RegisterPlugin,
+    ResumeJob,
     RetryJob,
     ServerRequest,
     StatusReply,
@@ -114,6 +116,8 @@ class ServerActor(Actor):
                 ListJobs: self.on_list_jobs,
                 CancelJob: self.on_cancel,
                 RetryJob: self.on_retry,
+                PauseJob: self.on_pause,
+                ResumeJob: self.on_resume,
                 GetStatus: self.on_status,
                 RegisterPlugin: self.on_register_plugin,
                 HandlersChanged: self.on_handlers_changed,
@@ -166,6 +170,16 @@ class ServerActor(Actor):
     def on_retry(self, message: RetryJob, request: Request) -> JobReply:
         job = self.pulse.change(self.pulse.queue.retry(message.id))
         self.pulse.end_turn()  # commit (and maybe dispatch) before answering
+        return JobReply(job=job)
+
+    def on_pause(self, message: PauseJob, request: Request) -> JobReply:
+        job = self.pulse.change(self.pulse.queue.pause(message.id))
+        self.pulse.end_turn()
+        return JobReply(job=job)
+
+    def on_resume(self, message: ResumeJob, request: Request) -> JobReply:
+        job = self.pulse.change(self.pulse.queue.resume(message.id))
+        self.pulse.end_turn()
         return JobReply(job=job)
 
     def on_progress(self, message: JobProgress, request: Request) -> None:

@@ -141,6 +141,22 @@ def retry(job_id: str, /):
     print(f"✓ Job {job.id} {job.status}")
 
 
+@pulse_app.command
+def pause(job_id: str, /):
+    """Hold a queued job until `pulse resume`."""
+    with open_bus() as bus:
+        job = bus.pause(job_id)
+    print(f"✓ Job {job.id} {job.status}")
+
+
+@pulse_app.command
+def resume(job_id: str, /):
+    """Release a paused job back to the queue."""
+    with open_bus() as bus:
+        job = bus.resume(job_id)
+    print(f"✓ Job {job.id} {job.status}")
+
+
 @app.command
 def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     """Every actor (pid, endpoint, health), queue depth by status, registered handlers."""

@@ -153,3 +153,16 @@ def test_submit_many_shares_commits(bus, up):
         with pytest.raises(NotFound) as refused:
             b.submit_many("no.such", [1, 2])
         assert refused.value.accepted == []
+
+
+def test_pause_and_resume_a_queued_job(bus, up):
+    with qntx.connect(bus.home) as b:
+        # Fill every worker slot (2 workers x capacity 4) so the next job waits.
+        blockers = b.submit_many("builtin.sleep", [{"seconds": 1.5}] * 8)
+        waiting = b.submit("builtin.echo", "later")
+        assert b.pause(waiting.id).status == "paused"
+        for h in blockers:
+            h.result(timeout=30)
+        assert b.job(waiting.id).status == "paused"  # held although workers are free
+        assert b.resume(waiting.id).status in ("queued", "running", "completed")
+        assert waiting.result(timeout=10) == "later"
