@@ -62,9 +62,12 @@ class AsyncBus:
         self.settings = settings
         self.context = zmq.asyncio.Context()
         timeout = settings.request_timeout_s
-        self.ats = AsyncClient(settings.ats_endpoint, AtsReply, timeout_s=timeout, context=self.context)
-        self.server = AsyncClient(settings.server_endpoint, ServerReply, timeout_s=timeout, context=self.context)
-        self.follower = AsyncJobFollower(settings.events_endpoint, self.context)
+        security = settings.security
+        self.ats = AsyncClient(settings.ats_endpoint, AtsReply, timeout_s=timeout, context=self.context, security=security)
+        self.server = AsyncClient(
+            settings.server_endpoint, ServerReply, timeout_s=timeout, context=self.context, security=security
+        )
+        self.follower = AsyncJobFollower(settings.events_endpoint, self.context, security)
 
     async def ping(self) -> Pong:
         return await self.ats.request(Ping())

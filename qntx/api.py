@@ -124,7 +124,9 @@ class _RemoteAts:
     embedded = False
 
     def __init__(self, settings: Settings):
-        self.client = Client(settings.ats_endpoint, AtsReply, timeout_s=settings.request_timeout_s)
+        self.client = Client(
+            settings.ats_endpoint, AtsReply, timeout_s=settings.request_timeout_s, security=settings.security
+        )
 
     def ping(self) -> Pong:
         return self.client.request(Ping())
@@ -304,7 +306,12 @@ class Bus:
     @property
     def server(self) -> Client:
         if self._server is None:
-            self._server = Client(self.settings.server_endpoint, ServerReply, timeout_s=self.settings.request_timeout_s)
+            self._server = Client(
+                self.settings.server_endpoint,
+                ServerReply,
+                timeout_s=self.settings.request_timeout_s,
+                security=self.settings.security,
+            )
         return self._server
 
     def submit(
@@ -411,7 +418,7 @@ class Bus:
         if self._follower is None:
             from qntx.follow import JobFollower
 
-            self._follower = JobFollower(self.settings.events_endpoint)
+            self._follower = JobFollower(self.settings.events_endpoint, security=self.settings.security)
         return self._follower
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from qntx.bus.codec import Decoder
+from qntx.bus.security import PLAIN, Security
 from qntx.errors import Timeout
 from qntx.protocol import FINAL_STATUSES, Event, Job, JobChanged, JobProgressed
 
@@ -78,12 +79,12 @@ class EventBook:
         return events, True
 
 
-def _subscriber(context: zmq.Context, endpoint: str) -> zmq.Socket:
+def _subscriber(context: zmq.Context, endpoint: str, security: Security) -> zmq.Socket:
     sock = context.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"job.")
-    sock.connect(endpoint)
+    security.connect(sock, endpoint)
     return sock
 
 
@@ -111,8 +112,8 @@ class _Clock:
 
 
 class JobFollower:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None):
-        self._socket = _subscriber(context or zmq.Context.instance(), endpoint)
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, security: Security = PLAIN):
+        self._socket = _subscriber(context or zmq.Context.instance(), endpoint, security)
         self.book = EventBook()
 
     def _pump(self, wait_s: float) -> None:
@@ -147,8 +148,8 @@ class JobFollower:
 
 
 class AsyncJobFollower:
-    def __init__(self, endpoint: str, context: zmq.asyncio.Context):
-        self._socket = _subscriber(context, endpoint)
+    def __init__(self, endpoint: str, context: zmq.asyncio.Context, security: Security = PLAIN):
+        self._socket = _subscriber(context, endpoint, security)
         self.book = EventBook()
 
     async def _pump(self, wait_s: float) -> None:

@@ -82,7 +82,7 @@ class ServerActor(Actor):
     label = "QNTX Server"
 
     def __init__(self, settings: Settings):
-        super().__init__(max_message_bytes=settings.max_message_bytes)
+        super().__init__(max_message_bytes=settings.max_message_bytes, security=settings.security)
         self.settings = settings
         self.plugins: dict[str, PluginEntry] = {}
         self.routes: dict[str, str] = {}  # handler name -> plugin name

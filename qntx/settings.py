@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qntx.bus.security import Security
 from qntx.errors import Invalid
 
 DEFAULT_HOME = "~/.qntx"
@@ -30,6 +31,7 @@ class Settings:
     python_memory_mb: int = 1024  # address-space limit per handler interpreter
     python_cpu_s: int = 600  # CPU-seconds limit per handler run
     heartbeat_s: float = 1.0  # worker and plugin liveness interval
+    insecure: bool = False  # allow tcp endpoints without CURVE (explicit opt-out)
     ats_endpoint: str = ""
     ats_events_endpoint: str = ""
     server_endpoint: str = ""
@@ -53,6 +55,14 @@ class Settings:
     def pulse_path(self) -> Path:
         return self.home / "pulse"
 
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def security(self) -> Security:
+        return Security(keys_dir=self.keys_dir, insecure=self.insecure)
+
     def plugin_endpoint(self, name: str) -> str:
         return f"ipc://{self.run_dir}/plugin-{name}.sock"
 
@@ -75,6 +85,13 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("ho
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
     kind = type(_FIELDS[name].default)
+    if kind is bool and isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise Invalid(f"{origin}: {name} must be true or false, got {value!r}")
     try:
         return kind(value)
     except (TypeError, ValueError):

@@ -92,8 +92,11 @@ class PythonPlugin:
             },
             label="Python plugin",
             max_message_bytes=self.settings.max_message_bytes,
+            security=self.settings.security,
         )
-        self.server = AsyncClient(self.settings.server_endpoint, ServerReply, context=self.context)
+        self.server = AsyncClient(
+            self.settings.server_endpoint, ServerReply, context=self.context, security=self.settings.security
+        )
         tasks = [
             asyncio.create_task(self.service.serve_forever()),
             asyncio.create_task(self._register_forever()),
@@ -132,7 +135,7 @@ class PythonPlugin:
             if self.ats is not None:
                 self.ats.close()
             self.ats_endpoint = message.ats_endpoint
-            self.ats = AsyncClient(message.ats_endpoint, AtsReply, context=self.context)
+            self.ats = AsyncClient(message.ats_endpoint, AtsReply, context=self.context, security=self.settings.security)
         logger.info("ATSStore endpoint: {}", message.ats_endpoint)
         if self.pool is None:
             self.pool = InterpreterPool(
@@ -171,7 +174,7 @@ class PythonPlugin:
         sub = self.context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"att.")
-        sub.connect(self.settings.ats_events_endpoint)
+        self.settings.security.connect(sub, self.settings.ats_events_endpoint)
         decoder = Decoder(Event)
         known = dict(self.handlers)
         while not self.stop.is_set():

@@ -46,7 +46,7 @@ class AtsActor(Actor):
     label = "ATS"
 
     def __init__(self, settings: Settings):
-        super().__init__(max_message_bytes=settings.max_message_bytes)
+        super().__init__(max_message_bytes=settings.max_message_bytes, security=settings.security)
         self.settings = settings
         self._pending: list[tuple[Request, list[NewAttestation]]] = []
 

@@ -36,6 +36,7 @@ from qntx.bus.codec import (
     error_reply,
 )
 from qntx.bus.messages import ErrorReply
+from qntx.bus.security import PLAIN, Security
 from qntx.errors import BadRequest, Internal, QntxError, Timeout, TooLarge, UnknownType
 
 # How many messages one socket may deliver per loop turn before the others get a go.
@@ -181,7 +182,7 @@ class Peer:
         self.endpoint = endpoint
         self.socket = actor.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
+        actor.security.connect(self.socket, endpoint)
         self.decoder = Decoder(reply_type)
         self._ids = itertools.count(1)
         self._pending: dict[bytes, tuple[Callable[[Any], None], Timer | None]] = {}
@@ -250,8 +251,10 @@ class Actor:
     name = "actor"
     label = "Actor"
 
-    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Security = PLAIN):
         self.context = zmq.Context()
+        self.security = security
+        self._authenticator = None
         self.max_message_bytes = max_message_bytes
         self.poller = zmq.Poller()
         self._readers: dict[zmq.Socket, Callable[[], None]] = {}
@@ -270,7 +273,9 @@ class Actor:
             # soft limit and this, the peer gets a too_large reply instead.
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes * HARD_LIMIT_FACTOR)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.bind(endpoint)
+        if self._authenticator is None:
+            self._authenticator = self.security.authenticator(self.context, [endpoint])
+        self.security.bind(sock, endpoint)
         return sock
 
     def serve(self, endpoint: str, request_type: Any, handlers: dict[type, Handler]) -> Service:
@@ -338,6 +343,8 @@ class Actor:
             self.loop()
         finally:
             self._guarded(self.teardown)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self.context.destroy(linger=0)
 
     def loop(self) -> None:

@@ -21,6 +21,7 @@ from loguru import logger
 
 from qntx.bus.actor import RejectedFrames, error_for, unpack_request
 from qntx.bus.codec import HARD_LIMIT_FACTOR, Decoder, encode, error_reply
+from qntx.bus.security import PLAIN, Security
 from qntx.errors import UnknownType
 
 
@@ -46,11 +47,12 @@ class AsyncService:
         *,
         label: str,
         max_message_bytes: int,
+        security: Security = PLAIN,
     ):
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
-        self.socket.bind(endpoint)
+        security.bind(self.socket, endpoint)
         self.decoder = Decoder(request_type)
         self.handlers = handlers
         self.label = label

@@ -20,16 +20,17 @@ import zmq
 import zmq.asyncio
 
 from qntx.bus.codec import Decoder, encode, raise_if_error
+from qntx.bus.security import PLAIN, Security
 from qntx.errors import Timeout, Unavailable
 
 # How long a request waits for the connection to the actor to exist at all.
 CONNECT_WAIT_S = 1.0
 
 
-def _prepare(sock: zmq.Socket, endpoint: str) -> None:
+def _prepare(sock: zmq.Socket, endpoint: str, security: Security) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.connect(endpoint)
+    security.connect(sock, endpoint)
 
 
 class Client:
@@ -42,12 +43,13 @@ class Client:
         *,
         timeout_s: float = 10.0,
         context: zmq.Context | None = None,
+        security: Security = PLAIN,
     ):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
-        _prepare(self._socket, endpoint)
+        _prepare(self._socket, endpoint, security)
         self._decoder = Decoder(reply_type)
         self._ids = itertools.count(1)
 
@@ -116,12 +118,13 @@ class AsyncClient:
         timeout_s: float = 10.0,
         context: zmq.asyncio.Context | None = None,
         fail_on_disconnect: bool = False,
+        security: Security = PLAIN,
     ):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._context = context or zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
-        _prepare(self._socket, endpoint)
+        _prepare(self._socket, endpoint, security)
         self._decoder = Decoder(reply_type)
         self._ids = itertools.count(1)
         self._pending: dict[bytes, asyncio.Future] = {}

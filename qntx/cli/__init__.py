@@ -22,6 +22,7 @@ from qntx.errors import QntxError
 class Options:
     home: str | None = None
     debug: bool = False
+    insecure: bool = False
 
 
 options = Options()
@@ -41,15 +42,19 @@ def _launcher(
     *tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
     home: Annotated[str | None, Parameter(help="QNTX home directory (default $QNTX_HOME or ~/.qntx).")] = None,
     debug: Annotated[bool, Parameter(help="Show tracebacks and debug logs.")] = False,
+    insecure: Annotated[bool, Parameter(help="Allow tcp:// endpoints without CURVE encryption.")] = False,
 ):
     options.home = home
     options.debug = debug
+    options.insecure = insecure
     return app(tokens)
 
 
 def settings(**flags):
     from qntx.settings import load_settings
 
+    if options.insecure:
+        flags.setdefault("insecure", True)
     return load_settings(options.home, **flags)
 
 

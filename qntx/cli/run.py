@@ -96,3 +96,20 @@ def plugin(
 
     _actor_logging("Python plugin")
     run_python_plugin(settings())
+
+
+@app.command
+def keys():
+    """Make the CURVE key pairs for tcp endpoints (if missing) and list them.
+
+    A host that binds tcp:// endpoints uses keys/server.key_secret; clients need a
+    copy of server.key and their own client key pair, whose public half goes into
+    the server's keys/authorized/.
+    """
+    from qntx.bus.security import make_keys
+
+    resolved = settings()
+    created = set(make_keys(resolved.keys_dir))
+    for path in sorted(resolved.keys_dir.rglob("*.key*")):
+        mark = "created" if path in created else "exists "
+        print(f"{mark}  {path}")

@@ -78,7 +78,7 @@ class Worker:
         install_stop_signals(stop)
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 2000)  # let final JobDone messages out
-        self.socket.connect(self.settings.workers_endpoint)
+        self.settings.security.connect(self.socket, self.settings.workers_endpoint)
         logger.info("worker {} connected to {} (capacity {})", self.name, self.settings.workers_endpoint, self.capacity)
         tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._receive())]
         await stop.wait()
@@ -165,7 +165,9 @@ class Worker:
     def _plugin(self, endpoint: str) -> AsyncClient:
         client = self.plugins.get(endpoint)
         if client is None:
-            client = AsyncClient(endpoint, PluginReply, context=self.context, fail_on_disconnect=True)
+            client = AsyncClient(
+                endpoint, PluginReply, context=self.context, fail_on_disconnect=True, security=self.settings.security
+            )
             self.plugins[endpoint] = client
         return client
 
