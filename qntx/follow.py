@@ -24,6 +24,9 @@ from qntx.errors import Timeout
 from qntx.protocol import FINAL_STATUSES, Event, Job, JobChanged, JobProgressed
 
 RECHECK_S = 0.5
+# The first ask waits this long: an event usually arrives well before, and asking
+# at once would add a round trip to every wait.
+FIRST_CHECK_S = 0.05
 # Final records kept for jobs nobody watches yet (a batch submitted before waiting).
 FINAL_KEPT = 100_000
 
@@ -95,7 +98,7 @@ class _Clock:
         self.job_id = job_id
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.next_check = 0.0
+        self.next_check = time.monotonic() + FIRST_CHECK_S
 
     def due(self) -> bool:
         now = time.monotonic()

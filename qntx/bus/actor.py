@@ -43,6 +43,8 @@ from qntx.errors import BadRequest, Internal, QntxError, Timeout, TooLarge, Unkn
 DRAIN_LIMIT = 512
 # The poll loop never sleeps longer than this, so a stop request is seen promptly.
 MAX_POLL_S = 0.25
+# Replies a ROUTER holds for one peer that is slow to read them.
+REPLY_QUEUE_LIMIT = 100_000
 
 
 class RejectedFrames(Exception):
@@ -168,10 +170,10 @@ class Service:
     def _send(self, identity: bytes, correlation: bytes, body: bytes) -> None:
         try:
             self.socket.send_multipart([identity, correlation, body], zmq.NOBLOCK)
-        except zmq.Again:
-            # The peer stopped reading (or vanished); its request is lost to it,
-            # not to the store, and the loop must not block on it.
-            logger.warning("dropped a reply to an unresponsive peer {}", identity.hex())
+        except (zmq.Again, zmq.ZMQError) as exc:
+            # The peer stopped reading or is gone; the reply is lost to it (not
+            # the data to the store), and the loop must not block on it.
+            logger.warning("dropped a message to peer {}: {}", identity.hex(), exc.strerror)
 
 
 class Peer:
@@ -272,7 +274,10 @@ class Actor:
             # Past this the transport drops the peer's message unread; between the
             # soft limit and this, the peer gets a too_large reply instead.
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes * HARD_LIMIT_FACTOR)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            # Replies queue up to a generous bound per peer; past it (or to a peer
+            # that is gone) a send fails loudly instead of vanishing silently.
+            sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self._authenticator is None:
             self._authenticator = self.security.authenticator(self.context, [endpoint])
         self.security.bind(sock, endpoint)

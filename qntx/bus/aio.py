@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from qntx.bus.actor import RejectedFrames, error_for, unpack_request
+from qntx.bus.actor import REPLY_QUEUE_LIMIT, RejectedFrames, error_for, unpack_request
 from qntx.bus.codec import HARD_LIMIT_FACTOR, Decoder, encode, error_reply
 from qntx.bus.security import PLAIN, Security
 from qntx.errors import UnknownType
@@ -52,6 +52,8 @@ class AsyncService:
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
+        self.socket.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         security.bind(self.socket, endpoint)
         self.decoder = Decoder(request_type)
         self.handlers = handlers
@@ -64,8 +66,8 @@ class AsyncService:
             return
         try:
             self.socket.send_multipart([identity, correlation, encode(message)], zmq.NOBLOCK)
-        except zmq.Again:
-            logger.warning("dropped a reply to an unresponsive peer {}", identity.hex())
+        except (zmq.Again, zmq.ZMQError) as exc:
+            logger.warning("dropped a reply to peer {}: {}", identity.hex(), exc.strerror)
 
     async def serve_forever(self) -> None:
         while True:

@@ -25,6 +25,8 @@ from qntx.errors import Timeout, Unavailable
 
 # How long a request waits for the connection to the actor to exist at all.
 CONNECT_WAIT_S = 1.0
+# request_many keeps at most this many requests in flight.
+PIPELINE_WINDOW = 512
 
 
 def _prepare(sock: zmq.Socket, endpoint: str, security: Security) -> None:
@@ -71,24 +73,37 @@ class Client:
         return raise_if_error(self._receive({correlation}, timeout_s)[correlation])
 
     def request_many(self, messages: Iterable[msgspec.Struct], *, timeout_s: float | None = None) -> list[Any]:
-        """Pipeline several requests; replies (or error replies, not raised) in request order."""
-        order = []
+        """Pipeline several requests; replies (or error replies, not raised) in request order.
+
+        At most PIPELINE_WINDOW requests are in flight at once, so a huge batch
+        never floods the actor's queues.
+        """
+        order: list[bytes] = []
+        replies: dict[bytes, Any] = {}
+        in_flight: set[bytes] = set()
         for message in messages:
+            if len(in_flight) >= PIPELINE_WINDOW:
+                got = self._receive(in_flight, timeout_s, at_least=len(in_flight) - PIPELINE_WINDOW // 2)
+                replies.update(got)
+                in_flight.difference_update(got)
             correlation = next(self._ids).to_bytes(8, "big")
             self._send(correlation, message)
             order.append(correlation)
-        replies = self._receive(set(order), timeout_s)
+            in_flight.add(correlation)
+        if in_flight:
+            replies.update(self._receive(in_flight, timeout_s))
         return [replies[c] for c in order]
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget (an empty correlation id asks for no reply)."""
         self._send(b"", message)
 
-    def _receive(self, wanted: set[bytes], timeout_s: float | None) -> dict[bytes, Any]:
+    def _receive(self, wanted: set[bytes], timeout_s: float | None, at_least: int | None = None) -> dict[bytes, Any]:
         limit = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
         replies: dict[bytes, Any] = {}
-        while len(replies) < len(wanted):
+        needed = len(wanted) if at_least is None else at_least
+        while len(replies) < needed:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._socket.poll(remaining * 1000, zmq.POLLIN):
                 raise Timeout(f"no reply from {self.endpoint} within {limit:g}s")

@@ -69,7 +69,7 @@ def server():
 def worker(
     *,
     name: Annotated[str | None, Parameter(help="Worker name (default worker-<host>-<pid>).")] = None,
-    capacity: Annotated[int, Parameter(help="Job attempts this worker runs at once.")] = 4,
+    capacity: Annotated[int, Parameter(help="Job attempts this worker runs at once.")] = 8,
     connect: Annotated[str | None, Parameter(help="The server's workers endpoint (default: this home's).")] = None,
 ):
     """Run one worker that takes jobs from the server (`qntx up` starts some itself)."""

@@ -54,6 +54,7 @@ class Pulse:
         self._replies: list[tuple[Request, Job]] = []
         self._outbox: list[tuple[bytes, object]] = []
         self._changed: dict[str, Job] = {}
+        self._fresh: set[str] = set()  # submitted this turn, not yet committed
         self._wakeup_timer = None
         self._wakeup_at: int | None = None
 
@@ -66,6 +67,7 @@ class Pulse:
         job, created = self.queue.submit(message)
         if created:
             self._changed[job.id] = job
+            self._fresh.add(job.id)
         self._replies.append((request, job))
 
     def cancel(self, job_id: str) -> Job:
@@ -130,7 +132,15 @@ class Pulse:
                 return
             self.workers.assign(worker, job.id)
             endpoint = None if job.handler in BUILTIN_HANDLERS else self._plugin_endpoint(job.handler)
-            self._outbox.append((worker.identity, Dispatch(job=job, plugin_endpoint=endpoint)))
+            dispatch = Dispatch(job=job, plugin_endpoint=endpoint)
+            if job.id in self._fresh:
+                # Not accepted until this turn commits: it must not run before that.
+                self._outbox.append((worker.identity, dispatch))
+            else:
+                # Already durable: the worker can start while this turn's commit
+                # syncs. Only the lease is pending, and a lost lease just means
+                # the job runs again after a crash (at least once).
+                self._send_to_worker(worker.identity, dispatch)
             self._changed[job.id] = job
 
     def end_turn(self) -> None:
@@ -141,6 +151,7 @@ class Pulse:
         if not (self._replies or self._outbox or self._changed):
             return
         self.queue.flush()  # durable before anyone hears about it
+        self._fresh.clear()
         replies, self._replies = self._replies, []
         outbox, self._outbox = self._outbox, []
         changed, self._changed = self._changed, {}

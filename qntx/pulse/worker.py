@@ -63,7 +63,7 @@ async def run_builtin(job: Job) -> Any:
 
 
 class Worker:
-    def __init__(self, settings: Settings, name: str | None = None, capacity: int = 4):
+    def __init__(self, settings: Settings, name: str | None = None, capacity: int = 8):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.capacity = capacity
@@ -183,5 +183,5 @@ class Worker:
         task.cancel()
 
 
-def run_worker(settings: Settings, name: str | None = None, capacity: int = 4) -> None:
+def run_worker(settings: Settings, name: str | None = None, capacity: int = 8) -> None:
     asyncio.run(Worker(settings, name, capacity).run())
