@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import sys
 
 # name -> one line for --help; the order is the order `all` runs them in.
@@ -47,14 +48,22 @@ def run(name: str, argv: list[str]) -> int:
     return module.main(argv)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # As an exception, so every benchmark's `finally` stops the actors it started.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name == "all":
         if "--json" in rest:
-            print("bench all: --json needs one benchmark (bin/bench <name> --json)", file=sys.stderr)
+            print(
+                "bench all: --json needs one benchmark (bin/bench <name> --json)", file=sys.stderr
+            )
             return 2
         codes = [run(n, rest) for n in BENCHMARKS if available(n)]
         return max(codes, default=0)

@@ -29,21 +29,25 @@ def stop_process(popen: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
         popen.send_signal(signal.SIGTERM)
         popen.wait(wait_s)
     except subprocess.TimeoutExpired:
-        popen.kill()
-        popen.wait(5)
+        pass
+    finally:  # also when a signal interrupts the wait: the process must not outlive us
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait(5)
 
 
-def stop_multiprocess(process, wait_s: float = STOP_WAIT_S) -> None:
-    """The same for a ``multiprocessing`` child."""
-    if process.pid is None:
-        return  # never started
-    process.join(0 if not process.is_alive() else 0.1)
-    if process.is_alive():
-        process.terminate()  # SIGTERM
-        process.join(wait_s)
-    if process.is_alive():
-        process.kill()
-        process.join(5)
+def stop_multiprocesses(processes: list) -> None:
+    """The same for ``multiprocessing`` children, all of them even if one stop is interrupted."""
+    try:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                process.terminate()  # SIGTERM
+                process.join(STOP_WAIT_S)
+    finally:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                process.kill()
+                process.join(5)
 
 
 class Home:
@@ -62,7 +66,12 @@ class Home:
         log = open(self.path / f"bench-{len(self.processes)}-{args[0]}.log", "wb")
         self._logs.append(log)
         popen = subprocess.Popen(
-            self.qntx_argv(*args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
+            self.qntx_argv(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
         )
         self.processes.append(popen)
         return popen
@@ -76,24 +85,36 @@ class Home:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if popen.poll() is not None:
-                raise RuntimeError(f"the ATS actor exited with {popen.returncode}:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"the ATS actor exited with {popen.returncode}:\n{self.log_text()}"
+                )
             try:
                 with connect(self.path, embedded=False, request_timeout_s=1.0) as bus:
                     bus.ping()
                 return popen
             except QntxError:
                 time.sleep(0.05)
-        raise RuntimeError(f"the ATS actor did not answer within {timeout_s:g}s:\n{self.log_text()}")
+        raise RuntimeError(
+            f"the ATS actor did not answer within {timeout_s:g}s:\n{self.log_text()}"
+        )
 
     def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(self.path.glob("bench-*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-2000:] for p in sorted(self.path.glob("bench-*.log"))
+        )
 
     def close(self) -> None:
-        for popen in reversed(self.processes):
-            stop_process(popen)
-        for log in self._logs:
-            log.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            for popen in reversed(self.processes):
+                stop_process(popen)
+        finally:  # even when interrupted half way: nothing outlives the home, nothing is left
+            for popen in self.processes:
+                if popen.poll() is None:
+                    popen.kill()
+                    popen.wait(5)
+            for log in self._logs:
+                log.close()
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> Home:
         return self

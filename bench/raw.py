@@ -26,7 +26,7 @@ import lmdb
 import msgspec
 import zmq
 
-from bench.actors import stop_multiprocess
+from bench.actors import stop_multiprocesses
 from qntx.protocol import Attestation
 
 _KEY = struct.Struct(">Q")
@@ -82,7 +82,12 @@ def sample_attestation() -> Attestation:
         actors=["hr-import"],
         timestamp=1_718_000_000_000,
         source="python",
-        attributes={"since": 2020, "team": "platform", "confidence": 0.93, "note": "met at the 2020 offsite"},
+        attributes={
+            "since": 2020,
+            "team": "platform",
+            "confidence": 0.93,
+            "note": "met at the 2020 offsite",
+        },
         created_at=1_718_000_000_123,
     )
 
@@ -134,7 +139,7 @@ def echo_server():
             raise RuntimeError("the echo server did not start")
         yield endpoint
     finally:
-        stop_multiprocess(process)
+        stop_multiprocesses([process])
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -142,6 +147,8 @@ def _dealer(endpoint: str) -> tuple[zmq.Context, zmq.Socket]:
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # A lost reply must fail the measurement, not hang it (see the window note below).
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
     sock.connect(endpoint)
     sock.send_multipart([b"warm", VALUE])  # the connection exists before the clock starts
     sock.recv_multipart()
@@ -165,7 +172,13 @@ def zmq_sequential_round_trips_per_s(endpoint: str, seconds: float = 1.5) -> flo
 
 
 def zmq_pipelined_messages_per_s(endpoint: str, seconds: float = 1.5, window: int = 256) -> float:
-    """Up to ``window`` requests in flight; replies counted per second."""
+    """Up to ``window`` requests in flight; replies counted per second.
+
+    The window must stay under the ROUTER's send high-water mark (1,000): past it a
+    ROUTER drops replies instead of blocking, and the count would never complete.
+    """
+    if not 0 < window < 1000:
+        raise ValueError("window must be between 1 and 999")
     context, sock = _dealer(endpoint)
     try:
         sent = received = 0

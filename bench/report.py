@@ -94,15 +94,27 @@ class Report:
         out.write(self.table() + "\n")
 
     def table(self) -> str:
-        lines = [f"bench {self.benchmark}{' --quick' if self.quick else ''}  ({self.seconds:.0f} s)", ""]
+        lines = [
+            f"bench {self.benchmark}{' --quick' if self.quick else ''}  ({self.seconds:.0f} s)",
+            "",
+        ]
         raw_rows = [("raw limit (this run)", "measured", "SPEC §7 ref")]
-        raw_rows += [(k, fmt(v, self.raw_units[k]), self.raw_reference[k]) for k, v in self.raw.items()]
+        raw_rows += [
+            (k, fmt(v, self.raw_units[k]), self.raw_reference[k]) for k, v in self.raw.items()
+        ]
         lines += _grid(raw_rows) + [""]
         rows = [("metric", "measured", "raw limit", "ratio", "target", "")]
         for m in self.metrics:
             target = m.target.text(m.unit) if m.target else "-"
             rows.append(
-                (m.label, fmt(m.measured, m.unit), f"{fmt(m.limit, m.unit)} {m.limit_key}", f"{m.ratio:.2f}x", target, m.result)
+                (
+                    m.label,
+                    fmt(m.measured, m.unit),
+                    f"{fmt(m.limit, m.unit)} {m.limit_key}",
+                    f"{m.ratio:.2f}x",
+                    target,
+                    m.result,
+                )
             )
         lines += _grid(rows)
         if self.notes:
@@ -123,7 +135,10 @@ def _grid(rows: list[tuple[str, ...]]) -> list[str]:
     out = []
     for n, row in enumerate(rows):
         # Text left, numbers right, so the figures line up by magnitude.
-        cells = [c.ljust(w) if i == 0 or n == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            c.ljust(w) if i == 0 or n == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         out.append(" | ".join(cells).rstrip())
         if n == 0:
             out.append("-+-".join("-" * w for w in widths))

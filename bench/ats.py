@@ -1,0 +1,393 @@
+"""``bin/bench ats``: the attestation store through the bus, against its raw limits.
+
+Starts a real ATS actor (``python -m qntx --home H ats``) in a throwaway home and
+measures, each beside the raw limit from ``bench.raw`` measured in the same run:
+
+1. durable attestations/s from one sequential client   vs synced LMDB txns/s  (>= 0.6x)
+2. the same from 8 client processes, sequential and with
+   a window of 8 requests in flight each                vs synced LMDB txns/s  (>= 10x)
+3. ``attest_many`` in batches of 1,000                  vs batched LMDB puts/s (context)
+4. query p50/p99 over 200,000 stored attestations       vs bus ping p50/p99    (<= 3x)
+5. ``qntx handler create`` wall time (embedded store)   vs interpreter start   (<= 300 ms)
+
+Stages 1-3 share one actor; stage 4 gets a fresh one so its store holds only the
+realistic mix; stage 5 runs the CLI against a home with no actor. Every process is
+stopped in a ``finally``. ``--quick`` shrinks everything for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from bench import raw
+from bench.actors import REPO, Home, stop_multiprocesses
+from bench.probe import StageProbe
+from bench.report import Metric, Report, Target, percentile, progress
+
+# A small valid handler, for the handler attestations and `qntx handler create`.
+HANDLER_CODE = "def run(args):\n    return {'echo': args}\n"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    raw_seconds: float  # each raw rate measurement
+    batched_puts: int  # puts in the raw batched transaction
+    write_seconds: float  # each write-throughput stage
+    clients: int
+    window: int  # requests in flight per client in the windowed variant
+    batch: int  # attest_many batch size
+    stored: int  # attestations in the store the queries run against
+    load_batch: int  # attest_many batch size used to load them
+    samples: int  # timed calls per query kind (and for ping)
+    cli_runs: int  # timed `qntx handler create` runs (after one warm-up)
+
+
+FULL = Sizes(1.5, 200_000, 3.0, 8, 8, 1_000, 200_000, 10_000, 1_500, 5)
+QUICK = Sizes(0.3, 20_000, 0.5, 8, 8, 1_000, 3_000, 1_000, 100, 2)
+
+PUTS_PER_ATTESTATION = 7  # record + time + one index entry per field (4 lists + source)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def fact(i: int):
+    """The i-th small attestation of the write stages (~200 bytes on the wire)."""
+    from qntx.api import new_attestation
+
+    return new_attestation(
+        f"user-{i % 997}", "knows", "work", actors="bench", attributes={"i": i, "w": 0.5}
+    )
+
+
+# ---------------------------------------------------------------- client processes
+
+
+def _client_process(
+    home: str, mode: str, seconds: float, window: int, barrier, results, index: int
+) -> None:
+    """One writer: sequential ``bus.attest`` calls, or windows of ``window`` pipelined."""
+    from qntx import connect
+    from qntx.bus.client import Client
+    from qntx.protocol import AtsReply, Attest, Attested
+
+    try:
+        with connect(home, embedded=False) as bus:
+            bus.ping()  # connected before the clock starts
+            client = Client(bus.settings.ats_endpoint, AtsReply)
+            client.request(Attest(items=[fact(0)]))
+            barrier.wait(60)
+            n, cpu0 = 0, time.process_time()
+            start = time.time()  # wall clock: comparable across processes
+            deadline = start + seconds
+            while time.time() < deadline:
+                if mode == "sequential":
+                    bus.attest(
+                        f"user-{n % 997}",
+                        "knows",
+                        "work",
+                        actors=f"client-{index}",
+                        attributes={"i": n},
+                    )
+                    n += 1
+                else:
+                    replies = client.request_many(
+                        [Attest(items=[fact(n + k)]) for k in range(window)]
+                    )
+                    if not all(isinstance(r, Attested) for r in replies):
+                        raise RuntimeError(f"a pipelined attest failed: {replies}")
+                    n += window
+            end, cpu = time.time(), time.process_time() - cpu0
+            client.close()
+        results.put((index, n, start, end, cpu, None))
+    except BaseException as exc:  # reported, not lost with the process
+        barrier.abort()  # the others (and the parent) stop waiting for this one
+        results.put((index, 0, 0.0, 0.0, 0.0, f"{type(exc).__name__}: {exc}"))
+
+
+def concurrent_writes(home: Home, mode: str, sizes: Sizes, probe: StageProbe) -> tuple[float, str]:
+    """Attestations/s from ``sizes.clients`` client processes, and the probe's note."""
+    spawn = multiprocessing.get_context("spawn")  # no forked zmq contexts
+    barrier = spawn.Barrier(sizes.clients + 1)  # + this process, to start the probe with them
+    results = spawn.Queue()
+    processes = [
+        spawn.Process(
+            target=_client_process,
+            args=(str(home.path), mode, sizes.write_seconds, sizes.window, barrier, results, i),
+            daemon=True,
+        )
+        for i in range(sizes.clients)
+    ]
+    try:
+        for p in processes:
+            p.start()
+        try:
+            barrier.wait(90)
+        except threading.BrokenBarrierError:
+            pass  # a client failed before its start; every client reports an outcome anyway
+        before = probe.snapshot()
+        outcomes = [results.get(timeout=60 + sizes.write_seconds) for _ in processes]
+        after = probe.snapshot()
+    finally:
+        stop_multiprocesses(processes)
+    errors = [error for *_, error in outcomes if error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
+    total = sum(n for _, n, *_ in outcomes)
+    elapsed = max(o[3] for o in outcomes) - min(o[2] for o in outcomes)
+    client_cpu = sum(o[4] for o in outcomes)
+    # The clients share the cores with the actor, so their CPU per write bounds the total too.
+    note = probe.note(f"{sizes.clients} clients {mode}", before, after, total)
+    note += f"; clients {client_cpu / max(total, 1) * 1e6:.0f} us CPU per attestation"
+    return total / elapsed, note
+
+
+# ---------------------------------------------------------------- stages
+
+
+def write_stages(report: Report, sizes: Sizes) -> None:
+    """Stages 1-3 against one ATS actor."""
+    with Home() as home:
+        ats = home.start_ats()
+        probe = StageProbe(ats.pid, home.path / "ats")
+        try:
+            single_client(report, sizes, home, probe)
+            for mode in ("sequential", "window"):
+                concurrent_clients(report, sizes, home, probe, mode)
+            batches(report, sizes, home, probe)
+        finally:
+            probe.close()
+
+
+def single_client(report: Report, sizes: Sizes, home: Home, probe: StageProbe) -> None:
+    from qntx import connect
+
+    progress("1 client, sequential bus.attest")
+    with connect(home.path, embedded=False) as bus:
+        bus.attest("warm", "up")
+        n, before = 0, probe.snapshot()
+        while time.perf_counter() - before.wall < sizes.write_seconds:
+            bus.attest(f"user-{n % 997}", "knows", "work", actors="bench", attributes={"i": n})
+            n += 1
+        after = probe.snapshot()
+    report.notes.append(probe.note("1 client", before, after, n))
+    rate = n / (after.wall - before.wall)
+    synced = report.raw["lmdb_synced_txn"]
+    report.add(
+        Metric("attest_1_client", "attest, 1 client (durable)", rate, "/s", synced, "synced txn", Target(">=", 0.6))
+    )  # fmt: skip
+
+
+def concurrent_clients(
+    report: Report, sizes: Sizes, home: Home, probe: StageProbe, mode: str
+) -> None:
+    progress(f"{sizes.clients} client processes, {mode}")
+    rate, note = concurrent_writes(home, mode, sizes, probe)
+    report.notes.append(note)
+    if mode == "sequential":
+        key, label = "attest_8_clients", f"attest, {sizes.clients} clients sequential"
+        report.notes.append(
+            f"{sizes.clients} strictly sequential clients can put at most {sizes.clients} writes in one "
+            f"fsync, so that variant's ceiling is near {sizes.clients}x the synced rate: >= 10x needs "
+            "requests in flight (the windowed variant)."
+        )
+    else:
+        key = f"attest_8_clients_window_{sizes.window}"
+        label = f"attest, {sizes.clients} clients x window {sizes.window}"
+    synced = report.raw["lmdb_synced_txn"]
+    report.add(Metric(key, label, rate, "/s", synced, "synced txn", Target(">=", 10)))
+
+
+def batches(report: Report, sizes: Sizes, home: Home, probe: StageProbe) -> None:
+    from qntx import connect
+
+    progress(f"attest_many, batches of {sizes.batch}")
+    # Built outside the clock: this measures the bus and the store, not Struct building.
+    prebuilt = [[fact(b * sizes.batch + i) for i in range(sizes.batch)] for b in range(20)]
+    with connect(home.path, embedded=False) as bus:
+        bus.attest_many(prebuilt[0])
+        n, before = 0, probe.snapshot()
+        while time.perf_counter() - before.wall < sizes.write_seconds:
+            bus.attest_many(prebuilt[(n // sizes.batch) % len(prebuilt)])
+            n += sizes.batch
+        after = probe.snapshot()
+    report.notes.append(probe.note("attest_many", before, after, n))
+    report.notes.append(
+        f"each attestation is {PUTS_PER_ATTESTATION} LMDB puts (record, time, subjects, predicates, "
+        f"contexts, actors, source) plus a count update, so attest_many tops out near "
+        f"1/{PUTS_PER_ATTESTATION} = {1 / PUTS_PER_ATTESTATION:.2f}x batched puts even before "
+        "validation, encoding and the reply."
+    )
+    rate, limit = n / (after.wall - before.wall), report.raw["lmdb_batched_put"]
+    label = f"attest_many, batches of {sizes.batch}"
+    report.add(Metric("attest_many_1000", label, rate, "/s", limit, "batched put"))
+
+
+def realistic_mix(n: int, seed: int = 7):
+    """``n`` attestations shaped like a real store, and how many are python handlers.
+
+    A long tail of subjects, a few dominant predicates, team/project contexts,
+    timestamps over a year, and a handful of ``[name] handler python`` records
+    scattered through (the selective query looks for those).
+    """
+    from qntx.handlers import handler_attestation
+    from qntx.protocol import NewAttestation
+
+    rng = random.Random(seed)
+    predicates = ["knows", "works_at", "member_of", "likes", "follows", "authored", "reviewed",
+                  "mentions", "owns", "located_in", "reports_to", "uses", "depends_on", "tagged"]  # fmt: skip
+    weights = [30, 12, 10, 9, 8, 6, 5, 5, 4, 3, 3, 2, 2, 1]
+    contexts = (
+        ["work", "home", "github", "slack"]
+        + [f"team-{k}" for k in range(60)]
+        + [f"project-{k}" for k in range(140)]
+    )
+    actors = [f"importer-{k}" for k in range(40)]
+    now_ms = time.time_ns() // 1_000_000
+    year_ms = 365 * 24 * 3600 * 1000
+    handlers = max(5, min(12, n // 200))
+    handler_at = set(rng.sample(range(n), handlers))
+    items = []
+    for i in range(n):
+        if i in handler_at:
+            items.append(handler_attestation(f"handler_{i}", HANDLER_CODE, source="bench"))
+            continue
+        subjects = [f"person-{int(rng.paretovariate(1.2)) % 50_000}"]
+        if rng.random() < 0.1:
+            subjects.append(f"person-{rng.randrange(50_000)}")
+        items.append(NewAttestation(
+            subjects=subjects,
+            predicates=rng.choices(predicates, weights)[:1],
+            contexts=[rng.choice(contexts)],
+            actors=[rng.choice(actors)],
+            timestamp=now_ms - rng.randrange(year_ms),
+            source=rng.choice(("python", "import", "qntx-cli")),
+            attributes={"weight": round(rng.random(), 3)} if rng.random() < 0.5 else {},
+        ))  # fmt: skip
+    return items, handlers
+
+
+def timed(call, samples: int) -> list[float]:
+    """Sorted wall times of ``samples`` calls, in microseconds."""
+    out = []
+    for _ in range(samples):
+        start = time.perf_counter_ns()
+        call()
+        out.append((time.perf_counter_ns() - start) / 1000)
+    return sorted(out)
+
+
+def query_stage(report: Report, sizes: Sizes) -> None:
+    """Stage 4: query latency over a loaded store, beside a ping to the same actor."""
+    from qntx import connect
+
+    items, handlers = realistic_mix(sizes.stored)
+    with Home() as home:
+        home.start_ats()
+        with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
+            progress(f"loading {sizes.stored:,} attestations")
+            start = time.perf_counter()
+            for i in range(0, len(items), sizes.load_batch):
+                bus.attest_many(items[i : i + sizes.load_batch])
+            load_s = time.perf_counter() - start
+            report.notes.append(
+                f"loaded {sizes.stored:,} attestations with attest_many({sizes.load_batch:,}) in "
+                f"{load_s:.1f} s ({sizes.stored / load_s:,.0f}/s)"
+            )
+            if bus.stats().attestations != sizes.stored:
+                raise RuntimeError("the store does not hold what was loaded")
+
+            progress(f"{sizes.samples} pings and queries of each kind")
+            selective = lambda: bus.query(predicates=["handler"], contexts=["python"])  # noqa: E731
+            broad = lambda: bus.query(predicates=["knows"], limit=10)  # noqa: E731
+            if len(selective()) != handlers or len(broad()) != 10:
+                raise RuntimeError("the queries did not return what was loaded")
+            for call in (bus.ping, selective, broad):
+                timed(call, max(20, sizes.samples // 20))  # warm: page cache, code paths
+            # Interleaved rounds, so a noisy second hurts all three kinds alike.
+            times: dict[str, list[float]] = {"ping": [], "selective": [], "broad": []}
+            rounds = 10
+            for _ in range(rounds):
+                for name, call in (("ping", bus.ping), ("selective", selective), ("broad", broad)):
+                    times[name] += timed(call, sizes.samples // rounds)
+    for values in times.values():
+        values.sort()
+    ping50 = report.add_raw("bus_ping_p50", percentile(times["ping"], 50), "us", "-")
+    ping99 = report.add_raw("bus_ping_p99", percentile(times["ping"], 99), "us", "-")
+    for name, label in (
+        ("selective", f"query handler/python ({handlers} hits)"),
+        ("broad", "query knows, limit 10"),
+    ):
+        for p, limit, limit_key in ((50, ping50, "ping p50"), (99, ping99, "ping p99")):
+            report.add(Metric(
+                f"query_{name}_p{p}", f"{label} p{p}", percentile(times[name], p), "us", limit, limit_key, Target("<=", 3),
+            ))  # fmt: skip
+
+
+def cli_stage(report: Report, sizes: Sizes) -> None:
+    """Stage 5: ``bin/qntx handler create`` in embedded mode (no actor), median wall time."""
+    qntx = str(REPO / "bin" / "qntx")
+
+    def wall_ms(argv: list[str], env: dict[str, str]) -> float:
+        start = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        elapsed = (time.perf_counter() - start) * 1000
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(argv[:4])}... failed ({done.returncode}): {done.stderr.strip()}"
+            )
+        return elapsed
+
+    with Home() as home:  # no actor started here: the CLI opens the store itself
+        progress(f"qntx handler create x {sizes.cli_runs + 1}")
+        runs = []
+        for i in range(sizes.cli_runs + 1):  # the first creates the store and warms the page cache
+            create = ["handler", "create", f"bench_{i}", "--code", HANDLER_CODE]
+            runs.append(wall_ms([qntx, "--home", str(home.path), *create], home.env))
+        # The floor no CLI can beat: starting the same interpreter to do nothing.
+        startup = [wall_ms([sys.executable, "-c", "pass"], home.env) for _ in runs]
+    median = statistics.median(runs[1:])
+    floor = report.add_raw("python_startup", statistics.median(startup[1:]), "ms", "-")
+    label, target = "qntx handler create (embedded)", Target("<=", 300, on="measured")
+    report.add(Metric("handler_create", label, median, "ms", floor, "python -c pass", target))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bin/bench ats", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit status: 0 when every measurement ran (targets missed or not), 1 on an error.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, short runs: a smoke test"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document, not the table"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    report = Report("ats", args.quick)
+    start = time.perf_counter()
+    progress("raw limits: LMDB, pyzmq, msgspec")
+    for key, value in raw.measure_all(sizes.raw_seconds, sizes.batched_puts).items():
+        report.add_raw(key, value, "/s", raw.SPEC_REFERENCE[key])
+    write_stages(report, sizes)
+    query_stage(report, sizes)
+    cli_stage(report, sizes)
+    report.seconds = time.perf_counter() - start
+    report.print(args.json)
+    return 0

@@ -1,0 +1,64 @@
+"""Smoke test of ``bin/bench ats``: it runs end to end and reports every metric.
+
+Speed is never asserted here (SPEC §7: performance claims come from benchmark runs,
+not timed tests); this only checks that the benchmark works and its JSON is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+RAW_LIMITS = {
+    "lmdb_synced_txn", "lmdb_batched_put", "zmq_round_trip", "zmq_pipelined",
+    "msgpack_round_trip", "bus_ping_p50", "bus_ping_p99", "python_startup",
+}  # fmt: skip
+METRICS = {
+    "attest_1_client", "attest_8_clients", "attest_8_clients_window_8", "attest_many_1000",
+    "query_selective_p50", "query_selective_p99", "query_broad_p50", "query_broad_p99",
+    "handler_create",
+}  # fmt: skip
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_ats_quick_reports_every_metric_with_its_raw_limit():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "ats", "--quick", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+
+    assert report["benchmark"] == "ats" and report["quick"] is True
+    assert set(report["raw"]) == RAW_LIMITS
+    assert all(positive(v) for v in report["raw"].values()), report["raw"]
+
+    metrics = {m["key"]: m for m in report["metrics"]}
+    assert set(metrics) == METRICS
+    for key, m in metrics.items():
+        assert positive(m["measured"]) and positive(m["limit"]) and positive(m["ratio"]), (key, m)
+        assert math.isclose(m["ratio"], m["measured"] / m["limit"]), (key, m)
+        assert m["result"] in ("PASS", "MISS", "info"), (key, m)
+
+
+def test_bench_dispatcher_help_lists_the_benchmarks():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0
+    assert "ats" in done.stdout and "pulse" in done.stdout
