@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 
-from qntx.ats.actor import ats_lock_path
 from qntx.bus.client import Client
 from qntx.bus.codec import raise_if_error
 from qntx.bus.pidlock import lock_holder
@@ -188,7 +187,7 @@ def ats_is_up(settings: Settings) -> bool:
     """True when an ATS actor serves this home (or the endpoint is remote)."""
     if not settings.ats_endpoint.startswith("ipc://"):
         return True
-    return lock_holder(ats_lock_path(settings)) is not None
+    return lock_holder(settings.lock_path("ats")) is not None
 
 
 class JobFailed(QntxError):

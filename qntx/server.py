@@ -89,7 +89,7 @@ class ServerActor(Actor):
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
-        self.lock = PidLock(self.settings.run_dir / "server.lock")
+        self.lock = PidLock(self.settings.lock_path(self.name))
         if not self.lock.acquire():
             raise Unavailable(f"another server already runs on {self.settings.home}")
         self.events = Publisher(self, self.settings.events_endpoint)

@@ -63,6 +63,10 @@ class Settings:
     def security(self) -> Security:
         return Security(keys_dir=self.keys_dir, insecure=self.insecure)
 
+    def lock_path(self, actor: str) -> Path:
+        """The pid lock an actor holds while it runs (``qntx.bus.pidlock``)."""
+        return self.run_dir / f"{actor}.lock"
+
     def plugin_endpoint(self, name: str) -> str:
         return f"ipc://{self.run_dir}/plugin-{name}.sock"
 

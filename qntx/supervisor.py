@@ -54,10 +54,6 @@ def _die_with_parent() -> None:
     os.setpgid(0, 0)  # a Ctrl-C on the terminal reaches the supervisor only
 
 
-def up_lock_path(settings: Settings) -> Path:
-    return settings.run_dir / "up.lock"
-
-
 def actor_command(settings: Settings, *args: str) -> list[str]:
     return [sys.executable, "-m", "qntx", "--home", str(settings.home), *args]
 
@@ -121,9 +117,9 @@ class Supervisor:
 
     def run(self) -> int:
         self.settings.ensure_dirs()
-        lock = PidLock(up_lock_path(self.settings))
+        lock = PidLock(self.settings.lock_path("up"))
         if not lock.acquire():
-            holder = lock_holder(up_lock_path(self.settings))
+            holder = lock_holder(self.settings.lock_path("up"))
             raise Conflict(f"qntx is already up on {self.settings.home} (pid {holder}); stop it first")
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self._stop.set())

@@ -37,10 +37,6 @@ from qntx.protocol import (
 from qntx.settings import Settings
 
 
-def ats_lock_path(settings: Settings):
-    return settings.run_dir / "ats.lock"
-
-
 class AtsActor(Actor):
     name = "ats"
     label = "ATS"
@@ -52,7 +48,7 @@ class AtsActor(Actor):
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
-        self.lock = PidLock(ats_lock_path(self.settings))
+        self.lock = PidLock(self.settings.lock_path(self.name))
         if not self.lock.acquire():
             raise Unavailable(f"another ATS actor already owns {self.settings.ats_path}")
         self.store = AttestationStore(self.settings.ats_path, map_size=self.settings.ats_map_size)
