@@ -76,6 +76,12 @@ class Home:
         self.processes.append(popen)
         return popen
 
+    def run_cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+        """Run one ``qntx`` command against this home and wait for it."""
+        return subprocess.run(
+            self.qntx_argv(*args), capture_output=True, text=True, env=self.env, cwd=REPO, timeout=timeout_s
+        )
+
     def start_ats(self, timeout_s: float = 20.0) -> subprocess.Popen:
         """Start ``qntx ats`` and return once it answers a ping."""
         from qntx import connect

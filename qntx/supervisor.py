@@ -63,7 +63,9 @@ class Supervisor:
         self.settings = settings
         self.children = children
         self.echo = echo
-        self._stop = threading.Event()
+        # A plain flag: a signal handler must not take the locks of a
+        # threading.Event the main thread may be holding while it waits.
+        self._stopping = False
         self._console_lock = threading.Lock()
 
     # ---------------------------------------------------------------- processes
@@ -99,7 +101,7 @@ class Supervisor:
         if child.ready_socket is None:
             return
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not self._stop.is_set():
+        while time.monotonic() < deadline and not self._stopping:
             if child.ready_socket.exists():
                 return
             if child.process is not None and child.process.poll() is not None:
@@ -122,7 +124,7 @@ class Supervisor:
             holder = lock_holder(self.settings.lock_path("up"))
             raise Conflict(f"qntx is already up on {self.settings.home} (pid {holder}); stop it first")
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: self._stop.set())
+            signal.signal(signum, self._on_signal)
         try:
             for child in self.children:
                 if child.ready_socket is not None:
@@ -137,8 +139,12 @@ class Supervisor:
             lock.release()
         return 0
 
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
     def _monitor(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._stopping:
+            time.sleep(0.05)
             now = time.monotonic()
             for child in self.children:
                 process = child.process

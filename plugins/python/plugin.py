@@ -225,7 +225,7 @@ class PythonPlugin:
         def on_progress(current: float, total: float) -> None:
             self.server.notify(JobProgress(job_id=message.job_id, current=current, total=total))
 
-        outcome = await self.pool.run(
+        return await self.pool.run(
             message.job_id,
             code,
             filename=filename,
@@ -233,14 +233,6 @@ class PythonPlugin:
             timeout_s=message.timeout_s,
             cpu_s=self.settings.python_cpu_s,
             on_progress=on_progress,
-        )
-        return ExecuteResult(
-            success=outcome.success,
-            result=outcome.result,
-            error=outcome.error,
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            progress=outcome.progress,
         )
 
     def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:

@@ -5,7 +5,7 @@ job to an idle one (jobs beyond ``size`` wait their turn, first come first serve
 enforcing the wall-clock timeout, cancelling, and replacing any runner that dies,
 breaks a limit or is killed, in the background so the pool returns to full size.
 Handler code never runs in this process; ``plugins.python.runner`` is what runs
-inside a child, and declares the frames spoken over the private pipes.
+inside a child, and ``plugins.python.channel`` is this side of the pipes to it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from loguru import logger
 
-from plugins.python.runner import MAX_FRAME_BYTES, JobReply, ReportProgress, RunJob, ToParent, frame
-from qntx.protocol import JobError, Progress
+from plugins.python.channel import Died, Interpreter
+from plugins.python.runner import JobReply, RunJob
+from qntx.protocol import ExecuteResult, JobError, Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0  # a cold interpreter start, on a loaded machine
@@ -32,21 +31,8 @@ CLOSE_GRACE_S = 1.0  # how long close() lets a busy runner finish before killing
 EXIT_GRACE_S = 0.5  # after a child exits, how long its last frames may still be in flight
 RESPAWN_MAX_DELAY_S = 10.0
 
-_encoder = msgspec.msgpack.Encoder()
-
-
-@dataclass
-class RunOutcome:
-    success: bool
-    result: Any = None
-    error: JobError | None = None
-    stdout: str = ""
-    stderr: str = ""
-    progress: Progress | None = None
-
-
-def _failure(message: str, progress: Progress | None = None) -> RunOutcome:
-    return RunOutcome(success=False, error=JobError(message=message), progress=progress)
+def _failure(message: str, progress: Progress | None = None) -> ExecuteResult:
+    return ExecuteResult(success=False, error=JobError(message=message), progress=progress)
 
 
 def describe_exit(returncode: int) -> str:
@@ -59,85 +45,6 @@ def describe_exit(returncode: int) -> str:
         return f"interpreter died (killed by {signal.Signals(-returncode).name})"
     except ValueError:
         return f"interpreter died (killed by signal {-returncode})"
-
-
-class _Died(Exception):
-    """The child stopped answering: it exited, or we killed it."""
-
-
-class _Interpreter(asyncio.Protocol):
-    """One child process: the protocol reading its frames, and the parent's pipe ends."""
-
-    def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-        self.writer: asyncio.WriteTransport | None = None
-        self.in_service = False  # said Ready: its death must be replaced
-        self.kill_reason: str | None = None  # set when we kill it on purpose
-        self.last_progress: Progress | None = None
-        self._lost = False
-        self._buffer = bytearray()
-        self._pending: asyncio.Future | None = None  # the awaited Ready or JobReply
-        self._on_progress: Callable[[float, float], None] | None = None
-        self._decoder = msgspec.msgpack.Decoder(ToParent)
-
-    @property
-    def usable(self) -> bool:
-        return not self._lost and self.kill_reason is None and self.proc.returncode is None
-
-    def expect(self, on_progress: Callable[[float, float], None] | None = None) -> asyncio.Future:
-        """A future for the next Ready/JobReply frame; it fails with _Died if the child goes."""
-        self._pending = asyncio.get_running_loop().create_future()
-        self._on_progress, self.last_progress = on_progress, None
-        if self._lost:
-            self._pending.set_exception(_Died())
-        return self._pending
-
-    def kill(self, reason: str) -> None:
-        if self.kill_reason is None:
-            self.kill_reason = reason
-        if self.proc.returncode is None:
-            self.proc.kill()
-        # Do not wait for EOF: a process forked by handler code may hold the pipe open.
-        self.fail_pending()
-
-    def fail_pending(self) -> None:
-        if self._pending is not None and not self._pending.done():
-            self._pending.set_exception(_Died())
-
-    # asyncio.Protocol: the read end of the child's output pipe
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= 4:
-            end = 4 + int.from_bytes(self._buffer[:4], "big")
-            if end > 4 + MAX_FRAME_BYTES:
-                self.kill("protocol error: an oversized frame from the interpreter")
-                return
-            if len(self._buffer) < end:
-                return
-            body = self._buffer[4:end]
-            del self._buffer[:end]
-            try:
-                message = self._decoder.decode(body)
-            except msgspec.MsgspecError as exc:
-                self.kill(f"protocol error: {exc}")
-                return
-            self._dispatch(message)
-
-    def _dispatch(self, message: Any) -> None:
-        if isinstance(message, ReportProgress):
-            self.last_progress = Progress(current=message.current, total=message.total)
-            if self._on_progress is not None:
-                try:
-                    self._on_progress(message.current, message.total)
-                except Exception:
-                    logger.exception("progress callback failed")
-        elif self._pending is not None and not self._pending.done():
-            self._pending.set_result(message)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self.fail_pending()
 
 
 class InterpreterPool:
@@ -157,11 +64,11 @@ class InterpreterPool:
         self._memory_mb = memory_mb
         self._ats_endpoint = ats_endpoint
         self._python = python
-        self._live: set[_Interpreter] = set()  # spawned and not yet reaped
-        self._idle: deque[_Interpreter] = deque()
+        self._live: set[Interpreter] = set()  # spawned and not yet reaped
+        self._idle: deque[Interpreter] = deque()
         self._waiters: deque[asyncio.Future] = deque()  # run() calls waiting for an interpreter
         self._waiting: dict[str, asyncio.Future] = {}  # job id -> its waiter
-        self._running: dict[str, _Interpreter] = {}  # job id -> interpreter running it
+        self._running: dict[str, Interpreter] = {}  # job id -> interpreter running it
         self._tasks: set[asyncio.Task] = set()  # reapers and respawners
         self._closed = False
 
@@ -198,7 +105,7 @@ class InterpreterPool:
         timeout_s: float,
         cpu_s: int = 600,
         on_progress: Callable[[float, float], None] | None = None,
-    ) -> RunOutcome:
+    ) -> ExecuteResult:
         interp = await self._acquire(job_id)
         if interp is None:
             return _failure("interpreter pool closed" if self._closed else "cancelled")
@@ -215,9 +122,9 @@ class InterpreterPool:
         timeout = f"timed out after {timeout_s:g}s"
         timer = asyncio.get_running_loop().call_later(timeout_s, interp.kill, timeout)
         try:
-            interp.writer.write(frame(_encoder.encode(job)))
+            interp.send(job)
             message: JobReply = await reply
-        except _Died:
+        except Died:
             # Unless we killed it, wait for the exit status: it names the cause.
             reason = interp.kill_reason or describe_exit(await interp.proc.wait())
             return _failure(reason, interp.last_progress)
@@ -230,12 +137,12 @@ class InterpreterPool:
             if self._running.get(job_id) is interp:
                 del self._running[job_id]
         self._release(interp)
-        return RunOutcome(
-            message.success,
-            message.result,
-            message.error,
-            message.stdout,
-            message.stderr,
+        return ExecuteResult(
+            success=message.success,
+            result=message.result,
+            error=message.error,
+            stdout=message.stdout,
+            stderr=message.stderr,
             progress=interp.last_progress,
         )
 
@@ -263,8 +170,7 @@ class InterpreterPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # EOF on its input makes an idle runner exit at once; a busy one after its job.
         for interp in self._live:
-            if interp.writer is not None:
-                interp.writer.close()
+            interp.close_input()
         procs = [interp.proc for interp in self._live]
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), CLOSE_GRACE_S)
@@ -276,7 +182,7 @@ class InterpreterPool:
 
     # ----------------------------------------------------------------- internals
 
-    async def _acquire(self, job_id: str) -> _Interpreter | None:
+    async def _acquire(self, job_id: str) -> Interpreter | None:
         """An idle interpreter, waiting in line for one; None if cancelled or closed."""
         while not self._closed:
             while self._idle:
@@ -301,7 +207,7 @@ class InterpreterPool:
                 return interp
         return None
 
-    def _release(self, interp: _Interpreter) -> None:
+    def _release(self, interp: Interpreter) -> None:
         """Give a free interpreter to the longest-waiting run(), or park it idle."""
         if self._closed or not interp.usable:
             return
@@ -312,9 +218,8 @@ class InterpreterPool:
                 return
         self._idle.append(interp)
 
-    async def _spawn(self) -> _Interpreter:
-        loop = asyncio.get_running_loop()
-        interp = _Interpreter()
+    async def _spawn(self) -> Interpreter:
+        interp = Interpreter()
         child_in, to_child = os.pipe()
         from_child, child_out = os.pipe()
         env = dict(os.environ)
@@ -338,27 +243,23 @@ class InterpreterPool:
             os.close(child_out)
         self._live.add(interp)
         self._background(self._reap(interp))
-        await loop.connect_read_pipe(lambda: interp, os.fdopen(from_child, "rb", buffering=0))
-        interp.writer, _ = await loop.connect_write_pipe(
-            asyncio.Protocol, os.fdopen(to_child, "wb", buffering=0)
-        )
+        await interp.connect(from_child, to_child)
         try:
             await asyncio.wait_for(interp.expect(), READY_TIMEOUT_S)
-        except (_Died, TimeoutError):
+        except (Died, TimeoutError):
             interp.kill("failed to start")
             cause = describe_exit(await interp.proc.wait())
             raise RuntimeError(f"python interpreter failed to start: {cause}") from None
         interp.in_service = True
         return interp
 
-    async def _reap(self, interp: _Interpreter) -> None:
+    async def _reap(self, interp: Interpreter) -> None:
         """Wait for a child to exit, forget it, and start its replacement."""
         await interp.proc.wait()
         self._live.discard(interp)
         if interp in self._idle:
             self._idle.remove(interp)
-        if interp.writer is not None:
-            interp.writer.close()
+        interp.close_input()
         # Normally EOF on the pipe ends a pending job; this covers a pipe still held open.
         asyncio.get_running_loop().call_later(EXIT_GRACE_S, interp.fail_pending)
         if interp.in_service and not self._closed:

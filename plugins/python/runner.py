@@ -8,8 +8,9 @@ It owns executing user code: a fresh namespace per job (``upstream``, ``args``,
 It talks to its parent only over a private pipe pair, never over fd 0/1: frames are
 a 4-byte big-endian length and a MessagePack body. The parent sends ``RunJob``; the
 child answers ``Ready`` once at start, any number of ``ReportProgress`` during a job
-and one ``JobReply`` per job. The frames are declared here, once, and the pool
-imports them. The child exits when its input pipe closes.
+and one ``JobReply`` per job. The frames are declared here, once, and
+``plugins.python.channel`` (the parent's end) imports them. The child exits when its
+input pipe closes.
 """
 
 from __future__ import annotations

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import heapq
 import struct
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import lmdb
 import msgspec
 
 from qntx.asid import new_asid
 from qntx.errors import Conflict, Invalid, QntxError, Unavailable
+from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import Attestation, Filter, NewAttestation
 
 LIST_FIELDS = ("subjects", "predicates", "contexts", "actors")
@@ -96,45 +95,29 @@ class AttestationStore:
         self.readonly = readonly
         if readonly and not (self.path / "data.mdb").exists():
             raise Unavailable(f"no attestation store at {self.path}")
-        if not readonly:
-            self.path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(
-            str(self.path), map_size=map_size, subdir=True, lock=True,
-            readonly=readonly, sync=sync, max_dbs=len(INDEXED_FIELDS) + 4,
+        self._env = LmdbEnv(
+            self.path, ("records", "time", *INDEXED_FIELDS, "counts", "meta"),
+            map_size=map_size, readonly=readonly, sync=sync,
         )  # fmt: skip
-        # One lock around every transaction: set_mapsize must never race an open txn.
-        self._lock = threading.RLock()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Attestation)
-        create = not readonly
-        self._records = self._env.open_db(b"records", create=create)
-        self._time = self._env.open_db(b"time", create=create)
-        self._index = {f: self._env.open_db(f.encode(), create=create) for f in INDEXED_FIELDS}
-        self._counts = self._env.open_db(b"counts", create=create)
-        self._meta = self._env.open_db(b"meta", create=create)
+        self._records = self._env.db("records")
+        self._time = self._env.db("time")
+        self._index = {f: self._env.db(f) for f in INDEXED_FIELDS}
+        self._counts = self._env.db("counts")
+        self._meta = self._env.db("meta")
         self.last_query_scanned = 0  # records the last query decoded; lets tests watch the planner
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        with self._lock:
-            self._env.close()
+        self._env.close()
 
     def __enter__(self) -> AttestationStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _read(self, work):
-        """Run ``work(txn)`` in a read txn, adopting a map another process has grown."""
-        with self._lock:
-            while True:
-                try:
-                    with self._env.begin(buffers=False) as txn:
-                        return work(txn)
-                except lmdb.MapResizedError:
-                    self._env.set_mapsize(0)
 
     # ------------------------------------------------------------------ writes
 
@@ -164,16 +147,7 @@ class AttestationStore:
                 prepared.append(self._prepare_batch(batch, now))
             except Invalid as exc:
                 prepared.append(exc)
-        with self._lock:
-            while True:
-                try:
-                    with self._env.begin(write=True) as txn:
-                        return self._write_batches(txn, prepared)
-                except lmdb.MapFullError:
-                    # The txn was aborted; retry the whole group against a bigger map.
-                    self._env.set_mapsize(self._env.info()["map_size"] * 2)
-                except lmdb.MapResizedError:
-                    self._env.set_mapsize(0)
+        return self._env.write(lambda txn: self._write_batches(txn, prepared))
 
     def _prepare_batch(self, batch: list[NewAttestation], now: int) -> list[Attestation]:
         if not isinstance(batch, list | tuple):
@@ -288,23 +262,21 @@ class AttestationStore:
     def get(self, id: str) -> Attestation | None:
         if not isinstance(id, str) or not id or len(id.encode()) > _MAX_ID_BYTES:
             return None
-        blob = self._read(lambda txn: txn.get(id.encode(), db=self._records))
+        blob = self._env.read(lambda txn: txn.get(id.encode(), db=self._records))
         return None if blob is None else self._decoder.decode(blob)
 
     def count(self) -> int:
-        return self._read(lambda txn: txn.stat(self._records)["entries"])
+        return self._env.read(lambda txn: txn.stat(self._records)["entries"])
 
     def stats(self) -> dict:
         def work(txn):
-            info, stat = self._env.info(), self._env.stat()
             return {
                 "attestations": txn.stat(self._records)["entries"],
-                "map_size": info["map_size"],
-                "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+                **self._env.stats,
                 "path": str(self.path),
             }
 
-        return self._read(work)
+        return self._env.read(work)
 
     def query(self, flt: Filter) -> list[Attestation]:
         """Attestations matching ``flt``, newest first (SPEC §3.3), never a full scan
@@ -313,7 +285,7 @@ class AttestationStore:
         self.last_query_scanned = 0
         if lo > hi:
             return []
-        return self._read(lambda txn: self._run_query(txn, want, lo, hi, limit))
+        return self._env.read(lambda txn: self._run_query(txn, want, lo, hi, limit))
 
     def _run_query(self, txn, want: dict[str, set[str]], lo: int, hi: int, limit: int | None):
         low, high = _U64.pack(lo) + _MIN_SEQ, _U64.pack(hi) + _MAX_SEQ

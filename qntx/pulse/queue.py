@@ -1,23 +1,16 @@
 """Pulse's job queue: the durable state machine of every job (SPEC §4.1, §4.2).
 
-Owns job state and its LMDB layout, nothing else: no sockets, no dispatching, and no
-clock of its own (``now_ms`` is injected so tests control time). The Pulse server wraps
-it: in one loop turn it calls the mutating methods as messages arrive, then ``flush()``
-once, and only then sends replies and dispatches. So a job is accepted only once it is
-committed, and a busy turn costs one synced transaction (group commit).
+Owns job state, nothing else: no sockets, no dispatching, no on-disk layout (that is
+``qntx.pulse.jobstore``) and no clock of its own (``now_ms`` is injected so tests
+control time). The Pulse server wraps it: in one loop turn it calls the mutating
+methods as messages arrive, then ``flush()`` once, and only then sends replies and
+dispatches. So a job is accepted only once it is committed, and a busy turn costs one
+synced transaction (group commit).
 
 Live state is in memory: every non-final job (plus final ones until they are flushed),
 a ready heap keyed by (-priority, seq), a delayed heap keyed by (run_after, seq) and a
 lease heap keyed by deadline. Heaps delete lazily: an entry counts only while its token
 (or deadline) is still the job's current one. Final jobs are read back from disk.
-
-Named sub-databases:
-
-* ``jobs``     id → MessagePack ``[seq, Job]``
-* ``keys``     idempotency key → id
-* ``status``   status + NUL + created_at(8 BE) + seq(8 BE) → id
-* ``created``  created_at(8 BE) + seq(8 BE) → id
-* ``meta``     ``seq`` → the next sequence number; ``count:<status>`` → jobs in it
 
 ``seq`` is given once per job at submit: it makes lease order FIFO within a priority
 (across restarts, and a retried job keeps its place) and breaks created_at ties.
@@ -28,33 +21,22 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import msgspec
 
 from qntx.asid import new_asid
 from qntx.errors import Conflict, Invalid, NotFound
 from qntx.protocol import FINAL_STATUSES, JOB_STATUSES, Job, JobError, Progress, Submit
+from qntx.pulse.jobstore import MAX_KEY_BYTES, JobStore, StoredJob
 
 LEASE_GRACE_MS = 5_000  # a worker gets this long past timeout_s to report before we give up
 MAX_LOG_BYTES = 64 << 10
 INTERRUPTED = "interrupted (the actor running it stopped)"
 LIVE_STATUSES = ("queued", "running", "paused")
-
-_U64 = struct.Struct(">Q")
-_STAMP = struct.Struct(">QQ")  # created_at, seq
-_MAX_KEY_BYTES = 400  # LMDB keys stop at 511 bytes
-_DBS = ("jobs", "keys", "status", "created", "meta")
-
-
-class _Stored(msgspec.Struct, array_like=True):
-    seq: int
-    job: Job
 
 
 def _real_now_ms() -> int:
@@ -75,24 +57,6 @@ def bound_logs(text: str, limit: int = MAX_LOG_BYTES) -> str:
     return f"[... {dropped} bytes of earlier output dropped ...]\n{tail}"
 
 
-def _status_key(status: str, stamp: bytes) -> bytes:
-    return status.encode() + b"\x00" + stamp
-
-
-def _walk(txn, db, prefix: bytes, *, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) of every entry whose key starts with ``prefix``, in key order or reversed."""
-    cursor = txn.cursor(db=db)
-    if reverse:
-        # Land on the first key past the prefix, then step back into it.
-        after = prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else b""
-        found = cursor.prev() if after and cursor.set_range(after) else cursor.last()
-    else:
-        found = cursor.set_range(prefix)
-    while found and cursor.key().startswith(prefix):
-        yield cursor.key(), cursor.value()
-        found = cursor.prev() if reverse else cursor.next()
-
-
 def _check_submit(spec: Submit) -> None:
     if not isinstance(spec, Submit):
         raise Invalid(f"expected a Submit, got {type(spec).__name__}")
@@ -111,10 +75,10 @@ def _check_submit(spec: Submit) -> None:
         raise Invalid(f"timeout_s must be a number of seconds > 0, got {timeout!r}")
     key = spec.idempotency_key
     if key is not None and (
-        not isinstance(key, str) or not key or len(key.encode()) > _MAX_KEY_BYTES
+        not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES
     ):
         raise Invalid(
-            f"idempotency_key must be a non-empty string of at most {_MAX_KEY_BYTES} bytes"
+            f"idempotency_key must be a non-empty string of at most {MAX_KEY_BYTES} bytes"
         )
     if spec.parent_id is not None and not isinstance(spec.parent_id, str):
         raise Invalid(f"parent_id must be a string, got {spec.parent_id!r}")
@@ -134,16 +98,10 @@ class JobQueue:
         backoff_max_ms: int = 60_000,
     ):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         self._now = now_ms or _real_now_ms
         self._backoff_base_ms = backoff_base_ms
         self._backoff_max_ms = backoff_max_ms
-        self._env = lmdb.open(
-            str(self.path), map_size=map_size, subdir=True, sync=sync, max_dbs=len(_DBS)
-        )
-        self._db = {name: self._env.open_db(name.encode()) for name in _DBS}
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(_Stored)
+        self._store = JobStore(self.path, map_size=map_size, sync=sync)
 
         self._jobs: dict[str, Job] = {}  # every non-final job, and final ones until flushed
         self._seq: dict[str, int] = {}  # seq of each job in _jobs
@@ -166,7 +124,7 @@ class JobQueue:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        self._env.close()
+        self._store.close()
 
     def __enter__(self) -> JobQueue:
         return self
@@ -176,24 +134,11 @@ class JobQueue:
 
     def _load(self) -> None:
         """Bring every live job into memory and recover the ones a crash left running."""
-
-        def work(txn) -> list[_Stored]:
-            meta = self._db["meta"]
-            raw = txn.get(b"seq", db=meta)
-            self._next_seq = _U64.unpack(raw)[0] if raw else 0
-            for status in JOB_STATUSES:
-                raw = txn.get(b"count:" + status.encode(), db=meta)
-                self._counts[status] = _U64.unpack(raw)[0] if raw else 0
-            return [
-                self._decoder.decode(txn.get(job_id, db=self._db["jobs"]))
-                for status in LIVE_STATUSES
-                for _, job_id in _walk(
-                    txn, self._db["status"], status.encode() + b"\x00", reverse=False
-                )
-            ]
-
+        saved = self._store.load(LIVE_STATUSES)
+        self._next_seq = saved.next_seq
+        self._counts.update(saved.counts)
         now = self._now()
-        for stored in self._read(work):
+        for stored in saved.jobs:
             job = stored.job
             self._adopt(stored)
             if job.status == "queued":
@@ -203,29 +148,10 @@ class JobQueue:
                 self._fail(job, JobError(message=INTERRUPTED), backoff=False)
         self.flush()
 
-    def _adopt(self, stored: _Stored) -> None:
+    def _adopt(self, stored: StoredJob) -> None:
         self._jobs[stored.job.id] = stored.job
         self._seq[stored.job.id] = stored.seq
         self._stored[stored.job.id] = stored.job.status
-
-    def _read(self, work):
-        while True:
-            try:
-                with self._env.begin(buffers=False) as txn:
-                    return work(txn)
-            except lmdb.MapResizedError:
-                self._env.set_mapsize(0)
-
-    def _write(self, work) -> None:
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    return work(txn)
-            except lmdb.MapFullError:
-                # The txn was aborted; retry it whole against a bigger map.
-                self._env.set_mapsize(self._env.info()["map_size"] * 2)
-            except lmdb.MapResizedError:
-                self._env.set_mapsize(0)
 
     # ------------------------------------------------------------------ persistence
 
@@ -234,30 +160,12 @@ class JobQueue:
         if not self._dirty:
             return 0
         rows = [
-            (self._jobs[i], self._encoder.encode(_Stored(seq=self._seq[i], job=self._jobs[i])))
+            (StoredJob(seq=self._seq[i], job=self._jobs[i]), self._stored.get(i))
             for i in self._dirty
         ]
-
-        def work(txn) -> None:
-            for job, blob in rows:
-                job_id = job.id.encode()
-                stamp = _STAMP.pack(job.created_at, self._seq[job.id])
-                old = self._stored.get(job.id)
-                txn.put(job_id, blob, db=self._db["jobs"])
-                if old is None:
-                    txn.put(stamp, job_id, db=self._db["created"])
-                    if job.idempotency_key is not None:
-                        txn.put(job.idempotency_key.encode(), job_id, db=self._db["keys"])
-                if old != job.status:
-                    if old is not None:
-                        txn.delete(_status_key(old, stamp), db=self._db["status"])
-                    txn.put(_status_key(job.status, stamp), job_id, db=self._db["status"])
-            txn.put(b"seq", _U64.pack(self._next_seq), db=self._db["meta"])
-            for status, count in self._counts.items():
-                txn.put(b"count:" + status.encode(), _U64.pack(count), db=self._db["meta"])
-
-        self._write(work)
-        for job, _ in rows:
+        self._store.save(rows, self._next_seq, self._counts)
+        for stored, _ in rows:
+            job = stored.job
             if job.status in FINAL_STATUSES:  # durable now: memory keeps only live jobs
                 del self._jobs[job.id], self._seq[job.id]
                 self._stored.pop(job.id, None)
@@ -267,19 +175,10 @@ class JobQueue:
         self._new_keys.clear()
         return len(rows)
 
-    def _load_stored(self, job_id: str) -> _Stored | None:
-        if not isinstance(job_id, str):
-            raise Invalid(f"a job id must be a string, got {job_id!r}")
-        key = job_id.encode()
-        if not key or len(key) > 511:
-            return None
-        raw = self._read(lambda txn: txn.get(key, db=self._db["jobs"]))
-        return None if raw is None else self._decoder.decode(raw)
-
     def _find(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            stored = self._load_stored(job_id)
+            stored = self._store.get(job_id)
             if stored is None:
                 raise NotFound(f"no job {job_id}")
             job = stored.job
@@ -363,14 +262,11 @@ class JobQueue:
         _check_submit(spec)
         key = spec.idempotency_key
         if key is not None:
-            existing = self._new_keys.get(key) or self._read(
-                lambda txn: txn.get(key.encode(), db=self._db["keys"])
-            )
+            existing = self._new_keys.get(key) or self._store.job_id_for_key(key)
             if existing is not None:
-                job_id = existing.decode() if isinstance(existing, bytes) else existing
-                return msgspec.structs.replace(self._find(job_id)), False
+                return msgspec.structs.replace(self._find(existing)), False
         job_id = new_asid(spec.handler, "_", "_", prefix="JB")
-        while job_id in self._jobs or self._load_stored(job_id) is not None:
+        while job_id in self._jobs or self._store.get(job_id) is not None:
             job_id = new_asid(spec.handler, "_", "_", prefix="JB")
         job = Job(
             id=job_id, handler=spec.handler, payload=spec.payload, priority=spec.priority,
@@ -487,7 +383,7 @@ class JobQueue:
                 f"only failed or cancelled jobs can be retried; {job_id} is {job.status}"
             )
         if job_id not in self._jobs:
-            self._adopt(self._load_stored(job_id))
+            self._adopt(self._store.get(job_id))
             job = self._jobs[job_id]
         job.attempts, job.error, job.run_after = 0, None, 0
         job.started_at = job.finished_at = job.worker = job.progress = None
@@ -537,27 +433,8 @@ class JobQueue:
             for job in changed
             if status is None or job.status == status
         ]
-
-        def work(txn) -> None:
-            db, prefix = (
-                (self._db["created"], b"") if status is None
-                else (self._db["status"], status.encode() + b"\x00")
-            )  # fmt: skip
-            taken = 0
-            for key, raw_id in _walk(txn, db, prefix, reverse=True):
-                if taken == limit:
-                    break
-                job_id = raw_id.decode()
-                if job_id in self._dirty:
-                    continue
-                job = self._jobs.get(job_id)  # clean, so the same as on disk
-                if job is None:
-                    job = self._decoder.decode(txn.get(raw_id, db=self._db["jobs"])).job
-                created, seq = _STAMP.unpack(key[-_STAMP.size :])
-                found.append((created, seq, job))
-                taken += 1
-
-        self._read(work)
+        # The rest from disk; a clean job in memory is the same as on disk, so not decoded.
+        found += self._store.newest(status, limit, skip=self._dirty, cached=self._jobs)
         found.sort(key=lambda row: row[:2], reverse=True)
         return [msgspec.structs.replace(job) for _, _, job in found[:limit]]
 

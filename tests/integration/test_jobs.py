@@ -157,8 +157,8 @@ def test_submit_many_shares_commits(bus, up):
 
 def test_pause_and_resume_a_queued_job(bus, up):
     with qntx.connect(bus.home) as b:
-        # Fill every worker slot (2 workers x capacity 4) so the next job waits.
-        blockers = b.submit_many("builtin.sleep", [{"seconds": 1.5}] * 8)
+        # Fill every worker slot (2 workers x capacity 8) so the next job waits.
+        blockers = b.submit_many("builtin.sleep", [{"seconds": 1.5}] * 16)
         waiting = b.submit("builtin.echo", "later")
         assert b.pause(waiting.id).status == "paused"
         for h in blockers:

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from plugins.python.pool import InterpreterPool, RunOutcome
-from qntx.protocol import Progress
+from plugins.python.pool import InterpreterPool
+from qntx.protocol import ExecuteResult, Progress
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,7 +33,7 @@ def in_pool(body, **options):
     return asyncio.run(main())
 
 
-async def run(pool: InterpreterPool, code: str, payload=None, **options) -> RunOutcome:
+async def run(pool: InterpreterPool, code: str, payload=None, **options) -> ExecuteResult:
     options.setdefault("timeout_s", 20)
     return await pool.run("JB-test", code, filename="python.test", payload=payload, **options)
 
