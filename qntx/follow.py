@@ -11,6 +11,7 @@ only differ in how they wait.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -151,21 +152,36 @@ class JobFollower:
 
 
 class AsyncJobFollower:
+    """One reader task feeds the book; any number of coroutines wait on it.
+
+    (Several coroutines reading one socket would steal each other's events.)
+    """
+
     def __init__(self, endpoint: str, context: zmq.asyncio.Context, security: Security = PLAIN):
         self._socket = _subscriber(context, endpoint, security)
         self.book = EventBook()
+        self._reader: asyncio.Task | None = None
+        self._arrived = asyncio.Event()
 
-    async def _pump(self, wait_s: float) -> None:
-        if await self._socket.poll(wait_s * 1000):
-            while await self._socket.poll(0):
-                self.book.ingest(await self._socket.recv_multipart())
+    async def _read(self) -> None:
+        while True:
+            self.book.ingest(await self._socket.recv_multipart())
+            arrived, self._arrived = self._arrived, asyncio.Event()
+            arrived.set()
+
+    async def _wait(self, wait_s: float) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        try:
+            await asyncio.wait_for(self._arrived.wait(), wait_s)
+        except TimeoutError:
+            pass
 
     async def follow(
         self, job_id: str, timeout: float | None, fetch: Callable[[str], Awaitable[Job]]
     ) -> AsyncIterator[JobEvent]:
         clock = _Clock(job_id, timeout)
         self.book.watch(job_id)
-        await self._pump(0)
         try:
             while True:
                 events, final = self.book.take(job_id)
@@ -178,9 +194,11 @@ class AsyncJobFollower:
                     if job.status in FINAL_STATUSES:
                         yield JobChanged(job=job)
                         return
-                await self._pump(clock.wait_s())
+                await self._wait(clock.wait_s())
         finally:
             self.book.unwatch(job_id)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
         self._socket.close(0)
