@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
             for handler, key, p50_target in (("builtin.echo", "echo", 1000), (f"python.{HANDLER}", "python", None)):
                 progress(f"sequential latency, {handler}")
                 values = latencies(bus, handler, sizes.samples)
-                for name, p in (("p50", 0.50), ("p99", 0.99)):
+                for name, p in (("p50", 50), ("p99", 99)):
                     target = Target("<=", p50_target, on="measured") if name == "p50" and p50_target else None
                     report.add(
                         Metric(
