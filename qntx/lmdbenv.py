@@ -6,6 +6,11 @@ fills the map is retried whole against a map twice the size, and a transaction t
 finds the map grown by another process adopts the new size and is retried, so callers
 never see either error. ``work`` functions may therefore run more than once and must
 not change anything outside the transaction.
+
+Transactions may run in several threads at once (LMDB allows readers beside the one
+writer; the ATS commits on a writer thread while its loop answers queries). Only a
+map resize needs the environment to itself, so transactions share a lock that a
+resize takes exclusively.
 """
 
 from __future__ import annotations
@@ -18,6 +23,40 @@ from typing import TypeVar
 import lmdb
 
 T = TypeVar("T")
+
+
+class _ResizeLock:
+    """Shared for transactions, exclusive for a resize (which must not overlap any)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._shared += 1
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            if not self._shared:
+                self._cond.notify_all()
+
+    def exclusive(self, action: Callable[[], object]) -> None:
+        """Run ``action`` alone; the caller must not hold the lock shared."""
+        with self._cond:
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._exclusive = True
+        try:
+            action()
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 class LmdbEnv:
@@ -39,8 +78,7 @@ class LmdbEnv:
             str(path), map_size=map_size, subdir=True, lock=True,
             readonly=readonly, sync=sync, max_dbs=len(names),
         )  # fmt: skip
-        # One lock around every transaction: set_mapsize must never race an open txn.
-        self._lock = threading.RLock()
+        self._lock = _ResizeLock()
         self._dbs = {name: self._env.open_db(name.encode(), create=not readonly) for name in names}
 
     def db(self, name: str):
@@ -48,26 +86,26 @@ class LmdbEnv:
 
     def read(self, work: Callable[..., T]) -> T:
         """``work(txn)`` in a read transaction, adopting a map another process has grown."""
-        with self._lock:
-            while True:
-                try:
-                    with self._env.begin(buffers=False) as txn:
-                        return work(txn)
-                except lmdb.MapResizedError:
-                    self._env.set_mapsize(0)
+        return self._run(work, write=False)
 
     def write(self, work: Callable[..., T]) -> T:
         """``work(txn)`` in one write transaction, committed (and synced) before returning."""
-        with self._lock:
-            while True:
-                try:
-                    with self._env.begin(write=True) as txn:
-                        return work(txn)
-                except lmdb.MapFullError:
-                    # The txn was aborted; retry it whole against a bigger map.
-                    self._env.set_mapsize(self._env.info()["map_size"] * 2)
-                except lmdb.MapResizedError:
-                    self._env.set_mapsize(0)
+        return self._run(work, write=True)
+
+    def _run(self, work: Callable[..., T], *, write: bool) -> T:
+        while True:
+            self._lock.acquire_shared()
+            try:
+                with self._env.begin(write=write, buffers=False) as txn:
+                    return work(txn)
+            except lmdb.MapFullError:
+                # The txn was aborted; retry it whole against a bigger map.
+                grow = lambda: self._env.set_mapsize(self._env.info()["map_size"] * 2)  # noqa: E731
+            except lmdb.MapResizedError:
+                grow = lambda: self._env.set_mapsize(0)  # noqa: E731  (adopt the other process's size)
+            finally:
+                self._lock.release_shared()
+            self._lock.exclusive(grow)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -76,5 +114,4 @@ class LmdbEnv:
         return {"map_size": info["map_size"], "used_bytes": (info["last_pgno"] + 1) * stat["psize"]}
 
     def close(self) -> None:
-        with self._lock:
-            self._env.close()
+        self._lock.exclusive(self._env.close)

@@ -4,10 +4,12 @@ Answers ``Ping``, ``Attest``, ``Query``, ``GetAttestation`` and ``Stats``; publi
 ``AttestationCreated`` on its PUB socket (topic ``att.<first subject>``) for each
 attestation it stores.
 
-Writes use group commit: every ``Attest`` that arrives during one loop turn is held,
-then all of them are written in one synced LMDB transaction, and only then does
-each writer get its reply. Many concurrent writers thus share one fsync, and no
-reply ever says "stored" before the data is durable.
+Writes use group commit: every ``Attest`` that arrives while the previous commit
+is syncing is held, then all of them are written in one synced LMDB transaction
+on a writer thread, and only then does each writer get its reply. Many
+concurrent writers thus share one fsync, the loop keeps receiving (and answering
+queries) while the disk syncs, and no reply ever says "stored" before the data
+is durable.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from loguru import logger
 
 from qntx import __version__
 from qntx.ats.store import AttestationStore
-from qntx.bus.actor import Actor, Publisher, Request
+from qntx.bus.actor import Actor, Offloader, Publisher, Request
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
 from qntx.protocol import (
@@ -45,6 +47,7 @@ class AtsActor(Actor):
         super().__init__(max_message_bytes=settings.max_message_bytes, security=settings.security)
         self.settings = settings
         self._pending: list[tuple[Request, list[NewAttestation]]] = []
+        self._committing = False
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
@@ -53,6 +56,7 @@ class AtsActor(Actor):
             raise Unavailable(f"another ATS actor already owns {self.settings.ats_path}")
         self.store = AttestationStore(self.settings.ats_path, map_size=self.settings.ats_map_size)
         self.events = Publisher(self, self.settings.ats_events_endpoint)
+        self.writer = Offloader(self, "ats-writer")
         self.service = self.serve(
             self.settings.ats_endpoint,
             AtsRequest,
@@ -67,7 +71,10 @@ class AtsActor(Actor):
         logger.info("ATS serving {} (store {}, {} attestations)", self.settings.ats_endpoint, self.settings.ats_path, self.store.count())
 
     def teardown(self) -> None:
-        self.after_batch()  # never drop writes that were already received
+        self.writer.close()  # finishes (and answers) a commit in flight
+        if self._pending:  # never drop writes that were already received
+            pending, self._pending = self._pending, []
+            self._committed(pending, self._commit(pending))
         self.store.close()
         self.lock.release()
 
@@ -79,23 +86,30 @@ class AtsActor(Actor):
         return None  # answered in after_batch, once committed
 
     def after_batch(self) -> None:
-        if not self._pending:
-            return
+        if not self._pending or self._committing:
+            return  # the batch grows until the commit in flight is done
         pending, self._pending = self._pending, []
-        try:
-            outcomes = self.store.put_batches([items for _, items in pending])
-        except Exception as exc:  # the whole transaction failed: tell every writer
-            logger.exception("group commit of {} requests failed", len(pending))
+        self._committing = True
+        self.writer.submit(lambda: self._commit(pending), lambda outcome: self._committed(pending, outcome))
+
+    def _commit(self, pending: list[tuple[Request, list[NewAttestation]]]):
+        return self.store.put_batches([items for _, items in pending])
+
+    def _committed(self, pending: list[tuple[Request, list[NewAttestation]]], outcomes) -> None:
+        self._committing = False
+        if isinstance(outcomes, BaseException):  # the whole transaction failed
+            logger.opt(exception=outcomes).error("group commit of {} requests failed", len(pending))
             for request, _ in pending:
-                request.fail(QntxError(f"store write failed: {exc}"))
-            return
-        for (request, _), outcome in zip(pending, outcomes, strict=True):
-            if isinstance(outcome, QntxError):
-                request.fail(outcome)
-                continue
-            request.reply(Attested(records=outcome))
-            for record in outcome:
-                self.events.publish(b"att." + record.subjects[0].encode(), AttestationCreated(record=record))
+                request.fail(QntxError(f"store write failed: {outcomes}"))
+        else:
+            for (request, _), outcome in zip(pending, outcomes, strict=True):
+                if isinstance(outcome, QntxError):
+                    request.fail(outcome)
+                    continue
+                request.reply(Attested(records=outcome))
+                for record in outcome:
+                    self.events.publish(b"att." + record.subjects[0].encode(), AttestationCreated(record=record))
+        self.after_batch()  # what arrived meanwhile goes next
 
     def on_query(self, message: Query, request: Request) -> QueryResult:
         return QueryResult(records=self.store.query(message.filter))
