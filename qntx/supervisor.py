@@ -164,11 +164,23 @@ class Supervisor:
                     self._start(child)
 
     def _stop_all(self) -> None:
-        for child in reversed(self.children):
+        """Stop in stages, most dependent first: workers and plugins get their grace
+        period to finish running jobs (and report them to a server that is still
+        up), then the server commits and stops, then ATS."""
+        stages = [
+            [c for c in self.children if c.name not in ("server", "ats")],
+            [c for c in self.children if c.name == "server"],
+            [c for c in self.children if c.name == "ats"],
+        ]
+        for stage in stages:
+            self._stop_stage(stage)
+
+    def _stop_stage(self, children: list[Child]) -> None:
+        for child in children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for child in reversed(self.children):
+        for child in children:
             process = child.process
             if process is None:
                 continue

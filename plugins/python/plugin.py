@@ -58,6 +58,8 @@ from qntx.settings import Settings
 NAME = "python"
 SCRIPT_HANDLER = "python.script"
 RESYNC_S = 5.0
+# On SIGTERM, running jobs get this long to finish (the worker waits as long).
+STOP_GRACE_S = 5.0
 
 
 class PythonPlugin:
@@ -102,6 +104,10 @@ class PythonPlugin:
             asyncio.create_task(self._register_forever()),
         ]
         await self.stop.wait()
+        running = self.service.running_tasks()
+        if running:
+            logger.info("stopping: {} running job(s) get {}s to finish", len(running), STOP_GRACE_S)
+            await asyncio.wait(running, timeout=STOP_GRACE_S)
         for task in tasks:
             task.cancel()
         self.service.close()

@@ -110,6 +110,10 @@ class AsyncService:
         if reply is not None:
             request.reply(reply)
 
+    def running_tasks(self) -> list[asyncio.Task]:
+        """Handlers still at work (e.g. jobs being executed)."""
+        return [t for t in self._tasks if not t.done()]
+
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -147,3 +147,21 @@ def test_kill_9_everything_then_a_fresh_up(bus, working):
             pass  # already gone with its supervisor
     bus.start_up()
     assert assert_all_completed(bus, jobs) >= 1
+
+
+def test_sigterm_gives_running_jobs_their_grace_period(bus):
+    assert bus.run("handler", "create", "nap", "--code", "import time\ntime.sleep(1)\n_result = upstream['n']").returncode == 0
+    up = bus.start_up()
+    up.wait_output("handler=python.nap")
+    with qntx.connect(bus.home) as b:
+        handles = b.submit_many("python.nap", [{"n": n} for n in range(3)])
+        wait_for(lambda: b.status().queue["running"] >= 2, 20, what="jobs running")
+    assert up.stop() == 0  # SIGTERM, then the supervisor stops its actors in stages
+    assert not actor_pids(bus)
+    bus.start_up()
+    with qntx.connect(bus.home) as b:
+        for n, handle in enumerate(handles):
+            job = b.wait(handle.id, timeout=30)
+            assert job.status == "completed" and job.result == n
+            # Finished inside the grace period: one attempt, no retry needed.
+            assert job.attempts == 1
