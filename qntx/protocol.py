@@ -284,6 +284,7 @@ class JobDone(Message):
     result: Any = None
     error: JobError | None = None
     logs: str = ""
+    progress: Progress | None = None  # the last progress reported, if any
 
 
 class Dispatch(Message):

@@ -102,6 +102,9 @@ class Pulse:
     def job_done(self, identity: bytes, message: JobDone) -> None:
         self.workers.touch(identity)
         self.workers.finish(message.job_id)
+        if message.progress is not None:
+            # Progress notices travel another path and may arrive after this.
+            self.queue.progress(message.job_id, message.progress.current, message.progress.total)
         if message.success:
             job = self.queue.complete(message.job_id, message.attempt, message.result, message.logs)
         else:

@@ -157,6 +157,7 @@ class Worker:
             result=reply.result,
             error=reply.error,
             logs=logs,
+            progress=reply.progress,
         )
 
     def _failed(self, job: Job, message: str) -> JobDone:
