@@ -36,6 +36,9 @@ from qntx.pulse.jobstore import MAX_KEY_BYTES, JobStore, StoredJob
 LEASE_GRACE_MS = 5_000  # a worker gets this long past timeout_s to report before we give up
 MAX_LOG_BYTES = 64 << 10
 INTERRUPTED = "interrupted (the actor running it stopped)"
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: past that a job is a service, not a job
+MAX_PRIORITY = 2**62
+MAX_ATTEMPTS = 1000
 LIVE_STATUSES = ("queued", "running", "paused")
 
 
@@ -62,17 +65,17 @@ def _check_submit(spec: Submit) -> None:
         raise Invalid(f"expected a Submit, got {type(spec).__name__}")
     if not isinstance(spec.handler, str) or not spec.handler.strip():
         raise Invalid(f"handler must be a non-empty string, got {spec.handler!r}")
-    if not _is_int(spec.priority):
-        raise Invalid(f"priority must be an integer, got {spec.priority!r}")
-    if not _is_int(spec.max_attempts) or spec.max_attempts < 1:
-        raise Invalid(f"max_attempts must be an integer >= 1, got {spec.max_attempts!r}")
+    if not _is_int(spec.priority) or abs(spec.priority) > MAX_PRIORITY:
+        raise Invalid(f"priority must be an integer within ±{MAX_PRIORITY}, got {spec.priority!r}")
+    if not _is_int(spec.max_attempts) or not 1 <= spec.max_attempts <= MAX_ATTEMPTS:
+        raise Invalid(f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS}, got {spec.max_attempts!r}")
     timeout = spec.timeout_s
     if (
         not isinstance(timeout, int | float)
         or isinstance(timeout, bool)
-        or not (0 < timeout and math.isfinite(timeout))
+        or not (0 < timeout <= MAX_TIMEOUT_S and math.isfinite(timeout))
     ):
-        raise Invalid(f"timeout_s must be a number of seconds > 0, got {timeout!r}")
+        raise Invalid(f"timeout_s must be a number of seconds > 0 and <= {MAX_TIMEOUT_S}, got {timeout!r}")
     key = spec.idempotency_key
     if key is not None and (
         not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES
@@ -311,7 +314,9 @@ class JobQueue:
                 job.started_at, job.finished_at = now, None
                 job.worker, job.progress = worker, None
                 self._set_status(job, "running")
-                deadline = now + int(job.timeout_s * 1000) + LEASE_GRACE_MS
+                # Twice the timeout: a plugin may hold one job waiting for an
+                # interpreter while the one before it runs to its own timeout.
+                deadline = now + int(job.timeout_s * 2000) + LEASE_GRACE_MS
                 self._deadlines[job_id] = deadline
                 heapq.heappush(self._leases, (deadline, job_id))
                 self._by_worker.setdefault(worker, set()).add(job_id)
@@ -340,6 +345,37 @@ class JobQueue:
         job.logs = bound_logs(logs)  # the last attempt's output, next to its error
         self._fail(job, error or JobError(message="the attempt failed without an error"))
         return msgspec.structs.replace(job)
+
+    def give_back(self, job_id: str, attempt: int) -> Job | None:
+        """A worker stopping gracefully returns an unfinished attempt: queued again
+        at once, and the attempt does not count (it was interrupted, not failed)."""
+        job = self._running_attempt(job_id, attempt)
+        if job is None:
+            return None
+        self._end_lease(job)
+        job.attempts -= 1
+        job.worker = None
+        job.run_after = 0
+        now = self._now()
+        self._set_status(job, "queued")
+        self._enqueue(job, now)
+        self._dirty[job.id] = None
+        return msgspec.structs.replace(job)
+
+    def fail_queued(self, handler: str, reason: str) -> list[Job]:
+        """Fail every queued or paused job of ``handler`` (it no longer exists)."""
+        failed = []
+        now = self._now()
+        for job in list(self._jobs.values()):
+            if job.handler == handler and job.status in ("queued", "paused"):
+                if job.id in self._tokens:  # a paused job is already out of the heaps
+                    self._dequeue(job.id)
+                job.error = JobError(message=reason)
+                job.finished_at = now
+                self._set_status(job, "failed")
+                self._dirty[job.id] = None
+                failed.append(msgspec.structs.replace(job))
+        return failed
 
     def release_worker(self, worker: str, reason: str) -> list[Job]:
         """Every job ``worker`` was running counts as a failed attempt (it died)."""

@@ -640,3 +640,44 @@ QueueAgainstModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_queue_against_model = QueueAgainstModel.TestCase
+
+
+def test_give_back_requeues_without_counting_the_attempt(tmp_path):
+    q = JobQueue(tmp_path / "q")
+    job, _ = q.submit(Submit(handler="h", max_attempts=1))
+    leased = q.lease("w1")
+    assert leased.attempts == 1
+    back = q.give_back(job.id, 1)
+    assert back.status == "queued" and back.attempts == 0 and back.worker is None
+    assert q.give_back(job.id, 1) is None  # not running any more
+    again = q.lease("w2")
+    assert again.id == job.id and again.attempts == 1
+    q.close()
+
+
+def test_fail_queued_fails_the_jobs_of_a_removed_handler(tmp_path):
+    q = JobQueue(tmp_path / "q")
+    a, _ = q.submit(Submit(handler="gone"))
+    b, _ = q.submit(Submit(handler="gone"))
+    c, _ = q.submit(Submit(handler="kept"))
+    q.pause(b.id)
+    failed = q.fail_queued("gone", "handler gone was deleted")
+    assert {j.id for j in failed} == {a.id, b.id}
+    assert all(j.status == "failed" and j.error.message == "handler gone was deleted" for j in failed)
+    assert q.lease("w").id == c.id and q.lease("w") is None
+    q.flush()
+    q.close()
+    reopened = JobQueue(tmp_path / "q")
+    assert reopened.get(a.id).status == "failed"
+    reopened.close()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("timeout_s", 1e308), ("timeout_s", float("nan")), ("priority", 2**63), ("max_attempts", 10**9)],
+)
+def test_submit_rejects_values_out_of_range(tmp_path, field, value):
+    q = JobQueue(tmp_path / "q")
+    with pytest.raises(Invalid):
+        q.submit(Submit(handler="h", **{field: value}))
+    q.close()
