@@ -60,6 +60,13 @@ def bound_logs(text: str, limit: int = MAX_LOG_BYTES) -> str:
     return f"[... {dropped} bytes of earlier output dropped ...]\n{tail}"
 
 
+def lease_ms(timeout_s: float) -> int:
+    """How long a worker may hold an attempt before it counts as lost: twice the
+    timeout, since a plugin may hold the job waiting for an interpreter while the
+    one before it runs to its own timeout, plus a grace for reporting back."""
+    return int(timeout_s * 2000) + LEASE_GRACE_MS
+
+
 def _check_submit(spec: Submit) -> None:
     if not isinstance(spec, Submit):
         raise Invalid(f"expected a Submit, got {type(spec).__name__}")
@@ -314,9 +321,7 @@ class JobQueue:
                 job.started_at, job.finished_at = now, None
                 job.worker, job.progress = worker, None
                 self._set_status(job, "running")
-                # Twice the timeout: a plugin may hold one job waiting for an
-                # interpreter while the one before it runs to its own timeout.
-                deadline = now + int(job.timeout_s * 2000) + LEASE_GRACE_MS
+                deadline = now + lease_ms(job.timeout_s)
                 self._deadlines[job_id] = deadline
                 heapq.heappush(self._leases, (deadline, job_id))
                 self._by_worker.setdefault(worker, set()).add(job_id)

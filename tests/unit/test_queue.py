@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from qntx.asid import is_asid
 from qntx.errors import Conflict, Invalid, NotFound
 from qntx.protocol import JOB_STATUSES, JobError, Submit
-from qntx.pulse.queue import INTERRUPTED, LEASE_GRACE_MS, MAX_LOG_BYTES, JobQueue
+from qntx.pulse.queue import INTERRUPTED, MAX_LOG_BYTES, JobQueue, lease_ms
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -202,7 +202,7 @@ def test_stale_attempt_results_are_ignored(open_queue, clock):
     queue = open_queue()
     job = submit(queue, timeout_s=1)
     queue.lease("w1")
-    clock.now += 1000 + LEASE_GRACE_MS
+    clock.now += lease_ms(1)
     assert [j.id for j in queue.expire_leases()] == [job.id]
     clock.now += 1_000  # past the backoff
     second = queue.lease("w2")
@@ -290,7 +290,7 @@ def test_expire_leases_times_out_running_jobs(open_queue, clock):
     fast = submit(queue, timeout_s=60)
     queue.lease("w")
     queue.lease("w")
-    deadline = START_MS + 2_000 + LEASE_GRACE_MS
+    deadline = START_MS + lease_ms(2)
     assert queue.next_wakeup_ms() == deadline
     clock.now = deadline - 1
     assert queue.expire_leases() == []
