@@ -285,6 +285,7 @@ class JobDone(Message):
     error: JobError | None = None
     logs: str = ""
     progress: Progress | None = None  # the last progress reported, if any
+    interrupted: bool = False  # given back unfinished by a stopping worker: not an attempt
 
 
 class Dispatch(Message):
@@ -325,6 +326,7 @@ class Initialize(Message):
 
 class InitializeReply(Message):
     handler_names: list[str]
+    capacity: int = 0  # jobs it takes at once (0: no limit); Pulse never sends more
 
 
 class Health(Message):

@@ -59,7 +59,7 @@ from qntx.protocol import (
     WorkerReady,
 )
 from qntx.pulse.queue import JobQueue
-from qntx.pulse.scheduler import BUILTIN_HANDLERS, Pulse
+from qntx.pulse.scheduler import BUILTIN_HANDLERS, Pulse, Route
 from qntx.settings import Settings
 
 HEALTH_FAILURES_ALLOWED = 3
@@ -75,6 +75,7 @@ class PluginEntry:
     healthy: bool = False
     failures: int = 0
     version: str = ""
+    capacity: int = 0
 
 
 class ServerActor(Actor):
@@ -103,7 +104,7 @@ class ServerActor(Actor):
             dead_after_s=self.settings.heartbeat_s * 3,
             send_to_worker=self.worker_service.send_to,
             publish=self.events.publish,
-            plugin_endpoint=self.plugin_endpoint_for,
+            route=self.route,
             call_later=self.call_later,
         )
         self.service = self.serve(
@@ -210,15 +211,19 @@ class ServerActor(Actor):
     def known_handlers(self) -> list[str]:
         return sorted([*BUILTIN_HANDLERS, *self.routes])
 
-    def plugin_endpoint_for(self, handler: str) -> str | None:
+    def route(self, handler: str) -> Route | None:
+        """Where a plugin handler runs now (None: no healthy plugin owns it)."""
         plugin = self.plugins.get(self.routes.get(handler, ""))
-        return plugin.endpoint if plugin is not None and plugin.healthy else None
+        if plugin is None or not plugin.healthy:
+            return None
+        return Route(plugin=plugin.name, endpoint=plugin.endpoint, capacity=plugin.capacity)
 
     def on_register_plugin(self, message: RegisterPlugin, request: Request) -> Ack:
         entry = self.plugins.get(message.name)
         if entry is not None and entry.pid == message.pid and entry.endpoint == message.endpoint:
-            entry.failures = 0
-            return Ack()  # a heartbeat from a plugin we already know
+            # A heartbeat from a plugin we know. It proves the process lives, not
+            # that it serves: only a Health reply clears failed checks.
+            return Ack()
         if entry is not None:
             self._drop_plugin(entry, "re-registered")
         peer = self.connect(message.endpoint, PluginReply)
@@ -247,13 +252,20 @@ class ServerActor(Actor):
             logger.error("plugin {} failed to initialize: {}", entry.name, getattr(reply, "message", reply))
             return
         entry.healthy = True
+        entry.capacity = max(0, reply.capacity)
         self._set_handlers(entry, reply.handler_names)
 
     def on_handlers_changed(self, message: HandlersChanged, request: Request) -> Ack:
         entry = self.plugins.get(message.plugin)
         if entry is None:
             raise NotFound(f"plugin {message.plugin!r} is not registered")
+        before = set(entry.handlers)
         self._set_handlers(entry, message.handler_names)
+        # Deleted, not merely unreachable: its waiting jobs can never run.
+        for name in before - set(entry.handlers):
+            self.pulse.handler_removed(name)
+        for name in set(entry.handlers) - before:
+            self.pulse.handler_added(name)
         return Ack()
 
     def _set_handlers(self, entry: PluginEntry, names: list[str]) -> None:

@@ -154,7 +154,8 @@ class PythonPlugin:
         if not self.initialized.is_set():
             self.initialized.set()
             asyncio.create_task(self._follow_ats())
-        return InitializeReply(handler_names=self.handler_names())
+        # Twice the interpreters: each has the next job ready as it finishes one.
+        return InitializeReply(handler_names=self.handler_names(), capacity=2 * self.pool.size)
 
     def handler_names(self) -> list[str]:
         return [SCRIPT_HANDLER, *(f"{NAME}.{name}" for name in sorted(self.handlers))]

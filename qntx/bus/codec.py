@@ -47,6 +47,8 @@ class Decoder:
             raise BadRequest(f"invalid message: {text}") from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed MessagePack body: {exc}") from None
+        except Exception as exc:  # e.g. RecursionError on absurdly nested input
+            raise BadRequest(f"undecodable message body ({type(exc).__name__})") from None
 
 
 def raise_if_error(reply: Any) -> Any:

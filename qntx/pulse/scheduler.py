@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from loguru import logger
 
@@ -35,6 +36,15 @@ from qntx.pulse.workers import WorkerPool, WorkerState
 BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a plugin handler runs and how many jobs its plugin takes at once (0: any)."""
+
+    plugin: str
+    endpoint: str
+    capacity: int = 0
+
+
 class Pulse:
     def __init__(
         self,
@@ -43,14 +53,18 @@ class Pulse:
         dead_after_s: float,
         send_to_worker: Callable[[bytes, object], None],
         publish: Callable[[bytes, object], None],
-        plugin_endpoint: Callable[[str], str | None],
+        route: Callable[[str], Route | None],
         call_later: Callable[[float, Callable[[], None]], object],
     ):
         self.queue = queue
         self.workers = WorkerPool(dead_after_s)
         self._send_to_worker = send_to_worker
         self._publish = publish
-        self._plugin_endpoint = plugin_endpoint
+        self._route = route
+        self._plugin_load: dict[str, int] = {}  # plugin -> its jobs in flight
+        # job id -> (worker identity, attempt, plugin or None) of each attempt out there
+        self._inflight: dict[str, tuple[bytes, int, str | None]] = {}
+        self._removed: set[str] = set()  # handlers a plugin deleted while up
         self._call_later = call_later
         self._replies: list[tuple[Request, Job]] = []
         self._outbox: list[tuple[bytes, object]] = []
@@ -61,7 +75,33 @@ class Pulse:
     # ---------------------------------------------------------------- requests
 
     def handler_available(self, handler: str) -> bool:
-        return handler in BUILTIN_HANDLERS or self._plugin_endpoint(handler) is not None
+        return handler in BUILTIN_HANDLERS or self._route(handler) is not None
+
+    def _can_take(self, handler: str) -> bool:
+        """A job of ``handler`` may be dispatched now: flow control reaches through
+        to the plugin, so jobs never pile up waiting inside it."""
+        if handler in BUILTIN_HANDLERS:
+            return True
+        route = self._route(handler)
+        if route is None:
+            return False
+        return not route.capacity or self._plugin_load.get(route.plugin, 0) < route.capacity
+
+    def _settle(self, job_id: str, reporter: bytes | None = None, attempt: int | None = None) -> bool:
+        """The attempt of ``job_id`` ended (reported, expired, released): free its
+        worker slot and plugin slot. A report (``reporter`` and ``attempt`` given)
+        settles only the attempt that worker holds; a stale one returns False."""
+        held = self._inflight.get(job_id)
+        if held is None:
+            return reporter is None
+        identity, held_attempt, plugin = held
+        if reporter is not None and (identity != reporter or held_attempt != attempt):
+            return False
+        del self._inflight[job_id]
+        self.workers.finish(job_id)
+        if plugin is not None:
+            self._plugin_load[plugin] -= 1
+        return True
 
     def submit(self, message: Submit, request: Request) -> None:
         job, created = self.queue.submit(message)
@@ -76,7 +116,18 @@ class Pulse:
         self._changed[job.id] = job
         if holder is not None:
             self._outbox.append((holder.identity, CancelRunning(job_id=job_id)))
+            self._settle(job_id)
         return job
+
+    def handler_removed(self, handler: str) -> None:
+        """A plugin deleted ``handler``: fail its waiting jobs now, and its running
+        ones when they end, instead of leaving them queued for ever."""
+        self._removed.add(handler)
+        for job in self.queue.fail_queued(handler, f"handler {handler} was deleted"):
+            self._changed[job.id] = job
+
+    def handler_added(self, handler: str) -> None:
+        self._removed.discard(handler)
 
     def change(self, job: Job) -> Job:
         """Record a change made directly on the queue (retry, pause...) for the turn's events."""
@@ -101,7 +152,13 @@ class Pulse:
 
     def job_done(self, identity: bytes, message: JobDone) -> None:
         self.workers.touch(identity)
-        self.workers.finish(message.job_id)
+        if not self._settle(message.job_id, identity, message.attempt):
+            return  # a stale report: that attempt was taken back from this worker
+        if message.interrupted:
+            job = self.queue.give_back(message.job_id, message.attempt)
+            if job is not None:
+                self._changed[job.id] = job
+            return
         if message.progress is not None:
             # Progress notices travel another path and may arrive after this.
             self.queue.progress(message.job_id, message.progress.current, message.progress.total)
@@ -110,7 +167,10 @@ class Pulse:
         else:
             error = message.error or JobError(message="failed")
             job = self.queue.fail_attempt(message.job_id, message.attempt, error, message.logs)
-            if job is not None and job.status == "queued":
+            if job is not None and job.status == "queued" and job.handler in self._removed:
+                self.handler_removed(job.handler)
+                job = self.queue.get(job.id)
+            elif job is not None and job.status == "queued":
                 logger.info("job {} attempt {} failed: {}; retrying", job.id, message.attempt, error.message)
         if job is not None:
             self._changed[job.id] = job
@@ -120,6 +180,8 @@ class Pulse:
             self._release(worker, f"worker {worker.name} stopped responding")
 
     def _release(self, worker: WorkerState, reason: str) -> None:
+        for job_id in list(worker.assigned):
+            self._settle(job_id)
         self.workers.remove(worker.identity)
         for job in self.queue.release_worker(worker.name, reason):
             self._changed[job.id] = job
@@ -130,11 +192,16 @@ class Pulse:
     def _dispatch(self) -> None:
         while self.workers.has_free() and self.queue.ready_count():
             worker = self.workers.pick()
-            job = self.queue.lease(worker.name, accept=self.handler_available)
+            job = self.queue.lease(worker.name, accept=self._can_take)
             if job is None:
                 return
             self.workers.assign(worker, job.id)
-            endpoint = None if job.handler in BUILTIN_HANDLERS else self._plugin_endpoint(job.handler)
+            endpoint = plugin = None
+            if job.handler not in BUILTIN_HANDLERS:
+                route = self._route(job.handler)
+                endpoint, plugin = route.endpoint, route.plugin
+                self._plugin_load[plugin] = self._plugin_load.get(plugin, 0) + 1
+            self._inflight[job.id] = (worker.identity, job.attempts, plugin)
             # Sent now, before this turn's commit: the worker runs the job while
             # the commit syncs, which halves a job's latency. If the server dies
             # inside that window the submitter never got its acknowledgement (so
@@ -146,7 +213,10 @@ class Pulse:
 
     def end_turn(self) -> None:
         for job in self.queue.expire_leases():
-            self.workers.finish(job.id)
+            holder = self.workers.holder(job.id)
+            if holder is not None:  # it may still be running there: stop it
+                self._outbox.append((holder.identity, CancelRunning(job_id=job.id)))
+            self._settle(job.id)
             self._changed[job.id] = job
         self._dispatch()
         if not (self._replies or self._outbox or self._changed):

@@ -45,6 +45,12 @@ PLUGIN_TIMEOUT_MARGIN_S = 5.0
 STOP_GRACE_S = 5.0
 
 
+def _ignore_result(future) -> None:
+    # A send that failed after the socket closed has no one left to tell.
+    if not future.cancelled():
+        future.exception()
+
+
 class BuiltinFailure(Exception):
     pass
 
@@ -72,6 +78,8 @@ class Worker:
         self.running: dict[str, asyncio.Task] = {}
         self.plugins: dict[str, AsyncClient] = {}
         self.stopping = False
+        self.draining = False
+        self._background: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         stop = asyncio.Event()
@@ -82,14 +90,19 @@ class Worker:
         logger.info("worker {} connected to {} (capacity {})", self.name, self.settings.workers_endpoint, self.capacity)
         tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._receive())]
         await stop.wait()
-        tasks[0].cancel()  # no more heartbeats: the server stops sending work
+        self.draining = True  # heartbeats now say credit 0: no new work, still alive
+        self._send(self._ready())
         if self.running:
             logger.info("worker {} stopping: {} running job(s) get {}s to finish", self.name, len(self.running), STOP_GRACE_S)
             await asyncio.wait(list(self.running.values()), timeout=STOP_GRACE_S)
         self.stopping = True
-        if self.running:
-            logger.info("worker {}: {} job(s) left unfinished; the server re-queues them", self.name, len(self.running))
-        for task in [*tasks, *self.running.values()]:
+        unfinished = list(self.running.values())
+        for task in unfinished:
+            task.cancel()  # each gives its job back (interrupted) as it ends
+        if unfinished:
+            logger.info("worker {}: {} job(s) given back to the queue unfinished", self.name, len(unfinished))
+            await asyncio.wait(unfinished, timeout=1)
+        for task in tasks:
             task.cancel()
         for client in self.plugins.values():
             client.close()
@@ -97,11 +110,26 @@ class Worker:
         self.context.term()
 
     def _send(self, message) -> None:
-        self.socket.send_multipart([b"", encode(message)])
+        body = encode(message)
+        if isinstance(message, JobDone) and len(body) > self.settings.max_message_bytes:
+            # The server would refuse it and the job would sit until its lease ran out.
+            body = encode(self._failed_done(message, f"result too large ({len(body)} bytes > {self.settings.max_message_bytes})"))
+        try:
+            self.socket.send_multipart([b"", body], zmq.NOBLOCK).add_done_callback(_ignore_result)
+        except zmq.ZMQError as exc:
+            logger.warning("could not send {} to the server: {}", type(message).__name__, exc)
+
+    @staticmethod
+    def _failed_done(done: JobDone, message: str) -> JobDone:
+        return JobDone(job_id=done.job_id, attempt=done.attempt, success=False, error=JobError(message=message))
+
+    def _ready(self) -> WorkerReady:
+        credit = 0 if self.draining else self.capacity
+        return WorkerReady(worker=self.name, credit=credit, pid=os.getpid(), running=list(self.running))
 
     async def _heartbeat(self) -> None:
         while True:
-            self._send(WorkerReady(worker=self.name, credit=self.capacity, pid=os.getpid(), running=list(self.running)))
+            self._send(self._ready())
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _receive(self) -> None:
@@ -118,16 +146,20 @@ class Worker:
                 task = asyncio.create_task(self._attempt(command))
                 self.running[command.job.id] = task
             elif isinstance(command, CancelRunning):
-                await self._cancel(command.job_id)
+                asyncio.create_task(self._cancel(command.job_id))
 
     async def _attempt(self, dispatch: Dispatch) -> None:
         job = dispatch.job
         try:
             done = await self._execute(job, dispatch.plugin_endpoint)
         except asyncio.CancelledError:
-            if self.stopping:
-                return  # unreported: the server re-queues it when this worker is gone
-            done = JobDone(job_id=job.id, attempt=job.attempts, success=False, error=JobError(message="cancelled"))
+            if self.stopping:  # not a failure: give it back to run again elsewhere
+                done = JobDone(job_id=job.id, attempt=job.attempts, success=False, interrupted=True)
+            else:
+                done = self._failed(job, "cancelled")
+        except Exception as exc:  # never leave the server holding a slot for nothing
+            logger.exception("job {} crashed in the worker", job.id)
+            done = self._failed(job, f"worker error: {type(exc).__name__}: {exc}")
         finally:
             self.running.pop(job.id, None)
         self._send(done)
@@ -146,9 +178,17 @@ class Worker:
             job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s, attempt=job.attempts
         )
         try:
-            reply: ExecuteResult = await plugin.request(request, timeout_s=job.timeout_s + PLUGIN_TIMEOUT_MARGIN_S)
+            # The plugin times the run itself; this backstop also covers a wait
+            # for one of its interpreters (see the lease length in the queue).
+            reply = await plugin.request(request, timeout_s=2 * job.timeout_s + PLUGIN_TIMEOUT_MARGIN_S)
+        except asyncio.CancelledError:
+            self._tell_plugin_to_cancel(plugin, job.id)
+            raise
         except QntxError as exc:
+            self._tell_plugin_to_cancel(plugin, job.id)
             return self._failed(job, f"plugin at {plugin_endpoint} failed: {exc}")
+        if not isinstance(reply, ExecuteResult):
+            return self._failed(job, f"plugin at {plugin_endpoint} answered {type(reply).__name__}")
         logs = reply.stdout + (("\n--- stderr ---\n" + reply.stderr) if reply.stderr else "")
         return JobDone(
             job_id=job.id,
@@ -174,14 +214,19 @@ class Worker:
 
     async def _cancel(self, job_id: str) -> None:
         task = self.running.get(job_id)
-        if task is None:
-            return
-        for endpoint, client in self.plugins.items():
+        if task is not None:
+            task.cancel()  # a plugin job tells its plugin to stop it too
+
+    def _tell_plugin_to_cancel(self, plugin: AsyncClient, job_id: str) -> None:
+        async def tell() -> None:
             try:
-                await client.request(CancelExecution(job_id=job_id), timeout_s=2)
+                await plugin.request(CancelExecution(job_id=job_id), timeout_s=2)
             except QntxError as exc:
-                logger.debug("cancel of {} at {}: {}", job_id, endpoint, exc)
-        task.cancel()
+                logger.debug("cancel of {} at {}: {}", job_id, plugin.endpoint, exc)
+
+        task = asyncio.create_task(tell())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 def run_worker(settings: Settings, name: str | None = None, capacity: int = 8) -> None:

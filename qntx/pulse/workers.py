@@ -68,7 +68,11 @@ class WorkerPool:
         worker.assigned.add(job_id)
         self._by_job[job_id] = worker.identity
 
-    def finish(self, job_id: str) -> WorkerState | None:
+    def finish(self, job_id: str, reporter: bytes | None = None) -> WorkerState | None:
+        """Free the slot of ``job_id``; when ``reporter`` is given, only if it holds it
+        (a late report from a worker that lost the job must not free another's slot)."""
+        if reporter is not None and self._by_job.get(job_id) != reporter:
+            return None
         identity = self._by_job.pop(job_id, None)
         worker = self._workers.get(identity) if identity is not None else None
         if worker is not None:
