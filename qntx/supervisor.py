@@ -10,7 +10,6 @@ supervisor even when it is killed with -9.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -24,13 +23,13 @@ from loguru import logger
 
 from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import Conflict
+from qntx.lifeline import die_with_parent
 from qntx.settings import Settings
 
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a child that ran this long gets its backoff reset
 STOP_GRACE_S = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -44,14 +43,6 @@ class Child:
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
     log_threads: list[threading.Thread] = field(default_factory=list)
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: children are still stopped on a clean shutdown
-    os.setpgid(0, 0)  # a Ctrl-C on the terminal reaches the supervisor only
 
 
 def actor_command(settings: Settings, *args: str) -> list[str]:
@@ -78,7 +69,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         child.started_at = time.monotonic()
         child.restart_at = None

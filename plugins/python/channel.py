@@ -17,6 +17,7 @@ import msgspec
 from loguru import logger
 
 from plugins.python.runner import MAX_FRAME_BYTES, ReportProgress, RunJob, ToParent, frame
+from qntx.lifeline import kill_group
 from qntx.protocol import Progress
 
 _encoder = msgspec.msgpack.Encoder()
@@ -73,7 +74,7 @@ class Interpreter(asyncio.Protocol):
         if self.kill_reason is None:
             self.kill_reason = reason
         if self.proc.returncode is None:
-            self.proc.kill()
+            kill_group(self.proc.pid)  # with whatever the handler code started
         # Do not wait for EOF: a process forked by handler code may hold the pipe open.
         self.fail_pending()
 

@@ -23,6 +23,7 @@ from loguru import logger
 
 from plugins.python.channel import Died, Interpreter
 from plugins.python.runner import JobReply, RunJob
+from qntx.lifeline import die_with_parent, kill_group
 from qntx.protocol import ExecuteResult, JobError, Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -178,6 +179,8 @@ class InterpreterPool:
             for interp in list(self._live):
                 interp.kill("interpreter pool closed")
             await asyncio.gather(*(p.wait() for p in procs))
+        for proc in procs:  # what handler code started lives on in the runner's group
+            kill_group(proc.pid)
         self._live.clear()
 
     # ----------------------------------------------------------------- internals
@@ -231,6 +234,7 @@ class InterpreterPool:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 pass_fds=(child_in, child_out),
+                preexec_fn=die_with_parent,  # no orphaned handler code if the plugin dies
                 cwd=REPO_ROOT,
                 env=env,
             )

@@ -73,7 +73,11 @@ class AsyncService:
         while True:
             # An asyncio socket returns an already-completed future when a message
             # is waiting, so a busy socket is drained without waking the selector.
-            self._handle(await self.socket.recv_multipart())
+            frames = await self.socket.recv_multipart()
+            try:
+                self._handle(frames)
+            except Exception:  # whatever a peer sends, the service keeps serving
+                logger.exception("{} recovered from a bad message", self.label)
 
     def _handle(self, frames: list[bytes]) -> None:
         try:

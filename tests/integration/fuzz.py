@@ -23,6 +23,9 @@ GARBAGE_BODIES = [
     msgspec.msgpack.encode({"type": "Attest", "items": [{"subjects": []}]}),
     msgspec.msgpack.encode({"type": "GetAttestation", "id": 5}),
     msgspec.msgpack.encode({"type": "Submit", "handler": "x"}),  # right bus, wrong actor
+    # A payload nested 200,000 deep: the decoder's recursion limit, not a crash.
+    b"\x84" + msgspec.msgpack.encode({"type": "ExecuteJob", "job_id": "x", "handler": "python.script"})[1:]
+    + msgspec.msgpack.encode("payload") + b"\x91" * 200_000 + b"\xc0",
 ]
 
 

@@ -347,3 +347,25 @@ def test_warm_round_trip_time(capsys):
             print(f"\nwarm interpreter round trip: {elapsed / count * 1e6:.0f} us per trivial job")
 
     in_pool(body, size=1)
+
+
+def test_processes_a_handler_starts_die_with_its_interpreter():
+    code = "import subprocess\np = subprocess.Popen(['sleep', '300'])\n_result = p.pid\n"
+
+    async def body(pool):
+        outcome = await run(pool, code)
+        assert outcome.success, outcome.error
+        os.kill(outcome.result, 0)  # alive while its interpreter is
+        return outcome.result
+
+    child = in_pool(body, size=1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as stat:
+                if stat.read().split()[2] == "Z":
+                    return  # dead, waiting to be reaped by init
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the handler's child outlived the pool")

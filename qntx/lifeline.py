@@ -1,0 +1,31 @@
+"""Child processes that cannot outlive their parent.
+
+``die_with_parent`` runs in a child between fork and exec: it asks the kernel
+to SIGKILL the child when its parent dies (however the parent dies, kill -9
+included) and puts the child in a process group of its own, so a Ctrl-C on the
+terminal reaches only the parent and the whole group can be killed at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: children are still stopped on a clean shutdown
+    os.setpgid(0, 0)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (what its code started, too)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
