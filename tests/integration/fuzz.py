@@ -26,6 +26,9 @@ GARBAGE_BODIES = [
     # A payload nested 200,000 deep: the decoder's recursion limit, not a crash.
     b"\x84" + msgspec.msgpack.encode({"type": "ExecuteJob", "job_id": "x", "handler": "python.script"})[1:]
     + msgspec.msgpack.encode("payload") + b"\x91" * 200_000 + b"\xc0",
+    b"\x82" + msgspec.msgpack.encode("type") + msgspec.msgpack.encode("Attest") + msgspec.msgpack.encode("items")
+    + b"\x91\x82" + msgspec.msgpack.encode("subjects") + msgspec.msgpack.encode(["a"])
+    + msgspec.msgpack.encode("attributes") + b"\x81" + msgspec.msgpack.encode("k") + b"\x91" * 200_000 + b"\xc0",
 ]
 
 
