@@ -124,7 +124,11 @@ class _RemoteAts:
 
     def __init__(self, settings: Settings):
         self.client = Client(
-            settings.ats_endpoint, AtsReply, timeout_s=settings.request_timeout_s, security=settings.security
+            settings.ats_endpoint,
+            AtsReply,
+            timeout_s=settings.request_timeout_s,
+            security=settings.security,
+            max_message_bytes=settings.max_message_bytes,
         )
 
     def ping(self) -> Pong:
@@ -310,6 +314,7 @@ class Bus:
                 ServerReply,
                 timeout_s=self.settings.request_timeout_s,
                 security=self.settings.security,
+                max_message_bytes=self.settings.max_message_bytes,
             )
         return self._server
 

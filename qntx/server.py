@@ -128,11 +128,11 @@ class ServerActor(Actor):
         self._schedule_health()
         counts = self.pulse.queue.counts()
         logger.info(
-            "QNTX server serving {} (pulse {}: {} queued, {} running recovered)",
+            "QNTX server serving {} (pulse {}: {} queued, {} paused; jobs a crash left running are queued again)",
             self.settings.server_endpoint,
             self.settings.pulse_path,
             counts.get("queued", 0),
-            counts.get("running", 0),
+            counts.get("paused", 0),
         )
 
     def after_batch(self) -> None:

@@ -1,7 +1,7 @@
 """The parent's end of the private pipes to one child interpreter of the Python plugin.
 
 Owns the frame protocol on the plugin's side: writing ``RunJob`` frames, reading
-``Ready``/``ReportProgress``/``JobReply`` frames (declared in ``plugins.python.runner``)
+``Ready``/``ReportProgress``/``RunResult`` frames (declared in ``plugins.python.runner``)
 and turning the child's silence, death or garbage into ``Died`` for whoever awaits a
 reply. When and why children are started, reused or replaced is ``plugins.python.pool``.
 """
@@ -38,7 +38,7 @@ class Interpreter(asyncio.Protocol):
         self._writer: asyncio.WriteTransport | None = None
         self._lost = False
         self._buffer = bytearray()
-        self._pending: asyncio.Future | None = None  # the awaited Ready or JobReply
+        self._pending: asyncio.Future | None = None  # the awaited Ready or RunResult
         self._on_progress: Callable[[float, float], None] | None = None
         self._decoder = msgspec.msgpack.Decoder(ToParent)
 
@@ -55,7 +55,7 @@ class Interpreter(asyncio.Protocol):
         return not self._lost and self.kill_reason is None and self.proc.returncode is None
 
     def expect(self, on_progress: Callable[[float, float], None] | None = None) -> asyncio.Future:
-        """A future for the next Ready/JobReply frame; it fails with Died if the child goes."""
+        """A future for the next Ready/RunResult frame; it fails with Died if the child goes."""
         self._pending = asyncio.get_running_loop().create_future()
         self._on_progress, self.last_progress = on_progress, None
         if self._lost:

@@ -22,7 +22,7 @@ from typing import Any
 from loguru import logger
 
 from plugins.python.channel import Died, Interpreter
-from plugins.python.runner import JobReply, RunJob
+from plugins.python.runner import RunJob, RunResult
 from qntx.lifeline import die_with_parent, kill_group
 from qntx.protocol import ExecuteResult, JobError, Progress
 
@@ -124,7 +124,7 @@ class InterpreterPool:
         timer = asyncio.get_running_loop().call_later(timeout_s, interp.kill, timeout)
         try:
             interp.send(job)
-            message: JobReply = await reply
+            message: RunResult = await reply
         except Died:
             # Unless we killed it, wait for the exit status: it names the cause.
             reason = interp.kill_reason or describe_exit(await interp.proc.wait())

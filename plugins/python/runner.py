@@ -8,7 +8,7 @@ It owns executing user code: a fresh namespace per job (``upstream``, ``args``,
 It talks to its parent only over a private pipe pair, never over fd 0/1: frames are
 a 4-byte big-endian length and a MessagePack body. The parent sends ``RunJob``; the
 child answers ``Ready`` once at start, any number of ``ReportProgress`` during a job
-and one ``JobReply`` per job. The frames are declared here, once, and
+and one ``RunResult`` per job. The frames are declared here, once, and
 ``plugins.python.channel`` (the parent's end) imports them. The child exits when its
 input pipe closes.
 """
@@ -60,7 +60,7 @@ class ReportProgress(msgspec.Struct, tag="progress", kw_only=True):
     total: float
 
 
-class JobReply(msgspec.Struct, tag="reply", kw_only=True):
+class RunResult(msgspec.Struct, tag="reply", kw_only=True):
     job_id: str
     success: bool
     result: Any = None
@@ -70,7 +70,7 @@ class JobReply(msgspec.Struct, tag="reply", kw_only=True):
 
 
 ToChild = RunJob
-ToParent = Ready | ReportProgress | JobReply
+ToParent = Ready | ReportProgress | RunResult
 
 
 def frame(body: bytes) -> bytes:
@@ -209,7 +209,7 @@ class HandlerRunner:
         )
 
     def run(self, job: RunJob) -> bytes:
-        """Run one job and return its encoded ``JobReply``."""
+        """Run one job and return its encoded ``RunResult``."""
         payload = job.payload
         args = payload.get("args") if isinstance(payload, dict) else None
         namespace: dict[str, Any] = {
@@ -234,10 +234,10 @@ class HandlerRunner:
         finally:
             sys.stdout, sys.stderr = saved
         result = namespace.get("_result") if error is None else None
-        reply = JobReply(job_id=job.job_id, success=error is None, result=result, error=error)
+        reply = RunResult(job_id=job.job_id, success=error is None, result=result, error=error)
         return self._encode(reply, out.getvalue(), err.getvalue())
 
-    def _encode(self, reply: JobReply, stdout: str, stderr: str) -> bytes:
+    def _encode(self, reply: RunResult, stdout: str, stderr: str) -> bytes:
         reply.stdout, reply.stderr = _tail(stdout), _tail(stderr)
         try:
             return self._encoder.encode(reply)

@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from qntx.bus.codec import Decoder, encode, raise_if_error
 from qntx.bus.security import PLAIN, Security
-from qntx.errors import Timeout, Unavailable
+from qntx.errors import Timeout, TooLarge, Unavailable
 
 # How long a request waits for the connection to the actor to exist at all.
 CONNECT_WAIT_S = 1.0
@@ -46,9 +46,11 @@ class Client:
         timeout_s: float = 10.0,
         context: zmq.Context | None = None,
         security: Security = PLAIN,
+        max_message_bytes: int | None = None,
     ):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         _prepare(self._socket, endpoint, security)
@@ -57,6 +59,10 @@ class Client:
 
     def _send(self, correlation: bytes, message: msgspec.Struct) -> None:
         body = encode(message)
+        if self.max_message_bytes is not None and len(body) > self.max_message_bytes:
+            # Refused here: past the actor's hard limit the transport would drop
+            # the connection without a word, and the request would time out.
+            raise TooLarge(f"message of {len(body)} bytes exceeds the limit of {self.max_message_bytes}")
         try:
             self._socket.send_multipart([correlation, body], zmq.NOBLOCK)
             return

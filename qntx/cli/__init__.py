@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OverflowError as exc:  # a number too large for the wire or the store
+        return _error_line(f"a number is out of range: {exc}", 2)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except Exception as exc:  # a bug: still one line unless --debug

@@ -60,8 +60,19 @@ async def run_builtin(job: Job) -> Any:
     if job.handler == "builtin.echo":
         return job.payload
     if job.handler == "builtin.sleep":
-        seconds = job.payload.get("seconds", 1) if isinstance(job.payload, dict) else job.payload
-        await asyncio.sleep(float(seconds or 0))
+        payload = job.payload
+        if isinstance(payload, dict):
+            args = payload.get("args") or [1]  # `qntx ix builtin.sleep 2`
+            seconds = payload.get("seconds", args[0])
+        else:
+            seconds = payload
+        try:
+            seconds = float(seconds)
+        except (TypeError, ValueError):
+            raise BuiltinFailure(f"builtin.sleep needs a number of seconds, got {seconds!r}") from None
+        if not 0 <= seconds < float("inf"):
+            raise BuiltinFailure(f"builtin.sleep needs 0 <= seconds < inf, got {seconds!r}")
+        await asyncio.sleep(seconds)
         return {"slept": seconds}
     if job.handler == "builtin.fail":
         raise BuiltinFailure(str(job.payload) if job.payload is not None else "failed on purpose")

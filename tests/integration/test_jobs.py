@@ -166,3 +166,43 @@ def test_pause_and_resume_a_queued_job(bus, up):
         assert b.job(waiting.id).status == "paused"  # held although workers are free
         assert b.resume(waiting.id).status in ("queued", "running", "completed")
         assert waiting.result(timeout=10) == "later"
+
+
+def test_oversized_results_and_payloads_fail_fast(bus, up):
+    assert bus.run("handler", "create", "huge", "--code", "_result = 'y' * (20 << 20)").returncode == 0
+    up.wait_output("handler=python.huge")
+    with qntx.connect(bus.home) as b:
+        started = time.monotonic()
+        job = b.submit("python.huge", {"args": []}, max_attempts=1).wait(timeout=60)
+        assert job.status == "failed" and "result too large" in job.error.message
+        assert time.monotonic() - started < 30  # not a lease expiry
+        with pytest.raises(qntx.QntxError) as refused:
+            b.submit("builtin.echo", "x" * (17 << 20))
+        assert refused.value.code == "too_large"
+        assert b.submit("builtin.echo", "fine").result(timeout=10) == "fine"
+
+
+def test_deleting_a_handler_fails_its_waiting_jobs(bus, up):
+    with qntx.connect(bus.home) as b:
+        # Fill the plugin's capacity so later jobs of `sleepy` must wait in the queue.
+        handles = b.submit_many("python.sleepy", [{"args": ["2"]}] * 8)
+        assert bus.run("handler", "delete", "sleepy").returncode == 0
+        up.wait_output("Unregistering plugin async handler plugin=python handler=python.sleepy", timeout=5)
+        jobs = [b.wait(h.id, timeout=60) for h in handles]
+        assert all(j.status in ("completed", "failed") for j in jobs)
+        failed = [j for j in jobs if j.status == "failed"]
+        assert failed and all("sleepy was deleted" in j.error.message for j in failed)
+        assert b.status().queue["queued"] == 0
+
+
+def test_jobs_wait_in_pulse_not_in_the_plugin(bus, up):
+    """Flow control reaches the plugin: jobs beyond its capacity stay queued, so a
+    short timeout still covers each job's own run."""
+    with qntx.connect(bus.home) as b:
+        handles = b.submit_many("python.sleepy", [{"args": ["0.8"]}] * 10, timeout_s=1.5, max_attempts=1)
+        wait_for_running = time.monotonic() + 10
+        while b.status().queue["running"] == 0 and time.monotonic() < wait_for_running:
+            time.sleep(0.02)
+        assert b.status().queue["running"] <= 4  # 2 interpreters, one job waiting each
+        for h in handles:
+            assert h.result(timeout=60) == "woke"
