@@ -324,6 +324,12 @@ class Initialize(Message):
     config: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+# A plugin with N interpreters may take up to N * PLUGIN_DEPTH jobs at once, so a job
+# can wait behind PLUGIN_DEPTH - 1 others before its own timeout starts; leases and
+# worker timeouts therefore allow PLUGIN_DEPTH * timeout_s.
+PLUGIN_DEPTH = 4
+
+
 class InitializeReply(Message):
     handler_names: list[str]
     capacity: int = 0  # jobs it takes at once (0: no limit); Pulse never sends more

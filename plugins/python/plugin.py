@@ -29,6 +29,7 @@ from qntx.bus.codec import Decoder
 from qntx.errors import QntxError
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.protocol import (
+    PLUGIN_DEPTH,
     Ack,
     AtsReply,
     AttestationCreated,
@@ -154,8 +155,8 @@ class PythonPlugin:
         if not self.initialized.is_set():
             self.initialized.set()
             asyncio.create_task(self._follow_ats())
-        # Twice the interpreters: each has the next job ready as it finishes one.
-        return InitializeReply(handler_names=self.handler_names(), capacity=2 * self.pool.size)
+        # A few jobs per interpreter keep each one busy across the round trips.
+        return InitializeReply(handler_names=self.handler_names(), capacity=PLUGIN_DEPTH * self.pool.size)
 
     def handler_names(self) -> list[str]:
         return [SCRIPT_HANDLER, *(f"{NAME}.{name}" for name in sorted(self.handlers))]

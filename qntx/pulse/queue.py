@@ -30,7 +30,15 @@ import msgspec
 
 from qntx.asid import new_asid
 from qntx.errors import Conflict, Invalid, NotFound
-from qntx.protocol import FINAL_STATUSES, JOB_STATUSES, Job, JobError, Progress, Submit
+from qntx.protocol import (
+    FINAL_STATUSES,
+    JOB_STATUSES,
+    PLUGIN_DEPTH,
+    Job,
+    JobError,
+    Progress,
+    Submit,
+)
 from qntx.pulse.jobstore import MAX_KEY_BYTES, JobStore, StoredJob
 
 LEASE_GRACE_MS = 5_000  # a worker gets this long past timeout_s to report before we give up
@@ -61,10 +69,10 @@ def bound_logs(text: str, limit: int = MAX_LOG_BYTES) -> str:
 
 
 def lease_ms(timeout_s: float) -> int:
-    """How long a worker may hold an attempt before it counts as lost: twice the
-    timeout, since a plugin may hold the job waiting for an interpreter while the
-    one before it runs to its own timeout, plus a grace for reporting back."""
-    return int(timeout_s * 2000) + LEASE_GRACE_MS
+    """How long a worker may hold an attempt before it counts as lost: a plugin may
+    hold the job behind others that each run to their timeout (``PLUGIN_DEPTH``),
+    plus a grace for reporting back."""
+    return int(timeout_s * 1000 * PLUGIN_DEPTH) + LEASE_GRACE_MS
 
 
 def _check_submit(spec: Submit) -> None:

@@ -25,6 +25,7 @@ from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
 from qntx.errors import QntxError
 from qntx.protocol import (
+    PLUGIN_DEPTH,
     CancelExecution,
     CancelRunning,
     Dispatch,
@@ -191,7 +192,7 @@ class Worker:
         try:
             # The plugin times the run itself; this backstop also covers a wait
             # for one of its interpreters (see the lease length in the queue).
-            reply = await plugin.request(request, timeout_s=2 * job.timeout_s + PLUGIN_TIMEOUT_MARGIN_S)
+            reply = await plugin.request(request, timeout_s=PLUGIN_DEPTH * job.timeout_s + PLUGIN_TIMEOUT_MARGIN_S)
         except asyncio.CancelledError:
             self._tell_plugin_to_cancel(plugin, job.id)
             raise

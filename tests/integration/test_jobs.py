@@ -10,7 +10,7 @@ import pytest
 import qntx
 from qntx.bus.client import Client
 from qntx.errors import NotFound
-from qntx.protocol import Ping, PluginReply, Pong, ServerReply
+from qntx.protocol import PLUGIN_DEPTH, Ping, PluginReply, Pong, ServerReply
 from tests.integration.fuzz import hammer
 
 pytestmark = pytest.mark.timeout(120)
@@ -184,8 +184,8 @@ def test_oversized_results_and_payloads_fail_fast(bus, up):
 
 def test_deleting_a_handler_fails_its_waiting_jobs(bus, up):
     with qntx.connect(bus.home) as b:
-        # Fill the plugin's capacity so later jobs of `sleepy` must wait in the queue.
-        handles = b.submit_many("python.sleepy", [{"args": ["2"]}] * 8)
+        # More than the plugin takes at once, so some jobs of `sleepy` wait in the queue.
+        handles = b.submit_many("python.sleepy", [{"args": ["1"]}] * (4 * PLUGIN_DEPTH))
         assert bus.run("handler", "delete", "sleepy").returncode == 0
         up.wait_output("Unregistering plugin async handler plugin=python handler=python.sleepy", timeout=5)
         jobs = [b.wait(h.id, timeout=60) for h in handles]
@@ -203,6 +203,6 @@ def test_jobs_wait_in_pulse_not_in_the_plugin(bus, up):
         wait_for_running = time.monotonic() + 10
         while b.status().queue["running"] == 0 and time.monotonic() < wait_for_running:
             time.sleep(0.02)
-        assert b.status().queue["running"] <= 4  # 2 interpreters, one job waiting each
+        assert b.status().queue["running"] <= 2 * PLUGIN_DEPTH  # 2 interpreters
         for h in handles:
             assert h.result(timeout=60) == "woke"
