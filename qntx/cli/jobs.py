@@ -125,36 +125,35 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
             print(f"    {line}")
 
 
+def _steer(job_id: str, action: str) -> None:
+    """Apply a Bus method (cancel, retry, pause, resume) to one job and say where it is now."""
+    with open_bus() as bus:
+        job = getattr(bus, action)(job_id)
+    print(f"✓ Job {job.id} {job.status}")
+
+
 @pulse_app.command
 def cancel(job_id: str, /):
     """Cancel a queued or running job (a running one is killed)."""
-    with open_bus() as bus:
-        job = bus.cancel(job_id)
-    print(f"✓ Job {job.id} {job.status}")
+    _steer(job_id, "cancel")
 
 
 @pulse_app.command
 def retry(job_id: str, /):
     """Queue a failed or cancelled job again, with fresh attempts."""
-    with open_bus() as bus:
-        job = bus.retry(job_id)
-    print(f"✓ Job {job.id} {job.status}")
+    _steer(job_id, "retry")
 
 
 @pulse_app.command
 def pause(job_id: str, /):
     """Hold a queued job until `pulse resume`."""
-    with open_bus() as bus:
-        job = bus.pause(job_id)
-    print(f"✓ Job {job.id} {job.status}")
+    _steer(job_id, "pause")
 
 
 @pulse_app.command
 def resume(job_id: str, /):
     """Release a paused job back to the queue."""
-    with open_bus() as bus:
-        job = bus.resume(job_id)
-    print(f"✓ Job {job.id} {job.status}")
+    _steer(job_id, "resume")
 
 
 @app.command
