@@ -206,3 +206,21 @@ def test_jobs_wait_in_pulse_not_in_the_plugin(bus, up):
         assert b.status().queue["running"] <= 2 * PLUGIN_DEPTH  # 2 interpreters
         for h in handles:
             assert h.result(timeout=60) == "woke"
+
+
+def test_pulse_commands(bus, up):
+    ran = bus.run("ix", "sleepy", "30", "--no-wait")
+    job_id = ran.stdout.strip()
+    cancelled = bus.run("pulse", "cancel", job_id)
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"✓ Job {job_id} cancelled"
+    again = bus.run("pulse", "cancel", job_id)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    retried = bus.run("pulse", "retry", job_id)
+    assert retried.returncode == 0 and "queued" in retried.stdout
+    assert bus.run("pulse", "cancel", job_id).returncode == 0
+    unknown = bus.run("pulse", "show", "JB-NOPE---22222222")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: ")
+    listed = bus.run("pulse", "jobs", "--status", "cancelled")
+    assert job_id in listed.stdout
+    bad = bus.run("pulse", "jobs", "--status", "sleeping")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
