@@ -17,7 +17,8 @@ from qntx.protocol import Attestation, Filter, NewAttestation
 
 PREDICATE = "handler"
 CONTEXT = "python"
-NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+# Letters (any script), digits, "_" and "-", not starting with a digit or "-".
+NAME_PATTERN = re.compile(r"^[^\W\d][\w-]{0,127}$")
 
 HANDLER_FILTER = Filter(predicates=[PREDICATE], contexts=[CONTEXT])
 
