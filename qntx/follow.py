@@ -22,7 +22,7 @@ import zmq.asyncio
 from qntx.bus.codec import Decoder
 from qntx.bus.security import PLAIN, Security
 from qntx.errors import Timeout
-from qntx.protocol import FINAL_STATUSES, Event, Job, JobChanged, JobProgressed
+from qntx.protocol import FINAL_STATUSES, Event, Job, JobChanged, JobOutput, JobProgressed
 
 RECHECK_S = 0.5
 # The first ask waits this long: an event usually arrives well before, and asking
@@ -31,7 +31,7 @@ FIRST_CHECK_S = 0.05
 # Final records kept for jobs nobody watches yet (a batch submitted before waiting).
 FINAL_KEPT = 100_000
 
-JobEvent = JobChanged | JobProgressed
+JobEvent = JobChanged | JobProgressed | JobOutput
 
 
 class EventBook:
@@ -61,7 +61,7 @@ class EventBook:
         event = self._decoder.decode(frames[1])
         if isinstance(event, JobChanged):
             job_id = event.job.id
-        elif isinstance(event, JobProgressed):
+        elif isinstance(event, JobProgressed | JobOutput):
             job_id = event.job_id
         else:
             return

@@ -89,6 +89,9 @@ class JobError(msgspec.Struct, kw_only=True):
     traceback: str = ""
 
 
+# Job.logs holds a job's stdout, then this line and its stderr (if it wrote any).
+STDERR_MARK = "\n--- stderr ---\n"
+
 # JOB_STATUSES: queued -> running -> completed | failed | cancelled; paused holds a queued job.
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "paused")
 FINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -246,6 +249,15 @@ class JobProgress(Message):
     total: float
 
 
+class JobOutput(Message):
+    """Output of a long-running job as it is written (fire and forget); the server
+    publishes it unchanged to the job's followers. The job's logs keep it all."""
+
+    job_id: str
+    stream: str  # "stdout" or "stderr"
+    text: str
+
+
 ServerRequest = (
     Ping
     | Submit
@@ -259,6 +271,7 @@ ServerRequest = (
     | RegisterPlugin
     | HandlersChanged
     | JobProgress
+    | JobOutput
 )
 ServerReply = Pong | JobReply | JobList | StatusReply | Ack | ErrorReply
 
@@ -397,4 +410,4 @@ class HandlersRegistered(Message):
     handler_names: list[str]
 
 
-Event = AttestationCreated | JobChanged | JobProgressed | HandlersRegistered
+Event = AttestationCreated | JobChanged | JobProgressed | JobOutput | HandlersRegistered

@@ -40,6 +40,7 @@ from qntx.protocol import (
     InitializeReply,
     JobDone,
     JobList,
+    JobOutput,
     JobProgress,
     JobReply,
     ListJobs,
@@ -123,6 +124,7 @@ class ServerActor(Actor):
                 RegisterPlugin: self.on_register_plugin,
                 HandlersChanged: self.on_handlers_changed,
                 JobProgress: self.on_progress,
+                JobOutput: self.on_output,
             },
         )
         self._schedule_health()
@@ -182,6 +184,9 @@ class ServerActor(Actor):
         job = self.pulse.change(self.pulse.queue.resume(message.id))
         self.pulse.end_turn()
         return JobReply(job=job)
+
+    def on_output(self, message: JobOutput, request: Request) -> None:
+        self.pulse.output(message)
 
     def on_progress(self, message: JobProgress, request: Request) -> None:
         self.pulse.progress(message.job_id, message.current, message.total)

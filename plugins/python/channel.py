@@ -16,7 +16,14 @@ from typing import Any
 import msgspec
 from loguru import logger
 
-from plugins.python.runner import MAX_FRAME_BYTES, ReportProgress, RunJob, ToParent, frame
+from plugins.python.runner import (
+    MAX_FRAME_BYTES,
+    ReportOutput,
+    ReportProgress,
+    RunJob,
+    ToParent,
+    frame,
+)
 from qntx.lifeline import kill_group
 from qntx.protocol import Progress
 
@@ -40,6 +47,7 @@ class Interpreter(asyncio.Protocol):
         self._buffer = bytearray()
         self._pending: asyncio.Future | None = None  # the awaited Ready or RunResult
         self._on_progress: Callable[[float, float], None] | None = None
+        self._on_output: Callable[[str, str], None] | None = None
         self._decoder = msgspec.msgpack.Decoder(ToParent)
 
     async def connect(self, from_child: int, to_child: int) -> None:
@@ -54,10 +62,15 @@ class Interpreter(asyncio.Protocol):
     def usable(self) -> bool:
         return not self._lost and self.kill_reason is None and self.proc.returncode is None
 
-    def expect(self, on_progress: Callable[[float, float], None] | None = None) -> asyncio.Future:
+    def expect(
+        self,
+        on_progress: Callable[[float, float], None] | None = None,
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> asyncio.Future:
         """A future for the next Ready/RunResult frame; it fails with Died if the child goes."""
         self._pending = asyncio.get_running_loop().create_future()
         self._on_progress, self.last_progress = on_progress, None
+        self._on_output = on_output
         if self._lost:
             self._pending.set_exception(Died())
         return self._pending
@@ -110,6 +123,12 @@ class Interpreter(asyncio.Protocol):
                     self._on_progress(message.current, message.total)
                 except Exception:
                     logger.exception("progress callback failed")
+        elif isinstance(message, ReportOutput):
+            if self._on_output is not None:
+                try:
+                    self._on_output(message.stream, message.text)
+                except Exception:
+                    logger.exception("output callback failed")
         elif self._pending is not None and not self._pending.done():
             self._pending.set_result(message)
 

@@ -43,6 +43,7 @@ from qntx.protocol import (
     Initialize,
     InitializeReply,
     JobError,
+    JobOutput,
     JobProgress,
     Metadata,
     MetadataReply,
@@ -233,6 +234,9 @@ class PythonPlugin:
         def on_progress(current: float, total: float) -> None:
             self.server.notify(JobProgress(job_id=message.job_id, current=current, total=total))
 
+        def on_output(stream: str, text: str) -> None:
+            self.server.notify(JobOutput(job_id=message.job_id, stream=stream, text=text))
+
         return await self.pool.run(
             message.job_id,
             code,
@@ -241,6 +245,7 @@ class PythonPlugin:
             timeout_s=message.timeout_s,
             cpu_s=self.settings.python_cpu_s,
             on_progress=on_progress,
+            on_output=on_output,
         )
 
     def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:

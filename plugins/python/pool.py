@@ -106,12 +106,13 @@ class InterpreterPool:
         timeout_s: float,
         cpu_s: int = 600,
         on_progress: Callable[[float, float], None] | None = None,
+        on_output: Callable[[str, str], None] | None = None,
     ) -> ExecuteResult:
         interp = await self._acquire(job_id)
         if interp is None:
             return _failure("interpreter pool closed" if self._closed else "cancelled")
         self._running[job_id] = interp
-        reply = interp.expect(on_progress)
+        reply = interp.expect(on_progress, on_output)
         job = RunJob(
             job_id=job_id,
             code=code,

@@ -7,8 +7,10 @@ It owns executing user code: a fresh namespace per job (``upstream``, ``args``,
 
 It talks to its parent only over a private pipe pair, never over fd 0/1: frames are
 a 4-byte big-endian length and a MessagePack body. The parent sends ``RunJob``; the
-child answers ``Ready`` once at start, any number of ``ReportProgress`` during a job
-and one ``RunResult`` per job. The frames are declared here, once, and
+child answers ``Ready`` once at start, any number of ``ReportProgress`` and
+``ReportOutput`` during a job and one ``RunResult`` per job. Output is streamed
+only once a job has run for ``STREAM_AFTER_S``: a quick job's output simply comes
+with its result, at no extra cost. The frames are declared here, once, and
 ``plugins.python.channel`` (the parent's end) imports them. The child exits when its
 input pipe closes.
 """
@@ -25,6 +27,8 @@ import os
 import resource
 import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -37,6 +41,8 @@ MAX_OUTPUT_CHARS = 1 << 20  # per stream; the tail is kept, it usually holds the
 MAX_FRAME_BYTES = 1 << 30
 CODE_CACHE_SIZE = 256
 ATTEST_TIMEOUT_S = 10.0
+STREAM_AFTER_S = 0.2  # a job running longer than this has its output streamed live
+STREAM_EVERY_S = 0.1
 
 
 # --------------------------------------------------------------------- frames
@@ -60,6 +66,11 @@ class ReportProgress(msgspec.Struct, tag="progress", kw_only=True):
     total: float
 
 
+class ReportOutput(msgspec.Struct, tag="output", kw_only=True):
+    stream: str  # "stdout" or "stderr"
+    text: str
+
+
 class RunResult(msgspec.Struct, tag="reply", kw_only=True):
     job_id: str
     success: bool
@@ -70,7 +81,7 @@ class RunResult(msgspec.Struct, tag="reply", kw_only=True):
 
 
 ToChild = RunJob
-ToParent = Ready | ReportProgress | RunResult
+ToParent = Ready | ReportProgress | ReportOutput | RunResult
 
 
 def frame(body: bytes) -> bytes:
@@ -84,6 +95,7 @@ class Pipe:
         self._input = os.fdopen(rfd, "rb")
         self._wfd = wfd
         self._decoder = msgspec.msgpack.Decoder(ToChild)
+        self.lock = threading.Lock()  # the output streamer sends from its own thread
 
     def receive(self) -> RunJob | None:
         """The next job, or None once the parent has closed the pipe."""
@@ -97,9 +109,10 @@ class Pipe:
         return self._decoder.decode(body)
 
     def send(self, body: bytes) -> None:
-        view = memoryview(frame(body))
-        while view:
-            view = view[os.write(self._wfd, view) :]
+        with self.lock:
+            view = memoryview(frame(body))
+            while view:
+                view = view[os.write(self._wfd, view) :]
 
 
 # --------------------------------------------------------------------- limits
@@ -154,6 +167,78 @@ def _job_error(exc: BaseException) -> JobError:
     )
 
 
+class OutputStream(io.TextIOBase):
+    """A job's stdout or stderr: kept whole for the result, and handed to the
+    streamer as it is written."""
+
+    def __init__(self, name: str, streamer: OutputStreamer):
+        self.name = name
+        self._parts: list[str] = []
+        self._streamer = streamer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._parts.append(text)
+        self._streamer.written(self.name, text)
+        return len(text)
+
+    def getvalue(self) -> str:
+        return "".join(self._parts)
+
+
+class OutputStreamer:
+    """Sends a long job's output to the parent every STREAM_EVERY_S, from a thread
+    (handler code may print once and then compute or sleep for minutes)."""
+
+    def __init__(self, pipe: Pipe):
+        self._pipe = pipe
+        self._lock = threading.Lock()
+        self._unsent: list[tuple[str, str]] = []
+        self._started: float | None = None  # the running job's start; None between jobs
+        self.streamed = False
+        self._encoder = msgspec.msgpack.Encoder()
+        threading.Thread(target=self._loop, name="output-streamer", daemon=True).start()
+
+    def begin(self) -> None:
+        with self._lock:
+            self._unsent, self.streamed, self._started = [], False, time.monotonic()
+
+    def written(self, stream: str, text: str) -> None:
+        with self._lock:
+            if self._started is not None:
+                self._unsent.append((stream, text))
+
+    def end(self) -> None:
+        """The job is over: send what is left if it was being streamed, then stop."""
+        with self._lock:
+            if self.streamed:
+                self._send_unsent()
+            self._started, self._unsent = None, []
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(STREAM_EVERY_S)
+            with self._lock:
+                if self._started is not None and time.monotonic() - self._started >= STREAM_AFTER_S:
+                    self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        merged: list[list[str]] = []
+        for stream, text in self._unsent:
+            if merged and merged[-1][0] == stream:
+                merged[-1][1] += text
+            else:
+                merged.append([stream, text])
+        self._unsent = []
+        for stream, text in merged:
+            self.streamed = True
+            self._pipe.send(self._encoder.encode(ReportOutput(stream=stream, text=text)))
+
+
 class HandlerRunner:
     """Executes jobs in fresh namespaces; compiled code and the ATS client are reused."""
 
@@ -162,6 +247,7 @@ class HandlerRunner:
         self._code_cache: dict[tuple[str, bytes], tuple[Any, tuple]] = {}
         self._ats: Client | None = None
         self._encoder = msgspec.msgpack.Encoder()
+        self._streamer = OutputStreamer(pipe)
 
     def _compile(self, code: str, filename: str) -> Any:
         key = (
@@ -221,7 +307,9 @@ class HandlerRunner:
             "progress": self._progress,
         }
         saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = out, err = io.StringIO(), io.StringIO()
+        out, err = OutputStream("stdout", self._streamer), OutputStream("stderr", self._streamer)
+        sys.stdout, sys.stderr = out, err
+        self._streamer.begin()
         error = None
         try:
             limit_cpu(job.cpu_s)
@@ -233,6 +321,7 @@ class HandlerRunner:
             error = _job_error(exc)
         finally:
             sys.stdout, sys.stderr = saved
+            self._streamer.end()  # its last output goes out before the result
         result = namespace.get("_result") if error is None else None
         reply = RunResult(job_id=job.job_id, success=error is None, result=result, error=error)
         return self._encode(reply, out.getvalue(), err.getvalue())

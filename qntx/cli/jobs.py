@@ -11,7 +11,7 @@ from cyclopts import App, Parameter
 
 from qntx.cli import app, open_bus
 from qntx.cli.attestations import print_json
-from qntx.protocol import Job, JobChanged, JobProgressed
+from qntx.protocol import STDERR_MARK, Job, JobChanged, JobOutput, JobProgressed
 
 pulse_app = App(name="pulse", help="Inspect and steer Pulse jobs.")
 app.command(pulse_app)
@@ -32,6 +32,16 @@ def _print_failure(job: Job) -> None:
     print(f"error: job {job.id} {job.status}: {error.message if error else job.status}", file=sys.stderr)
     if error and error.traceback:
         sys.stderr.write(error.traceback if error.traceback.endswith("\n") else error.traceback + "\n")
+
+
+def _show_rest_of_logs(logs: str, streamed: dict[str, int]) -> None:
+    """Print what live streaming did not show (all of it, for a quick job)."""
+    stdout, _, stderr = logs.partition(STDERR_MARK)
+    rest_out, rest_err = stdout[streamed["stdout"]:], stderr[streamed["stderr"]:]
+    if rest_out:
+        sys.stdout.write(rest_out if rest_out.endswith("\n") else rest_out + "\n")
+    if rest_err:
+        sys.stderr.write(rest_err if rest_err.endswith("\n") else rest_err + "\n")
 
 
 @app.command
@@ -56,15 +66,20 @@ def ix(
             print(handle.id)
             return 0
         final = None
+        streamed = {"stdout": 0, "stderr": 0}  # characters already shown live
         for event in bus.follow(handle.id):
-            if isinstance(event, JobProgressed):
+            if isinstance(event, JobOutput):
+                target = sys.stdout if event.stream == "stdout" else sys.stderr
+                target.write(event.text)
+                target.flush()
+                streamed[event.stream] = streamed.get(event.stream, 0) + len(event.text)
+            elif isinstance(event, JobProgressed):
                 print(f"progress {event.current:g}/{event.total:g}", file=sys.stderr)
             elif isinstance(event, JobChanged) and event.job.status in ("completed", "failed", "cancelled"):
                 final = event.job
             elif isinstance(event, JobChanged) and event.job.status == "queued" and event.job.attempts:
                 print(f"attempt {event.job.attempts} failed: {event.job.error.message if event.job.error else ''}; retrying", file=sys.stderr)
-    if final.logs:
-        sys.stdout.write(final.logs if final.logs.endswith("\n") else final.logs + "\n")
+    _show_rest_of_logs(final.logs, streamed)
     if final.status != "completed":
         _print_failure(final)
         return 1

@@ -25,6 +25,7 @@ from qntx.protocol import (
     JobChanged,
     JobDone,
     JobError,
+    JobOutput,
     JobProgressed,
     JobReply,
     Submit,
@@ -133,6 +134,11 @@ class Pulse:
         """Record a change made directly on the queue (retry, pause...) for the turn's events."""
         self._changed[job.id] = job
         return job
+
+    def output(self, message: JobOutput) -> None:
+        """Relay a running job's output to its followers (its logs keep it all)."""
+        if message.job_id in self._inflight:
+            self._publish(b"job." + message.job_id.encode(), message)
 
     def progress(self, job_id: str, current: float, total: float) -> None:
         if self.queue.progress(job_id, current, total) is not None:

@@ -26,6 +26,7 @@ from qntx.bus.codec import Decoder, encode
 from qntx.errors import QntxError
 from qntx.protocol import (
     PLUGIN_DEPTH,
+    STDERR_MARK,
     CancelExecution,
     CancelRunning,
     Dispatch,
@@ -201,7 +202,7 @@ class Worker:
             return self._failed(job, f"plugin at {plugin_endpoint} failed: {exc}")
         if not isinstance(reply, ExecuteResult):
             return self._failed(job, f"plugin at {plugin_endpoint} answered {type(reply).__name__}")
-        logs = reply.stdout + (("\n--- stderr ---\n" + reply.stderr) if reply.stderr else "")
+        logs = reply.stdout + ((STDERR_MARK + reply.stderr) if reply.stderr else "")
         return JobDone(
             job_id=job.id,
             attempt=job.attempts,

@@ -147,3 +147,34 @@ def test_up_stops_cleanly_on_sigterm(bus):
         return False
 
     wait_for(lambda: all(gone(p) for p in pids), 10, what="actors to exit")
+
+
+def test_ix_streams_the_output_of_a_long_job(bus):
+    code = "import sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr)\ntime.sleep(1.5)\nprint('last')\n"
+    assert bus.run("handler", "create", "chatty", "--code", code).returncode == 0
+    bus.start_up()
+    import subprocess
+    import time
+
+    process = subprocess.Popen(
+        bus.qntx_argv("ix", "chatty"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bus.env
+    )
+    try:
+        started = time.monotonic()
+        first = process.stdout.readline()
+        seen_after = time.monotonic() - started
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert first == "first\n"
+    assert seen_after < 1.4, "the first line came only with the result"  # the job sleeps 1.5 s after it
+    assert out == "last\n" and "oops" in err and err.count("oops") == 1
+    assert process.returncode == 0
+
+
+def test_quick_jobs_show_their_output_once(bus):
+    assert bus.run("handler", "create", "both", "--code", "import sys\nprint('out')\nprint('err', file=sys.stderr)").returncode == 0
+    bus.start_up()
+    ran = bus.run("ix", "both")
+    assert ran.returncode == 0 and ran.stdout == "out\n" and ran.stderr.count("err") == 1
