@@ -154,11 +154,12 @@ class Pulse:
                 if worker.name == message.worker and worker.identity != identity:
                     self._release(worker, f"worker {worker.name} restarted")
             logger.info("worker {} (pid {}) joined with capacity {}", message.worker, message.pid, message.credit)
-        self.workers.seen(identity, message.worker, message.pid, message.credit)
+        self.workers.seen(identity, message.worker, message.pid, message.credit, message.running)
 
     def job_done(self, identity: bytes, message: JobDone) -> None:
         self.workers.touch(identity)
         if not self._settle(message.job_id, identity, message.attempt):
+            self.workers.drop_foreign(identity, message.job_id)
             return  # a stale report: that attempt was taken back from this worker
         if message.interrupted:
             job = self.queue.give_back(message.job_id, message.attempt)

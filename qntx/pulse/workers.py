@@ -21,10 +21,13 @@ class WorkerState:
     capacity: int
     last_seen: float
     assigned: set[str] = field(default_factory=set)
+    # Jobs it was already running when this server met it (e.g. after a server
+    # restart): they occupy slots until the worker stops listing them.
+    foreign: set[str] = field(default_factory=set)
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.assigned)
+        return self.capacity - len(self.assigned) - len(self.foreign)
 
 
 class WorkerPool:
@@ -34,16 +37,23 @@ class WorkerPool:
         self._by_job: dict[str, bytes] = {}
         self._turn = 0
 
-    def seen(self, identity: bytes, name: str, pid: int, capacity: int) -> WorkerState:
+    def seen(self, identity: bytes, name: str, pid: int, capacity: int, running: list[str] = ()) -> WorkerState:
         """Record a hello/heartbeat; returns the worker's state (new or updated)."""
         worker = self._workers.get(identity)
         if worker is None:
             worker = WorkerState(identity, name, pid, max(0, capacity), time.monotonic())
+            worker.foreign = set(running)
             self._workers[identity] = worker
         else:
             worker.capacity = max(0, capacity)
             worker.last_seen = time.monotonic()
+            worker.foreign &= set(running)
         return worker
+
+    def drop_foreign(self, identity: bytes, job_id: str) -> None:
+        worker = self._workers.get(identity)
+        if worker is not None:
+            worker.foreign.discard(job_id)
 
     def touch(self, identity: bytes) -> None:
         worker = self._workers.get(identity)

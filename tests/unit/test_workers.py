@@ -34,3 +34,13 @@ def test_pick_spreads_work_and_reap_removes_silent_workers():
     dead = pool.reap()
     assert [w.name for w in dead] == ["b"] and [w.name for w in pool.all()] == ["a"]
     assert pool.holder("j0") is None or pool.holder("j0").name == "a"
+
+
+def test_jobs_a_worker_already_runs_take_slots_until_it_stops_listing_them():
+    pool = WorkerPool(dead_after_s=10)
+    w = pool.seen(b"w", "w", 1, capacity=2, running=["old1", "old2"])
+    assert not pool.has_free()  # met after a server restart, still busy
+    pool.drop_foreign(b"w", "old1")  # its (stale) report arrived
+    assert w.free == 1
+    pool.seen(b"w", "w", 1, capacity=2, running=[])  # heartbeat: nothing running
+    assert w.free == 2
