@@ -43,6 +43,8 @@ CODE_CACHE_SIZE = 256
 ATTEST_TIMEOUT_S = 10.0
 STREAM_AFTER_S = 0.2  # a job running longer than this has its output streamed live
 STREAM_EVERY_S = 0.1
+STREAM_CHUNK_CHARS = 256 << 10  # one ReportOutput frame at most
+STREAM_BACKLOG_CHARS = 1 << 20  # unsent output kept when a job outpaces the stream
 
 
 # --------------------------------------------------------------------- frames
@@ -168,12 +170,14 @@ def _job_error(exc: BaseException) -> JobError:
 
 
 class OutputStream(io.TextIOBase):
-    """A job's stdout or stderr: kept whole for the result, and handed to the
+    """A job's stdout or stderr: its tail kept for the result, and handed to the
     streamer as it is written."""
 
     def __init__(self, name: str, streamer: OutputStreamer):
         self.name = name
         self._parts: list[str] = []
+        self._size = 0
+        self._dropped = 0
         self._streamer = streamer
 
     def writable(self) -> bool:
@@ -183,21 +187,34 @@ class OutputStream(io.TextIOBase):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         self._parts.append(text)
+        self._size += len(text)
+        if self._size > 2 * MAX_OUTPUT_CHARS:  # keep memory bounded, amortised
+            whole = "".join(self._parts)
+            self._dropped += len(whole) - MAX_OUTPUT_CHARS
+            self._parts, self._size = [whole[-MAX_OUTPUT_CHARS:]], MAX_OUTPUT_CHARS
         self._streamer.written(self.name, text)
         return len(text)
 
     def getvalue(self) -> str:
-        return "".join(self._parts)
+        text = "".join(self._parts)
+        if self._dropped:
+            return f"[... {self._dropped} characters dropped]\n" + text
+        return text
 
 
 class OutputStreamer:
     """Sends a long job's output to the parent every STREAM_EVERY_S, from a thread
-    (handler code may print once and then compute or sleep for minutes)."""
+    (handler code may print once and then compute or sleep for minutes).
+
+    Writers only append under a short lock; sending happens outside it, under a
+    second lock that also orders the last flush before the job's result."""
 
     def __init__(self, pipe: Pipe):
         self._pipe = pipe
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the pending output; held briefly
+        self._sending = threading.Lock()  # one sender at a time, in order
         self._unsent: list[tuple[str, str]] = []
+        self._unsent_size = 0
         self._started: float | None = None  # the running job's start; None between jobs
         self.streamed = False
         self._encoder = msgspec.msgpack.Encoder()
@@ -205,38 +222,53 @@ class OutputStreamer:
 
     def begin(self) -> None:
         with self._lock:
-            self._unsent, self.streamed, self._started = [], False, time.monotonic()
+            self._unsent, self._unsent_size, self.streamed = [], 0, False
+            self._started = time.monotonic()
 
     def written(self, stream: str, text: str) -> None:
         with self._lock:
-            if self._started is not None:
-                self._unsent.append((stream, text))
+            if self._started is None:
+                return
+            self._unsent.append((stream, text))
+            self._unsent_size += len(text)
+            if self._unsent_size > STREAM_BACKLOG_CHARS:
+                # Faster than anyone reads: keep the newest, say what was skipped.
+                skipped = self._unsent_size - STREAM_BACKLOG_CHARS // 2
+                kept = "".join(t for _, t in self._unsent)[skipped:]
+                self._unsent = [(stream, f"\n[... {skipped} characters not streamed]\n" + kept)]
+                self._unsent_size = len(kept)
 
     def end(self) -> None:
         """The job is over: send what is left if it was being streamed, then stop."""
-        with self._lock:
-            if self.streamed:
-                self._send_unsent()
-            self._started, self._unsent = None, []
+        with self._sending:
+            with self._lock:
+                pending = self._unsent if self.streamed else []
+                self._started, self._unsent, self._unsent_size = None, [], 0
+            self._send(pending)
 
     def _loop(self) -> None:
         while True:
             time.sleep(STREAM_EVERY_S)
-            with self._lock:
-                if self._started is not None and time.monotonic() - self._started >= STREAM_AFTER_S:
-                    self._send_unsent()
+            with self._sending:
+                with self._lock:
+                    if self._started is None or time.monotonic() - self._started < STREAM_AFTER_S:
+                        continue
+                    pending, self._unsent, self._unsent_size = self._unsent, [], 0
+                    self.streamed = True
+                self._send(pending)
 
-    def _send_unsent(self) -> None:
-        merged: list[list[str]] = []
-        for stream, text in self._unsent:
-            if merged and merged[-1][0] == stream:
-                merged[-1][1] += text
+    def _send(self, pending: list[tuple[str, str]]) -> None:
+        chunks: list[tuple[str, list[str]]] = []
+        for stream, text in pending:
+            if chunks and chunks[-1][0] == stream:
+                chunks[-1][1].append(text)
             else:
-                merged.append([stream, text])
-        self._unsent = []
-        for stream, text in merged:
-            self.streamed = True
-            self._pipe.send(self._encoder.encode(ReportOutput(stream=stream, text=text)))
+                chunks.append((stream, [text]))
+        for stream, parts in chunks:
+            text = "".join(parts)
+            for at in range(0, len(text), STREAM_CHUNK_CHARS):
+                piece = text[at : at + STREAM_CHUNK_CHARS]
+                self._pipe.send(self._encoder.encode(ReportOutput(stream=stream, text=piece)))
 
 
 class HandlerRunner:
@@ -327,6 +359,7 @@ class HandlerRunner:
         return self._encode(reply, out.getvalue(), err.getvalue())
 
     def _encode(self, reply: RunResult, stdout: str, stderr: str) -> bytes:
+        # (OutputStream already bounds what it keeps; _tail cuts to the final size.)
         reply.stdout, reply.stderr = _tail(stdout), _tail(stderr)
         try:
             return self._encoder.encode(reply)
