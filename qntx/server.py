@@ -28,6 +28,7 @@ from qntx.errors import Invalid, NotFound, Unavailable
 from qntx.protocol import (
     Ack,
     ActorStatus,
+    CancelExecution,
     CancelJob,
     ErrorReply,
     GetJob,
@@ -106,6 +107,7 @@ class ServerActor(Actor):
             send_to_worker=self.worker_service.send_to,
             publish=self.events.publish,
             route=self.route,
+            cancel_at_plugin=self.cancel_at_plugin,
             call_later=self.call_later,
         )
         self.service = self.serve(
@@ -216,6 +218,11 @@ class ServerActor(Actor):
     def known_handlers(self) -> list[str]:
         return sorted([*BUILTIN_HANDLERS, *self.routes])
 
+    def cancel_at_plugin(self, plugin: str, job_id: str) -> None:
+        entry = self.plugins.get(plugin)
+        if entry is not None:
+            entry.peer.call(CancelExecution(job_id=job_id), lambda reply: None, timeout_s=5)
+
     def route(self, handler: str) -> Route | None:
         """Where a plugin handler runs now (None: no healthy plugin owns it)."""
         plugin = self.plugins.get(self.routes.get(handler, ""))
@@ -259,18 +266,14 @@ class ServerActor(Actor):
         entry.healthy = True
         entry.capacity = max(0, reply.capacity)
         self._set_handlers(entry, reply.handler_names)
+        self.pulse.handlers_announced(entry.name, entry.handlers)
 
     def on_handlers_changed(self, message: HandlersChanged, request: Request) -> Ack:
         entry = self.plugins.get(message.plugin)
         if entry is None:
             raise NotFound(f"plugin {message.plugin!r} is not registered")
-        before = set(entry.handlers)
         self._set_handlers(entry, message.handler_names)
-        # Deleted, not merely unreachable: its waiting jobs can never run.
-        for name in before - set(entry.handlers):
-            self.pulse.handler_removed(name)
-        for name in set(entry.handlers) - before:
-            self.pulse.handler_added(name)
+        self.pulse.handlers_announced(entry.name, entry.handlers)
         return Ack()
 
     def _set_handlers(self, entry: PluginEntry, names: list[str]) -> None:

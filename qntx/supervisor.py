@@ -159,7 +159,8 @@ class Supervisor:
         period to finish running jobs (and report them to a server that is still
         up), then the server commits and stops, then ATS."""
         stages = [
-            [c for c in self.children if c.name not in ("server", "ats")],
+            [c for c in self.children if c.name.startswith("worker")],
+            [c for c in self.children if c.name.startswith("plugin")],
             [c for c in self.children if c.name == "server"],
             [c for c in self.children if c.name == "ats"],
         ]

@@ -48,6 +48,7 @@ class AtsActor(Actor):
         self.settings = settings
         self._pending: list[tuple[Request, list[NewAttestation]]] = []
         self._committing = False
+        self._closing = False
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
@@ -71,6 +72,7 @@ class AtsActor(Actor):
         logger.info("ATS serving {} (store {}, {} attestations)", self.settings.ats_endpoint, self.settings.ats_path, self.store.count())
 
     def teardown(self) -> None:
+        self._closing = True  # from here on commits run here, not on the writer thread
         self.writer.close()  # finishes (and answers) a commit in flight
         if self._pending:  # never drop writes that were already received
             pending, self._pending = self._pending, []
@@ -86,7 +88,7 @@ class AtsActor(Actor):
         return None  # answered in after_batch, once committed
 
     def after_batch(self) -> None:
-        if not self._pending or self._committing:
+        if not self._pending or self._committing or self._closing:
             return  # the batch grows until the commit in flight is done
         pending, self._pending = self._pending, []
         self._committing = True

@@ -65,9 +65,16 @@ class AsyncService:
         if not correlation:
             return
         try:
-            self.socket.send_multipart([identity, correlation, encode(message)], zmq.NOBLOCK)
+            sent = self.socket.send_multipart([identity, correlation, encode(message)], zmq.NOBLOCK)
+            sent.add_done_callback(self._check_sent)
         except (zmq.Again, zmq.ZMQError) as exc:
             logger.warning("dropped a reply to peer {}: {}", identity.hex(), exc.strerror)
+
+    @staticmethod
+    def _check_sent(future: asyncio.Future) -> None:
+        # An asyncio send fails inside its future (e.g. the peer has gone).
+        if not future.cancelled() and future.exception() is not None:
+            logger.warning("dropped a reply: {}", future.exception())
 
     async def serve_forever(self) -> None:
         while True:

@@ -66,8 +66,12 @@ def ix(
             print(handle.id)
             return 0
         final = None
-        streamed = {"stdout": 0, "stderr": 0}  # characters already shown live
+        streamed = {"stdout": 0, "stderr": 0}  # characters of this attempt already shown live
+        attempt = 0
         for event in bus.follow(handle.id):
+            if isinstance(event, JobChanged) and event.job.attempts != attempt:
+                attempt = event.job.attempts  # the final logs are the last attempt's alone
+                streamed = {"stdout": 0, "stderr": 0}
             if isinstance(event, JobOutput):
                 target = sys.stdout if event.stream == "stdout" else sys.stderr
                 target.write(event.text)

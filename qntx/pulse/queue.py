@@ -375,6 +375,10 @@ class JobQueue:
         self._dirty[job.id] = None
         return msgspec.structs.replace(job)
 
+    def waiting_handlers(self) -> set[str]:
+        """Handlers that queued or paused jobs wait for."""
+        return {job.handler for job in self._jobs.values() if job.status in ("queued", "paused")}
+
     def fail_queued(self, handler: str, reason: str) -> list[Job]:
         """Fail every queued or paused job of ``handler`` (it no longer exists)."""
         failed = []

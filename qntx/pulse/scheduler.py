@@ -55,6 +55,7 @@ class Pulse:
         send_to_worker: Callable[[bytes, object], None],
         publish: Callable[[bytes, object], None],
         route: Callable[[str], Route | None],
+        cancel_at_plugin: Callable[[str, str], None],
         call_later: Callable[[float, Callable[[], None]], object],
     ):
         self.queue = queue
@@ -62,10 +63,12 @@ class Pulse:
         self._send_to_worker = send_to_worker
         self._publish = publish
         self._route = route
+        self._cancel_at_plugin = cancel_at_plugin
         self._plugin_load: dict[str, int] = {}  # plugin -> its jobs in flight
         # job id -> (worker identity, attempt, plugin or None) of each attempt out there
         self._inflight: dict[str, tuple[bytes, int, str | None]] = {}
         self._removed: set[str] = set()  # handlers a plugin deleted while up
+        self._announced: dict[str, set[str]] = {}  # plugin -> the handlers it last announced
         self._call_later = call_later
         self._replies: list[tuple[Request, Job]] = []
         self._outbox: list[tuple[bytes, object]] = []
@@ -120,15 +123,27 @@ class Pulse:
             self._settle(job_id)
         return job
 
+    def handlers_announced(self, plugin: str, names: list[str]) -> None:
+        """A plugin said which handlers it has (on initialise or a change). What it
+        no longer has was deleted, not merely unreachable: waiting jobs of those
+        can never run. The first announcement since this server started is
+        compared with the jobs waiting for that plugin's handlers (``<plugin>.*``)."""
+        now = set(names)
+        before = self._announced.get(plugin)
+        if before is None:
+            before = {h for h in self.queue.waiting_handlers() if h.startswith(plugin + ".")}
+        for name in before - now:
+            self.handler_removed(name)
+        for name in now:
+            self._removed.discard(name)
+        self._announced[plugin] = now
+
     def handler_removed(self, handler: str) -> None:
         """A plugin deleted ``handler``: fail its waiting jobs now, and its running
         ones when they end, instead of leaving them queued for ever."""
         self._removed.add(handler)
         for job in self.queue.fail_queued(handler, f"handler {handler} was deleted"):
             self._changed[job.id] = job
-
-    def handler_added(self, handler: str) -> None:
-        self._removed.discard(handler)
 
     def change(self, job: Job) -> Job:
         """Record a change made directly on the queue (retry, pause...) for the turn's events."""
@@ -188,6 +203,9 @@ class Pulse:
 
     def _release(self, worker: WorkerState, reason: str) -> None:
         for job_id in list(worker.assigned):
+            plugin = self._inflight.get(job_id, (None, None, None))[2]
+            if plugin is not None:  # its plugin may still run it for a requester that is gone
+                self._cancel_at_plugin(plugin, job_id)
             self._settle(job_id)
         self.workers.remove(worker.identity)
         for job in self.queue.release_worker(worker.name, reason):

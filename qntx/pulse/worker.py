@@ -42,7 +42,7 @@ from qntx.protocol import (
 from qntx.settings import Settings
 
 # How long past a job's own timeout the worker waits for its plugin to answer.
-PLUGIN_TIMEOUT_MARGIN_S = 5.0
+PLUGIN_TIMEOUT_MARGIN_S = 2.0  # shorter than the lease's grace: the worker reports first
 # On SIGTERM, running attempts get this long to finish before the worker exits.
 STOP_GRACE_S = 5.0
 
@@ -119,7 +119,7 @@ class Worker:
             task.cancel()
         for client in self.plugins.values():
             client.close()
-        self.socket.close(linger=0)
+        self.socket.close(linger=2000)  # the last JobDone messages (given back jobs) go out
         self.context.term()
 
     def _send(self, message) -> None:
@@ -158,6 +158,8 @@ class Worker:
             if isinstance(command, Dispatch):
                 task = asyncio.create_task(self._attempt(command))
                 self.running[command.job.id] = task
+                # Also when cancelled before it ever ran (then its finally never runs).
+                task.add_done_callback(lambda t, job_id=command.job.id: self._forget(job_id, t))
             elif isinstance(command, CancelRunning):
                 asyncio.create_task(self._cancel(command.job_id))
 
@@ -212,6 +214,10 @@ class Worker:
             logs=logs,
             progress=reply.progress,
         )
+
+    def _forget(self, job_id: str, task: asyncio.Task) -> None:
+        if self.running.get(job_id) is task:
+            del self.running[job_id]
 
     def _failed(self, job: Job, message: str) -> JobDone:
         return JobDone(job_id=job.id, attempt=job.attempts, success=False, error=JobError(message=message))

@@ -165,3 +165,17 @@ def test_sigterm_gives_running_jobs_their_grace_period(bus):
             assert job.status == "completed" and job.result == n
             # Finished inside the grace period: one attempt, no retry needed.
             assert job.attempts == 1
+
+
+def test_handler_deleted_while_its_plugin_is_down(bus):
+    assert bus.run("handler", "create", "slowish", "--code", "import time\ntime.sleep(0.3)").returncode == 0
+    up = bus.start_up()
+    up.wait_output("handler=python.slowish")
+    with qntx.connect(bus.home) as b:
+        handles = b.submit_many("python.slowish", [{"n": n} for n in range(20)], max_attempts=5)
+        wait_for(lambda: b.status().queue["completed"] >= 1, 30, what="a first job done")
+        os.kill(actor_pids(bus)["plugin-python"], signal.SIGKILL)
+        assert bus.run("handler", "delete", "slowish").returncode == 0
+        jobs = [b.wait(h.id, timeout=60) for h in handles]
+    assert all(j.status in ("completed", "failed") for j in jobs), [j.status for j in jobs]
+    assert any("was deleted" in (j.error.message if j.error else "") for j in jobs)
