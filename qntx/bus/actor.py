@@ -91,17 +91,12 @@ def error_for(message: Any, exc: Exception) -> QntxError:
 class Request:
     """Where a reply to one request goes; kept by handlers that reply later."""
 
-    __slots__ = ("service", "identity", "correlation", "received_at")
+    __slots__ = ("service", "identity", "correlation")
 
     def __init__(self, service: Service, identity: bytes, correlation: bytes):
         self.service = service
         self.identity = identity
         self.correlation = correlation
-        self.received_at = time.monotonic()
-
-    @property
-    def wants_reply(self) -> bool:
-        return bool(self.correlation)
 
     def reply(self, message: msgspec.Struct) -> None:
         self.service.send_reply(self, message)
