@@ -16,9 +16,10 @@ import msgspec
 from qntx.bus.client import Client
 from qntx.bus.codec import raise_if_error
 from qntx.bus.pidlock import lock_holder
-from qntx.errors import Invalid, QntxError
+from qntx.errors import Invalid, NotFound, QntxError
 from qntx.protocol import (
     FINAL_STATUSES,
+    JOB_STATUSES,
     ActorStatus,
     AtsReply,
     Attest,
@@ -192,6 +193,13 @@ def ats_is_up(settings: Settings) -> bool:
     if not settings.ats_endpoint.startswith("ipc://"):
         return True
     return lock_holder(settings.lock_path("ats")) is not None
+
+
+def _stored_job(store, job_id: str) -> Job:
+    stored = store.get(job_id) if store is not None else None
+    if stored is None:
+        raise NotFound(f"no job {job_id}")
+    return stored.job
 
 
 class JobFailed(QntxError):
@@ -375,10 +383,39 @@ class Bus:
         return handles
 
     def job(self, id: str) -> Job:
+        if not self._server_is_up():
+            return self._read_pulse(lambda store: _stored_job(store, id), empty=lambda: _stored_job(None, id))
         return self.server.request(GetJob(id=id)).job
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
+        """Jobs newest first. With no server running, read from the store (read-only)."""
+        if not self._server_is_up():
+            if status is not None and status not in JOB_STATUSES:
+                raise Invalid(f"unknown status {status!r} (one of {', '.join(JOB_STATUSES)})")
+            if limit <= 0:
+                raise Invalid("limit must be positive")
+            return self._read_pulse(
+                lambda store: [job for _, _, job in store.newest(status, limit, skip=(), cached={})],
+                empty=list,
+            )
         return self.server.request(ListJobs(status=status, limit=limit)).jobs
+
+    def _server_is_up(self) -> bool:
+        if not self.settings.server_endpoint.startswith("ipc://"):
+            return True
+        return lock_holder(self.settings.lock_path("server")) is not None
+
+    def _read_pulse(self, work, *, empty):
+        """Read the job store directly, for when no server runs (nothing is changed)."""
+        from qntx.pulse.jobstore import JobStore
+
+        if not (self.settings.pulse_path / "data.mdb").exists():
+            return empty()
+        store = JobStore(self.settings.pulse_path, readonly=True)
+        try:
+            return work(store)
+        finally:
+            store.close()
 
     def cancel(self, id: str) -> Job:
         return self.server.request(CancelJob(id=id)).job

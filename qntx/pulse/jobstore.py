@@ -67,8 +67,8 @@ def _walk(txn, db, prefix: bytes, *, reverse: bool) -> Iterator[tuple[bytes, byt
 class JobStore:
     """Every job of one Pulse home in an LMDB directory, indexed by status and age."""
 
-    def __init__(self, path: str | Path, *, map_size: int, sync: bool):
-        self._env = LmdbEnv(path, _DBS, map_size=map_size, sync=sync)
+    def __init__(self, path: str | Path, *, map_size: int = 256 << 20, sync: bool = True, readonly: bool = False):
+        self._env = LmdbEnv(path, _DBS, map_size=map_size, sync=sync, readonly=readonly)
         self._db = {name: self._env.db(name) for name in _DBS}
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(StoredJob)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import qntx
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import Bus, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -178,3 +178,19 @@ def test_quick_jobs_show_their_output_once(bus):
     bus.start_up()
     ran = bus.run("ix", "both")
     assert ran.returncode == 0 and ran.stdout == "out\n" and ran.stderr.count("err") == 1
+
+
+def test_jobs_can_be_inspected_while_the_bus_is_down(bus):
+    up = bus.start_up()
+    failed = bus.run("ix", "builtin.fail", "--max-attempts", "1")
+    assert failed.returncode == 1
+    up.stop()
+    listed = bus.run("pulse", "jobs", "--status", "failed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    jobs = json.loads(listed.stdout)
+    assert [j["handler"] for j in jobs] == ["builtin.fail"]
+    shown = bus.run("pulse", "show", jobs[0]["id"])
+    assert shown.returncode == 0 and "failed" in shown.stdout
+    assert bus.run("pulse", "cancel", jobs[0]["id"]).returncode == 3  # steering needs the server
+    empty = Bus(bus.home / "fresh")
+    assert empty.run("pulse", "jobs").stdout.strip() == "(no jobs)"
