@@ -131,7 +131,9 @@ class JobQueue:
 
         self._token = itertools.count()
         self._tokens: dict[str, int] = {}  # queued id -> token of its one live heap entry
-        self._ready: list[tuple[int, int, int, str]] = []  # (-priority, seq, token, id)
+        # One ready heap per handler, so jobs whose handler cannot run now (its
+        # plugin is down or at capacity) cost nothing when leasing the others.
+        self._ready: dict[str, list[tuple[int, int, int, str]]] = {}  # handler -> (-priority, seq, token, id)
         self._ready_ids: set[str] = set()
         self._delayed: list[tuple[int, int, int, str]] = []  # (run_after, seq, token, id)
         self._deadlines: dict[str, int] = {}  # running id -> lease deadline (ms)
@@ -214,7 +216,7 @@ class JobQueue:
         token = next(self._token)
         self._tokens[job.id] = token
         if job.run_after <= now:
-            heapq.heappush(self._ready, (-job.priority, self._seq[job.id], token, job.id))
+            heapq.heappush(self._ready.setdefault(job.handler, []), (-job.priority, self._seq[job.id], token, job.id))
             self._ready_ids.add(job.id)
         else:
             heapq.heappush(self._delayed, (job.run_after, self._seq[job.id], token, job.id))
@@ -222,9 +224,10 @@ class JobQueue:
     def _dequeue(self, job_id: str) -> None:
         del self._tokens[job_id]
         self._ready_ids.discard(job_id)
-        if len(self._ready) + len(self._delayed) > 2 * len(self._tokens) + 64:
+        entries = sum(len(heap) for heap in self._ready.values()) + len(self._delayed)
+        if entries > 2 * len(self._tokens) + 64:
             # Mostly dead entries (cancelled or paused jobs): rebuild from the live ones.
-            self._ready, self._delayed, tokens = [], [], self._tokens
+            self._ready, self._delayed, tokens = {}, [], self._tokens
             self._tokens, now = {}, self._now()
             self._ready_ids.clear()
             for queued_id in tokens:
@@ -235,7 +238,8 @@ class JobQueue:
         while self._delayed and self._delayed[0][0] <= now:
             _, seq, token, job_id = heapq.heappop(self._delayed)
             if self._tokens.get(job_id) == token:
-                heapq.heappush(self._ready, (-self._jobs[job_id].priority, seq, token, job_id))
+                job = self._jobs[job_id]
+                heapq.heappush(self._ready.setdefault(job.handler, []), (-job.priority, seq, token, job_id))
                 self._ready_ids.add(job_id)
 
     def _end_lease(self, job: Job) -> None:
@@ -309,35 +313,31 @@ class JobQueue:
         """
         now = self._now()
         self._promote(now)
-        skipped: list[tuple[int, int, int, str]] = []
-        verdicts: dict[str, bool] = {}  # ask once per handler, however many jobs it has
-        try:
-            while self._ready:
-                entry = heapq.heappop(self._ready)
-                job_id = entry[3]
-                if self._tokens.get(job_id) != entry[2]:
-                    continue
-                job = self._jobs[job_id]
-                if accept is not None:
-                    if job.handler not in verdicts:
-                        verdicts[job.handler] = bool(accept(job.handler))
-                    if not verdicts[job.handler]:
-                        skipped.append(entry)
-                        continue
-                self._dequeue(job_id)
-                job.attempts += 1
-                job.started_at, job.finished_at = now, None
-                job.worker, job.progress = worker, None
-                self._set_status(job, "running")
-                deadline = now + lease_ms(job.timeout_s)
-                self._deadlines[job_id] = deadline
-                heapq.heappush(self._leases, (deadline, job_id))
-                self._by_worker.setdefault(worker, set()).add(job_id)
-                return msgspec.structs.replace(job)
+        best: tuple[int, int, int, str] | None = None
+        best_heap: list | None = None
+        for handler, heap in list(self._ready.items()):
+            while heap and self._tokens.get(heap[0][3]) != heap[0][2]:
+                heapq.heappop(heap)  # a job that left the queue meanwhile
+            if not heap:
+                del self._ready[handler]
+                continue
+            if (best is None or heap[0] < best) and (accept is None or accept(handler)):
+                best, best_heap = heap[0], heap
+        if best is None:
             return None
-        finally:
-            for entry in skipped:  # stale if _dequeue rebuilt the heaps meanwhile: harmless
-                heapq.heappush(self._ready, entry)
+        heapq.heappop(best_heap)
+        job_id = best[3]
+        job = self._jobs[job_id]
+        self._dequeue(job_id)
+        job.attempts += 1
+        job.started_at, job.finished_at = now, None
+        job.worker, job.progress = worker, None
+        self._set_status(job, "running")
+        deadline = now + lease_ms(job.timeout_s)
+        self._deadlines[job_id] = deadline
+        heapq.heappush(self._leases, (deadline, job_id))
+        self._by_worker.setdefault(worker, set()).add(job_id)
+        return msgspec.structs.replace(job)
 
     def complete(self, job_id: str, attempt: int, result: Any, logs: str = "") -> Job | None:
         job = self._running_attempt(job_id, attempt)

@@ -681,3 +681,22 @@ def test_submit_rejects_values_out_of_range(tmp_path, field, value):
     with pytest.raises(Invalid):
         q.submit(Submit(handler="h", **{field: value}))
     q.close()
+
+
+def test_lease_passes_over_handlers_that_cannot_run_without_losing_their_order(tmp_path):
+    q = JobQueue(tmp_path / "q")
+    blocked = [q.submit(Submit(handler="python.busy", priority=5))[0] for _ in range(3)]
+    low, _ = q.submit(Submit(handler="builtin.echo", priority=1))
+    high, _ = q.submit(Submit(handler="builtin.echo", priority=2))
+    asked: list[str] = []
+
+    def accept(handler: str) -> bool:
+        asked.append(handler)
+        return handler != "python.busy"
+
+    assert [q.lease("w", accept=accept).id for _ in range(2)] == [high.id, low.id]
+    assert q.lease("w", accept=accept) is None
+    assert asked.count("python.busy") <= 3  # asked per lease, not per waiting job
+    # Once it can run again, its jobs come back in their own order.
+    assert [q.lease("w").id for _ in range(3)] == [j.id for j in blocked]
+    q.close()
