@@ -247,6 +247,7 @@ class JobProgress(Message):
     job_id: str
     current: float
     total: float
+    attempt: int = 0  # the attempt it belongs to (0: whichever is running)
 
 
 class JobOutput(Message):

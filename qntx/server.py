@@ -191,7 +191,7 @@ class ServerActor(Actor):
         self.pulse.output(message)
 
     def on_progress(self, message: JobProgress, request: Request) -> None:
-        self.pulse.progress(message.job_id, message.current, message.total)
+        self.pulse.progress(message.job_id, message.current, message.total, message.attempt)
 
     def on_status(self, message: GetStatus, request: Request) -> StatusReply:
         actors = [ActorStatus(name="server", pid=self.pid, endpoint=self.settings.server_endpoint, healthy=True)]

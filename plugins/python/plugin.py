@@ -232,7 +232,9 @@ class PythonPlugin:
             return ExecuteResult(success=False, error=JobError(message=filename))
 
         def on_progress(current: float, total: float) -> None:
-            self.server.notify(JobProgress(job_id=message.job_id, current=current, total=total))
+            self.server.notify(
+                JobProgress(job_id=message.job_id, current=current, total=total, attempt=message.attempt)
+            )
 
         def on_output(stream: str, text: str) -> None:
             self.server.notify(JobOutput(job_id=message.job_id, stream=stream, text=text))

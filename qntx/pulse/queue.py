@@ -460,10 +460,10 @@ class JobQueue:
         self._enqueue(job, self._now())
         return msgspec.structs.replace(job)
 
-    def progress(self, job_id: str, current: float, total: float) -> Job | None:
+    def progress(self, job_id: str, current: float, total: float, attempt: int = 0) -> Job | None:
         job = self._jobs.get(job_id)
-        if job is None or job.status != "running":
-            return None  # late progress of a finished attempt is not an error
+        if job is None or job.status != "running" or (attempt and attempt != job.attempts):
+            return None  # late progress of an earlier attempt is not an error
         job.progress = Progress(current=current, total=total)
         self._dirty[job_id] = None
         return msgspec.structs.replace(job)

@@ -155,8 +155,8 @@ class Pulse:
         if message.job_id in self._inflight:
             self._publish(b"job." + message.job_id.encode(), message)
 
-    def progress(self, job_id: str, current: float, total: float) -> None:
-        if self.queue.progress(job_id, current, total) is not None:
+    def progress(self, job_id: str, current: float, total: float, attempt: int = 0) -> None:
+        if self.queue.progress(job_id, current, total, attempt) is not None:
             self._publish(b"job." + job_id.encode(), JobProgressed(job_id=job_id, current=current, total=total))
 
     # ---------------------------------------------------------------- workers
@@ -183,7 +183,7 @@ class Pulse:
             return
         if message.progress is not None:
             # Progress notices travel another path and may arrive after this.
-            self.queue.progress(message.job_id, message.progress.current, message.progress.total)
+            self.queue.progress(message.job_id, message.progress.current, message.progress.total, message.attempt)
         if message.success:
             job = self.queue.complete(message.job_id, message.attempt, message.result, message.logs)
         else:

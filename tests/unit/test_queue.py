@@ -700,3 +700,15 @@ def test_lease_passes_over_handlers_that_cannot_run_without_losing_their_order(t
     # Once it can run again, its jobs come back in their own order.
     assert [q.lease("w").id for _ in range(3)] == [j.id for j in blocked]
     q.close()
+
+
+def test_progress_of_an_earlier_attempt_is_ignored(tmp_path):
+    q = JobQueue(tmp_path / "q", backoff_base_ms=0)
+    job, _ = q.submit(Submit(handler="h"))
+    q.lease("w")
+    q.fail_attempt(job.id, 1, JobError(message="boom"))
+    q.lease("w")
+    assert q.progress(job.id, 5, 10, attempt=1) is None  # from the abandoned first attempt
+    assert q.progress(job.id, 1, 10, attempt=2).progress.current == 1
+    assert q.progress(job.id, 2, 10).progress.current == 2  # attempt unknown: the running one
+    q.close()
