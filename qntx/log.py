@@ -11,7 +11,9 @@ import sys
 
 from loguru import logger
 
-FORMAT = "{time:HH:mm:ss.SSS} {level: <7} [{extra[label]}] {message}"
+# Microseconds: `qntx up` merges its actors' lines on the console by this stamp,
+# so a reply logged right after the request it answers still reads after it.
+FORMAT = "{time:HH:mm:ss.SSSSSS} {level: <7} [{extra[label]}] {message}"
 
 
 def setup_logging(label: str, *, level: str = "INFO") -> None:

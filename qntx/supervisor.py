@@ -10,7 +10,10 @@ supervisor even when it is killed with -9.
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +33,8 @@ BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a child that ran this long gets its backoff reset
 STOP_GRACE_S = 10.0
+ECHO_HOLD_S = 0.05  # how long a console line may wait for an earlier one from another actor
+STAMP = re.compile(rb"^\d\d:\d\d:\d\d\.\d{6} ")
 
 
 @dataclass
@@ -57,7 +62,8 @@ class Supervisor:
         # A plain flag: a signal handler must not take the locks of a
         # threading.Event the main thread may be holding while it waits.
         self._stopping = False
-        self._console_lock = threading.Lock()
+        self._console: queue.Queue = queue.Queue()
+        self._echo_thread = threading.Thread(target=self._echo, name="console", daemon=True)
 
     # ---------------------------------------------------------------- processes
 
@@ -81,12 +87,47 @@ class Supervisor:
 
     def _pump(self, child: Child, process: subprocess.Popen, log_path: Path) -> None:
         with open(log_path, "ab", buffering=0) as log:
+            stamp = b""
             for line in process.stdout:  # type: ignore[union-attr]
                 log.write(line)
                 if self.echo:
-                    with self._console_lock:
-                        sys.stderr.buffer.write(line)
-                        sys.stderr.buffer.flush()
+                    # A line without its own stamp (a traceback) goes with the line before it.
+                    if STAMP.match(line):
+                        stamp = line[:15]
+                    self._console.put((stamp, line))
+
+    def _echo(self) -> None:
+        """Write the children's lines to the console in stamp order.
+
+        Each child's pipe is read by its own thread, so lines from two actors can
+        arrive in either order; holding them for ECHO_HOLD_S and sorting by their
+        stamps puts an answer after the request it answers."""
+        held: list[tuple[bytes, int, float, bytes]] = []
+        order = itertools.count()
+        while True:
+            try:
+                stamp, line = self._console.get(timeout=ECHO_HOLD_S / 2)
+                if line is None:
+                    break
+                held.append((stamp, next(order), time.monotonic(), line))
+            except queue.Empty:
+                pass
+            due = time.monotonic() - ECHO_HOLD_S
+            if held and min(h[2] for h in held) <= due:
+                held.sort()
+                ready = [h for h in held if h[2] <= due]
+                # Emit in stamp order up to the newest due line; later stamps wait.
+                cut = held.index(ready[-1]) + 1
+                self._write(held[:cut])
+                held = held[cut:]
+        held.sort()
+        self._write(held)
+
+    @staticmethod
+    def _write(lines) -> None:
+        for *_, line in lines:
+            sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
 
     def _wait_ready(self, child: Child, timeout_s: float = 15.0) -> None:
         if child.ready_socket is None:
@@ -116,6 +157,7 @@ class Supervisor:
             raise Conflict(f"qntx is already up on {self.settings.home} (pid {holder}); stop it first")
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
+        self._echo_thread.start()
         try:
             for child in self.children:
                 if child.ready_socket is not None:
@@ -127,6 +169,8 @@ class Supervisor:
         finally:
             self._stop_all()
             (self.settings.run_dir / "actors").unlink(missing_ok=True)
+            self._console.put((b"", None))  # the children are gone: flush what is held
+            self._echo_thread.join(timeout=2)
             lock.release()
         return 0
 
