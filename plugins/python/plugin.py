@@ -23,7 +23,8 @@ from loguru import logger
 
 from plugins.python.pool import InterpreterPool
 from qntx import __version__
-from qntx.bus.aio import AsyncRequest, AsyncService, install_stop_signals
+from qntx.bus.actor import Request
+from qntx.bus.aio import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder
 from qntx.errors import QntxError
@@ -131,13 +132,13 @@ class PythonPlugin:
 
     # ---------------------------------------------------------------- requests
 
-    def on_ping(self, message: Ping, request: AsyncRequest) -> Pong:
+    def on_ping(self, message: Ping, request: Request) -> Pong:
         return Pong(actor=f"plugin:{NAME}", pid=os.getpid(), version=__version__)
 
-    def on_metadata(self, message: Metadata, request: AsyncRequest) -> MetadataReply:
+    def on_metadata(self, message: Metadata, request: Request) -> MetadataReply:
         return MetadataReply(name=NAME, version=__version__, description="Runs Python handler scripts stored in ATS")
 
-    async def on_initialize(self, message: Initialize, request: AsyncRequest) -> InitializeReply:
+    async def on_initialize(self, message: Initialize, request: Request) -> InitializeReply:
         logger.info("Initializing Python plugin")
         if self.ats is None or message.ats_endpoint != self.ats_endpoint:
             if self.ats is not None:
@@ -220,11 +221,11 @@ class PythonPlugin:
             c.casefold() for c in record.contexts
         )
 
-    def on_health(self, message: Health, request: AsyncRequest) -> HealthReply:
+    def on_health(self, message: Health, request: Request) -> HealthReply:
         healthy = self.pool is not None and self.initialized.is_set()
         return HealthReply(healthy=healthy, detail="" if healthy else "not initialized")
 
-    async def on_execute(self, message: ExecuteJob, request: AsyncRequest) -> ExecuteResult:
+    async def on_execute(self, message: ExecuteJob, request: Request) -> ExecuteResult:
         if self.pool is None:
             return ExecuteResult(success=False, error=JobError(message="python plugin is not initialized"))
         code, filename = self._code_for(message)
@@ -264,12 +265,12 @@ class PythonPlugin:
             return None, f"unknown handler {message.handler!r}"
         return code, f"<handler {name}>"
 
-    async def on_cancel(self, message: CancelExecution, request: AsyncRequest) -> Ack:
+    async def on_cancel(self, message: CancelExecution, request: Request) -> Ack:
         if self.pool is not None:
             await self.pool.cancel(message.job_id)
         return Ack()
 
-    def on_shutdown(self, message: Shutdown, request: AsyncRequest) -> Ack:
+    def on_shutdown(self, message: Shutdown, request: Request) -> Ack:
         self.stop.set()
         return Ack()
 

@@ -89,11 +89,14 @@ def error_for(message: Any, exc: Exception) -> QntxError:
 
 
 class Request:
-    """Where a reply to one request goes; kept by handlers that reply later."""
+    """Where a reply to one request goes; kept by handlers that reply later.
+
+    ``service`` is the poll-loop ``Service`` or the asyncio ``AsyncService`` that
+    received it: either sends the reply with ``send_reply``."""
 
     __slots__ = ("service", "identity", "correlation")
 
-    def __init__(self, service: Service, identity: bytes, correlation: bytes):
+    def __init__(self, service: Any, identity: bytes, correlation: bytes):
         self.service = service
         self.identity = identity
         self.correlation = correlation

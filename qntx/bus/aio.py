@@ -19,22 +19,10 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from qntx.bus.actor import REPLY_QUEUE_LIMIT, RejectedFrames, error_for, unpack_request
+from qntx.bus.actor import REPLY_QUEUE_LIMIT, RejectedFrames, Request, error_for, unpack_request
 from qntx.bus.codec import HARD_LIMIT_FACTOR, Decoder, encode, error_reply
 from qntx.bus.security import PLAIN, Security
 from qntx.errors import UnknownType
-
-
-class AsyncRequest:
-    __slots__ = ("service", "identity", "correlation")
-
-    def __init__(self, service: AsyncService, identity: bytes, correlation: bytes):
-        self.service = service
-        self.identity = identity
-        self.correlation = correlation
-
-    def reply(self, message: msgspec.Struct) -> None:
-        self.service.send(self.identity, self.correlation, message)
 
 
 class AsyncService:
@@ -43,7 +31,7 @@ class AsyncService:
         context: zmq.asyncio.Context,
         endpoint: str,
         request_type: Any,
-        handlers: dict[type, Callable[[Any, AsyncRequest], Any]],
+        handlers: dict[type, Callable[[Any, Request], Any]],
         *,
         label: str,
         max_message_bytes: int,
@@ -60,6 +48,9 @@ class AsyncService:
         self.label = label
         self.max_message_bytes = max_message_bytes
         self._tasks: set[asyncio.Task] = set()
+
+    def send_reply(self, request: Request, message: msgspec.Struct) -> None:
+        self.send(request.identity, request.correlation, message)
 
     def send(self, identity: bytes, correlation: bytes, message: msgspec.Struct) -> None:
         if not correlation:
@@ -93,7 +84,7 @@ class AsyncService:
             logger.warning("rejected a message from peer {}: {}", rejected.identity.hex(), rejected.error)
             self.send(rejected.identity, rejected.correlation, error_reply(rejected.error))
             return
-        request = AsyncRequest(self, identity, correlation)
+        request = Request(self, identity, correlation)
         handler = self.handlers.get(type(message))
         if handler is None:
             error = UnknownType(f"{self.label} does not answer {type(message).__name__}")
@@ -111,7 +102,7 @@ class AsyncService:
         if reply is not None:
             request.reply(reply)
 
-    async def _run(self, handler, message: Any, request: AsyncRequest) -> None:
+    async def _run(self, handler, message: Any, request: Request) -> None:
         try:
             reply = await handler(message, request)
         except asyncio.CancelledError:
