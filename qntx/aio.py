@@ -7,15 +7,30 @@ to running actors: start ``qntx up`` first (``Unavailable`` otherwise).
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 
-from qntx.api import JobFailed, ax_filter, make_filter, new_attestation
+from qntx.api import ax_filter, make_filter, new_attestation
+from qntx.asid import new_asid
 from qntx.bus.client import AsyncClient
+from qntx.errors import QntxError
 from qntx.follow import AsyncJobFollower, JobEvent
+from qntx.handles import (
+    Acceptance,
+    decoded,
+    decoded_event,
+    encode_payload,
+    first_failure,
+    result_of,
+    submit_message,
+    unconfirmed,
+)
 from qntx.protocol import (
     AtsReply,
     Attest,
@@ -33,28 +48,42 @@ from qntx.protocol import (
     Query,
     RetryJob,
     ServerReply,
-    Submit,
 )
 from qntx.settings import Settings, load_settings
 
 
 class AsyncJobHandle:
-    def __init__(self, bus: AsyncBus, job: Job):
+    """A submitted job: ``.id``, ``await .accepted()``, ``await .result(timeout)``."""
+
+    def __init__(self, bus: AsyncBus, job_id: str, reply: asyncio.Future):
         self.bus = bus
-        self.id = job.id
-        self.submitted = job
+        self.id = job_id
+        self._reply = reply
+        self._acceptance = Acceptance(job_id)
+
+    async def accepted(self, timeout: float | None = None) -> Job:
+        """Wait until the server has durably accepted the job; its record then."""
+        if not self._acceptance.settled:
+            try:
+                self._acceptance.settle(await self.bus.server.take(self._reply, timeout))
+            except QntxError as exc:
+                self._acceptance.fail(unconfirmed(self.id, exc))
+        return self._acceptance.outcome()
 
     async def record(self) -> Job:
         return await self.bus.job(self.id)
 
     async def wait(self, timeout: float | None = None) -> Job:
-        return await self.bus.wait(self.id, timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self.accepted(timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return await self.bus.wait(self.id, timeout=left)
 
     async def result(self, timeout: float | None = None) -> Any:
-        job = await self.wait(timeout)
-        if job.status != "completed":
-            raise JobFailed(job)
-        return job.result
+        return result_of(await self.wait(timeout))
+
+    def __repr__(self) -> str:
+        return f"AsyncJobHandle({self.id!r})"
 
 
 class AsyncBus:
@@ -68,6 +97,7 @@ class AsyncBus:
             settings.server_endpoint, ServerReply, timeout_s=timeout, context=self.context, security=security
         )
         self.follower = AsyncJobFollower(settings.events_endpoint, self.context, security)
+        self._submitted: list[AsyncJobHandle] = []
 
     async def ping(self) -> Pong:
         return await self.ats.request(Ping())
@@ -103,26 +133,49 @@ class AsyncBus:
     async def get(self, id: str) -> Attestation:
         return (await self.ats.request(GetAttestation(id=id))).record
 
-    async def submit(self, handler: str, payload: Any = None, **options: Any) -> AsyncJobHandle:
-        """Options as ``Bus.submit``: priority, max_attempts, timeout_s, idempotency_key, parent_id."""
-        reply = await self.server.request(Submit(handler=handler, payload=payload, **options))
-        return AsyncJobHandle(self, reply.job)
+    async def submit(self, handler: str, payload: Any = None, *, id: str | None = None, **options: Any) -> AsyncJobHandle:
+        """Enqueue a job; returns once it is sent (``await handle.accepted()`` waits for
+        the server's durable acceptance). Options as ``Bus.submit``: priority,
+        max_attempts, timeout_s, idempotency_key, parent_id."""
+        job_id = id or new_asid(handler if isinstance(handler, str) else "_", prefix="JB")
+        message = submit_message(handler, encode_payload(payload, self.settings.max_payload_bytes), job_id, **options)
+        self.follower.start()  # subscribed before the job can finish
+        handle = AsyncJobHandle(self, job_id, await self.server.send(message))
+        self._submitted.append(handle)
+        if len(self._submitted) > 1024:  # settle what has been answered; keep what flush must see
+            for done in self._submitted:
+                if done._reply.done() and not done._reply.cancelled() and not done._acceptance.settled:
+                    done._acceptance.settle(done._reply.result())
+            self._submitted = [h for h in self._submitted if not h._acceptance.settled or h._acceptance.error]
+        return handle
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every submission so far is accepted or refused; raise the first refusal."""
+        handles, self._submitted = self._submitted, []
+        failures = []
+        for handle in handles:
+            try:
+                await handle.accepted(timeout)
+            except QntxError as exc:
+                failures.append((handle.id, exc))
+        if failures:
+            raise first_failure(failures)
 
     async def job(self, id: str) -> Job:
-        return (await self.server.request(GetJob(id=id))).job
+        return decoded((await self.server.request(GetJob(id=id))).job)
 
     async def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
-        return (await self.server.request(ListJobs(status=status, limit=limit))).jobs
+        return [decoded(j) for j in (await self.server.request(ListJobs(status=status, limit=limit))).jobs]
 
     async def cancel(self, id: str) -> Job:
-        return (await self.server.request(CancelJob(id=id))).job
+        return decoded((await self.server.request(CancelJob(id=id))).job)
 
     async def retry(self, id: str) -> Job:
-        return (await self.server.request(RetryJob(id=id))).job
+        return decoded((await self.server.request(RetryJob(id=id))).job)
 
     async def follow(self, id: str, timeout: float | None = None) -> AsyncIterator[JobEvent]:
         async for event in self.follower.follow(id, timeout, self.job):
-            yield event
+            yield decoded_event(event)
 
     async def wait(self, id: str, *, timeout: float | None = None) -> Job:
         last = None
@@ -132,6 +185,14 @@ class AsyncBus:
         return last
 
     async def close(self) -> None:
+        """Flush the submissions still waiting for their reply (raising the first
+        refusal), then close the connections."""
+        try:
+            await self.flush()
+        finally:
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
         self.ats.close()
         self.server.close()
         self.follower.close()
@@ -140,8 +201,14 @@ class AsyncBus:
     async def __aenter__(self) -> AsyncBus:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            await self.close()
+            return
+        try:  # an exception is already on its way: report, do not replace it
+            await self.close()
+        except QntxError as error:
+            print(f"qntx: submitted job(s) were refused or not confirmed: {error}", file=sys.stderr)
 
 
 async def connect(home: str | Path | None = None, **settings: Any) -> AsyncBus:

@@ -7,19 +7,34 @@ straight to the embedded LMDB store when it does not; job calls need the server.
 
 from __future__ import annotations
 
+import atexit
+import sys
+import time
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from qntx.asid import new_asid
 from qntx.bus.client import Client
-from qntx.bus.codec import raise_if_error
 from qntx.bus.pidlock import lock_holder
 from qntx.errors import Invalid, NotFound, QntxError
+from qntx.handles import (
+    Acceptance,
+    decoded,
+    decoded_event,
+    encode_payload,
+    first_failure,
+    result_of,
+    submit_message,
+    unconfirmed,
+)
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
+    MAX_PAGE,
     ActorStatus,
     AtsReply,
     Attest,
@@ -31,7 +46,6 @@ from qntx.protocol import (
     GetStatus,
     Job,
     JobChanged,
-    JobError,
     JobProgressed,
     ListJobs,
     NewAttestation,
@@ -45,19 +59,12 @@ from qntx.protocol import (
     Stats,
     StatsReply,
     StatusReply,
-    Submit,
 )
 from qntx.settings import Settings, load_settings
+from qntx.values import as_list
 
-
-def _as_list(value: str | Sequence[str] | None, name: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not all(isinstance(v, str) for v in value):
-        raise Invalid(f"{name} must be strings")
-    return list(value)
+# Submissions a Bus lets wait for their reply before it waits for the oldest.
+SUBMIT_WINDOW = 10_000
 
 
 def new_attestation(
@@ -72,10 +79,10 @@ def new_attestation(
 ) -> NewAttestation:
     """Build a NewAttestation from friendly arguments (a str stands for a one-item list)."""
     return NewAttestation(
-        subjects=_as_list(subjects, "subjects"),
-        predicates=_as_list(predicates, "predicates") or ["_"],
-        contexts=_as_list(contexts, "contexts") or ["_"],
-        actors=_as_list(actors, "actors"),
+        subjects=as_list(subjects, "subjects"),
+        predicates=as_list(predicates, "predicates") or ["_"],
+        contexts=as_list(contexts, "contexts") or ["_"],
+        actors=as_list(actors, "actors"),
         attributes=dict(attributes or {}),
         timestamp=timestamp,
         source=source or "python",
@@ -94,10 +101,10 @@ def make_filter(
     limit: int | None = None,
 ) -> Filter:
     return Filter(
-        subjects=_as_list(subjects, "subjects"),
-        predicates=_as_list(predicates, "predicates"),
-        contexts=_as_list(contexts, "contexts"),
-        actors=_as_list(actors, "actors"),
+        subjects=as_list(subjects, "subjects"),
+        predicates=as_list(predicates, "predicates"),
+        contexts=as_list(contexts, "contexts"),
+        actors=as_list(actors, "actors"),
         time_start=time_start,
         time_end=time_end,
         source=source,
@@ -202,39 +209,40 @@ def _stored_job(store, job_id: str) -> Job:
     return stored.job
 
 
-class JobFailed(QntxError):
-    """A job ended failed or cancelled; ``job`` is its final record."""
-
-    code = "job_failed"
-
-    def __init__(self, job: Job):
-        error = job.error or JobError(message=job.status)
-        super().__init__(f"job {job.id} {job.status}: {error.message}")
-        self.job = job
-        self.error = error
-
-
 class JobHandle:
-    """A submitted job: ``.id``, ``.record()``, ``.result(timeout)``."""
+    """A submitted job: ``.id``, ``.accepted()``, ``.record()``, ``.result(timeout)``."""
 
-    def __init__(self, bus: Bus, job: Job):
+    def __init__(self, bus: Bus, job_id: str, correlation: bytes | None):
         self.bus = bus
-        self.id = job.id
-        self.submitted = job
+        self.id = job_id
+        self._correlation = correlation
+        self._acceptance = Acceptance(job_id)
+
+    def accepted(self, timeout: float | None = None) -> Job:
+        """Wait until the server has durably accepted the job; its record then.
+        Raises the refusal (e.g. an unknown handler) or a Timeout if no answer came."""
+        if not self._acceptance.settled:
+            self.bus._settle(self, timeout)
+        return self._acceptance.outcome()
+
+    @property
+    def submitted(self) -> Job:
+        return self.accepted()
 
     def record(self) -> Job:
         return self.bus.job(self.id)
 
     def wait(self, timeout: float | None = None) -> Job:
         """Block until the job is final; return its record."""
-        return self.bus.wait(self.id, timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.accepted(timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.bus.wait(self.id, timeout=left)
 
     def result(self, timeout: float | None = None) -> Any:
-        """The job's result; raises JobFailed if it failed or was cancelled."""
-        job = self.wait(timeout)
-        if job.status != "completed":
-            raise JobFailed(job)
-        return job.result
+        """The job's result; raises the refusal of its submission, or JobFailed if it
+        failed or was cancelled."""
+        return result_of(self.wait(timeout))
 
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
@@ -250,6 +258,9 @@ class Bus:
         self._ats = _EmbeddedAts(settings) if embedded else _RemoteAts(settings)
         self._server: Client | None = None
         self._follower = None
+        self._accepting: dict[bytes, JobHandle] = {}  # submissions waiting for their reply
+        self._closed = False
+        _open_buses.add(self)
 
     @property
     def embedded(self) -> bool:
@@ -336,56 +347,61 @@ class Bus:
         timeout_s: float = 300.0,
         idempotency_key: str | None = None,
         parent_id: str | None = None,
+        id: str | None = None,
     ) -> JobHandle:
-        """Enqueue a job; returns once it is durably accepted."""
-        message = Submit(
-            handler=handler,
-            payload=payload,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout_s=timeout_s,
-            idempotency_key=idempotency_key,
-            parent_id=parent_id,
-        )
-        self._ensure_follower()  # subscribe before the job can finish
-        return JobHandle(self, self.server.request(message).job)
+        """Enqueue a job and return at once; ``handle.accepted()`` waits for the
+        server's durable acceptance, ``handle.result()`` for the outcome. ``id``
+        (default: a fresh ``JB-`` ASID) makes a resubmission safe."""
+        job_id = id or new_asid(handler if isinstance(handler, str) else "_", prefix="JB")
+        message = submit_message(
+            handler, encode_payload(payload, self.settings.max_payload_bytes), job_id,
+            priority=priority, max_attempts=max_attempts, timeout_s=timeout_s,
+            idempotency_key=idempotency_key, parent_id=parent_id,
+        )  # fmt: skip
+        self._ensure_follower()  # subscribed before the job can finish
+        correlation = self.server.send(message)
+        handle = JobHandle(self, job_id, correlation)
+        self._accepting[correlation] = handle
+        if len(self._accepting) >= SUBMIT_WINDOW:  # keep the server's queues bounded
+            self._settle(next(iter(self._accepting.values())), None)
+        else:
+            self._collect()
+        return handle
 
-    def submit_many(
-        self,
-        handler: str,
-        payloads: Iterable[Any],
-        *,
-        priority: int = 0,
-        max_attempts: int = 3,
-        timeout_s: float = 300.0,
-    ) -> list[JobHandle]:
-        """Enqueue many jobs at once (pipelined; they share durable commits).
+    def _collect(self, wait_s: float = 0.0) -> None:
+        """Settle every submission whose reply is already here."""
+        for correlation, reply in self.server.arrived(wait_s).items():
+            handle = self._accepting.pop(correlation, None)
+            if handle is not None:
+                handle._acceptance.settle(reply)
 
-        Every returned handle is accepted. If some submissions were refused, the
-        first refusal is raised after the others were sent, with the accepted
-        handles on the exception as ``accepted``.
-        """
-        messages = [
-            Submit(handler=handler, payload=p, priority=priority, max_attempts=max_attempts, timeout_s=timeout_s)
-            for p in payloads
-        ]
-        self._ensure_follower()
-        handles: list[JobHandle] = []
-        first_error: QntxError | None = None
-        for reply in self.server.request_many(messages):
-            try:
-                handles.append(JobHandle(self, raise_if_error(reply).job))
-            except QntxError as exc:
-                first_error = first_error or exc
-        if first_error is not None:
-            first_error.accepted = handles
-            raise first_error
-        return handles
+    def _settle(self, handle: JobHandle, timeout: float | None) -> None:
+        """Wait for the reply to one submission."""
+        correlation = handle._correlation
+        try:
+            reply = self.server.take(correlation, timeout)
+        except QntxError as exc:
+            handle._acceptance.fail(unconfirmed(handle.id, exc))
+        else:
+            handle._acceptance.settle(reply)
+        finally:
+            self._accepting.pop(correlation, None)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every submission so far is accepted or refused; raise the first
+        refusal (its ``failures`` lists every refused or unconfirmed job id)."""
+        failures = []
+        for handle in list(self._accepting.values()):
+            self._settle(handle, timeout)
+            if handle._acceptance.error is not None:
+                failures.append((handle.id, handle._acceptance.error))
+        if failures:
+            raise first_failure(failures)
 
     def job(self, id: str) -> Job:
         if not self._server_is_up():
-            return self._read_pulse(lambda store: _stored_job(store, id), empty=lambda: _stored_job(None, id))
-        return self.server.request(GetJob(id=id)).job
+            return decoded(self._read_pulse(lambda store: _stored_job(store, id), empty=lambda: _stored_job(None, id)))
+        return decoded(self.server.request(GetJob(id=id)).job)
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
         """Jobs newest first. With no server running, read from the store (read-only)."""
@@ -395,10 +411,10 @@ class Bus:
             if limit <= 0:
                 raise Invalid("limit must be positive")
             return self._read_pulse(
-                lambda store: [job for _, _, job in store.newest(status, limit, skip=(), cached={})],
+                lambda store: [decoded(job) for _, _, job in store.newest(status, min(limit, MAX_PAGE))],
                 empty=list,
             )
-        return self.server.request(ListJobs(status=status, limit=limit)).jobs
+        return [decoded(job) for job in self.server.request(ListJobs(status=status, limit=limit)).jobs]
 
     def _server_is_up(self) -> bool:
         if not self.settings.server_endpoint.startswith("ipc://"):
@@ -418,17 +434,17 @@ class Bus:
             store.close()
 
     def cancel(self, id: str) -> Job:
-        return self.server.request(CancelJob(id=id)).job
+        return decoded(self.server.request(CancelJob(id=id)).job)
 
     def retry(self, id: str) -> Job:
-        return self.server.request(RetryJob(id=id)).job
+        return decoded(self.server.request(RetryJob(id=id)).job)
 
     def pause(self, id: str) -> Job:
         """Hold a queued job (it keeps its place) until ``resume``."""
-        return self.server.request(PauseJob(id=id)).job
+        return decoded(self.server.request(PauseJob(id=id)).job)
 
     def resume(self, id: str) -> Job:
-        return self.server.request(ResumeJob(id=id)).job
+        return decoded(self.server.request(ResumeJob(id=id)).job)
 
     def status(self) -> StatusReply:
         """Every actor with pid/endpoint/health, queue depth by status, registered handlers."""
@@ -444,7 +460,8 @@ class Bus:
     def follow(self, id: str, timeout: float | None = None) -> Iterable[JobChanged | JobProgressed]:
         """Job events for ``id`` as they happen, ending with the final JobChanged."""
         follower = self._ensure_follower()
-        yield from follower.follow(id, timeout, fetch=self.job)
+        for event in follower.follow(id, timeout, fetch=self.job):
+            yield decoded_event(event)
 
     def wait(self, id: str, *, timeout: float | None = None) -> Job:
         """Block until job ``id`` is final and return its record."""
@@ -463,17 +480,52 @@ class Bus:
         return self._follower
 
     def close(self) -> None:
-        self._ats.close()
-        if self._server is not None:
-            self._server.close()
-        if self._follower is not None:
-            self._follower.close()
+        """Flush the submissions still waiting for their reply (raising the first
+        refusal), then close the connections."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            _open_buses.discard(self)
+            self._ats.close()
+            if self._server is not None:
+                self._server.close()
+            if self._follower is not None:
+                self._follower.close()
 
     def __enter__(self) -> Bus:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an exception is already on its way: report, do not replace it
+            self.close()
+        except QntxError as error:
+            _warn_unsettled(error)
+
+
+def _warn_unsettled(error: QntxError) -> None:
+    failures = getattr(error, "failures", [])
+    print(f"qntx: {len(failures) or 1} submitted job(s) were refused or not confirmed: {error}", file=sys.stderr)
+
+
+_open_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """At interpreter exit, submissions still unconfirmed are settled, and reported."""
+    for bus in list(_open_buses):
+        try:
+            bus.close()
+        except QntxError as error:
+            _warn_unsettled(error)
+        except Exception:  # sockets may already be gone this late
+            pass
 
 
 def connect(home: str | Path | None = None, *, embedded: bool | None = None, **settings: Any) -> Bus:

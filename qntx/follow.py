@@ -169,9 +169,13 @@ class AsyncJobFollower:
             arrived, self._arrived = self._arrived, asyncio.Event()
             arrived.set()
 
-    async def _wait(self, wait_s: float) -> None:
+    def start(self) -> None:
+        """Start reading events (before a job is submitted, so none is missed)."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _wait(self, wait_s: float) -> None:
+        self.start()
         try:
             await asyncio.wait_for(self._arrived.wait(), wait_s)
         except TimeoutError:

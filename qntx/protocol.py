@@ -16,6 +16,8 @@ socket                 requests (decoded there)    replies / pushes
 ats ROUTER             ``AtsRequest``              ``AtsReply``
 server ROUTER          ``ServerRequest``           ``ServerReply``
 workers ROUTER         ``WorkerMessage``           ``WorkerCommand`` (pushed)
+a session's jobs PUSH  -                           ``WorkerJob`` (to its PULL)
+results PULL           ``WorkerResult``            -
 plugin ROUTER          ``PluginRequest``           ``PluginReply``
 ats / server PUB       -                           ``Event``
 =====================  ==========================  ===========================
@@ -97,10 +99,17 @@ JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "paused
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
+# The MessagePack nil: what an absent payload or result is carried as.
+NIL = msgspec.Raw(b"\xc0")
+
+
 class Job(msgspec.Struct, kw_only=True):
+    """A job record. ``payload`` and ``result`` stay raw MessagePack wherever they
+    are only carried (server, Pulse, workers); the scripting API decodes them."""
+
     id: str
     handler: str
-    payload: Any = None
+    payload: msgspec.Raw = NIL
     status: str = "queued"
     attempts: int = 0
     max_attempts: int = 3
@@ -110,13 +119,15 @@ class Job(msgspec.Struct, kw_only=True):
     started_at: int | None = None
     finished_at: int | None = None
     progress: Progress | None = None
-    result: Any = None
+    result: msgspec.Raw = NIL
     error: JobError | None = None
     logs: str = ""
     parent_id: str | None = None
     worker: str | None = None
     idempotency_key: str | None = None
     run_after: int = 0  # ms: a retried job waits for its backoff until then
+    lease: int = 0  # the lease of the current (or last) run; 0: never dispatched
+    runs: int = 0  # runs started, counting those lost to a worker, plugin or server going away
 
 
 # --------------------------------------------------------------------- ats
@@ -167,22 +178,31 @@ AtsReply = Pong | Attested | QueryResult | AttestationReply | StatsReply | Error
 
 
 class Submit(Message):
+    """Enqueue a job. ``id`` (optional, made by the client, e.g. a ``JB-`` ASID) makes
+    a resubmission safe: a Submit whose id is already taken returns that job."""
+
     handler: str
-    payload: Any = None
+    payload: msgspec.Raw = NIL
     priority: int = 0
     max_attempts: int = 3
     timeout_s: float = 300.0
     idempotency_key: str | None = None
     parent_id: str | None = None
+    id: str | None = None
 
 
 class GetJob(Message):
     id: str
 
 
+# The most jobs (or attestations) one listing returns; ask again with the cursor.
+MAX_PAGE = 1000
+
+
 class ListJobs(Message):
     status: str | None = None
-    limit: int = 50
+    limit: int = 50  # at most MAX_PAGE
+    cursor: str | None = None  # JobList.cursor of the previous page
 
 
 class CancelJob(Message):
@@ -207,6 +227,7 @@ class JobReply(Message):
 
 class JobList(Message):
     jobs: list[Job]
+    cursor: str | None = None  # pass it back for the next page; None: no more
 
 
 class GetStatus(Message):
@@ -242,21 +263,24 @@ class HandlersChanged(Message):
 
 
 class JobProgress(Message):
-    """Sent by whoever runs a job while it runs (fire and forget)."""
+    """Sent by whoever runs a job while it runs (fire and forget); counts only for
+    the job's current lease."""
 
     job_id: str
     current: float
     total: float
-    attempt: int = 0  # the attempt it belongs to (0: whichever is running)
+    lease: int = 0
 
 
 class JobOutput(Message):
     """Output of a long-running job as it is written (fire and forget); the server
-    publishes it unchanged to the job's followers. The job's logs keep it all."""
+    publishes it to the job's followers if ``lease`` is the job's current one.
+    The job's logs keep it all."""
 
     job_id: str
     stream: str  # "stdout" or "stderr"
     text: str
+    lease: int = 0
 
 
 ServerRequest = (
@@ -278,45 +302,71 @@ ServerReply = Pong | JobReply | JobList | StatusReply | Ack | ErrorReply
 
 
 # --------------------------------------------------------------------- workers
+#
+# A worker session talks to Pulse over three pipes (docs/PROTOCOL.md §5.4):
+#   control: its DEALER (routing id = its session id) to the workers ROUTER:
+#            WorkerReady up; WorkerWelcome and CancelRunning down.
+#   jobs:    a PULL connected to the PUSH the server binds for this session alone:
+#            Dispatch down. Pulse never sends a session more than its credit.
+#   results: a PUSH connected to the server's results PULL, the one sink of every
+#            worker: JobDone and JobProgress up.
 
 
 class WorkerReady(Message):
-    """A worker says it can take ``credit`` more jobs; also its heartbeat."""
+    """A worker's hello and heartbeat: how many jobs it takes at once (``credit``;
+    0 while it stops) and the leases it holds, so a restarted server adopts them."""
 
     worker: str
     credit: int = 1
     pid: int = 0
-    running: list[str] = msgspec.field(default_factory=list)
+    session: str = ""  # its session id (also the routing id of its control DEALER)
+    leases: list[int] = msgspec.field(default_factory=list)
+    jobs_endpoint: str = ""  # the jobs PUSH it is connected to ("" until welcomed)
+
+
+class WorkerWelcome(Message):
+    """The server's answer to a new session: where its jobs come from and where
+    its results go."""
+
+    jobs_endpoint: str
+    results_endpoint: str
 
 
 class JobDone(Message):
-    """The outcome of one attempt of a job."""
+    """The outcome of one run (lease) of a job."""
 
     job_id: str
-    attempt: int
+    lease: int
     success: bool
-    result: Any = None
+    attempt: int = 0
+    result: msgspec.Raw = NIL
     error: JobError | None = None
     logs: str = ""
     progress: Progress | None = None  # the last progress reported, if any
-    interrupted: bool = False  # given back unfinished by a stopping worker: not an attempt
+    # Not the handler's doing (the worker stopped, the plugin went away): the run
+    # is given back to the queue and uses no attempt.
+    interrupted: bool = False
 
 
 class Dispatch(Message):
-    """The server hands one job attempt to a worker."""
+    """One run of a job, sent to the worker session that holds ``lease``."""
 
+    lease: int
     job: Job
     plugin_endpoint: str | None = None  # where to forward a plugin handler
 
 
 class CancelRunning(Message):
-    """The server asks a worker to kill a running attempt."""
+    """The server asks a worker to stop the run holding ``lease``."""
 
-    job_id: str
+    lease: int
+    job_id: str = ""
 
 
-WorkerMessage = WorkerReady | JobDone | JobProgress
-WorkerCommand = Dispatch | CancelRunning
+WorkerMessage = WorkerReady
+WorkerCommand = WorkerWelcome | CancelRunning
+WorkerJob = Dispatch
+WorkerResult = JobDone | JobProgress
 
 
 # --------------------------------------------------------------------- plugins
@@ -336,6 +386,7 @@ class Initialize(Message):
     ats_endpoint: str
     server_endpoint: str
     config: dict[str, Any] = msgspec.field(default_factory=dict)
+    ats_events_endpoint: str = ""
 
 
 # A plugin with N interpreters may take up to N * PLUGIN_DEPTH jobs at once, so a job
@@ -361,14 +412,15 @@ class HealthReply(Message):
 class ExecuteJob(Message):
     job_id: str
     handler: str
-    payload: Any = None
+    payload: msgspec.Raw = NIL
     timeout_s: float = 300.0
     attempt: int = 1
+    lease: int = 0  # names this run: progress, output and cancels carry it
 
 
 class ExecuteResult(Message):
     success: bool
-    result: Any = None
+    result: msgspec.Raw = NIL
     error: JobError | None = None
     stdout: str = ""
     stderr: str = ""
@@ -377,6 +429,7 @@ class ExecuteResult(Message):
 
 class CancelExecution(Message):
     job_id: str
+    lease: int = 0  # 0: whichever run of the job
 
 
 class Shutdown(Message):

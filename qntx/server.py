@@ -2,12 +2,12 @@
 
 Sockets:
   * server ROUTER (``ServerRequest``): clients submit and inspect jobs; plugins
-    register, announce handler changes and report progress.
-  * workers ROUTER (``WorkerMessage``): workers say hello/heartbeat and report
-    results; the server pushes ``Dispatch``/``CancelRunning`` to them.
-  * events PUB: ``JobChanged``/``JobProgressed`` (topic ``job.<id>``) and
-    ``HandlersRegistered`` (topic ``handlers``).
-  * one DEALER per registered plugin, for Metadata/Initialize/Health.
+    register, announce handler changes and report progress and output.
+  * the worker pool's sockets (control ROUTER, one jobs PUSH per worker session,
+    the results PULL): ``qntx.pulse.scheduler``.
+  * events PUB: ``JobChanged``/``JobProgressed``/``JobOutput`` (topic ``job.<id>``)
+    and ``HandlersRegistered`` (topic ``handlers``).
+  * one DEALER per registered plugin, for Metadata/Initialize/Health/CancelExecution.
 
 A plugin registers with ``RegisterPlugin``; the server calls ``Metadata`` and
 ``Initialize`` on it and registers the handler names it returns. Plugins repeat
@@ -24,7 +24,7 @@ from loguru import logger
 from qntx import __version__
 from qntx.bus.actor import Actor, Peer, Publisher, Request
 from qntx.bus.pidlock import PidLock
-from qntx.errors import Invalid, NotFound, Unavailable
+from qntx.errors import NotFound, Unavailable
 from qntx.protocol import (
     Ack,
     ActorStatus,
@@ -39,7 +39,6 @@ from qntx.protocol import (
     HealthReply,
     Initialize,
     InitializeReply,
-    JobDone,
     JobList,
     JobOutput,
     JobProgress,
@@ -57,11 +56,10 @@ from qntx.protocol import (
     ServerRequest,
     StatusReply,
     Submit,
-    WorkerMessage,
-    WorkerReady,
 )
-from qntx.pulse.queue import JobQueue
-from qntx.pulse.scheduler import BUILTIN_HANDLERS, Pulse, Route
+from qntx.pulse.core import BUILTIN_HANDLERS
+from qntx.pulse.events import HandlersAnnounced, PluginDown, PluginUp
+from qntx.pulse.scheduler import Pulse
 from qntx.settings import Settings
 
 HEALTH_FAILURES_ALLOWED = 3
@@ -96,20 +94,7 @@ class ServerActor(Actor):
         if not self.lock.acquire():
             raise Unavailable(f"another server already runs on {self.settings.home}")
         self.events = Publisher(self, self.settings.events_endpoint)
-        self.worker_service = self.serve(
-            self.settings.workers_endpoint,
-            WorkerMessage,
-            {WorkerReady: self.on_worker_ready, JobDone: self.on_job_done, JobProgress: self.on_progress},
-        )
-        self.pulse = Pulse(
-            JobQueue(self.settings.pulse_path),
-            dead_after_s=self.settings.heartbeat_s * 3,
-            send_to_worker=self.worker_service.send_to,
-            publish=self.events.publish,
-            route=self.route,
-            cancel_at_plugin=self.cancel_at_plugin,
-            call_later=self.call_later,
-        )
+        self.pulse = Pulse(self, self.settings, publish=self.events.publish, cancel_at_plugin=self.cancel_at_plugin)
         self.service = self.serve(
             self.settings.server_endpoint,
             ServerRequest,
@@ -130,12 +115,13 @@ class ServerActor(Actor):
             },
         )
         self._schedule_health()
-        counts = self.pulse.queue.counts()
+        counts = self.pulse.core.counts()
         logger.info(
-            "QNTX server serving {} (pulse {}: {} queued, {} paused; jobs a crash left running are queued again)",
+            "QNTX server serving {} (pulse {}: {} queued, {} running, {} paused; running ones wait for their workers to claim them)",
             self.settings.server_endpoint,
             self.settings.pulse_path,
             counts.get("queued", 0),
+            counts.get("running", 0),
             counts.get("paused", 0),
         )
 
@@ -144,7 +130,7 @@ class ServerActor(Actor):
 
     def teardown(self) -> None:
         self.pulse.end_turn()
-        self.pulse.queue.close()
+        self.pulse.close()
         self.lock.release()
 
     # ---------------------------------------------------------------- clients
@@ -153,82 +139,53 @@ class ServerActor(Actor):
         return Pong(actor=self.name, pid=self.pid, version=__version__)
 
     def on_submit(self, message: Submit, request: Request) -> None:
-        if not self.pulse.handler_available(message.handler):
-            known = ", ".join(self.known_handlers()) or "none"
-            raise NotFound(f"unknown handler {message.handler!r} (known handlers: {known})")
         self.pulse.submit(message, request)  # replied to after the commit
-        return None
 
     def on_get_job(self, message: GetJob, request: Request) -> JobReply:
         return JobReply(job=self.pulse.get(message.id))
 
     def on_list_jobs(self, message: ListJobs, request: Request) -> JobList:
-        if message.limit <= 0:
-            raise Invalid("limit must be positive")
-        return JobList(jobs=self.pulse.queue.jobs(message.status, message.limit))
+        return self.pulse.list_jobs(message)
 
-    def on_cancel(self, message: CancelJob, request: Request) -> JobReply:
-        job = self.pulse.cancel(message.id)
-        self.pulse.end_turn()  # commit before answering
-        return JobReply(job=job)
+    def on_cancel(self, message: CancelJob, request: Request) -> None:
+        self.pulse.steer("cancel", message.id, request)  # replied to after the commit
 
-    def on_retry(self, message: RetryJob, request: Request) -> JobReply:
-        job = self.pulse.change(self.pulse.queue.retry(message.id))
-        self.pulse.end_turn()  # commit (and maybe dispatch) before answering
-        return JobReply(job=job)
+    def on_retry(self, message: RetryJob, request: Request) -> None:
+        self.pulse.steer("retry", message.id, request)
 
-    def on_pause(self, message: PauseJob, request: Request) -> JobReply:
-        job = self.pulse.change(self.pulse.queue.pause(message.id))
-        self.pulse.end_turn()
-        return JobReply(job=job)
+    def on_pause(self, message: PauseJob, request: Request) -> None:
+        self.pulse.steer("pause", message.id, request)
 
-    def on_resume(self, message: ResumeJob, request: Request) -> JobReply:
-        job = self.pulse.change(self.pulse.queue.resume(message.id))
-        self.pulse.end_turn()
-        return JobReply(job=job)
+    def on_resume(self, message: ResumeJob, request: Request) -> None:
+        self.pulse.steer("resume", message.id, request)
 
     def on_output(self, message: JobOutput, request: Request) -> None:
         self.pulse.output(message)
 
     def on_progress(self, message: JobProgress, request: Request) -> None:
-        self.pulse.progress(message.job_id, message.current, message.total, message.attempt)
+        self.pulse.progress(message)
 
     def on_status(self, message: GetStatus, request: Request) -> StatusReply:
         actors = [ActorStatus(name="server", pid=self.pid, endpoint=self.settings.server_endpoint, healthy=True)]
-        for worker in self.pulse.workers.all():
+        for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
             actors.append(
-                ActorStatus(name=worker.name, pid=worker.pid, endpoint=self.settings.workers_endpoint, healthy=True)
+                ActorStatus(name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=True)
             )
         for plugin in sorted(self.plugins.values(), key=lambda p: p.name):
             actors.append(
                 ActorStatus(name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=plugin.healthy)
             )
-        return StatusReply(actors=actors, queue=self.pulse.queue.counts(), handlers=self.known_handlers())
-
-    # ---------------------------------------------------------------- workers
-
-    def on_worker_ready(self, message: WorkerReady, request: Request) -> None:
-        self.pulse.worker_ready(request.identity, message)
-
-    def on_job_done(self, message: JobDone, request: Request) -> None:
-        self.pulse.job_done(request.identity, message)
+        return StatusReply(actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers())
 
     # ---------------------------------------------------------------- plugins
 
     def known_handlers(self) -> list[str]:
         return sorted([*BUILTIN_HANDLERS, *self.routes])
 
-    def cancel_at_plugin(self, plugin: str, job_id: str) -> None:
+    def cancel_at_plugin(self, plugin: str, job_id: str, lease: int) -> None:
         entry = self.plugins.get(plugin)
         if entry is not None:
-            entry.peer.call(CancelExecution(job_id=job_id), lambda reply: None, timeout_s=5)
-
-    def route(self, handler: str) -> Route | None:
-        """Where a plugin handler runs now (None: no healthy plugin owns it)."""
-        plugin = self.plugins.get(self.routes.get(handler, ""))
-        if plugin is None or not plugin.healthy:
-            return None
-        return Route(plugin=plugin.name, endpoint=plugin.endpoint, capacity=plugin.capacity)
+            entry.peer.call(CancelExecution(job_id=job_id, lease=lease), lambda reply: None, timeout_s=5)
 
     def on_register_plugin(self, message: RegisterPlugin, request: Request) -> Ack:
         entry = self.plugins.get(message.name)
@@ -266,14 +223,14 @@ class ServerActor(Actor):
         entry.healthy = True
         entry.capacity = max(0, reply.capacity)
         self._set_handlers(entry, reply.handler_names)
-        self.pulse.handlers_announced(entry.name, entry.handlers)
+        self.pulse.apply(PluginUp(entry.name, entry.endpoint, entry.capacity, tuple(entry.handlers)))
 
     def on_handlers_changed(self, message: HandlersChanged, request: Request) -> Ack:
         entry = self.plugins.get(message.plugin)
         if entry is None:
             raise NotFound(f"plugin {message.plugin!r} is not registered")
         self._set_handlers(entry, message.handler_names)
-        self.pulse.handlers_announced(entry.name, entry.handlers)
+        self.pulse.apply(HandlersAnnounced(entry.name, tuple(entry.handlers)))
         return Ack()
 
     def _set_handlers(self, entry: PluginEntry, names: list[str]) -> None:
@@ -299,13 +256,13 @@ class ServerActor(Actor):
         self._set_handlers(entry, [])
         entry.peer.close()
         self.plugins.pop(entry.name, None)
+        self.pulse.apply(PluginDown(entry.name))  # its handlers stay known: their jobs wait
 
     def _schedule_health(self) -> None:
         self.call_later(self.settings.heartbeat_s, self._check_health)
 
     def _check_health(self) -> None:
         self._schedule_health()
-        self.pulse.reap_workers()
         for entry in list(self.plugins.values()):
             entry.peer.call(Health(), lambda reply, e=entry: self._on_health(e, reply), timeout_s=self.settings.heartbeat_s * 2)
 
@@ -314,7 +271,6 @@ class ServerActor(Actor):
             return
         if isinstance(reply, HealthReply) and reply.healthy:
             entry.failures = 0
-            entry.healthy = True
             return
         entry.failures += 1
         if entry.failures >= HEALTH_FAILURES_ALLOWED:

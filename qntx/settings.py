@@ -26,6 +26,8 @@ class Settings:
     workers: int = 2  # worker processes started by `qntx up`
     request_timeout_s: float = 10.0
     max_message_bytes: int = 16 << 20
+    max_payload_bytes: int = 15 << 20  # a job's payload, as MessagePack
+    max_result_bytes: int = 15 << 20  # a job's result, as MessagePack
     ats_map_size: int = 1 << 30  # initial LMDB map; it grows on demand
     python_pool_size: int = 2  # warm interpreter processes of the python plugin
     python_memory_mb: int = 1024  # address-space limit per handler interpreter
@@ -37,6 +39,7 @@ class Settings:
     server_endpoint: str = ""
     events_endpoint: str = ""
     workers_endpoint: str = ""
+    results_endpoint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -83,6 +86,7 @@ _ENDPOINTS = {
     "server_endpoint": "server.sock",
     "events_endpoint": "events.sock",
     "workers_endpoint": "workers.sock",
+    "results_endpoint": "results.sock",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("home", "extra")}
 

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 
+import msgspec
 import zmq
 import zmq.asyncio
 from loguru import logger
@@ -57,12 +58,16 @@ from qntx.protocol import (
     Shutdown,
 )
 from qntx.settings import Settings
+from qntx.values import STOP_GRACE_S
+
+
+def run_key(job_id: str, lease: int) -> str:
+    """The pool's name for one run: a job may have an abandoned run still going."""
+    return f"{job_id}@{lease}"
 
 NAME = "python"
 SCRIPT_HANDLER = "python.script"
 RESYNC_S = 5.0
-# On SIGTERM, running jobs get this long to finish (the worker waits as long).
-STOP_GRACE_S = 5.0
 
 
 class PythonPlugin:
@@ -232,16 +237,16 @@ class PythonPlugin:
         if code is None:
             return ExecuteResult(success=False, error=JobError(message=filename))
 
+        lease = message.lease
+
         def on_progress(current: float, total: float) -> None:
-            self.server.notify(
-                JobProgress(job_id=message.job_id, current=current, total=total, attempt=message.attempt)
-            )
+            self.server.notify(JobProgress(job_id=message.job_id, current=current, total=total, lease=lease))
 
         def on_output(stream: str, text: str) -> None:
-            self.server.notify(JobOutput(job_id=message.job_id, stream=stream, text=text))
+            self.server.notify(JobOutput(job_id=message.job_id, stream=stream, text=text, lease=lease))
 
         return await self.pool.run(
-            message.job_id,
+            run_key(message.job_id, lease),
             code,
             filename=filename,
             payload=message.payload,
@@ -254,7 +259,10 @@ class PythonPlugin:
     def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:
         """(code, filename) for a job, or (None, error message)."""
         if message.handler == SCRIPT_HANDLER:
-            payload = message.payload
+            try:
+                payload = msgspec.msgpack.decode(message.payload)
+            except (msgspec.DecodeError, RecursionError):
+                payload = None
             if not isinstance(payload, dict) or not isinstance(payload.get("content"), str):
                 return None, "python.script needs a payload {\"content\": \"<python code>\"}"
             return payload["content"], "<python.script>"
@@ -267,7 +275,12 @@ class PythonPlugin:
 
     async def on_cancel(self, message: CancelExecution, request: Request) -> Ack:
         if self.pool is not None:
-            await self.pool.cancel(message.job_id)
+            if message.lease:
+                await self.pool.cancel(run_key(message.job_id, message.lease))
+            else:  # every run of the job
+                for key in self.pool.runs():
+                    if key.rpartition("@")[0] == message.job_id:
+                        await self.pool.cancel(key)
         return Ack()
 
     def on_shutdown(self, message: Shutdown, request: Request) -> Ack:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from loguru import logger
 
 from plugins.python.channel import Died, Interpreter
@@ -102,7 +103,7 @@ class InterpreterPool:
         code: str,
         *,
         filename: str,
-        payload: Any,
+        payload: msgspec.Raw,
         timeout_s: float,
         cpu_s: int = 600,
         on_progress: Callable[[float, float], None] | None = None,
@@ -147,6 +148,10 @@ class InterpreterPool:
             stderr=message.stderr,
             progress=interp.last_progress,
         )
+
+    def runs(self) -> list[str]:
+        """The runs running or waiting for an interpreter."""
+        return [*self._running, *self._waiting]
 
     async def cancel(self, job_id: str) -> bool:
         """Stop a job: kill the interpreter running it, or drop it from the wait line."""

@@ -35,7 +35,8 @@ from typing import Any
 import msgspec
 
 from qntx.bus.client import Client
-from qntx.protocol import AtsReply, Attest, Attested, JobError, NewAttestation
+from qntx.protocol import NIL, AtsReply, Attest, Attested, JobError, NewAttestation
+from qntx.values import as_list
 
 MAX_OUTPUT_CHARS = 1 << 20  # per stream; the tail is kept, it usually holds the error
 MAX_FRAME_BYTES = 1 << 30
@@ -54,7 +55,7 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     job_id: str
     code: str
     filename: str
-    payload: Any = None
+    payload: msgspec.Raw = NIL  # decoded here, where the handler runs
     cpu_s: int = 600
     ats_endpoint: str = ""
 
@@ -76,7 +77,7 @@ class ReportOutput(msgspec.Struct, tag="output", kw_only=True):
 class RunResult(msgspec.Struct, tag="reply", kw_only=True):
     job_id: str
     success: bool
-    result: Any = None
+    result: msgspec.Raw = NIL  # encoded here; the plugin only carries it
     error: JobError | None = None
     stdout: str = ""
     stderr: str = ""
@@ -142,12 +143,6 @@ def limit_cpu(cpu_s: float) -> None:
 
 
 # --------------------------------------------------------------------- running jobs
-
-
-def _as_list(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _tail(text: str) -> str:
@@ -307,10 +302,10 @@ class HandlerRunner:
                     self._ats.close()
                 self._ats = Client(endpoint, AtsReply, timeout_s=ATTEST_TIMEOUT_S)
             item = NewAttestation(
-                subjects=_as_list(subjects),
-                predicates=_as_list(predicates),
-                contexts=_as_list(contexts),
-                actors=_as_list(actors),
+                subjects=as_list(subjects),
+                predicates=as_list(predicates),
+                contexts=as_list(contexts),
+                actors=as_list(actors),
                 attributes=dict(attributes or {}),
                 source="python",
             )
@@ -328,7 +323,7 @@ class HandlerRunner:
 
     def run(self, job: RunJob) -> bytes:
         """Run one job and return its encoded ``RunResult``."""
-        payload = job.payload
+        payload = msgspec.msgpack.decode(job.payload)
         args = payload.get("args") if isinstance(payload, dict) else None
         namespace: dict[str, Any] = {
             "__name__": "__main__",
@@ -355,19 +350,20 @@ class HandlerRunner:
             sys.stdout, sys.stderr = saved
             self._streamer.end()  # its last output goes out before the result
         result = namespace.get("_result") if error is None else None
-        reply = RunResult(job_id=job.job_id, success=error is None, result=result, error=error)
-        return self._encode(reply, out.getvalue(), err.getvalue())
+        reply = RunResult(job_id=job.job_id, success=error is None, error=error)
+        return self._encode(reply, result, out.getvalue(), err.getvalue())
 
-    def _encode(self, reply: RunResult, stdout: str, stderr: str) -> bytes:
+    def _encode(self, reply: RunResult, result: Any, stdout: str, stderr: str) -> bytes:
         # (OutputStream already bounds what it keeps; _tail cuts to the final size.)
         reply.stdout, reply.stderr = _tail(stdout), _tail(stderr)
         try:
+            reply.result = msgspec.Raw(self._encoder.encode(result))
             return self._encoder.encode(reply)
         except Exception as exc:
             # Most likely `_result` is not MessagePack-able: return its repr instead of
             # losing the whole job, and say so where the author will look.
             note = f"\n[qntx] _result is not MessagePack-able ({exc}); returning its repr()\n"
-            reply.result = repr(reply.result)
+            reply.result = msgspec.Raw(self._encoder.encode(repr(result)))
             reply.stdout = _tail(stdout.encode("utf-8", "replace").decode())
             reply.stderr = _tail(stderr.encode("utf-8", "replace").decode() + note)
             return self._encoder.encode(reply)

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import heapq
 import struct
-import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -31,6 +30,8 @@ from qntx.asid import new_asid
 from qntx.errors import Conflict, Invalid, QntxError, Unavailable
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import Attestation, Filter, NewAttestation
+from qntx.values import is_int
+from qntx.values import now_ms as wall_clock_ms
 
 LIST_FIELDS = ("subjects", "predicates", "contexts", "actors")
 INDEXED_FIELDS = (*LIST_FIELDS, "source")
@@ -46,20 +47,12 @@ _VALUE_KEY_BYTES = 480
 _MAX_ID_BYTES = 511
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _value_key(value: str) -> bytes:
     return value.casefold().encode()[:_VALUE_KEY_BYTES]
 
 
 def _count_key(field: str, vkey: bytes) -> bytes:
     return field.encode() + b":" + vkey
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_text(what: str, value: object) -> str:
@@ -77,7 +70,18 @@ def _check_list(field: str, values: object, *, default: list[str] | None) -> lis
         raise Invalid(f"{field} must be a list of strings, got {type(values).__name__}")
     if not values and default is not None:
         return list(default)
-    return [_check_text(f"{field} value", v) for v in values]
+    for v in values:  # the common case, checked without building anything
+        if type(v) is not str or not v or "\x00" in v:
+            return [_check_text(f"{field} value", v) for v in values]  # raises the right error
+    return list(values)
+
+
+class _Prepared(NamedTuple):
+    """A validated attestation with its id chosen and its one encoding made."""
+
+    record: Attestation
+    blob: bytes
+    explicit: bool  # the id came with the item (else the store generated it)
 
 
 class AttestationStore:
@@ -140,8 +144,8 @@ class AttestationStore:
         """
         if self.readonly:
             raise Unavailable(f"attestation store {self.path} is open read-only")
-        now = _now_ms() if now_ms is None else now_ms
-        prepared: list[list[Attestation] | QntxError] = []
+        now = wall_clock_ms() if now_ms is None else now_ms
+        prepared: list[list[_Prepared] | QntxError] = []
         for batch in batches:
             try:
                 prepared.append(self._prepare_batch(batch, now))
@@ -149,113 +153,81 @@ class AttestationStore:
                 prepared.append(exc)
         return self._env.write(lambda txn: self._write_batches(txn, prepared))
 
-    def _prepare_batch(self, batch: list[NewAttestation], now: int) -> list[Attestation]:
+    def _prepare_batch(self, batch: list[NewAttestation], now: int) -> list[_Prepared]:
         if not isinstance(batch, list | tuple):
             raise Invalid("a batch must be a list of attestations")
         return [self._prepare(item, now) for item in batch]
 
-    def _prepare(self, item: NewAttestation, now: int) -> Attestation:
-        """Validate and fill defaults; ``id`` stays "" when the store must generate one."""
+    def _prepare(self, item: NewAttestation, now: int) -> _Prepared:
+        """Validate, fill defaults, pick an id and encode: all before the write transaction,
+        so a bad item fails its batch before anything is written, and the transaction
+        itself does no more than put bytes."""
         if not isinstance(item, NewAttestation):
             raise Invalid(f"expected a NewAttestation, got {type(item).__name__}")
         subjects = _check_list("subjects", item.subjects, default=None)
         if not subjects:
             raise Invalid("an attestation needs at least one subject")
         timestamp = now if item.timestamp is None else item.timestamp
-        if not _is_int(timestamp) or not 0 <= timestamp <= MAX_TIMESTAMP:
+        if not is_int(timestamp) or not 0 <= timestamp <= MAX_TIMESTAMP:
             raise Invalid(f"timestamp must be an integer of ms >= 0, got {timestamp!r}")
         source = item.source or DEFAULT_SOURCE
         _check_text("source", source)
-        if not isinstance(item.attributes, dict) or not all(
-            isinstance(k, str) for k in item.attributes
-        ):
+        attributes = item.attributes
+        if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
             raise Invalid("attributes must be a map with string keys")
-        try:  # here, outside the write transaction, so a batch fails before it writes
-            self._encoder.encode(item.attributes)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-            raise Invalid(f"attributes cannot be encoded: {exc}") from None
-        if item.id is not None:
+        explicit = item.id is not None
+        if explicit:
             _check_text("id", item.id)
             if len(item.id.encode()) > _MAX_ID_BYTES:
                 raise Invalid(f"id is longer than {_MAX_ID_BYTES} bytes")
-        return Attestation(
-            id=item.id or "",
+        predicates = _check_list("predicates", item.predicates, default=["_"])
+        contexts = _check_list("contexts", item.contexts, default=["_"])
+        record = Attestation(
+            # A generated id is only a candidate: the transaction checks it is free.
+            id=item.id if explicit else new_asid(subjects[0], predicates[0], contexts[0]),
             subjects=subjects,
-            predicates=_check_list("predicates", item.predicates, default=["_"]),
-            contexts=_check_list("contexts", item.contexts, default=["_"]),
+            predicates=predicates,
+            contexts=contexts,
             actors=_check_list("actors", item.actors, default=[]),
             timestamp=timestamp,
             source=source,
-            attributes=item.attributes,
+            attributes=attributes,
             created_at=now,
         )
+        try:  # the one encoding of the record; only attributes can fail it
+            blob = self._encoder.encode(record)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            raise Invalid(f"attributes cannot be encoded: {exc}") from None
+        return _Prepared(record, blob, explicit)
 
-    def _write_batches(self, txn, prepared: list[list[Attestation] | QntxError]):
-        taken: set[str] = set()  # ids claimed in this transaction
-        counts: Counter[tuple[str, bytes]] = Counter()  # (field, value key) -> new entries
-        seq = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0]
+    def _write_batches(self, txn, prepared: list[list[_Prepared] | QntxError]):
+        writer = _BatchWriter(self, txn)
         results: list[list[Attestation] | QntxError] = []
         for batch in prepared:
             if isinstance(batch, QntxError):
                 results.append(batch)
                 continue
             try:
-                self._check_explicit_ids(txn, batch, taken)
+                explicit = self._check_explicit_ids(txn, batch)
             except Conflict as exc:
                 results.append(exc)
                 continue
             # Nothing below can fail for a prepared batch, so the batch is all or nothing.
-            taken.update(r.id for r in batch if r.id)  # generated ids must avoid these
-            records = []
-            for record in batch:
-                seq += 1
-                records.append(self._insert(txn, record, seq, taken, counts))
-            results.append(records)
-        for (field, vkey), n in counts.items():
-            key = _count_key(field, vkey)
-            old = txn.get(key, db=self._counts)
-            txn.put(key, _U64.pack(n + (_U64.unpack(old)[0] if old else 0)), db=self._counts)
-        txn.put(b"seq", _U64.pack(seq), db=self._meta)
+            results.append([writer.insert(item, explicit) for item in batch])
+        writer.finish()
         return results
 
-    def _check_explicit_ids(self, txn, batch: list[Attestation], taken: set[str]) -> None:
-        explicit = [r.id for r in batch if r.id]
-        if len(set(explicit)) != len(explicit):
+    def _check_explicit_ids(self, txn, batch: list[_Prepared]) -> frozenset[str]:
+        """The batch's explicit ids, once none of them is stored or repeated. Ids
+        written earlier in this transaction count as stored (the txn sees them)."""
+        explicit = [p.record.id for p in batch if p.explicit]
+        unique = frozenset(explicit)
+        if len(unique) != len(explicit):
             raise Conflict("a batch repeats an attestation id")
         for id in explicit:
-            if id in taken or txn.get(id.encode(), db=self._records) is not None:
+            if txn.get(id.encode(), db=self._records) is not None:
                 raise Conflict(f"attestation {id} already exists")
-
-    def _insert(self, txn, record: Attestation, seq: int, taken: set[str], counts: Counter):
-        """Write one record and its index entries; returns the record with its id."""
-        record = self._put_record(txn, record, taken)
-        id = record.id.encode()
-        tail = _TS_SEQ.pack(record.timestamp, seq)
-        txn.put(tail, id, db=self._time)
-        for field, db in self._index.items():
-            values = (record.source,) if field == "source" else getattr(record, field)
-            # A set: "Alice" and "alice" in one record are one index entry and one count.
-            for vkey in {_value_key(v) for v in values}:
-                txn.put(vkey + b"\x00" + tail, id, db=db)
-                counts[field, vkey] += 1
-        return record
-
-    def _put_record(self, txn, record: Attestation, taken: set[str]) -> Attestation:
-        """Store the record under its explicit id, or under a fresh id that is free."""
-        if record.id:  # checked free before the batch started writing
-            txn.put(record.id.encode(), self._encoder.encode(record), db=self._records)
-            return record
-        while True:
-            id = new_asid(record.subjects[0], record.predicates[0], record.contexts[0])
-            if id in taken:
-                continue
-            stored = msgspec.structs.replace(record, id=id)
-            # overwrite=False doubles as the existence check.
-            if txn.put(
-                id.encode(), self._encoder.encode(stored), db=self._records, overwrite=False
-            ):
-                taken.add(id)
-                return stored
+        return unique
 
     # ------------------------------------------------------------------ reads
 
@@ -333,6 +305,83 @@ class AttestationStore:
         return best[1], best[2]
 
 
+class _BatchWriter:
+    """Puts prepared records and their index entries into one write transaction.
+
+    Holds what the records of one transaction share, so the per-record work is puts
+    and little else: the sub-database handles, the sequence number, the value keys
+    already built, and the count increments, written once per value at the end
+    rather than once per record.
+    """
+
+    def __init__(self, store: AttestationStore, txn):
+        self._txn = txn
+        self._put = txn.put
+        self._store = store
+        self._lists = [(store._index[f], f.encode() + b":") for f in LIST_FIELDS]
+        self._source = (store._index["source"], b"source:")
+        self._start_seq = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=store._meta))[0]
+        self._seq = self._start_seq
+        self._value_keys: dict[str, bytes] = {}
+        self._counts: dict[bytes, int] = {}  # count key -> entries added in this transaction
+
+    def insert(self, item: _Prepared, explicit: frozenset[str]) -> Attestation:
+        """Write one record and its index entries; returns the record as stored."""
+        put, record = self._put, item.record
+        if item.explicit:  # checked free before the batch started writing
+            put(record.id.encode(), item.blob, db=self._store._records)
+        else:
+            record = self._put_generated(item, explicit)
+        self._seq += 1
+        id = record.id.encode()
+        tail = _TS_SEQ.pack(record.timestamp, self._seq)
+        put(tail, id, db=self._store._time)
+        lists = (record.subjects, record.predicates, record.contexts, record.actors)
+        for (db, count_prefix), values in zip(self._lists, lists, strict=True):
+            if len(values) == 1:
+                self._index(db, count_prefix, self._value_key(values[0]), tail, id)
+            else:  # a set: "Alice" and "alice" in one record are one entry and one count
+                for vkey in {self._value_key(v) for v in values}:
+                    self._index(db, count_prefix, vkey, tail, id)
+        db, count_prefix = self._source
+        self._index(db, count_prefix, self._value_key(record.source), tail, id)
+        return record
+
+    def _index(self, db, count_prefix: bytes, vkey: bytes, tail: bytes, id: bytes) -> None:
+        self._put(vkey + b"\x00" + tail, id, db=db)
+        count_key = count_prefix + vkey
+        self._counts[count_key] = self._counts.get(count_key, 0) + 1
+
+    def _value_key(self, value: str) -> bytes:
+        vkey = self._value_keys.get(value)
+        if vkey is None:
+            vkey = self._value_keys[value] = _value_key(value)
+        return vkey
+
+    def _put_generated(self, item: _Prepared, explicit: frozenset[str]) -> Attestation:
+        """Store the record under its generated id, or a fresh one if that is taken
+        (by a stored record, or by an explicit id of the same batch)."""
+        record, blob = item.record, item.blob
+        while True:
+            # overwrite=False doubles as the existence check.
+            if record.id not in explicit and self._put(
+                record.id.encode(), blob, db=self._store._records, overwrite=False
+            ):
+                return record
+            fresh = new_asid(record.subjects[0], record.predicates[0], record.contexts[0])
+            record = msgspec.structs.replace(record, id=fresh)
+            blob = self._store._encoder.encode(record)
+
+    def finish(self) -> None:
+        """Add the transaction's new entries to the counts and store the sequence number."""
+        get, put, counts = self._txn.get, self._put, self._store._counts
+        for key, n in self._counts.items():
+            old = get(key, db=counts)
+            put(key, _U64.pack(n + (_U64.unpack(old)[0] if old else 0)), db=counts)
+        if self._seq != self._start_seq:
+            put(b"seq", _U64.pack(self._seq), db=self._store._meta)
+
+
 def _walk_back(cursor, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]:
     """(ts+seq, id) for every key in [low, high], highest key first."""
     if cursor.set_range(high):
@@ -372,10 +421,10 @@ def _normalise_filter(flt: Filter) -> tuple[dict[str, set[str]], int, int, int |
     bounds = []
     for name, default in (("time_start", 0), ("time_end", MAX_TIMESTAMP)):
         value = getattr(flt, name)
-        if value is not None and not _is_int(value):
+        if value is not None and not is_int(value):
             raise Invalid(f"filter {name} must be an integer of ms, got {value!r}")
         bounds.append(default if value is None else value)
     lo, hi = max(bounds[0], 0), min(bounds[1], MAX_TIMESTAMP)
-    if flt.limit is not None and (not _is_int(flt.limit) or flt.limit <= 0):
+    if flt.limit is not None and (not is_int(flt.limit) or flt.limit <= 0):
         raise Invalid(f"limit must be a positive integer, got {flt.limit!r}")
     return want, lo, hi, flt.limit

@@ -319,13 +319,18 @@ class Actor:
 
     # ------------------------------------------------------------------ sockets
 
-    def bind(self, kind: int, endpoint: str) -> zmq.Socket:
+    def bind(self, kind: int, endpoint: str, *, handover: bool = False) -> zmq.Socket:
+        """A socket of ``kind`` bound to ``endpoint``. ``handover``: a ROUTER peer that
+        reconnects with the same routing id takes its old connection over."""
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        if kind == zmq.ROUTER:
-            # Past this the transport drops the peer's message unread; between the
-            # soft limit and this, the peer gets a too_large reply instead.
+        if kind in (zmq.ROUTER, zmq.PULL):
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes * HARD_LIMIT_FACTOR)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if kind == zmq.ROUTER:
+            # (MAXMSGSIZE above: past it the transport drops the peer's message
+            # unread; between the soft limit and it, the peer gets a too_large reply.)
             # Replies queue up to a generous bound per peer; past it (or to a peer
             # that is gone) a send fails loudly instead of vanishing silently.
             sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
@@ -335,8 +340,8 @@ class Actor:
         self.security.bind(sock, endpoint)
         return sock
 
-    def serve(self, endpoint: str, request_type: Any, handlers: dict[type, Handler]) -> Service:
-        sock = self.bind(zmq.ROUTER, endpoint)
+    def serve(self, endpoint: str, request_type: Any, handlers: dict[type, Handler], *, handover: bool = False) -> Service:
+        sock = self.bind(zmq.ROUTER, endpoint, handover=handover)
         service = Service(self, sock, request_type, handlers, self.max_message_bytes)
         self.add_reader(sock, service.on_readable)
         return service
@@ -358,6 +363,12 @@ class Actor:
         timer = Timer(time.monotonic() + max(0.0, delay_s), callback)
         heapq.heappush(self._timers, (timer.deadline, next(self._timer_ids), timer))
         return timer
+
+    def _next_timer_in(self) -> float | None:
+        """Seconds until the next live timer is due (None: no timer)."""
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        return max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
 
     def _run_due_timers(self) -> float | None:
         """Run expired timers; return seconds until the next one (None if none)."""
@@ -405,8 +416,11 @@ class Actor:
             self.context.destroy(linger=0)
 
     def loop(self) -> None:
+        # Input first, then timers: a timer that judges liveness (or anything else
+        # about peers) runs only after every message that arrived was read, even if
+        # the loop was held up for a while.
         while not self._stopping:
-            wait = self._run_due_timers()
+            wait = self._next_timer_in()
             timeout = MAX_POLL_S if wait is None else min(wait, MAX_POLL_S)
             try:
                 ready = self.poller.poll(timeout * 1000)
@@ -418,6 +432,7 @@ class Actor:
                 callback = self._readers.get(sock)
                 if callback is not None:
                     self._guarded(callback)
+            self._run_due_timers()
             self._guarded(self.after_batch)
 
     def _guarded(self, callback: Callable[[], None]) -> None:

@@ -10,6 +10,7 @@ dropped), and an ErrorReply is raised as its typed exception. Both set
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from collections.abc import Iterable
@@ -36,7 +37,11 @@ def _prepare(sock: zmq.Socket, endpoint: str, security: Security) -> None:
 
 
 class Client:
-    """A blocking client for one actor endpoint. Not thread-safe: one per thread."""
+    """A blocking client for one actor endpoint. Not thread-safe: one per thread.
+
+    Requests may be pipelined: ``send`` returns the correlation id at once and
+    ``take`` (or ``arrived``) hands over its reply later; replies are matched by id,
+    whatever order they come in. ``request`` is the two in one."""
 
     def __init__(
         self,
@@ -53,9 +58,19 @@ class Client:
         self.max_message_bytes = max_message_bytes
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.RCVHWM, 0)  # pipelined replies wait here, unbounded
         _prepare(self._socket, endpoint, security)
         self._decoder = Decoder(reply_type)
         self._ids = itertools.count(1)
+        self._outstanding: set[bytes] = set()  # sent, reply not taken yet
+        self._arrived: dict[bytes, Any] = {}  # replies received, not taken yet
+
+    def send(self, message: msgspec.Struct) -> bytes:
+        """Send a request without waiting; its correlation id names its reply."""
+        correlation = next(self._ids).to_bytes(8, "big")
+        self._send(correlation, message)
+        self._outstanding.add(correlation)
+        return correlation
 
     def _send(self, correlation: bytes, message: msgspec.Struct) -> None:
         body = encode(message)
@@ -72,11 +87,48 @@ class Client:
             raise Unavailable(f"no actor is answering at {self.endpoint} (is `qntx up` running?)")
         self._socket.send_multipart([correlation, body])
 
+    def take(self, correlation: bytes, timeout_s: float | None = None) -> Any:
+        """The reply to ``correlation`` (an ErrorReply is returned, not raised)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while correlation not in self._arrived:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._receive(remaining):
+                self._outstanding.discard(correlation)  # a late reply is dropped
+                raise Timeout(f"no reply from {self.endpoint} within {limit:g}s")
+        self._outstanding.discard(correlation)
+        return self._arrived.pop(correlation)
+
+    def arrived(self, wait_s: float = 0.0) -> dict[bytes, Any]:
+        """Every reply that has come in (waiting up to ``wait_s`` for one), handed over."""
+        if not self._arrived:
+            self._receive(wait_s)
+        else:
+            self._receive(0)
+        got, self._arrived = self._arrived, {}
+        self._outstanding.difference_update(got)
+        return got
+
+    def forget(self, correlation: bytes) -> None:
+        """Stop waiting for a reply (it is dropped if it comes)."""
+        self._outstanding.discard(correlation)
+        self._arrived.pop(correlation, None)
+
+    def _receive(self, wait_s: float) -> bool:
+        """Read what has arrived, waiting up to ``wait_s`` for the first; False if nothing came."""
+        if not self._socket.poll(max(0.0, wait_s) * 1000, zmq.POLLIN):
+            return False
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            if len(frames) == 2 and frames[0] in self._outstanding:
+                self._arrived[frames[0]] = self._decoder.decode(frames[1])
+
     def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
         """Send one request and return its reply (raising the typed error of an ErrorReply)."""
-        correlation = next(self._ids).to_bytes(8, "big")
-        self._send(correlation, message)
-        return raise_if_error(self._receive({correlation}, timeout_s)[correlation])
+        return raise_if_error(self.take(self.send(message), timeout_s))
 
     def request_many(self, messages: Iterable[msgspec.Struct], *, timeout_s: float | None = None) -> list[Any]:
         """Pipeline several requests; replies (or error replies, not raised) in request order.
@@ -84,39 +136,18 @@ class Client:
         At most PIPELINE_WINDOW requests are in flight at once, so a huge batch
         never floods the actor's queues.
         """
-        order: list[bytes] = []
-        replies: dict[bytes, Any] = {}
-        in_flight: set[bytes] = set()
+        replies: list[Any] = []
+        in_flight: collections.deque[bytes] = collections.deque()
         for message in messages:
             if len(in_flight) >= PIPELINE_WINDOW:
-                got = self._receive(in_flight, timeout_s, at_least=len(in_flight) - PIPELINE_WINDOW // 2)
-                replies.update(got)
-                in_flight.difference_update(got)
-            correlation = next(self._ids).to_bytes(8, "big")
-            self._send(correlation, message)
-            order.append(correlation)
-            in_flight.add(correlation)
-        if in_flight:
-            replies.update(self._receive(in_flight, timeout_s))
-        return [replies[c] for c in order]
+                replies.append(self.take(in_flight.popleft(), timeout_s))
+            in_flight.append(self.send(message))
+        replies.extend(self.take(c, timeout_s) for c in in_flight)
+        return replies
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget (an empty correlation id asks for no reply)."""
         self._send(b"", message)
-
-    def _receive(self, wanted: set[bytes], timeout_s: float | None, at_least: int | None = None) -> dict[bytes, Any]:
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + limit
-        replies: dict[bytes, Any] = {}
-        needed = len(wanted) if at_least is None else at_least
-        while len(replies) < needed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._socket.poll(remaining * 1000, zmq.POLLIN):
-                raise Timeout(f"no reply from {self.endpoint} within {limit:g}s")
-            frames = self._socket.recv_multipart()
-            if len(frames) == 2 and frames[0] in wanted:
-                replies[frames[0]] = self._decoder.decode(frames[1])
-        return replies
 
     def close(self) -> None:
         self._socket.close(0)
@@ -155,7 +186,8 @@ class AsyncClient:
         # answered; failing them at once beats waiting for their timeouts.
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED) if fail_on_disconnect else None
 
-    async def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
+    async def send(self, message: msgspec.Struct) -> asyncio.Future:
+        """Send a request; the future gets its reply (an ErrorReply is not raised)."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
             if self._monitor is not None:
@@ -163,21 +195,28 @@ class AsyncClient:
         correlation = next(self._ids).to_bytes(8, "big")
         future = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
+        future.add_done_callback(lambda _: self._pending.pop(correlation, None))
+        try:
+            await asyncio.wait_for(self._socket.send_multipart([correlation, encode(message)]), CONNECT_WAIT_S)
+        except TimeoutError:
+            future.cancel()
+            raise Unavailable(f"no actor is answering at {self.endpoint} (is `qntx up` running?)") from None
+        return future
+
+    async def take(self, future: asyncio.Future, timeout_s: float | None = None) -> Any:
+        """The reply a ``send`` future gets, within ``timeout_s`` (default: the client's)."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         try:
-            try:
-                await asyncio.wait_for(
-                    self._socket.send_multipart([correlation, encode(message)]), CONNECT_WAIT_S
-                )
-            except TimeoutError:
-                raise Unavailable(f"no actor is answering at {self.endpoint} (is `qntx up` running?)") from None
-            try:
-                reply = await asyncio.wait_for(future, limit)
-            except TimeoutError:
-                raise Timeout(f"no reply from {self.endpoint} within {limit:g}s") from None
+            return await asyncio.wait_for(asyncio.shield(future), limit)
+        except TimeoutError:
+            raise Timeout(f"no reply from {self.endpoint} within {limit:g}s") from None
+
+    async def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
+        future = await self.send(message)
+        try:
+            return raise_if_error(await self.take(future, timeout_s))
         finally:
-            self._pending.pop(correlation, None)
-        return raise_if_error(reply)
+            future.cancel()  # a late reply is dropped
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget; dropped if the peer is not connected (progress and the like)."""

@@ -62,6 +62,7 @@ def ix(
     handler = name if "." in name else f"python.{name}"
     with open_bus() as bus:
         handle = bus.submit(handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout)
+        handle.accepted()  # a refusal (an unknown handler) is one line, before any waiting
         if no_wait:
             print(handle.id)
             return 0

@@ -1,14 +1,17 @@
-"""Pulse's jobs on disk: the LMDB layout behind ``qntx.pulse.queue.JobQueue``.
+"""Pulse's jobs on disk: the LMDB layout behind the Pulse core (``qntx.pulse.core``).
 
-Owns keys, values and indexes, nothing of job semantics: the queue decides what a
+Owns keys, values and indexes, nothing of job semantics: the core decides what a
 job's state is and hands over whatever changed; this module stores it and reads it
 back. Named sub-databases:
 
-* ``jobs``     id → MessagePack ``[seq, Job]``
+* ``jobs``     id → MessagePack ``[seq, Job]`` without the payload
+* ``payloads`` id → the payload, raw MessagePack, written once when the job is new
+  (state changes rewrite the small record, never the payload)
 * ``keys``     idempotency key → id
 * ``status``   status + NUL + created_at(8 BE) + seq(8 BE) → id
 * ``created``  created_at(8 BE) + seq(8 BE) → id
-* ``meta``     ``seq`` → the next sequence number; ``count:<status>`` → jobs in it
+* ``meta``     ``seq`` → the next sequence number; ``count:<status>`` → jobs in it;
+  ``lease`` → lease ids below it may have been used (reserved in blocks)
 
 ``seq`` (given by the queue at submit) follows created_at in index keys, so keys are
 unique and jobs created in the same millisecond keep their submit order.
@@ -24,13 +27,11 @@ import msgspec
 
 from qntx.errors import Invalid
 from qntx.lmdbenv import LmdbEnv
-from qntx.protocol import JOB_STATUSES, Job
-
-MAX_KEY_BYTES = 400  # for idempotency keys: LMDB keys stop at 511 bytes
+from qntx.protocol import JOB_STATUSES, NIL, Job
 
 _U64 = struct.Struct(">Q")
 _STAMP = struct.Struct(">QQ")  # created_at, seq
-_DBS = ("jobs", "keys", "status", "created", "meta")
+_DBS = ("jobs", "payloads", "keys", "status", "created", "meta")
 
 
 class StoredJob(msgspec.Struct, array_like=True):
@@ -38,24 +39,26 @@ class StoredJob(msgspec.Struct, array_like=True):
     job: Job
 
 
-class Saved(msgspec.Struct, frozen=True):
+class Loaded(msgspec.Struct, frozen=True):
     """What ``JobStore.load`` finds: the counters and every job in the asked statuses."""
 
     next_seq: int
     counts: dict[str, int]
     jobs: list[StoredJob]
+    lease_ceiling: int = 1
 
 
 def _status_key(status: str, stamp: bytes) -> bytes:
     return status.encode() + b"\x00" + stamp
 
 
-def _walk(txn, db, prefix: bytes, *, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) of every entry whose key starts with ``prefix``, in key order or reversed."""
+def _walk(txn, db, prefix: bytes, *, reverse: bool, below: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every entry whose key starts with ``prefix``, in key order or
+    reversed; reversed walks may start below the key ``below`` (a page cursor)."""
     cursor = txn.cursor(db=db)
     if reverse:
-        # Land on the first key past the prefix, then step back into it.
-        after = prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else b""
+        # Land on the first key past the prefix (or on ``below``), then step back.
+        after = below if below is not None else (prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else b"")
         found = cursor.prev() if after and cursor.set_range(after) else cursor.last()
     else:
         found = cursor.set_range(prefix)
@@ -76,68 +79,96 @@ class JobStore:
     def close(self) -> None:
         self._env.close()
 
-    def load(self, statuses: Iterable[str]) -> Saved:
-        """The counters, and every job whose status is one of ``statuses``."""
+    def _with_payload(self, txn, stored: StoredJob) -> StoredJob:
+        raw = txn.get(stored.job.id.encode(), db=self._db["payloads"])
+        if raw is not None:
+            stored.job.payload = msgspec.Raw(raw)
+        return stored
 
-        def work(txn) -> Saved:
+    def load(self, statuses: Iterable[str]) -> Loaded:
+        """The counters, and every job whose status is one of ``statuses`` (with payloads)."""
+
+        def work(txn) -> Loaded:
             meta = self._db["meta"]
             raw = txn.get(b"seq", db=meta)
+            ceiling = txn.get(b"lease", db=meta)
             counts = {}
             for status in JOB_STATUSES:
                 count = txn.get(b"count:" + status.encode(), db=meta)
                 counts[status] = _U64.unpack(count)[0] if count else 0
             jobs = [
-                self._decoder.decode(txn.get(job_id, db=self._db["jobs"]))
+                self._with_payload(txn, self._decoder.decode(txn.get(job_id, db=self._db["jobs"])))
                 for status in statuses
-                for _, job_id in _walk(
-                    txn, self._db["status"], status.encode() + b"\x00", reverse=False
-                )
+                for _, job_id in _walk(txn, self._db["status"], status.encode() + b"\x00", reverse=False)
             ]
-            return Saved(next_seq=_U64.unpack(raw)[0] if raw else 0, counts=counts, jobs=jobs)
+            return Loaded(
+                next_seq=_U64.unpack(raw)[0] if raw else 0,
+                counts=counts,
+                jobs=jobs,
+                lease_ceiling=_U64.unpack(ceiling)[0] if ceiling else 1,
+            )
 
         return self._env.read(work)
 
     def get(self, job_id: str) -> StoredJob | None:
+        """One job with its payload, or None."""
         if not isinstance(job_id, str):
             raise Invalid(f"a job id must be a string, got {job_id!r}")
         key = job_id.encode()
         if not key or len(key) > 511:
             return None
-        raw = self._env.read(lambda txn: txn.get(key, db=self._db["jobs"]))
-        return None if raw is None else self._decoder.decode(raw)
 
-    def job_id_for_key(self, idempotency_key: str) -> str | None:
-        raw = self._env.read(lambda txn: txn.get(idempotency_key.encode(), db=self._db["keys"]))
-        return None if raw is None else raw.decode()
+        def work(txn) -> StoredJob | None:
+            raw = txn.get(key, db=self._db["jobs"])
+            return None if raw is None else self._with_payload(txn, self._decoder.decode(raw))
 
-    def save(
-        self,
-        changed: list[tuple[StoredJob, str | None]],
-        next_seq: int,
-        counts: Mapping[str, int],
-    ) -> None:
-        """Write ``changed`` jobs (each with its status on disk, None if new) and the
-        counters in one synced transaction."""
+        return self._env.read(work)
+
+    def find(self, job_id: str | None, idempotency_key: str | None) -> StoredJob | None:
+        """The stored job with this id, else the one with this idempotency key."""
+        if job_id is not None:
+            found = self.get(job_id)
+            if found is not None:
+                return found
+        if idempotency_key is not None:
+            key = idempotency_key.encode()
+            if key and len(key) <= 511:
+                owner = self._env.read(lambda txn: txn.get(key, db=self._db["keys"]))
+                if owner is not None:
+                    return self.get(owner.decode())
+        return None
+
+    def save(self, rows: list[tuple[int, Job, str | None]], next_seq: int, counts: Mapping[str, int], lease_ceiling: int) -> None:
+        """Write changed jobs (each with its seq and its status on disk, None if new),
+        the counters and the lease ceiling in one synced transaction."""
         # Encoded before the transaction, which runs again if the map has to grow.
-        rows = [(stored, old, self._encoder.encode(stored)) for stored, old in changed]
+        encode = self._encoder.encode
+        prepared = [
+            (seq, job, old, encode(StoredJob(seq=seq, job=msgspec.structs.replace(job, payload=NIL))))
+            for seq, job, old in rows
+        ]
 
         def work(txn) -> None:
-            for stored, old, blob in rows:
-                job = stored.job
+            db = self._db
+            for seq, job, old, blob in prepared:
                 job_id = job.id.encode()
-                stamp = _STAMP.pack(job.created_at, stored.seq)
-                txn.put(job_id, blob, db=self._db["jobs"])
+                stamp = _STAMP.pack(job.created_at, seq)
+                txn.put(job_id, blob, db=db["jobs"])
                 if old is None:
-                    txn.put(stamp, job_id, db=self._db["created"])
+                    txn.put(stamp, job_id, db=db["created"])
+                    if bytes(job.payload) != bytes(NIL):
+                        txn.put(job_id, bytes(job.payload), db=db["payloads"])
                     if job.idempotency_key is not None:
-                        txn.put(job.idempotency_key.encode(), job_id, db=self._db["keys"])
+                        txn.put(job.idempotency_key.encode(), job_id, db=db["keys"])
                 if old != job.status:
                     if old is not None:
-                        txn.delete(_status_key(old, stamp), db=self._db["status"])
-                    txn.put(_status_key(job.status, stamp), job_id, db=self._db["status"])
-            txn.put(b"seq", _U64.pack(next_seq), db=self._db["meta"])
+                        txn.delete(_status_key(old, stamp), db=db["status"])
+                    txn.put(_status_key(job.status, stamp), job_id, db=db["status"])
+            meta = db["meta"]
+            txn.put(b"seq", _U64.pack(next_seq), db=meta)
+            txn.put(b"lease", _U64.pack(lease_ceiling), db=meta)
             for status, count in counts.items():
-                txn.put(b"count:" + status.encode(), _U64.pack(count), db=self._db["meta"])
+                txn.put(b"count:" + status.encode(), _U64.pack(count), db=meta)
 
         self._env.write(work)
 
@@ -146,14 +177,18 @@ class JobStore:
         status: str | None,
         limit: int,
         *,
-        skip: Container[str],
-        cached: Mapping[str, Job],
+        before: tuple[int, int] | None = None,
+        skip: Container[str] = (),
+        cached: Mapping[str, Job] | None = None,
     ) -> list[tuple[int, int, Job]]:
-        """Up to ``limit`` (created_at, seq, job) of ``status`` (None: any), newest first.
+        """Up to ``limit`` (created_at, seq, job) of ``status`` (None: any), newest
+        first, older than ``before`` (created_at, seq) if given. Jobs come without
+        their payloads.
 
         Walks that status's index, never the whole store. Ids in ``skip`` are passed
         over without counting; a job in ``cached`` is taken from there, not decoded.
         """
+        cached = cached or {}
 
         def work(txn) -> list[tuple[int, int, Job]]:
             db, prefix = (
@@ -161,7 +196,8 @@ class JobStore:
                 else (self._db["status"], status.encode() + b"\x00")
             )  # fmt: skip
             found = []
-            for key, raw_id in _walk(txn, db, prefix, reverse=True):
+            walk = _walk(txn, db, prefix, reverse=True, below=None if before is None else prefix + _STAMP.pack(*before))
+            for key, raw_id in walk:
                 if len(found) == limit:
                     break
                 job_id = raw_id.decode()

@@ -1,279 +1,363 @@
-"""Pulse: the job scheduler inside the server actor.
+"""Pulse inside the server actor: the I/O around the core (``qntx.pulse.core``).
 
-Owns the durable ``JobQueue`` and the ``WorkerPool`` and decides what runs where.
-The server hands it job messages; each loop turn ends with ``end_turn``, which
-leases ready jobs to workers with free credit (dispatching them at once, so
-they run while the commit syncs), commits every change of the turn in one
-synced transaction, and only then lets replies and events out: nobody hears
-"accepted" or "completed" before it is on disk. Nothing polls: a timer is armed for the next backoff expiry or lease
-deadline, and new work or freed credit triggers dispatch in the same turn.
+Owns the sockets of the worker pool and the job store:
+
+* workers ROUTER (control, ``WorkerMessage``): each worker session's DEALER, whose
+  routing id is its session id, so a reconnect is the same session. Hello and
+  heartbeat (``WorkerReady``) come up; ``WorkerWelcome`` and ``CancelRunning`` go down.
+* one PUSH per worker session (``WorkerJob``), bound when the session says hello;
+  Pulse picks the session and never sends past its credit, so PUSH never has to
+  choose and nothing waits behind a busy worker.
+* results PULL (``WorkerResult``): the one sink every worker pushes ``JobDone`` and
+  ``JobProgress`` into.
+
+Each loop turn: the server hands it requests and messages (each becomes an event
+for the core), then ``end_turn`` runs the core's ``Turn`` (expiry, liveness, dispatch)
+after every pending message was read, and carries out the commands. Dispatches and
+events go out at once; replies that promise durability (a Submit's, a cancel's)
+wait for the commit that holds their change. Commits run on a writer thread, one at
+a time; whatever changes while one syncs goes into the next (group commit).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import zmq
 from loguru import logger
 
-from qntx.bus.actor import Request
+from qntx.bus.actor import Actor, Offloader, Request
+from qntx.bus.codec import Decoder, encode
+from qntx.errors import Internal, Invalid, NotFound, QntxError
 from qntx.protocol import (
-    CancelRunning,
-    Dispatch,
+    JOB_STATUSES,
+    MAX_PAGE,
     Job,
-    JobChanged,
     JobDone,
-    JobError,
+    JobList,
     JobOutput,
-    JobProgressed,
-    JobReply,
+    JobProgress,
+    ListJobs,
     Submit,
+    WorkerMessage,
     WorkerReady,
+    WorkerResult,
+    WorkerWelcome,
 )
-from qntx.pulse.queue import JobQueue
-from qntx.pulse.workers import WorkerPool, WorkerState
+from qntx.pulse.core import Config, PulseCore, public
+from qntx.pulse.events import (
+    CancelAtPlugin,
+    ClosePipe,
+    Finished,
+    Instant,
+    Log,
+    OpenPipe,
+    OutputWritten,
+    Progressed,
+    Publish,
+    Reply,
+    Saved,
+    SendControl,
+    SendJob,
+    Steer,
+    Submitted,
+    Turn,
+    Undeliverable,
+    WorkerSeen,
+)
+from qntx.pulse.jobstore import JobStore
+from qntx.settings import Settings
+from qntx.values import is_int, now_ms
 
-BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
+LIVE_STATUSES = ("queued", "running", "paused")
+DRAIN_LIMIT = 512
 
 
-@dataclass(frozen=True)
-class Route:
-    """Where a plugin handler runs and how many jobs its plugin takes at once (0: any)."""
+def instant() -> Instant:
+    return Instant(wall=now_ms(), mono=time.monotonic_ns() // 1_000_000)
 
-    plugin: str
-    endpoint: str
-    capacity: int = 0
+
+def jobs_endpoint_for(workers_endpoint: str, session: bytes) -> str:
+    """Where the jobs PUSH of one session binds: beside the workers endpoint."""
+    if workers_endpoint.startswith("ipc://"):
+        run_dir = Path(workers_endpoint[len("ipc://") :]).parent
+        name = hashlib.blake2b(session, digest_size=8).hexdigest()
+        return f"ipc://{run_dir}/jobs-{name}.sock"
+    scheme, _, rest = workers_endpoint.partition("://")
+    host = rest.rsplit(":", 1)[0]
+    return f"{scheme}://{host}:*"  # a free port; the welcome says which
+
+
+def _cursor(created_at: int, seq: int) -> str:
+    return f"{created_at}.{seq}"
+
+
+def _parse_cursor(cursor: str | None) -> tuple[int, int] | None:
+    if cursor is None:
+        return None
+    try:
+        created, seq = (int(part) for part in cursor.split("."))
+        return created, seq
+    except (ValueError, AttributeError):
+        raise Invalid(f"not a page cursor: {cursor!r}") from None
 
 
 class Pulse:
     def __init__(
         self,
-        queue: JobQueue,
+        actor: Actor,
+        settings: Settings,
         *,
-        dead_after_s: float,
-        send_to_worker: Callable[[bytes, object], None],
-        publish: Callable[[bytes, object], None],
-        route: Callable[[str], Route | None],
-        cancel_at_plugin: Callable[[str, str], None],
-        call_later: Callable[[float, Callable[[], None]], object],
+        publish: Callable[[bytes, Any], None],
+        cancel_at_plugin: Callable[[str, str, int], None],
     ):
-        self.queue = queue
-        self.workers = WorkerPool(dead_after_s)
-        self._send_to_worker = send_to_worker
+        self.actor = actor
+        self.settings = settings
         self._publish = publish
-        self._route = route
         self._cancel_at_plugin = cancel_at_plugin
-        self._plugin_load: dict[str, int] = {}  # plugin -> its jobs in flight
-        # job id -> (worker identity, attempt, plugin or None) of each attempt out there
-        self._inflight: dict[str, tuple[bytes, int, str | None]] = {}
-        self._removed: set[str] = set()  # handlers a plugin deleted while up
-        self._announced: dict[str, set[str]] = {}  # plugin -> the handlers it last announced
-        self._call_later = call_later
-        self._replies: list[tuple[Request, Job]] = []
-        self._outbox: list[tuple[bytes, object]] = []
-        self._changed: dict[str, Job] = {}
-        self._wakeup_timer = None
+        self.store = JobStore(settings.pulse_path)
+        loaded = self.store.load(LIVE_STATUSES)
+        config = Config(
+            dead_after_ms=int(settings.heartbeat_s * 3000),
+            adopt_grace_ms=max(5_000, int(settings.heartbeat_s * 5000)),
+            max_payload_bytes=settings.max_payload_bytes,
+        )
+        self.core = PulseCore(config, instant())
+        self.core.restore(
+            [(s.seq, s.job) for s in loaded.jobs], loaded.next_seq, loaded.counts, loaded.lease_ceiling, instant()
+        )
+        self._durable: list[Reply] = []  # replies waiting for the next commit
+        self._committing = False
+        self._closing = False
+        self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
+        self._commit_now()  # reserves the first block of lease ids before any dispatch
+        self.writer = Offloader(actor, "pulse-writer")
+        self.control = actor.serve(settings.workers_endpoint, WorkerMessage, {WorkerReady: self.on_worker_ready}, handover=True)
+        results = settings.results_endpoint
+        if results.startswith("ipc://") and not settings.workers_endpoint.startswith("ipc://"):
+            results = jobs_endpoint_for(settings.workers_endpoint, b"")  # remote workers must reach it
+        self.results = actor.bind(zmq.PULL, results)
+        self.results_endpoint = self.results.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._results_decoder = Decoder(WorkerResult)
+        actor.add_reader(self.results, self.on_results)
         self._wakeup_at: int | None = None
+        self._clean_stale_pipes()
+
+    # ---------------------------------------------------------------- the core
+
+    def apply(self, event: Any) -> None:
+        """Feed one event to the core and carry out what it says."""
+        for command in self.core.handle(event, instant()):
+            self._carry_out(command)
+
+    def _carry_out(self, command: Any) -> None:
+        kind = type(command)
+        if kind is SendJob:
+            pipe = self._pipes.get(command.session)
+            try:
+                if pipe is None:
+                    raise zmq.Again()
+                pipe[0].send(encode(command.message), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.apply(Undeliverable(command.message.lease))
+        elif kind is Publish:
+            self._publish(command.topic, command.message)
+        elif kind is Reply:
+            if command.durable:
+                self._durable.append(command)
+            else:
+                command.reply_to.reply(command.message)
+        elif kind is SendControl:
+            self.control.send_to(command.session, command.message)
+        elif kind is CancelAtPlugin:
+            self._cancel_at_plugin(command.plugin, command.job_id, command.lease)
+        elif kind is OpenPipe:
+            self._open_pipe(command.session)
+        elif kind is ClosePipe:
+            self._close_pipe(command.session)
+        elif kind is Log:
+            logger.log(command.level, command.text)
+        else:  # pragma: no cover - a command without a carrier is a bug
+            raise TypeError(f"unknown command {command!r}")
+
+    def end_turn(self) -> None:
+        """After every pending message was read: expire, reap, dispatch; then commit."""
+        self.apply(Turn())
+        self._start_commit()
+        self._arm_wakeup()
+
+    # ---------------------------------------------------------------- commits
+
+    def _commit_now(self) -> None:
+        changes = self.core.changes()
+        if changes is not None:
+            self.store.save(changes.rows, changes.next_seq, changes.counts, changes.lease_ceiling)
+            self.apply(Saved(changes.versions, changes.lease_ceiling))
+
+    def _start_commit(self) -> None:
+        if self._committing or self._closing:
+            return
+        changes = self.core.changes()
+        if changes is None:
+            if self._durable:  # nothing new to write: what they wait for is on disk
+                replies, self._durable = self._durable, []
+                for reply in replies:
+                    reply.reply_to.reply(reply.message)
+            return
+        replies, self._durable = self._durable, []
+        self._committing = True
+        save = self.store.save
+
+        def work() -> None:
+            save(changes.rows, changes.next_seq, changes.counts, changes.lease_ceiling)
+
+        def done(outcome: Any) -> None:
+            self._committing = False
+            if isinstance(outcome, BaseException):
+                logger.opt(exception=outcome).error("pulse commit of {} jobs failed", len(changes.rows))
+                self.core.commit_failed()
+                for reply in replies:
+                    reply.reply_to.fail(Internal(f"store write failed: {outcome}"))
+            else:
+                self.apply(Saved(changes.versions, changes.lease_ceiling))
+                for reply in replies:
+                    reply.reply_to.reply(reply.message)
+            self._start_commit()  # what changed meanwhile goes next
+
+        self.writer.submit(work, done)
+
+    def close(self) -> None:
+        self._closing = True
+        self.writer.close()  # the commit in flight finishes and answers
+        self._committing = False
+        self._closing = False
+        try:
+            self._commit_now()
+            for reply in self._durable:
+                reply.reply_to.reply(reply.message)
+        finally:
+            self._durable = []
+            for session in list(self._pipes):
+                self._close_pipe(session)
+            self.store.close()
+
+    # ---------------------------------------------------------------- worker sockets
+
+    def on_worker_ready(self, message: WorkerReady, request: Request) -> None:
+        pipe = self._pipes.get(request.identity)
+        ready = pipe is not None and bool(message.jobs_endpoint) and message.jobs_endpoint == pipe[1]
+        self.apply(WorkerSeen(request.identity, message, ready))
+
+    def on_results(self) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                body = self.results.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(body) > self.settings.max_message_bytes:
+                logger.warning("dropped a result of {} bytes (limit {})", len(body), self.settings.max_message_bytes)
+                continue
+            try:
+                message = self._results_decoder.decode(body)
+            except QntxError as exc:
+                logger.warning("dropped an undecodable message on the results pipe: {}", exc)
+                continue
+            if isinstance(message, JobDone):
+                self.apply(Finished(message))
+            elif isinstance(message, JobProgress):
+                self.apply(Progressed(message))
+
+    def _open_pipe(self, session: bytes) -> None:
+        if session not in self._pipes:
+            endpoint = jobs_endpoint_for(self.settings.workers_endpoint, session)
+            sock = self.actor.bind(zmq.PUSH, endpoint)
+            sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what is queued, not the HWM
+            bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._pipes[session] = (sock, bound)
+        welcome = WorkerWelcome(jobs_endpoint=self._pipes[session][1], results_endpoint=self.results_endpoint)
+        self.control.send_to(session, welcome)
+
+    def _close_pipe(self, session: bytes) -> None:
+        pipe = self._pipes.pop(session, None)
+        if pipe is None:
+            return
+        pipe[0].close(0)
+        if pipe[1].startswith("ipc://"):
+            Path(pipe[1][len("ipc://") :]).unlink(missing_ok=True)
+
+    def _clean_stale_pipes(self) -> None:
+        if self.settings.workers_endpoint.startswith("ipc://"):
+            run_dir = Path(self.settings.workers_endpoint[len("ipc://") :]).parent
+            for stale in run_dir.glob("jobs-*.sock"):
+                stale.unlink(missing_ok=True)
+
+    def _arm_wakeup(self) -> None:
+        """A timer for the next backoff end, lease deadline or liveness check: the loop
+        wakes for it (and runs a turn); there is no polling tick."""
+        now = instant()
+        at = self.core.next_wakeup(now)
+        if at is None or at == self._wakeup_at:
+            return
+        self._wakeup_at = at
+        self.actor.call_later(max(0.0, (at - now.mono) / 1000) + 0.001, self._woken)
+
+    def _woken(self) -> None:
+        self._wakeup_at = None  # the turn after this timer re-arms the next one
 
     # ---------------------------------------------------------------- requests
 
-    def handler_available(self, handler: str) -> bool:
-        return handler in BUILTIN_HANDLERS or self._route(handler) is not None
-
-    def _can_take(self, handler: str) -> bool:
-        """A job of ``handler`` may be dispatched now: flow control reaches through
-        to the plugin, so jobs never pile up waiting inside it."""
-        if handler in BUILTIN_HANDLERS:
-            return True
-        route = self._route(handler)
-        if route is None:
-            return False
-        return not route.capacity or self._plugin_load.get(route.plugin, 0) < route.capacity
-
-    def _settle(self, job_id: str, reporter: bytes | None = None, attempt: int | None = None) -> bool:
-        """The attempt of ``job_id`` ended (reported, expired, released): free its
-        worker slot and plugin slot. A report (``reporter`` and ``attempt`` given)
-        settles only the attempt that worker holds; a stale one returns False."""
-        held = self._inflight.get(job_id)
-        if held is None:
-            return reporter is None
-        identity, held_attempt, plugin = held
-        if reporter is not None and (identity != reporter or held_attempt != attempt):
-            return False
-        del self._inflight[job_id]
-        self.workers.finish(job_id)
-        if plugin is not None:
-            self._plugin_load[plugin] -= 1
-        return True
-
     def submit(self, message: Submit, request: Request) -> None:
-        job, created = self.queue.submit(message)
-        if created:
-            self._changed[job.id] = job
+        existing = None
+        if (message.id is not None and self.core.get(message.id) is None) or message.idempotency_key is not None:
+            stored = self.store.find(message.id, message.idempotency_key)
+            existing = stored.job if stored is not None else None
+        self.apply(Submitted(message, request, existing))
 
-        self._replies.append((request, job))
+    def steer(self, action: str, job_id: str, request: Request) -> None:
+        stored_seq, stored = 0, None
+        if self.core.get(job_id) is None:
+            found = self.store.get(job_id)
+            if found is not None:
+                stored_seq, stored = found.seq, found.job
+        self.apply(Steer(action, job_id, request, stored, stored_seq))
 
-    def cancel(self, job_id: str) -> Job:
-        holder = self.workers.holder(job_id)
-        job = self.queue.cancel(job_id)
-        self._changed[job.id] = job
-        if holder is not None:
-            self._outbox.append((holder.identity, CancelRunning(job_id=job_id)))
-            self._settle(job_id)
-        return job
-
-    def handlers_announced(self, plugin: str, names: list[str]) -> None:
-        """A plugin said which handlers it has (on initialise or a change). What it
-        no longer has was deleted, not merely unreachable: waiting jobs of those
-        can never run. The first announcement since this server started is
-        compared with the jobs waiting for that plugin's handlers (``<plugin>.*``)."""
-        now = set(names)
-        before = self._announced.get(plugin)
-        if before is None:
-            before = {h for h in self.queue.waiting_handlers() if h.startswith(plugin + ".")}
-        for name in before - now:
-            self.handler_removed(name)
-        for name in now:
-            self._removed.discard(name)
-        self._announced[plugin] = now
-
-    def handler_removed(self, handler: str) -> None:
-        """A plugin deleted ``handler``: fail its waiting jobs now, and its running
-        ones when they end, instead of leaving them queued for ever."""
-        self._removed.add(handler)
-        for job in self.queue.fail_queued(handler, f"handler {handler} was deleted"):
-            self._changed[job.id] = job
-
-    def change(self, job: Job) -> Job:
-        """Record a change made directly on the queue (retry, pause...) for the turn's events."""
-        self._changed[job.id] = job
-        return job
+    def progress(self, message: JobProgress) -> None:
+        self.apply(Progressed(message))
 
     def output(self, message: JobOutput) -> None:
-        """Relay a running job's output to its followers (its logs keep it all)."""
-        if message.job_id in self._inflight:
-            self._publish(b"job." + message.job_id.encode(), message)
-
-    def progress(self, job_id: str, current: float, total: float, attempt: int = 0) -> None:
-        if self.queue.progress(job_id, current, total, attempt) is not None:
-            self._publish(b"job." + job_id.encode(), JobProgressed(job_id=job_id, current=current, total=total))
-
-    # ---------------------------------------------------------------- workers
-
-    def worker_ready(self, identity: bytes, message: WorkerReady) -> None:
-        if not self.workers.known(identity):
-            # A restarted worker comes back under a new identity: whatever the old
-            # process held is lost with it, so give it back to the queue now.
-            for worker in self.workers.all():
-                if worker.name == message.worker and worker.identity != identity:
-                    self._release(worker, f"worker {worker.name} restarted")
-            logger.info("worker {} (pid {}) joined with capacity {}", message.worker, message.pid, message.credit)
-        self.workers.seen(identity, message.worker, message.pid, message.credit, message.running)
-
-    def job_done(self, identity: bytes, message: JobDone) -> None:
-        self.workers.touch(identity)
-        if not self._settle(message.job_id, identity, message.attempt):
-            self.workers.drop_foreign(identity, message.job_id)
-            return  # a stale report: that attempt was taken back from this worker
-        if message.interrupted:
-            job = self.queue.give_back(message.job_id, message.attempt)
-            if job is not None:
-                self._changed[job.id] = job
-            return
-        if message.progress is not None:
-            # Progress notices travel another path and may arrive after this.
-            self.queue.progress(message.job_id, message.progress.current, message.progress.total, message.attempt)
-        if message.success:
-            job = self.queue.complete(message.job_id, message.attempt, message.result, message.logs)
-        else:
-            error = message.error or JobError(message="failed")
-            job = self.queue.fail_attempt(message.job_id, message.attempt, error, message.logs)
-            if job is not None and job.status == "queued" and job.handler in self._removed:
-                self.handler_removed(job.handler)
-                job = self.queue.get(job.id)
-            elif job is not None and job.status == "queued":
-                logger.info("job {} attempt {} failed: {}; retrying", job.id, message.attempt, error.message)
-        if job is not None:
-            self._changed[job.id] = job
-
-    def reap_workers(self) -> None:
-        for worker in self.workers.reap():
-            self._release(worker, f"worker {worker.name} stopped responding")
-
-    def _release(self, worker: WorkerState, reason: str) -> None:
-        for job_id in list(worker.assigned):
-            plugin = self._inflight.get(job_id, (None, None, None))[2]
-            if plugin is not None:  # its plugin may still run it for a requester that is gone
-                self._cancel_at_plugin(plugin, job_id)
-            self._settle(job_id)
-        self.workers.remove(worker.identity)
-        for job in self.queue.release_worker(worker.name, reason):
-            self._changed[job.id] = job
-        logger.warning("{}; its jobs went back to the queue", reason)
-
-    # ---------------------------------------------------------------- the turn
-
-    def _dispatch(self) -> None:
-        while self.workers.has_free() and self.queue.ready_count():
-            worker = self.workers.pick()
-            job = self.queue.lease(worker.name, accept=self._can_take)
-            if job is None:
-                return
-            self.workers.assign(worker, job.id)
-            endpoint = plugin = None
-            if job.handler not in BUILTIN_HANDLERS:
-                route = self._route(job.handler)
-                endpoint, plugin = route.endpoint, route.plugin
-                self._plugin_load[plugin] = self._plugin_load.get(plugin, 0) + 1
-            self._inflight[job.id] = (worker.identity, job.attempts, plugin)
-            # Sent now, before this turn's commit: the worker runs the job while
-            # the commit syncs, which halves a job's latency. If the server dies
-            # inside that window the submitter never got its acknowledgement (so
-            # the job was never accepted) even though the handler may have
-            # started; a resubmission can then run it again, as at-least-once
-            # allows. A lost lease alone just means the job runs again.
-            self._send_to_worker(worker.identity, Dispatch(job=job, plugin_endpoint=endpoint))
-            self._changed[job.id] = job
-
-    def end_turn(self) -> None:
-        for job in self.queue.expire_leases():
-            holder = self.workers.holder(job.id)
-            if holder is not None:  # it may still be running there: stop it
-                self._outbox.append((holder.identity, CancelRunning(job_id=job.id)))
-            self._settle(job.id)
-            self._changed[job.id] = job
-        self._dispatch()
-        if not (self._replies or self._outbox or self._changed):
-            return
-        self.queue.flush()  # durable before anyone hears about it
-        replies, self._replies = self._replies, []
-        outbox, self._outbox = self._outbox, []
-        changed, self._changed = self._changed, {}
-        for request, job in replies:
-            request.reply(JobReply(job=job))
-        for identity, message in outbox:
-            self._send_to_worker(identity, message)
-        for job in changed.values():
-            self._publish(b"job." + job.id.encode(), JobChanged(job=job))
-        self._arm_wakeup()
-
-    def _arm_wakeup(self) -> None:
-        """A timer for the next retry backoff or lease deadline; no polling tick."""
-        at = self.queue.next_wakeup_ms()
-        if at is None or at == self._wakeup_at:
-            return
-        if self._wakeup_timer is not None:
-            self._wakeup_timer.cancel()
-        self._wakeup_at = at
-        delay = max(0.0, at / 1000 - time.time()) + 0.001
-        self._wakeup_timer = self._call_later(delay, self._on_wakeup)
-
-    def _on_wakeup(self) -> None:
-        self._wakeup_at = None
-        self._wakeup_timer = None
-        self.end_turn()
-        self._arm_wakeup()
+        self.apply(OutputWritten(message))
 
     def get(self, job_id: str) -> Job:
-        return self.queue.get(job_id)
+        job = self.core.get(job_id)
+        if job is not None:
+            return job
+        stored = self.store.get(job_id)
+        if stored is None:
+            raise NotFound(f"no job {job_id}")
+        return stored.job
+
+    def list_jobs(self, message: ListJobs) -> JobList:
+        """A page of jobs, newest first, at most MAX_PAGE of them; without payloads."""
+        status, limit = message.status, message.limit
+        if status is not None and status not in JOB_STATUSES:
+            raise Invalid(f"status must be one of {', '.join(JOB_STATUSES)}, got {status!r}")
+        if not is_int(limit) or limit < 1:
+            raise Invalid(f"limit must be an integer >= 1, got {limit!r}")
+        limit = min(limit, MAX_PAGE)
+        before = _parse_cursor(message.cursor)
+        unsaved = self.core.unsaved()
+        found = [
+            (job.created_at, self.core.seq_of(job.id), job)
+            for job in unsaved.values()
+            if (status is None or job.status == status)
+            and (before is None or (job.created_at, self.core.seq_of(job.id)) < before)
+        ]
+        found += self.store.newest(status, limit, before=before, skip=unsaved, cached=self.core.jobs)
+        found.sort(key=lambda row: row[:2], reverse=True)
+        page = found[:limit]
+        cursor = _cursor(*page[-1][:2]) if len(page) == limit else None
+        return JobList(jobs=[public(job) for _, _, job in page], cursor=cursor)

@@ -1,21 +1,31 @@
-"""A worker actor: takes job attempts from the server and runs them.
+"""A worker actor: one session of Pulse's worker pool, running the runs it is leased.
 
-Connects a DEALER to the server's workers ROUTER and sends ``WorkerReady`` (its
-capacity; repeated every heartbeat). For each ``Dispatch`` it runs a built-in
-handler itself or forwards ``ExecuteJob`` to the plugin that owns the handler,
-then reports ``JobDone``. ``CancelRunning`` kills an attempt. Timeouts are
-enforced here for built-ins and by the plugin for its handlers (with a margin
-here as a backstop). If a plugin process dies mid-job, the lost connection fails
-its in-flight attempts at once, so the server can retry them.
+Its three pipes (docs/PROTOCOL.md §5.4):
+
+* control: a DEALER to the server's workers endpoint whose routing id is this
+  session's id, so a reconnect (or a restarted server) sees the same worker with
+  the same jobs. It sends ``WorkerReady`` at once and every heartbeat (its credit
+  and the leases it holds); it gets ``WorkerWelcome`` and ``CancelRunning``.
+* jobs: a PULL connected to the PUSH the server bound for this session alone
+  (named in the welcome): ``Dispatch``, never more than the credit it announced.
+* results: a PUSH connected to the server's results sink: ``JobDone``.
+
+A dispatch runs a built-in handler here or is forwarded to the plugin that owns the
+handler (``ExecuteJob``). Payloads and results stay raw MessagePack on the way
+through. Only the handler's own failure or timeout uses an attempt: if the plugin
+goes away, or this worker stops, the run is reported ``interrupted`` and Pulse
+queues it again as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 from loguru import logger
@@ -23,7 +33,7 @@ from loguru import logger
 from qntx.bus.aio import install_stop_signals
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
-from qntx.errors import QntxError
+from qntx.errors import QntxError, Timeout
 from qntx.protocol import (
     PLUGIN_DEPTH,
     STDERR_MARK,
@@ -37,32 +47,28 @@ from qntx.protocol import (
     JobError,
     PluginReply,
     WorkerCommand,
+    WorkerJob,
     WorkerReady,
+    WorkerWelcome,
 )
 from qntx.settings import Settings
+from qntx.values import STOP_GRACE_S
 
 # How long past a job's own timeout the worker waits for its plugin to answer.
 PLUGIN_TIMEOUT_MARGIN_S = 2.0  # shorter than the lease's grace: the worker reports first
-# On SIGTERM, running attempts get this long to finish before the worker exits.
-STOP_GRACE_S = 5.0
-
-
-def _ignore_result(future) -> None:
-    # A send that failed after the socket closed has no one left to tell.
-    if not future.cancelled():
-        future.exception()
 
 
 class BuiltinFailure(Exception):
     pass
 
 
-async def run_builtin(job: Job) -> Any:
-    """The built-in handlers: echo (returns its payload), sleep (payload seconds), fail."""
+async def run_builtin(job: Job) -> msgspec.Raw:
+    """The built-in handlers: echo (returns its payload as it came), sleep (payload
+    seconds), fail. Only sleep and fail decode the payload."""
     if job.handler == "builtin.echo":
         return job.payload
+    payload = msgspec.msgpack.decode(job.payload)
     if job.handler == "builtin.sleep":
-        payload = job.payload
         if isinstance(payload, dict):
             args = payload.get("args") or [1]  # `qntx ix builtin.sleep 2`
             seconds = payload.get("seconds", args[0])
@@ -75,43 +81,65 @@ async def run_builtin(job: Job) -> Any:
         if not 0 <= seconds < float("inf"):
             raise BuiltinFailure(f"builtin.sleep needs 0 <= seconds < inf, got {seconds!r}")
         await asyncio.sleep(seconds)
-        return {"slept": seconds}
+        return msgspec.Raw(msgspec.msgpack.encode({"slept": seconds}))
     if job.handler == "builtin.fail":
-        raise BuiltinFailure(str(job.payload) if job.payload is not None else "failed on purpose")
+        raise BuiltinFailure(str(payload) if payload is not None else "failed on purpose")
     raise BuiltinFailure(f"no built-in handler {job.handler!r}")
+
+
+def _reachable(endpoint: str, via: str) -> str:
+    """``endpoint`` as this host can reach it: a wildcard host becomes the one of ``via``."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme == "tcp" and host in ("*", "0.0.0.0", "[::]", "::"):
+        via_host = via.partition("://")[2].rpartition(":")[0]
+        return f"tcp://{via_host}:{port}"
+    return endpoint
 
 
 class Worker:
     def __init__(self, settings: Settings, name: str | None = None, capacity: int = 8):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.session = f"{self.name}:{os.getpid()}:{secrets.token_hex(4)}"
         self.capacity = capacity
         self.context = zmq.asyncio.Context()
-        self.decoder = Decoder(WorkerCommand)
-        self.running: dict[str, asyncio.Task] = {}
+        self.commands = Decoder(WorkerCommand)
+        self.jobs_decoder = Decoder(WorkerJob)
+        self.running: dict[int, asyncio.Task] = {}  # lease -> its run
+        self._not_started: dict[int, Job] = {}  # lease -> job, until its run begins
         self.plugins: dict[str, AsyncClient] = {}
-        self.stopping = False
         self.draining = False
+        self.stopping = False
+        self.jobs: zmq.asyncio.Socket | None = None
+        self.jobs_endpoint = ""  # connected (handshake done) to this jobs PUSH
+        self._jobs_target = ""
+        self.results: zmq.asyncio.Socket | None = None
+        self._results_endpoint = ""
+        self._unsent: list[bytes] = []  # results finished before the first welcome
         self._background: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 2000)  # let final JobDone messages out
-        self.settings.security.connect(self.socket, self.settings.workers_endpoint)
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.ROUTING_ID, self.session.encode())
+        self.settings.security.connect(self.control, self.settings.workers_endpoint)
         logger.info("worker {} connected to {} (capacity {})", self.name, self.settings.workers_endpoint, self.capacity)
-        tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._receive())]
+        tasks = [self._spawn(self._heartbeat()), self._spawn(self._read_control())]
         await stop.wait()
         self.draining = True  # heartbeats now say credit 0: no new work, still alive
-        self._send(self._ready())
+        self._send_ready()
         if self.running:
             logger.info("worker {} stopping: {} running job(s) get {}s to finish", self.name, len(self.running), STOP_GRACE_S)
             await asyncio.wait(list(self.running.values()), timeout=STOP_GRACE_S)
         self.stopping = True
         unfinished = list(self.running.values())
         for task in unfinished:
-            task.cancel()  # each gives its job back (interrupted) as it ends
+            task.cancel()  # each gives its run back (interrupted) as it ends
         if unfinished:
             logger.info("worker {}: {} job(s) given back to the queue unfinished", self.name, len(unfinished))
             await asyncio.wait(unfinished, timeout=1)
@@ -119,108 +147,195 @@ class Worker:
             task.cancel()
         for client in self.plugins.values():
             client.close()
-        self.socket.close(linger=2000)  # the last JobDone messages (given back jobs) go out
+        self.control.close(0)
+        if self.jobs is not None:
+            self.jobs.close(0)
+        if self.results is not None:
+            self.results.close(linger=2000)  # the last JobDone messages go out
         self.context.term()
 
-    def _send(self, message) -> None:
-        body = encode(message)
-        if isinstance(message, JobDone) and len(body) > self.settings.max_message_bytes:
-            # The server would refuse it and the job would sit until its lease ran out.
-            body = encode(self._failed_done(message, f"result too large ({len(body)} bytes > {self.settings.max_message_bytes})"))
+    def _spawn(self, coroutine: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ---------------------------------------------------------------- control
+
+    def _send_ready(self) -> None:
+        ready = WorkerReady(
+            worker=self.name,
+            credit=0 if self.draining else self.capacity,
+            pid=os.getpid(),
+            session=self.session,
+            leases=sorted(self.running),
+            jobs_endpoint=self.jobs_endpoint,
+        )
         try:
-            self.socket.send_multipart([b"", body], zmq.NOBLOCK).add_done_callback(_ignore_result)
+            self.control.send_multipart([b"", encode(ready)], zmq.NOBLOCK).add_done_callback(_ignore_result)
         except zmq.ZMQError as exc:
-            logger.warning("could not send {} to the server: {}", type(message).__name__, exc)
-
-    @staticmethod
-    def _failed_done(done: JobDone, message: str) -> JobDone:
-        return JobDone(job_id=done.job_id, attempt=done.attempt, success=False, error=JobError(message=message))
-
-    def _ready(self) -> WorkerReady:
-        credit = 0 if self.draining else self.capacity
-        return WorkerReady(worker=self.name, credit=credit, pid=os.getpid(), running=list(self.running))
+            logger.debug("heartbeat not sent: {}", exc)
 
     async def _heartbeat(self) -> None:
         while True:
-            self._send(self._ready())
+            self._send_ready()
             await asyncio.sleep(self.settings.heartbeat_s)
 
-    async def _receive(self) -> None:
+    async def _read_control(self) -> None:
         while True:
-            frames = await self.socket.recv_multipart()
+            frames = await self.control.recv_multipart()
             if len(frames) != 2:
                 continue
             try:
-                command = self.decoder.decode(frames[1])
+                command = self.commands.decode(frames[1])
             except QntxError as exc:
                 logger.warning("ignored an undecodable command from the server: {}", exc)
                 continue
-            if isinstance(command, Dispatch):
-                task = asyncio.create_task(self._attempt(command))
-                self.running[command.job.id] = task
-                # Also when cancelled before it ever ran (then its finally never runs).
-                task.add_done_callback(lambda t, job_id=command.job.id: self._forget(job_id, t))
+            if isinstance(command, WorkerWelcome):
+                self._welcomed(command)
             elif isinstance(command, CancelRunning):
-                asyncio.create_task(self._cancel(command.job_id))
+                task = self.running.get(command.lease)
+                if task is not None:
+                    task.cancel()  # a plugin job tells its plugin to stop it too
 
-    async def _attempt(self, dispatch: Dispatch) -> None:
-        job = dispatch.job
+    def _welcomed(self, welcome: WorkerWelcome) -> None:
+        via = self.settings.workers_endpoint
+        results = _reachable(welcome.results_endpoint, via)
+        if results != self._results_endpoint:
+            if self.results is not None:
+                self.results.close(0)
+            self.results = self.context.socket(zmq.PUSH)
+            self.results.setsockopt(zmq.LINGER, 2000)
+            self.results.setsockopt(zmq.SNDHWM, 0)  # results wait for a server, however long
+            self.settings.security.connect(self.results, results)
+            self._results_endpoint = results
+            unsent, self._unsent = self._unsent, []
+            for body in unsent:
+                self._push(body)
+        target = _reachable(welcome.jobs_endpoint, via)
+        if target != self._jobs_target:
+            if self.jobs is not None:
+                self.jobs.close(0)
+            self.jobs = self.context.socket(zmq.PULL)
+            self.jobs.setsockopt(zmq.LINGER, 0)
+            self.jobs.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes * 4)
+            self._jobs_target, self.jobs_endpoint = target, ""
+            monitor = self.jobs.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self.settings.security.connect(self.jobs, target)
+            self._spawn(self._watch_jobs_pipe(monitor, welcome.jobs_endpoint))
+            self._spawn(self._read_jobs(self.jobs))
+        else:
+            self._send_ready()  # the same pipe (a restarted server binds it again)
+
+    async def _watch_jobs_pipe(self, monitor: zmq.asyncio.Socket, announced: str) -> None:
+        """Each time the jobs pipe is (re)connected, tell the server at once."""
         try:
-            done = await self._execute(job, dispatch.plugin_endpoint)
+            while True:
+                await monitor.recv_multipart()
+                self.jobs_endpoint = announced
+                self._send_ready()
+        except (asyncio.CancelledError, zmq.ZMQError):
+            monitor.close(0)
+
+    # ---------------------------------------------------------------- runs
+
+    async def _read_jobs(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                body = await sock.recv()
+            except zmq.ZMQError:
+                return  # replaced by a new pipe
+            try:
+                dispatch = self.jobs_decoder.decode(body)
+            except QntxError as exc:
+                logger.warning("ignored an undecodable dispatch: {}", exc)
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(dispatch))
+            self.running[dispatch.lease] = task
+            self._not_started[dispatch.lease] = dispatch.job
+            # Also when cancelled before it ever ran (then its body never runs).
+            task.add_done_callback(lambda t, lease=dispatch.lease: self._forget(lease, t))
+
+    def _forget(self, lease: int, task: asyncio.Task) -> None:
+        if self.running.get(lease) is task:
+            del self.running[lease]
+        job = self._not_started.pop(lease, None)
+        if job is not None:  # cancelled before it ever ran: still owed a report
+            self._report(self._cancelled(job, lease))
+
+    async def _run(self, dispatch: Dispatch) -> None:
+        job, lease = dispatch.job, dispatch.lease
+        self._not_started.pop(lease, None)
+        try:
+            done = await self._execute(job, lease, dispatch.plugin_endpoint)
         except asyncio.CancelledError:
-            if self.stopping:  # not a failure: give it back to run again elsewhere
-                done = JobDone(job_id=job.id, attempt=job.attempts, success=False, interrupted=True)
-            else:
-                done = self._failed(job, "cancelled")
+            done = self._cancelled(job, lease)
         except Exception as exc:  # never leave the server holding a slot for nothing
             logger.exception("job {} crashed in the worker", job.id)
-            done = self._failed(job, f"worker error: {type(exc).__name__}: {exc}")
+            done = _failed(job, lease, f"worker error: {type(exc).__name__}: {exc}")
         finally:
-            self.running.pop(job.id, None)
-        self._send(done)
+            self.running.pop(lease, None)
+        self._report(done)
 
-    async def _execute(self, job: Job, plugin_endpoint: str | None) -> JobDone:
+    def _cancelled(self, job: Job, lease: int) -> JobDone:
+        if self.stopping:  # not a failure: give it back to run again elsewhere
+            return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, interrupted=True)
+        return _failed(job, lease, "cancelled")
+
+    def _report(self, done: JobDone) -> None:
+        body = encode(done)
+        if len(done.result) > self.settings.max_result_bytes:
+            message = f"result too large ({len(done.result)} bytes > max_result_bytes {self.settings.max_result_bytes})"
+            body = encode(_failed_done(done, message))
+        elif len(body) > self.settings.max_message_bytes:
+            body = encode(_failed_done(done, f"report too large ({len(body)} bytes > {self.settings.max_message_bytes})"))
+        self._push(body)
+
+    def _push(self, body: bytes) -> None:
+        if self.results is None:
+            self._unsent.append(body)
+            return
+        try:
+            self.results.send(body, zmq.NOBLOCK).add_done_callback(_ignore_result)
+        except zmq.ZMQError as exc:
+            logger.warning("could not send a result to the server: {}", exc)
+
+    async def _execute(self, job: Job, lease: int, plugin_endpoint: str | None) -> JobDone:
         if plugin_endpoint is None:
             try:
                 result = await asyncio.wait_for(run_builtin(job), job.timeout_s)
             except TimeoutError:
-                return self._failed(job, f"timed out after {job.timeout_s:g}s")
+                return _failed(job, lease, f"timed out after {job.timeout_s:g}s")
             except Exception as exc:
-                return self._failed(job, f"{type(exc).__name__}: {exc}")
-            return JobDone(job_id=job.id, attempt=job.attempts, success=True, result=result)
+                return _failed(job, lease, f"{type(exc).__name__}: {exc}")
+            return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=True, result=result)
         plugin = self._plugin(plugin_endpoint)
         request = ExecuteJob(
-            job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s, attempt=job.attempts
-        )
+            job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
+            attempt=job.attempts, lease=lease,
+        )  # fmt: skip
         try:
             # The plugin times the run itself; this backstop also covers a wait
-            # for one of its interpreters (see the lease length in the queue).
+            # for one of its interpreters (see the lease length in qntx.pulse.rules).
             reply = await plugin.request(request, timeout_s=PLUGIN_DEPTH * job.timeout_s + PLUGIN_TIMEOUT_MARGIN_S)
         except asyncio.CancelledError:
-            self._tell_plugin_to_cancel(plugin, job.id)
+            self._tell_plugin_to_cancel(plugin, job.id, lease)
             raise
-        except QntxError as exc:
-            self._tell_plugin_to_cancel(plugin, job.id)
-            return self._failed(job, f"plugin at {plugin_endpoint} failed: {exc}")
+        except Timeout as exc:
+            self._tell_plugin_to_cancel(plugin, job.id, lease)
+            return _failed(job, lease, f"plugin at {plugin_endpoint} did not answer: {exc}")
+        except QntxError as exc:  # the plugin went away or refused: not the handler's doing
+            self._tell_plugin_to_cancel(plugin, job.id, lease)
+            logger.info("job {} lease {}: plugin at {} failed ({}); giving the run back", job.id, lease, plugin_endpoint, exc)
+            return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, interrupted=True,
+                           error=JobError(message=f"plugin at {plugin_endpoint} failed: {exc}"))  # fmt: skip
         if not isinstance(reply, ExecuteResult):
-            return self._failed(job, f"plugin at {plugin_endpoint} answered {type(reply).__name__}")
+            return _failed(job, lease, f"plugin at {plugin_endpoint} answered {type(reply).__name__}")
         logs = reply.stdout + ((STDERR_MARK + reply.stderr) if reply.stderr else "")
         return JobDone(
-            job_id=job.id,
-            attempt=job.attempts,
-            success=reply.success,
-            result=reply.result,
-            error=reply.error,
-            logs=logs,
-            progress=reply.progress,
-        )
-
-    def _forget(self, job_id: str, task: asyncio.Task) -> None:
-        if self.running.get(job_id) is task:
-            del self.running[job_id]
-
-    def _failed(self, job: Job, message: str) -> JobDone:
-        return JobDone(job_id=job.id, attempt=job.attempts, success=False, error=JobError(message=message))
+            job_id=job.id, lease=lease, attempt=job.attempts, success=reply.success,
+            result=reply.result, error=reply.error, logs=logs, progress=reply.progress,
+        )  # fmt: skip
 
     def _plugin(self, endpoint: str) -> AsyncClient:
         client = self.plugins.get(endpoint)
@@ -231,21 +346,28 @@ class Worker:
             self.plugins[endpoint] = client
         return client
 
-    async def _cancel(self, job_id: str) -> None:
-        task = self.running.get(job_id)
-        if task is not None:
-            task.cancel()  # a plugin job tells its plugin to stop it too
-
-    def _tell_plugin_to_cancel(self, plugin: AsyncClient, job_id: str) -> None:
+    def _tell_plugin_to_cancel(self, plugin: AsyncClient, job_id: str, lease: int) -> None:
         async def tell() -> None:
             try:
-                await plugin.request(CancelExecution(job_id=job_id), timeout_s=2)
+                await plugin.request(CancelExecution(job_id=job_id, lease=lease), timeout_s=2)
             except QntxError as exc:
-                logger.debug("cancel of {} at {}: {}", job_id, plugin.endpoint, exc)
+                logger.debug("cancel of {} lease {} at {}: {}", job_id, lease, plugin.endpoint, exc)
 
-        task = asyncio.create_task(tell())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(tell())
+
+
+def _failed(job: Job, lease: int, message: str) -> JobDone:
+    return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, error=JobError(message=message))
+
+
+def _failed_done(done: JobDone, message: str) -> JobDone:
+    return JobDone(job_id=done.job_id, lease=done.lease, attempt=done.attempt, success=False, error=JobError(message=message))
+
+
+def _ignore_result(future) -> None:
+    # A send that failed after the socket closed has no one left to tell.
+    if not future.cancelled():
+        future.exception()
 
 
 def run_worker(settings: Settings, name: str | None = None, capacity: int = 8) -> None:

@@ -1,0 +1,131 @@
+"""Submitted jobs as a script sees them: acceptance, failure, decoded records.
+
+Submitting is pipelined. ``submit`` makes the job's id itself (a ``JB-`` ASID),
+sends the ``Submit`` and returns a handle at once; the server's reply arrives
+later and settles the handle's **acceptance**. A job is *accepted* once the server
+has committed it to its store (a synced LMDB commit) and said so: from then on
+it survives any crash. Until then it may be lost with the server, and
+``accepted()`` is how a script waits for the promise, the way a producer waits
+for its acknowledgements. A resubmission with the same id is safe: the server
+returns the job it already has.
+
+The sync (``qntx.api``) and asyncio (``qntx.aio``) handles share this state and
+these helpers; they differ only in how they wait.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from qntx.bus.codec import raise_if_error
+from qntx.errors import Invalid, QntxError, TooLarge
+from qntx.protocol import NIL, Job, JobChanged, JobError, JobReply, Submit
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_payload(payload: Any, limit: int) -> msgspec.Raw:
+    """A payload as the raw MessagePack it travels as (refused here if it cannot go)."""
+    try:
+        raw = msgspec.Raw(_encoder.encode(payload))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise Invalid(f"the payload cannot be encoded as MessagePack: {exc}") from None
+    if len(raw) > limit:
+        raise TooLarge(f"payload of {len(raw)} bytes exceeds max_payload_bytes ({limit})")
+    return raw
+
+
+def _value(raw: msgspec.Raw | Any) -> Any:
+    if not isinstance(raw, msgspec.Raw):
+        return raw
+    return None if len(raw) == 0 else msgspec.msgpack.decode(raw)
+
+
+def decoded(job: Job) -> Job:
+    """``job`` with its payload and result as Python values (they travel raw)."""
+    return msgspec.structs.replace(job, payload=_value(job.payload), result=_value(job.result))
+
+
+def decoded_event(event: Any) -> Any:
+    if isinstance(event, JobChanged):
+        return JobChanged(job=decoded(event.job))
+    return event
+
+
+def submit_message(handler: str, payload: msgspec.Raw, job_id: str, **options: Any) -> Submit:
+    return Submit(handler=handler, payload=payload, id=job_id, **options)
+
+
+class JobFailed(QntxError):
+    """A job ended failed or cancelled; ``job`` is its final record."""
+
+    code = "job_failed"
+
+    def __init__(self, job: Job):
+        error = job.error or JobError(message=job.status)
+        super().__init__(f"job {job.id} {job.status}: {error.message}")
+        self.job = job
+        self.error = error
+
+
+def result_of(job: Job) -> Any:
+    """The result of a final (decoded) job record; JobFailed unless it completed."""
+    if job.status != "completed":
+        raise JobFailed(job)
+    return job.result
+
+
+class Acceptance:
+    """Where one submission stands: waiting for its reply, accepted, or refused."""
+
+    __slots__ = ("job_id", "record", "error")
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.record: Job | None = None  # the job as accepted (without its payload)
+        self.error: QntxError | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.record is not None or self.error is not None
+
+    def settle(self, reply: Any) -> None:
+        try:
+            reply = raise_if_error(reply)
+            if not isinstance(reply, JobReply):
+                raise QntxError(f"unexpected reply to Submit: {type(reply).__name__}")
+            self.record = decoded(reply.job)
+        except QntxError as exc:
+            self.error = exc
+
+    def fail(self, error: QntxError) -> None:
+        if not self.settled:
+            self.error = error
+
+    def outcome(self) -> Job:
+        if self.error is not None:
+            raise self.error
+        assert self.record is not None
+        return self.record
+
+
+def unconfirmed(job_id: str, error: QntxError) -> QntxError:
+    """The error of a submission whose reply never came."""
+    return type(error)(
+        f"submission of job {job_id} was not confirmed ({error}); it may or may not have been "
+        "accepted: submit it again with the same id to find out"
+    )
+
+
+def first_failure(failures: list[tuple[str, QntxError]]) -> QntxError:
+    """One error for a flush that found refused or unconfirmed submissions."""
+    job_id, error = failures[0]
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+    combined = type(error)(f"job {job_id}: {error}{more}")
+    combined.failures = failures  # every (job id, error)
+    return combined
+
+
+__all__ = ["NIL", "Acceptance", "JobFailed", "decoded", "encode_payload", "result_of"]

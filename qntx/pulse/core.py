@@ -1,0 +1,734 @@
+"""Pulse's core: every live job, every lease, every worker session. No I/O.
+
+``PulseCore.handle(event, now) -> commands`` is the whole interface (events and
+commands are in ``qntx.pulse.events``); the server feeds it what its sockets and
+timers observed, commits what ``changes()`` lists, then carries the commands out.
+Requests that are wrong raise a ``QntxError``, which the loop answers.
+
+Runs have identities. Every dispatch makes a **lease**: an id that only grows
+(reserved in blocks, durably, before use), the job, the worker session holding it
+and a deadline on the monotonic clock. Only a job's current lease may complete it,
+report its progress or stream its output; anything for an older lease is dropped
+(and logged). A lease ends when its ``JobDone`` arrives, when it expires (a timeout:
+that uses an attempt), when its job is cancelled, or when its session dies or gives
+it back (infrastructure: no attempt used). On start, jobs a crash left ``running``
+keep their leases for a grace period; a worker that reports holding one adopts it,
+and only leases nobody claims go back to the queue.
+
+Live state is in memory: every non-final job (and final ones until saved), a ready
+heap per handler keyed by (-priority, seq), a delayed heap keyed by (run_after,
+seq) and a lease heap keyed by deadline. Heaps delete lazily: an entry counts only
+while its token (or deadline) is still current.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from qntx.errors import Conflict, Invalid, NotFound
+from qntx.protocol import (
+    FINAL_STATUSES,
+    JOB_STATUSES,
+    NIL,
+    CancelRunning,
+    Dispatch,
+    Job,
+    JobChanged,
+    JobError,
+    JobProgressed,
+    JobReply,
+    Progress,
+)
+from qntx.pulse.events import (
+    CancelAtPlugin,
+    Changes,
+    ClosePipe,
+    Finished,
+    HandlersAnnounced,
+    Instant,
+    Log,
+    OpenPipe,
+    OutputWritten,
+    PluginDown,
+    PluginUp,
+    Progressed,
+    Publish,
+    Reply,
+    Saved,
+    SendControl,
+    SendJob,
+    Steer,
+    Submitted,
+    Turn,
+    Undeliverable,
+    WorkerSeen,
+)
+from qntx.pulse.rules import MAX_LOST_RUNS, backoff_ms, bound_logs, check_submit, lease_ms
+
+BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
+LEASE_BLOCK = 100_000  # lease ids reserved on disk at a time
+STARTUP_GRACE_MS = 15_000  # after a start, plugins that have not registered yet may still come
+
+
+@dataclass(slots=True)
+class Lease:
+    id: int
+    job_id: str
+    session: bytes | None  # None: left by a crashed server, waiting for its worker to claim it
+    deadline: int  # monotonic ms
+    plugin: str | None = None
+
+
+@dataclass(slots=True)
+class Session:
+    id: bytes
+    name: str
+    pid: int
+    credit: int
+    last_seen: int  # monotonic ms
+    ready: bool = False  # connected to its jobs pipe
+    leases: set[int] = field(default_factory=set)
+    # Leases taken back from it that it still reports running: they hold slots
+    # until it stops listing them.
+    foreign: set[int] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.credit - len(self.leases) - len(self.foreign)
+
+
+@dataclass(slots=True)
+class Plugin:
+    name: str
+    endpoint: str = ""
+    capacity: int = 0
+    handlers: set[str] = field(default_factory=set)
+    up: bool = False
+    load: int = 0  # its jobs out on leases
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dead_after_ms: int = 3_000  # a session silent this long is gone
+    adopt_grace_ms: int = 5_000  # how long leases left by a crash wait for their worker
+    max_payload_bytes: int = 15 << 20
+
+
+def public(job: Job) -> Job:
+    """The job as events carry it: without its payload (GetJob has it)."""
+    return msgspec.structs.replace(job, payload=NIL)
+
+
+class PulseCore:
+    def __init__(self, config: Config, now: Instant):
+        self.config = config
+        self.started = now.mono
+        self._last_turn = now.mono
+        self.jobs: dict[str, Job] = {}  # live jobs, and final ones until saved
+        self._seq: dict[str, int] = {}
+        self._on_disk: dict[str, str] = {}  # status on disk of each saved job in jobs
+        self._version: dict[str, int] = {}
+        self._saved_version: dict[str, int] = {}
+        self._keys: dict[str, str] = {}  # idempotency key -> id, for jobs in memory
+        self._counts = dict.fromkeys(JOB_STATUSES, 0)
+        self._next_seq = 0
+        self._meta_dirty = True
+        self._wall = now.wall
+
+        self._token = itertools.count()
+        self._tokens: dict[str, int] = {}  # queued id -> token of its live heap entry
+        self._ready: dict[str, list[tuple[int, int, int, str]]] = {}  # handler -> heap
+        self._ready_count = 0
+        self._delayed: list[tuple[int, int, int, str]] = []  # (run_after, seq, token, id)
+
+        self.leases: dict[int, Lease] = {}
+        self._deadlines: list[tuple[int, int]] = []  # (deadline, lease id), lazy
+        self._taken_back: dict[int, bytes] = {}  # ended leases whose worker may still run them
+        self._next_lease = 1
+        self._ceiling = 1  # leases below this are durably reserved
+        self._wanted_ceiling = 1 + LEASE_BLOCK
+
+        self.sessions: dict[bytes, Session] = {}
+        self.plugins: dict[str, Plugin] = {}
+        self._routes: dict[str, str] = {}  # handler -> the plugin that announced it
+        self._removed: set[str] = set()  # handlers their plugin deleted
+        self._changed: dict[str, None] = {}  # jobs to publish at the end of the turn
+        self._out: list[Any] = []
+
+        self._handlers = {
+            Submitted: self._submit,
+            WorkerSeen: self._worker_seen,
+            Finished: self._finished,
+            Progressed: self._progressed,
+            OutputWritten: self._output,
+            Steer: self._steer,
+            PluginUp: self._plugin_up,
+            PluginDown: self._plugin_down,
+            HandlersAnnounced: self._handlers_announced,
+            Undeliverable: self._undeliverable,
+            Saved: self._saved,
+            Turn: self._turn,
+        }
+
+    # ================================================================= the interface
+
+    def handle(self, event: Any, now: Instant) -> list[Any]:
+        """Apply one event; the commands it calls for, in order."""
+        self._out = []
+        self._wall = now.wall
+        self._handlers[type(event)](event, now)
+        out, self._out = self._out, []
+        return out
+
+    def restore(
+        self, jobs: list[tuple[int, Job]], next_seq: int, counts: dict[str, int], lease_ceiling: int, now: Instant
+    ) -> None:
+        """Take over what a previous server left on disk (before any event)."""
+        self._next_seq = next_seq
+        self._counts.update(counts)
+        self._next_lease = self._ceiling = max(lease_ceiling, 1)
+        self._wanted_ceiling = self._ceiling + LEASE_BLOCK
+        self._meta_dirty = True  # the first commit reserves the first block
+        for seq, job in jobs:
+            self._adopt_record(seq, job)
+            if job.status == "queued":
+                self._enqueue(job, now.wall)
+            elif job.status == "running":
+                lease = Lease(job.lease, job.id, None, now.mono + self.config.adopt_grace_ms)
+                self.leases[lease.id] = lease
+                heapq.heappush(self._deadlines, (lease.deadline, lease.id))
+            self._saved_version[job.id] = self._version[job.id] = 0
+
+    def changes(self) -> Changes | None:
+        """Everything changed since the last call, for one commit (None: nothing)."""
+        dirty = [i for i, v in self._version.items() if v != self._saved_version.get(i)]
+        if not dirty and not self._meta_dirty:
+            return None
+        self._meta_dirty = False
+        rows = [(self._seq[i], self.jobs[i], self._on_disk.get(i)) for i in dirty]
+        return Changes(
+            rows=rows,
+            versions={i: self._version[i] for i in dirty},
+            next_seq=self._next_seq,
+            counts=dict(self._counts),
+            lease_ceiling=self._wanted_ceiling,
+        )
+
+    def commit_failed(self) -> None:
+        """The last ``changes()`` did not reach the disk: write them again next time."""
+        self._meta_dirty = True
+
+    def get(self, job_id: str) -> Job | None:
+        """A job in memory (live, or final and not yet saved); None: read the store."""
+        job = self.jobs.get(job_id)
+        return None if job is None else msgspec.structs.replace(job)
+
+    def unsaved(self) -> dict[str, Job]:
+        """Jobs whose newest state is not on disk yet (listings merge them in)."""
+        return {i: self.jobs[i] for i, v in self._version.items() if v != self._saved_version.get(i)}
+
+    def seq_of(self, job_id: str) -> int:
+        return self._seq[job_id]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def handler_known(self, handler: str, now: Instant) -> bool:
+        """Whether a job of ``handler`` may be accepted: a built-in, a handler some
+        plugin announced, any handler of a plugin that is down (it may come back with
+        it), or of a plugin that may still register after this server's start."""
+        if handler in BUILTIN_HANDLERS or handler in self._routes:
+            return True
+        plugin = self.plugins.get(handler.split(".", 1)[0])
+        if plugin is not None:
+            return not plugin.up
+        return now.mono - self.started < STARTUP_GRACE_MS
+
+    def known_handlers(self) -> list[str]:
+        return sorted({*BUILTIN_HANDLERS, *self._routes})
+
+    def next_wakeup(self, now: Instant) -> int | None:
+        """Monotonic ms of the next backoff end or lease deadline (None: none)."""
+        times = []
+        while self._delayed and self._tokens.get(self._delayed[0][3]) != self._delayed[0][2]:
+            heapq.heappop(self._delayed)
+        if self._delayed:
+            times.append(now.mono + max(0, self._delayed[0][0] - now.wall))
+        while self._deadlines and not self._deadline_current(*self._deadlines[0]):
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        if self.sessions:
+            times.append(min(s.last_seen for s in self.sessions.values()) + self.config.dead_after_ms)
+        return min(times) if times else None
+
+    # ================================================================= bookkeeping
+
+    def _adopt_record(self, seq: int, job: Job) -> None:
+        self.jobs[job.id] = job
+        self._seq[job.id] = seq
+        self._on_disk[job.id] = job.status
+        if job.idempotency_key is not None:
+            self._keys[job.idempotency_key] = job.id
+
+    def _touch(self, job: Job) -> None:
+        self._version[job.id] = self._version.get(job.id, 0) + 1
+        self._changed[job.id] = None
+
+    def _set_status(self, job: Job, status: str) -> None:
+        if job.id in self._version or job.id in self._on_disk:
+            self._counts[job.status] -= 1
+        self._counts[status] += 1
+        job.status = status
+        self._touch(job)
+
+    def _enqueue(self, job: Job, wall: int) -> None:
+        token = next(self._token)
+        self._tokens[job.id] = token
+        entry = (-job.priority, self._seq[job.id], token, job.id)
+        if job.run_after <= wall:
+            heapq.heappush(self._ready.setdefault(job.handler, []), entry)
+            self._ready_count += 1
+        else:
+            heapq.heappush(self._delayed, (job.run_after, self._seq[job.id], token, job.id))
+
+    def _dequeue(self, job_id: str) -> None:
+        """Take a queued job out of the heaps (lazily: its entries go stale)."""
+        self._tokens.pop(job_id, None)
+        entries = sum(len(h) for h in self._ready.values()) + len(self._delayed)
+        if entries > 2 * len(self._tokens) + 64:  # mostly dead entries: rebuild
+            live, self._tokens = self._tokens, {}
+            self._ready, self._delayed, self._ready_count = {}, [], 0
+            for queued_id in live:
+                self._enqueue(self.jobs[queued_id], self._wall)
+
+    def _promote(self, wall: int) -> None:
+        while self._delayed and self._delayed[0][0] <= wall:
+            _, seq, token, job_id = heapq.heappop(self._delayed)
+            if self._tokens.get(job_id) == token:
+                job = self.jobs[job_id]
+                heapq.heappush(self._ready.setdefault(job.handler, []), (-job.priority, seq, token, job_id))
+                self._ready_count += 1
+
+    def _deadline_current(self, deadline: int, lease_id: int) -> bool:
+        lease = self.leases.get(lease_id)
+        return lease is not None and lease.deadline == deadline
+
+    def _new_lease_id(self) -> int | None:
+        if self._next_lease >= self._ceiling:
+            return None  # the next block is not durable yet: wait for the commit
+        lease_id = self._next_lease
+        self._next_lease += 1
+        if self._next_lease + LEASE_BLOCK // 2 > self._wanted_ceiling:
+            self._wanted_ceiling += LEASE_BLOCK
+            self._meta_dirty = True
+        return lease_id
+
+    def _end_lease(self, lease: Lease, *, taken_back: bool) -> None:
+        """The lease is over for Pulse. ``taken_back``: its worker was not told by its
+        own report, so it may still run it (it holds a slot until it stops saying so)."""
+        del self.leases[lease.id]
+        session = self.sessions.get(lease.session) if lease.session is not None else None
+        if session is not None:
+            session.leases.discard(lease.id)
+            if taken_back:
+                session.foreign.add(lease.id)
+                self._taken_back[lease.id] = session.id
+        if lease.plugin is not None and lease.session is not None:
+            plugin = self.plugins.get(lease.plugin)
+            if plugin is not None:
+                plugin.load -= 1
+
+    def _stop_run(self, lease: Lease, reason: str) -> None:
+        """Take a lease back from a worker that may still be running it, and tell it."""
+        if lease.session is not None:
+            self._out.append(SendControl(lease.session, CancelRunning(lease=lease.id, job_id=lease.job_id)))
+        if lease.plugin is not None:
+            self._out.append(CancelAtPlugin(lease.plugin, lease.job_id, lease.id))
+        self._end_lease(lease, taken_back=True)
+
+    def _requeue_without_attempt(self, job: Job, wall: int, why: str) -> None:
+        """The run was lost to infrastructure: queue it again at once, no attempt used."""
+        job.attempts = max(0, job.attempts - 1)
+        if job.runs - job.attempts > MAX_LOST_RUNS + job.max_attempts:
+            job.error = JobError(message=f"lost {job.runs} runs to crashes ({why}); giving up")
+            job.finished_at = wall
+            self._set_status(job, "failed")
+            return
+        job.worker, job.run_after = None, 0
+        self._set_status(job, "queued")
+        self._enqueue(job, wall)
+
+    def _attempt_failed(self, job: Job, error: JobError, wall: int) -> None:
+        job.error = error
+        if job.handler in self._removed:
+            job.error = JobError(message=f"handler {job.handler} was deleted")
+            job.finished_at = wall
+            self._set_status(job, "failed")
+        elif job.attempts < job.max_attempts:
+            job.run_after = wall + backoff_ms(job.attempts)
+            job.worker = None
+            self._set_status(job, "queued")
+            self._enqueue(job, wall)
+        else:
+            job.finished_at = wall
+            self._set_status(job, "failed")  # kept: the dead-letter view lists it
+
+    def _current_lease(self, job_id: str, lease_id: int) -> tuple[Job, Lease] | None:
+        job = self.jobs.get(job_id)
+        lease = self.leases.get(lease_id)
+        if job is None or lease is None or lease.job_id != job_id or job.lease != lease_id:
+            return None
+        return job, lease
+
+    # ================================================================= events
+
+    def _submit(self, event: Submitted, now: Instant) -> None:
+        spec = event.spec
+        check_submit(spec, self.config.max_payload_bytes)
+        existing_id = spec.id if spec.id in self.jobs else self._keys.get(spec.idempotency_key or "")
+        if existing_id is not None or event.existing is not None:
+            # A resubmission: the same job, durable once its first submission is.
+            job = self.jobs[existing_id] if existing_id is not None else event.existing
+            durable = job.id in self._version and self._version[job.id] != self._saved_version.get(job.id)
+            self._out.append(Reply(event.reply_to, JobReply(job=public(job)), durable=durable))
+            return
+        if not self.handler_known(spec.handler, now):
+            raise NotFound(f"unknown handler {spec.handler!r} (known handlers: {', '.join(self.known_handlers())})")
+        job_id = spec.id or _new_job_id(spec.handler, self.jobs)
+        job = Job(
+            id=job_id, handler=spec.handler, payload=spec.payload, priority=spec.priority,
+            max_attempts=spec.max_attempts, timeout_s=spec.timeout_s, created_at=now.wall,
+            parent_id=spec.parent_id, idempotency_key=spec.idempotency_key,
+        )  # fmt: skip
+        self.jobs[job_id] = job
+        self._seq[job_id] = self._next_seq
+        self._next_seq += 1
+        if spec.idempotency_key is not None:
+            self._keys[spec.idempotency_key] = job_id
+        self._set_status(job, "queued")
+        self._enqueue(job, now.wall)
+        self._out.append(Reply(event.reply_to, JobReply(job=public(job))))
+
+    def _steer(self, event: Steer, now: Instant) -> None:
+        job = self.jobs.get(event.job_id)
+        if job is None:
+            if event.stored is None:
+                raise NotFound(f"no job {event.job_id}")
+            if event.action != "retry":
+                verb = "cancelled" if event.action == "cancel" else f"{event.action}d"
+                raise Conflict(f"job {event.job_id} is already {event.stored.status}; it cannot be {verb}")
+            job = msgspec.structs.replace(event.stored)
+            self._adopt_record(event.stored_seq, job)
+            self._saved_version[job.id] = self._version[job.id] = 0
+        getattr(self, f"_{event.action}")(job, now)
+        self._out.append(Reply(event.reply_to, JobReply(job=public(job))))
+
+    def _cancel(self, job: Job, now: Instant) -> None:
+        if job.status in FINAL_STATUSES:
+            raise Conflict(f"job {job.id} is already {job.status}")
+        if job.status == "queued":
+            self._dequeue(job.id)
+        elif job.status == "running":
+            lease = self.leases.get(job.lease)
+            if lease is not None:
+                self._stop_run(lease, "cancelled")
+        job.finished_at = now.wall
+        self._set_status(job, "cancelled")
+
+    def _retry(self, job: Job, now: Instant) -> None:
+        if job.status not in ("failed", "cancelled"):
+            raise Conflict(f"only failed or cancelled jobs can be retried; {job.id} is {job.status}")
+        job.attempts, job.error, job.run_after, job.result, job.logs = 0, None, 0, NIL, ""
+        job.started_at = job.finished_at = job.worker = job.progress = None
+        self._set_status(job, "queued")
+        self._enqueue(job, now.wall)
+
+    def _pause(self, job: Job, now: Instant) -> None:
+        if job.status != "queued":
+            raise Conflict(f"only queued jobs can be paused; {job.id} is {job.status}")
+        self._dequeue(job.id)
+        self._set_status(job, "paused")
+
+    def _resume(self, job: Job, now: Instant) -> None:
+        if job.status != "paused":
+            raise Conflict(f"only paused jobs can be resumed; {job.id} is {job.status}")
+        self._set_status(job, "queued")
+        self._enqueue(job, now.wall)
+
+    def _worker_seen(self, event: WorkerSeen, now: Instant) -> None:
+        message = event.message
+        session = self.sessions.get(event.session)
+        if session is None:
+            for other in list(self.sessions.values()):
+                if other.name == message.worker:  # the same worker, restarted: the old one is gone
+                    self._release(other, f"worker {other.name} restarted", now)
+            session = Session(event.session, message.worker, message.pid, 0, now.mono)
+            self.sessions[event.session] = session
+            self._out.append(OpenPipe(event.session))
+            self._out.append(Log("INFO", f"worker {message.worker} (pid {message.pid}) joined with capacity {message.credit}"))
+        session.credit = max(0, message.credit) if isinstance(message.credit, int) else 0
+        session.pid = message.pid
+        session.last_seen = now.mono
+        session.ready = event.pipe_ready
+        reported = set(message.leases)
+        session.foreign &= reported
+        for lease_id in reported - session.leases - session.foreign:
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.session is None:
+                self._claim(lease, session, now)
+            elif self._taken_back.get(lease_id) == session.id or (lease is not None and lease.session != session.id):
+                session.foreign.add(lease_id)  # a run Pulse took back: stop it
+                self._out.append(SendControl(session.id, CancelRunning(lease=lease_id)))
+        for lease_id in [i for i, s in self._taken_back.items() if s == session.id and i not in reported]:
+            del self._taken_back[lease_id]
+
+    def _claim(self, lease: Lease, session: Session, now: Instant) -> None:
+        """A worker still runs a lease a crashed server left: it is its again."""
+        job = self.jobs[lease.job_id]
+        lease.session = session.id
+        lease.deadline = now.mono + lease_ms(job.timeout_s)
+        heapq.heappush(self._deadlines, (lease.deadline, lease.id))
+        session.leases.add(lease.id)
+        if job.handler not in BUILTIN_HANDLERS:
+            name = self._routes.get(job.handler, job.handler.split(".", 1)[0])
+            lease.plugin = name
+            self.plugins.setdefault(name, Plugin(name)).load += 1
+        if job.worker != session.name:
+            job.worker = session.name
+            self._touch(job)
+        self._out.append(Log("INFO", f"worker {session.name} still runs job {job.id} (lease {lease.id}): adopted"))
+
+    def _release(self, session: Session, reason: str, now: Instant) -> None:
+        """A session is gone: its runs go back to the queue without using an attempt."""
+        count = len(session.leases)
+        for lease_id in sorted(session.leases):
+            lease = self.leases[lease_id]
+            job = self.jobs[lease.job_id]
+            if lease.plugin is not None:  # its plugin may still run it for nobody
+                self._out.append(CancelAtPlugin(lease.plugin, lease.job_id, lease.id))
+            self._end_lease(lease, taken_back=False)
+            self._requeue_without_attempt(job, now.wall, reason)
+        for lease_id in [i for i, s in self._taken_back.items() if s == session.id]:
+            del self._taken_back[lease_id]
+        del self.sessions[session.id]
+        self._out.append(ClosePipe(session.id))
+        self._out.append(Log("WARNING", f"{reason}; its {count} job(s) went back to the queue" if count else reason))
+
+    def _finished(self, event: Finished, now: Instant) -> None:
+        done = event.message
+        current = self._current_lease(done.job_id, done.lease)
+        if current is None:
+            session_id = self._taken_back.pop(done.lease, None)
+            if session_id is not None and session_id in self.sessions:
+                self.sessions[session_id].foreign.discard(done.lease)
+            self._out.append(Log("DEBUG", f"discarded the result of job {done.job_id} lease {done.lease}: not its current run"))
+            return
+        job, lease = current
+        self._end_lease(lease, taken_back=False)
+        if done.progress is not None:
+            job.progress = done.progress
+        if done.interrupted:
+            self._requeue_without_attempt(job, now.wall, "interrupted")
+            return
+        job.logs = bound_logs(done.logs)
+        if done.success:
+            job.result, job.error, job.finished_at = done.result, None, now.wall
+            self._set_status(job, "completed")
+        else:
+            self._attempt_failed(job, done.error or JobError(message="failed"), now.wall)
+            if job.status == "queued":
+                self._out.append(Log("INFO", f"job {job.id} attempt {job.attempts} failed: {job.error.message}; retrying"))
+
+    def _progressed(self, event: Progressed, now: Instant) -> None:
+        message = event.message
+        job = self.jobs.get(message.job_id)
+        if job is None or job.status != "running" or (message.lease and message.lease != job.lease):
+            return  # late progress of an earlier run is not an error
+        job.progress = Progress(current=message.current, total=message.total)
+        self._out.append(
+            Publish(b"job." + job.id.encode(), JobProgressed(job_id=job.id, current=message.current, total=message.total))
+        )
+
+    def _output(self, event: OutputWritten, now: Instant) -> None:
+        message = event.message
+        job = self.jobs.get(message.job_id)
+        if job is None or job.status != "running" or (message.lease and message.lease != job.lease):
+            return
+        self._out.append(Publish(b"job." + job.id.encode(), message))
+
+    def _plugin_up(self, event: PluginUp, now: Instant) -> None:
+        plugin = self.plugins.setdefault(event.name, Plugin(event.name))
+        first = not plugin.up and not plugin.handlers
+        plugin.endpoint, plugin.capacity, plugin.up = event.endpoint, max(0, event.capacity), True
+        before = plugin.handlers
+        if first:  # compare with the jobs waiting for it (e.g. across a server restart)
+            before = {j.handler for j in self.jobs.values() if j.status in ("queued", "paused")}
+            before = {h for h in before if h.startswith(event.name + ".")}
+        self._set_handlers(plugin, set(event.handlers), before, now)
+
+    def _plugin_down(self, event: PluginDown, now: Instant) -> None:
+        plugin = self.plugins.get(event.name)
+        if plugin is not None:
+            plugin.up = False  # its handlers stay known: jobs for them wait
+
+    def _handlers_announced(self, event: HandlersAnnounced, now: Instant) -> None:
+        plugin = self.plugins.setdefault(event.name, Plugin(event.name))
+        self._set_handlers(plugin, set(event.handlers), plugin.handlers, now)
+
+    def _set_handlers(self, plugin: Plugin, now_set: set[str], before: set[str], now: Instant) -> None:
+        for handler in plugin.handlers - now_set:
+            if self._routes.get(handler) == plugin.name:
+                del self._routes[handler]
+        for handler in now_set:
+            self._routes.setdefault(handler, plugin.name)
+        plugin.handlers = now_set
+        self._removed -= now_set
+        for handler in before - now_set:
+            self._removed.add(handler)
+            for job in list(self.jobs.values()):
+                if job.handler == handler and job.status in ("queued", "paused"):
+                    if job.status == "queued":
+                        self._dequeue(job.id)
+                    job.error = JobError(message=f"handler {handler} was deleted")
+                    job.finished_at = now.wall
+                    self._set_status(job, "failed")
+
+    def _undeliverable(self, event: Undeliverable, now: Instant) -> None:
+        lease = self.leases.get(event.lease)
+        if lease is None:
+            return
+        session = self.sessions.get(lease.session) if lease.session else None
+        if session is not None:
+            session.ready = False  # until its next heartbeat says it is connected
+        job = self.jobs[lease.job_id]
+        self._end_lease(lease, taken_back=False)
+        job.runs -= 1  # it never left: not a run at all
+        self._requeue_without_attempt(job, now.wall, "undeliverable")
+
+    def _saved(self, event: Saved, now: Instant) -> None:
+        self._ceiling = max(self._ceiling, event.lease_ceiling)
+        for job_id, version in event.versions.items():
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            self._saved_version[job_id] = version
+            if self._version.get(job_id) != version:
+                continue  # changed again since: the next commit writes it
+            self._on_disk[job_id] = job.status
+            if job.status in FINAL_STATUSES:  # durable now: memory keeps only live jobs
+                for table in (self.jobs, self._seq, self._on_disk, self._version, self._saved_version):
+                    table.pop(job_id, None)
+                if job.idempotency_key is not None and self._keys.get(job.idempotency_key) == job_id:
+                    del self._keys[job.idempotency_key]
+
+    def _turn(self, event: Turn, now: Instant) -> None:
+        stalled = now.mono - self._last_turn - self.config.dead_after_ms // 2
+        if stalled > 0:  # the loop itself was blind meanwhile: nobody is late for that
+            for session in self.sessions.values():
+                session.last_seen += stalled
+        self._last_turn = now.mono
+        self._expire(now)
+        for session in [s for s in self.sessions.values() if now.mono - s.last_seen > self.config.dead_after_ms]:
+            self._release(session, f"worker {session.name} stopped responding", now)
+        self._dispatch(now)
+        for job_id in self._changed:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self._out.append(Publish(b"job." + job_id.encode(), JobChanged(job=public(job))))
+        self._changed.clear()
+
+    def _expire(self, now: Instant) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now.mono:
+            deadline, lease_id = heapq.heappop(self._deadlines)
+            if not self._deadline_current(deadline, lease_id):
+                continue
+            lease = self.leases[lease_id]
+            job = self.jobs[lease.job_id]
+            if lease.session is None:  # left by a crash and claimed by no worker
+                self._end_lease(lease, taken_back=False)
+                self._requeue_without_attempt(job, now.wall, "its worker did not come back")
+                self._out.append(Log("INFO", f"job {job.id}: no worker claimed lease {lease_id} after the restart; queued again"))
+                continue
+            self._stop_run(lease, "expired")
+            self._attempt_failed(job, JobError(message=f"timed out after {job.timeout_s:g}s (lease {lease_id} expired)"), now.wall)
+
+    def _can_take(self, handler: str) -> str | None | bool:
+        """False if a job of ``handler`` cannot go out now; else its plugin (None: built-in)."""
+        if handler in BUILTIN_HANDLERS:
+            return None
+        plugin = self.plugins.get(self._routes.get(handler, ""))
+        if plugin is None or not plugin.up:
+            return False
+        if plugin.capacity and plugin.load >= plugin.capacity:
+            return False
+        return plugin.name
+
+    def _next_ready(self, wall: int) -> tuple[Job, str | None] | None:
+        """Pop the best job that can go out now (highest priority, then oldest)."""
+        self._promote(wall)
+        best = best_heap = best_plugin = None
+        for handler, heap in list(self._ready.items()):
+            while heap and self._tokens.get(heap[0][3]) != heap[0][2]:
+                heapq.heappop(heap)  # a job that left the queue meanwhile
+                self._ready_count -= 1
+            if not heap:
+                del self._ready[handler]
+                continue
+            if best is None or heap[0] < best:
+                plugin = self._can_take(handler)
+                if plugin is not False:
+                    best, best_heap, best_plugin = heap[0], heap, plugin
+        if best is None:
+            return None
+        heapq.heappop(best_heap)
+        self._ready_count -= 1
+        del self._tokens[best[3]]
+        return self.jobs[best[3]], best_plugin
+
+    def _dispatch(self, now: Instant) -> None:
+        while self._ready_count or self._delayed:
+            sessions = [s for s in self.sessions.values() if s.ready and s.free > 0]
+            if not sessions:
+                return
+            session = max(sessions, key=lambda s: s.free)
+            if self._next_lease >= self._ceiling:
+                return  # waiting for the next block of lease ids to be durable
+            found = self._next_ready(now.wall)
+            if found is None:
+                return
+            job, plugin_name = found
+            lease = Lease(self._new_lease_id(), job.id, session.id, now.mono + lease_ms(job.timeout_s), plugin_name)
+            self.leases[lease.id] = lease
+            heapq.heappush(self._deadlines, (lease.deadline, lease.id))
+            session.leases.add(lease.id)
+            endpoint = None
+            if plugin_name is not None:
+                plugin = self.plugins[plugin_name]
+                plugin.load += 1
+                endpoint = plugin.endpoint
+            job.attempts += 1
+            job.runs += 1
+            job.lease = lease.id
+            job.started_at, job.finished_at = now.wall, None
+            job.worker, job.progress = session.name, None
+            self._set_status(job, "running")
+            # Sent before the commit: the worker runs the job while the disk syncs.
+            self._out.append(SendJob(session.id, Dispatch(lease=lease.id, job=job, plugin_endpoint=endpoint)))
+
+
+def _new_job_id(handler: str, taken: dict[str, Job]) -> str:
+    from qntx.asid import new_asid
+
+    while True:
+        job_id = new_asid(handler, "_", "_", prefix="JB")
+        if job_id not in taken:
+            return job_id
+
+
+__all__ = ["BUILTIN_HANDLERS", "Config", "PulseCore", "Invalid"]

@@ -1,0 +1,188 @@
+"""What goes into Pulse's core and what comes out of it.
+
+``PulseCore.handle(event, now)`` takes one of the events below and returns a list of
+commands; the server carries the commands out (``qntx.pulse.scheduler``). Neither
+side of this module does any I/O: events are facts the loop observed (a message
+arrived, a turn ended), commands are what it must do about them.
+
+``reply_to`` is opaque to the core: whatever the loop needs to answer a request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from qntx.protocol import (
+    CancelRunning,
+    Dispatch,
+    Job,
+    JobDone,
+    JobOutput,
+    JobProgress,
+    Submit,
+    WorkerReady,
+    WorkerWelcome,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Instant:
+    """Now, twice: the wall clock (records, backoffs: they outlive the process) and a
+    monotonic clock (leases, liveness: they must not jump with the wall clock)."""
+
+    wall: int  # Unix ms
+    mono: int  # ms on a monotonic clock
+
+
+# --------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    spec: Submit
+    reply_to: Any
+    existing: Job | None = None  # the stored job with that id or idempotency key, if any
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSeen:
+    """A worker's hello or heartbeat, from its control socket."""
+
+    session: bytes
+    message: WorkerReady
+    pipe_ready: bool  # it is connected to the jobs pipe the server bound for it
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    message: JobDone
+
+
+@dataclass(frozen=True, slots=True)
+class Progressed:
+    message: JobProgress
+
+
+@dataclass(frozen=True, slots=True)
+class OutputWritten:
+    message: JobOutput
+
+
+@dataclass(frozen=True, slots=True)
+class Steer:
+    """cancel, retry, pause or resume one job; ``stored`` is its record on disk, if
+    it is not live (the loop reads it for the core)."""
+
+    action: str
+    job_id: str
+    reply_to: Any
+    stored: Job | None = None
+    stored_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PluginUp:
+    name: str
+    endpoint: str
+    capacity: int  # jobs it takes at once; 0: no limit
+    handlers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PluginDown:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandlersAnnounced:
+    name: str
+    handlers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Undeliverable:
+    """The jobs pipe of a session refused a dispatch (not connected yet or gone)."""
+
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A commit is durable: ``versions`` are what it wrote, job id -> version."""
+
+    versions: dict[str, int]
+    lease_ceiling: int
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """The loop has read every pending message: expire, reap, dispatch, publish."""
+
+
+# --------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class SendJob:
+    session: bytes
+    message: Dispatch
+
+
+@dataclass(frozen=True, slots=True)
+class SendControl:
+    session: bytes
+    message: CancelRunning | WorkerWelcome
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPipe:
+    """Bind the jobs PUSH of a new session and welcome it."""
+
+    session: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePipe:
+    session: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAtPlugin:
+    plugin: str
+    job_id: str
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer a request; ``durable``: only once the next commit is on disk."""
+
+    reply_to: Any
+    message: msgspec.Struct
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    topic: bytes
+    message: msgspec.Struct
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str  # a loguru level name
+    text: str
+
+
+@dataclass(slots=True)
+class Changes:
+    """What a commit must write: rows of (seq, job, status on disk or None if new)."""
+
+    rows: list[tuple[int, Job, str | None]] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+    next_seq: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    lease_ceiling: int = 0
