@@ -167,6 +167,45 @@ def test_duplicate_explicit_id_conflicts_and_writes_nothing_of_its_batch(
         store.put_many([new(id="X1")])
 
 
+def test_a_generated_id_that_is_taken_is_drawn_again(
+    store: AttestationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id is drawn before the transaction; one that is stored already, or that an
+    explicit id of the same batch claims, is replaced by a fresh draw (and re-encoded)."""
+    import qntx.ats.store as store_module
+
+    [stored] = store.put_many([new(id="AS-TAKEN---22222222")])
+    draws = iter(["AS-TAKEN---22222222", "AS-MINE---33333333", "AS-FREE---44444444"])
+    monkeypatch.setattr(store_module, "new_asid", lambda *parts: next(draws))
+    # The first draw hits the stored id, the second the explicit id later in the batch.
+    generated, explicit = store.put_many([new("gen"), new("exp", id="AS-MINE---33333333")])
+    assert generated.id == "AS-FREE---44444444"
+    assert explicit.id == "AS-MINE---33333333"
+    assert store.get(generated.id) == generated and store.get(explicit.id) == explicit
+    assert store.get(stored.id) == stored  # not overwritten
+    assert store.count() == 3
+
+
+def test_counts_add_up_across_batches_and_transactions(store: AttestationStore) -> None:
+    """The planner's counts are summed per transaction and written once per value."""
+    store.put_batches([[new("a", predicates=["p"])] * 3, [new("b", predicates=["P", "p"])]])
+    store.put_many([new("c", predicates=["p"])])
+    assert len(store.query(Filter(predicates=["p"]))) == 5
+    # "P" and "p" in one record are one entry: the counts say 5, so a field with
+    # 5 + 1 candidates is not chosen over it.
+    for name in ("x", "y", "z", "w", "v", "u"):
+        store.put_many([new(name, contexts=["ctx"])])
+    found = store.query(Filter(predicates=["p"], contexts=["ctx"]))
+    assert found == [] and store.last_query_scanned == 5
+
+
+def test_item_lists_are_copied(store: AttestationStore) -> None:
+    item = new("alice", predicates=["p"])
+    [record] = store.put_many([item])
+    item.subjects.append("mallory")
+    assert record.subjects == ["alice"] and store.get(record.id).subjects == ["alice"]
+
+
 def test_empty_batches(store: AttestationStore) -> None:
     assert store.put_batches([]) == []
     assert store.put_batches([[]]) == [[]]
