@@ -45,7 +45,7 @@ from qntx.protocol import (
 from qntx.settings import Settings
 
 # Commits of at most this many attestations run on the loop; bigger ones on the writer thread.
-INLINE_COMMIT_ITEMS = 100000
+INLINE_COMMIT_ITEMS = 256
 
 
 class AtsActor(Actor):

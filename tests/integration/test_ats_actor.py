@@ -72,6 +72,35 @@ def test_group_commit_serves_many_concurrent_writers(bus):
         assert len(b.query(subjects="w3")) == 50
 
 
+def test_big_commits_on_the_writer_thread_and_small_ones_on_the_loop_both_answer(bus):
+    """A batch past INLINE_COMMIT_ITEMS is committed off the loop; small ones that
+    arrive meanwhile wait for it and commit next. Every writer gets its records."""
+    from qntx.ats.actor import INLINE_COMMIT_ITEMS
+
+    bus.start_ats()
+    big_size = INLINE_COMMIT_ITEMS + 1
+    results: dict[str, list] = {}
+    errors: list[BaseException] = []
+
+    def big() -> None:
+        try:
+            with bus.connect() as b:
+                results["big"] = b.attest_many([{"subjects": [f"big{i}"], "predicates": ["bulk"]} for i in range(big_size)])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    with bus.connect() as b:
+        small = [b.attest("small", "one", attributes={"i": i}) for i in range(20)]
+        thread.join(60)
+        assert not errors
+        assert len(results["big"]) == big_size
+        assert b.stats().attestations == big_size + 20
+        assert {r.id for r in b.query(predicates="bulk", limit=1000)} == {r.id for r in results["big"]}
+        assert [r.id for r in b.query(subjects="small")] == [r.id for r in reversed(small)]
+
+
 def test_new_attestations_are_published(bus):
     bus.start_ats()
     ctx = zmq.Context.instance()
