@@ -22,6 +22,8 @@ UNIONS = {
     "ats": protocol.AtsRequest | protocol.AtsReply,
     "server": protocol.ServerRequest | protocol.ServerReply,
     "workers": protocol.WorkerMessage | protocol.WorkerCommand,
+    "jobs": protocol.WorkerJob,
+    "results": protocol.WorkerResult,
     "plugin": protocol.PluginRequest | protocol.PluginReply,
     "events": protocol.Event,
 }
@@ -46,6 +48,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy:
     origin = typing.get_origin(tp)
     if tp is Any:
         return values
+    if tp is msgspec.Raw:  # carried, not decoded: any MessagePack value, as bytes
+        return values.map(lambda v: msgspec.Raw(msgspec.msgpack.encode(v)))
     if origin in (Union, types.UnionType):
         return st.one_of(*(strategy_for(arg) for arg in typing.get_args(tp)))
     if origin is list:
@@ -70,7 +74,7 @@ def strategy_for(tp: Any) -> st.SearchStrategy:
 
 
 def members(union: Any) -> list[type]:
-    return [t for t in typing.get_args(union)]
+    return list(typing.get_args(union)) or [union]
 
 
 ALL = sorted({(role, cls) for role, union in UNIONS.items() for cls in members(union)}, key=lambda rc: (rc[0], rc[1].__name__))

@@ -11,10 +11,11 @@ import os
 import signal
 import time
 
+import msgspec
 import pytest
 
 from plugins.python.pool import InterpreterPool
-from qntx.protocol import ExecuteResult, Progress
+from qntx.protocol import NIL, ExecuteResult, Progress
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,8 +35,11 @@ def in_pool(body, **options):
 
 
 async def run(pool: InterpreterPool, code: str, payload=None, **options) -> ExecuteResult:
+    """Run ``code``; the outcome with its (raw) result decoded, as a client would see it."""
     options.setdefault("timeout_s", 20)
-    return await pool.run("JB-test", code, filename="python.test", payload=payload, **options)
+    raw = msgspec.Raw(msgspec.msgpack.encode(payload))
+    outcome = await pool.run("JB-test", code, filename="python.test", payload=raw, **options)
+    return msgspec.structs.replace(outcome, result=msgspec.msgpack.decode(outcome.result))
 
 
 async def wait_until(condition, timeout_s: float = 20.0) -> None:
@@ -58,7 +62,7 @@ async def start_blocking_job(pool: InterpreterPool, job_id: str) -> tuple[asynci
             job_id,
             code,
             filename="python.sleepy",
-            payload=None,
+            payload=NIL,
             timeout_s=50,
             on_progress=lambda current, total: started.done() or started.set_result(int(current)),
         )
