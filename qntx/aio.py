@@ -57,7 +57,7 @@ class AsyncJobHandle:
 
     def __init__(self, bus: AsyncBus, job_id: str, reply: asyncio.Future):
         self.bus = bus
-        self.id = job_id
+        self.id = job_id  # with an idempotency key, ``(await accepted()).id`` names the job
         self._reply = reply
         self._acceptance = Acceptance(job_id)
 
@@ -75,9 +75,9 @@ class AsyncJobHandle:
 
     async def wait(self, timeout: float | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
-        await self.accepted(timeout)
+        job_id = (await self.accepted(timeout)).id  # an idempotency key may name an older job
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return await self.bus.wait(self.id, timeout=left)
+        return await self.bus.wait(job_id, timeout=left)
 
     async def result(self, timeout: float | None = None) -> Any:
         return result_of(await self.wait(timeout))

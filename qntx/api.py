@@ -23,6 +23,7 @@ from qntx.bus.pidlock import lock_holder
 from qntx.errors import Invalid, NotFound, QntxError
 from qntx.handles import (
     Acceptance,
+    JobFailed,
     decoded,
     decoded_event,
     encode_payload,
@@ -209,14 +210,29 @@ def _stored_job(store, job_id: str) -> Job:
     return stored.job
 
 
+__all__ = ["Bus", "JobFailed", "JobHandle", "connect"]
+
+
 class JobHandle:
     """A submitted job: ``.id``, ``.accepted()``, ``.record()``, ``.result(timeout)``."""
 
-    def __init__(self, bus: Bus, job_id: str, correlation: bytes | None):
+    def __init__(self, bus: Bus, job_id: str, correlation: bytes | None, *, keyed: bool = False):
         self.bus = bus
-        self.id = job_id
+        self._id = job_id
+        self._keyed = keyed  # an idempotency key may name an older job: the reply says which
         self._correlation = correlation
         self._acceptance = Acceptance(job_id)
+
+    @property
+    def id(self) -> str:
+        """The job's id: the one it was submitted with, or, with an idempotency key,
+        the id of the job the key names (known once the server has answered)."""
+        if self._keyed:
+            try:
+                return self.accepted().id
+            except QntxError:
+                pass
+        return self._id
 
     def accepted(self, timeout: float | None = None) -> Job:
         """Wait until the server has durably accepted the job; its record then.
@@ -360,7 +376,7 @@ class Bus:
         )  # fmt: skip
         self._ensure_follower()  # subscribed before the job can finish
         correlation = self.server.send(message)
-        handle = JobHandle(self, job_id, correlation)
+        handle = JobHandle(self, job_id, correlation, keyed=idempotency_key is not None)
         self._accepting[correlation] = handle
         if len(self._accepting) >= SUBMIT_WINDOW:  # keep the server's queues bounded
             self._settle(next(iter(self._accepting.values())), None)
@@ -381,7 +397,7 @@ class Bus:
         try:
             reply = self.server.take(correlation, timeout)
         except QntxError as exc:
-            handle._acceptance.fail(unconfirmed(handle.id, exc))
+            handle._acceptance.fail(unconfirmed(handle._id, exc))
         else:
             handle._acceptance.settle(reply)
         finally:
@@ -394,7 +410,7 @@ class Bus:
         for handle in list(self._accepting.values()):
             self._settle(handle, timeout)
             if handle._acceptance.error is not None:
-                failures.append((handle.id, handle._acceptance.error))
+                failures.append((handle._id, handle._acceptance.error))
         if failures:
             raise first_failure(failures)
 

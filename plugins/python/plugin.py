@@ -28,7 +28,7 @@ from qntx.bus.actor import Request
 from qntx.bus.aio import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder
-from qntx.errors import QntxError
+from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.protocol import (
     PLUGIN_DEPTH,
@@ -231,8 +231,9 @@ class PythonPlugin:
         return HealthReply(healthy=healthy, detail="" if healthy else "not initialized")
 
     async def on_execute(self, message: ExecuteJob, request: Request) -> ExecuteResult:
-        if self.pool is None:
-            return ExecuteResult(success=False, error=JobError(message="python plugin is not initialized"))
+        if self.pool is None or not self.initialized.is_set():
+            # Not the handler's failure: the worker gives the run back to Pulse.
+            raise Unavailable("the python plugin is not initialized yet")
         code, filename = self._code_for(message)
         if code is None:
             return ExecuteResult(success=False, error=JobError(message=filename))

@@ -72,7 +72,6 @@ from qntx.pulse.rules import MAX_LOST_RUNS, backoff_ms, bound_logs, check_submit
 
 BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
 LEASE_BLOCK = 100_000  # lease ids reserved on disk at a time
-STARTUP_GRACE_MS = 15_000  # after a start, plugins that have not registered yet may still come
 
 
 @dataclass(slots=True)
@@ -156,6 +155,7 @@ class PulseCore:
         self.sessions: dict[bytes, Session] = {}
         self.plugins: dict[str, Plugin] = {}
         self._routes: dict[str, str] = {}  # handler -> the plugin that announced it
+        self._plugin_names: set[str] = set()  # every plugin that ever registered (on disk)
         self._removed: set[str] = set()  # handlers their plugin deleted
         self._changed: dict[str, None] = {}  # jobs to publish at the end of the turn
         self._out: list[Any] = []
@@ -186,9 +186,16 @@ class PulseCore:
         return out
 
     def restore(
-        self, jobs: list[tuple[int, Job]], next_seq: int, counts: dict[str, int], lease_ceiling: int, now: Instant
+        self,
+        jobs: list[tuple[int, Job]],
+        next_seq: int,
+        counts: dict[str, int],
+        lease_ceiling: int,
+        now: Instant,
+        plugins: list[str] = (),
     ) -> None:
         """Take over what a previous server left on disk (before any event)."""
+        self._plugin_names = set(plugins)
         self._next_seq = next_seq
         self._counts.update(counts)
         self._next_lease = self._ceiling = max(lease_ceiling, 1)
@@ -217,6 +224,7 @@ class PulseCore:
             next_seq=self._next_seq,
             counts=dict(self._counts),
             lease_ceiling=self._wanted_ceiling,
+            plugins=sorted(self._plugin_names),
         )
 
     def commit_failed(self) -> None:
@@ -240,14 +248,13 @@ class PulseCore:
 
     def handler_known(self, handler: str, now: Instant) -> bool:
         """Whether a job of ``handler`` may be accepted: a built-in, a handler some
-        plugin announced, any handler of a plugin that is down (it may come back with
-        it), or of a plugin that may still register after this server's start."""
+        plugin announced, or any handler of a known plugin that is down now (it may
+        come back with it; if not, the job fails then)."""
         if handler in BUILTIN_HANDLERS or handler in self._routes:
             return True
-        plugin = self.plugins.get(handler.split(".", 1)[0])
-        if plugin is not None:
-            return not plugin.up
-        return now.mono - self.started < STARTUP_GRACE_MS
+        name = handler.split(".", 1)[0]
+        plugin = self.plugins.get(name)
+        return (plugin is None or not plugin.up) and name in self._plugin_names
 
     def known_handlers(self) -> list[str]:
         return sorted({*BUILTIN_HANDLERS, *self._routes})
@@ -355,12 +362,15 @@ class PulseCore:
     def _requeue_without_attempt(self, job: Job, wall: int, why: str) -> None:
         """The run was lost to infrastructure: queue it again at once, no attempt used."""
         job.attempts = max(0, job.attempts - 1)
-        if job.runs - job.attempts > MAX_LOST_RUNS + job.max_attempts:
-            job.error = JobError(message=f"lost {job.runs} runs to crashes ({why}); giving up")
+        lost = job.runs - job.attempts
+        if lost > MAX_LOST_RUNS:
+            job.error = JobError(message=f"lost {lost} runs to crashes ({why}); giving up")
             job.finished_at = wall
             self._set_status(job, "failed")
             return
-        job.worker, job.run_after = None, 0
+        # The first loss goes again at once; repeated ones (a plugin still restarting)
+        # wait a little longer each time instead of spinning.
+        job.worker, job.run_after = None, 0 if lost <= 1 else wall + backoff_ms(lost - 1, 250, 5_000)
         self._set_status(job, "queued")
         self._enqueue(job, wall)
 
@@ -563,6 +573,9 @@ class PulseCore:
         self._out.append(Publish(b"job." + job.id.encode(), message))
 
     def _plugin_up(self, event: PluginUp, now: Instant) -> None:
+        if event.name not in self._plugin_names:
+            self._plugin_names.add(event.name)
+            self._meta_dirty = True
         plugin = self.plugins.setdefault(event.name, Plugin(event.name))
         first = not plugin.up and not plugin.handlers
         plugin.endpoint, plugin.capacity, plugin.up = event.endpoint, max(0, event.capacity), True

@@ -186,3 +186,4 @@ class Changes:
     next_seq: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     lease_ceiling: int = 0
+    plugins: list[str] = field(default_factory=list)  # every plugin that ever registered

@@ -28,6 +28,7 @@ import msgspec
 from qntx.errors import Invalid
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import JOB_STATUSES, NIL, Job
+from qntx.pulse.events import Changes
 
 _U64 = struct.Struct(">Q")
 _STAMP = struct.Struct(">QQ")  # created_at, seq
@@ -46,6 +47,7 @@ class Loaded(msgspec.Struct, frozen=True):
     counts: dict[str, int]
     jobs: list[StoredJob]
     lease_ceiling: int = 1
+    plugins: list[str] = []
 
 
 def _status_key(status: str, stamp: bytes) -> bytes:
@@ -92,6 +94,7 @@ class JobStore:
             meta = self._db["meta"]
             raw = txn.get(b"seq", db=meta)
             ceiling = txn.get(b"lease", db=meta)
+            plugins = txn.get(b"plugins", db=meta)
             counts = {}
             for status in JOB_STATUSES:
                 count = txn.get(b"count:" + status.encode(), db=meta)
@@ -106,6 +109,7 @@ class JobStore:
                 counts=counts,
                 jobs=jobs,
                 lease_ceiling=_U64.unpack(ceiling)[0] if ceiling else 1,
+                plugins=msgspec.msgpack.decode(plugins, type=list[str]) if plugins else [],
             )
 
         return self._env.read(work)
@@ -138,9 +142,10 @@ class JobStore:
                     return self.get(owner.decode())
         return None
 
-    def save(self, rows: list[tuple[int, Job, str | None]], next_seq: int, counts: Mapping[str, int], lease_ceiling: int) -> None:
+    def save(self, changes: Changes) -> None:
         """Write changed jobs (each with its seq and its status on disk, None if new),
-        the counters and the lease ceiling in one synced transaction."""
+        the counters, the lease ceiling and the plugin names in one synced transaction."""
+        rows, plugins = changes.rows, self._encoder.encode(changes.plugins)
         # Encoded before the transaction, which runs again if the map has to grow.
         encode = self._encoder.encode
         prepared = [
@@ -165,9 +170,10 @@ class JobStore:
                         txn.delete(_status_key(old, stamp), db=db["status"])
                     txn.put(_status_key(job.status, stamp), job_id, db=db["status"])
             meta = db["meta"]
-            txn.put(b"seq", _U64.pack(next_seq), db=meta)
-            txn.put(b"lease", _U64.pack(lease_ceiling), db=meta)
-            for status, count in counts.items():
+            txn.put(b"seq", _U64.pack(changes.next_seq), db=meta)
+            txn.put(b"lease", _U64.pack(changes.lease_ceiling), db=meta)
+            txn.put(b"plugins", plugins, db=meta)
+            for status, count in changes.counts.items():
                 txn.put(b"count:" + status.encode(), _U64.pack(count), db=meta)
 
         self._env.write(work)

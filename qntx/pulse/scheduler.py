@@ -128,8 +128,9 @@ class Pulse:
         )
         self.core = PulseCore(config, instant())
         self.core.restore(
-            [(s.seq, s.job) for s in loaded.jobs], loaded.next_seq, loaded.counts, loaded.lease_ceiling, instant()
-        )
+            [(s.seq, s.job) for s in loaded.jobs], loaded.next_seq, loaded.counts, loaded.lease_ceiling, instant(),
+            plugins=loaded.plugins,
+        )  # fmt: skip
         self._durable: list[Reply] = []  # replies waiting for the next commit
         self._committing = False
         self._closing = False
@@ -195,7 +196,7 @@ class Pulse:
     def _commit_now(self) -> None:
         changes = self.core.changes()
         if changes is not None:
-            self.store.save(changes.rows, changes.next_seq, changes.counts, changes.lease_ceiling)
+            self.store.save(changes)
             self.apply(Saved(changes.versions, changes.lease_ceiling))
 
     def _start_commit(self) -> None:
@@ -213,7 +214,7 @@ class Pulse:
         save = self.store.save
 
         def work() -> None:
-            save(changes.rows, changes.next_seq, changes.counts, changes.lease_ceiling)
+            save(changes)
 
         def done(outcome: Any) -> None:
             self._committing = False

@@ -146,19 +146,27 @@ def test_asyncio_client(bus, up):
     asyncio.run(scenario())
 
 
-def test_submit_many_shares_commits(bus, up):
+def test_a_plain_loop_of_submits_is_pipelined(bus, up):
     with qntx.connect(bus.home) as b:
-        handles = b.submit_many("builtin.echo", range(500))
+        handles = [b.submit("builtin.echo", n) for n in range(500)]
         assert [h.result(timeout=30) for h in handles] == list(range(500))
-        with pytest.raises(NotFound) as refused:
-            b.submit_many("no.such", [1, 2])
-        assert refused.value.accepted == []
+        refused = b.submit("no.such", 1)  # returns at once; the refusal comes with the reply
+        with pytest.raises(NotFound, match="unknown handler 'no.such'"):
+            refused.accepted(timeout=10)
+        with pytest.raises(NotFound):
+            refused.result(timeout=10)
+        again = b.submit("builtin.echo", "ignored", id=handles[0].id)  # a resubmission
+        assert again.id == handles[0].id and again.result(timeout=10) == 0
+        other = b.submit("no.such", 2)
+        with pytest.raises(NotFound) as flushed:
+            b.flush()
+        assert [job_id for job_id, _ in flushed.value.failures] == [other.id]
 
 
 def test_pause_and_resume_a_queued_job(bus, up):
     with qntx.connect(bus.home) as b:
         # Fill every worker slot (2 workers x capacity 8) so the next job waits.
-        blockers = b.submit_many("builtin.sleep", [{"seconds": 1.5}] * 16)
+        blockers = [b.submit("builtin.sleep", {"seconds": 1.5}) for _ in range(16)]
         waiting = b.submit("builtin.echo", "later")
         assert b.pause(waiting.id).status == "paused"
         for h in blockers:
@@ -185,7 +193,8 @@ def test_oversized_results_and_payloads_fail_fast(bus, up):
 def test_deleting_a_handler_fails_its_waiting_jobs(bus, up):
     with qntx.connect(bus.home) as b:
         # More than the plugin takes at once, so some jobs of `sleepy` wait in the queue.
-        handles = b.submit_many("python.sleepy", [{"args": ["1"]}] * (4 * PLUGIN_DEPTH))
+        handles = [b.submit("python.sleepy", {"args": ["1"]}) for _ in range(4 * PLUGIN_DEPTH)]
+        b.flush()
         assert bus.run("handler", "delete", "sleepy").returncode == 0
         up.wait_output("Unregistering plugin async handler plugin=python handler=python.sleepy", timeout=5)
         jobs = [b.wait(h.id, timeout=60) for h in handles]
@@ -199,7 +208,7 @@ def test_jobs_wait_in_pulse_not_in_the_plugin(bus, up):
     """Flow control reaches the plugin: jobs beyond its capacity stay queued, so a
     short timeout still covers each job's own run."""
     with qntx.connect(bus.home) as b:
-        handles = b.submit_many("python.sleepy", [{"args": ["0.8"]}] * 10, timeout_s=1.5, max_attempts=1)
+        handles = [b.submit("python.sleepy", {"args": ["0.8"]}, timeout_s=1.5, max_attempts=1) for _ in range(10)]
         wait_for_running = time.monotonic() + 10
         while b.status().queue["running"] == 0 and time.monotonic() < wait_for_running:
             time.sleep(0.02)
