@@ -29,3 +29,16 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+M_MMAP_THRESHOLD = -3  # mallopt(3)
+
+
+def give_big_blocks_back() -> None:
+    """Serve every allocation of 128 KiB or more with its own mapping, returned to the
+    kernel when freed. glibc otherwise raises that threshold after the first big free,
+    so one 10 MB payload would keep the actor's memory high long after it is gone."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy

@@ -42,6 +42,7 @@ from qntx.bus.codec import (
 from qntx.bus.messages import ErrorReply
 from qntx.bus.security import PLAIN, Security
 from qntx.errors import BadRequest, Internal, QntxError, Timeout, TooLarge, UnknownType
+from qntx.lifeline import give_big_blocks_back
 
 # How many messages one socket may deliver per loop turn before the others get a go.
 DRAIN_LIMIT = 512
@@ -171,7 +172,8 @@ class Service:
 
     def _send(self, identity: bytes, correlation: bytes, body: bytes) -> None:
         try:
-            self.socket.send_multipart([identity, correlation, body], zmq.NOBLOCK)
+            # copy=False: a big body is handed to libzmq without a copy (small ones are copied anyway).
+            self.socket.send_multipart([identity, correlation, body], zmq.NOBLOCK, copy=False)
         except (zmq.Again, zmq.ZMQError) as exc:
             # The peer stopped reading or is gone; the reply is lost to it (not
             # the data to the store), and the loop must not block on it.
@@ -404,6 +406,7 @@ class Actor:
         return self._stopping
 
     def run(self) -> None:
+        give_big_blocks_back()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
         self.setup()
@@ -451,6 +454,6 @@ class Publisher:
 
     def publish(self, topic: bytes, message: msgspec.Struct) -> None:
         try:
-            self.socket.send_multipart([topic, encode(message)], zmq.NOBLOCK)
+            self.socket.send_multipart([topic, encode(message)], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             pass  # PUB drops for slow subscribers by design

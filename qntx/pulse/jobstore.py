@@ -161,8 +161,8 @@ class JobStore:
                 txn.put(job_id, blob, db=db["jobs"])
                 if old is None:
                     txn.put(stamp, job_id, db=db["created"])
-                    if bytes(job.payload) != bytes(NIL):
-                        txn.put(job_id, bytes(job.payload), db=db["payloads"])
+                    if job.payload != NIL:  # (a buffer: LMDB copies it once, into the map)
+                        txn.put(job_id, job.payload, db=db["payloads"])
                     if job.idempotency_key is not None:
                         txn.put(job.idempotency_key.encode(), job_id, db=db["keys"])
                 if old != job.status:

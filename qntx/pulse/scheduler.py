@@ -162,7 +162,7 @@ class Pulse:
             try:
                 if pipe is None:
                     raise zmq.Again()
-                pipe[0].send(encode(command.message), zmq.NOBLOCK)
+                pipe[0].send(encode(command.message), zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:
                 self.apply(Undeliverable(command.message.lease))
         elif kind is Publish:
