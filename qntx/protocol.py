@@ -128,6 +128,7 @@ class Job(msgspec.Struct, kw_only=True):
     run_after: int = 0  # ms: a retried job waits for its backoff until then
     lease: int = 0  # the lease of the current (or last) run; 0: never dispatched
     runs: int = 0  # runs started, counting those lost to a worker, plugin or server going away
+    lost: int = 0  # runs lost that way since the job was (re)queued by a retry: they use no attempt
 
 
 # --------------------------------------------------------------------- ats
@@ -195,7 +196,7 @@ class GetJob(Message):
     id: str
 
 
-# The most jobs (or attestations) one listing returns; ask again with the cursor.
+# The most jobs one listing returns; ask again with the cursor.
 MAX_PAGE = 1000
 
 

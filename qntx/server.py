@@ -209,6 +209,7 @@ class ServerActor(Actor):
             entry.version = reply.version
         init = Initialize(
             ats_endpoint=self.settings.ats_endpoint,
+            ats_events_endpoint=self.settings.ats_events_endpoint,
             server_endpoint=self.settings.server_endpoint,
             config=dict(self.settings.extra.get("plugins", {}).get(entry.name, {})),
         )

@@ -151,6 +151,7 @@ class PythonPlugin:
             self.ats_endpoint = message.ats_endpoint
             self.ats = AsyncClient(message.ats_endpoint, AtsReply, context=self.context, security=self.settings.security)
         logger.info("ATSStore endpoint: {}", message.ats_endpoint)
+        self.ats_events_endpoint = message.ats_events_endpoint or self.settings.ats_events_endpoint
         if self.pool is None:
             self.pool = InterpreterPool(
                 self.settings.python_pool_size,
@@ -189,7 +190,7 @@ class PythonPlugin:
         sub = self.context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"att.")
-        self.settings.security.connect(sub, self.settings.ats_events_endpoint)
+        self.settings.security.connect(sub, self.ats_events_endpoint)
         decoder = Decoder(Event)
         known = dict(self.handlers)
         while not self.stop.is_set():

@@ -362,7 +362,8 @@ class PulseCore:
     def _requeue_without_attempt(self, job: Job, wall: int, why: str) -> None:
         """The run was lost to infrastructure: queue it again at once, no attempt used."""
         job.attempts = max(0, job.attempts - 1)
-        lost = job.runs - job.attempts
+        job.lost += 1
+        lost = job.lost
         if lost > MAX_LOST_RUNS:
             job.error = JobError(message=f"lost {lost} runs to crashes ({why}); giving up")
             job.finished_at = wall
@@ -448,13 +449,13 @@ class PulseCore:
             lease = self.leases.get(job.lease)
             if lease is not None:
                 self._stop_run(lease, "cancelled")
-        job.finished_at = now.wall
+        job.finished_at, job.error = now.wall, None  # an earlier attempt's error is not why it ended
         self._set_status(job, "cancelled")
 
     def _retry(self, job: Job, now: Instant) -> None:
         if job.status not in ("failed", "cancelled"):
             raise Conflict(f"only failed or cancelled jobs can be retried; {job.id} is {job.status}")
-        job.attempts, job.error, job.run_after, job.result, job.logs = 0, None, 0, NIL, ""
+        job.attempts, job.lost, job.error, job.run_after, job.result, job.logs = 0, 0, None, 0, NIL, ""
         job.started_at = job.finished_at = job.worker = job.progress = None
         self._set_status(job, "queued")
         self._enqueue(job, now.wall)
@@ -622,6 +623,7 @@ class PulseCore:
         job = self.jobs[lease.job_id]
         self._end_lease(lease, taken_back=False)
         job.runs -= 1  # it never left: not a run at all
+        job.lost -= 1
         self._requeue_without_attempt(job, now.wall, "undeliverable")
 
     def _saved(self, event: Saved, now: Instant) -> None:

@@ -33,7 +33,7 @@ from loguru import logger
 from qntx.bus.aio import install_stop_signals
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
-from qntx.errors import QntxError, Timeout
+from qntx.errors import QntxError, Timeout, Unavailable
 from qntx.protocol import (
     PLUGIN_DEPTH,
     STDERR_MARK,
@@ -324,11 +324,13 @@ class Worker:
         except Timeout as exc:
             self._tell_plugin_to_cancel(plugin, job.id, lease)
             return _failed(job, lease, f"plugin at {plugin_endpoint} did not answer: {exc}")
-        except QntxError as exc:  # the plugin went away or refused: not the handler's doing
+        except Unavailable as exc:  # the plugin went away or is not ready: not the handler's doing
             self._tell_plugin_to_cancel(plugin, job.id, lease)
             logger.info("job {} lease {}: plugin at {} failed ({}); giving the run back", job.id, lease, plugin_endpoint, exc)
             return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, interrupted=True,
                            error=JobError(message=f"plugin at {plugin_endpoint} failed: {exc}"))  # fmt: skip
+        except QntxError as exc:  # the plugin refused this run: a failed attempt
+            return _failed(job, lease, f"plugin at {plugin_endpoint} refused the job: {exc}")
         if not isinstance(reply, ExecuteResult):
             return _failed(job, lease, f"plugin at {plugin_endpoint} answered {type(reply).__name__}")
         logs = reply.stdout + ((STDERR_MARK + reply.stderr) if reply.stderr else "")
