@@ -133,6 +133,9 @@ class PulseCore:
         self._on_disk: dict[str, str] = {}  # status on disk of each saved job in jobs
         self._version: dict[str, int] = {}
         self._saved_version: dict[str, int] = {}
+        self._dirty: set[str] = set()  # changed since the last changes()
+        self._unsaved: set[str] = set()  # newest version not on disk yet
+        self._writing: set[str] = set()  # handed to the commit in flight
         self._keys: dict[str, str] = {}  # idempotency key -> id, for jobs in memory
         self._counts = dict.fromkeys(JOB_STATUSES, 0)
         self._next_seq = 0
@@ -213,23 +216,34 @@ class PulseCore:
 
     def changes(self) -> Changes | None:
         """Everything changed since the last call, for one commit (None: nothing)."""
-        dirty = [i for i, v in self._version.items() if v != self._saved_version.get(i)]
-        if not dirty and not self._meta_dirty:
+        if not self._dirty and not self._meta_dirty:
             return None
+        dirty, self._dirty = [i for i in self._dirty if i in self.jobs], set()
+        self._writing = set(dirty)
         self._meta_dirty = False
-        rows = [(self._seq[i], self.jobs[i], self._on_disk.get(i)) for i in dirty]
+        # Snapshots: the commit encodes them on another thread while these jobs move on.
+        rows = [(self._seq[i], msgspec.structs.replace(self.jobs[i]), self._on_disk.get(i)) for i in dirty]
         return Changes(
             rows=rows,
-            versions={i: self._version[i] for i in dirty},
+            versions={job.id: (self._version[job.id], job.status) for _, job, _ in rows},
             next_seq=self._next_seq,
             counts=dict(self._counts),
             lease_ceiling=self._wanted_ceiling,
             plugins=sorted(self._plugin_names),
         )
 
+    @property
+    def urgent(self) -> bool:
+        """A commit is needed now: dispatching waits for the next block of lease ids."""
+        return self._wanted_ceiling != self._ceiling and self._next_lease + LEASE_BLOCK // 4 >= self._ceiling
+
+    def has_changes(self) -> bool:
+        return self._meta_dirty or bool(self._dirty)
+
     def commit_failed(self) -> None:
         """The last ``changes()`` did not reach the disk: write them again next time."""
         self._meta_dirty = True
+        self._dirty |= self._writing
 
     def get(self, job_id: str) -> Job | None:
         """A job in memory (live, or final and not yet saved); None: read the store."""
@@ -238,7 +252,7 @@ class PulseCore:
 
     def unsaved(self) -> dict[str, Job]:
         """Jobs whose newest state is not on disk yet (listings merge them in)."""
-        return {i: self.jobs[i] for i, v in self._version.items() if v != self._saved_version.get(i)}
+        return {i: self.jobs[i] for i in self._unsaved}
 
     def seq_of(self, job_id: str) -> int:
         return self._seq[job_id]
@@ -285,6 +299,8 @@ class PulseCore:
 
     def _touch(self, job: Job) -> None:
         self._version[job.id] = self._version.get(job.id, 0) + 1
+        self._dirty.add(job.id)
+        self._unsaved.add(job.id)
         self._changed[job.id] = None
 
     def _set_status(self, job: Job, status: str) -> None:
@@ -406,7 +422,7 @@ class PulseCore:
         if existing_id is not None or event.existing is not None:
             # A resubmission: the same job, durable once its first submission is.
             job = self.jobs[existing_id] if existing_id is not None else event.existing
-            durable = job.id in self._version and self._version[job.id] != self._saved_version.get(job.id)
+            durable = job.id in self._unsaved
             self._out.append(Reply(event.reply_to, JobReply(job=public(job)), durable=durable))
             return
         if not self.handler_known(spec.handler, now):
@@ -628,14 +644,15 @@ class PulseCore:
 
     def _saved(self, event: Saved, now: Instant) -> None:
         self._ceiling = max(self._ceiling, event.lease_ceiling)
-        for job_id, version in event.versions.items():
+        for job_id, (version, status) in event.versions.items():
             job = self.jobs.get(job_id)
             if job is None:
                 continue
             self._saved_version[job_id] = version
+            self._on_disk[job_id] = status  # what the index on disk now says
             if self._version.get(job_id) != version:
                 continue  # changed again since: the next commit writes it
-            self._on_disk[job_id] = job.status
+            self._unsaved.discard(job_id)
             if job.status in FINAL_STATUSES:  # durable now: memory keeps only live jobs
                 for table in (self.jobs, self._seq, self._on_disk, self._version, self._saved_version):
                     table.pop(job_id, None)

@@ -111,9 +111,9 @@ class Undeliverable:
 
 @dataclass(frozen=True, slots=True)
 class Saved:
-    """A commit is durable: ``versions`` are what it wrote, job id -> version."""
+    """A commit is durable: ``versions`` says what it wrote of each job."""
 
-    versions: dict[str, int]
+    versions: dict[str, tuple[int, str]]  # job id -> (version, status) written
     lease_ceiling: int
 
 
@@ -182,7 +182,7 @@ class Changes:
     """What a commit must write: rows of (seq, job, status on disk or None if new)."""
 
     rows: list[tuple[int, Job, str | None]] = field(default_factory=list)
-    versions: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, tuple[int, str]] = field(default_factory=dict)
     next_seq: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     lease_ceiling: int = 0

@@ -51,6 +51,7 @@ from qntx.protocol import (
 from qntx.pulse.core import Config, PulseCore, public
 from qntx.pulse.events import (
     CancelAtPlugin,
+    Changes,
     ClosePipe,
     Finished,
     Instant,
@@ -75,6 +76,14 @@ from qntx.values import is_int, now_ms
 
 LIVE_STATUSES = ("queued", "running", "paused")
 DRAIN_LIMIT = 512
+# Changes nobody waits for (a dispatch, a completion already published) are committed
+# within this long, sharing one fsync with whatever else comes; a reply that promises
+# durability starts a commit at once.
+LAZY_COMMIT_S = 0.02
+# Commits up to this size run on the loop; bigger ones on the writer thread, so the
+# loop keeps answering while a big one syncs.
+INLINE_COMMIT_ROWS = 2_000
+INLINE_COMMIT_BYTES = 1 << 20
 
 
 def instant() -> Instant:
@@ -134,6 +143,7 @@ class Pulse:
         self._durable: list[Reply] = []  # replies waiting for the next commit
         self._committing = False
         self._closing = False
+        self._lazy_timer = None
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
         self._commit_now()  # reserves the first block of lease ids before any dispatch
         self.writer = Offloader(actor, "pulse-writer")
@@ -199,9 +209,16 @@ class Pulse:
             self.store.save(changes)
             self.apply(Saved(changes.versions, changes.lease_ceiling))
 
-    def _start_commit(self) -> None:
+    def _start_commit(self, *, lazy_ok: bool = True) -> None:
         if self._committing or self._closing:
             return
+        if lazy_ok and not self._durable and not self.core.urgent:
+            if self._lazy_timer is None and self.core.has_changes():
+                self._lazy_timer = self.actor.call_later(LAZY_COMMIT_S, self._lazy_commit)
+            return
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         changes = self.core.changes()
         if changes is None:
             if self._durable:  # nothing new to write: what they wait for is on disk
@@ -229,7 +246,29 @@ class Pulse:
                     reply.reply_to.reply(reply.message)
             self._start_commit()  # what changed meanwhile goes next
 
-        self.writer.submit(work, done)
+        if self._small(changes):
+            # On the loop: handing a small commit to the writer thread and back costs
+            # more than it saves. Messages that arrive meanwhile wait in their sockets
+            # and go into the next commit together.
+            try:
+                work()
+            except Exception as exc:  # handed to done(), which decides
+                done(exc)
+            else:
+                done(None)
+        else:
+            self.writer.submit(work, done)
+
+    @staticmethod
+    def _small(changes: Changes) -> bool:
+        if len(changes.rows) > INLINE_COMMIT_ROWS:
+            return False
+        carried = sum(len(job.payload) + len(job.result) for _, job, _ in changes.rows)
+        return carried <= INLINE_COMMIT_BYTES
+
+    def _lazy_commit(self) -> None:
+        self._lazy_timer = None
+        self._start_commit(lazy_ok=False)
 
     def close(self) -> None:
         self._closing = True

@@ -250,6 +250,11 @@ class Worker:
             except QntxError as exc:
                 logger.warning("ignored an undecodable dispatch: {}", exc)
                 continue
+            job = dispatch.job
+            if job.handler == "builtin.echo" and dispatch.plugin_endpoint is None:
+                # Nothing to wait for: answered here, without a task.
+                self._report(JobDone(job_id=job.id, lease=dispatch.lease, attempt=job.attempts, success=True, result=job.payload))
+                continue
             task = asyncio.get_running_loop().create_task(self._run(dispatch))
             self.running[dispatch.lease] = task
             self._not_started[dispatch.lease] = dispatch.job

@@ -417,3 +417,23 @@ def test_changes_are_written_once(h):
     assert h.core.changes() is not None
     h.commit()
     assert h.core.changes() is None
+
+
+def test_a_change_during_a_commit_goes_into_the_next_with_the_status_on_disk(h):
+    job = h.submit()
+    h.commit()
+    h.hello()
+    h.dispatched(h.turn())  # queued -> running
+    first = h.core.changes()
+    assert [(row[1].status, row[2]) for row in first.rows] == [("running", "queued")]
+    lease = h.core.jobs[job.id].lease
+    h(Finished(JobDone(job_id=job.id, lease=lease, success=True, result=raw(1))))  # during the commit
+    assert first.rows[0][1].status == "running"  # the commit's snapshot did not move
+    h.disk.write(first)
+    h(Saved(first.versions, first.lease_ceiling))
+    assert job.id in h.core.jobs  # completed, but that is not on disk yet
+    second = h.core.changes()
+    assert [(row[1].status, row[2]) for row in second.rows] == [("completed", "running")]
+    h.disk.write(second)
+    h(Saved(second.versions, second.lease_ceiling))
+    assert job.id not in h.core.jobs and h.core.changes() is None
