@@ -1,0 +1,206 @@
+"""Random lives of Pulse's core (hypothesis): submits, dispatches, results, worker
+deaths, server restarts, cancels, retries, lease expiries and plugin restarts, in any
+order, against the invariants that make runs trustworthy."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from qntx.errors import QntxError
+from qntx.protocol import FINAL_STATUSES, JobDone, JobError, Submit
+from qntx.pulse.events import (
+    Finished,
+    PluginDown,
+    PluginUp,
+    SendJob,
+    Steer,
+    Submitted,
+)
+from tests.unit.test_core import CONFIG, Harness, raw
+
+pytestmark = pytest.mark.timeout(300)
+
+SESSIONS = (b"w1", b"w2")
+HANDLERS = ("builtin.echo", "python.work")
+
+
+class PulseLife(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.h = Harness()
+        self.h(PluginUp("python", "ipc://p", 3, ("python.work",)))
+        self.h.commit()
+        self.alive = set(SESSIONS)
+        self.held: dict[bytes, set[int]] = {s: set() for s in SESSIONS}  # what each worker runs
+        self.runs: dict[int, tuple[str, bytes]] = {}  # every lease ever sent -> (job, session)
+        self.completed_by: dict[str, int] = {}  # job -> the lease that completed it
+        self.max_attempts: dict[str, int] = {}
+        self.submitted: list[str] = []
+
+    # ------------------------------------------------------------ helpers
+
+    def _apply(self, commands) -> None:
+        for command in commands:
+            if isinstance(command, SendJob):
+                lease = command.message.lease
+                assert lease not in self.runs, "a lease id was used twice"
+                self.runs[lease] = (command.message.job.id, command.session)
+                self.held[command.session].add(lease)
+
+    def _turn(self) -> None:
+        for session in self.alive:
+            self._apply(self.h.hello(session, credit=2, leases=sorted(self.held[session])))
+        self._apply(self.h.turn())
+
+    # ------------------------------------------------------------ rules
+
+    @rule(handler=st.sampled_from(HANDLERS), attempts=st.integers(1, 3))
+    def submit(self, handler, attempts):
+        job = self.h.submit(handler=handler, payload=len(self.submitted), max_attempts=attempts)
+        self.submitted.append(job.id)
+        self.max_attempts[job.id] = attempts
+        self._turn()
+
+    @rule(data=st.data(), success=st.booleans())
+    def a_run_ends(self, data, success):
+        running = [(s, lease) for s in self.alive for lease in sorted(self.held[s])]
+        if not running:
+            return
+        session, lease = data.draw(st.sampled_from(running))
+        self.held[session].discard(lease)
+        job_id = self.runs[lease][0]
+        before = self.h.core.jobs.get(job_id)
+        current = before is not None and before.status == "running" and before.lease == lease
+        error = None if success else JobError(message="handler failed")
+        self.h(Finished(JobDone(job_id=job_id, lease=lease, success=success, result=raw(lease), error=error)))
+        after = self.h.core.jobs.get(job_id) or self.h.disk.jobs[job_id][1]
+        if success and after.status == "completed" and job_id not in self.completed_by:
+            assert current, "a job completed from a lease that was not its current one"
+            self.completed_by[job_id] = lease
+        if not current:
+            assert after.status == (before.status if before else after.status)
+        self._turn()
+
+    @rule(session=st.sampled_from(SESSIONS))
+    def a_worker_dies(self, session):
+        if session not in self.alive or len(self.alive) == 1:
+            return
+        self.alive.discard(session)
+        self.held[session].clear()
+        for _ in range(CONFIG.dead_after_ms // 200 + 2):
+            self.h.tick(200)
+            self._turn()
+
+    @rule(session=st.sampled_from(SESSIONS))
+    def a_worker_comes_back(self, session):
+        if session in self.alive:
+            return
+        self.alive.add(session)
+        self._turn()
+
+    @rule(ms=st.integers(1, 30_000))
+    def time_passes(self, ms):
+        for _ in range(min(ms // 1000 + 1, 40)):
+            self.h.tick(min(ms, 1000))
+            self._turn()
+
+    @rule()
+    def the_server_restarts(self):
+        self.h.commit()  # what was committed survives; the rest is lost with the process
+        wall, mono = self.h.wall + 50, self.h.mono + 50
+        self.h = Harness(self.h.disk, wall=wall, mono=mono)
+        self.h(PluginUp("python", "ipc://p", 3, ("python.work",)))
+        self._turn()
+
+    @rule(committed=st.booleans())
+    def a_commit(self, committed):
+        if committed:
+            self.h.commit()
+
+    @precondition(lambda self: self.submitted)
+    @rule(data=st.data(), action=st.sampled_from(["cancel", "retry", "pause", "resume"]))
+    def a_user_steers(self, data, action):
+        job_id = data.draw(st.sampled_from(self.submitted))
+        stored = self.h.disk.jobs.get(job_id)
+        try:
+            if job_id in self.h.core.jobs:
+                self.h(Steer(action, job_id, "user"))
+            elif stored is not None:
+                self.h(Steer(action, job_id, "user", stored[1], stored[0]))
+        except QntxError:
+            pass
+        if action == "retry":
+            self.completed_by.pop(job_id, None)
+        self._turn()
+
+    @rule()
+    def the_plugin_restarts(self):
+        self.h(PluginDown("python"))
+        self._turn()
+        self.h(PluginUp("python", "ipc://p", 3, ("python.work",)))
+        self._turn()
+
+    # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def one_current_lease_per_job_and_none_running_without_one(self):
+        core = self.h.core
+        by_job: dict[str, int] = {}
+        for lease in core.leases.values():
+            assert lease.job_id not in by_job, f"job {lease.job_id} holds two leases"
+            by_job[lease.job_id] = lease.id
+        for job in core.jobs.values():
+            if job.status == "running":
+                assert by_job.get(job.id) == job.lease, f"job {job.id} runs without its lease"
+            else:
+                assert job.id not in by_job, f"{job.status} job {job.id} still holds a lease"
+
+    @invariant()
+    def attempts_stay_within_bounds(self):
+        for job in self.h.core.jobs.values():
+            assert 0 <= job.attempts <= job.max_attempts
+            assert job.runs >= job.attempts
+
+    @invariant()
+    def credit_and_capacity_are_never_exceeded(self):
+        core = self.h.core
+        for session in core.sessions.values():
+            assert len(session.leases) <= max(session.credit, 0) or not session.leases
+        for plugin in core.plugins.values():
+            assert plugin.load >= 0
+            if plugin.capacity:
+                assert plugin.load <= plugin.capacity
+
+    @invariant()
+    def counts_match_the_jobs(self):
+        counts = self.h.core.counts()
+        assert all(n >= 0 for n in counts.values()), counts
+        assert sum(counts.values()) == len(self.submitted)
+
+    def teardown(self):
+        # Left alone long enough, every job either ends or waits in the queue: none is stuck running.
+        for _ in range(5):
+            for session in SESSIONS:
+                self.alive.add(session)
+            for session in self.alive:
+                for lease in sorted(self.held[session]):
+                    job_id = self.runs[lease][0]
+                    self.h(Finished(JobDone(job_id=job_id, lease=lease, success=True, result=raw(lease))))
+                self.held[session].clear()
+            self.h.tick(61_000)
+            self._turn()
+        for job in self.h.core.jobs.values():
+            assert job.status != "running" or job.lease in self.h.core.leases
+        for job_id in self.submitted:
+            job = self.h.core.jobs.get(job_id) or self.h.disk.jobs.get(job_id, (0, None))[1]
+            if job is not None and job.status in FINAL_STATUSES and job.status == "completed":
+                assert msgspec.msgpack.decode(job.result) == job.lease
+
+
+TestPulseLife = PulseLife.TestCase
+TestPulseLife.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+_ = Submit  # (the messages the rules build)
