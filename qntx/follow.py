@@ -25,6 +25,9 @@ from qntx.errors import Timeout
 from qntx.protocol import FINAL_STATUSES, Event, Job, JobChanged, JobOutput, JobProgressed
 
 RECHECK_S = 0.5
+# Once an event of the job has arrived the subscription demonstrably works, so the
+# server is asked far less often (thousands of jobs followed at once stay cheap).
+RECHECK_AFTER_EVENT_S = 2.0
 # The first ask waits this long: an event usually arrives well before, and asking
 # at once would add a round trip to every wait.
 FIRST_CHECK_S = 0.05
@@ -55,22 +58,24 @@ class EventBook:
         self._final.pop(job_id, None)
         self._backlog.pop(job_id, None)
 
-    def ingest(self, frames: list[bytes]) -> None:
+    def ingest(self, frames: list[bytes]) -> str | None:
+        """Take one event in; the id of the job it is about (None: not a job event)."""
         if len(frames) != 2:
-            return
+            return None
         event = self._decoder.decode(frames[1])
         if isinstance(event, JobChanged):
             job_id = event.job.id
         elif isinstance(event, JobProgressed | JobOutput):
             job_id = event.job_id
         else:
-            return
+            return None
         if isinstance(event, JobChanged) and event.job.status in FINAL_STATUSES:
             self._final[job_id] = event.job
             if len(self._final) > FINAL_KEPT:
                 self._final.popitem(last=False)
         if job_id in self._watching:
             self._backlog.setdefault(job_id, []).append(event)
+        return job_id
 
     def take(self, job_id: str) -> tuple[list[JobEvent], bool]:
         """Events since the last take (ending with the final one, if the job is done)."""
@@ -110,6 +115,9 @@ class _Clock:
             return True
         return False
 
+    def saw_event(self) -> None:
+        self.next_check = max(self.next_check, time.monotonic() + RECHECK_AFTER_EVENT_S)
+
     def wait_s(self) -> float:
         end = self.next_check if self.deadline is None else min(self.next_check, self.deadline)
         return max(0.0, end - time.monotonic())
@@ -138,6 +146,8 @@ class JobFollower:
                 yield from events
                 if final:
                     return
+                if events:
+                    clock.saw_event()
                 if clock.due():
                     job = fetch(job_id)
                     if job.status in FINAL_STATUSES:
@@ -161,25 +171,32 @@ class AsyncJobFollower:
         self._socket = _subscriber(context, endpoint, security)
         self.book = EventBook()
         self._reader: asyncio.Task | None = None
-        self._arrived = asyncio.Event()
+        self._waiters: dict[str, list[asyncio.Future]] = {}  # job id -> who waits for its events
 
     async def _read(self) -> None:
         while True:
-            self.book.ingest(await self._socket.recv_multipart())
-            arrived, self._arrived = self._arrived, asyncio.Event()
-            arrived.set()
+            job_id = self.book.ingest(await self._socket.recv_multipart())
+            for waiter in self._waiters.pop(job_id, ()):  # wake only who follows that job
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def start(self) -> None:
         """Start reading events (before a job is submitted, so none is missed)."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
-    async def _wait(self, wait_s: float) -> None:
+    async def _wait(self, job_id: str, wait_s: float) -> None:
         self.start()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(waiter)
         try:
-            await asyncio.wait_for(self._arrived.wait(), wait_s)
+            await asyncio.wait_for(waiter, wait_s)
         except TimeoutError:
-            pass
+            waiters = self._waiters.get(job_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[job_id]
 
     async def follow(
         self, job_id: str, timeout: float | None, fetch: Callable[[str], Awaitable[Job]]
@@ -193,12 +210,14 @@ class AsyncJobFollower:
                     yield event
                 if final:
                     return
+                if events:
+                    clock.saw_event()
                 if clock.due():
                     job = await fetch(job_id)
                     if job.status in FINAL_STATUSES:
                         yield JobChanged(job=job)
                         return
-                await self._wait(clock.wait_s())
+                await self._wait(job_id, clock.wait_s())
         finally:
             self.book.unwatch(job_id)
 

@@ -196,8 +196,14 @@ class AsyncClient:
         future = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
         future.add_done_callback(lambda _: self._pending.pop(correlation, None))
+        frames = [correlation, encode(message)]
+        sent = self._socket.send_multipart(frames, zmq.NOBLOCK)  # done at once when the pipe is up
+        if sent.done() and sent.exception() is None:
+            return future
+        if sent.done():  # not connected (IMMEDIATE): wait a moment for the connection
+            sent = self._socket.send_multipart(frames)
         try:
-            await asyncio.wait_for(self._socket.send_multipart([correlation, encode(message)]), CONNECT_WAIT_S)
+            await asyncio.wait_for(sent, CONNECT_WAIT_S)
         except TimeoutError:
             future.cancel()
             raise Unavailable(f"no actor is answering at {self.endpoint} (is `qntx up` running?)") from None
@@ -206,6 +212,8 @@ class AsyncClient:
     async def take(self, future: asyncio.Future, timeout_s: float | None = None) -> Any:
         """The reply a ``send`` future gets, within ``timeout_s`` (default: the client's)."""
         limit = self.timeout_s if timeout_s is None else timeout_s
+        if future.done():
+            return future.result()
         try:
             return await asyncio.wait_for(asyncio.shield(future), limit)
         except TimeoutError:
@@ -213,10 +221,11 @@ class AsyncClient:
 
     async def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
         future = await self.send(message)
+        limit = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return raise_if_error(await self.take(future, timeout_s))
-        finally:
-            future.cancel()  # a late reply is dropped
+            return raise_if_error(await asyncio.wait_for(future, limit))
+        except TimeoutError:
+            raise Timeout(f"no reply from {self.endpoint} within {limit:g}s") from None
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget; dropped if the peer is not connected (progress and the like)."""
