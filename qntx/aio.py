@@ -98,6 +98,7 @@ class AsyncBus:
         )
         self.follower = AsyncJobFollower(settings.events_endpoint, self.context, security)
         self._submitted: list[AsyncJobHandle] = []
+        self._prune_at = 1024
 
     async def ping(self) -> Pong:
         return await self.ats.request(Ping())
@@ -142,11 +143,12 @@ class AsyncBus:
         self.follower.start()  # subscribed before the job can finish
         handle = AsyncJobHandle(self, job_id, await self.server.send(message))
         self._submitted.append(handle)
-        if len(self._submitted) > 1024:  # settle what has been answered; keep what flush must see
+        if len(self._submitted) > self._prune_at:  # settle what has been answered; keep what flush must see
             for done in self._submitted:
                 if done._reply.done() and not done._reply.cancelled() and not done._acceptance.settled:
                     done._acceptance.settle(done._reply.result())
             self._submitted = [h for h in self._submitted if not h._acceptance.settled or h._acceptance.error]
+            self._prune_at = max(1024, 2 * len(self._submitted))  # amortised: no rescan per submit
         return handle
 
     async def flush(self, timeout: float | None = None) -> None:

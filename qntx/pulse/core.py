@@ -160,7 +160,9 @@ class PulseCore:
         self._routes: dict[str, str] = {}  # handler -> the plugin that announced it
         self._plugin_names: set[str] = set()  # every plugin that ever registered (on disk)
         self._removed: set[str] = set()  # handlers their plugin deleted
-        self._changed: dict[str, None] = {}  # jobs to publish at the end of the turn
+        # Jobs to publish at the end of the turn (the objects: a final one may have
+        # left memory by then, saved by a commit that ran in between).
+        self._changed: dict[str, Job] = {}
         self._out: list[Any] = []
 
         self._handlers = {
@@ -301,7 +303,7 @@ class PulseCore:
         self._version[job.id] = self._version.get(job.id, 0) + 1
         self._dirty.add(job.id)
         self._unsaved.add(job.id)
-        self._changed[job.id] = None
+        self._changed[job.id] = job
 
     def _set_status(self, job: Job, status: str) -> None:
         if job.id in self._version or job.id in self._on_disk:
@@ -669,10 +671,8 @@ class PulseCore:
         for session in [s for s in self.sessions.values() if now.mono - s.last_seen > self.config.dead_after_ms]:
             self._release(session, f"worker {session.name} stopped responding", now)
         self._dispatch(now)
-        for job_id in self._changed:
-            job = self.jobs.get(job_id)
-            if job is not None:
-                self._out.append(Publish(b"job." + job_id.encode(), JobChanged(job=public(job))))
+        for job_id, job in self._changed.items():
+            self._out.append(Publish(b"job." + job_id.encode(), JobChanged(job=public(job))))
         self._changed.clear()
 
     def _expire(self, now: Instant) -> None:

@@ -437,3 +437,14 @@ def test_a_change_during_a_commit_goes_into_the_next_with_the_status_on_disk(h):
     h.disk.write(second)
     h(Saved(second.versions, second.lease_ceiling))
     assert job.id not in h.core.jobs and h.core.changes() is None
+
+
+def test_a_final_job_saved_before_the_turn_ends_is_still_published(h):
+    job = h.submit()
+    h.hello()
+    [run] = h.dispatched(h.turn())
+    h.done(run, result="x")
+    h.commit()  # e.g. the lazy commit's timer ran between the result and the turn
+    assert job.id not in h.core.jobs
+    published = [c.message for c in h.turn() if isinstance(c, Publish)]
+    assert [m.job.status for m in published] == ["completed"]
