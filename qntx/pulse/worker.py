@@ -20,9 +20,11 @@ queues it again as it was.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import secrets
 import socket
+import time
 from typing import Any
 
 import msgspec
@@ -54,6 +56,11 @@ from qntx.protocol import (
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 
+# Results sent within this long (at most RECENT_RESULTS of them) are sent again when
+# a server welcomes this session anew: one that restarted may have lost them unread.
+RECENT_RESULTS_S = 120.0
+RECENT_RESULTS = 10_000
+RECENT_RESULTS_BYTES = 64 << 20
 # How long past a job's own timeout the worker waits for its plugin to answer.
 PLUGIN_TIMEOUT_MARGIN_S = 2.0  # shorter than the lease's grace: the worker reports first
 
@@ -117,6 +124,8 @@ class Worker:
         self.results: zmq.asyncio.Socket | None = None
         self._results_endpoint = ""
         self._unsent: list[bytes] = []  # results finished before the first welcome
+        self._recent: collections.OrderedDict[int, tuple[float, bytes]] = collections.OrderedDict()
+        self._recent_bytes = 0
         self._background: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------- lifecycle
@@ -143,16 +152,17 @@ class Worker:
         if unfinished:
             logger.info("worker {}: {} job(s) given back to the queue unfinished", self.name, len(unfinished))
             await asyncio.wait(unfinished, timeout=1)
-        for task in tasks:
+        for task in [*tasks, *self._background]:
             task.cancel()
+        await asyncio.gather(*tasks, *self._background, return_exceptions=True)
         for client in self.plugins.values():
             client.close()
         self.control.close(0)
         if self.jobs is not None:
             self.jobs.close(0)
-        if self.results is not None:
-            self.results.close(linger=2000)  # the last JobDone messages go out
-        self.context.term()
+        # Every socket left (the results PUSH, a pipe monitor) closes here; the last
+        # JobDone messages get 2 s to go out.
+        self.context.destroy(linger=2000)
 
     def _spawn(self, coroutine: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -199,6 +209,7 @@ class Worker:
                     task.cancel()  # a plugin job tells its plugin to stop it too
 
     def _welcomed(self, welcome: WorkerWelcome) -> None:
+        self._resend_recent()
         via = self.settings.workers_endpoint
         results = _reachable(welcome.results_endpoint, via)
         if results != self._results_endpoint:
@@ -234,8 +245,11 @@ class Worker:
                 await monitor.recv_multipart()
                 self.jobs_endpoint = announced
                 self._send_ready()
-        except (asyncio.CancelledError, zmq.ZMQError):
+        except zmq.ZMQError:
+            monitor.close(0)  # the pipe was replaced
+        except asyncio.CancelledError:
             monitor.close(0)
+            raise
 
     # ---------------------------------------------------------------- runs
 
@@ -294,7 +308,27 @@ class Worker:
             body = encode(_failed_done(done, message))
         elif len(body) > self.settings.max_message_bytes:
             body = encode(_failed_done(done, f"report too large ({len(body)} bytes > {self.settings.max_message_bytes})"))
+        self._remember(done.lease, body)
         self._push(body)
+
+    def _remember(self, lease: int, body: bytes) -> None:
+        now = time.monotonic()
+        self._recent[lease] = (now, body)
+        self._recent_bytes += len(body)
+        while self._recent and (
+            len(self._recent) > RECENT_RESULTS
+            or self._recent_bytes > RECENT_RESULTS_BYTES
+            or next(iter(self._recent.values()))[0] < now - RECENT_RESULTS_S
+        ):
+            self._recent_bytes -= len(self._recent.popitem(last=False)[1][1])
+
+    def _resend_recent(self) -> None:
+        """A (re)welcome: results the old server may have died with go again. Pulse
+        takes each only if it is still its job's current run."""
+        if self._recent and self.results is not None:
+            logger.info("worker {}: sending the last {} result(s) again to a new server", self.name, len(self._recent))
+            for _, body in self._recent.values():
+                self._push(body)
 
     def _push(self, body: bytes) -> None:
         if self.results is None:
