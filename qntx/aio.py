@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from qntx.api import ax_filter, make_filter, new_attestation
 from qntx.asid import new_asid
+from qntx.ats.store import next_page
 from qntx.bus.client import AsyncClient
 from qntx.errors import QntxError
 from qntx.follow import AsyncJobFollower, JobEvent
@@ -126,7 +127,14 @@ class AsyncBus:
         return await self.query_filter(make_filter(**fields))
 
     async def query_filter(self, flt: Filter) -> list[Attestation]:
-        return (await self.ats.request(Query(filter=flt))).records
+        """Every match (up to the filter's limit), page after page."""
+        out: list[Attestation] = []
+        current = flt
+        while current is not None:
+            page = await self.ats.request(Query(filter=current))
+            out += page.records
+            current = next_page(flt, page.cursor, len(out))
+        return out
 
     async def ax(self, text: str, *, limit: int | None = None) -> list[Attestation]:
         return await self.query_filter(ax_filter(text, limit))

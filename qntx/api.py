@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from qntx.asid import new_asid
+from qntx.ats.store import next_page
 from qntx.bus.client import Client
 from qntx.bus.pidlock import lock_holder
 from qntx.errors import Invalid, NotFound, QntxError
@@ -147,7 +148,14 @@ class _RemoteAts:
         return self.client.request(Attest(items=items)).records
 
     def query(self, flt: Filter) -> list[Attestation]:
-        return self.client.request(Query(filter=flt)).records
+        """Every match (up to the filter's limit), page after page."""
+        out: list[Attestation] = []
+        current = flt
+        while current is not None:
+            page = self.client.request(Query(filter=current))
+            out += page.records
+            current = next_page(flt, page.cursor, len(out))
+        return out
 
     def get(self, id: str) -> Attestation:
         return self.client.request(GetAttestation(id=id)).record

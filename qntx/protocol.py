@@ -79,6 +79,7 @@ class Filter(msgspec.Struct, kw_only=True, omit_defaults=True):
     time_end: int | None = None  # ms, inclusive
     source: str | None = None
     limit: int | None = None
+    cursor: str | None = None  # QueryResult.cursor of the previous page
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -149,7 +150,12 @@ class Query(Message):
 
 
 class QueryResult(Message):
+    """One page: at most MAX_PAGE records, and work bounded per request. ``cursor``
+    set: there may be more; ask again with it in the filter. A page may hold fewer
+    records than asked for (even none) and still have a cursor."""
+
     records: list[Attestation]
+    cursor: str | None = None
 
 
 class GetAttestation(Message):
@@ -196,7 +202,7 @@ class GetJob(Message):
     id: str
 
 
-# The most jobs one listing returns; ask again with the cursor.
+# The most jobs (or attestations) one listing returns; ask again with the cursor.
 MAX_PAGE = 1000
 
 

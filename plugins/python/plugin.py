@@ -24,6 +24,7 @@ from loguru import logger
 
 from plugins.python.pool import InterpreterPool
 from qntx import __version__
+from qntx.ats.store import next_page
 from qntx.bus.actor import Request
 from qntx.bus.aio import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
@@ -173,8 +174,7 @@ class PythonPlugin:
         """Query ATS for handlers; returns True when the set of names changed."""
         async with self._discovery_lock:
             logger.info("Discovering Python handlers from ATS store")
-            reply = await self.ats.request(Query(filter=HANDLER_FILTER))
-            resolution = resolve(reply.records)
+            resolution = resolve(await self._handler_records())
             for name in resolution.skipped:
                 logger.warning("handler {!r} has no attributes.code; skipped", name)
             found = {name: record.attributes["code"] for name, record in resolution.current.items()}
@@ -214,9 +214,17 @@ class PythonPlugin:
                 logger.exception("handler discovery crashed; retrying")
                 await asyncio.sleep(1)
 
+    async def _handler_records(self) -> list:
+        """Every handler attestation in ATS, page after page (no cap on their number)."""
+        records, current = [], HANDLER_FILTER
+        while current is not None:
+            page = await self.ats.request(Query(filter=current))
+            records += page.records
+            current = next_page(HANDLER_FILTER, page.cursor, len(records))
+        return records
+
     async def _quiet_resync(self) -> bool:
-        reply = await self.ats.request(Query(filter=HANDLER_FILTER))
-        current = {n: r.attributes["code"] for n, r in resolve(reply.records).current.items()}
+        current = {n: r.attributes["code"] for n, r in resolve(await self._handler_records()).current.items()}
         if current == self.handlers:
             return False
         return await self._discover()

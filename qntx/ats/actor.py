@@ -131,7 +131,8 @@ class AtsActor(Actor):
         self.after_batch()  # what arrived meanwhile goes next
 
     def on_query(self, message: Query, request: Request) -> QueryResult:
-        return QueryResult(records=self.store.query(message.filter))
+        records, cursor = self.store.query_page(message.filter)
+        return QueryResult(records=records, cursor=cursor)
 
     def on_get(self, message: GetAttestation, request: Request) -> AttestationReply:
         record = self.store.get(message.id)

@@ -29,11 +29,14 @@ import msgspec
 from qntx.asid import new_asid
 from qntx.errors import Conflict, Invalid, QntxError, Unavailable
 from qntx.lmdbenv import LmdbEnv
-from qntx.protocol import Attestation, Filter, NewAttestation
+from qntx.protocol import MAX_PAGE, Attestation, Filter, NewAttestation
 from qntx.values import is_int
 from qntx.values import now_ms as wall_clock_ms
 
 LIST_FIELDS = ("subjects", "predicates", "contexts", "actors")
+# Records one query request may read (matching or not) before it answers with what it
+# found and a cursor: bounded work per request, whatever the filter.
+MAX_SCAN = 20_000
 INDEXED_FIELDS = (*LIST_FIELDS, "source")
 DEFAULT_SOURCE = "python"
 MAX_TIMESTAMP = (1 << 63) - 1  # int64 max, so every MessagePack client can read it back
@@ -251,20 +254,43 @@ class AttestationStore:
         return self._env.read(work)
 
     def query(self, flt: Filter) -> list[Attestation]:
-        """Attestations matching ``flt``, newest first (SPEC §3.3), never a full scan
-        when a list field or source is given."""
+        """Every attestation matching ``flt`` (up to its limit), newest first (SPEC
+        §3.3), never a full scan when a list field or source is given. Pages through
+        ``query_page``; an actor serves single pages instead."""
+        out: list[Attestation] = []
+        scanned, current = 0, flt
+        while current is not None:
+            records, cursor = self.query_page(current)
+            out += records
+            scanned += self.last_query_scanned
+            current = next_page(flt, cursor, len(out))
+        self.last_query_scanned = scanned
+        return out
+
+    def query_page(
+        self, flt: Filter, *, page: int = MAX_PAGE, max_scan: int = MAX_SCAN
+    ) -> tuple[list[Attestation], str | None]:
+        """One page of ``query``: at most ``page`` records and ``max_scan`` records
+        read, so no request holds the actor for long; the cursor of the next page,
+        or None when there is no more."""
         want, lo, hi, limit = _normalise_filter(flt)
+        start = _parse_cursor(flt.cursor)
         self.last_query_scanned = 0
         if lo > hi:
-            return []
-        return self._env.read(lambda txn: self._run_query(txn, want, lo, hi, limit))
+            return [], None
+        limit = page if limit is None else min(limit, page)
+        return self._env.read(lambda txn: self._run_query(txn, want, lo, hi, limit, start, max_scan))
 
-    def _run_query(self, txn, want: dict[str, set[str]], lo: int, hi: int, limit: int | None):
+    def _run_query(
+        self, txn, want: dict[str, set[str]], lo: int, hi: int, limit: int, start: bytes | None, max_scan: int
+    ) -> tuple[list[Attestation], str | None]:
         low, high = _U64.pack(lo) + _MIN_SEQ, _U64.pack(hi) + _MAX_SEQ
+        if start is not None:
+            high = min(high, start)  # resume below the previous page's last record
         if want:
             field, vkeys = self._plan(txn, want)
             if not vkeys:
-                return []
+                return [], None
             walks = [
                 _walk_back(
                     txn.cursor(self._index[field]), vkey + b"\x00" + low, vkey + b"\x00" + high
@@ -276,18 +302,18 @@ class AttestationStore:
         else:
             candidates = _walk_back(txn.cursor(self._time), low, high)
         out: list[Attestation] = []
-        previous = None
+        previous = start
         for tail, id in candidates:
-            if tail == previous:  # the same record reached through two OR values
+            if tail == previous:  # the same record through two OR values, or the cursor's
                 continue
             previous = tail
             self.last_query_scanned += 1
             record = self._decoder.decode(txn.get(id, db=self._records))
             if _matches(record, want):
                 out.append(record)
-                if limit is not None and len(out) >= limit:
-                    break
-        return out
+            if len(out) >= limit or self.last_query_scanned >= max_scan:
+                return out, tail.hex()  # the page is full, or its work is done
+        return out, None
 
     def _plan(self, txn, want: dict[str, set[str]]) -> tuple[str, list[bytes]]:
         """The field whose values are carried by the fewest attestations, and its keys.
@@ -380,6 +406,27 @@ class _BatchWriter:
             put(key, _U64.pack(n + (_U64.unpack(old)[0] if old else 0)), db=counts)
         if self._seq != self._start_seq:
             put(b"seq", _U64.pack(self._seq), db=self._store._meta)
+
+
+def next_page(flt: Filter, cursor: str | None, found: int) -> Filter | None:
+    """The filter asking for the page after one that ended at ``cursor``, having
+    found ``found`` records in all so far; None when the query is done."""
+    if cursor is None or (flt.limit is not None and found >= flt.limit):
+        return None
+    left = None if flt.limit is None else flt.limit - found
+    return msgspec.structs.replace(flt, cursor=cursor, limit=left)
+
+
+def _parse_cursor(cursor: str | None) -> bytes | None:
+    if cursor is None:
+        return None
+    try:
+        tail = bytes.fromhex(cursor) if isinstance(cursor, str) else b""
+    except ValueError:
+        tail = b""
+    if len(tail) != _TS_SEQ.size:
+        raise Invalid(f"not a page cursor: {cursor!r}")
+    return tail
 
 
 def _walk_back(cursor, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]:

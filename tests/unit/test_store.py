@@ -530,3 +530,21 @@ def test_query_matches_a_reference_model(batches, queries) -> None:
             records = [r for batch in store.put_batches(batches) for r in batch]
             for flt in queries:
                 assert ids(store.query(flt)) == reference_query(records, flt)
+
+
+def test_queries_come_in_bounded_pages_with_a_cursor(store: AttestationStore) -> None:
+    made = store.put_many([new(f"s{n}", predicates=["p"], timestamp=1_000 + n) for n in range(7)])
+    newest_first = list(reversed(ids(made)))
+    records, cursor = store.query_page(Filter(predicates=["p"]), page=3)
+    assert ids(records) == newest_first[:3] and cursor
+    records, cursor = store.query_page(Filter(predicates=["p"], cursor=cursor), page=3)
+    assert ids(records) == newest_first[3:6] and cursor
+    records, cursor = store.query_page(Filter(predicates=["p"], cursor=cursor), page=3)
+    assert ids(records) == newest_first[6:] and cursor is None
+    # Work is bounded too: a page that read its share of records stops, with a cursor.
+    records, cursor = store.query_page(Filter(subjects=["s0", "s1", "s2", "s3"], predicates=["p"]), max_scan=2)
+    assert len(records) <= 2 and cursor
+    assert ids(store.query(Filter(predicates=["p"]))) == newest_first  # query() pages itself
+    assert ids(store.query(Filter(predicates=["p"], limit=4))) == newest_first[:4]
+    with pytest.raises(Invalid):
+        store.query_page(Filter(cursor="not-a-cursor"))
