@@ -159,6 +159,11 @@ class Client:
         self.close()
 
 
+def _expire(future: asyncio.Future, endpoint: str, limit: float) -> None:
+    if not future.done():
+        future.set_exception(Timeout(f"no reply from {endpoint} within {limit:g}s"))
+
+
 class AsyncClient:
     """An asyncio client for one actor endpoint; many requests may be in flight."""
 
@@ -222,10 +227,13 @@ class AsyncClient:
     async def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
         future = await self.send(message)
         limit = self.timeout_s if timeout_s is None else timeout_s
+        # One timer on the reply itself (cheaper than wait_for's extra futures).
+        timer = asyncio.get_running_loop().call_later(limit, _expire, future, self.endpoint, limit)
         try:
-            return raise_if_error(await asyncio.wait_for(future, limit))
-        except TimeoutError:
-            raise Timeout(f"no reply from {self.endpoint} within {limit:g}s") from None
+            return raise_if_error(await future)
+        finally:
+            timer.cancel()
+            future.cancel()  # a late reply is dropped (no-op once it has one)
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget; dropped if the peer is not connected (progress and the like)."""

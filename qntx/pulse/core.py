@@ -442,6 +442,8 @@ class PulseCore:
             self._keys[spec.idempotency_key] = job_id
         self._set_status(job, "queued")
         self._enqueue(job, now.wall)
+        # Its acceptance is the reply; the first event is its dispatch (or a later change).
+        del self._changed[job_id]
         self._out.append(Reply(event.reply_to, JobReply(job=public(job))))
 
     def _steer(self, event: Steer, now: Instant) -> None:
