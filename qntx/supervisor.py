@@ -28,11 +28,14 @@ from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import Conflict
 from qntx.lifeline import die_with_parent
 from qntx.settings import Settings
+from qntx.values import STOP_GRACE_S
 
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a child that ran this long gets its backoff reset
-STOP_GRACE_S = 10.0
+# How long one stage of a stop may take before its children are killed: past the
+# grace running jobs get (values.STOP_GRACE_S), with room to report and close.
+STAGE_WAIT_S = STOP_GRACE_S + 5.0
 ECHO_HOLD_S = 0.05  # how long a console line may wait for an earlier one from another actor
 STAMP = re.compile(rb"^\d\d:\d\d:\d\d\.\d{6} ")
 
@@ -215,7 +218,7 @@ class Supervisor:
         for child in children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + STAGE_WAIT_S
         for child in children:
             process = child.process
             if process is None:
@@ -223,7 +226,7 @@ class Supervisor:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("{} did not stop in {}s; killing it", child.name, STOP_GRACE_S)
+                logger.warning("{} did not stop in {}s; killing it", child.name, STAGE_WAIT_S)
                 process.kill()
                 process.wait()
             for thread in child.log_threads:
