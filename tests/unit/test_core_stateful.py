@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from qntx.errors import QntxError
-from qntx.protocol import FINAL_STATUSES, JobDone, JobError, Submit
+from qntx.protocol import FINAL_STATUSES, JobDone, JobError
 from qntx.pulse.events import (
     Finished,
     PluginDown,
     PluginUp,
     SendJob,
     Steer,
-    Submitted,
 )
 from tests.unit.test_core import CONFIG, Harness, raw
 
@@ -203,4 +202,3 @@ class PulseLife(RuleBasedStateMachine):
 
 TestPulseLife = PulseLife.TestCase
 TestPulseLife.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
-_ = Submit  # (the messages the rules build)
