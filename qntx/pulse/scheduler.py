@@ -156,6 +156,7 @@ class Pulse:
         self._results_decoder = Decoder(WorkerResult)
         actor.add_reader(self.results, self.on_results)
         self._wakeup_at: int | None = None
+        self._wakeup_timer = None
         self._clean_stale_pipes()
 
     # ---------------------------------------------------------------- the core
@@ -336,17 +337,20 @@ class Pulse:
                 stale.unlink(missing_ok=True)
 
     def _arm_wakeup(self) -> None:
-        """A timer for the next backoff end, lease deadline or liveness check: the loop
-        wakes for it (and runs a turn); there is no polling tick."""
+        """One timer for the next backoff end, lease deadline or liveness check: the
+        loop wakes for it (and runs a turn); there is no polling tick. A later time
+        leaves an earlier timer in place: it fires, and the turn after it re-arms."""
         now = instant()
         at = self.core.next_wakeup(now)
-        if at is None or at == self._wakeup_at:
+        if at is None or (self._wakeup_timer is not None and self._wakeup_at <= at):
             return
+        if self._wakeup_timer is not None:
+            self._wakeup_timer.cancel()
         self._wakeup_at = at
-        self.actor.call_later(max(0.0, (at - now.mono) / 1000) + 0.001, self._woken)
+        self._wakeup_timer = self.actor.call_later(max(0.0, (at - now.mono) / 1000) + 0.001, self._woken)
 
     def _woken(self) -> None:
-        self._wakeup_at = None  # the turn after this timer re-arms the next one
+        self._wakeup_timer = self._wakeup_at = None  # the turn after this timer re-arms
 
     # ---------------------------------------------------------------- requests
 
