@@ -329,6 +329,7 @@ class WorkerReady(Message):
     session: str = ""  # its session id (also the routing id of its control DEALER)
     leases: list[int] = msgspec.field(default_factory=list)
     jobs_endpoint: str = ""  # the jobs PUSH it is connected to ("" until welcomed)
+    plugin: str = ""  # a plugin taking its own jobs through this session ("": a plain worker)
 
 
 class WorkerWelcome(Message):

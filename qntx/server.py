@@ -168,6 +168,8 @@ class ServerActor(Actor):
     def on_status(self, message: GetStatus, request: Request) -> StatusReply:
         actors = [ActorStatus(name="server", pid=self.pid, endpoint=self.settings.server_endpoint, healthy=True)]
         for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
+            if session.plugin:
+                continue  # a plugin's own session: the plugin is listed below
             actors.append(
                 ActorStatus(name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=True)
             )

@@ -33,10 +33,12 @@ from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.protocol import (
     PLUGIN_DEPTH,
+    STDERR_MARK,
     Ack,
     AtsReply,
     AttestationCreated,
     CancelExecution,
+    Dispatch,
     Event,
     ExecuteJob,
     ExecuteResult,
@@ -45,6 +47,7 @@ from qntx.protocol import (
     HealthReply,
     Initialize,
     InitializeReply,
+    JobDone,
     JobError,
     JobOutput,
     JobProgress,
@@ -58,6 +61,7 @@ from qntx.protocol import (
     ServerReply,
     Shutdown,
 )
+from qntx.pulse.worker import Worker
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 
@@ -81,6 +85,8 @@ class PythonPlugin:
         self.ats_endpoint = settings.ats_endpoint
         self.pool: InterpreterPool | None = None
         self.initialized = asyncio.Event()
+        self.session: Worker | None = None
+        self.session_task: asyncio.Task | None = None
         self.stop = asyncio.Event()
         self._discovery_lock = asyncio.Lock()
 
@@ -113,6 +119,9 @@ class PythonPlugin:
             asyncio.create_task(self._register_forever()),
         ]
         await self.stop.wait()
+        if self.session_task is not None:  # its running jobs get their grace, the rest go back
+            await self.session_task
+            self.session.context.term()
         running = self.service.running_tasks()
         if running:
             logger.info("stopping: {} running job(s) get {}s to finish", len(running), STOP_GRACE_S)
@@ -164,6 +173,11 @@ class PythonPlugin:
         if not self.initialized.is_set():
             self.initialized.set()
             asyncio.create_task(self._follow_ats())
+            # Its own session of the worker pool: Pulse hands it its jobs directly.
+            self.session = Worker(
+                self.settings, f"plugin-{NAME}", PLUGIN_DEPTH * self.pool.size, plugin=NAME, execute=self._run_dispatch
+            )
+            self.session_task = asyncio.create_task(self.session.serve(self.stop))
         # A few jobs per interpreter keep each one busy across the round trips.
         return InitializeReply(handler_names=self.handler_names(), capacity=PLUGIN_DEPTH * self.pool.size)
 
@@ -282,6 +296,24 @@ class PythonPlugin:
         if code is None:
             return None, f"unknown handler {message.handler!r}"
         return code, f"<handler {name}>"
+
+    async def _run_dispatch(self, dispatch: Dispatch) -> JobDone:
+        """One job Pulse sent this plugin's own session: run it as an ExecuteJob."""
+        job, lease = dispatch.job, dispatch.lease
+        request = ExecuteJob(
+            job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
+            attempt=job.attempts, lease=lease,
+        )  # fmt: skip
+        try:
+            outcome = await self.on_execute(request, None)
+        except Unavailable as exc:  # not ready after all: the run goes back, no attempt used
+            return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, interrupted=True,
+                           error=JobError(message=str(exc)))  # fmt: skip
+        logs = outcome.stdout + ((STDERR_MARK + outcome.stderr) if outcome.stderr else "")
+        return JobDone(
+            job_id=job.id, lease=lease, attempt=job.attempts, success=outcome.success,
+            result=outcome.result, error=outcome.error, logs=logs, progress=outcome.progress,
+        )  # fmt: skip
 
     async def on_cancel(self, message: CancelExecution, request: Request) -> Ack:
         if self.pool is not None:

@@ -90,6 +90,7 @@ class Session:
     pid: int
     credit: int
     last_seen: int  # monotonic ms
+    plugin: str = ""  # the plugin whose jobs it takes itself ("": a plain worker)
     ready: bool = False  # connected to its jobs pipe
     leases: set[int] = field(default_factory=set)
     # Leases taken back from it that it still reports running: they hold slots
@@ -505,6 +506,7 @@ class PulseCore:
             self._out.append(Log("INFO", f"worker {message.worker} (pid {message.pid}) joined with capacity {message.credit}"))
         session.credit = max(0, message.credit) if isinstance(message.credit, int) else 0
         session.pid = message.pid
+        session.plugin = message.plugin
         session.last_seen = now.mono
         session.ready = event.pipe_ready
         reported = set(message.leases)
@@ -692,21 +694,37 @@ class PulseCore:
             self._stop_run(lease, "expired")
             self._attempt_failed(job, JobError(message=f"timed out after {job.timeout_s:g}s (lease {lease_id} expired)"), now.wall)
 
-    def _can_take(self, handler: str) -> str | None | bool:
-        """False if a job of ``handler`` cannot go out now; else its plugin (None: built-in)."""
-        if handler in BUILTIN_HANDLERS:
-            return None
-        plugin = self.plugins.get(self._routes.get(handler, ""))
-        if plugin is None or not plugin.up:
-            return False
-        if plugin.capacity and plugin.load >= plugin.capacity:
-            return False
-        return plugin.name
+    def _targets(self) -> tuple[Session | None, dict[str, Session | None]]:
+        """Where jobs can go now: the plain worker session with the most free slots,
+        and for each plugin that runs sessions of its own, its freest one."""
+        plain: Session | None = None
+        own: dict[str, Session | None] = {}
+        for session in self.sessions.values():
+            usable = session.ready and session.free > 0
+            if session.plugin:
+                best = own.setdefault(session.plugin, None)
+                if usable and (best is None or session.free > best.free):
+                    own[session.plugin] = session
+            elif usable and (plain is None or session.free > plain.free):
+                plain = session
+        return plain, own
 
-    def _next_ready(self, wall: int) -> tuple[Job, str | None] | None:
-        """Pop the best job that can go out now (highest priority, then oldest)."""
+    def _target(self, handler: str, plain: Session | None, own: dict[str, Session | None]):
+        """(session, plugin or None) a job of ``handler`` can go to now, or None. A
+        plugin with sessions of its own gets its jobs directly, never forwarded."""
+        if handler in BUILTIN_HANDLERS:
+            return None if plain is None else (plain, None)
+        plugin = self.plugins.get(self._routes.get(handler, ""))
+        if plugin is None or not plugin.up or (plugin.capacity and plugin.load >= plugin.capacity):
+            return None
+        session = own[plugin.name] if plugin.name in own else plain
+        return None if session is None else (session, plugin.name)
+
+    def _next_ready(self, wall: int, plain: Session | None, own: dict[str, Session | None]):
+        """Pop the best job that can go out now (highest priority, then oldest), with
+        where it goes; None if nothing can."""
         self._promote(wall)
-        best = best_heap = best_plugin = None
+        best = best_heap = best_target = None
         for handler, heap in list(self._ready.items()):
             while heap and self._tokens.get(heap[0][3]) != heap[0][2]:
                 heapq.heappop(heap)  # a job that left the queue meanwhile
@@ -715,28 +733,27 @@ class PulseCore:
                 del self._ready[handler]
                 continue
             if best is None or heap[0] < best:
-                plugin = self._can_take(handler)
-                if plugin is not False:
-                    best, best_heap, best_plugin = heap[0], heap, plugin
+                target = self._target(handler, plain, own)
+                if target is not None:
+                    best, best_heap, best_target = heap[0], heap, target
         if best is None:
             return None
         heapq.heappop(best_heap)
         self._ready_count -= 1
         del self._tokens[best[3]]
-        return self.jobs[best[3]], best_plugin
+        return self.jobs[best[3]], best_target
 
     def _dispatch(self, now: Instant) -> None:
         while self._ready_count or self._delayed:
-            sessions = [s for s in self.sessions.values() if s.ready and s.free > 0]
-            if not sessions:
-                return
-            session = max(sessions, key=lambda s: s.free)
             if self._next_lease >= self._ceiling:
                 return  # waiting for the next block of lease ids to be durable
-            found = self._next_ready(now.wall)
+            plain, own = self._targets()
+            if plain is None and not any(own.values()):
+                return
+            found = self._next_ready(now.wall, plain, own)
             if found is None:
                 return
-            job, plugin_name = found
+            job, (session, plugin_name) = found
             lease = Lease(self._new_lease_id(), job.id, session.id, now.mono + lease_ms(job.timeout_s), plugin_name)
             self.leases[lease.id] = lease
             heapq.heappush(self._deadlines, (lease.deadline, lease.id))
@@ -745,7 +762,8 @@ class PulseCore:
             if plugin_name is not None:
                 plugin = self.plugins[plugin_name]
                 plugin.load += 1
-                endpoint = plugin.endpoint
+                if not session.plugin:  # a plain worker forwards it to the plugin
+                    endpoint = plugin.endpoint
             job.attempts += 1
             job.runs += 1
             job.lease = lease.id

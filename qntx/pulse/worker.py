@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -104,10 +105,29 @@ def _reachable(endpoint: str, via: str) -> str:
     return endpoint
 
 
+# What a plugin that takes its jobs itself runs for each one (see ``Worker.plugin``).
+Executor = Callable[[Dispatch], Awaitable[JobDone]]
+
+
 class Worker:
-    def __init__(self, settings: Settings, name: str | None = None, capacity: int = 8):
+    """One session of the worker pool. A plain worker runs built-ins and forwards
+    plugin handlers to their plugin; a plugin may run a session of its own
+    (``plugin`` names it, ``execute`` runs each dispatch) and take its jobs directly,
+    one hop shorter."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str | None = None,
+        capacity: int = 8,
+        *,
+        plugin: str = "",
+        execute: Executor | None = None,
+    ):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.plugin = plugin
+        self.execute = execute
         self.session = f"{self.name}:{os.getpid()}:{secrets.token_hex(4)}"
         self.capacity = capacity
         self.context = zmq.asyncio.Context()
@@ -133,6 +153,11 @@ class Worker:
     async def run(self) -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
+        await self.serve(stop)
+        self.context.term()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Take part in the pool until ``stop`` is set, then stop gracefully."""
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTING_ID, self.session.encode())
@@ -160,9 +185,8 @@ class Worker:
         self.control.close(0)
         if self.jobs is not None:
             self.jobs.close(0)
-        # Every socket left (the results PUSH, a pipe monitor) closes here; the last
-        # JobDone messages get 2 s to go out.
-        self.context.destroy(linger=2000)
+        if self.results is not None:
+            self.results.close(linger=2000)  # the last JobDone messages get 2 s to go out
 
     def _spawn(self, coroutine: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -180,6 +204,7 @@ class Worker:
             session=self.session,
             leases=sorted(self.running),
             jobs_endpoint=self.jobs_endpoint,
+            plugin=self.plugin,
         )
         try:
             self.control.send_multipart([b"", encode(ready)], zmq.NOBLOCK).add_done_callback(_ignore_result)
@@ -265,7 +290,7 @@ class Worker:
                 logger.warning("ignored an undecodable dispatch: {}", exc)
                 continue
             job = dispatch.job
-            if job.handler == "builtin.echo" and dispatch.plugin_endpoint is None:
+            if job.handler == "builtin.echo" and dispatch.plugin_endpoint is None and self.execute is None:
                 # Nothing to wait for: answered here, without a task.
                 self._report(JobDone(job_id=job.id, lease=dispatch.lease, attempt=job.attempts, success=True, result=job.payload))
                 continue
@@ -286,7 +311,10 @@ class Worker:
         job, lease = dispatch.job, dispatch.lease
         self._not_started.pop(lease, None)
         try:
-            done = await self._execute(job, lease, dispatch.plugin_endpoint)
+            if self.execute is not None:
+                done = await self.execute(dispatch)
+            else:
+                done = await self._execute(job, lease, dispatch.plugin_endpoint)
         except asyncio.CancelledError:
             done = self._cancelled(job, lease)
         except Exception as exc:  # never leave the server holding a slot for nothing
