@@ -383,8 +383,10 @@ class PulseCore:
         job.attempts = max(0, job.attempts - 1)
         job.lost += 1
         lost = job.lost
-        if lost > MAX_LOST_RUNS:
-            job.error = JobError(message=f"lost {lost} runs to crashes ({why}); giving up")
+        if lost > MAX_LOST_RUNS or job.handler in self._removed:
+            deleted = job.handler in self._removed
+            reason = f"handler {job.handler} was deleted" if deleted else f"lost {lost} runs to crashes ({why}); giving up"
+            job.error = JobError(message=reason)
             job.finished_at = wall
             self._set_status(job, "failed")
             return

@@ -448,3 +448,14 @@ def test_a_final_job_saved_before_the_turn_ends_is_still_published(h):
     assert job.id not in h.core.jobs
     published = [c.message for c in h.turn() if isinstance(c, Publish)]
     assert [m.job.status for m in published] == ["completed"]
+
+
+def test_a_run_lost_after_its_handler_was_deleted_fails_instead_of_waiting(h):
+    h(PluginUp("python", "ipc://p", 0, ("python.gone",)))
+    job = h.submit(handler="python.gone")
+    h.hello(b"s1")
+    h.dispatched(h.turn())
+    h(HandlersAnnounced("python", ()))  # deleted while it runs
+    h.idle(CONFIG.dead_after_ms + 1)  # and then its worker dies
+    record = h.core.jobs[job.id]
+    assert record.status == "failed" and "was deleted" in record.error.message
