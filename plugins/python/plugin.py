@@ -5,6 +5,11 @@ registration as a heartbeat. Answers ``Metadata``, ``Initialize`` (discovers the
 handlers in ATS and returns their names), ``Health``, ``ExecuteJob`` (runs code in
 the warm interpreter pool), ``CancelExecution`` and ``Shutdown``.
 
+Once initialised it also joins Pulse's worker pool as a session of its own
+(``qntx.pulse.worker.Worker`` with ``plugin="python"``), with as much credit as it
+takes jobs at once: Pulse hands it python jobs directly, one hop shorter than
+through a worker, and it reports their ``JobDone`` itself.
+
 Live discovery: it subscribes to the ATS event stream; a handler attestation
 (predicate ``handler``, context ``python``) triggers a re-discovery, the same log
 lines, and ``HandlersChanged`` to the server when the set of names changed. A slow
