@@ -4,9 +4,9 @@ Owns keys, values and indexes, nothing of job semantics: the core decides what a
 job's state is and hands over whatever changed; this module stores it and reads it
 back. Named sub-databases:
 
-* ``jobs``     id → MessagePack ``[seq, Job]`` without the payload
-* ``payloads`` id → the payload, raw MessagePack, written once when the job is new
-  (state changes rewrite the small record, never the payload)
+* ``jobs``     id → MessagePack ``[seq, Job]``, with its payload if that is small
+* ``payloads`` id → a bigger payload, raw MessagePack, written once when the job is
+  new (state changes rewrite the small record, never a big payload)
 * ``keys``     idempotency key → id
 * ``status``   status + NUL + created_at(8 BE) + seq(8 BE) → id
 * ``created``  created_at(8 BE) + seq(8 BE) → id
@@ -33,6 +33,8 @@ from qntx.pulse.events import Changes
 _U64 = struct.Struct(">Q")
 _STAMP = struct.Struct(">QQ")  # created_at, seq
 _DBS = ("jobs", "payloads", "keys", "status", "created", "meta")
+# Payloads up to this size stay in the job's record: one B-tree less per commit.
+INLINE_PAYLOAD_BYTES = 2048
 
 
 class StoredJob(msgspec.Struct, array_like=True):
@@ -69,6 +71,10 @@ def _walk(txn, db, prefix: bytes, *, reverse: bool, below: bytes | None = None) 
         found = cursor.prev() if reverse else cursor.next()
 
 
+def _inline(job: Job) -> bool:
+    return len(job.payload) <= INLINE_PAYLOAD_BYTES
+
+
 class JobStore:
     """Every job of one Pulse home in an LMDB directory, indexed by status and age."""
 
@@ -82,9 +88,10 @@ class JobStore:
         self._env.close()
 
     def _with_payload(self, txn, stored: StoredJob) -> StoredJob:
-        raw = txn.get(stored.job.id.encode(), db=self._db["payloads"])
-        if raw is not None:
-            stored.job.payload = msgspec.Raw(raw)
+        if stored.job.payload == NIL:  # nil, or big and kept apart
+            raw = txn.get(stored.job.id.encode(), db=self._db["payloads"])
+            if raw is not None:
+                stored.job.payload = msgspec.Raw(raw)
         return stored
 
     def load(self, statuses: Iterable[str]) -> Loaded:
@@ -149,7 +156,7 @@ class JobStore:
         # Encoded before the transaction, which runs again if the map has to grow.
         encode = self._encoder.encode
         prepared = [
-            (seq, job, old, encode(StoredJob(seq=seq, job=msgspec.structs.replace(job, payload=NIL))))
+            (seq, job, old, encode(StoredJob(seq=seq, job=job if _inline(job) else msgspec.structs.replace(job, payload=NIL))))
             for seq, job, old in rows
         ]
 
@@ -161,7 +168,7 @@ class JobStore:
                 txn.put(job_id, blob, db=db["jobs"])
                 if old is None:
                     txn.put(stamp, job_id, db=db["created"])
-                    if job.payload != NIL:  # (a buffer: LMDB copies it once, into the map)
+                    if not _inline(job):  # (a buffer: LMDB copies it once, into the map)
                         txn.put(job_id, job.payload, db=db["payloads"])
                     if job.idempotency_key is not None:
                         txn.put(job.idempotency_key.encode(), job_id, db=db["keys"])
