@@ -428,17 +428,25 @@ class Bus:
         return decoded(self.server.request(GetJob(id=id)).job)
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
-        """Jobs newest first. With no server running, read from the store (read-only)."""
+        """Jobs newest first (without payloads), up to ``limit``, page after page. With
+        no server running, read from the store (read-only)."""
         if not self._server_is_up():
             if status is not None and status not in JOB_STATUSES:
                 raise Invalid(f"unknown status {status!r} (one of {', '.join(JOB_STATUSES)})")
             if limit <= 0:
                 raise Invalid("limit must be positive")
             return self._read_pulse(
-                lambda store: [decoded(job) for _, _, job in store.newest(status, min(limit, MAX_PAGE))],
+                lambda store: [decoded(job) for _, _, job in store.newest(status, limit)],
                 empty=list,
             )
-        return [decoded(job) for job in self.server.request(ListJobs(status=status, limit=limit)).jobs]
+        found: list[Job] = []
+        page = ListJobs(status=status, limit=limit)
+        while True:
+            reply = self.server.request(page)
+            found += (decoded(job) for job in reply.jobs)
+            if reply.cursor is None or len(found) >= limit:
+                return found[:limit]
+            page = ListJobs(status=status, limit=min(limit - len(found), MAX_PAGE), cursor=reply.cursor)
 
     def _server_is_up(self) -> bool:
         if not self.settings.server_endpoint.startswith("ipc://"):

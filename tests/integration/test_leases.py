@@ -127,6 +127,8 @@ def test_a_huge_store_and_big_listings_do_not_stall_workers(bus, tmp_path):
             page = b.server.request(ListJobs(limit=1000, cursor=page.cursor))
             assert not seen & {j.id for j in page.jobs}
             seen |= {j.id for j in page.jobs}
+        listed = b.jobs(status="completed", limit=2500)  # the API pages by itself
+        assert len(listed) == 2500 and len({j.id for j in listed}) == 2500
         assert time.monotonic() - started < 10
         job = handle.wait(timeout=30)
         assert job.status == "completed" and job.runs == 1
