@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import lmdb
 
@@ -59,6 +59,23 @@ class _ResizeLock:
                 self._cond.notify_all()
 
 
+# How often a long-lived process frees the reader slots of dead processes.
+READER_CHECK_S = 60.0
+
+
+class HasReaders(Protocol):
+    def clear_stale_readers(self) -> int: ...
+
+
+def clear_stale_readers_logged(store: HasReaders, what: str) -> None:
+    """For a timer: free dead readers' slots and say so when there were any."""
+    freed = store.clear_stale_readers()
+    if freed:
+        from loguru import logger
+
+        logger.warning("freed {} reader slot(s) of dead processes in {}", freed, what)
+
+
 class LmdbEnv:
     """An LMDB directory opened with the sub-databases ``dbs``; ``read``/``write`` run work."""
 
@@ -80,6 +97,8 @@ class LmdbEnv:
         )  # fmt: skip
         self._lock = _ResizeLock()
         self._dbs = {name: self._env.open_db(name.encode(), create=not readonly) for name in names}
+        if not readonly:
+            self.clear_stale_readers()
 
     def db(self, name: str):
         return self._dbs[name]
@@ -112,6 +131,12 @@ class LmdbEnv:
         """The map size this process uses and the bytes the data occupies in it."""
         info, stat = self._env.info(), self._env.stat()
         return {"map_size": info["map_size"], "used_bytes": (info["last_pgno"] + 1) * stat["psize"]}
+
+    def clear_stale_readers(self) -> int:
+        """Free the reader slots of processes that died in the middle of a read (a
+        kill -9): a stale reader pins old pages and makes the file grow. Returns how
+        many it freed. Called on open; long-lived writers call it now and then."""
+        return self._env.reader_check()
 
     def close(self) -> None:
         self._lock.exclusive(self._env.close)

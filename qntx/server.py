@@ -25,6 +25,7 @@ from qntx import __version__
 from qntx.bus.actor import Actor, Peer, Publisher, Request
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, Unavailable
+from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
     Ack,
     ActorStatus,
@@ -115,6 +116,7 @@ class ServerActor(Actor):
             },
         )
         self._schedule_health()
+        self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.pulse.store, "the job store"))
         counts = self.pulse.core.counts()
         logger.info(
             "QNTX server serving {} (pulse {}: {} queued, {} running, {} paused; running ones wait for their workers to claim them)",

@@ -27,6 +27,7 @@ from qntx.ats.store import AttestationStore
 from qntx.bus.actor import Actor, Offloader, Publisher, Request
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
+from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
     AtsRequest,
     Attest,
@@ -67,6 +68,7 @@ class AtsActor(Actor):
         self.store = AttestationStore(self.settings.ats_path, map_size=self.settings.ats_map_size)
         self.events = Publisher(self, self.settings.ats_events_endpoint)
         self.writer = Offloader(self, "ats-writer")
+        self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.store, "the attestation store"))
         self.service = self.serve(
             self.settings.ats_endpoint,
             AtsRequest,

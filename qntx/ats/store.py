@@ -120,6 +120,9 @@ class AttestationStore:
     def close(self) -> None:
         self._env.close()
 
+    def clear_stale_readers(self) -> int:
+        return self._env.clear_stale_readers()
+
     def __enter__(self) -> AttestationStore:
         return self
 

@@ -366,6 +366,15 @@ class Actor:
         heapq.heappush(self._timers, (timer.deadline, next(self._timer_ids), timer))
         return timer
 
+    def every(self, interval_s: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` every ``interval_s`` seconds for the actor's life."""
+
+        def tick() -> None:
+            self.call_later(interval_s, tick)
+            callback()
+
+        self.call_later(interval_s, tick)
+
     def _next_timer_in(self) -> float | None:
         """Seconds until the next live timer is due (None: no timer)."""
         while self._timers and self._timers[0][2].cancelled:

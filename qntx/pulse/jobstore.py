@@ -87,6 +87,9 @@ class JobStore:
     def close(self) -> None:
         self._env.close()
 
+    def clear_stale_readers(self) -> int:
+        return self._env.clear_stale_readers()
+
     def _with_payload(self, txn, stored: StoredJob) -> StoredJob:
         if stored.job.payload == NIL:  # nil, or big and kept apart
             raw = txn.get(stored.job.id.encode(), db=self._db["payloads"])

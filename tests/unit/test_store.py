@@ -548,3 +548,25 @@ def test_queries_come_in_bounded_pages_with_a_cursor(store: AttestationStore) ->
     assert ids(store.query(Filter(predicates=["p"], limit=4))) == newest_first[:4]
     with pytest.raises(Invalid):
         store.query_page(Filter(cursor="not-a-cursor"))
+
+
+def test_reader_slots_of_killed_readers_are_freed(tmp_path: Path) -> None:
+    """A process killed in the middle of a read leaves its reader slot behind (which
+    pins old pages); clear_stale_readers frees it, and opening a store does too."""
+    path = tmp_path / "ats"
+    with AttestationStore(path) as store:
+        reader = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import lmdb, os, signal
+                env = lmdb.open({str(path)!r}, max_dbs=16, subdir=True)
+                txn = env.begin()  # a read transaction, never ended
+                print("reading", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            """)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert reader.stdout.readline().strip() == "reading"
+        reader.wait(10)
+        reader.stdout.close()
+        assert store.clear_stale_readers() == 1
+        assert store.clear_stale_readers() == 0
