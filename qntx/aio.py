@@ -181,7 +181,9 @@ class AsyncBus:
         return decoded((await self.server.request(CancelJob(id=id))).job)
 
     async def retry(self, id: str) -> Job:
-        return decoded((await self.server.request(RetryJob(id=id))).job)
+        job = decoded((await self.server.request(RetryJob(id=id))).job)
+        self.follower.book.forget(id)  # its old final record is not its outcome now
+        return job
 
     async def follow(self, id: str, timeout: float | None = None) -> AsyncIterator[JobEvent]:
         async for event in self.follower.follow(id, timeout, self.job):

@@ -283,6 +283,7 @@ class Bus:
         self._server: Client | None = None
         self._follower = None
         self._accepting: dict[bytes, JobHandle] = {}  # submissions waiting for their reply
+        self._unreported: list[tuple[str, QntxError]] = []  # refusals settled on the way, not yet raised
         self._closed = False
         _open_buses.add(self)
 
@@ -387,7 +388,9 @@ class Bus:
         handle = JobHandle(self, job_id, correlation, keyed=idempotency_key is not None)
         self._accepting[correlation] = handle
         if len(self._accepting) >= SUBMIT_WINDOW:  # keep the server's queues bounded
-            self._settle(next(iter(self._accepting.values())), None)
+            oldest = next(iter(self._accepting.values()))
+            self._settle(oldest, None)
+            self._note_refusal(oldest)
         else:
             self._collect()
         return handle
@@ -398,6 +401,7 @@ class Bus:
             handle = self._accepting.pop(correlation, None)
             if handle is not None:
                 handle._acceptance.settle(reply)
+                self._note_refusal(handle)
 
     def _settle(self, handle: JobHandle, timeout: float | None) -> None:
         """Wait for the reply to one submission."""
@@ -411,10 +415,15 @@ class Bus:
         finally:
             self._accepting.pop(correlation, None)
 
+    def _note_refusal(self, handle: JobHandle) -> None:
+        """A submission settled on the way (nobody asked yet): flush() reports it."""
+        if handle._acceptance.error is not None:
+            self._unreported.append((handle._id, handle._acceptance.error))
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every submission so far is accepted or refused; raise the first
         refusal (its ``failures`` lists every refused or unconfirmed job id)."""
-        failures = []
+        failures, self._unreported = self._unreported, []
         for handle in list(self._accepting.values()):
             self._settle(handle, timeout)
             if handle._acceptance.error is not None:
@@ -469,7 +478,10 @@ class Bus:
         return decoded(self.server.request(CancelJob(id=id)).job)
 
     def retry(self, id: str) -> Job:
-        return decoded(self.server.request(RetryJob(id=id)).job)
+        job = decoded(self.server.request(RetryJob(id=id)).job)
+        if self._follower is not None:
+            self._follower.book.forget(id)  # its old final record is not its outcome now
+        return job
 
     def pause(self, id: str) -> Job:
         """Hold a queued job (it keeps its place) until ``resume``."""

@@ -58,6 +58,11 @@ class EventBook:
         self._final.pop(job_id, None)
         self._backlog.pop(job_id, None)
 
+    def forget(self, job_id: str) -> None:
+        """Drop what is known of a job's outcome (it was retried: a new one is coming)."""
+        self._final.pop(job_id, None)
+        self._backlog.pop(job_id, None)
+
     def ingest(self, frames: list[bytes]) -> str | None:
         """Take one event in; the id of the job it is about (None: not a job event)."""
         if len(frames) != 2:

@@ -72,6 +72,7 @@ from qntx.pulse.rules import MAX_LOST_RUNS, backoff_ms, bound_logs, check_submit
 
 BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
 LEASE_BLOCK = 100_000  # lease ids reserved on disk at a time
+FINISHED_KEPT_MS = 10_000  # how long a lease that ended with its JobDone is remembered
 
 
 @dataclass(slots=True)
@@ -152,6 +153,9 @@ class PulseCore:
         self.leases: dict[int, Lease] = {}
         self._deadlines: list[tuple[int, int]] = []  # (deadline, lease id), lazy
         self._taken_back: dict[int, bytes] = {}  # ended leases whose worker may still run them
+        # Leases that ended with their own JobDone lately: a heartbeat sent before that
+        # arrived may still list them, and that is no reason to cancel anything.
+        self._ended_by_report: dict[int, int] = {}  # lease id -> monotonic ms it ended
         self._next_lease = 1
         self._ceiling = 1  # leases below this are durably reserved
         self._wanted_ceiling = 1 + LEASE_BLOCK
@@ -383,8 +387,8 @@ class PulseCore:
         job.attempts = max(0, job.attempts - 1)
         job.lost += 1
         lost = job.lost
-        if lost > MAX_LOST_RUNS or job.handler in self._removed:
-            deleted = job.handler in self._removed
+        if lost > MAX_LOST_RUNS or self._unroutable(job.handler):
+            deleted = self._unroutable(job.handler)
             reason = f"handler {job.handler} was deleted" if deleted else f"lost {lost} runs to crashes ({why}); giving up"
             job.error = JobError(message=reason)
             job.finished_at = wall
@@ -398,7 +402,7 @@ class PulseCore:
 
     def _attempt_failed(self, job: Job, error: JobError, wall: int) -> None:
         job.error = error
-        if job.handler in self._removed:
+        if self._unroutable(job.handler):
             job.error = JobError(message=f"handler {job.handler} was deleted")
             job.finished_at = wall
             self._set_status(job, "failed")
@@ -410,6 +414,15 @@ class PulseCore:
         else:
             job.finished_at = wall
             self._set_status(job, "failed")  # kept: the dead-letter view lists it
+
+    def _unroutable(self, handler: str) -> bool:
+        """Its plugin deleted it, or is up and does not have it: it can never run."""
+        if handler in self._removed:
+            return True
+        if handler in BUILTIN_HANDLERS or handler in self._routes:
+            return False
+        plugin = self.plugins.get(handler.split(".", 1)[0])
+        return plugin is not None and plugin.up
 
     def _current_lease(self, job_id: str, lease_id: int) -> tuple[Job, Lease] | None:
         job = self.jobs.get(job_id)
@@ -427,6 +440,10 @@ class PulseCore:
         if existing_id is not None or event.existing is not None:
             # A resubmission: the same job, durable once its first submission is.
             job = self.jobs[existing_id] if existing_id is not None else event.existing
+            if job.id == spec.id and spec.idempotency_key is None and (
+                job.handler != spec.handler or job.payload != spec.payload
+            ):
+                raise Conflict(f"job id {spec.id} is taken by another job (a different handler or payload)")
             durable = job.id in self._unsaved
             self._out.append(Reply(event.reply_to, JobReply(job=public(job)), durable=durable))
             return
@@ -454,8 +471,8 @@ class PulseCore:
         if job is None:
             if event.stored is None:
                 raise NotFound(f"no job {event.job_id}")
-            if event.action != "retry":
-                verb = "cancelled" if event.action == "cancel" else f"{event.action}d"
+            if event.action != "retry" or event.stored.status not in ("failed", "cancelled"):
+                verb = "retried" if event.action == "retry" else "cancelled" if event.action == "cancel" else f"{event.action}d"
                 raise Conflict(f"job {event.job_id} is already {event.stored.status}; it cannot be {verb}")
             job = msgspec.structs.replace(event.stored)
             self._adopt_record(event.stored_seq, job)
@@ -513,13 +530,16 @@ class PulseCore:
         session.ready = event.pipe_ready
         reported = set(message.leases)
         session.foreign &= reported
-        for lease_id in reported - session.leases - session.foreign:
+        for lease_id in sorted(reported - session.leases):
             lease = self.leases.get(lease_id)
             if lease is not None and lease.session is None:
                 self._claim(lease, session, now)
-            elif self._taken_back.get(lease_id) == session.id or (lease is not None and lease.session != session.id):
-                session.foreign.add(lease_id)  # a run Pulse took back: stop it
+            elif lease_id in session.foreign or lease is not None or lease_id not in self._ended_by_report:
+                # A run Pulse took back (expired, cancelled, its session given up for
+                # dead) or never knew: stop it, and ask again while it is still listed.
+                session.foreign.add(lease_id)
                 self._out.append(SendControl(session.id, CancelRunning(lease=lease_id)))
+            # else: it ended with its JobDone; the heartbeat was sent before that arrived
         for lease_id in [i for i, s in self._taken_back.items() if s == session.id and i not in reported]:
             del self._taken_back[lease_id]
 
@@ -566,6 +586,7 @@ class PulseCore:
             return
         job, lease = current
         self._end_lease(lease, taken_back=False)
+        self._ended_by_report[lease.id] = now.mono
         if done.progress is not None:
             job.progress = done.progress
         if done.interrupted:
@@ -627,6 +648,9 @@ class PulseCore:
             self._routes.setdefault(handler, plugin.name)
         plugin.handlers = now_set
         self._removed -= now_set
+        # Also jobs accepted for a handler it never had (it was down then).
+        waiting = {j.handler for j in self.jobs.values() if j.status in ("queued", "paused")}
+        before = before | {h for h in waiting if h.startswith(plugin.name + ".")}
         for handler in before - now_set:
             self._removed.add(handler)
             for job in list(self.jobs.values()):
@@ -673,6 +697,8 @@ class PulseCore:
             for session in self.sessions.values():
                 session.last_seen += stalled
         self._last_turn = now.mono
+        while self._ended_by_report and next(iter(self._ended_by_report.values())) < now.mono - FINISHED_KEPT_MS:
+            self._ended_by_report.pop(next(iter(self._ended_by_report)))
         self._expire(now)
         for session in [s for s in self.sessions.values() if now.mono - s.last_seen > self.config.dead_after_ms]:
             self._release(session, f"worker {session.name} stopped responding", now)

@@ -94,8 +94,9 @@ def jobs_endpoint_for(workers_endpoint: str, session: bytes) -> str:
     """Where the jobs PUSH of one session binds: beside the workers endpoint."""
     if workers_endpoint.startswith("ipc://"):
         run_dir = Path(workers_endpoint[len("ipc://") :]).parent
-        name = hashlib.blake2b(session, digest_size=8).hexdigest()
-        return f"ipc://{run_dir}/jobs-{name}.sock"
+        # Short: no longer than the other sockets' names, so it fits wherever they do.
+        name = hashlib.blake2b(session, digest_size=4).hexdigest()
+        return f"ipc://{run_dir}/j-{name}.sock"
     scheme, _, rest = workers_endpoint.partition("://")
     host = rest.rsplit(":", 1)[0]
     return f"{scheme}://{host}:*"  # a free port; the welcome says which
@@ -333,7 +334,7 @@ class Pulse:
     def _clean_stale_pipes(self) -> None:
         if self.settings.workers_endpoint.startswith("ipc://"):
             run_dir = Path(self.settings.workers_endpoint[len("ipc://") :]).parent
-            for stale in run_dir.glob("jobs-*.sock"):
+            for stale in run_dir.glob("j-*.sock"):
                 stale.unlink(missing_ok=True)
 
     def _arm_wakeup(self) -> None:

@@ -459,3 +459,56 @@ def test_a_run_lost_after_its_handler_was_deleted_fails_instead_of_waiting(h):
     h.idle(CONFIG.dead_after_ms + 1)  # and then its worker dies
     record = h.core.jobs[job.id]
     assert record.status == "failed" and "was deleted" in record.error.message
+
+
+def test_a_handler_its_plugin_does_not_have_fails_when_the_plugin_comes_back(h):
+    h(PluginUp("python", "ipc://p", 0, ("python.a",)))
+    h(PluginDown("python"))
+    job = h.submit(handler="python.nope")  # accepted while the plugin is down
+    h(PluginUp("python", "ipc://p", 0, ("python.a",)))
+    record = h.core.jobs[job.id]
+    assert record.status == "failed" and "python.nope" in record.error.message
+
+
+def test_a_worker_given_up_for_dead_is_told_to_stop_its_old_run(h):
+    job = h.submit()
+    h.hello(credit=1)
+    [run] = h.dispatched(h.turn())
+    h.idle(CONFIG.dead_after_ms + 1)  # silent (SIGSTOP): its run goes back
+    assert h.core.jobs[job.id].status == "queued"
+    out = h.hello(credit=1, leases=[run.lease])  # it wakes up, still running it
+    assert SendControl(b"s1", CancelRunning(lease=run.lease)) in out
+    again = h.hello(credit=1, leases=[run.lease])  # asked again while it is still listed
+    assert SendControl(b"s1", CancelRunning(lease=run.lease)) in again
+    assert h.dispatched(h.turn()) == []  # and it holds the slot meanwhile
+    h.hello(credit=1, leases=[])
+    assert len(h.dispatched(h.turn())) == 1
+
+
+def test_a_run_that_reported_is_not_cancelled_by_a_heartbeat_sent_before_its_report(h):
+    h.submit()
+    h.hello(credit=1)
+    [run] = h.dispatched(h.turn())
+    h.done(run)
+    out = h.hello(credit=1, leases=[run.lease])  # written before its JobDone went out
+    assert not [c for c in out if isinstance(c, SendControl)]
+    assert h.core.sessions[b"s1"].free == 1
+
+
+def test_an_id_taken_by_another_job_is_a_conflict(h):
+    h.submit(id="JB-SAME---22222222", payload=1)
+    with pytest.raises(Conflict, match="taken"):
+        h.submit(id="JB-SAME---22222222", payload=2)
+    assert h.submit(id="JB-SAME---22222222", payload=1).id == "JB-SAME---22222222"
+
+
+def test_a_refused_retry_of_a_stored_job_leaves_nothing_behind(h):
+    job = h.submit()
+    h.hello()
+    [run] = h.dispatched(h.turn())
+    h.done(run)
+    h.commit()
+    seq, stored = h.disk.jobs[job.id]
+    with pytest.raises(Conflict):
+        h(Steer("retry", job.id, "c", stored, seq))
+    assert job.id not in h.core.jobs
