@@ -155,12 +155,35 @@ def test_a_plain_loop_of_submits_is_pipelined(bus, up):
             refused.accepted(timeout=10)
         with pytest.raises(NotFound):
             refused.result(timeout=10)
-        again = b.submit("builtin.echo", "ignored", id=handles[0].id)  # a resubmission
+        again = b.submit("builtin.echo", 0, id=handles[0].id)  # a resubmission: the same job
         assert again.id == handles[0].id and again.result(timeout=10) == 0
+        clash = b.submit("builtin.echo", "another job", id=handles[0].id)  # not the same job
+        with pytest.raises(qntx.Conflict, match="taken by another job"):
+            clash.accepted(timeout=10)
         other = b.submit("no.such", 2)
         with pytest.raises(NotFound) as flushed:
             b.flush()
         assert [job_id for job_id, _ in flushed.value.failures] == [other.id]
+        unseen = b.submit("no.such", 3)
+        time.sleep(0.5)
+        b.submit("builtin.echo", "x")  # settles the refusal on the way: flush still reports it
+        with pytest.raises(NotFound) as flushed:
+            b.flush()
+        assert [job_id for job_id, _ in flushed.value.failures] == [unseen.id]
+        # A retried job's old outcome is not its outcome.
+        slow = b.submit("builtin.sleep", {"seconds": 0.5})
+        wait_for_status(b, slow.id, "running")
+        b.cancel(slow.id)
+        assert b.wait(slow.id, timeout=10).status == "cancelled"
+        b.retry(slow.id)
+        assert b.wait(slow.id, timeout=10).status == "completed"
+
+
+def wait_for_status(b, job_id: str, status: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while b.job(job_id).status != status:
+        assert time.monotonic() < deadline, f"job {job_id} never became {status}"
+        time.sleep(0.02)
 
 
 def test_pause_and_resume_a_queued_job(bus, up):
