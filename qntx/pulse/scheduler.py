@@ -111,9 +111,11 @@ def _parse_cursor(cursor: str | None) -> tuple[int, int] | None:
         return None
     try:
         created, seq = (int(part) for part in cursor.split("."))
-        return created, seq
     except (ValueError, AttributeError):
         raise Invalid(f"not a page cursor: {cursor!r}") from None
+    if not (0 <= created < 2**64 and 0 <= seq < 2**64):
+        raise Invalid(f"not a page cursor: {cursor!r}")
+    return created, seq
 
 
 class Pulse:
