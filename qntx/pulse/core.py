@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from qntx.errors import Conflict, Invalid, NotFound
+from qntx.errors import Conflict, NotFound
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -128,7 +128,6 @@ def public(job: Job) -> Job:
 class PulseCore:
     def __init__(self, config: Config, now: Instant):
         self.config = config
-        self.started = now.mono
         self._last_turn = now.mono
         self.jobs: dict[str, Job] = {}  # live jobs, and final ones until saved
         self._seq: dict[str, int] = {}
@@ -810,5 +809,3 @@ def _new_job_id(handler: str, taken: dict[str, Job]) -> str:
         if job_id not in taken:
             return job_id
 
-
-__all__ = ["BUILTIN_HANDLERS", "Config", "PulseCore", "Invalid"]
