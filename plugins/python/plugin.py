@@ -38,7 +38,6 @@ from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.protocol import (
     PLUGIN_DEPTH,
-    STDERR_MARK,
     Ack,
     AtsReply,
     AttestationCreated,
@@ -66,7 +65,7 @@ from qntx.protocol import (
     ServerReply,
     Shutdown,
 )
-from qntx.pulse.worker import Worker
+from qntx.pulse.worker import Worker, done_from, execute_request, given_back
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 
@@ -304,21 +303,11 @@ class PythonPlugin:
 
     async def _run_dispatch(self, dispatch: Dispatch) -> JobDone:
         """One job Pulse sent this plugin's own session: run it as an ExecuteJob."""
-        job, lease = dispatch.job, dispatch.lease
-        request = ExecuteJob(
-            job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
-            attempt=job.attempts, lease=lease,
-        )  # fmt: skip
         try:
-            outcome = await self.on_execute(request, None)
+            outcome = await self.on_execute(execute_request(dispatch), None)
         except Unavailable as exc:  # not ready after all: the run goes back, no attempt used
-            return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, interrupted=True,
-                           error=JobError(message=str(exc)))  # fmt: skip
-        logs = outcome.stdout + ((STDERR_MARK + outcome.stderr) if outcome.stderr else "")
-        return JobDone(
-            job_id=job.id, lease=lease, attempt=job.attempts, success=outcome.success,
-            result=outcome.result, error=outcome.error, logs=logs, progress=outcome.progress,
-        )  # fmt: skip
+            return given_back(dispatch.job, dispatch.lease, str(exc))
+        return done_from(outcome, dispatch.job, dispatch.lease)
 
     async def on_cancel(self, message: CancelExecution, request: Request) -> Ack:
         if self.pool is not None:

@@ -38,6 +38,7 @@ from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
 from qntx.errors import QntxError, Timeout, Unavailable
 from qntx.protocol import (
+    NIL,
     PLUGIN_DEPTH,
     STDERR_MARK,
     CancelExecution,
@@ -377,10 +378,7 @@ class Worker:
                 return _failed(job, lease, f"{type(exc).__name__}: {exc}")
             return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=True, result=result)
         plugin = self._plugin(plugin_endpoint)
-        request = ExecuteJob(
-            job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
-            attempt=job.attempts, lease=lease,
-        )  # fmt: skip
+        request = execute_request(Dispatch(lease=lease, job=job))
         try:
             # The plugin times the run itself; this backstop also covers a wait
             # for one of its interpreters (see the lease length in qntx.pulse.rules).
@@ -394,17 +392,12 @@ class Worker:
         except Unavailable as exc:  # the plugin went away or is not ready: not the handler's doing
             self._tell_plugin_to_cancel(plugin, job.id, lease)
             logger.info("job {} lease {}: plugin at {} failed ({}); giving the run back", job.id, lease, plugin_endpoint, exc)
-            return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, interrupted=True,
-                           error=JobError(message=f"plugin at {plugin_endpoint} failed: {exc}"))  # fmt: skip
+            return given_back(job, lease, f"plugin at {plugin_endpoint} failed: {exc}")
         except QntxError as exc:  # the plugin refused this run: a failed attempt
             return _failed(job, lease, f"plugin at {plugin_endpoint} refused the job: {exc}")
         if not isinstance(reply, ExecuteResult):
             return _failed(job, lease, f"plugin at {plugin_endpoint} answered {type(reply).__name__}")
-        logs = reply.stdout + ((STDERR_MARK + reply.stderr) if reply.stderr else "")
-        return JobDone(
-            job_id=job.id, lease=lease, attempt=job.attempts, success=reply.success,
-            result=reply.result, error=reply.error, logs=logs, progress=reply.progress,
-        )  # fmt: skip
+        return done_from(reply, job, lease)
 
     def _plugin(self, endpoint: str) -> AsyncClient:
         client = self.plugins.get(endpoint)
@@ -425,12 +418,36 @@ class Worker:
         self._spawn(tell())
 
 
+def execute_request(dispatch: Dispatch) -> ExecuteJob:
+    """The plugin request that runs one dispatched run."""
+    job = dispatch.job
+    return ExecuteJob(
+        job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
+        attempt=job.attempts, lease=dispatch.lease,
+    )  # fmt: skip
+
+
+def done_from(outcome: ExecuteResult, job: Job, lease: int) -> JobDone:
+    """A plugin's answer as the report of that run (logs: stdout, the marker, stderr)."""
+    logs = outcome.stdout + ((STDERR_MARK + outcome.stderr) if outcome.stderr else "")
+    return JobDone(
+        job_id=job.id, lease=lease, attempt=job.attempts, success=outcome.success,
+        result=outcome.result, error=outcome.error, logs=logs, progress=outcome.progress,
+    )  # fmt: skip
+
+
+def given_back(job: Job, lease: int, why: str) -> JobDone:
+    """The run did not happen through no fault of the handler: no attempt used."""
+    return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, interrupted=True, error=JobError(message=why))
+
+
 def _failed(job: Job, lease: int, message: str) -> JobDone:
     return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=False, error=JobError(message=message))
 
 
 def _failed_done(done: JobDone, message: str) -> JobDone:
-    return JobDone(job_id=done.job_id, lease=done.lease, attempt=done.attempt, success=False, error=JobError(message=message))
+    """The same report as a failure (its result dropped, its logs kept)."""
+    return msgspec.structs.replace(done, success=False, result=NIL, error=JobError(message=message))
 
 
 def _ignore_result(future) -> None:
