@@ -130,10 +130,13 @@ class PulseLife(RuleBasedStateMachine):
                 self.h(Steer(action, job_id, "user"))
             elif stored is not None:
                 self.h(Steer(action, job_id, "user", stored[1], stored[0]))
+            else:
+                return
         except QntxError:
-            pass
-        if action == "retry":
-            self.completed_by.pop(job_id, None)
+            pass  # refused: nothing changed (a completed job cannot be retried)
+        else:
+            if action == "retry":
+                self.completed_by.pop(job_id, None)
         self._turn()
 
     @rule()
@@ -201,4 +204,5 @@ class PulseLife(RuleBasedStateMachine):
 
 
 TestPulseLife = PulseLife.TestCase
-TestPulseLife.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+# Derandomized so CI is repeatable; explore wider by hand with a larger max_examples.
+TestPulseLife.settings = settings(max_examples=300, stateful_step_count=40, deadline=None, derandomize=True)
