@@ -95,8 +95,10 @@ class JobError(msgspec.Struct, kw_only=True):
 # Job.logs holds a job's stdout, then this line and its stderr (if it wrote any).
 STDERR_MARK = "\n--- stderr ---\n"
 
-# JOB_STATUSES: queued -> running -> completed | failed | cancelled; paused holds a queued job.
-JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "paused")
+# JOB_STATUSES: queued -> running -> completed | failed | cancelled; paused holds a queued
+# job; waiting holds a job until the jobs it runs after have ended.
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "paused", "waiting")
+AFTER_POLICIES = ("completed", "always")
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
@@ -126,10 +128,14 @@ class Job(msgspec.Struct, kw_only=True):
     parent_id: str | None = None
     worker: str | None = None
     idempotency_key: str | None = None
-    run_after: int = 0  # ms: a retried job waits for its backoff until then
+    run_after: int = 0  # wall ms: a delayed job, or a retry's backoff, waits until then
     lease: int = 0  # the lease of the current (or last) run; 0: never dispatched
     runs: int = 0  # runs started, counting those lost to a worker, plugin or server going away
     lost: int = 0  # runs lost that way since the job was (re)queued by a retry: they use no attempt
+    after: list[str] = []  # jobs this one runs after
+    after_policy: str = "completed"  # "completed": only if they all completed; "always": once they ended
+    version: str | None = None  # the handler version (its attestation's ASID) this job runs
+    schedule: str | None = None  # the schedule that fired it
 
 
 # --------------------------------------------------------------------- ats
@@ -196,6 +202,10 @@ class Submit(Message):
     idempotency_key: str | None = None
     parent_id: str | None = None
     id: str | None = None
+    run_at: int | None = None  # wall ms (Unix epoch): do not start before
+    after: list[str] = []  # job ids: start once they ended (see after_policy)
+    after_policy: str = "completed"
+    version: str | None = None  # a handler version to pin (default: the current one)
 
 
 class GetJob(Message):
@@ -218,6 +228,7 @@ class CancelJob(Message):
 
 class RetryJob(Message):
     id: str
+    latest: bool = False  # run the handler's current version, not the one it ran
 
 
 class PauseJob(Message):
@@ -267,6 +278,7 @@ class HandlersChanged(Message):
 
     plugin: str
     handler_names: list[str]
+    handler_versions: dict[str, str] = {}  # handler -> its current version (attestation ASID)
 
 
 class JobProgress(Message):
@@ -406,6 +418,7 @@ PLUGIN_DEPTH = 4
 class InitializeReply(Message):
     handler_names: list[str]
     capacity: int = 0  # jobs it takes at once (0: no limit); Pulse never sends more
+    handler_versions: dict[str, str] = {}  # handler -> its current version (attestation ASID)
 
 
 class Health(Message):
@@ -424,6 +437,7 @@ class ExecuteJob(Message):
     timeout_s: float = 300.0
     attempt: int = 1
     lease: int = 0  # names this run: progress, output and cancels carry it
+    version: str | None = None  # the handler version to run (None: the current one)
 
 
 class ExecuteResult(Message):

@@ -47,6 +47,7 @@ _KEYWORDS = frozenset([*_VALUE_CLAUSES, *_TIME_CLAUSES, "so"])
 
 _UNIT_MS: dict[str, int] = {}
 for _names, _ms in (
+    (("ms", "msec", "msecs", "millisecond", "milliseconds"), 1),
     (("s", "sec", "secs", "second", "seconds"), 1_000),
     (("m", "min", "mins", "minute", "minutes"), 60_000),
     (("h", "hr", "hrs", "hour", "hours"), 3_600_000),
@@ -373,6 +374,20 @@ def parse_time(text: str, *, now_ms: int | None = None) -> int:
     return _time_from_words(_time_words(tokens), _now(now_ms))
 
 
+def parse_duration(text: str) -> int:
+    """Parse a span ('30s', '5 minutes', '2h') to ms; > 0."""
+    tokens, rest = _tokenize(text)
+    if not tokens:
+        raise AxSyntaxError(f"the duration is empty; {_UNITS_HINT}, e.g. '30s' or '5 minutes'", 0)
+    if rest is not None:
+        raise tokens[-1].error(f"not a duration; {_UNITS_HINT}")
+    words = _time_words(tokens)
+    span = _duration(words, words[-1])
+    if span <= 0:
+        raise words[0].error("the duration must be more than zero")
+    return span
+
+
 def _time_from_words(words: list[_Token], now: int) -> int:
     low = [word.text.lower() for word in words]
     first = words[0]
@@ -433,7 +448,7 @@ def _duration(words: list[_Token], ago: _Token) -> int:
         if not unit.text:
             raise word.error(f"the amount needs a unit; {_UNITS_HINT}")
     else:
-        raise (words[0] if words else ago).error("use 'N units ago', e.g. '3 days ago'")
+        raise (words[0] if words else ago).error("use 'N units', e.g. '3 days' or '30s'")
     if not (amount.text.isascii() and amount.text.isdigit()):
         raise amount.error("the amount must be a whole number, e.g. '3 days ago'")
     if unit.text.lower() not in _UNIT_MS:

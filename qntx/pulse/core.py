@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from qntx.errors import Conflict, NotFound
+from qntx.errors import Conflict, Invalid, NotFound
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -43,11 +44,14 @@ from qntx.protocol import (
     JobProgressed,
     JobReply,
     Progress,
+    Submit,
 )
+from qntx.pulse.directives import FIRINGS_KEPT, MISSED_AFTER_MS, Limit, Schedule, firing_id
 from qntx.pulse.events import (
     CancelAtPlugin,
     Changes,
     ClosePipe,
+    DirectivesSet,
     Finished,
     HandlersAnnounced,
     Instant,
@@ -164,6 +168,17 @@ class PulseCore:
         self._routes: dict[str, str] = {}  # handler -> the plugin that announced it
         self._plugin_names: set[str] = set()  # every plugin that ever registered (on disk)
         self._removed: set[str] = set()  # handlers their plugin deleted
+        self._versions: dict[str, str] = {}  # handler -> its current version (pinned by new jobs)
+
+        self._limits: dict[str, Limit] = {}
+        self._running: dict[str, int] = {}  # handler -> leases out (limits count these)
+        self._starts: dict[str, deque[int]] = {}  # handler -> monotonic ms of its recent starts
+        self._pending: dict[str, set[str]] = {}  # waiting job -> the jobs it still waits for
+        self._dependents: dict[str, set[str]] = {}  # job -> waiting jobs that run after it
+        self._ended: list[Job] = []  # jobs that just ended, whose dependents must hear of it
+        self._schedules: dict[str, Schedule] = {}
+        self._fired: dict[str, list] = {}  # name -> [last due fired (wall ms), [[due, job id], ...]]
+        self._schedules_dirty = False
         # Jobs to publish at the end of the turn (the objects: a final one may have
         # left memory by then, saved by a commit that ran in between).
         self._changed: dict[str, Job] = {}
@@ -180,6 +195,7 @@ class PulseCore:
             PluginDown: self._plugin_down,
             HandlersAnnounced: self._handlers_announced,
             Undeliverable: self._undeliverable,
+            DirectivesSet: self._directives_set,
             Saved: self._saved,
             Turn: self._turn,
         }
@@ -191,6 +207,7 @@ class PulseCore:
         self._out = []
         self._wall = now.wall
         self._handlers[type(event)](event, now)
+        self._settle_dependents(now.wall)
         out, self._out = self._out, []
         return out
 
@@ -202,9 +219,14 @@ class PulseCore:
         lease_ceiling: int,
         now: Instant,
         plugins: list[str] = (),
+        ended: dict[str, str] | None = None,
+        schedules: dict[str, list] | None = None,
     ) -> None:
-        """Take over what a previous server left on disk (before any event)."""
+        """Take over what a previous server left on disk (before any event). ``ended``:
+        the stored status of each job a waiting job runs after that is not live;
+        ``schedules``: what each schedule fired last."""
         self._plugin_names = set(plugins)
+        self._fired = {name: [last, [list(f) for f in firings]] for name, (last, firings) in (schedules or {}).items()}
         self._next_seq = next_seq
         self._counts.update(counts)
         self._next_lease = self._ceiling = max(lease_ceiling, 1)
@@ -215,14 +237,21 @@ class PulseCore:
             if job.status == "queued":
                 self._enqueue(job, now.wall)
             elif job.status == "running":
-                lease = Lease(job.lease, job.id, None, now.mono + self.config.adopt_grace_ms)
-                self.leases[lease.id] = lease
-                heapq.heappush(self._deadlines, (lease.deadline, lease.id))
+                self._add_lease(Lease(job.lease, job.id, None, now.mono + self.config.adopt_grace_ms))
             self._saved_version[job.id] = self._version[job.id] = 0
+        for _, job in jobs:
+            if job.status == "waiting":
+                self._start_waiting(job, self._after_statuses(job.after, ended or {}, strict=False), now.wall)
+
+    def _fired_snapshot(self) -> dict[str, list] | None:
+        if not self._schedules_dirty:
+            return None
+        self._schedules_dirty = False
+        return {name: [last, [list(f) for f in firings]] for name, (last, firings) in self._fired.items()}
 
     def changes(self) -> Changes | None:
         """Everything changed since the last call, for one commit (None: nothing)."""
-        if not self._dirty and not self._meta_dirty:
+        if not self._dirty and not self._meta_dirty and not self._schedules_dirty:
             return None
         dirty, self._dirty = [i for i in self._dirty if i in self.jobs], set()
         self._writing = set(dirty)
@@ -236,6 +265,7 @@ class PulseCore:
             counts=dict(self._counts),
             lease_ceiling=self._wanted_ceiling,
             plugins=sorted(self._plugin_names),
+            schedules=self._fired_snapshot(),
         )
 
     @property
@@ -244,11 +274,11 @@ class PulseCore:
         return self._wanted_ceiling != self._ceiling and self._next_lease + LEASE_BLOCK // 4 >= self._ceiling
 
     def has_changes(self) -> bool:
-        return self._meta_dirty or bool(self._dirty)
+        return self._meta_dirty or self._schedules_dirty or bool(self._dirty)
 
     def commit_failed(self) -> None:
         """The last ``changes()`` did not reach the disk: write them again next time."""
-        self._meta_dirty = True
+        self._meta_dirty = self._schedules_dirty = True
         self._dirty |= self._writing
 
     def get(self, job_id: str) -> Job | None:
@@ -292,7 +322,22 @@ class PulseCore:
             times.append(self._deadlines[0][0])
         if self.sessions:
             times.append(min(s.last_seen for s in self.sessions.values()) + self.config.dead_after_ms)
+        for handler, starts in self._starts.items():  # a rate window that frees a start
+            limit = self._limits.get(handler)
+            if starts and limit is not None and limit.rate is not None and len(starts) >= limit.rate:
+                times.append(starts[0] + limit.per_ms)
+        for name, schedule in self._schedules.items():
+            if not schedule.paused:
+                times.append(now.mono + max(0, self._due(name) - now.wall))
         return min(times) if times else None
+
+    def schedule_states(self) -> dict[str, tuple[Schedule, int | None, int | None, list]]:
+        """name -> (schedule, last due fired, next due, [[due, job id], ...] newest last)."""
+        out = {}
+        for name, schedule in self._schedules.items():
+            last, firings = self._fired.get(name, [None, []])
+            out[name] = (schedule, last, None if schedule.paused else self._due(name), [list(f) for f in firings])
+        return out
 
     # ================================================================= bookkeeping
 
@@ -315,6 +360,14 @@ class PulseCore:
         self._counts[status] += 1
         job.status = status
         self._touch(job)
+        if status in FINAL_STATUSES and job.id in self._dependents:
+            self._ended.append(job)  # its dependents hear of it at the end of the event
+
+    def _add_lease(self, lease: Lease) -> None:
+        self.leases[lease.id] = lease
+        heapq.heappush(self._deadlines, (lease.deadline, lease.id))
+        handler = self.jobs[lease.job_id].handler
+        self._running[handler] = self._running.get(handler, 0) + 1
 
     def _enqueue(self, job: Job, wall: int) -> None:
         token = next(self._token)
@@ -362,6 +415,10 @@ class PulseCore:
         """The lease is over for Pulse. ``taken_back``: its worker was not told by its
         own report, so it may still run it (it holds a slot until it stops saying so)."""
         del self.leases[lease.id]
+        handler = self.jobs[lease.job_id].handler
+        self._running[handler] -= 1
+        if not self._running[handler]:
+            del self._running[handler]
         session = self.sessions.get(lease.session) if lease.session is not None else None
         if session is not None:
             session.leases.discard(lease.id)
@@ -448,22 +505,98 @@ class PulseCore:
             return
         if not self.handler_known(spec.handler, now):
             raise NotFound(f"unknown handler {spec.handler!r} (known handlers: {', '.join(self.known_handlers())})")
+        if spec.id is not None and spec.id in spec.after:
+            raise Invalid(f"job {spec.id} cannot run after itself")
+        statuses = self._after_statuses(spec.after, event.ended, strict=True)
+        job = self._create(spec, now)
+        # Its acceptance is the reply; the first event is its dispatch (or a later change).
+        if job.after:
+            self._start_waiting(job, statuses, now.wall)
+        else:
+            self._set_status(job, "queued")
+            self._enqueue(job, now.wall)
+            del self._changed[job.id]
+        self._out.append(Reply(event.reply_to, JobReply(job=public(job))))
+
+    def _create(self, spec: Submit, now: Instant, schedule: str | None = None) -> Job:
         job_id = spec.id or _new_job_id(spec.handler, self.jobs)
         job = Job(
             id=job_id, handler=spec.handler, payload=spec.payload, priority=spec.priority,
             max_attempts=spec.max_attempts, timeout_s=spec.timeout_s, created_at=now.wall,
-            parent_id=spec.parent_id, idempotency_key=spec.idempotency_key,
+            parent_id=spec.parent_id, idempotency_key=spec.idempotency_key, run_after=spec.run_at or 0,
+            after=list(dict.fromkeys(spec.after)), after_policy=spec.after_policy, schedule=schedule,
+            version=spec.version or self._versions.get(spec.handler),
         )  # fmt: skip
         self.jobs[job_id] = job
         self._seq[job_id] = self._next_seq
         self._next_seq += 1
         if spec.idempotency_key is not None:
             self._keys[spec.idempotency_key] = job_id
-        self._set_status(job, "queued")
-        self._enqueue(job, now.wall)
-        # Its acceptance is the reply; the first event is its dispatch (or a later change).
-        del self._changed[job_id]
-        self._out.append(Reply(event.reply_to, JobReply(job=public(job))))
+        return job
+
+    # ------------------------------------------------------------ dependencies
+
+    def _after_statuses(self, after: list[str], ended: dict[str, str], *, strict: bool) -> dict[str, str]:
+        """The status of each job in ``after``: live ones from memory, the rest as
+        the loop read them from the store. ``strict``: an unknown one is an error
+        (else it counts as gone, which a dependent that needs it completed fails on)."""
+        statuses = {}
+        for dep in after:
+            other = self.jobs.get(dep)
+            status = other.status if other is not None else ended.get(dep)
+            if status is None:
+                if strict:
+                    raise NotFound(f"no job {dep} to run after")
+                status = "gone"
+            statuses[dep] = status
+        return statuses
+
+    def _start_waiting(self, job: Job, statuses: dict[str, str], wall: int) -> None:
+        """Queue ``job`` once the jobs it runs after have ended (now, if they have)."""
+        pending = {dep for dep, status in statuses.items() if status not in (*FINAL_STATUSES, "gone")}
+        failed = [(dep, status) for dep, status in statuses.items() if dep not in pending and status != "completed"]
+        if failed and job.after_policy == "completed":
+            self._after_failed(job, *failed[0], wall)
+        elif pending:
+            self._pending[job.id] = pending
+            for dep in pending:
+                self._dependents.setdefault(dep, set()).add(job.id)
+            if job.status != "waiting":
+                self._set_status(job, "waiting")
+        else:
+            self._set_status(job, "queued")
+            self._enqueue(job, wall)
+
+    def _after_failed(self, job: Job, dep: str, status: str, wall: int) -> None:
+        job.error = JobError(message=f"job {dep}, which it runs after, {'is gone' if status == 'gone' else status}")
+        job.finished_at = wall
+        self._set_status(job, "failed")
+
+    def _stop_waiting(self, job: Job) -> None:
+        for dep in self._pending.pop(job.id, ()):
+            waiting = self._dependents.get(dep)
+            if waiting is not None:
+                waiting.discard(job.id)
+                if not waiting:
+                    del self._dependents[dep]
+
+    def _settle_dependents(self, wall: int) -> None:
+        """Jobs that ended this event: start (or fail) what waited for them. A failure
+        spreads down a chain one job at a time, without recursion."""
+        while self._ended:
+            done = self._ended.pop()
+            for job_id in sorted(self._dependents.pop(done.id, ())):
+                job, pending = self.jobs.get(job_id), self._pending.get(job_id)
+                if job is None or pending is None or job.status != "waiting":
+                    continue
+                pending.discard(done.id)
+                if done.status != "completed" and job.after_policy == "completed":
+                    self._stop_waiting(job)
+                    self._after_failed(job, done.id, done.status, wall)
+                elif not pending:
+                    del self._pending[job_id]
+                    self._set_status(job, "queued")
+                    self._enqueue(job, wall)
 
     def _steer(self, event: Steer, now: Instant) -> None:
         job = self.jobs.get(event.job_id)
@@ -476,7 +609,10 @@ class PulseCore:
             job = msgspec.structs.replace(event.stored)
             self._adopt_record(event.stored_seq, job)
             self._saved_version[job.id] = self._version[job.id] = 0
-        getattr(self, f"_{event.action}")(job, now)
+        if event.action == "retry":
+            self._retry(job, now, event.ended, event.latest)
+        else:
+            getattr(self, f"_{event.action}")(job, now)
         self._out.append(Reply(event.reply_to, JobReply(job=public(job))))
 
     def _cancel(self, job: Job, now: Instant) -> None:
@@ -484,6 +620,8 @@ class PulseCore:
             raise Conflict(f"job {job.id} is already {job.status}")
         if job.status == "queued":
             self._dequeue(job.id)
+        elif job.status == "waiting":
+            self._stop_waiting(job)
         elif job.status == "running":
             lease = self.leases.get(job.lease)
             if lease is not None:
@@ -491,13 +629,19 @@ class PulseCore:
         job.finished_at, job.error = now.wall, None  # an earlier attempt's error is not why it ended
         self._set_status(job, "cancelled")
 
-    def _retry(self, job: Job, now: Instant) -> None:
+    def _retry(self, job: Job, now: Instant, ended: dict[str, str], latest: bool) -> None:
         if job.status not in ("failed", "cancelled"):
             raise Conflict(f"only failed or cancelled jobs can be retried; {job.id} is {job.status}")
+        statuses = self._after_statuses(job.after, ended, strict=False)
         job.attempts, job.lost, job.error, job.run_after, job.result, job.logs = 0, 0, None, 0, NIL, ""
         job.started_at = job.finished_at = job.worker = job.progress = None
-        self._set_status(job, "queued")
-        self._enqueue(job, now.wall)
+        if latest:
+            job.version = self._versions.get(job.handler)
+        if job.after:  # it waits again for what it runs after (or fails again on it)
+            self._start_waiting(job, statuses, now.wall)
+        else:
+            self._set_status(job, "queued")
+            self._enqueue(job, now.wall)
 
     def _pause(self, job: Job, now: Instant) -> None:
         if job.status != "queued":
@@ -624,6 +768,7 @@ class PulseCore:
         plugin = self.plugins.setdefault(event.name, Plugin(event.name))
         first = not plugin.up and not plugin.handlers
         plugin.endpoint, plugin.capacity, plugin.up = event.endpoint, max(0, event.capacity), True
+        self._set_versions(event.name, event.versions)
         before = plugin.handlers
         if first:  # compare with the jobs waiting for it (e.g. across a server restart)
             before = {j.handler for j in self.jobs.values() if j.status in ("queued", "paused")}
@@ -637,7 +782,14 @@ class PulseCore:
 
     def _handlers_announced(self, event: HandlersAnnounced, now: Instant) -> None:
         plugin = self.plugins.setdefault(event.name, Plugin(event.name))
+        self._set_versions(event.name, event.versions)
         self._set_handlers(plugin, set(event.handlers), plugin.handlers, now)
+
+    def _set_versions(self, plugin: str, versions: tuple[tuple[str, str], ...]) -> None:
+        prefix = plugin + "."
+        for handler in [h for h in self._versions if h.startswith(prefix)]:
+            del self._versions[handler]
+        self._versions.update(versions)
 
     def _set_handlers(self, plugin: Plugin, now_set: set[str], before: set[str], now: Instant) -> None:
         for handler in plugin.handlers - now_set:
@@ -690,6 +842,74 @@ class PulseCore:
                 if job.idempotency_key is not None and self._keys.get(job.idempotency_key) == job_id:
                     del self._keys[job.idempotency_key]
 
+    def _directives_set(self, event: DirectivesSet, now: Instant) -> None:
+        self._limits = dict(event.limits)
+        for handler in [h for h in self._starts if h not in self._limits or self._limits[h].rate is None]:
+            del self._starts[handler]
+        for name in [n for n in self._fired if n not in event.schedules]:
+            del self._fired[name]  # deleted: a schedule made again under its name starts afresh
+            self._schedules_dirty = True
+        for name, schedule in event.schedules.items():
+            before = self._schedules.get(name)
+            state = self._fired.get(name)
+            if state is None:  # new: its first firing is its first due time from now on
+                self._fired[name] = [now.wall, []]
+                self._schedules_dirty = True
+            elif before is not None and before.paused and not schedule.paused:
+                state[0] = max(state[0], now.wall)  # resumed: what fell due while paused is skipped
+                self._schedules_dirty = True
+        self._schedules = dict(event.schedules)
+
+    def _due(self, name: str) -> int:
+        return self._schedules[name].next_due(self._fired[name][0])
+
+    def _fire_schedules(self, now: Instant) -> None:
+        """Enqueue each firing that fell due. A firing's job id is derived from the
+        schedule and its due time, and the last due fired is saved in the same commit
+        as the job: a firing is enqueued once, whatever restarts or clock steps."""
+        for name, schedule in self._schedules.items():
+            if schedule.paused:
+                continue
+            state = self._fired[name]
+            due = self._due(name)
+            if due > now.wall:
+                continue
+            if now.wall - due > MISSED_AFTER_MS:  # missed (the bus was down): by its policy
+                latest = due
+                for _ in range(10_000):
+                    after = schedule.next_due(latest)
+                    if after > now.wall:
+                        break
+                    latest = after
+                if schedule.missed == "skip":
+                    self._out.append(Log("INFO", f"schedule {name}: skipped the firings missed since {state[0]}"))
+                    state[0] = latest
+                    self._schedules_dirty = True
+                    continue
+                due = latest
+            self._fire(schedule, due, now)
+            state[0] = due
+            self._schedules_dirty = True
+
+    def _fire(self, schedule: Schedule, due: int, now: Instant) -> None:
+        job_id = firing_id(schedule.name, due)
+        firings = self._fired[schedule.name][1]
+        if job_id in self.jobs:
+            return
+        if not self.handler_known(schedule.handler, now):
+            self._out.append(Log("WARNING", f"schedule {schedule.name}: unknown handler {schedule.handler!r}; firing skipped"))
+            return
+        spec = Submit(
+            handler=schedule.handler, payload=msgspec.Raw(schedule.payload), priority=schedule.priority,
+            max_attempts=schedule.max_attempts, timeout_s=schedule.timeout_s, id=job_id,
+        )  # fmt: skip
+        job = self._create(spec, now, schedule=schedule.name)
+        self._set_status(job, "queued")
+        self._enqueue(job, now.wall)
+        firings.append([due, job_id])
+        del firings[:-FIRINGS_KEPT]
+        self._out.append(Log("INFO", f"schedule {schedule.name} fired job {job_id} (due {due})"))
+
     def _turn(self, event: Turn, now: Instant) -> None:
         stalled = now.mono - self._last_turn - self.config.dead_after_ms // 2
         if stalled > 0:  # the loop itself was blind meanwhile: nobody is late for that
@@ -701,6 +921,7 @@ class PulseCore:
         self._expire(now)
         for session in [s for s in self.sessions.values() if now.mono - s.last_seen > self.config.dead_after_ms]:
             self._release(session, f"worker {session.name} stopped responding", now)
+        self._fire_schedules(now)
         self._dispatch(now)
         for job_id, job in self._changed.items():
             self._out.append(Publish(b"job." + job_id.encode(), JobChanged(job=public(job))))
@@ -747,10 +968,24 @@ class PulseCore:
         session = own[plugin.name] if plugin.name in own else plain
         return None if session is None else (session, plugin.name)
 
-    def _next_ready(self, wall: int, plain: Session | None, own: dict[str, Session | None]):
+    def _limited(self, handler: str, mono: int) -> bool:
+        """Whether ``handler`` is at its concurrency or rate limit now."""
+        limit = self._limits.get(handler)
+        if limit is None:
+            return False
+        if limit.concurrency is not None and self._running.get(handler, 0) >= limit.concurrency:
+            return True
+        starts = self._starts.get(handler)
+        if limit.rate is not None and starts:
+            while starts and starts[0] <= mono - limit.per_ms:
+                starts.popleft()
+            return len(starts) >= limit.rate
+        return False
+
+    def _next_ready(self, now: Instant, plain: Session | None, own: dict[str, Session | None]):
         """Pop the best job that can go out now (highest priority, then oldest), with
-        where it goes; None if nothing can."""
-        self._promote(wall)
+        where it goes; None if nothing can. Jobs of a handler at its limit wait here."""
+        self._promote(now.wall)
         best = best_heap = best_target = None
         for handler, heap in list(self._ready.items()):
             while heap and self._tokens.get(heap[0][3]) != heap[0][2]:
@@ -759,7 +994,7 @@ class PulseCore:
             if not heap:
                 del self._ready[handler]
                 continue
-            if best is None or heap[0] < best:
+            if (best is None or heap[0] < best) and not self._limited(handler, now.mono):
                 target = self._target(handler, plain, own)
                 if target is not None:
                     best, best_heap, best_target = heap[0], heap, target
@@ -777,14 +1012,16 @@ class PulseCore:
             plain, own = self._targets()
             if plain is None and not any(own.values()):
                 return
-            found = self._next_ready(now.wall, plain, own)
+            found = self._next_ready(now, plain, own)
             if found is None:
                 return
             job, (session, plugin_name) = found
             lease = Lease(self._new_lease_id(), job.id, session.id, now.mono + lease_ms(job.timeout_s), plugin_name)
-            self.leases[lease.id] = lease
-            heapq.heappush(self._deadlines, (lease.deadline, lease.id))
+            self._add_lease(lease)
             session.leases.add(lease.id)
+            limit = self._limits.get(job.handler)
+            if limit is not None and limit.rate is not None:
+                self._starts.setdefault(job.handler, deque()).append(now.mono)
             endpoint = None
             if plugin_name is not None:
                 plugin = self.plugins[plugin_name]

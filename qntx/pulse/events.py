@@ -26,6 +26,7 @@ from qntx.protocol import (
     WorkerReady,
     WorkerWelcome,
 )
+from qntx.pulse.directives import Limit, Schedule
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class Submitted:
     spec: Submit
     reply_to: Any
     existing: Job | None = None  # the stored job with that id or idempotency key, if any
+    ended: dict[str, str] = field(default_factory=dict)  # status of each stored `after` job
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,8 @@ class Steer:
     reply_to: Any
     stored: Job | None = None
     stored_seq: int = 0
+    latest: bool = False  # retry: with the handler's current version
+    ended: dict[str, str] = field(default_factory=dict)  # status of each stored `after` job
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,7 @@ class PluginUp:
     endpoint: str
     capacity: int  # jobs it takes at once; 0: no limit
     handlers: tuple[str, ...]
+    versions: tuple[tuple[str, str], ...] = ()  # (handler, its current version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,15 @@ class PluginDown:
 class HandlersAnnounced:
     name: str
     handlers: tuple[str, ...]
+    versions: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DirectivesSet:
+    """The current handler limits and schedules (all of them: they replace the last)."""
+
+    limits: dict[str, Limit]
+    schedules: dict[str, Schedule]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,3 +201,4 @@ class Changes:
     counts: dict[str, int] = field(default_factory=dict)
     lease_ceiling: int = 0
     plugins: list[str] = field(default_factory=list)  # every plugin that ever registered
+    schedules: dict[str, list] | None = None  # name -> [last due, [[due, job id], ...]]; None: unchanged

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from qntx.errors import Invalid, TooLarge
-from qntx.protocol import PLUGIN_DEPTH, Submit
+from qntx.protocol import AFTER_POLICIES, PLUGIN_DEPTH, Submit
 from qntx.values import is_int
 
 LEASE_GRACE_MS = 5_000  # a worker gets this long past timeout_s to report before we give up
@@ -22,6 +22,8 @@ MAX_KEY_BYTES = 400  # idempotency keys and job ids: LMDB keys stop at 511 bytes
 # Runs lost to infrastructure (a worker, plugin or server going away) use no attempt;
 # past this many extra runs a job that keeps taking its runner down fails anyway.
 MAX_LOST_RUNS = 25
+MAX_AFTER = 1000  # jobs one job may run after
+MAX_RUN_AT = 2**53  # ms: far beyond any date anyone means
 BACKOFF_BASE_MS = 500
 BACKOFF_MAX_MS = 60_000
 
@@ -80,3 +82,12 @@ def check_submit(spec: Submit, max_payload_bytes: int) -> None:
     size = len(spec.payload)
     if size > max_payload_bytes:
         raise TooLarge(f"payload of {size} bytes exceeds max_payload_bytes ({max_payload_bytes})")
+    if spec.run_at is not None and (not is_int(spec.run_at) or not 0 <= spec.run_at < MAX_RUN_AT):
+        raise Invalid(f"run_at must be a time in Unix ms, got {spec.run_at!r}")
+    if not isinstance(spec.after, list) or len(spec.after) > MAX_AFTER:
+        raise Invalid(f"after must be a list of at most {MAX_AFTER} job ids")
+    for job_id in spec.after:
+        _check_key("a job id in after", job_id)
+    if spec.after_policy not in AFTER_POLICIES:
+        raise Invalid(f"after_policy must be one of {', '.join(AFTER_POLICIES)}, got {spec.after_policy!r}")
+    _check_key("version", spec.version)

@@ -41,6 +41,7 @@ from qntx.pulse.events import (
 )
 from qntx.pulse.rules import lease_ms
 
+LIVE = ("queued", "running", "paused", "waiting")
 CONFIG = Config(dead_after_ms=3_000, adopt_grace_ms=5_000, max_payload_bytes=1_000)
 
 
@@ -53,13 +54,15 @@ class Disk:
 
     def __init__(self):
         self.jobs: dict[str, tuple[int, object]] = {}
-        self.next_seq, self.counts, self.ceiling, self.plugins = 0, {}, 1, []
+        self.next_seq, self.counts, self.ceiling, self.plugins, self.schedules = 0, {}, 1, [], {}
 
     def write(self, changes) -> None:
         for seq, job, _ in changes.rows:
             self.jobs[job.id] = (seq, msgspec.structs.replace(job))
         self.next_seq, self.counts, self.ceiling = changes.next_seq, changes.counts, changes.lease_ceiling
         self.plugins = changes.plugins
+        if changes.schedules is not None:
+            self.schedules = changes.schedules
 
 
 class Harness:
@@ -67,8 +70,12 @@ class Harness:
         self.disk = disk or Disk()
         self.wall, self.mono = wall, mono
         self.core = PulseCore(CONFIG, self.now)
-        live = [(seq, msgspec.structs.replace(job)) for seq, job in self.disk.jobs.values() if job.status in ("queued", "running", "paused")]
-        self.core.restore(live, self.disk.next_seq, self.disk.counts, self.disk.ceiling, self.now, self.disk.plugins)
+        live = [(seq, msgspec.structs.replace(job)) for seq, job in self.disk.jobs.values() if job.status in LIVE]
+        ended = {job.id: job.status for _, job in self.disk.jobs.values() if job.status not in LIVE}
+        self.core.restore(
+            live, self.disk.next_seq, self.disk.counts, self.disk.ceiling, self.now, self.disk.plugins,
+            ended=ended, schedules=self.disk.schedules,
+        )  # fmt: skip
         self.commit()
 
     @property
