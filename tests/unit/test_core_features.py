@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from qntx.errors import Invalid, NotFound
-from qntx.pulse.directives import Limit, Schedule, firing_id
 from qntx.protocol import Submit
+from qntx.pulse.directives import Limit, Schedule, firing_id
 from qntx.pulse.events import DirectivesSet, HandlersAnnounced, PluginUp, Reply, Steer, Submitted
 from tests.unit.test_core import CONFIG, Harness
 
