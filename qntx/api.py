@@ -12,16 +12,18 @@ import sys
 import time
 import weakref
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from qntx.asid import new_asid
+from qntx.ats.ax import parse_duration
 from qntx.ats.store import next_page
 from qntx.bus.client import Client
 from qntx.bus.pidlock import lock_holder
-from qntx.errors import Invalid, NotFound, QntxError
+from qntx.errors import Invalid, NotFound, QntxError, Timeout
 from qntx.handles import (
     Acceptance,
     JobFailed,
@@ -50,6 +52,7 @@ from qntx.protocol import (
     JobChanged,
     JobProgressed,
     ListJobs,
+    ListSchedules,
     NewAttestation,
     PauseJob,
     Ping,
@@ -57,13 +60,31 @@ from qntx.protocol import (
     Query,
     ResumeJob,
     RetryJob,
+    ScheduleState,
     ServerReply,
     Stats,
     StatsReply,
     StatusReply,
 )
+from qntx.pulse.directives import (
+    CONTEXT as DIRECTIVE_CONTEXT,
+)
+from qntx.pulse.directives import (
+    DIRECTIVES_FILTER,
+    LIMIT,
+    SCHEDULE,
+    Directives,
+    Limit,
+    check_directive_name,
+    directive_attestation,
+    parse_limit,
+    parse_schedule,
+    schedule_state,
+    seconds_to_ms,
+)
+from qntx.pulse.directives import resolve as resolve_directives
 from qntx.settings import Settings, load_settings
-from qntx.values import as_list
+from qntx.values import as_list, now_ms
 
 # Submissions a Bus lets wait for their reply before it waits for the oldest.
 SUBMIT_WINDOW = 10_000
@@ -373,15 +394,27 @@ class Bus:
         idempotency_key: str | None = None,
         parent_id: str | None = None,
         id: str | None = None,
+        run_at: int | datetime | None = None,
+        delay_s: float | None = None,
+        after: str | JobHandle | Sequence[str | JobHandle] | None = None,
+        after_policy: str = "completed",
+        version: str | None = None,
     ) -> JobHandle:
         """Enqueue a job and return at once; ``handle.accepted()`` waits for the
         server's durable acceptance, ``handle.result()`` for the outcome. ``id``
-        (default: a fresh ``JB-`` ASID) makes a resubmission safe."""
+        (default: a fresh ``JB-`` ASID) makes a resubmission safe.
+
+        ``run_at`` (Unix ms or an aware datetime) or ``delay_s`` delays the job; it
+        waits in Pulse's store. ``after`` (job ids or handles) makes it wait until
+        those jobs ended: it runs if they all completed, and fails if one failed or
+        was cancelled (``after_policy="always"``: it runs anyway). ``version`` pins a
+        handler version (default: the one current now, which it keeps)."""
         job_id = id or new_asid(handler if isinstance(handler, str) else "_", prefix="JB")
         message = submit_message(
             handler, encode_payload(payload, self.settings.max_payload_bytes), job_id,
             priority=priority, max_attempts=max_attempts, timeout_s=timeout_s,
-            idempotency_key=idempotency_key, parent_id=parent_id,
+            idempotency_key=idempotency_key, parent_id=parent_id, run_at=run_at, delay_s=delay_s,
+            after=after, after_policy=after_policy, version=version,
         )  # fmt: skip
         self._ensure_follower()  # subscribed before the job can finish
         correlation = self.server.send(message)
@@ -394,6 +427,23 @@ class Bus:
         else:
             self._collect()
         return handle
+
+    def chain(self, *steps: str | tuple | dict) -> list[JobHandle]:
+        """Submit jobs that run one after the other: each waits for the one before
+        (and fails if it fails), and names it as its parent. A step is a handler
+        name, ``(handler, payload)`` or a dict of ``submit`` arguments."""
+        handles: list[JobHandle] = []
+        for step in steps:
+            if isinstance(step, str):
+                step = {"handler": step}
+            elif isinstance(step, tuple):
+                step = dict(zip(("handler", "payload"), step, strict=False))
+            elif not isinstance(step, dict):
+                raise Invalid(f"a chain step is a handler, (handler, payload) or a dict, got {step!r}")
+            if handles:
+                step = {"after": [handles[-1].id], "parent_id": handles[-1].id, **step}
+            handles.append(self.submit(**step))
+        return handles
 
     def _collect(self, wait_s: float = 0.0) -> None:
         """Settle every submission whose reply is already here."""
@@ -477,8 +527,10 @@ class Bus:
     def cancel(self, id: str) -> Job:
         return decoded(self.server.request(CancelJob(id=id)).job)
 
-    def retry(self, id: str) -> Job:
-        job = decoded(self.server.request(RetryJob(id=id)).job)
+    def retry(self, id: str, *, latest: bool = False) -> Job:
+        """Run a failed or cancelled job again, with the handler version it ran
+        (``latest=True``: the current one)."""
+        job = decoded(self.server.request(RetryJob(id=id, latest=latest)).job)
         if self._follower is not None:
             self._follower.book.forget(id)  # its old final record is not its outcome now
         return job
@@ -500,6 +552,105 @@ class Bus:
             ats = ActorStatus(name="ats", endpoint=self.settings.ats_endpoint, healthy=False)
         reply.actors.insert(0, ats)
         return reply
+
+    # ---------------------------------------------------------------- schedules and limits
+
+    def schedule_add(
+        self,
+        name: str,
+        handler: str,
+        *,
+        every: float | str | None = None,
+        cron: str | None = None,
+        payload: Any = None,
+        tz: str = "UTC",
+        missed: str = "once",
+        priority: int = 0,
+        max_attempts: int = 3,
+        timeout_s: float = 300.0,
+    ) -> ScheduleState:
+        """Fire a job of ``handler`` periodically: ``every`` (seconds, or a duration
+        like ``"5 minutes"``) or ``cron`` ("m h dom mon dow", in ``tz``). Firings
+        missed while the bus was down run once (``missed="once"``) or not ("skip").
+        Stored as an attestation; a running bus picks it up at once."""
+        every_ms = None
+        if every is not None:
+            every_ms = parse_duration(every) if isinstance(every, str) else seconds_to_ms(every, "every")
+        attributes = {
+            "handler": handler, "every_ms": every_ms, "cron": cron, "payload": payload, "tz": tz,
+            "missed": missed, "priority": priority, "max_attempts": max_attempts, "timeout_s": timeout_s,
+        }  # fmt: skip
+        attributes = {k: v for k, v in attributes.items() if v is not None or k == "payload"}
+        check_directive_name(name, "schedule")
+        schedule = parse_schedule(name, attributes, now_ms())  # the same reading as Pulse's
+        if self._server_is_up() and handler not in self.status().handlers:
+            raise NotFound(f"unknown handler {handler!r}")
+        self._ats.attest([directive_attestation(SCHEDULE, name, attributes)])
+        self._until_pulse_sees(lambda states: name in states and states[name].every_ms == schedule.every_ms and states[name].cron == schedule.cron)
+        return schedule_state(schedule, now_ms())
+
+    def schedules(self) -> list[ScheduleState]:
+        """Every schedule with its next due time and (with the bus up) past firings."""
+        if self._server_is_up():
+            return self.server.request(ListSchedules()).schedules
+        return [schedule_state(s, now_ms()) for s in self._directives().schedules.values()]
+
+    def schedule(self, name: str) -> ScheduleState:
+        for state in self.schedules():
+            if state.name == name:
+                return state
+        raise NotFound(f"no schedule {name!r}")
+
+    def schedule_pause(self, name: str) -> None:
+        self._restate(name, paused=True)
+        self._until_pulse_sees(lambda states: name not in states or states[name].paused)
+
+    def schedule_resume(self, name: str) -> None:
+        self._restate(name, paused=False)
+        self._until_pulse_sees(lambda states: name not in states or not states[name].paused)
+
+    def schedule_delete(self, name: str) -> None:
+        self._restate(name, deleted=True)
+        self._until_pulse_sees(lambda states: name not in states)
+
+    def _until_pulse_sees(self, seen, timeout: float = 5.0) -> None:
+        """With the bus up, return once Pulse has taken a change in (it follows ATS
+        live, within milliseconds), so the caller's next step sees it."""
+        if not self._server_is_up():
+            return
+        deadline = time.monotonic() + timeout
+        while not seen({s.name: s for s in self.server.request(ListSchedules()).schedules}):
+            if time.monotonic() > deadline:
+                raise Timeout("the server did not pick up the schedule change (is ATS up?)")
+            time.sleep(0.01)
+
+    def _restate(self, name: str, **changes: Any) -> None:
+        records = self.query_filter(Filter(subjects=[name], predicates=[SCHEDULE], contexts=[DIRECTIVE_CONTEXT], limit=1))
+        if not records or records[0].attributes.get("deleted"):
+            raise NotFound(f"no schedule {name!r}")
+        current = records[0]
+        # Keeps its anchor: pausing does not move the due times of an `every` schedule.
+        attributes = {**current.attributes, "anchor": current.attributes.get("anchor", current.timestamp), **changes}
+        self._ats.attest([directive_attestation(SCHEDULE, name, attributes)])
+
+    def limit(
+        self, handler: str, *, concurrency: int | None = None, rate: int | None = None, per_s: float = 1.0
+    ) -> Limit | None:
+        """Limit ``handler``: at most ``concurrency`` running at once (across every
+        worker and host) and at most ``rate`` starts per ``per_s`` seconds. Jobs over
+        a limit wait in Pulse. Both None removes the limit. Stored as an attestation."""
+        attributes = {"concurrency": concurrency, "rate": rate, "per_ms": seconds_to_ms(per_s, "per_s")}
+        if concurrency is None and rate is None:
+            attributes = {"deleted": True}
+        limit = parse_limit(attributes)
+        self._ats.attest([directive_attestation(LIMIT, handler, attributes)])
+        return limit
+
+    def limits(self) -> dict[str, Limit]:
+        return self._directives().limits
+
+    def _directives(self) -> Directives:
+        return resolve_directives(self.query_filter(DIRECTIVES_FILTER))
 
     def follow(self, id: str, timeout: float | None = None) -> Iterable[JobChanged | JobProgressed]:
         """Job events for ``id`` as they happen, ending with the final JobChanged."""

@@ -15,6 +15,7 @@ these helpers; they differ only in how they wait.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -22,6 +23,7 @@ import msgspec
 from qntx.bus.codec import raise_if_error
 from qntx.errors import Invalid, QntxError, TooLarge
 from qntx.protocol import NIL, Job, JobChanged, JobError, JobReply, Submit
+from qntx.values import now_ms
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -54,8 +56,34 @@ def decoded_event(event: Any) -> Any:
     return event
 
 
-def submit_message(handler: str, payload: msgspec.Raw, job_id: str, **options: Any) -> Submit:
-    return Submit(handler=handler, payload=payload, id=job_id, **options)
+def submit_message(
+    handler: str,
+    payload: msgspec.Raw,
+    job_id: str,
+    *,
+    run_at: int | datetime | None = None,
+    delay_s: float | None = None,
+    after: Any = None,
+    **options: Any,
+) -> Submit:
+    """The Submit for one job. ``run_at`` (Unix ms or an aware datetime) or ``delay_s``
+    delays it; ``after`` (job ids or handles) makes it wait for other jobs."""
+    if delay_s is not None:
+        if run_at is not None:
+            raise Invalid("give run_at or delay_s, not both")
+        if not isinstance(delay_s, int | float) or isinstance(delay_s, bool) or not 0 <= delay_s < 1e10:
+            raise Invalid(f"delay_s must be a number of seconds >= 0, got {delay_s!r}")
+        run_at = now_ms() + int(delay_s * 1000)
+    if isinstance(run_at, datetime):
+        if run_at.tzinfo is None:
+            raise Invalid("run_at must be an aware datetime (with a time zone) or Unix ms")
+        run_at = int(run_at.timestamp() * 1000)
+    if after is None:
+        after_ids = []
+    else:
+        items = [after] if isinstance(after, str) or hasattr(after, "id") else list(after)
+        after_ids = [getattr(item, "id", item) for item in items]
+    return Submit(handler=handler, payload=payload, id=job_id, run_at=run_at, after=after_ids, **options)
 
 
 class JobFailed(QntxError):

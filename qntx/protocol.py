@@ -265,6 +265,28 @@ class StatusReply(Message):
     handlers: list[str]
 
 
+class ListSchedules(Message):
+    """What Pulse knows of its schedules: each with its next due time and past firings."""
+
+
+class ScheduleState(msgspec.Struct, kw_only=True):
+    name: str
+    handler: str
+    every_ms: int | None = None
+    cron: str | None = None
+    tz: str = "UTC"
+    missed: str = "once"
+    paused: bool = False
+    last_due: int | None = None  # wall ms of the last firing handled
+    next_due: int | None = None  # None: paused
+    firings: list[tuple[int, str]] = []  # (due, job id), oldest first
+
+
+class SchedulesReply(Message):
+    schedules: list[ScheduleState]
+    loaded: bool = True  # False: Pulse has not read them from ATS yet
+
+
 class RegisterPlugin(Message):
     """A plugin announces itself; the server then calls Metadata and Initialize on it."""
 
@@ -312,12 +334,13 @@ ServerRequest = (
     | PauseJob
     | ResumeJob
     | GetStatus
+    | ListSchedules
     | RegisterPlugin
     | HandlersChanged
     | JobProgress
     | JobOutput
 )
-ServerReply = Pong | JobReply | JobList | StatusReply | Ack | ErrorReply
+ServerReply = Pong | JobReply | JobList | StatusReply | SchedulesReply | Ack | ErrorReply
 
 
 # --------------------------------------------------------------------- workers

@@ -45,6 +45,7 @@ from qntx.protocol import (
     JobProgress,
     JobReply,
     ListJobs,
+    ListSchedules,
     Metadata,
     MetadataReply,
     PauseJob,
@@ -54,12 +55,15 @@ from qntx.protocol import (
     RegisterPlugin,
     ResumeJob,
     RetryJob,
+    SchedulesReply,
+    ScheduleState,
     ServerRequest,
     StatusReply,
     Submit,
 )
 from qntx.pulse.core import BUILTIN_HANDLERS
 from qntx.pulse.events import HandlersAnnounced, PluginDown, PluginUp
+from qntx.pulse.follower import DirectivesFollower
 from qntx.pulse.scheduler import Pulse
 from qntx.settings import Settings
 
@@ -109,12 +113,14 @@ class ServerActor(Actor):
                 PauseJob: self.on_pause,
                 ResumeJob: self.on_resume,
                 GetStatus: self.on_status,
+                ListSchedules: self.on_list_schedules,
                 RegisterPlugin: self.on_register_plugin,
                 HandlersChanged: self.on_handlers_changed,
                 JobProgress: self.on_progress,
                 JobOutput: self.on_output,
             },
         )
+        self.directives = DirectivesFollower(self, self.settings, self.pulse.set_directives)
         self._schedule_health()
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.pulse.store, "the job store"))
         counts = self.pulse.core.counts()
@@ -153,7 +159,7 @@ class ServerActor(Actor):
         self.pulse.steer("cancel", message.id, request)  # replied to after the commit
 
     def on_retry(self, message: RetryJob, request: Request) -> None:
-        self.pulse.steer("retry", message.id, request)
+        self.pulse.steer("retry", message.id, request, latest=message.latest)
 
     def on_pause(self, message: PauseJob, request: Request) -> None:
         self.pulse.steer("pause", message.id, request)
@@ -180,6 +186,18 @@ class ServerActor(Actor):
                 ActorStatus(name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=plugin.healthy)
             )
         return StatusReply(actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers())
+
+    def on_list_schedules(self, message: ListSchedules, request: Request) -> SchedulesReply:
+        states = []
+        for name, (schedule, last, due, firings) in sorted(self.pulse.core.schedule_states().items()):
+            states.append(
+                ScheduleState(
+                    name=name, handler=schedule.handler, every_ms=schedule.every_ms, cron=schedule.cron,
+                    tz=schedule.tz, missed=schedule.missed, paused=schedule.paused, last_due=last,
+                    next_due=due, firings=[(d, i) for d, i in firings],
+                )  # fmt: skip
+            )
+        return SchedulesReply(schedules=states, loaded=self.directives.loaded)
 
     # ---------------------------------------------------------------- plugins
 
@@ -228,14 +246,15 @@ class ServerActor(Actor):
         entry.healthy = True
         entry.capacity = max(0, reply.capacity)
         self._set_handlers(entry, reply.handler_names)
-        self.pulse.apply(PluginUp(entry.name, entry.endpoint, entry.capacity, tuple(entry.handlers)))
+        versions = tuple(reply.handler_versions.items())
+        self.pulse.apply(PluginUp(entry.name, entry.endpoint, entry.capacity, tuple(entry.handlers), versions))
 
     def on_handlers_changed(self, message: HandlersChanged, request: Request) -> Ack:
         entry = self.plugins.get(message.plugin)
         if entry is None:
             raise NotFound(f"plugin {message.plugin!r} is not registered")
         self._set_handlers(entry, message.handler_names)
-        self.pulse.apply(HandlersAnnounced(entry.name, tuple(entry.handlers)))
+        self.pulse.apply(HandlersAnnounced(entry.name, tuple(entry.handlers), tuple(message.handler_versions.items())))
         return Ack()
 
     def _set_handlers(self, entry: PluginEntry, names: list[str]) -> None:

@@ -85,6 +85,8 @@ class PythonPlugin:
         self.endpoint = settings.plugin_endpoint(NAME)
         self.context = zmq.asyncio.Context()
         self.handlers: dict[str, str] = {}  # name -> code
+        self.versions: dict[str, str] = {}  # name -> its current version (attestation ASID)
+        self.code_by_version: dict[str, tuple[str, str]] = {}  # every version seen -> (name, code)
         self.ats: AsyncClient | None = None
         self.ats_endpoint = settings.ats_endpoint
         self.pool: InterpreterPool | None = None
@@ -183,16 +185,28 @@ class PythonPlugin:
             )
             self.session_task = asyncio.create_task(self.session.serve(self.stop))
         # A few jobs per interpreter keep each one busy across the round trips.
-        return InitializeReply(handler_names=self.handler_names(), capacity=PLUGIN_DEPTH * self.pool.size)
+        return InitializeReply(
+            handler_names=self.handler_names(), capacity=PLUGIN_DEPTH * self.pool.size,
+            handler_versions=self.handler_versions(),
+        )  # fmt: skip
 
     def handler_names(self) -> list[str]:
         return [SCRIPT_HANDLER, *(f"{NAME}.{name}" for name in sorted(self.handlers))]
+
+    def handler_versions(self) -> dict[str, str]:
+        return {f"{NAME}.{name}": asid for name, asid in sorted(self.versions.items())}
 
     async def _discover(self) -> bool:
         """Query ATS for handlers; returns True when the set of names changed."""
         async with self._discovery_lock:
             logger.info("Discovering Python handlers from ATS store")
-            resolution = resolve(await self._handler_records())
+            records = await self._handler_records()
+            resolution = resolve(records)
+            for record in records:  # every version stays runnable: jobs pin the one they were submitted with
+                code = record.attributes.get("code")
+                if isinstance(code, str) and record.subjects:
+                    self.code_by_version[record.id] = (record.subjects[0], code)
+            self.versions = {name: record.id for name, record in resolution.current.items()}
             for name in resolution.skipped:
                 logger.warning("handler {!r} has no attributes.code; skipped", name)
             found = {name: record.attributes["code"] for name, record in resolution.current.items()}
@@ -225,7 +239,10 @@ class PythonPlugin:
                 names_changed = await self._discover() if relevant else await self._quiet_resync()
                 if names_changed or self.handlers != known:
                     known = dict(self.handlers)
-                    await self.server.request(HandlersChanged(plugin=NAME, handler_names=self.handler_names()))
+                    changed = HandlersChanged(
+                        plugin=NAME, handler_names=self.handler_names(), handler_versions=self.handler_versions()
+                    )
+                    await self.server.request(changed)
             except QntxError as exc:
                 logger.warning("handler discovery failed: {}", exc)
             except Exception:
@@ -296,6 +313,11 @@ class PythonPlugin:
             return payload["content"], "<python.script>"
         prefix = f"{NAME}."
         name = message.handler[len(prefix):] if message.handler.startswith(prefix) else ""
+        if message.version is not None:  # the version the job was submitted with, even if updated since
+            pinned = self.code_by_version.get(message.version)
+            if pinned is None or pinned[0] != name:
+                return None, f"handler {message.handler!r} has no version {message.version}"
+            return pinned[1], f"<handler {name}>"
         code = self.handlers.get(name)
         if code is None:
             return None, f"unknown handler {message.handler!r}"

@@ -17,6 +17,7 @@ the CLI shows exactly the times Pulse will use.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,7 +26,7 @@ import msgspec
 from cronsim import CronSim, CronSimError
 
 from qntx.errors import Invalid
-from qntx.protocol import Attestation, Filter, NewAttestation
+from qntx.protocol import Attestation, Filter, NewAttestation, ScheduleState
 from qntx.values import is_int
 
 CONTEXT = "pulse"
@@ -37,6 +38,7 @@ MIN_EVERY_MS = 100
 # A due time the loop reaches this late was missed (the bus was down), not just busy.
 MISSED_AFTER_MS = 2_000
 FIRINGS_KEPT = 20
+NAME_PATTERN = re.compile(r"^[^\W\d][\w.-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,27 @@ def directive_attestation(kind: str, name: str, attributes: dict, source: str = 
     return NewAttestation(
         subjects=[name], predicates=[kind], contexts=[CONTEXT], actors=["qntx"], attributes=attributes, source=source
     )
+
+
+def seconds_to_ms(value: object, name: str) -> int:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1e10:
+        raise Invalid(f"{name} must be a number of seconds > 0, got {value!r}")
+    return max(1, round(value * 1000))
+
+
+def check_directive_name(name: object, kind: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise Invalid(f"invalid {kind} name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter")
+    return name
+
+
+def schedule_state(schedule: Schedule, now: int | None = None) -> ScheduleState:
+    """How a schedule reads without Pulse's record of its firings (the bus is down)."""
+    return ScheduleState(
+        name=schedule.name, handler=schedule.handler, every_ms=schedule.every_ms, cron=schedule.cron,
+        tz=schedule.tz, missed=schedule.missed, paused=schedule.paused,
+        next_due=None if schedule.paused or now is None else schedule.next_due(now),
+    )  # fmt: skip
 
 
 def iso(ms: int) -> str:

@@ -50,6 +50,7 @@ class Loaded(msgspec.Struct, frozen=True):
     jobs: list[StoredJob]
     lease_ceiling: int = 1
     plugins: list[str] = []
+    schedules: dict[str, list] = {}  # name -> [last due fired, [[due, job id], ...]]
 
 
 def _status_key(status: str, stamp: bytes) -> bytes:
@@ -105,6 +106,7 @@ class JobStore:
             raw = txn.get(b"seq", db=meta)
             ceiling = txn.get(b"lease", db=meta)
             plugins = txn.get(b"plugins", db=meta)
+            schedules = txn.get(b"schedules", db=meta)
             counts = {}
             for status in JOB_STATUSES:
                 count = txn.get(b"count:" + status.encode(), db=meta)
@@ -120,6 +122,7 @@ class JobStore:
                 jobs=jobs,
                 lease_ceiling=_U64.unpack(ceiling)[0] if ceiling else 1,
                 plugins=msgspec.msgpack.decode(plugins, type=list[str]) if plugins else [],
+                schedules=msgspec.msgpack.decode(schedules, type=dict[str, list]) if schedules else {},
             )
 
         return self._env.read(work)
@@ -137,6 +140,15 @@ class JobStore:
             return None if raw is None else self._with_payload(txn, self._decoder.decode(raw))
 
         return self._env.read(work)
+
+    def statuses(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """The stored status of each of ``job_ids`` that exists."""
+        found = {}
+        for job_id in job_ids:
+            stored = self.get(job_id)
+            if stored is not None:
+                found[job_id] = stored.job.status
+        return found
 
     def find(self, job_id: str | None, idempotency_key: str | None) -> StoredJob | None:
         """The stored job with this id, else the one with this idempotency key."""
@@ -156,6 +168,7 @@ class JobStore:
         """Write changed jobs (each with its seq and its status on disk, None if new),
         the counters, the lease ceiling and the plugin names in one synced transaction."""
         rows, plugins = changes.rows, self._encoder.encode(changes.plugins)
+        schedules = None if changes.schedules is None else self._encoder.encode(changes.schedules)
         # Encoded before the transaction, which runs again if the map has to grow.
         encode = self._encoder.encode
         prepared = [
@@ -183,6 +196,8 @@ class JobStore:
             txn.put(b"seq", _U64.pack(changes.next_seq), db=meta)
             txn.put(b"lease", _U64.pack(changes.lease_ceiling), db=meta)
             txn.put(b"plugins", plugins, db=meta)
+            if schedules is not None:  # the firings saved with the jobs they enqueued
+                txn.put(b"schedules", schedules, db=meta)
             for status, count in changes.counts.items():
                 txn.put(b"count:" + status.encode(), _U64.pack(count), db=meta)
 

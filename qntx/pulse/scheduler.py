@@ -49,10 +49,12 @@ from qntx.protocol import (
     WorkerWelcome,
 )
 from qntx.pulse.core import Config, PulseCore, public
+from qntx.pulse.directives import Directives
 from qntx.pulse.events import (
     CancelAtPlugin,
     Changes,
     ClosePipe,
+    DirectivesSet,
     Finished,
     Instant,
     Log,
@@ -71,10 +73,11 @@ from qntx.pulse.events import (
     WorkerSeen,
 )
 from qntx.pulse.jobstore import JobStore
+from qntx.pulse.rules import MAX_AFTER
 from qntx.settings import Settings
 from qntx.values import is_int, now_ms
 
-LIVE_STATUSES = ("queued", "running", "paused")
+LIVE_STATUSES = ("queued", "running", "paused", "waiting")
 DRAIN_LIMIT = 512
 # Changes nobody waits for (a dispatch, a completion already published) are committed
 # within this long, sharing one fsync with whatever else comes; a reply that promises
@@ -139,9 +142,11 @@ class Pulse:
             max_payload_bytes=settings.max_payload_bytes,
         )
         self.core = PulseCore(config, instant())
+        live = {s.job.id for s in loaded.jobs}
+        after = {dep for s in loaded.jobs if s.job.status == "waiting" for dep in s.job.after if dep not in live}
         self.core.restore(
             [(s.seq, s.job) for s in loaded.jobs], loaded.next_seq, loaded.counts, loaded.lease_ceiling, instant(),
-            plugins=loaded.plugins,
+            plugins=loaded.plugins, ended=self.store.statuses(after), schedules=loaded.schedules,
         )  # fmt: skip
         self._durable: list[Reply] = []  # replies waiting for the next commit
         self._committing = False
@@ -362,15 +367,28 @@ class Pulse:
         if (message.id is not None and self.core.get(message.id) is None) or message.idempotency_key is not None:
             stored = self.store.find(message.id, message.idempotency_key)
             existing = stored.job if stored is not None else None
-        self.apply(Submitted(message, request, existing))
+        self.apply(Submitted(message, request, existing, self._ended(message.after)))
 
-    def steer(self, action: str, job_id: str, request: Request) -> None:
+    def _ended(self, after: Any) -> dict[str, str]:
+        """The stored status of the jobs in ``after`` that are not live (the core knows those)."""
+        if not isinstance(after, list) or len(after) > MAX_AFTER:
+            return {}  # the core refuses it
+        return self.store.statuses(i for i in after if isinstance(i, str) and self.core.get(i) is None)
+
+    def steer(self, action: str, job_id: str, request: Request, *, latest: bool = False) -> None:
         stored_seq, stored = 0, None
-        if self.core.get(job_id) is None:
+        job = self.core.get(job_id)
+        if job is None:
             found = self.store.get(job_id)
             if found is not None:
                 stored_seq, stored = found.seq, found.job
-        self.apply(Steer(action, job_id, request, stored, stored_seq))
+                job = stored
+        ended = self._ended(job.after) if action == "retry" and job is not None else {}
+        self.apply(Steer(action, job_id, request, stored, stored_seq, latest, ended))
+
+    def set_directives(self, directives: Directives) -> None:
+        """The limits and schedules now in ATS (all of them)."""
+        self.apply(DirectivesSet(directives.limits, directives.schedules))
 
     def progress(self, message: JobProgress) -> None:
         self.apply(Progressed(message))

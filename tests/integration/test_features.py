@@ -1,0 +1,147 @@
+"""What people expect of a job system, end to end against a real `qntx up`: delayed
+jobs, periodic schedules, limits, dependencies, pinned handler versions, `ax … so`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from qntx.errors import NotFound
+from qntx.handles import JobFailed
+from qntx.pulse.directives import firing_id
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+COUNTER = """
+import os, time, uuid
+d = args[0]
+mine = os.path.join(d, uuid.uuid4().hex)
+open(mine, 'w').close()
+peak = len(os.listdir(d))
+with open(d + '.peaks', 'a') as f:
+    f.write(f"{peak}\\n")
+time.sleep(float(args[1]))
+os.remove(mine)
+_result = peak
+"""
+
+
+def create(bus, name: str, code: str) -> None:
+    result = bus.run("handler", "create", name, "--code", code)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def up(bus):
+    create(bus, "counter", COUNTER)
+    create(bus, "versioned", "_result = 'old'")
+    create(bus, "tagger", "_result = [payload['attestation']['subjects'], payload['args']]")
+    return bus.start_up()
+
+
+def test_a_delayed_job_starts_on_time_and_survives_a_restart(bus, up):
+    with bus.connect() as client:
+        due = int(time.time() * 1000) + 1500
+        early = client.submit("builtin.echo", "soon", run_at=due)
+        record = early.wait(timeout=20)
+        lateness = record.started_at - due
+        assert 0 <= lateness < 200, lateness
+        later = client.submit("builtin.echo", "later", delay_s=3)
+        later.accepted(timeout=10)
+    up.stop()
+    up2 = bus.start_up()
+    with bus.connect() as client:
+        record = client.wait(later.id, timeout=30)
+        assert record.status == "completed" and record.result == "later"
+        assert record.started_at >= record.run_after
+    up2.stop()
+
+
+def test_a_schedule_fires_on_time_never_twice_across_a_restart(bus, up):
+    with bus.connect() as client:
+        client.schedule_add("tick", "builtin.echo", every=1.0, payload="tock")
+        wait_for(lambda: len(client.schedule("tick").firings) >= 2, timeout=15, what="two firings")
+        state = client.schedule("tick")
+        for due, job_id in state.firings:
+            assert job_id == firing_id("tick", due)
+            job = client.wait(job_id, timeout=10)
+            assert job.result == "tock" and job.schedule == "tick"
+            assert job.created_at - due < 500
+    up.stop()
+    up2 = bus.start_up()
+    with bus.connect() as client:
+        wait_for(lambda: len(client.schedule("tick").firings) >= len(state.firings) + 2, timeout=15, what="firings after the restart")
+        firings = client.schedule("tick").firings
+        dues = [due for due, _ in firings]
+        assert len(dues) == len(set(dues)) and dues == sorted(dues)
+        jobs = client.jobs(limit=1000)
+        fired = [j.id for j in jobs if j.schedule == "tick"]
+        assert len(fired) == len(set(fired))
+        client.schedule_pause("tick")
+        time.sleep(0.3)
+        paused_at = len(client.schedule("tick").firings)
+        time.sleep(2.2)
+        assert len(client.schedule("tick").firings) == paused_at
+        client.schedule_delete("tick")
+        with pytest.raises(NotFound):
+            client.schedule("tick")
+    up2.stop()
+
+
+def test_a_concurrency_limit_holds_under_200_jobs(bus, up, tmp_path):
+    spot = tmp_path / "running"
+    spot.mkdir()
+    with bus.connect() as client:
+        client.limit("python.counter", concurrency=3)
+        time.sleep(0.5)  # the server reads it from the ATS event stream
+        handles = [client.submit("python.counter", {"args": [str(spot), 0.01]}) for _ in range(200)]
+        peaks = [h.result(timeout=120) for h in handles]
+    assert max(peaks) <= 3
+    assert max(int(line) for line in Path(str(spot) + ".peaks").read_text().split()) <= 3
+    assert max(peaks) >= 2  # the limit, not a lack of workers, held them
+
+
+def test_dependencies_run_in_order_and_a_failure_fails_the_dependents(bus, up):
+    with bus.connect() as client:
+        a, b, c = client.chain(("builtin.sleep", 0.3), ("builtin.echo", "b"), ("builtin.echo", "c"))
+        assert c.result(timeout=30) == "c"
+        ja, jb, jc = (client.job(h.id) for h in (a, b, c))
+        assert ja.finished_at <= jb.started_at and jb.finished_at <= jc.started_at
+        assert jc.parent_id == jb.id and jc.after == [jb.id]
+        bad = client.submit("builtin.fail", "x", max_attempts=1)
+        dependent = client.submit("builtin.echo", "never", after=[bad])
+        anyway = client.submit("builtin.echo", "anyway", after=[bad], after_policy="always")
+        with pytest.raises(JobFailed, match="which it runs after, failed"):
+            dependent.result(timeout=30)
+        assert anyway.result(timeout=30) == "anyway"
+        with pytest.raises(NotFound):
+            client.submit("builtin.echo", after=["JB-NO-SUCH-JOB"]).accepted(timeout=10)
+
+
+def test_a_job_submitted_before_a_handler_update_runs_the_old_code(bus, up):
+    with bus.connect() as client:
+        first = client.submit("builtin.sleep", 1.0)
+        old = client.submit("python.versioned", after=[first])
+        old.accepted(timeout=10)
+        result = bus.run("handler", "create", "versioned", "--code", "_result = 'new'")
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: client.submit("python.versioned").result(timeout=30) == "new", timeout=20, what="the update")
+        assert old.result(timeout=30) == "old"
+        client.cancel(client.submit("python.versioned", after=[client.submit("builtin.sleep", 5)]).id)
+
+
+def test_ax_so_runs_a_handler_once_per_match(bus, up):
+    with bus.connect() as client:
+        for name in ("ann", "bob", "cyd"):
+            client.attest(name, "is", "tagged")
+        client.attest("dan", "is", "other")
+    result = bus.run("ax", "is", "of", "tagged", "so", "tagger", "x", "--wait")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert sorted(line[0][0] for line in lines) == ["ann", "bob", "cyd"]
+    assert all(line[1] == ["x"] for line in lines)
