@@ -8,6 +8,7 @@ straight to the embedded LMDB store when it does not; job calls need the server.
 from __future__ import annotations
 
 import atexit
+import shlex
 import sys
 import time
 import weakref
@@ -135,17 +136,39 @@ def make_filter(
     )
 
 
-def ax_filter(text: str, limit: int | None = None) -> Filter:
-    """The Filter of an ax query; a syntax error is Invalid with its position."""
+def parse_query(text: str, limit: int | None = None) -> tuple[Filter, str | None]:
+    """The Filter of an ax query and its ``so`` action (None if it has none); a
+    syntax error is Invalid with its position."""
     from qntx.ats.ax import AxSyntaxError, parse_ax
 
     try:
-        flt = parse_ax(text).filter
+        query = parse_ax(text)
     except AxSyntaxError as exc:
         raise Invalid(f"ax: {exc}") from None
+    flt = query.filter
     if limit is not None:
         flt = msgspec.structs.replace(flt, limit=limit)
-    return flt
+    return flt, query.action
+
+
+def ax_filter(text: str, limit: int | None = None) -> Filter:
+    return parse_query(text, limit)[0]
+
+
+def handler_for(name: str) -> str:
+    """A handler as users type it: ``tagger`` is ``python.tagger``; a name with a dot is as is."""
+    return name if "." in name else f"python.{name}"
+
+
+def split_action(action: str) -> tuple[str, list[str]]:
+    """``so HANDLER ARGS...`` as (handler, args)."""
+    try:
+        words = shlex.split(action)
+    except ValueError as exc:
+        raise Invalid(f"ax: the so action cannot be read: {exc}") from None
+    if not words:
+        raise Invalid("ax: so needs a handler")
+    return handler_for(words[0]), words[1:]
 
 
 class _RemoteAts:
@@ -359,9 +382,24 @@ class Bus:
     def query_filter(self, flt: Filter) -> list[Attestation]:
         return self._ats.query(flt)
 
-    def ax(self, text: str, *, limit: int | None = None) -> list[Attestation]:
-        """Run an ax query (``"alice is knows of work since '3 days ago'"``)."""
-        return self.query_filter(ax_filter(text, limit))
+    def ax(
+        self, text: str, *, limit: int | None = None, so: str | None = None, args: Sequence[str] = ()
+    ) -> list[Attestation] | list[JobHandle]:
+        """Run an ax query (``"alice is knows of work since '3 days ago'"``).
+
+        With an action (``so="tagger"`` or ``"... so tagger ARGS"`` in the text), enqueue
+        one job of that handler per match, whose payload holds the match as
+        ``attestation`` and the arguments as ``args``, and return their handles."""
+        flt, action = parse_query(text, limit)
+        if so is not None:
+            action = shlex.join([so, *args])
+        records = self.query_filter(flt)
+        if action is None:
+            return records
+        handler, action_args = split_action(action)
+        return [
+            self.submit(handler, {"attestation": msgspec.to_builtins(record), "args": action_args}) for record in records
+        ]
 
     def get(self, id: str) -> Attestation:
         return self._ats.get(id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -71,25 +72,51 @@ def ax(
     *query: str,
     limit: Annotated[int | None, Parameter(help="Return at most N attestations.")] = None,
     json_: Annotated[bool, Parameter(name="--json", help="Print a JSON array.")] = False,
+    wait: Annotated[bool, Parameter(help="With `so`: wait for the jobs and print their results.")] = False,
 ):
     """Query attestations with the ax language.
 
-    ``[subjects] [is predicates] [of contexts] [by actors] [since T|until T|on T|between T and T]``
+    ``[subjects] [is predicates] [of contexts] [by actors] [since T|until T|on T|between T and T] [so HANDLER ARGS]``
 
     Examples: ``qntx ax alice is knows``, ``qntx ax is handler of python since '3 days ago'``.
+    With ``so HANDLER ARGS`` it enqueues one job of HANDLER per match (payload:
+    ``attestation`` and ``args``) and prints the job ids, or with ``--wait`` their
+    results, one JSON line each.
     """
 
-    from qntx.api import ax_filter
+    from qntx.api import parse_query
 
     if limit is not None and limit <= 0:
         fail("--limit must be positive")
-    flt = ax_filter(query_text(query), limit)
+    text = query_text(query)
+    flt, action = parse_query(text, limit)
+    if action is not None:
+        return _ax_so(text, limit, wait)
     with open_bus() as bus:
         records = bus.query_filter(flt)
     if json_:
         print_json([record_dict(r) for r in records])
     else:
         print_table(records)
+
+
+def _ax_so(text: str, limit: int | None, wait: bool) -> int:
+    with open_bus() as bus:
+        handles = bus.ax(text, limit=limit)
+        bus.flush()
+        if not wait:
+            for handle in handles:
+                print(handle.id)
+            return 0
+        failed = 0
+        for handle in handles:
+            job = handle.wait()
+            if job.status == "completed":
+                print(json.dumps(job.result, default=str))
+            else:
+                failed += 1
+                print(f"error: job {job.id} {job.status}: {job.error.message if job.error else job.status}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 @app.command(name="as")

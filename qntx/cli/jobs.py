@@ -9,6 +9,7 @@ from typing import Annotated
 import msgspec
 from cyclopts import App, Parameter
 
+from qntx.api import handler_for
 from qntx.cli import app, open_bus
 from qntx.cli.attestations import print_json
 from qntx.protocol import STDERR_MARK, Job, JobChanged, JobOutput, JobProgressed
@@ -59,7 +60,7 @@ def ix(
     NAME is a python handler (``vacancies`` means ``python.vacancies``); a name with a
     dot is used as is (``builtin.echo``). Exits 0 on success, 1 on failure.
     """
-    handler = name if "." in name else f"python.{name}"
+    handler = handler_for(name)
     with open_bus() as bus:
         handle = bus.submit(handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout)
         handle.accepted()  # a refusal (an unknown handler) is one line, before any waiting

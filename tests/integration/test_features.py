@@ -4,7 +4,6 @@ jobs, periodic schedules, limits, dependencies, pinned handler versions, `ax …
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ def create(bus, name: str, code: str) -> None:
 def up(bus):
     create(bus, "counter", COUNTER)
     create(bus, "versioned", "_result = 'old'")
-    create(bus, "tagger", "_result = [payload['attestation']['subjects'], payload['args']]")
+    create(bus, "tagger", "_result = [upstream['attestation']['subjects'], args]")
     return bus.start_up()
 
 
@@ -138,10 +137,15 @@ def test_a_job_submitted_before_a_handler_update_runs_the_old_code(bus, up):
 def test_ax_so_runs_a_handler_once_per_match(bus, up):
     with bus.connect() as client:
         for name in ("ann", "bob", "cyd"):
-            client.attest(name, "is", "tagged")
-        client.attest("dan", "is", "other")
-    result = bus.run("ax", "is", "of", "tagged", "so", "tagger", "x", "--wait")
+            client.attest(name, "tagged", "demo")
+        client.attest("dan", "other", "demo")
+    result = bus.run("ax", "is", "tagged", "so", "tagger", "x", "--wait")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert sorted(line[0][0] for line in lines) == ["ann", "bob", "cyd"]
     assert all(line[1] == ["x"] for line in lines)
+    ids = bus.run("ax", "is", "tagged", "so", "tagger")
+    assert ids.returncode == 0 and len(ids.stdout.split()) == 3
+    with bus.connect() as client:
+        handles = client.ax("is tagged", so="tagger", args=["y"])
+        assert sorted(h.result(timeout=30)[0][0] for h in handles) == ["ann", "bob", "cyd"]
