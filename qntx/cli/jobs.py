@@ -10,8 +10,9 @@ import msgspec
 from cyclopts import App, Parameter
 
 from qntx.api import handler_for
-from qntx.cli import app, open_bus
+from qntx.cli import app, fail, open_bus
 from qntx.cli.attestations import print_json
+from qntx.cli.progress import ProgressView
 from qntx.protocol import STDERR_MARK, Job, JobChanged, JobOutput, JobProgressed
 
 pulse_app = App(name="pulse", help="Inspect and steer Pulse jobs.")
@@ -54,38 +55,28 @@ def ix(
     timeout: Annotated[float, Parameter(help="Seconds the handler may run.")] = 300.0,
     priority: Annotated[int, Parameter(help="Higher runs first.")] = 0,
     max_attempts: Annotated[int, Parameter(help="Attempts before the job fails.")] = 3,
+    at: Annotated[str | None, Parameter(help="Start at this time: 2026-11-25T10:00:00Z, 2026-11-25, now.")] = None,
+    in_: Annotated[str | None, Parameter(name="--in", help="Start after this long: 30s, 5 minutes, 2h.")] = None,
 ):
     """Run handler NAME with ARGS as a job and stream its output.
 
     NAME is a python handler (``vacancies`` means ``python.vacancies``); a name with a
-    dot is used as is (``builtin.echo``). Exits 0 on success, 1 on failure.
+    dot is used as is (``builtin.echo``). On a terminal the handler's progress is a
+    live bar; into a pipe it is plain lines. Exits 0 on success, 1 on failure.
     """
     handler = handler_for(name)
+    run_at = _start_time(at, in_)
     with open_bus() as bus:
-        handle = bus.submit(handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout)
+        handle = bus.submit(
+            handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout, run_at=run_at
+        )
         handle.accepted()  # a refusal (an unknown handler) is one line, before any waiting
         if no_wait:
             print(handle.id)
             return 0
-        final = None
-        streamed = {"stdout": 0, "stderr": 0}  # characters of this attempt already shown live
-        attempt = 0
-        for event in bus.follow(handle.id):
-            if isinstance(event, JobChanged) and event.job.attempts != attempt:
-                attempt = event.job.attempts  # the final logs are the last attempt's alone
-                streamed = {"stdout": 0, "stderr": 0}
-            if isinstance(event, JobOutput):
-                target = sys.stdout if event.stream == "stdout" else sys.stderr
-                target.write(event.text)
-                target.flush()
-                streamed[event.stream] = streamed.get(event.stream, 0) + len(event.text)
-            elif isinstance(event, JobProgressed):
-                print(f"progress {event.current:g}/{event.total:g}", file=sys.stderr)
-            elif isinstance(event, JobChanged) and event.job.status in ("completed", "failed", "cancelled"):
-                final = event.job
-            elif isinstance(event, JobChanged) and event.job.status == "queued" and event.job.attempts:
-                print(f"attempt {event.job.attempts} failed: {event.job.error.message if event.job.error else ''}; retrying", file=sys.stderr)
-    _show_rest_of_logs(final.logs, streamed)
+        with ProgressView(handler, live=sys.stdout.isatty() and sys.stderr.isatty()) as view:
+            final = _stream(bus, handle.id, view)
+    _show_rest_of_logs(final.logs, view.streamed)
     if final.status != "completed":
         _print_failure(final)
         return 1
@@ -94,10 +85,45 @@ def ix(
     return 0
 
 
+def _start_time(at: str | None, in_: str | None) -> int | None:
+    from qntx.ats.ax import AxSyntaxError, parse_duration, parse_time
+    from qntx.values import now_ms
+
+    if at is not None and in_ is not None:
+        fail("give --at or --in, not both")
+    try:
+        if at is not None:
+            return parse_time(at)
+        if in_ is not None:
+            return now_ms() + parse_duration(in_)
+    except AxSyntaxError as exc:
+        fail(f"--{'at' if at is not None else 'in'}: {exc.message}")
+    return None
+
+
+def _stream(bus, job_id: str, view: ProgressView) -> Job:
+    """Follow one job to its end, showing its output and progress; its final record."""
+    attempt = 0
+    for event in bus.follow(job_id):
+        if isinstance(event, JobChanged) and event.job.attempts != attempt:
+            attempt = event.job.attempts  # the final logs are the last attempt's alone
+            view.streamed = {"stdout": 0, "stderr": 0}
+        if isinstance(event, JobOutput):
+            view.output(event.stream, event.text)
+        elif isinstance(event, JobProgressed):
+            view.progress(event.current, event.total)
+        elif isinstance(event, JobChanged) and event.job.status in ("completed", "failed", "cancelled"):
+            return event.job
+        elif isinstance(event, JobChanged) and event.job.status == "queued" and event.job.attempts:
+            error = event.job.error.message if event.job.error else ""
+            view.note(f"attempt {event.job.attempts} failed: {error}; retrying")
+    raise AssertionError("a followed job ends with its final record")
+
+
 @pulse_app.command
 def jobs(
     *,
-    status: Annotated[str | None, Parameter(help="queued, running, completed, failed, cancelled or paused.")] = None,
+    status: Annotated[str | None, Parameter(help="queued, running, completed, failed, cancelled, paused or waiting.")] = None,
     limit: Annotated[int, Parameter(help="At most N jobs, newest first.")] = 20,
     json_: Annotated[bool, Parameter(name="--json")] = False,
 ):
@@ -129,6 +155,16 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
     print(f"  Status:   {job.status} (attempt {job.attempts} of {job.max_attempts})")
     print(f"  Priority: {job.priority}   Timeout: {job.timeout_s:g}s")
     print(f"  Created:  {_time(job.created_at)}   Started: {_time(job.started_at)}   Finished: {_time(job.finished_at)}")
+    if job.run_after and job.status in ("queued", "waiting"):
+        print(f"  Runs at:  {_time(job.run_after)}")
+    if job.version:
+        print(f"  Version:  {job.version}")
+    if job.parent_id:
+        print(f"  Parent:   {job.parent_id}")
+    if job.after:
+        print(f"  After:    {', '.join(job.after)} ({'if they all complete' if job.after_policy == 'completed' else 'once they end'})")
+    if job.schedule:
+        print(f"  Schedule: {job.schedule}")
     if job.worker:
         print(f"  Worker:   {job.worker}")
     if job.progress:
@@ -146,10 +182,10 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
             print(f"    {line}")
 
 
-def _steer(job_id: str, action: str) -> None:
+def _steer(job_id: str, action: str, **options) -> None:
     """Apply a Bus method (cancel, retry, pause, resume) to one job and say where it is now."""
     with open_bus() as bus:
-        job = getattr(bus, action)(job_id)
+        job = getattr(bus, action)(job_id, **options)
     print(f"✓ Job {job.id} {job.status}")
 
 
@@ -160,9 +196,14 @@ def cancel(job_id: str, /):
 
 
 @pulse_app.command
-def retry(job_id: str, /):
-    """Queue a failed or cancelled job again, with fresh attempts."""
-    _steer(job_id, "retry")
+def retry(
+    job_id: str,
+    /,
+    *,
+    latest: Annotated[bool, Parameter(help="Run the handler's current version, not the one the job ran.")] = False,
+):
+    """Queue a failed or cancelled job again, with fresh attempts and the same handler version."""
+    _steer(job_id, "retry", latest=latest)
 
 
 @pulse_app.command
@@ -175,6 +216,60 @@ def pause(job_id: str, /):
 def resume(job_id: str, /):
     """Release a paused job back to the queue."""
     _steer(job_id, "resume")
+
+
+@pulse_app.command
+def watch(
+    *,
+    handler: Annotated[str | None, Parameter(help="Only jobs of this handler.")] = None,
+    interval: Annotated[float, Parameter(help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, Parameter(help="Print the table once and return.")] = False,
+):
+    """A live table of running, queued and waiting jobs (Ctrl-C to stop)."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    wanted = handler_for(handler) if handler else None
+    console = Console()
+    with open_bus() as bus:
+        if once or not console.is_terminal:
+            console.print(_watch_table(bus, wanted))
+            return
+        with Live(_watch_table(bus, wanted), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(max(0.2, interval))
+                live.update(_watch_table(bus, wanted), refresh=True)
+
+
+def _watch_table(bus, handler: str | None):
+    from rich.table import Table
+
+    from qntx.values import now_ms
+
+    status = bus.status()
+    counts = ", ".join(f"{k} {v}" for k, v in status.queue.items() if v)
+    table = Table(title=f"Pulse — {counts or 'no jobs'}", title_justify="left")
+    table.add_column("ID", no_wrap=True, min_width=22)
+    for column in ("HANDLER", "STATUS", "TRIES", "PROGRESS", "WORKER", "AGE"):
+        table.add_column(column)
+    now = now_ms()
+    shown = 0
+    for state in ("running", "queued", "waiting"):
+        for job in bus.jobs(status=state, limit=200):
+            if handler is not None and job.handler != handler:
+                continue
+            progress = f"{job.progress.current:g}/{job.progress.total:g}" if job.progress else ""
+            since = job.started_at if state == "running" else job.created_at
+            table.add_row(
+                job.id, job.handler, state, f"{job.attempts}/{job.max_attempts}", progress, job.worker or "",
+                f"{(now - since) / 1000:.1f}s" if since else "",
+            )  # fmt: skip
+            shown += 1
+            if shown >= 50:
+                return table
+    return table
 
 
 @app.command

@@ -4,6 +4,7 @@ jobs, periodic schedules, limits, dependencies, pinned handler versions, `ax …
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -149,3 +150,46 @@ def test_ax_so_runs_a_handler_once_per_match(bus, up):
     with bus.connect() as client:
         handles = client.ax("is tagged", so="tagger", args=["y"])
         assert sorted(h.result(timeout=30)[0][0] for h in handles) == ["ann", "bob", "cyd"]
+
+
+def _run_on_a_terminal(bus, *args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run a qntx command with a pseudo-terminal as its stdout and stderr."""
+    import pty
+    import select
+    import subprocess
+
+    main_fd, side_fd = pty.openpty()
+    process = subprocess.Popen(bus.qntx_argv(*args), stdin=side_fd, stdout=side_fd, stderr=side_fd, env=bus.env, close_fds=True)
+    os.close(side_fd)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(main_fd, 65536)
+                except OSError:  # the terminal closed: the command is done
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif process.poll() is not None:
+                break
+        return process.wait(timeout=10), b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(main_fd)
+
+
+def test_ix_draws_a_bar_on_a_terminal_and_plain_lines_into_a_pipe(bus, up):
+    create(bus, "stepper", "import time\nfor i in range(10):\n    print('step', i)\n    progress(i + 1, 10)\n    time.sleep(0.05)\n_result = 'ok'")
+    code, screen = _run_on_a_terminal(bus, "ix", "stepper")
+    assert code == 0, screen
+    assert "━" in screen and "10/10" in screen and "/s" in screen and "eta" in screen
+    assert "step 9" in screen and '"ok"' in screen
+    piped = bus.run("ix", "stepper")
+    assert piped.returncode == 0, piped.stderr
+    assert "progress 10/10" in piped.stderr and "━" not in piped.stderr + piped.stdout
+    assert "step 9" in piped.stdout and '"ok"' in piped.stdout
