@@ -16,6 +16,7 @@ import sys
 BENCHMARKS = {
     "ats": "attestation store through the bus: durable writes, group commit, queries, CLI",
     "pulse": "job scheduler throughput and latency",
+    "delayed": "how late delayed jobs start, with 10,000 more waiting",
 }
 
 USAGE = """usage: bin/bench <benchmark> [--quick] [--json]

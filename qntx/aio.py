@@ -180,8 +180,8 @@ class AsyncBus:
     async def cancel(self, id: str) -> Job:
         return decoded((await self.server.request(CancelJob(id=id))).job)
 
-    async def retry(self, id: str) -> Job:
-        job = decoded((await self.server.request(RetryJob(id=id))).job)
+    async def retry(self, id: str, *, latest: bool = False) -> Job:
+        job = decoded((await self.server.request(RetryJob(id=id, latest=latest))).job)
         self.follower.book.forget(id)  # its old final record is not its outcome now
         return job
 

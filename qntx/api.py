@@ -291,6 +291,8 @@ class JobHandle:
         Raises the refusal (e.g. an unknown handler) or a Timeout if no answer came."""
         if not self._acceptance.settled:
             self.bus._settle(self, timeout)
+        if self._acceptance.error is not None:  # raised here: flush need not report it again
+            self.bus._unreported = [(i, e) for i, e in self.bus._unreported if i != self._id]
         return self._acceptance.outcome()
 
     @property

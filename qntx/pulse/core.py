@@ -75,6 +75,7 @@ from qntx.pulse.events import (
 from qntx.pulse.rules import MAX_LOST_RUNS, backoff_ms, bound_logs, check_submit, lease_ms
 
 BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
+WAITING_STATUSES = ("queued", "paused", "waiting")  # not running yet, not ended
 LEASE_BLOCK = 100_000  # lease ids reserved on disk at a time
 FINISHED_KEPT_MS = 10_000  # how long a lease that ended with its JobDone is remembered
 
@@ -771,7 +772,7 @@ class PulseCore:
         self._set_versions(event.name, event.versions)
         before = plugin.handlers
         if first:  # compare with the jobs waiting for it (e.g. across a server restart)
-            before = {j.handler for j in self.jobs.values() if j.status in ("queued", "paused")}
+            before = {j.handler for j in self.jobs.values() if j.status in WAITING_STATUSES}
             before = {h for h in before if h.startswith(event.name + ".")}
         self._set_handlers(plugin, set(event.handlers), before, now)
 
@@ -800,14 +801,16 @@ class PulseCore:
         plugin.handlers = now_set
         self._removed -= now_set
         # Also jobs accepted for a handler it never had (it was down then).
-        waiting = {j.handler for j in self.jobs.values() if j.status in ("queued", "paused")}
+        waiting = {j.handler for j in self.jobs.values() if j.status in WAITING_STATUSES}
         before = before | {h for h in waiting if h.startswith(plugin.name + ".")}
         for handler in before - now_set:
             self._removed.add(handler)
             for job in list(self.jobs.values()):
-                if job.handler == handler and job.status in ("queued", "paused"):
+                if job.handler == handler and job.status in WAITING_STATUSES:
                     if job.status == "queued":
                         self._dequeue(job.id)
+                    elif job.status == "waiting":
+                        self._stop_waiting(job)
                     job.error = JobError(message=f"handler {handler} was deleted")
                     job.finished_at = now.wall
                     self._set_status(job, "failed")

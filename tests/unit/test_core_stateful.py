@@ -12,7 +12,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from qntx.errors import QntxError
 from qntx.protocol import FINAL_STATUSES, JobDone, JobError
+from qntx.pulse.directives import Limit
 from qntx.pulse.events import (
+    DirectivesSet,
     Finished,
     PluginDown,
     PluginUp,
@@ -42,13 +44,26 @@ class PulseLife(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ helpers
 
+    def _status(self, job_id: str) -> str | None:
+        job = self.h.core.jobs.get(job_id) or self.h.disk.jobs.get(job_id, (0, None))[1]
+        return None if job is None else job.status
+
     def _apply(self, commands) -> None:
         for command in commands:
             if isinstance(command, SendJob):
                 lease = command.message.lease
+                job = command.message.job
                 assert lease not in self.runs, "a lease id was used twice"
-                self.runs[lease] = (command.message.job.id, command.session)
+                self.runs[lease] = (job.id, command.session)
                 self.held[command.session].add(lease)
+                for dep in job.after:  # never before what it runs after has ended as it must
+                    status = self._status(dep)
+                    assert status in FINAL_STATUSES, f"{job.id} started while {dep} is {status}"
+                    assert job.after_policy == "always" or status == "completed"
+                limit = self.h.core._limits.get(job.handler)
+                if limit is not None and limit.concurrency is not None:
+                    running = sum(1 for x in self.h.core.leases.values() if self.h.core.jobs[x.job_id].handler == job.handler)
+                    assert running <= limit.concurrency, f"{running} {job.handler} running, limit {limit.concurrency}"
 
     def _turn(self) -> None:
         for session in self.alive:
@@ -62,6 +77,24 @@ class PulseLife(RuleBasedStateMachine):
         job = self.h.submit(handler=handler, payload=len(self.submitted), max_attempts=attempts)
         self.submitted.append(job.id)
         self.max_attempts[job.id] = attempts
+        self._turn()
+
+    @precondition(lambda self: self.submitted)
+    @rule(data=st.data(), policy=st.sampled_from(["completed", "always"]))
+    def submit_after(self, data, policy):
+        deps = data.draw(st.lists(st.sampled_from(self.submitted), min_size=1, max_size=2))
+        try:
+            job = self.h.submit(handler="builtin.echo", payload=len(self.submitted), after=deps, after_policy=policy)
+        except QntxError:
+            return  # a job it runs after was lost with an uncommitted restart
+        self.submitted.append(job.id)
+        self.max_attempts[job.id] = job.max_attempts
+        self._turn()
+
+    @rule(concurrency=st.one_of(st.none(), st.integers(1, 2)))
+    def a_limit_is_set(self, concurrency):
+        limits = {} if concurrency is None else {"builtin.echo": Limit(concurrency=concurrency)}
+        self.h(DirectivesSet(limits=limits, schedules={}))
         self._turn()
 
     @rule(data=st.data(), success=st.booleans())
@@ -111,7 +144,9 @@ class PulseLife(RuleBasedStateMachine):
     def the_server_restarts(self):
         self.h.commit()  # what was committed survives; the rest is lost with the process
         wall, mono = self.h.wall + 50, self.h.mono + 50
+        limits = self.h.core._limits
         self.h = Harness(self.h.disk, wall=wall, mono=mono)
+        self.h(DirectivesSet(limits=limits, schedules={}))  # read again from ATS
         self.h(PluginUp("python", "ipc://p", 3, ("python.work",)))
         self._turn()
 
@@ -197,6 +232,8 @@ class PulseLife(RuleBasedStateMachine):
             self._turn()
         for job in self.h.core.jobs.values():
             assert job.status != "running" or job.lease in self.h.core.leases
+            if job.status == "waiting":  # only while something it runs after has not ended
+                assert any(self._status(dep) not in FINAL_STATUSES for dep in job.after), job
         for job_id in self.submitted:
             job = self.h.core.jobs.get(job_id) or self.h.disk.jobs.get(job_id, (0, None))[1]
             if job is not None and job.status in FINAL_STATUSES and job.status == "completed":
