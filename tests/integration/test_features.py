@@ -193,3 +193,28 @@ def test_ix_draws_a_bar_on_a_terminal_and_plain_lines_into_a_pipe(bus, up):
     assert piped.returncode == 0, piped.stderr
     assert "progress 10/10" in piped.stderr and "━" not in piped.stderr + piped.stdout
     assert "step 9" in piped.stdout and '"ok"' in piped.stdout
+
+
+def test_a_rate_limit_and_schedules_from_the_cli(bus, up):
+    limited = bus.run("handler", "limit", "builtin.echo", "--rate", "5/s")
+    assert limited.returncode == 0 and "at most 5 starts per 1s" in limited.stdout, limited.stderr
+    with bus.connect() as client:
+        time.sleep(0.3)
+        records = [h.wait(timeout=60) for h in [client.submit("builtin.echo", n) for n in range(15)]]
+    starts = sorted(r.started_at for r in records)
+    for i in range(5, len(starts)):  # never more than 5 starts in any 1 s window
+        assert starts[i] - starts[i - 5] >= 1000 - 5, starts
+    assert bus.run("handler", "limit", "builtin.echo", "--clear").returncode == 0
+
+    added = bus.run("schedule", "add", "beat", "--handler", "builtin.echo", "--every", "500ms", "--payload", '"b"')
+    assert added.returncode == 0, added.stderr
+    wait_for(lambda: "JB-SC-" in bus.run("schedule", "show", "beat").stdout, timeout=10, what="a firing")
+    listed = bus.run("schedule", "list")
+    assert "beat" in listed.stdout and "every 0.5s" in listed.stdout and "active" in listed.stdout
+    assert bus.run("schedule", "pause", "beat").returncode == 0
+    assert "paused" in bus.run("schedule", "list").stdout
+    assert bus.run("schedule", "delete", "beat").returncode == 0
+    missing = bus.run("schedule", "show", "beat")
+    assert missing.returncode != 0 and missing.stderr.count("\n") == 1 and "no schedule 'beat'" in missing.stderr
+    bad = bus.run("schedule", "add", "x", "--handler", "builtin.echo", "--cron", "61 * * * *")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: not a cron expression")

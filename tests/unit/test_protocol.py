@@ -54,6 +54,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy:
         return st.one_of(*(strategy_for(arg) for arg in typing.get_args(tp)))
     if origin is list:
         return st.lists(strategy_for(typing.get_args(tp)[0]), max_size=3)
+    if origin is tuple:
+        return st.tuples(*(strategy_for(arg) for arg in typing.get_args(tp)))
     if origin is dict:
         key, value = typing.get_args(tp)
         return st.dictionaries(strategy_for(key), strategy_for(value), max_size=3)
