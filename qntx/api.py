@@ -58,6 +58,7 @@ from qntx.protocol import (
     PauseJob,
     Ping,
     Pong,
+    Prune,
     Query,
     ResumeJob,
     RetryJob,
@@ -563,6 +564,16 @@ class Bus:
             return work(store)
         finally:
             store.close()
+
+    def prune(self, older_than_s: float | None = None) -> dict[str, int]:
+        """Delete finished jobs now: those past their retention (``keep_completed_s``,
+        ``keep_failed_s``, ``keep_completed_max``), or every one that finished more
+        than ``older_than_s`` ago. The server also does this in the background.
+        Returns how many of each status went."""
+        older_ms = None
+        if older_than_s is not None:
+            older_ms = 0 if older_than_s == 0 else seconds_to_ms(older_than_s, "older_than_s")
+        return self.server.request(Prune(older_than_ms=older_ms), timeout_s=max(60.0, self.settings.request_timeout_s)).deleted
 
     def cancel(self, id: str) -> Job:
         return decoded(self.server.request(CancelJob(id=id)).job)

@@ -265,6 +265,17 @@ class StatusReply(Message):
     handlers: list[str]
 
 
+class Prune(Message):
+    """Delete finished jobs now: those past their retention, or (``older_than_ms``)
+    every one that finished longer ago than that."""
+
+    older_than_ms: int | None = None
+
+
+class Pruned(Message):
+    deleted: dict[str, int]  # status -> jobs deleted
+
+
 class ListSchedules(Message):
     """What Pulse knows of its schedules: each with its next due time and past firings."""
 
@@ -335,12 +346,13 @@ ServerRequest = (
     | ResumeJob
     | GetStatus
     | ListSchedules
+    | Prune
     | RegisterPlugin
     | HandlersChanged
     | JobProgress
     | JobOutput
 )
-ServerReply = Pong | JobReply | JobList | StatusReply | SchedulesReply | Ack | ErrorReply
+ServerReply = Pong | JobReply | JobList | StatusReply | SchedulesReply | Pruned | Ack | ErrorReply
 
 
 # --------------------------------------------------------------------- workers

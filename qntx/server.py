@@ -24,7 +24,7 @@ from loguru import logger
 from qntx import __version__
 from qntx.bus.actor import Actor, Peer, Publisher, Request
 from qntx.bus.pidlock import PidLock
-from qntx.errors import NotFound, Unavailable
+from qntx.errors import Invalid, NotFound, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
     Ack,
@@ -52,6 +52,8 @@ from qntx.protocol import (
     Ping,
     PluginReply,
     Pong,
+    Prune,
+    Pruned,
     RegisterPlugin,
     ResumeJob,
     RetryJob,
@@ -66,8 +68,10 @@ from qntx.pulse.events import HandlersAnnounced, PluginDown, PluginUp
 from qntx.pulse.follower import DirectivesFollower
 from qntx.pulse.scheduler import Pulse
 from qntx.settings import Settings
+from qntx.values import is_int
 
 HEALTH_FAILURES_ALLOWED = 3
+PRUNE_EVERY_S = 60.0  # finished jobs past their retention go this often (a few small txns)
 
 
 @dataclass
@@ -114,6 +118,7 @@ class ServerActor(Actor):
                 ResumeJob: self.on_resume,
                 GetStatus: self.on_status,
                 ListSchedules: self.on_list_schedules,
+                Prune: self.on_prune,
                 RegisterPlugin: self.on_register_plugin,
                 HandlersChanged: self.on_handlers_changed,
                 JobProgress: self.on_progress,
@@ -121,6 +126,8 @@ class ServerActor(Actor):
             },
         )
         self.directives = DirectivesFollower(self, self.settings, self.pulse.set_directives)
+        self.every(PRUNE_EVERY_S, self._prune_in_background)
+        self._pruning = False
         self._schedule_health()
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.pulse.store, "the job store"))
         counts = self.pulse.core.counts()
@@ -186,6 +193,17 @@ class ServerActor(Actor):
                 ActorStatus(name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=plugin.healthy)
             )
         return StatusReply(actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers())
+
+    def on_prune(self, message: Prune, request: Request) -> None:
+        older = message.older_than_ms
+        if older is not None and (not is_int(older) or older < 0):
+            raise Invalid(f"older_than_ms must be a whole number of ms >= 0, got {older!r}")
+        self.pulse.prune(older, lambda deleted: request.reply(Pruned(deleted=deleted)))
+
+    def _prune_in_background(self) -> None:
+        if not self._pruning:
+            self._pruning = True
+            self.pulse.prune(done=lambda deleted: setattr(self, "_pruning", False))
 
     def on_list_schedules(self, message: ListSchedules, request: Request) -> SchedulesReply:
         states = []

@@ -33,6 +33,11 @@ class Settings:
     python_memory_mb: int = 1024  # address-space limit per handler interpreter
     python_cpu_s: int = 600  # CPU-seconds limit per handler run
     heartbeat_s: float = 1.0  # worker and plugin liveness interval
+    keep_completed_s: float = 7 * 86400.0  # completed jobs are pruned this long after they finished
+    keep_failed_s: float = 30 * 86400.0  # failed and cancelled ones (the dead-letter view) longer
+    keep_completed_max: int = 1_000_000  # and past this many completed jobs, the oldest go
+    log_max_bytes: int = 10 << 20  # each <home>/logs/<actor>.log rotates at this size
+    log_files: int = 5  # rotated files kept per actor
     insecure: bool = False  # allow tcp endpoints without CURVE (explicit opt-out)
     ats_endpoint: str = ""
     ats_events_endpoint: str = ""

@@ -11,6 +11,7 @@ supervisor even when it is killed with -9.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import re
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from loguru import logger
@@ -89,15 +91,22 @@ class Supervisor:
         self._write_pidfile()
 
     def _pump(self, child: Child, process: subprocess.Popen, log_path: Path) -> None:
-        with open(log_path, "ab", buffering=0) as log:
+        # Rotated at log_max_bytes, log_files kept: a long-running bus never fills the disk with logs.
+        log = RotatingFileHandler(
+            log_path, maxBytes=self.settings.log_max_bytes, backupCount=max(1, self.settings.log_files), encoding="utf-8"
+        )
+        log.terminator = ""
+        try:
             stamp = b""
             for line in process.stdout:  # type: ignore[union-attr]
-                log.write(line)
+                log.emit(logging.makeLogRecord({"msg": line.decode("utf-8", "replace")}))
                 if self.echo:
                     # A line without its own stamp (a traceback) goes with the line before it.
                     if STAMP.match(line):
                         stamp = line[:15]
                     self._console.put((stamp, line))
+        finally:
+            log.close()
 
     def _echo(self) -> None:
         """Write the children's lines to the console in stamp order.

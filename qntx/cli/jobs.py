@@ -219,6 +219,26 @@ def resume(job_id: str, /):
 
 
 @pulse_app.command
+def prune(
+    *,
+    older_than: Annotated[str | None, Parameter(help="Every finished job older than this (e.g. 3d, 12h); default: the configured retention.")] = None,
+):
+    """Delete finished jobs past their retention now (the server also does it in the background)."""
+    from qntx.ats.ax import AxSyntaxError, parse_duration
+
+    seconds = None
+    if older_than is not None:
+        try:
+            seconds = parse_duration(older_than) / 1000
+        except AxSyntaxError as exc:
+            fail(f"--older-than: {exc.message}")
+    with open_bus() as bus:
+        deleted = bus.prune(seconds)
+    detail = ", ".join(f"{status} {count}" for status, count in deleted.items() if count)
+    print(f"✓ Pruned {sum(deleted.values())} finished job(s)" + (f" ({detail})" if detail else ""))
+
+
+@pulse_app.command
 def watch(
     *,
     handler: Annotated[str | None, Parameter(help="Only jobs of this handler.")] = None,

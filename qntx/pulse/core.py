@@ -282,6 +282,12 @@ class PulseCore:
         self._meta_dirty = self._schedules_dirty = True
         self._dirty |= self._writing
 
+    def pruned(self, deleted: dict[str, int]) -> None:
+        """Finished jobs were deleted from the store (retention): count them out."""
+        for status, count in deleted.items():
+            self._counts[status] -= count
+        self._meta_dirty = self._meta_dirty or any(deleted.values())
+
     def get(self, job_id: str) -> Job | None:
         """A job in memory (live, or final and not yet saved); None: read the store."""
         job = self.jobs.get(job_id)

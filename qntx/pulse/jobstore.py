@@ -35,6 +35,7 @@ _STAMP = struct.Struct(">QQ")  # created_at, seq
 _DBS = ("jobs", "payloads", "keys", "status", "created", "meta")
 # Payloads up to this size stay in the job's record: one B-tree less per commit.
 INLINE_PAYLOAD_BYTES = 2048
+PRUNE_BATCH = 500  # jobs deleted per transaction: short enough never to hold the writer long
 
 
 class StoredJob(msgspec.Struct, array_like=True):
@@ -191,6 +192,8 @@ class JobStore:
                 if old != job.status:
                     if old is not None:
                         txn.delete(_status_key(old, stamp), db=db["status"])
+                        # Again: a retried job may have been pruned while it was being retried.
+                        txn.put(stamp, job_id, db=db["created"])
                     txn.put(_status_key(job.status, stamp), job_id, db=db["status"])
             meta = db["meta"]
             txn.put(b"seq", _U64.pack(changes.next_seq), db=meta)
@@ -202,6 +205,56 @@ class JobStore:
                 txn.put(b"count:" + status.encode(), _U64.pack(count), db=meta)
 
         self._env.write(work)
+
+    def prune(
+        self,
+        cutoffs: Mapping[str, int],
+        *,
+        max_completed: int | None = None,
+        keep: Container[str] = (),
+        batch: int = PRUNE_BATCH,
+    ) -> dict[str, int]:
+        """Delete finished jobs in one small transaction: those of each status in
+        ``cutoffs`` that finished before its cutoff (wall ms), and the oldest completed
+        ones past ``max_completed``. At most ``batch`` go at once (call again while a
+        batch comes back full); ids in ``keep`` (live in Pulse) are left alone.
+        Returns how many of each status went."""
+        def work(txn) -> dict[str, int]:
+            db, meta = self._db, self._db["meta"]
+            deleted, budget = dict.fromkeys(cutoffs, 0), batch
+            for status, cutoff in cutoffs.items():
+                count = txn.get(b"count:" + status.encode(), db=meta)
+                count = _U64.unpack(count)[0] if count else 0
+                over = max(0, count - max_completed) if status == "completed" and max_completed is not None else 0
+                prefix = status.encode() + b"\x00"
+                victims = []
+                # Oldest created first; a job that finished late is passed over, and
+                # the scan stops after a few batches' worth either way.
+                for scanned, (key, raw_id) in enumerate(_walk(txn, db["status"], prefix, reverse=False)):
+                    if len(victims) >= budget or scanned >= 4 * batch:
+                        break
+                    if raw_id.decode() in keep:
+                        continue
+                    record = txn.get(raw_id, db=db["jobs"])
+                    job = None if record is None else self._decoder.decode(record).job
+                    if job is None or len(victims) < over or (job.finished_at or job.created_at) < cutoff:
+                        victims.append((key, raw_id, job))
+                for key, raw_id, job in victims:
+                    txn.delete(key, db=db["status"])
+                    txn.delete(key[len(prefix) :], db=db["created"])
+                    txn.delete(raw_id, db=db["jobs"])
+                    txn.delete(raw_id, db=db["payloads"])
+                    if job is not None and job.idempotency_key is not None:
+                        owner = job.idempotency_key.encode()
+                        if txn.get(owner, db=db["keys"]) == raw_id:
+                            txn.delete(owner, db=db["keys"])
+                deleted[status] = len(victims)
+                budget -= len(victims)
+                if victims:
+                    txn.put(b"count:" + status.encode(), _U64.pack(max(0, count - len(victims))), db=meta)
+            return deleted
+
+        return self._env.write(work) if cutoffs else {}
 
     def newest(
         self,

@@ -34,6 +34,7 @@ from qntx.bus.actor import Actor, Offloader, Request
 from qntx.bus.codec import Decoder, encode
 from qntx.errors import Internal, Invalid, NotFound, QntxError
 from qntx.protocol import (
+    FINAL_STATUSES,
     JOB_STATUSES,
     MAX_PAGE,
     Job,
@@ -72,7 +73,7 @@ from qntx.pulse.events import (
     Undeliverable,
     WorkerSeen,
 )
-from qntx.pulse.jobstore import JobStore
+from qntx.pulse.jobstore import PRUNE_BATCH, JobStore
 from qntx.pulse.rules import MAX_AFTER
 from qntx.settings import Settings
 from qntx.values import is_int, now_ms
@@ -385,6 +386,46 @@ class Pulse:
                 job = stored
         ended = self._ended(job.after) if action == "retry" and job is not None else {}
         self.apply(Steer(action, job_id, request, stored, stored_seq, latest, ended))
+
+    def prune(self, older_than_ms: int | None = None, done: Callable[[dict[str, int]], None] | None = None) -> None:
+        """Delete finished jobs past their retention (or older than ``older_than_ms``),
+        a small transaction at a time on the writer thread, until none is left;
+        ``done`` gets the counts deleted per status."""
+        total = dict.fromkeys(FINAL_STATUSES, 0)
+        settings = self.settings
+
+        def batch() -> dict[str, int]:
+            now = now_ms()
+            if older_than_ms is not None:
+                cutoffs = dict.fromkeys(FINAL_STATUSES, now - older_than_ms)
+                cap = None
+            else:
+                cutoffs = {
+                    "completed": now - int(settings.keep_completed_s * 1000),
+                    "failed": now - int(settings.keep_failed_s * 1000),
+                    "cancelled": now - int(settings.keep_failed_s * 1000),
+                }
+                cap = settings.keep_completed_max
+            return self.store.prune(cutoffs, max_completed=cap, keep=self.core.jobs)
+
+        def after(outcome: Any) -> None:
+            if isinstance(outcome, BaseException):
+                logger.warning("pruning finished jobs failed: {}", outcome)
+                deleted = {}
+            else:
+                deleted = outcome
+                self.core.pruned(deleted)
+                for status, count in deleted.items():
+                    total[status] += count
+            if sum(deleted.values()) >= PRUNE_BATCH and not self._closing:
+                self.writer.submit(batch, after)  # more to go: the next small transaction
+                return
+            if any(total.values()):
+                logger.info("pruned {} finished job(s): {}", sum(total.values()), ", ".join(f"{k} {v}" for k, v in total.items() if v))
+            if done is not None:
+                done(total)
+
+        self.writer.submit(batch, after)
 
     def set_directives(self, directives: Directives) -> None:
         """The limits and schedules now in ATS (all of them)."""
