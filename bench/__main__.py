@@ -17,6 +17,7 @@ BENCHMARKS = {
     "ats": "attestation store through the bus: durable writes, group commit, queries, CLI",
     "pulse": "job scheduler throughput and latency",
     "delayed": "how late delayed jobs start, with 10,000 more waiting",
+    "soak": "500,000 jobs through one bus: server RSS and data.mdb sizes stay bounded",
 }
 
 USAGE = """usage: bin/bench <benchmark> [--quick] [--json]

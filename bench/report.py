@@ -127,6 +127,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:,.0f}/s"
     if unit in ("us", "ms"):
         return f"{value:,.0f} {unit}" if value >= 100 else f"{value:,.1f} {unit}"
+    if unit.strip() == "kB":
+        return f"{value:,.0f} kB"
     return f"{value:,.3g} {unit}"
 
 

@@ -71,7 +71,6 @@ from qntx.settings import Settings
 from qntx.values import is_int
 
 HEALTH_FAILURES_ALLOWED = 3
-PRUNE_EVERY_S = 60.0  # finished jobs past their retention go this often (a few small txns)
 
 
 @dataclass
@@ -126,7 +125,7 @@ class ServerActor(Actor):
             },
         )
         self.directives = DirectivesFollower(self, self.settings, self.pulse.set_directives)
-        self.every(PRUNE_EVERY_S, self._prune_in_background)
+        self.every(max(0.1, self.settings.prune_every_s), self._prune_in_background)
         self._pruning = False
         self._schedule_health()
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.pulse.store, "the job store"))

@@ -36,6 +36,7 @@ class Settings:
     keep_completed_s: float = 7 * 86400.0  # completed jobs are pruned this long after they finished
     keep_failed_s: float = 30 * 86400.0  # failed and cancelled ones (the dead-letter view) longer
     keep_completed_max: int = 1_000_000  # and past this many completed jobs, the oldest go
+    prune_every_s: float = 60.0  # how often the server prunes finished jobs in the background
     log_max_bytes: int = 10 << 20  # each <home>/logs/<actor>.log rotates at this size
     log_files: int = 5  # rotated files kept per actor
     insecure: bool = False  # allow tcp endpoints without CURVE (explicit opt-out)
