@@ -1043,8 +1043,10 @@ class PulseCore:
             job.started_at, job.finished_at = now.wall, None
             job.worker, job.progress = session.name, None
             self._set_status(job, "running")
-            # Sent before the commit: the worker runs the job while the disk syncs.
-            self._out.append(SendJob(session.id, Dispatch(lease=lease.id, job=job, plugin_endpoint=endpoint)))
+            # A built-in (no side effects) goes before the commit and runs while the
+            # disk syncs; any other handler only once its run is on disk.
+            durable = job.handler not in BUILTIN_HANDLERS
+            self._out.append(SendJob(session.id, Dispatch(lease=lease.id, job=job, plugin_endpoint=endpoint), durable))
 
 
 def _new_job_id(handler: str, taken: dict[str, Job]) -> str:

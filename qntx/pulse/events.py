@@ -143,6 +143,9 @@ class Turn:
 class SendJob:
     session: bytes
     message: Dispatch
+    # Only once the commit holding the run is on disk: a handler with side effects
+    # never runs without its run recorded (built-ins, which have none, go at once).
+    durable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

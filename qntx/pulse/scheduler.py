@@ -150,6 +150,7 @@ class Pulse:
             plugins=loaded.plugins, ended=self.store.statuses(after), schedules=loaded.schedules,
         )  # fmt: skip
         self._durable: list[Reply] = []  # replies waiting for the next commit
+        self._held: list[SendJob] = []  # dispatches waiting for the next commit
         self._committing = False
         self._closing = False
         self._lazy_timer = None
@@ -178,13 +179,10 @@ class Pulse:
     def _carry_out(self, command: Any) -> None:
         kind = type(command)
         if kind is SendJob:
-            pipe = self._pipes.get(command.session)
-            try:
-                if pipe is None:
-                    raise zmq.Again()
-                pipe[0].send(encode(command.message), zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError:
-                self.apply(Undeliverable(command.message.lease))
+            if command.durable:
+                self._held.append(command)  # sent once the commit holding its run is on disk
+            else:
+                self._send_job(command)
         elif kind is Publish:
             self._publish(command.topic, command.message)
         elif kind is Reply:
@@ -205,6 +203,21 @@ class Pulse:
         else:  # pragma: no cover - a command without a carrier is a bug
             raise TypeError(f"unknown command {command!r}")
 
+    def _send_job(self, command: SendJob) -> None:
+        pipe = self._pipes.get(command.session)
+        try:
+            if pipe is None:
+                raise zmq.Again()
+            pipe[0].send(encode(command.message), zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            self.apply(Undeliverable(command.message.lease))
+
+    def _release_held(self, held: list[SendJob]) -> None:
+        for command in held:
+            lease = self.core.leases.get(command.message.lease)
+            if lease is not None and lease.session == command.session:  # not cancelled or taken back meanwhile
+                self._send_job(command)
+
     def end_turn(self) -> None:
         """After every pending message was read: expire, reap, dispatch; then commit."""
         self.apply(Turn())
@@ -222,7 +235,7 @@ class Pulse:
     def _start_commit(self, *, lazy_ok: bool = True) -> None:
         if self._committing or self._closing:
             return
-        if lazy_ok and not self._durable and not self.core.urgent:
+        if lazy_ok and not self._durable and not self._held and not self.core.urgent:
             if self._lazy_timer is None and self.core.has_changes():
                 self._lazy_timer = self.actor.call_later(LAZY_COMMIT_S, self._lazy_commit)
             return
@@ -231,12 +244,13 @@ class Pulse:
             self._lazy_timer = None
         changes = self.core.changes()
         if changes is None:
-            if self._durable:  # nothing new to write: what they wait for is on disk
-                replies, self._durable = self._durable, []
-                for reply in replies:
-                    reply.reply_to.reply(reply.message)
+            # Nothing new to write: what they wait for is on disk.
+            replies, self._durable, held, self._held = self._durable, [], self._held, []
+            for reply in replies:
+                reply.reply_to.reply(reply.message)
+            self._release_held(held)
             return
-        replies, self._durable = self._durable, []
+        replies, self._durable, held, self._held = self._durable, [], self._held, []
         self._committing = True
         save = self.store.save
 
@@ -250,10 +264,12 @@ class Pulse:
                 self.core.commit_failed()
                 for reply in replies:
                     reply.reply_to.fail(Internal(f"store write failed: {outcome}"))
+                self._held = held + self._held  # they go with the next commit that succeeds
             else:
                 self.apply(Saved(changes.versions, changes.lease_ceiling))
                 for reply in replies:
                     reply.reply_to.reply(reply.message)
+                self._release_held(held)
             self._start_commit()  # what changed meanwhile goes next
 
         if self._small(changes):
@@ -290,7 +306,9 @@ class Pulse:
             for reply in self._durable:
                 reply.reply_to.reply(reply.message)
         finally:
-            self._durable = []
+            # Held dispatches are not sent: their runs are on disk as running, and
+            # the next server gives back what no worker claims.
+            self._durable, self._held = [], []
             for session in list(self._pipes):
                 self._close_pipe(session)
             self.store.close()

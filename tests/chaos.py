@@ -1,0 +1,398 @@
+"""``bin/chaos``: a stream of jobs and attestations while actors die at random.
+
+Starts ``qntx up`` in a throwaway home (its own process group), keeps submitting
+jobs (``builtin.echo`` and a stored python handler that records each of its runs
+in a file) and attestations, each with an id the client made, and meanwhile:
+
+* kills with SIGKILL, at random moments, a worker, a python interpreter of the
+  plugin, the python plugin, the server or the ATS actor (``up`` restarts them);
+* stops a worker with SIGSTOP past its lease, then resumes it;
+* kills the whole process group (a power loss) and starts a fresh ``up`` on the
+  same home.
+
+A submission or attestation that got no answer is sent again with the same id
+until it is answered, as a careful client does. At the end it checks, and prints:
+
+1. every accepted job reached a final state with its own result, none is stuck;
+2. every run of a python job is counted in its record (``runs``), so no extra run
+   went unrecorded;
+3. every accepted attestation is in ATS exactly once;
+4. both LMDB environments open clean and every record in them reads back.
+
+``python -m tests.chaos --rounds 20 --power 5`` (what ``bin/chaos`` runs);
+``tests/integration/test_chaos.py`` runs a shortened version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+REPO = Path(__file__).resolve().parents[1]
+HANDLER = "chaos"
+HANDLER_CODE = """
+import os, time
+with open(os.path.join(upstream['dir'], 'runs.log'), 'a') as f:
+    f.write(upstream['id'] + '\\n')
+time.sleep(upstream['sleep'])
+_result = upstream['n']
+"""
+JOB_TIMEOUT_S = 2.0
+LEASE_S = JOB_TIMEOUT_S * 4 + 5  # rules.lease_ms: PLUGIN_DEPTH x timeout + grace
+
+
+@dataclass
+class Tally:
+    rounds: int = 0
+    kills: Counter = field(default_factory=Counter)
+    jobs: dict[str, int] = field(default_factory=dict)  # accepted job id -> n
+    attestations: set[str] = field(default_factory=set)  # accepted attestation ids
+    resent: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Chaos:
+    def __init__(self, home: Path, seed: int, log=print):
+        self.home = home
+        self.random = random.Random(seed)
+        self.log = log
+        self.tally = Tally()
+        self.stop = threading.Event()
+        self.up: subprocess.Popen | None = None
+        self.env = dict(os.environ, QNTX_HOME=str(home), PYTHONUNBUFFERED="1")
+        self.runs_dir = home / "chaos-runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- the bus
+
+    def qntx(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "qntx", "--home", str(self.home), *args]
+
+    def start_up(self) -> None:
+        out = open(self.home / "chaos-up.log", "ab")
+        self.up = subprocess.Popen(self.qntx("up"), stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        import qntx
+        from qntx.errors import QntxError
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with qntx.connect(self.home, embedded=False, request_timeout_s=1.0) as bus:
+                    status = bus.status()
+                if f"python.{HANDLER}" in status.handlers and sum(a.name.startswith("worker") for a in status.actors) >= 2:
+                    return
+            except QntxError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("qntx up did not come up")
+
+    def pids(self) -> dict[str, int]:
+        try:
+            lines = (self.home / "run" / "actors").read_text().splitlines()
+        except OSError:
+            return {}
+        return {name: int(pid) for name, pid in (line.split() for line in lines if line.strip())}
+
+    @staticmethod
+    def children(pid: int) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+        return found
+
+    def power_loss(self) -> None:
+        assert self.up is not None
+        os.killpg(self.up.pid, signal.SIGKILL)
+        self.up.wait()
+        for pid in self.pids().values():  # anything that outlived its group (none should)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+        self.start_up()
+
+    def stop_up(self) -> None:
+        if self.up is not None and self.up.poll() is None:
+            self.up.send_signal(signal.SIGTERM)
+            try:
+                self.up.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.up.pid, signal.SIGKILL)
+                self.up.wait()
+
+    # ---------------------------------------------------------------- load
+
+    def submitter(self) -> None:
+        import qntx
+        from qntx.asid import new_asid
+        from qntx.errors import QntxError
+
+        n = 0
+        with qntx.connect(self.home, embedded=False, request_timeout_s=2.0) as bus:
+            while not self.stop.is_set():
+                batch = []
+                for _ in range(10):
+                    n += 1
+                    python = n % 2 == 0
+                    handler = f"python.{HANDLER}" if python else "builtin.echo"
+                    job_id = new_asid(handler, prefix="JB")
+                    payload = {"n": n, "id": job_id, "dir": str(self.runs_dir), "sleep": self.random.choice((0, 0, 0.01, 0.05))}
+                    batch.append((handler, payload, job_id, n))
+                pending = batch
+                while pending and not self.stop.is_set():
+                    handles = []
+                    for handler, payload, job_id, number in pending:
+                        try:
+                            handles.append((bus.submit(handler, payload, id=job_id, max_attempts=10, timeout_s=JOB_TIMEOUT_S), (handler, payload, job_id, number)))
+                        except QntxError:
+                            handles.append((None, (handler, payload, job_id, number)))
+                    retry = []
+                    for handle, item in handles:
+                        try:
+                            if handle is None:
+                                raise QntxError("not sent")
+                            handle.accepted(timeout=3.0)
+                            with self.tally.lock:
+                                self.tally.jobs[item[2]] = item[3]
+                        except QntxError:
+                            retry.append(item)
+                    if retry:
+                        self.tally.resent += len(retry)
+                        time.sleep(0.2)
+                    pending = retry
+                try:
+                    bus.flush(timeout=0.1)
+                except QntxError:
+                    pass
+                time.sleep(0.01)
+
+    def attester(self) -> None:
+        import qntx
+        from qntx.asid import new_asid
+        from qntx.errors import Conflict, QntxError
+
+        n = 0
+        bus = qntx.connect(self.home, embedded=False, request_timeout_s=2.0)
+        try:
+            while not self.stop.is_set():
+                n += 1
+                att_id = new_asid(f"chaos-{n}", "made", "chaos")
+                while not self.stop.is_set():
+                    try:
+                        bus.attest(f"chaos-{n}", "made", "chaos", id=att_id, attributes={"n": n})
+                    except Conflict:
+                        pass  # the first try was stored after all: the same attestation
+                    except QntxError:
+                        self.tally.resent += 1
+                        time.sleep(0.2)
+                        continue
+                    with self.tally.lock:
+                        self.tally.attestations.add(att_id)
+                    break
+                time.sleep(0.005)
+        finally:
+            try:
+                bus.close()
+            except QntxError:
+                pass
+
+    # ---------------------------------------------------------------- faults
+
+    def kill_one(self) -> str:
+        pids = self.pids()
+        kinds = ["worker", "interpreter", "plugin", "server", "ats"]
+        kind = self.random.choice(kinds)
+        if kind == "worker":
+            names = [n for n in pids if n.startswith("worker")]
+            target = pids[self.random.choice(names)] if names else None
+        elif kind == "interpreter":
+            plugin = next((pid for name, pid in pids.items() if name.startswith("plugin")), None)
+            interpreters = self.children(plugin) if plugin else []
+            target = self.random.choice(interpreters) if interpreters else None
+        elif kind == "plugin":
+            target = next((pid for name, pid in pids.items() if name.startswith("plugin")), None)
+        else:
+            target = pids.get(kind)
+        if target is None:
+            return "none"
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            return "none"
+        return kind
+
+    def stop_a_worker(self) -> None:
+        pids = self.pids()
+        names = [n for n in pids if n.startswith("worker")]
+        if not names:
+            return
+        pid = pids[self.random.choice(names)]
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(LEASE_S + 1)  # past its lease: Pulse gave its runs to others meanwhile
+        os.kill(pid, signal.SIGCONT)
+
+    def run(self, rounds: int, power: int, stops: int) -> None:
+        self.log(f"chaos: home {self.home}; {rounds} kill rounds, {power} power losses, {stops} SIGSTOP rounds")
+        self.began = time.monotonic()
+        created = subprocess.run(self.qntx("handler", "create", HANDLER, "--code", HANDLER_CODE), env=self.env, capture_output=True, text=True)
+        if created.returncode != 0:
+            raise RuntimeError(created.stderr)
+        self.start_up()
+        load = [threading.Thread(target=self.submitter, daemon=True), threading.Thread(target=self.attester, daemon=True)]
+        for thread in load:
+            thread.start()
+        plan = ["kill"] * rounds + ["power"] * power + ["stop"] * stops
+        self.random.shuffle(plan)
+        for fault in plan:
+            time.sleep(self.random.uniform(0.3, 1.5))
+            self.tally.rounds += 1
+            if fault == "kill":
+                kind = self.kill_one()
+                self.tally.kills[kind] += 1
+            elif fault == "power":
+                self.power_loss()
+                self.tally.kills["power loss"] += 1
+            else:
+                self.stop_a_worker()
+                self.tally.kills["SIGSTOP past the lease"] += 1
+            self.log(f"  {time.monotonic() - self.began:5.1f}s round {self.tally.rounds}: {fault} -> {dict(self.tally.kills)}; {len(self.tally.jobs)} jobs, {len(self.tally.attestations)} attestations accepted")
+        time.sleep(1.0)
+        self.stop.set()
+        for thread in load:
+            thread.join(60)
+        self.wait_ready()
+
+    # ---------------------------------------------------------------- invariants
+
+    def check(self, settle_s: float = 120.0) -> dict[str, int]:
+        import qntx
+        from qntx.errors import QntxError
+
+        jobs, attestations = dict(self.tally.jobs), set(self.tally.attestations)
+        counts = Counter()
+        deadline = time.monotonic() + settle_s
+        runs = Counter((self.runs_dir / "runs.log").read_text().split()) if (self.runs_dir / "runs.log").exists() else Counter()
+        with qntx.connect(self.home, embedded=False, request_timeout_s=10.0) as bus:
+            final, waiting = {}, set(jobs)
+            while waiting and time.monotonic() < deadline:
+                for job_id in list(waiting):
+                    try:
+                        job = bus.job(job_id)
+                    except QntxError:
+                        continue
+                    if job.status in ("completed", "failed", "cancelled"):
+                        final[job_id] = job
+                        waiting.discard(job_id)
+                if waiting:
+                    time.sleep(0.5)
+            counts["jobs stuck (not final in time)"] = len(waiting)
+            for job_id, job in final.items():
+                n = jobs[job_id]
+                own = job.result == n or (isinstance(job.result, dict) and job.result.get("id") == job_id and job.result.get("n") == n)
+                if job.status == "completed" and own:
+                    counts["jobs completed with their own result"] += 1
+                else:
+                    counts["jobs final but not completed with their result"] += 1
+                    self.log(f"    {job_id}: {job.status} {job.result!r} (expected {n}) {job.error}")
+                if job.handler.startswith("python."):
+                    if runs[job_id] <= job.runs:
+                        counts["python jobs whose every run is recorded"] += 1
+                    else:
+                        counts["python jobs with unrecorded runs"] += 1
+                        self.log(f"    {job_id}: ran {runs[job_id]} times, record says {job.runs}")
+            runs_after = Counter((self.runs_dir / "runs.log").read_text().split()) if (self.runs_dir / "runs.log").exists() else Counter()
+            counts["python runs in all (handler's own record)"] = sum(runs_after.values())
+            stored = Counter(r.id for r in bus.query(predicates="made", contexts="chaos"))
+            for att_id in attestations:
+                if stored[att_id] == 1:
+                    counts["attestations stored exactly once"] += 1
+                else:
+                    counts["attestations missing or duplicated"] += 1
+                    self.log(f"    attestation {att_id}: stored {stored[att_id]} times")
+        self.stop_up()
+        for name in ("ats", "pulse"):
+            try:
+                counts[f"records read back from {name}"] = read_every_record(self.home / name)
+                counts["LMDB environments that open clean"] += 1
+            except lmdb.Error as exc:
+                counts["LMDB environments that fail to open or read"] += 1
+                self.log(f"    {name}: {exc}")
+        return counts
+
+
+def read_every_record(path: Path) -> int:
+    """Open an environment read-only and read every record of every database."""
+    env = lmdb.open(str(path), readonly=True, max_dbs=32, lock=False, subdir=True)
+    try:
+        total = 0
+        with env.begin() as txn:
+            names = [key for key, _ in txn.cursor()]
+            for name in names:
+                db = env.open_db(name, txn=txn, create=False)
+                for _key, _value in txn.cursor(db=db):
+                    total += 1
+        return total
+    finally:
+        env.close()
+
+
+def violations(counts: dict[str, int]) -> int:
+    bad = ("stuck", "not completed", "unrecorded", "missing", "fail to open")
+    return sum(v for k, v in counts.items() if any(b in k for b in bad))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bin/chaos", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20, help="SIGKILL rounds (default 20)")
+    parser.add_argument("--power", type=int, default=5, help="power losses: the whole group killed (default 5)")
+    parser.add_argument("--stops", type=int, default=2, help="SIGSTOP rounds past a lease (default 2)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the home for inspection")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    home = Path(tempfile.mkdtemp(prefix="qc-", dir="/tmp"))
+    chaos = Chaos(home, seed)
+    began = time.monotonic()
+    try:
+        chaos.run(args.rounds, args.power, args.stops)
+        counts = chaos.check()
+    finally:
+        chaos.stop.set()
+        chaos.stop_up()
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+    tally = chaos.tally
+    print(f"\nchaos (seed {seed}, {time.monotonic() - began:.0f} s): {tally.rounds} rounds; kills: {dict(tally.kills)}")
+    print(f"accepted: {len(tally.jobs):,} jobs, {len(tally.attestations):,} attestations; resent after no answer: {tally.resent:,}")
+    for key, value in counts.items():
+        print(f"  {key}: {value:,}")
+    bad = violations(counts)
+    print("RESULT: " + ("every invariant held" if not bad else f"{bad} violation(s)"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
