@@ -61,6 +61,7 @@ class Tally:
     jobs: dict[str, int] = field(default_factory=dict)  # accepted job id -> n
     attestations: set[str] = field(default_factory=set)  # accepted attestation ids
     resent: int = 0
+    errors: list[str] = field(default_factory=list)  # load threads that died
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -189,6 +190,16 @@ class Chaos:
                     pass
                 time.sleep(0.01)
 
+    def _guarded(self, work) -> None:
+        """A load thread that dies is a bug in the client or the bus: it is reported, not hidden."""
+        try:
+            work()
+        except BaseException as exc:
+            import traceback
+
+            self.tally.errors.append(f"{work.__name__}: {type(exc).__name__}: {exc}")
+            self.log(traceback.format_exc())
+
     def attester(self) -> None:
         import qntx
         from qntx.asid import new_asid
@@ -261,7 +272,7 @@ class Chaos:
         if created.returncode != 0:
             raise RuntimeError(created.stderr)
         self.start_up()
-        load = [threading.Thread(target=self.submitter, daemon=True), threading.Thread(target=self.attester, daemon=True)]
+        load = [threading.Thread(target=self._guarded, args=(f,), daemon=True) for f in (self.submitter, self.attester)]
         for thread in load:
             thread.start()
         plan = ["kill"] * rounds + ["power"] * power + ["stop"] * stops
@@ -292,7 +303,7 @@ class Chaos:
         from qntx.errors import QntxError
 
         jobs, attestations = dict(self.tally.jobs), set(self.tally.attestations)
-        counts = Counter()
+        counts = Counter({"load threads that died": len(self.tally.errors)})
         deadline = time.monotonic() + settle_s
         runs = Counter((self.runs_dir / "runs.log").read_text().split()) if (self.runs_dir / "runs.log").exists() else Counter()
         with qntx.connect(self.home, embedded=False, request_timeout_s=10.0) as bus:
@@ -360,7 +371,7 @@ def read_every_record(path: Path) -> int:
 
 
 def violations(counts: dict[str, int]) -> int:
-    bad = ("stuck", "not completed", "unrecorded", "missing", "fail to open")
+    bad = ("stuck", "not completed", "unrecorded", "missing", "fail to open", "died")
     return sum(v for k, v in counts.items() if any(b in k for b in bad))
 
 
