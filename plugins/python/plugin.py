@@ -207,8 +207,11 @@ class PythonPlugin:
                 if isinstance(code, str) and record.subjects:
                     self.code_by_version[record.id] = (record.subjects[0], code)
             self.versions = {name: record.id for name, record in resolution.current.items()}
-            for name in resolution.skipped:
-                logger.warning("handler {!r} has no attributes.code; skipped", name)
+            for record in resolution.skipped:
+                logger.warning(
+                    "skipped handler attestation {} for {}: it has no attributes.code",
+                    record.id, json.dumps(record.subjects),
+                )  # fmt: skip
             found = {name: record.attributes["code"] for name, record in resolution.current.items()}
             names = sorted(found)
             logger.info("Discovered {} handler(s) from ATS store: {}", len(names), json.dumps(names))
