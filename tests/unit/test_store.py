@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qntx.asid import is_asid
-from qntx.ats.store import AttestationStore
+from qntx.ats.store import MAX_JOINED_VALUES, AttestationStore, next_page
 from qntx.errors import Conflict, Invalid, Unavailable
 from qntx.protocol import Attestation, Filter, NewAttestation
 
@@ -196,7 +196,8 @@ def test_counts_add_up_across_batches_and_transactions(store: AttestationStore) 
     for name in ("x", "y", "z", "w", "v", "u"):
         store.put_many([new(name, contexts=["ctx"])])
     found = store.query(Filter(predicates=["p"], contexts=["ctx"]))
-    assert found == [] and store.last_query_scanned == 5
+    assert found == [] and store.last_query_plan == ["predicates", "contexts"]
+    assert store.last_query_scanned == 0  # the intersection is empty: nothing is read
 
 
 def test_item_lists_are_copied(store: AttestationStore) -> None:
@@ -357,7 +358,8 @@ def test_the_planner_walks_the_most_selective_index(store: AttestationStore) -> 
     # "work" and "user1" are common, "rare" is not: the planner must drive with predicates.
     found = store.query(Filter(subjects=["user1", "user2"], predicates=["rare"], contexts=["work"]))
     assert [r.subjects for r in found] == [["user2"], ["user1"]]
-    assert store.last_query_scanned == 3
+    assert store.last_query_plan == ["predicates", "subjects", "contexts"]
+    assert store.last_query_scanned == 2  # only the records every field carries are read
     # A value nobody carries ends the query before any record is read.
     assert store.query(Filter(contexts=["work"], actors=["nobody"])) == []
     assert store.last_query_scanned == 0
@@ -420,7 +422,7 @@ def test_readonly(tmp_path: Path) -> None:
 READER = textwrap.dedent(
     """
     import json, pathlib, sys
-    from qntx.ats.store import AttestationStore
+    from qntx.ats.store import MAX_JOINED_VALUES, AttestationStore, next_page
     from qntx.protocol import Filter
 
     path, stop = sys.argv[1], pathlib.Path(sys.argv[2])
@@ -530,6 +532,72 @@ def test_query_matches_a_reference_model(batches, queries) -> None:
             records = [r for batch in store.put_batches(batches) for r in batch]
             for flt in queries:
                 assert ids(store.query(flt)) == reference_query(records, flt)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.lists(new_attestations, max_size=8), min_size=1, max_size=5),
+    queries=st.lists(filters, min_size=1, max_size=6),
+    page=st.integers(1, 4),
+    max_scan=st.integers(1, 3),
+    max_seeks=st.integers(1, 5),
+)
+def test_tiny_pages_and_budgets_still_give_every_match_once(
+    batches, queries, page, max_scan, max_seeks
+) -> None:
+    """Pages that stop for their size or their work budget, anywhere in a walk or an
+    intersection, resume exactly where they stopped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with AttestationStore(tmp, map_size=1 << 20, sync=False) as store:
+            records = [r for batch in store.put_batches(batches) for r in batch]
+            for flt in queries:
+                found, current = [], flt
+                for _ in range(10_000):
+                    if current is None:
+                        break
+                    got, cursor = store.query_page(
+                        current, page=page, max_scan=max_scan, max_seeks=max_seeks
+                    )
+                    found += got
+                    current = next_page(flt, cursor, len(found))
+                assert current is None, "the pages never ended"
+                assert ids(found) == reference_query(records, flt)
+
+
+def test_an_and_of_two_broad_fields_reads_only_the_common_records(store) -> None:
+    """subjects=alice AND predicates=knows, each carried by many records, few by both:
+    the intersection of their posting lists finds the few without reading the rest."""
+    items = []
+    for i in range(3_000):
+        kind = i % 50
+        if kind == 0:
+            items.append(new("alice", predicates=["knows"], timestamp=i))
+        elif kind % 2:
+            items.append(new("alice", predicates=["likes"], timestamp=i))
+        else:
+            items.append(new("bob", predicates=["knows"], timestamp=i))
+    made = store.put_many(items)
+    common = [r for r in reversed(made) if r.subjects == ["alice"] and r.predicates == ["knows"]]
+    both = ids(common)
+    assert len(both) == 60
+    flt = Filter(subjects=["ALICE"], predicates=["knows"])
+    records, cursor = store.query_page(flt)
+    assert ids(records) == both and cursor is None
+    assert store.last_query_scanned == 60
+    assert store.last_query_plan in (["subjects", "predicates"], ["predicates", "subjects"])
+    # The same over a time range and with a limit.
+    early = Filter(subjects=["alice"], predicates=["knows"], time_start=100, time_end=999)
+    assert ids(store.query(early)) == [r.id for r in common if 100 <= r.timestamp <= 999]
+    assert ids(store.query(Filter(subjects=["alice"], predicates=["knows"], limit=5))) == both[:5]
+    assert store.last_query_scanned == 5
+
+
+def test_a_field_of_many_values_is_checked_on_the_records_the_others_found(store) -> None:
+    made = store.put_many([new(f"s{i}", predicates=["p" if i % 3 else "q"]) for i in range(60)])
+    subjects = [f"s{i}" for i in range(MAX_JOINED_VALUES + 10)]
+    found = store.query(Filter(subjects=subjects, predicates=["q"]))
+    expected = [r.id for r in reversed(made) if r.predicates == ["q"] and r.subjects[0] in subjects]
+    assert ids(found) == expected and store.last_query_plan == ["predicates"]
 
 
 def test_queries_come_in_bounded_pages_with_a_cursor(store: AttestationStore) -> None:
