@@ -10,7 +10,8 @@
 Each is measured in the store (what the ATS actor's loop spends on it) beside the
 plan a one-index walk would make, reading and decoding all 30,000 records of one of
 the two fields (the raw limit: what the query cost before the intersection), and
-through the bus beside a ping to the same actor. The store is loaded in-process,
+through the bus beside a ping to the same actor. The target is the issue's: under
+2 ms in the store. The store is loaded in-process,
 unsynced (loading speed is not what is measured here), then served by a real actor.
 """
 
@@ -113,11 +114,11 @@ def layout_stage(report: Report, sizes: dict, layout: str) -> None:
     for p in (50, 99):
         report.add(Metric(
             f"and_{layout}_store_p{p}", f"{label} p{p}", percentile(and_us, p), "us",
-            walk_p50, f"decode {each:,}", Target("<=", 0.1),
+            walk_p50, f"decode {each:,}", Target("<=", 2_000, on="measured"),
         ))  # fmt: skip
     report.add(Metric(
         f"and_{layout}_bus_p50", f"{layout}: the same through the bus p50", percentile(bus_us, 50),
-        "us", ping_p50, "ping p50", Target("<=", 3),
+        "us", ping_p50, "ping p50",
     ))  # fmt: skip
 
 
