@@ -41,6 +41,8 @@ LIST_FIELDS = ("subjects", "predicates", "contexts", "actors")
 # milliseconds of the actor's loop), whatever the filter.
 MAX_SCAN = 2_000
 MAX_SEEKS = 8_000
+# How deep attributes may nest (maps and lists inside one another).
+MAX_ATTRIBUTE_DEPTH = 32
 # A field with more values than this is checked on the records the other fields
 # found rather than joined in the intersection (each seek in it seeks every value).
 MAX_JOINED_VALUES = 16
@@ -191,6 +193,8 @@ class AttestationStore:
         attributes = item.attributes
         if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
             raise Invalid("attributes must be a map with string keys")
+        if _nested_deeper(attributes, MAX_ATTRIBUTE_DEPTH):
+            raise Invalid(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels")
         explicit = item.id is not None
         if explicit:
             _check_text("id", item.id)
@@ -491,6 +495,20 @@ def _parse_cursor(cursor: str | None) -> bytes | None:
     if len(tail) != _TS_SEQ.size:
         raise Invalid(f"not a page cursor: {cursor!r}")
     return tail
+
+
+def _nested_deeper(value: dict, limit: int) -> bool:
+    """Whether maps and lists in ``value`` (itself level 1) go deeper than ``limit``."""
+    level, containers = 1, [value]
+    while containers:
+        if level > limit:
+            return True
+        inner = []
+        for container in containers:
+            items = container.values() if isinstance(container, dict) else container
+            inner += [v for v in items if isinstance(v, dict | list)]
+        level, containers = level + 1, inner
+    return False
 
 
 def _matches(record: Attestation, want: dict[str, set[str]]) -> bool:

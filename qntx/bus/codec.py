@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from qntx.bus.bounds import check_decoded_size
 from qntx.bus.messages import ErrorReply
 from qntx.errors import BadRequest, QntxError, UnknownType, error_from_code
 
@@ -32,12 +33,20 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 class Decoder:
-    """Decodes bodies into one tagged union, mapping failures to typed errors."""
+    """Decodes bodies into one tagged union, mapping failures to typed errors.
 
-    def __init__(self, message_type: Any):
+    A body that would decode to far more memory than its size is refused first
+    (``qntx.bus.bounds``): every actor decodes what peers send it through here. A
+    client reading its own actors' replies may skip that check (``check_size``).
+    """
+
+    def __init__(self, message_type: Any, *, check_size: bool = True):
         self._decoder = msgspec.msgpack.Decoder(message_type)
+        self._check_size = check_size
 
     def decode(self, body: bytes) -> Any:
+        if self._check_size:
+            check_decoded_size(body)
         try:
             return self._decoder.decode(body)
         except msgspec.ValidationError as exc:

@@ -130,6 +130,16 @@ def test_invalid_items_are_rejected(store: AttestationStore, item) -> None:
     assert store.count() == 0  # the good item of the batch was not written either
 
 
+def test_attributes_are_bounded_in_depth(store: AttestationStore) -> None:
+    deep: dict = {"k": None}
+    for _ in range(15):
+        deep = {"k": [deep]}  # two levels each: a map and a list
+    deep = {"top": deep}
+    store.put_many([new(attributes=deep)])  # 32 levels: the limit
+    with pytest.raises(Invalid, match="deeper than 32"):
+        store.put_many([new(attributes={"top": [deep]})])
+
+
 def test_a_bad_batch_does_not_stop_the_others(store: AttestationStore) -> None:
     good1, bad, good2 = store.put_batches(
         [[new("a1"), new("a2")], [new("b1"), new("")], [new("c1")]]
