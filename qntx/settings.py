@@ -30,6 +30,7 @@ class Settings:
     max_payload_bytes: int = 15 << 20  # a job's payload, as MessagePack
     max_result_bytes: int = 15 << 20  # a job's result, as MessagePack
     ats_map_size: int = 1 << 30  # initial LMDB map; it grows on demand
+    ats_max_map_size: int = 0  # the map never grows past it (0: only the disk limits it)
     python_pool_size: int = 2  # warm interpreter processes of the python plugin
     python_memory_mb: int = 1024  # address-space limit per handler interpreter
     python_cpu_s: int = 600  # CPU-seconds limit per handler run

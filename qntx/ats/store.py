@@ -104,6 +104,7 @@ class AttestationStore:
         path: str | Path,
         *,
         map_size: int = 256 << 20,
+        max_map_size: int = 0,
         readonly: bool = False,
         sync: bool = True,
     ):
@@ -113,7 +114,7 @@ class AttestationStore:
             raise Unavailable(f"no attestation store at {self.path}")
         self._env = LmdbEnv(
             self.path, ("records", "time", *INDEXED_FIELDS, "counts", "meta"),
-            map_size=map_size, readonly=readonly, sync=sync,
+            map_size=map_size, max_map_size=max_map_size, readonly=readonly, sync=sync,
         )  # fmt: skip
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Attestation)

@@ -249,7 +249,8 @@ class Pulse:
                 logger.opt(exception=outcome).error("pulse commit of {} jobs failed", len(changes.rows))
                 self.core.commit_failed()
                 for reply in replies:
-                    reply.reply_to.fail(Internal(f"store write failed: {outcome}"))
+                    error = outcome if isinstance(outcome, QntxError) else Internal(f"store write failed: {outcome}")
+                    reply.reply_to.fail(error)
             else:
                 self.apply(Saved(changes.versions, changes.lease_ceiling))
                 for reply in replies:

@@ -403,6 +403,26 @@ def test_map_grows_from_a_tiny_map(tmp_path: Path) -> None:
         assert len(store.query(Filter(predicates=["p"]))) == 6000
 
 
+def test_a_map_at_its_configured_maximum_refuses_writes_and_keeps_reads(tmp_path: Path) -> None:
+    path = tmp_path / "ats"
+    with AttestationStore(path, map_size=256 << 10, max_map_size=1 << 20, sync=False) as store:
+        kept = store.put_many([new("kept")])[0]
+        with pytest.raises(Unavailable, match="disk full: .* maximum map size of 1 MiB"):
+            for i in range(1_000):
+                store.put_many([new(f"s{i}", attributes={"pad": "x" * 2_000})])
+        written = store.count()
+        assert store.stats()["map_size"] == 1 << 20
+        assert store.get(kept.id) == kept  # reads go on
+        assert len(store.query(Filter())) == written
+        with pytest.raises(Unavailable):  # nothing half-written: the count is the same
+            store.put_many([new("big", attributes={"pad": "x" * 200_000})])
+        assert store.count() == written
+    # A larger maximum (a config change and a restart) makes room again.
+    with AttestationStore(path, map_size=256 << 10, max_map_size=4 << 20, sync=False) as store:
+        store.put_many([new("again", attributes={"pad": "x" * 2_000})])
+        assert store.count() == written + 1
+
+
 def test_reopen_persists(tmp_path: Path) -> None:
     with AttestationStore(tmp_path / "ats", map_size=64 << 10) as store:
         before = store.put_many([new(predicates=["p"], timestamp=NOW) for _ in range(500)])
