@@ -41,6 +41,8 @@ LIST_FIELDS = ("subjects", "predicates", "contexts", "actors")
 # milliseconds of the actor's loop), whatever the filter.
 MAX_SCAN = 2_000
 MAX_SEEKS = 8_000
+# Values one filter field may OR together: each is a lookup and a cursor per page.
+MAX_FILTER_VALUES = 1_000
 # How deep attributes may nest (maps and lists inside one another).
 MAX_ATTRIBUTE_DEPTH = 32
 # A field with more values than this is checked on the records the other fields
@@ -528,6 +530,8 @@ def _normalise_filter(flt: Filter) -> tuple[dict[str, set[str]], int, int, int |
     want: dict[str, set[str]] = {}
     for field in LIST_FIELDS:
         values = _check_list(f"filter {field}", getattr(flt, field), default=None)
+        if len(values) > MAX_FILTER_VALUES:
+            raise Invalid(f"filter {field} has {len(values)} values, more than {MAX_FILTER_VALUES}")
         if values:
             want[field] = {v.casefold() for v in values}
     if flt.source is not None:

@@ -330,6 +330,7 @@ def test_query(store: AttestationStore, people, flt: Filter, expected: list[str]
         Filter(time_start="yesterday"),  # type: ignore[arg-type]
         Filter(time_end=1.5),  # type: ignore[arg-type]
         {"subjects": ["alice"]},
+        Filter(subjects=[f"s{i}" for i in range(1_001)]),  # more values than one page may OR
     ],
 )
 def test_invalid_filters(store: AttestationStore, flt) -> None:
