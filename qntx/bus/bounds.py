@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import struct
 
+import msgspec
+
 from qntx.errors import TooLarge
 
 SMALL_BODY = 64 << 10
@@ -63,12 +65,14 @@ _GROUPS = [
 ]
 
 
-def check_decoded_size(body: bytes, what: str = "message") -> None:
+def check_decoded_size(body: bytes | msgspec.Raw, what: str = "message") -> None:
     """Raise TooLarge when decoding ``body`` could cost more than its share of memory.
     A malformed body passes: the decoder reports what is wrong with it."""
     size = len(body)
     if size <= SMALL_BODY:
         return
+    if not isinstance(body, bytes):
+        body = bytes(body)  # a Raw payload: one copy, only past SMALL_BODY
     limit = ALLOC_FACTOR * size + ALLOC_FLOOR
     # Every element starts with one header byte, so counting every byte that could be
     # a header of each kind bounds the cost from above (bytes inside strings only add).

@@ -83,3 +83,22 @@ def test_the_bus_decoder_refuses_a_bomb_in_attributes_with_a_typed_error():
     )
     with pytest.raises(TooLarge):
         Decoder(AtsRequest).decode(body)
+
+
+def test_fully_typed_messages_carry_a_bomb_unread():
+    """A Submit's payload is Raw: the server skips it without building it, so its
+    decoder has no need to check (and must not refuse a carried payload)."""
+    from qntx.protocol import ServerRequest, Submit
+
+    body = encode({"type": "Submit", "handler": "builtin.echo", "payload": None})[:-1]
+    body += array32(400_000, b"\x90")
+    tracemalloc.start()
+    try:
+        message = Decoder(ServerRequest).decode(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(message, Submit) and len(message.payload) == 400_005
+    assert peak < 2 * len(body)
+    with pytest.raises(TooLarge):  # whoever decodes it checks it first
+        check_decoded_size(message.payload, "payload")
