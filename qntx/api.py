@@ -221,7 +221,9 @@ class _EmbeddedAts:
         from qntx.ats.store import AttestationStore
 
         settings.home.mkdir(parents=True, exist_ok=True)
-        self.store = AttestationStore(settings.ats_path, map_size=settings.ats_map_size)
+        self.store = AttestationStore(
+            settings.ats_path, map_size=settings.ats_map_size, max_map_size=settings.ats_max_map_size
+        )
 
     def ping(self) -> Pong:
         import os

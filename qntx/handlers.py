@@ -3,7 +3,8 @@
 A handler version is the attestation ``[name] handler python`` by ``[name]`` (the
 handler certifies itself) whose attributes hold ``code``. The newest attestation
 per name wins; one with ``attributes.deleted`` is a tombstone that hides the
-handler. History is never edited. The CLI and the python plugin both resolve
+handler, and one with neither is not a version at all and is skipped. History is
+never edited. The CLI and the python plugin both resolve
 handlers here.
 """
 
@@ -71,34 +72,41 @@ def is_tombstone(record: Attestation) -> bool:
     return bool(record.attributes.get("deleted"))
 
 
+def is_version(record: Attestation) -> bool:
+    """A handler version or a tombstone. Anything else under predicate ``handler`` of
+    ``python`` (``qntx as foo is handler of python``) is no version of the handler and
+    is skipped, so it cannot hide the real one (SPEC §4.4)."""
+    return is_tombstone(record) or isinstance(record.attributes.get("code"), str)
+
+
+def current_version(history: list[Attestation]) -> Attestation | None:
+    """The newest version or tombstone in ``history`` (newest first), if any."""
+    return next((record for record in history if is_version(record)), None)
+
+
 @dataclass(frozen=True)
 class Resolution:
-    """The current handlers by name, and the names skipped for having no code."""
+    """The current handlers by name, and the attestations skipped for having no code."""
 
     current: dict[str, Attestation]
-    skipped: list[str]
+    skipped: list[Attestation]
 
 
 def resolve(records: list[Attestation]) -> Resolution:
-    """Newest attestation per subject wins; tombstones hide, code-less entries are skipped.
+    """Newest version per subject wins; tombstones hide; code-less entries are skipped.
 
     ``records`` must be newest first, as every store query returns them (ties in
     timestamp are ordered by the store's write sequence).
     """
     newest: dict[str, Attestation] = {}
+    skipped: list[Attestation] = []
     for record in records:
+        if not is_version(record):
+            skipped.append(record)
+            continue
         for subject in record.subjects:
             newest.setdefault(subject, record)
-    current: dict[str, Attestation] = {}
-    skipped: list[str] = []
-    for name in sorted(newest):
-        record = newest[name]
-        if is_tombstone(record):
-            continue
-        if not isinstance(record.attributes.get("code"), str):
-            skipped.append(name)
-            continue
-        current[name] = record
+    current = {name: newest[name] for name in sorted(newest) if not is_tombstone(newest[name])}
     return Resolution(current=current, skipped=skipped)
 
 

@@ -7,6 +7,12 @@ finds the map grown by another process adopts the new size and is retried, so ca
 never see either error. ``work`` functions may therefore run more than once and must
 not change anything outside the transaction.
 
+A write that cannot be made, because the disk is full or the map reached its
+configured maximum (``max_map_size``), raises ``Unavailable`` ("disk full: ...") and
+leaves the environment as it was: readers go on, and writes work again once there is
+room. The environment is never opened with ``writemap``, so a full disk is an error
+on commit, never a SIGBUS in the middle of a write.
+
 Transactions may run in several threads at once (LMDB allows readers beside the one
 writer; the ATS commits on a writer thread while its loop answers queries). Only a
 map resize needs the environment to itself, so transactions share a lock that a
@@ -15,6 +21,7 @@ resize takes exclusively.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,7 +29,13 @@ from typing import Protocol, TypeVar
 
 import lmdb
 
+from qntx.errors import Unavailable
+
 T = TypeVar("T")
+
+# A failed commit with less free space than this on the filesystem is a full disk
+# (LMDB reports a short write as an I/O error, not as ENOSPC).
+DISK_FULL_MARGIN = 4 << 20
 
 
 class _ResizeLock:
@@ -85,10 +98,16 @@ class LmdbEnv:
         dbs: Iterable[str],
         *,
         map_size: int,
+        max_map_size: int = 0,
         sync: bool = True,
         readonly: bool = False,
     ):
+        """``max_map_size``: the map never grows past it (0: only the disk limits it)."""
         names = tuple(dbs)
+        self.path = Path(path)
+        self._max_map_size = max_map_size
+        if max_map_size:
+            map_size = min(map_size, max_map_size)
         if not readonly:
             Path(path).mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(
@@ -119,12 +138,36 @@ class LmdbEnv:
                     return work(txn)
             except lmdb.MapFullError:
                 # The txn was aborted; retry it whole against a bigger map.
-                grow = lambda: self._env.set_mapsize(self._env.info()["map_size"] * 2)  # noqa: E731
+                grow = self._grow_map
             except lmdb.MapResizedError:
                 grow = lambda: self._env.set_mapsize(0)  # noqa: E731  (adopt the other process's size)
+            except (lmdb.DiskError, lmdb.PanicError) as exc:
+                raise self._write_failed(exc) from None
+            except lmdb.Error as exc:
+                if type(exc) is not lmdb.Error:  # a misuse (a key too long...), not the disk
+                    raise
+                raise self._write_failed(exc) from None
             finally:
                 self._lock.release_shared()
             self._lock.exclusive(grow)
+
+    def _grow_map(self) -> None:
+        """Double the map, up to its maximum; Unavailable when it is already there."""
+        size = self._env.info()["map_size"]
+        if self._max_map_size and size >= self._max_map_size:
+            raise Unavailable(
+                f"disk full: {self.path} reached its maximum map size of "
+                f"{self._max_map_size >> 20} MiB"
+            )
+        bigger = size * 2
+        self._env.set_mapsize(min(bigger, self._max_map_size) if self._max_map_size else bigger)
+
+    def _write_failed(self, exc: lmdb.Error) -> Unavailable:
+        """The typed error of a transaction the disk refused."""
+        free = shutil.disk_usage(self.path).free
+        if free < DISK_FULL_MARGIN:
+            return Unavailable(f"disk full: {free >> 10} KiB free for {self.path}")
+        return Unavailable(f"{self.path}: write failed: {exc}")
 
     @property
     def stats(self) -> dict[str, int]:

@@ -8,6 +8,7 @@ any of them can be set to a ``tcp://`` address for a multi-machine bus.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Settings:
     max_payload_bytes: int = 15 << 20  # a job's payload, as MessagePack
     max_result_bytes: int = 15 << 20  # a job's result, as MessagePack
     ats_map_size: int = 1 << 30  # initial LMDB map; it grows on demand
+    ats_max_map_size: int = 0  # the map never grows past it (0: only the disk limits it)
     python_pool_size: int = 2  # warm interpreter processes of the python plugin
     python_memory_mb: int = 1024  # address-space limit per handler interpreter
     python_cpu_s: int = 600  # CPU-seconds limit per handler run
@@ -95,6 +97,16 @@ _ENDPOINTS = {
     "results_endpoint": "results.sock",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("home", "extra")}
+# Tables of config.toml kept as they are for others to read: ``[plugins.<name>]`` is
+# each plugin's config (docs/PROTOCOL.md).
+_TABLES = ("plugins",)
+
+
+def _unknown_key(key: str, origin: str) -> Invalid:
+    """The error for a key no setting has, with the closest known one when there is one."""
+    close = difflib.get_close_matches(key, [*_FIELDS, *_TABLES], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return Invalid(f"{origin}: unknown setting {key!r}{hint}")
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
@@ -127,8 +139,12 @@ def load_settings(home: str | Path | None = None, environ: dict[str, str] | None
         for key, value in loaded.items():
             if key in _FIELDS:
                 values[key] = _coerce(key, value, str(config_file))
-            else:
+            elif key in _TABLES:
+                if not isinstance(value, dict):
+                    raise Invalid(f"{config_file}: {key} must be a table ([{key}.<name>])")
                 extra[key] = value
+            else:
+                raise _unknown_key(key, str(config_file))
     for name in _FIELDS:
         raw = env.get(f"QNTX_{name.upper()}")
         if raw:
@@ -136,7 +152,7 @@ def load_settings(home: str | Path | None = None, environ: dict[str, str] | None
     for name, value in flags.items():
         if value is not None:
             if name not in _FIELDS:
-                raise Invalid(f"unknown setting {name!r}")
+                raise _unknown_key(name, "flags")
             values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
     for name, sock in _ENDPOINTS.items():
         if not values.get(name):

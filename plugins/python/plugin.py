@@ -76,6 +76,14 @@ def run_key(job_id: str, lease: int) -> str:
 
 NAME = "python"
 SCRIPT_HANDLER = "python.script"
+
+
+class ScriptPayload(msgspec.Struct):
+    """What ``python.script`` reads of its payload."""
+
+    content: str
+
+
 RESYNC_S = 5.0
 
 
@@ -207,8 +215,11 @@ class PythonPlugin:
                 if isinstance(code, str) and record.subjects:
                     self.code_by_version[record.id] = (record.subjects[0], code)
             self.versions = {name: record.id for name, record in resolution.current.items()}
-            for name in resolution.skipped:
-                logger.warning("handler {!r} has no attributes.code; skipped", name)
+            for record in resolution.skipped:
+                logger.warning(
+                    "skipped handler attestation {} for {}: it has no attributes.code",
+                    record.id, json.dumps(record.subjects),
+                )  # fmt: skip
             found = {name: record.attributes["code"] for name, record in resolution.current.items()}
             names = sorted(found)
             logger.info("Discovered {} handler(s) from ATS store: {}", len(names), json.dumps(names))
@@ -304,13 +315,10 @@ class PythonPlugin:
     def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:
         """(code, filename) for a job, or (None, error message)."""
         if message.handler == SCRIPT_HANDLER:
-            try:
-                payload = msgspec.msgpack.decode(message.payload)
+            try:  # only `content` is built: the rest of the payload is skipped unread
+                return msgspec.msgpack.decode(message.payload, type=ScriptPayload).content, "<python.script>"
             except (msgspec.DecodeError, RecursionError):
-                payload = None
-            if not isinstance(payload, dict) or not isinstance(payload.get("content"), str):
                 return None, "python.script needs a payload {\"content\": \"<python code>\"}"
-            return payload["content"], "<python.script>"
         prefix = f"{NAME}."
         name = message.handler[len(prefix):] if message.handler.startswith(prefix) else ""
         if message.version is not None:  # the version the job was submitted with, even if updated since

@@ -65,7 +65,11 @@ class AtsActor(Actor):
         self.lock = PidLock(self.settings.lock_path(self.name))
         if not self.lock.acquire():
             raise Unavailable(f"another ATS actor already owns {self.settings.ats_path}")
-        self.store = AttestationStore(self.settings.ats_path, map_size=self.settings.ats_map_size)
+        self.store = AttestationStore(
+            self.settings.ats_path,
+            map_size=self.settings.ats_map_size,
+            max_map_size=self.settings.ats_max_map_size,
+        )
         self.events = Publisher(self, self.settings.ats_events_endpoint)
         self.writer = Offloader(self, "ats-writer")
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.store, "the attestation store"))
@@ -119,9 +123,14 @@ class AtsActor(Actor):
     def _committed(self, pending: list[tuple[Request, list[NewAttestation]]], outcomes) -> None:
         self._committing = False
         if isinstance(outcomes, BaseException):  # the whole transaction failed
-            logger.opt(exception=outcomes).error("group commit of {} requests failed", len(pending))
+            if isinstance(outcomes, QntxError):  # a full disk: the writers are told, nothing more
+                logger.error("group commit of {} requests failed: {}", len(pending), outcomes)
+                error = outcomes
+            else:
+                logger.opt(exception=outcomes).error("group commit of {} requests failed", len(pending))
+                error = QntxError(f"store write failed: {outcomes}")
             for request, _ in pending:
-                request.fail(QntxError(f"store write failed: {outcomes}"))
+                request.fail(error)
         else:
             for (request, _), outcome in zip(pending, outcomes, strict=True):
                 if isinstance(outcome, QntxError):

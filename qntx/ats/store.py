@@ -13,20 +13,22 @@ Named sub-databases:
 ``seq`` grows with every stored attestation, so ts + seq orders records newest first
 with insertion order breaking timestamp ties, and keys are unique without duplicates.
 Queries walk one index backwards (the one the counts say is smallest) instead of
-scanning records, so cost follows the number of candidates, not the store size.
+scanning records, so cost follows the number of candidates, not the store size. A
+query that ANDs fields intersects their posting lists (``qntx.ats.postings``) and
+reads only the records that every field carries.
 """
 
 from __future__ import annotations
 
 import heapq
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
 
 from qntx.asid import new_asid
+from qntx.ats.postings import Intersection, PostingList, tail_after, tail_before, walk_back
 from qntx.errors import Conflict, Invalid, QntxError, Unavailable
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import MAX_PAGE, Attestation, Filter, NewAttestation
@@ -34,9 +36,18 @@ from qntx.values import is_int
 from qntx.values import now_ms as wall_clock_ms
 
 LIST_FIELDS = ("subjects", "predicates", "contexts", "actors")
-# Records one query request may read (matching or not) before it answers with what it
-# found and a cursor: bounded work per request, whatever the filter.
-MAX_SCAN = 20_000
+# Records one query request may read (matching or not), and index seeks it may make,
+# before it answers with what it found and a cursor: bounded work per request (a few
+# milliseconds of the actor's loop), whatever the filter.
+MAX_SCAN = 2_000
+MAX_SEEKS = 8_000
+# Values one filter field may OR together: each is a lookup and a cursor per page.
+MAX_FILTER_VALUES = 1_000
+# How deep attributes may nest (maps and lists inside one another).
+MAX_ATTRIBUTE_DEPTH = 32
+# A field with more values than this is checked on the records the other fields
+# found rather than joined in the intersection (each seek in it seeks every value).
+MAX_JOINED_VALUES = 16
 INDEXED_FIELDS = (*LIST_FIELDS, "source")
 DEFAULT_SOURCE = "python"
 MAX_TIMESTAMP = (1 << 63) - 1  # int64 max, so every MessagePack client can read it back
@@ -95,6 +106,7 @@ class AttestationStore:
         path: str | Path,
         *,
         map_size: int = 256 << 20,
+        max_map_size: int = 0,
         readonly: bool = False,
         sync: bool = True,
     ):
@@ -104,7 +116,7 @@ class AttestationStore:
             raise Unavailable(f"no attestation store at {self.path}")
         self._env = LmdbEnv(
             self.path, ("records", "time", *INDEXED_FIELDS, "counts", "meta"),
-            map_size=map_size, readonly=readonly, sync=sync,
+            map_size=map_size, max_map_size=max_map_size, readonly=readonly, sync=sync,
         )  # fmt: skip
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Attestation)
@@ -113,7 +125,10 @@ class AttestationStore:
         self._index = {f: self._env.db(f) for f in INDEXED_FIELDS}
         self._counts = self._env.db("counts")
         self._meta = self._env.db("meta")
-        self.last_query_scanned = 0  # records the last query decoded; lets tests watch the planner
+        # What the last query did, for tests that watch the planner: the records it
+        # decoded, and the fields it walked (the first drove it).
+        self.last_query_scanned = 0
+        self.last_query_plan: list[str] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,6 +196,8 @@ class AttestationStore:
         attributes = item.attributes
         if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
             raise Invalid("attributes must be a map with string keys")
+        if _nested_deeper(attributes, MAX_ATTRIBUTE_DEPTH):
+            raise Invalid(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels")
         explicit = item.id is not None
         if explicit:
             _check_text("id", item.id)
@@ -271,31 +288,37 @@ class AttestationStore:
         return out
 
     def query_page(
-        self, flt: Filter, *, page: int = MAX_PAGE, max_scan: int = MAX_SCAN
-    ) -> tuple[list[Attestation], str | None]:
-        """One page of ``query``: at most ``page`` records and ``max_scan`` records
-        read, so no request holds the actor for long; the cursor of the next page,
-        or None when there is no more."""
+        self, flt: Filter, *, page: int = MAX_PAGE, max_scan: int = MAX_SCAN,
+        max_seeks: int = MAX_SEEKS,
+    ) -> tuple[list[Attestation], str | None]:  # fmt: skip
+        """One page of ``query``: at most ``page`` records, ``max_scan`` records read
+        and ``max_seeks`` index seeks, so no request holds the actor for long; the
+        cursor of the next page, or None when there is no more."""
         want, lo, hi, limit = _normalise_filter(flt)
         start = _parse_cursor(flt.cursor)
-        self.last_query_scanned = 0
+        self.last_query_scanned, self.last_query_plan = 0, []
         if lo > hi:
             return [], None
         limit = page if limit is None else min(limit, page)
-        return self._env.read(lambda txn: self._run_query(txn, want, lo, hi, limit, start, max_scan))
+        budget = _Budget(limit, max_scan, max_seeks)
+        return self._env.read(lambda txn: self._run_query(txn, want, lo, hi, start, budget))
 
     def _run_query(
-        self, txn, want: dict[str, set[str]], lo: int, hi: int, limit: int, start: bytes | None, max_scan: int
+        self, txn, want: dict[str, set[str]], lo: int, hi: int, start: bytes | None, budget: _Budget
     ) -> tuple[list[Attestation], str | None]:
         low, high = _U64.pack(lo) + _MIN_SEQ, _U64.pack(hi) + _MAX_SEQ
         if start is not None:
             high = min(high, start)  # resume below the previous page's last record
         if want:
-            field, vkeys = self._plan(txn, want)
-            if not vkeys:
+            plan = self._plan(txn, want)
+            self.last_query_plan = [field for field, _ in plan]
+            if not plan:
                 return [], None
+            if len(plan) > 1:
+                return self._intersect(txn, want, plan, low, high, start, budget)
+            field, vkeys = plan[0]
             walks = [
-                _walk_back(
+                walk_back(
                     txn.cursor(self._index[field]), vkey + b"\x00" + low, vkey + b"\x00" + high
                 )
                 for vkey in vkeys
@@ -303,35 +326,80 @@ class AttestationStore:
             # Each walk yields (ts+seq, id) newest first; merging keeps that order.
             candidates = walks[0] if len(walks) == 1 else heapq.merge(*walks, reverse=True)
         else:
-            candidates = _walk_back(txn.cursor(self._time), low, high)
+            candidates = walk_back(txn.cursor(self._time), low, high)
         out: list[Attestation] = []
         previous = start
         for tail, id in candidates:
             if tail == previous:  # the same record through two OR values, or the cursor's
                 continue
             previous = tail
-            self.last_query_scanned += 1
-            record = self._decoder.decode(txn.get(id, db=self._records))
-            if _matches(record, want):
-                out.append(record)
-            if len(out) >= limit or self.last_query_scanned >= max_scan:
+            self._read_candidate(txn, id, want, out)
+            if len(out) >= budget.limit or self.last_query_scanned >= budget.max_scan:
                 return out, tail.hex()  # the page is full, or its work is done
         return out, None
 
-    def _plan(self, txn, want: dict[str, set[str]]) -> tuple[str, list[bytes]]:
-        """The field whose values are carried by the fewest attestations, and its keys.
-        A field with no matching attestation at all means an empty result: no keys."""
-        best: tuple[int, str, list[bytes]] | None = None
+    def _intersect(
+        self, txn, want: dict[str, set[str]], plan: list[tuple[str, list[bytes]]],
+        low: bytes, high: bytes, start: bytes | None, budget: _Budget,
+    ) -> tuple[list[Attestation], str | None]:  # fmt: skip
+        """The query's records through the intersection of the planned fields' posting
+        lists: only records every one of them carries are read."""
+        if start is not None:  # the cursor's own record was on the previous page
+            high = tail_before(start)
+            if high is None:
+                return [], None
+        lists = [
+            PostingList(
+                [txn.cursor(self._index[field]) for _ in vkeys], [k + b"\x00" for k in vkeys], low
+            )
+            for field, vkeys in plan
+        ]
+        join = Intersection(lists, high)
+        out: list[Attestation] = []
+        while join.pivot is not None:
+            if join.seeks >= budget.max_seeks or self.last_query_scanned >= budget.max_scan:
+                # Its work is done: the next page starts at the first unsettled tail.
+                return out, tail_after(join.pivot).hex()
+            tail = join.step()
+            if tail is None:
+                continue
+            self._read_candidate(txn, txn.get(tail, db=self._time), want, out)
+            if len(out) >= budget.limit:
+                return out, tail.hex()
+        return out, None
+
+    def _read_candidate(self, txn, id: bytes, want: dict[str, set[str]], out: list) -> None:
+        """Decode one candidate and keep it when it matches: index keys may be cut short
+        and a field may be left out of the intersection, so the record has the word."""
+        self.last_query_scanned += 1
+        record = self._decoder.decode(txn.get(id, db=self._records))
+        if _matches(record, want):
+            out.append(record)
+
+    def _plan(self, txn, want: dict[str, set[str]]) -> list[tuple[str, list[bytes]]]:
+        """The fields to walk, each with its value keys, the one carried by the fewest
+        attestations first: that one alone, or with every other field of few enough
+        values to join in an intersection. Empty when a field matches no attestation."""
+        ranked: list[tuple[int, str, list[bytes]]] = []
         for field, values in want.items():
             vkeys = sorted({_value_key(v) for v in values})
             counts = [txn.get(_count_key(field, k), db=self._counts) for k in vkeys]
             total = sum(_U64.unpack(c)[0] for c in counts if c)
             if total == 0:
-                return field, []
-            if best is None or total < best[0]:
-                best = (total, field, vkeys)
-        assert best is not None
-        return best[1], best[2]
+                return []
+            ranked.append((total, field, vkeys))
+        ranked.sort()
+        first, rest = ranked[0], ranked[1:]
+        joined = [r for r in rest if len(r[2]) <= MAX_JOINED_VALUES]
+        return [(field, vkeys) for _, field, vkeys in (first, *joined)]
+
+
+class _Budget(NamedTuple):
+    """What one query page may return and do."""
+
+    limit: int
+    max_scan: int
+    max_seeks: int
 
 
 class _BatchWriter:
@@ -432,20 +500,18 @@ def _parse_cursor(cursor: str | None) -> bytes | None:
     return tail
 
 
-def _walk_back(cursor, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(ts+seq, id) for every key in [low, high], highest key first."""
-    if cursor.set_range(high):
-        if cursor.key() > high and not cursor.prev():
-            return
-    elif not cursor.last():
-        return
-    while True:
-        key = cursor.key()
-        if key < low:
-            return
-        yield key[-_TS_SEQ.size :], cursor.value()
-        if not cursor.prev():
-            return
+def _nested_deeper(value: dict, limit: int) -> bool:
+    """Whether maps and lists in ``value`` (itself level 1) go deeper than ``limit``."""
+    level, containers = 1, [value]
+    while containers:
+        if level > limit:
+            return True
+        inner = []
+        for container in containers:
+            items = container.values() if isinstance(container, dict) else container
+            inner += [v for v in items if isinstance(v, dict | list)]
+        level, containers = level + 1, inner
+    return False
 
 
 def _matches(record: Attestation, want: dict[str, set[str]]) -> bool:
@@ -464,6 +530,8 @@ def _normalise_filter(flt: Filter) -> tuple[dict[str, set[str]], int, int, int |
     want: dict[str, set[str]] = {}
     for field in LIST_FIELDS:
         values = _check_list(f"filter {field}", getattr(flt, field), default=None)
+        if len(values) > MAX_FILTER_VALUES:
+            raise Invalid(f"filter {field} has {len(values)} values, more than {MAX_FILTER_VALUES}")
         if values:
             want[field] = {v.casefold() for v in values}
     if flt.source is not None:

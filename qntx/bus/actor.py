@@ -76,7 +76,7 @@ def unpack_request(frames: list[bytes], decoder: Decoder, max_bytes: int) -> tup
         )
     try:
         return identity, correlation, decoder.decode(body)
-    except (BadRequest, UnknownType) as exc:
+    except (BadRequest, UnknownType, TooLarge) as exc:
         raise RejectedFrames(identity, correlation, exc) from None
 
 

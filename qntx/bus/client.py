@@ -60,7 +60,7 @@ class Client:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.RCVHWM, 0)  # pipelined replies wait here, unbounded
         _prepare(self._socket, endpoint, security)
-        self._decoder = Decoder(reply_type)
+        self._decoder = Decoder(reply_type, replies=True)  # of our own actors
         self._ids = itertools.count(1)
         self._outstanding: set[bytes] = set()  # sent, reply not taken yet
         self._arrived: dict[bytes, Any] = {}  # replies received, not taken yet
@@ -182,7 +182,7 @@ class AsyncClient:
         self._context = context or zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         _prepare(self._socket, endpoint, security)
-        self._decoder = Decoder(reply_type)
+        self._decoder = Decoder(reply_type, replies=True)  # of our own actors
         self._ids = itertools.count(1)
         self._pending: dict[bytes, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None

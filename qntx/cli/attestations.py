@@ -197,13 +197,13 @@ def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
 @handler_app.command
 def show(name: str, /):
     """Show a handler's current code and its version history."""
-    from qntx.handlers import history_filter, is_tombstone
+    from qntx.handlers import current_version, history_filter, is_tombstone, is_version
 
     with open_bus() as bus:
         history = bus.query_filter(history_filter(name))
-    if not history:
+    current = current_version(history)
+    if current is None:
         fail(f"no handler named {name!r}", 1)
-    current = history[0]
     if is_tombstone(current):
         print(f"Handler '{name}' (deleted {_time(current.timestamp)} UTC)")
     else:
@@ -214,7 +214,12 @@ def show(name: str, /):
             print(f"    {line}")
     print(f"  History ({len(history)} version{'s' if len(history) != 1 else ''}, newest first):")
     for record in history:
-        what = "deleted" if is_tombstone(record) else f"{len(str(record.attributes.get('code', '')))} bytes"
+        if is_tombstone(record):
+            what = "deleted"
+        elif is_version(record):
+            what = f"{len(record.attributes['code'])} bytes"
+        else:
+            what = "no code (skipped)"
         print(f"    {_time(record.timestamp)}  {record.id}  {what}")
 
 

@@ -263,7 +263,8 @@ class Pulse:
                 logger.opt(exception=outcome).error("pulse commit of {} jobs failed", len(changes.rows))
                 self.core.commit_failed()
                 for reply in replies:
-                    reply.reply_to.fail(Internal(f"store write failed: {outcome}"))
+                    error = outcome if isinstance(outcome, QntxError) else Internal(f"store write failed: {outcome}")
+                    reply.reply_to.fail(error)
                 self._held = held + self._held  # they go with the next commit that succeeds
             else:
                 self.apply(Saved(changes.versions, changes.lease_ceiling))

@@ -34,9 +34,10 @@ import zmq.asyncio
 from loguru import logger
 
 from qntx.bus.aio import install_stop_signals
+from qntx.bus.bounds import check_decoded_size
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
-from qntx.errors import QntxError, Timeout, Unavailable
+from qntx.errors import QntxError, Timeout, TooLarge, Unavailable
 from qntx.protocol import (
     NIL,
     PLUGIN_DEPTH,
@@ -76,6 +77,10 @@ async def run_builtin(job: Job) -> msgspec.Raw:
     seconds), fail. Only sleep and fail decode the payload."""
     if job.handler == "builtin.echo":
         return job.payload
+    try:
+        check_decoded_size(job.payload, "payload")  # carried unread so far: see qntx.bus.bounds
+    except TooLarge as exc:
+        raise BuiltinFailure(str(exc)) from None
     payload = msgspec.msgpack.decode(job.payload)
     if job.handler == "builtin.sleep":
         if isinstance(payload, dict):

@@ -194,3 +194,22 @@ def test_jobs_can_be_inspected_while_the_bus_is_down(bus):
     assert bus.run("pulse", "cancel", jobs[0]["id"]).returncode == 3  # steering needs the server
     empty = Bus(bus.home / "fresh")
     assert empty.run("pulse", "jobs").stdout.strip() == "(no jobs)"
+
+
+def test_a_codeless_handler_attestation_is_skipped_with_a_warning(bus):
+    assert bus.run("handler", "create", "foo", "--code", "print('the real foo')").returncode == 0
+    up = bus.start_up()
+    # Not a handler version: it has no code. It must not hide the real one.
+    made = bus.run("as", "foo", "is", "handler", "of", "python", "--json")
+    assert made.returncode == 0, made.stderr
+    asid = json.loads(made.stdout)["id"]
+    up.wait_output(f'skipped handler attestation {asid} for ["foo"]: it has no attributes.code', timeout=5)
+    ran = bus.run("ix", "foo")
+    assert ran.returncode == 0 and ran.stdout == "the real foo\n", ran.stderr
+    assert "python.foo" in bus.run("handler", "list").stdout
+    shown = bus.run("handler", "show", "foo").stdout
+    assert "print('the real foo')" in shown and "no code (skipped)" in shown
+    # A restart discovers the same.
+    up.stop()
+    up = bus.start_up()
+    assert bus.run("ix", "foo").stdout == "the real foo\n"

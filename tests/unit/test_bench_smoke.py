@@ -62,3 +62,20 @@ def test_bench_dispatcher_help_lists_the_benchmarks():
     )
     assert done.returncode == 0
     assert "ats" in done.stdout and "pulse" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_ats_and_quick_reports_both_layouts():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "ats", "--and", "--quick", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    metrics = {m["key"]: m for m in report["metrics"]}
+    assert set(metrics) == {
+        f"and_{layout}_{where}" for layout in ("interleaved", "runs")
+        for where in ("store_p50", "store_p99", "bus_p50")
+    }  # fmt: skip
+    for key, m in metrics.items():
+        assert positive(m["measured"]) and positive(m["limit"]), (key, m)

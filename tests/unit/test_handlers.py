@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from qntx.errors import Invalid
-from qntx.handlers import check_name, handler_attestation, resolve, tombstone_attestation
+from qntx.handlers import (
+    check_name,
+    current_version,
+    handler_attestation,
+    resolve,
+    tombstone_attestation,
+)
 from qntx.protocol import Attestation
 
 pytestmark = pytest.mark.timeout(30)
@@ -55,6 +61,22 @@ def test_newest_wins_tombstones_hide_and_codeless_entries_are_skipped():
     ]
     resolution = resolve(records)
     assert {n: r.attributes["code"] for n, r in resolution.current.items()} == {"a": "new"}
-    assert resolution.skipped == ["c"]
+    assert [r.id for r in resolution.skipped] == ["AS-c-30"]
     # A handler re-created after its tombstone is back.
     assert "b" in resolve([record("b", 60, code="again"), *records]).current
+
+
+def test_a_newer_codeless_attestation_does_not_hide_the_real_handler():
+    records = [  # e.g. `qntx as a is handler of python`, after the real versions
+        record("a", 50),
+        record("a", 40, note="still no code"),
+        record("a", 30, code="real"),
+        record("b", 20),
+        record("b", 10, deleted=True),
+    ]
+    resolution = resolve(records)
+    assert {n: r.attributes["code"] for n, r in resolution.current.items()} == {"a": "real"}
+    assert [r.id for r in resolution.skipped] == ["AS-a-50", "AS-a-40", "AS-b-20"]
+    assert current_version(records[:3]).id == "AS-a-30"
+    assert current_version(records[3:]).id == "AS-b-10"
+    assert current_version(records[:2]) is None

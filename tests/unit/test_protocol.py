@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from qntx import protocol
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import Message
-from qntx.errors import BadRequest, UnknownType
+from qntx.errors import BadRequest, TooLarge, UnknownType
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,5 +110,8 @@ def test_decoder_errors_are_typed():
         decoder.decode(b"\xc1")
     with pytest.raises(BadRequest):
         decoder.decode(msgspec.msgpack.encode({"type": "Query", "filter": {"limit": "ten"}}))
-    with pytest.raises(BadRequest):  # nested past any recursion limit
-        decoder.decode(b"\x82\xa4type\xa6Attest\xa5items\x91\x82\xa8subjects\x91\xa1a\xaaattributes\x81\xa1k" + b"\x91" * 100_000 + b"\xc0")
+    head = b"\x82\xa4type\xa6Attest\xa5items\x91\x82\xa8subjects\x91\xa1a\xaaattributes\x81\xa1k"
+    with pytest.raises(BadRequest):  # nested past any recursion limit, in a small body
+        decoder.decode(head + b"\x91" * 50_000 + b"\xc0")
+    with pytest.raises(TooLarge):  # a big one is refused before it is decoded
+        decoder.decode(head + b"\x91" * 100_000 + b"\xc0")

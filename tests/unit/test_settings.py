@@ -44,3 +44,25 @@ def test_bad_values_are_clear_errors(tmp_path):
     (tmp_path / "config.toml").write_text("workers = [")
     with pytest.raises(Invalid, match="config.toml"):
         load_settings(tmp_path, environ={})
+
+
+def test_an_unknown_config_key_is_named_with_the_closest_known_one(tmp_path):
+    (tmp_path / "config.toml").write_text("worker = 3\n")
+    expected = r"config.toml: unknown setting 'worker'; did you mean 'workers'\?"
+    with pytest.raises(Invalid, match=expected):
+        load_settings(tmp_path, environ={})
+    (tmp_path / "config.toml").write_text("colour = 'blue'\n")
+    with pytest.raises(Invalid, match=r"unknown setting 'colour'$"):
+        load_settings(tmp_path, environ={})
+    (tmp_path / "config.toml").write_text("[plugin.python]\nx = 1\n")
+    with pytest.raises(Invalid, match="did you mean 'plugins'"):
+        load_settings(tmp_path, environ={})
+
+
+def test_plugin_tables_are_kept_for_the_plugins(tmp_path):
+    (tmp_path / "config.toml").write_text("workers = 1\n[plugins.python]\ngreeting = 'hi'\n")
+    s = load_settings(tmp_path, environ={})
+    assert s.workers == 1 and s.extra == {"plugins": {"python": {"greeting": "hi"}}}
+    (tmp_path / "config.toml").write_text("plugins = 3\n")
+    with pytest.raises(Invalid, match="plugins must be a table"):
+        load_settings(tmp_path, environ={})

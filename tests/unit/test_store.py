@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qntx.asid import is_asid
-from qntx.ats.store import AttestationStore
+from qntx.ats.store import MAX_JOINED_VALUES, AttestationStore, next_page
 from qntx.errors import Conflict, Invalid, Unavailable
 from qntx.protocol import Attestation, Filter, NewAttestation
 
@@ -130,6 +130,16 @@ def test_invalid_items_are_rejected(store: AttestationStore, item) -> None:
     assert store.count() == 0  # the good item of the batch was not written either
 
 
+def test_attributes_are_bounded_in_depth(store: AttestationStore) -> None:
+    deep: dict = {"k": None}
+    for _ in range(15):
+        deep = {"k": [deep]}  # two levels each: a map and a list
+    deep = {"top": deep}
+    store.put_many([new(attributes=deep)])  # 32 levels: the limit
+    with pytest.raises(Invalid, match="deeper than 32"):
+        store.put_many([new(attributes={"top": [deep]})])
+
+
 def test_a_bad_batch_does_not_stop_the_others(store: AttestationStore) -> None:
     good1, bad, good2 = store.put_batches(
         [[new("a1"), new("a2")], [new("b1"), new("")], [new("c1")]]
@@ -196,7 +206,8 @@ def test_counts_add_up_across_batches_and_transactions(store: AttestationStore) 
     for name in ("x", "y", "z", "w", "v", "u"):
         store.put_many([new(name, contexts=["ctx"])])
     found = store.query(Filter(predicates=["p"], contexts=["ctx"]))
-    assert found == [] and store.last_query_scanned == 5
+    assert found == [] and store.last_query_plan == ["predicates", "contexts"]
+    assert store.last_query_scanned == 0  # the intersection is empty: nothing is read
 
 
 def test_item_lists_are_copied(store: AttestationStore) -> None:
@@ -319,6 +330,7 @@ def test_query(store: AttestationStore, people, flt: Filter, expected: list[str]
         Filter(time_start="yesterday"),  # type: ignore[arg-type]
         Filter(time_end=1.5),  # type: ignore[arg-type]
         {"subjects": ["alice"]},
+        Filter(subjects=[f"s{i}" for i in range(1_001)]),  # more values than one page may OR
     ],
 )
 def test_invalid_filters(store: AttestationStore, flt) -> None:
@@ -357,7 +369,8 @@ def test_the_planner_walks_the_most_selective_index(store: AttestationStore) -> 
     # "work" and "user1" are common, "rare" is not: the planner must drive with predicates.
     found = store.query(Filter(subjects=["user1", "user2"], predicates=["rare"], contexts=["work"]))
     assert [r.subjects for r in found] == [["user2"], ["user1"]]
-    assert store.last_query_scanned == 3
+    assert store.last_query_plan == ["predicates", "subjects", "contexts"]
+    assert store.last_query_scanned == 2  # only the records every field carries are read
     # A value nobody carries ends the query before any record is read.
     assert store.query(Filter(contexts=["work"], actors=["nobody"])) == []
     assert store.last_query_scanned == 0
@@ -391,6 +404,26 @@ def test_map_grows_from_a_tiny_map(tmp_path: Path) -> None:
         assert len(store.query(Filter(predicates=["p"]))) == 6000
 
 
+def test_a_map_at_its_configured_maximum_refuses_writes_and_keeps_reads(tmp_path: Path) -> None:
+    path = tmp_path / "ats"
+    with AttestationStore(path, map_size=256 << 10, max_map_size=1 << 20, sync=False) as store:
+        kept = store.put_many([new("kept")])[0]
+        with pytest.raises(Unavailable, match="disk full: .* maximum map size of 1 MiB"):
+            for i in range(1_000):
+                store.put_many([new(f"s{i}", attributes={"pad": "x" * 2_000})])
+        written = store.count()
+        assert store.stats()["map_size"] == 1 << 20
+        assert store.get(kept.id) == kept  # reads go on
+        assert len(store.query(Filter())) == written
+        with pytest.raises(Unavailable):  # nothing half-written: the count is the same
+            store.put_many([new("big", attributes={"pad": "x" * 200_000})])
+        assert store.count() == written
+    # A larger maximum (a config change and a restart) makes room again.
+    with AttestationStore(path, map_size=256 << 10, max_map_size=4 << 20, sync=False) as store:
+        store.put_many([new("again", attributes={"pad": "x" * 2_000})])
+        assert store.count() == written + 1
+
+
 def test_reopen_persists(tmp_path: Path) -> None:
     with AttestationStore(tmp_path / "ats", map_size=64 << 10) as store:
         before = store.put_many([new(predicates=["p"], timestamp=NOW) for _ in range(500)])
@@ -420,7 +453,7 @@ def test_readonly(tmp_path: Path) -> None:
 READER = textwrap.dedent(
     """
     import json, pathlib, sys
-    from qntx.ats.store import AttestationStore
+    from qntx.ats.store import MAX_JOINED_VALUES, AttestationStore, next_page
     from qntx.protocol import Filter
 
     path, stop = sys.argv[1], pathlib.Path(sys.argv[2])
@@ -530,6 +563,72 @@ def test_query_matches_a_reference_model(batches, queries) -> None:
             records = [r for batch in store.put_batches(batches) for r in batch]
             for flt in queries:
                 assert ids(store.query(flt)) == reference_query(records, flt)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.lists(new_attestations, max_size=8), min_size=1, max_size=5),
+    queries=st.lists(filters, min_size=1, max_size=6),
+    page=st.integers(1, 4),
+    max_scan=st.integers(1, 3),
+    max_seeks=st.integers(1, 5),
+)
+def test_tiny_pages_and_budgets_still_give_every_match_once(
+    batches, queries, page, max_scan, max_seeks
+) -> None:
+    """Pages that stop for their size or their work budget, anywhere in a walk or an
+    intersection, resume exactly where they stopped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with AttestationStore(tmp, map_size=1 << 20, sync=False) as store:
+            records = [r for batch in store.put_batches(batches) for r in batch]
+            for flt in queries:
+                found, current = [], flt
+                for _ in range(10_000):
+                    if current is None:
+                        break
+                    got, cursor = store.query_page(
+                        current, page=page, max_scan=max_scan, max_seeks=max_seeks
+                    )
+                    found += got
+                    current = next_page(flt, cursor, len(found))
+                assert current is None, "the pages never ended"
+                assert ids(found) == reference_query(records, flt)
+
+
+def test_an_and_of_two_broad_fields_reads_only_the_common_records(store) -> None:
+    """subjects=alice AND predicates=knows, each carried by many records, few by both:
+    the intersection of their posting lists finds the few without reading the rest."""
+    items = []
+    for i in range(3_000):
+        kind = i % 50
+        if kind == 0:
+            items.append(new("alice", predicates=["knows"], timestamp=i))
+        elif kind % 2:
+            items.append(new("alice", predicates=["likes"], timestamp=i))
+        else:
+            items.append(new("bob", predicates=["knows"], timestamp=i))
+    made = store.put_many(items)
+    common = [r for r in reversed(made) if r.subjects == ["alice"] and r.predicates == ["knows"]]
+    both = ids(common)
+    assert len(both) == 60
+    flt = Filter(subjects=["ALICE"], predicates=["knows"])
+    records, cursor = store.query_page(flt)
+    assert ids(records) == both and cursor is None
+    assert store.last_query_scanned == 60
+    assert store.last_query_plan in (["subjects", "predicates"], ["predicates", "subjects"])
+    # The same over a time range and with a limit.
+    early = Filter(subjects=["alice"], predicates=["knows"], time_start=100, time_end=999)
+    assert ids(store.query(early)) == [r.id for r in common if 100 <= r.timestamp <= 999]
+    assert ids(store.query(Filter(subjects=["alice"], predicates=["knows"], limit=5))) == both[:5]
+    assert store.last_query_scanned == 5
+
+
+def test_a_field_of_many_values_is_checked_on_the_records_the_others_found(store) -> None:
+    made = store.put_many([new(f"s{i}", predicates=["p" if i % 3 else "q"]) for i in range(60)])
+    subjects = [f"s{i}" for i in range(MAX_JOINED_VALUES + 10)]
+    found = store.query(Filter(subjects=subjects, predicates=["q"]))
+    expected = [r.id for r in reversed(made) if r.predicates == ["q"] and r.subjects[0] in subjects]
+    assert ids(found) == expected and store.last_query_plan == ["predicates"]
 
 
 def test_queries_come_in_bounded_pages_with_a_cursor(store: AttestationStore) -> None:
