@@ -62,7 +62,10 @@ function banner(text) {
   el.textContent = text || "";
 }
 
-function replace(el, ...children) { el.replaceChildren(...children.flat()); return el; }
+function replace(el, ...children) {
+  el.replaceChildren(...children.flat(2).filter((c) => c !== null && c !== undefined && c !== false));
+  return el;
+}
 
 function progressBar(progress) {
   if (!progress || !progress.total) return h("span", {class: "muted"}, "-");
@@ -155,7 +158,7 @@ function overviewView() {
       h("h2", {}, "Workers"),
       h("table", {id: "workers"},
         h("tr", {}, ["worker", "pid", "slots", "free", "running jobs"].map((c) => h("th", {}, c))),
-        data.workers.map((w) => h("tr", {},
+        data.workers.map((w) => h("tr", {"data-worker": w.name},
           h("td", {class: "mono"}, w.name), h("td", {class: "mono"}, w.pid || "-"),
           h("td", {}, w.slots), h("td", {}, w.free),
           h("td", {}, w.running.length ? w.running.map((j) => h("div", {}, jobLink(j.id), " ", j.handler))
@@ -286,7 +289,9 @@ function jobView(id) {
             h("pre", {class: "mono", id: "job-result"}, JSON.stringify(job.result, null, 2))] : null)),
       job.error ? [h("h2", {}, "Error"), h("pre", {class: "error mono", id: "job-error"},
         job.error.message + (job.error.traceback ? "\n\n" + job.error.traceback : ""))] : null,
-      h("h2", {}, "Output"), output);
+      h("h2", {}, "Output"),
+      job.status === "running" ? h("p", {class: "muted"}, "live, from when this page opened; the whole of it is kept when the run ends") : null,
+      output);
   };
   const refresh = async () => {
     try { paint((await api("/api/jobs/" + encodeURIComponent(id))).job); banner(""); }
