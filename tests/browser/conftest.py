@@ -45,13 +45,22 @@ def _missing() -> str | None:
     return None
 
 
+MISSING = _missing()
+REQUIRED = os.environ.get("QNTX_REQUIRE_BROWSER") == "1"
+
+if MISSING and not REQUIRED:
+    collect_ignore_glob = ["test_*.py"]  # not collected at all: one notice below instead of a line per test
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MISSING and not REQUIRED:
+        terminalreporter.write_line(f"browser tests skipped: {MISSING}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _browser_available():
-    missing = _missing()
-    if missing and os.environ.get("QNTX_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser tests required (QNTX_REQUIRE_BROWSER=1) but {missing}")
-    if missing:
-        pytest.skip(missing)
+    if MISSING:
+        pytest.fail(f"browser tests required (QNTX_REQUIRE_BROWSER=1) but {MISSING}")
 
 
 class Dashboard:
