@@ -36,6 +36,10 @@ def not_reloaded(browser) -> bool:
     return browser.execute_script("return window.qntxMarker;") == "no reload"
 
 
+def texts(browser, css: str) -> list[str]:
+    return browser.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => e.innerText);", css)
+
+
 def rows(browser, css: str, key: str) -> dict[str, str]:
     """The rows matching ``css`` by their ``key`` attribute, with their text, read at
     once (the page repaints live: elements found one by one can go stale between)."""
@@ -53,6 +57,17 @@ def test_overview_shows_every_actor_healthy(browser, dashboard, tmp_path):
     workers = rows(browser, "#workers tr[data-worker]", "data-worker")
     assert list(workers) == ["worker-1"]
     assert "idle" in workers["worker-1"] or "JB-" in workers["worker-1"]
+
+    done = [dashboard.api.submit("builtin.echo", n) for n in range(20)]
+    done += [dashboard.api.submit("builtin.fail", n, max_attempts=1) for n in range(2)]
+    for handle in done:
+        handle.wait(timeout=20)
+    counts = dashboard.api.status().queue
+    queue = f"{counts['completed']}\ncompleted"
+    until(browser, lambda d: queue in rows(d, "#queue div[data-status]", "data-status")["completed"], what="the queue")
+    charted = [f"completed {counts['completed']}", f"failed {counts['failed']}"]
+    until(browser, lambda d: texts(d, ".legend span") == charted, what="the chart's counts")
+    assert not_reloaded(browser)
     browser.save_screenshot(str(tmp_path / "overview.png"))
 
 
