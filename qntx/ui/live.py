@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -29,6 +30,7 @@ from qntx.aio import AsyncBus
 from qntx.errors import QntxError
 from qntx.handlers import CONTEXT, PREDICATE
 from qntx.protocol import (
+    FINAL_STATUSES,
     AttestationCreated,
     HandlersRegistered,
     JobChanged,
@@ -42,6 +44,7 @@ OVERVIEW_MIN_S = 1.0
 OVERVIEW_IDLE_S = 5.0
 KEEPALIVE_S = 15.0
 BACKLOG = 1000  # messages a page may fall behind before it is told to resync
+COUNTED_KEPT = 100_000
 
 
 class Page:
@@ -66,6 +69,7 @@ class Hub:
         self.throughput = Throughput()
         self.pages: set[Page] = set()
         self._changed: dict[str, dict[str, Any]] = {}
+        self._counted: OrderedDict[tuple[str, int], None] = OrderedDict()  # finished runs charted
         self._progress: dict[str, dict[str, Any]] = {}
         self._dirty = True
         self._handlers_changed = False
@@ -100,7 +104,11 @@ class Hub:
     def _job_changed(self, event: JobChanged) -> None:
         job = event.job
         self._changed[job.id] = job_summary(job)
-        if job.finished_at:
+        if job.finished_at and (job.id, job.lease) not in self._counted:
+            if job.status in FINAL_STATUSES:  # a run's end may be announced more than once
+                self._counted[(job.id, job.lease)] = None
+                if len(self._counted) > COUNTED_KEPT:
+                    self._counted.popitem(last=False)
             self.throughput.count(job.status, job.finished_at)
         self._dirty = True
 

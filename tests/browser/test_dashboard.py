@@ -120,9 +120,12 @@ def test_a_failed_job_shows_its_error_and_traceback(browser, dashboard, tmp_path
     open_page(browser, dashboard, f"#/jobs/{handle.id}")
     error = until(browser, lambda d: d.find_element(By.ID, "job-error").text, what="the error")
     assert "no luck" in error and "Traceback" in error and "line 2" in error
-    assert browser.find_element(By.ID, "action-retry").is_enabled()
     assert not browser.find_element(By.ID, "action-cancel").is_enabled()
     browser.save_screenshot(str(tmp_path / "job-failed.png"))
+
+    until(browser, lambda d: d.find_element(By.ID, "action-retry").click() or True, what="the retry button")
+    until(browser, lambda d: handle.record().runs == 2 and handle.record().status == "failed", what="the second run")
+    until(browser, lambda d: "runs 2" in d.find_element(By.ID, "job").text, what="the second run shown")
 
 
 def test_an_ax_query_shows_rows_and_a_bad_query_its_error_in_place(browser, dashboard, tmp_path):
@@ -165,4 +168,12 @@ def test_a_handler_created_while_the_page_is_open_appears(browser, dashboard, tm
     until(browser, lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-handler="fresh"] a').click() or True, what="a link")
     code = until(browser, lambda d: d.find_elements(By.ID, "handler-code"), what="the handler page")[0].text
     assert code == "_result = 1"
+
+    assert dashboard.api.submit("python.fresh", None).result(timeout=20) == 1
+    dashboard.api.attest_many([handler_attestation("fresh", "_result = 2")])
+    results = []
+    until(browser, lambda d: results.append(dashboard.api.submit("python.fresh", None).result(timeout=20)) or results[-1] == 2, what="v2 live")
+    browser.refresh()  # counts are read when the page opens
+    want = [f"completed {len(results)}", "completed 1"]  # newest version first; by creation time
+    until(browser, lambda d: texts(d, "#versions tr td:last-child") == want, what="jobs per version")
     browser.save_screenshot(str(tmp_path / "handler.png"))

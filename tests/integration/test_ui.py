@@ -89,6 +89,29 @@ def test_actions_need_the_page_value_and_this_origin(bus):
         assert job.record().status == "cancelled"
 
 
+def test_pause_and_resume_a_queued_job(bus):
+    bus.start_up("--workers", "1")
+    _, base = start_ui(bus)
+    act = {"X-Qntx-Csrf": page_value(base)}
+    with bus.connect() as api:
+        slots = [a.credit for a in api.status().actors if a.name == "worker-1"][0]
+        busy = [api.submit("builtin.sleep", {"args": [30]}, max_attempts=1) for _ in range(slots)]
+        wait_for(lambda: all(h.record().status == "running" for h in busy), what="every slot busy")
+        waiting = api.submit("builtin.echo", "later")
+        assert waiting.accepted().status == "queued"
+        status, body, _ = call(f"{base}/api/jobs/{waiting.id}/pause", "POST", act)
+        assert status == 200 and body["job"]["status"] == "paused" and api.job(waiting.id).status == "paused"
+        status, body, _ = call(f"{base}/api/jobs?status=paused", "GET")
+        assert [j["id"] for j in body["jobs"]] == [waiting.id]
+        status, body, _ = call(f"{base}/api/jobs/{waiting.id}/resume", "POST", act)
+        assert status == 200 and body["job"]["status"] == "queued"
+        status, body, _ = call(f"{base}/api/jobs/{waiting.id}/resume", "POST", act)
+        assert status == 409 and body["code"] == "conflict"  # not paused any more: refused, said why
+        for handle in busy:
+            api.cancel(handle.id)
+        assert waiting.result(timeout=20) == "later"
+
+
 def test_another_host_name_is_refused_on_loopback(bus):
     _, base = start_ui(bus)
     status, body, _ = call(base + "/", headers={"Host": "rebound.example:80"})
@@ -137,3 +160,31 @@ def test_a_port_in_use_is_one_line(bus):
         result = bus.run("ui", "--port", str(taken.getsockname()[1]), timeout=30)
     assert result.returncode == 3
     assert result.stderr.startswith("error: cannot listen on 127.0.0.1:") and result.stderr.count("\n") == 1
+
+
+def test_listings_filter_and_page_through_everything_once(bus):
+    bus.start_up("--workers", "1")
+    _, base = start_ui(bus)
+    with bus.connect() as api:
+        echoes = [api.submit("builtin.echo", n) for n in range(5)]
+        fails = [api.submit("builtin.fail", n, max_attempts=1) for n in range(2)]
+        for handle in echoes + fails:
+            handle.wait(timeout=20)
+        made = [api.attest("pat", "paged", "ui", attributes={"n": n}) for n in range(12)]
+
+    def everything(path: str, key: str) -> list[str]:
+        seen, cursor = [], ""
+        while True:
+            status, body, _ = call(base + path + (f"&cursor={cursor}" if cursor else ""))
+            assert status == 200, body
+            assert len(body[key]) <= 5
+            seen += [item["id"] for item in body[key]]
+            cursor = body["cursor"]
+            if not cursor:
+                return seen
+
+    all_jobs = [h.id for h in reversed(echoes + fails)]  # newest first
+    assert everything("/api/jobs?limit=5", "jobs") == all_jobs
+    assert everything("/api/jobs?limit=5&handler=FAIL", "jobs") == [h.id for h in reversed(fails)]
+    assert everything("/api/jobs?limit=5&status=completed&since_min=5", "jobs") == [h.id for h in reversed(echoes)]
+    assert everything("/api/attestations?limit=5&q=pat%20is%20paged", "records") == [r.id for r in reversed(made)]
