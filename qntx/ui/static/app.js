@@ -264,7 +264,7 @@ function jobView(id) {
     job = data;
     const can = {cancel: ["queued", "running", "paused"], retry: ["failed", "cancelled"], pause: ["queued"], resume: ["paused"]};
     const logs = job.logs || "";
-    if (logs || !["running"].includes(job.status)) output.textContent = logs;
+    if (job.status !== "running") output.textContent = logs || "(no output)";
     replace(root,
       h("h1", {}, "Job ", h("span", {class: "mono"}, job.id), " ", h("span", {id: "job-status"}, status(job.status))),
       h("div", {class: "actions"}, Object.entries(can).map(([action, when]) =>
