@@ -113,7 +113,11 @@ class Hub:
         self._dirty = True
 
     def _job_progressed(self, event: JobProgressed) -> None:
-        self._progress[event.job_id] = {"job_id": event.job_id, "current": event.current, "total": event.total}
+        self._progress[event.job_id] = {
+            "job_id": event.job_id,
+            "current": event.current,
+            "total": event.total,
+        }
 
     def _job_output(self, event: JobOutput) -> None:
         data = {"job_id": event.job_id, "stream": event.stream, "text": event.text}
@@ -146,7 +150,9 @@ class Hub:
                 self._handlers_changed = False
                 self._broadcast("handlers", {})
             since = time.monotonic() - last_overview
-            if self.pages and (since >= OVERVIEW_IDLE_S or (self._dirty and since >= OVERVIEW_MIN_S)):
+            if self.pages and (
+                since >= OVERVIEW_IDLE_S or (self._dirty and since >= OVERVIEW_MIN_S)
+            ):
                 self._dirty = False
                 last_overview = time.monotonic()
                 self._broadcast("overview", await self._overview())
@@ -167,7 +173,11 @@ class Hub:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/events[?job=ID]``: this page's events until it goes away."""
         response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+            }
         )
         await response.prepare(request)
         page = Page(request.query.get("job") or None)

@@ -33,7 +33,9 @@ HTTP_STATUS = {Invalid: 400, NotFound: 404, Conflict: 409, Unavailable: 503, Tim
 
 
 def json(value: Any, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(value), status=status, content_type="application/json")
+    return web.Response(
+        body=msgspec.json.encode(value), status=status, content_type="application/json"
+    )
 
 
 @web.middleware
@@ -66,7 +68,12 @@ class Routes:
         self.hub = hub
         self.bus = hub.bus
         self.csrf = csrf
-        self._actions = {"cancel": self.bus.cancel, "retry": self.bus.retry, "pause": self.bus.pause, "resume": self.bus.resume}
+        self._actions = {
+            "cancel": self.bus.cancel,
+            "retry": self.bus.retry,
+            "pause": self.bus.pause,
+            "resume": self.bus.resume,
+        }
 
     def table(self) -> list[web.RouteDef]:
         return [
@@ -85,11 +92,18 @@ class Routes:
 
     async def index(self, request: web.Request) -> web.Response:
         page = (STATIC / "index.html").read_text().replace("{{csrf}}", self.csrf)
-        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+        return web.Response(
+            text=page, content_type="text/html", headers={"Cache-Control": "no-store"}
+        )
 
     async def static(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        kinds = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".svg": "image/svg+xml"}
+        kinds = {
+            ".js": "text/javascript",
+            ".css": "text/css",
+            ".png": "image/png",
+            ".svg": "image/svg+xml",
+        }
         kind = next((k for suffix, k in kinds.items() if name.endswith(suffix)), None)
         item = STATIC / name
         if kind is None or "/" in name or not item.is_file():
@@ -123,7 +137,9 @@ class Routes:
     async def act(self, request: web.Request) -> web.Response:
         action = self._actions.get(request.match_info["action"])
         if action is None:
-            raise NotFound(f"no action {request.match_info['action']!r} (cancel, retry, pause or resume)")
+            raise NotFound(
+                f"no action {request.match_info['action']!r} (cancel, retry, pause or resume)"
+            )
         return json({"job": job_detail(await action(request.match_info["id"]))})
 
     async def handlers(self, request: web.Request) -> web.Response:
@@ -139,7 +155,8 @@ class Routes:
     async def attestations(self, request: web.Request) -> web.Response:
         text = request.query.get("q", "")
         limit = _int(request, "limit", PAGE_SIZE, 1, MAX_PAGE)
-        flt = ax_filter(text, limit) if text.strip() else make_filter(limit=limit)  # empty: the newest
+        # an empty query: the newest attestations
+        flt = ax_filter(text, limit) if text.strip() else make_filter(limit=limit)
         flt = msgspec.structs.replace(flt, cursor=request.query.get("cursor") or None)
         records, cursor = await self.bus.query_page(flt)
         return json({"records": [attestation_row(r) for r in records], "cursor": cursor})

@@ -30,19 +30,31 @@ def build_app(bus: AsyncBus, access: Access) -> tuple[web.Application, Hub]:
     return app, hub
 
 
-def serve(settings: Settings, *, host: str, port: int, allow_remote: bool, open_browser: bool) -> None:
+def serve(
+    settings: Settings, *, host: str, port: int, allow_remote: bool, open_browser: bool
+) -> None:
     """Serve the dashboard of ``settings.home`` on host:port until SIGINT/SIGTERM."""
     check_bind(host, allow_remote)
     token = None
     if not is_loopback(host):
         token, made = load_token(settings.home)
         where = settings.home / TOKEN_FILE
-        print(f"Access token (made now, kept in {where}): {token}" if made else f"Access token: in {where}")
+        print(
+            f"Access token (made now, kept in {where}): {token}"
+            if made
+            else f"Access token: in {where}"
+        )
     asyncio.run(_serve(settings, host, port, token, open_browser))
 
 
-async def _serve(settings: Settings, host: str, port: int, token: str | None, open_browser: bool) -> None:
-    bus = AsyncBus(dataclasses.replace(settings, request_timeout_s=min(settings.request_timeout_s, REQUEST_TIMEOUT_S)))
+async def _serve(
+    settings: Settings, host: str, port: int, token: str | None, open_browser: bool
+) -> None:
+    bus = AsyncBus(
+        dataclasses.replace(
+            settings, request_timeout_s=min(settings.request_timeout_s, REQUEST_TIMEOUT_S)
+        )
+    )
     access = Access(port=port, token=token, csrf=secrets.token_urlsafe(24))
     app, hub = build_app(bus, access)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)

@@ -164,7 +164,8 @@ async def job_listing(
         scanned += len(page)
         for job in page:
             if since_ms is not None and job.created_at < since_ms:
-                return {"jobs": [job_summary(j) for j in found], "cursor": None}  # the rest is older
+                # newest first: the rest is older still
+                return {"jobs": [job_summary(j) for j in found], "cursor": None}
             if handler is None or handler.lower() in job.handler.lower():
                 found.append(job)
         if cursor is None or len(found) >= limit or scanned >= SCAN_JOBS:
@@ -207,15 +208,24 @@ async def handler_detail(bus: AsyncBus, name: str) -> dict[str, Any] | None:
             "asid": record.id,
             "timestamp": record.timestamp,
             "deleted": is_tombstone(record),
-            "code": record.attributes.get("code") if isinstance(record.attributes.get("code"), str) else None,
+            "code": record.attributes.get("code")
+            if isinstance(record.attributes.get("code"), str)
+            else None,
             "jobs": counts[i],
         }
         for i, record in enumerate(history)
     ]
-    return {"name": name, "handler": f"python.{name}", "deleted": is_tombstone(history[0]), "versions": versions}
+    return {
+        "name": name,
+        "handler": f"python.{name}",
+        "deleted": is_tombstone(history[0]),
+        "versions": versions,
+    }
 
 
-async def _jobs_per_version(bus: AsyncBus, handler: str, history: list[Attestation]) -> list[dict[str, int]]:
+async def _jobs_per_version(
+    bus: AsyncBus, handler: str, history: list[Attestation]
+) -> list[dict[str, int]]:
     counts: list[dict[str, int]] = [{} for _ in history]
     cursor = None
     scanned = 0

@@ -37,7 +37,9 @@ CHROMIUM_FLAGS = [
 def _missing() -> str | None:
     for path in (CHROMIUM, CHROMEDRIVER):
         if not (Path(path).is_file() and os.access(path, os.X_OK)):
-            return f"no {path}: install Debian's chromium and chromium-driver to run the browser tests"
+            return (
+                f"no {path}: install Debian's chromium and chromium-driver to run the browser tests"
+            )
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -49,7 +51,8 @@ MISSING = _missing()
 REQUIRED = os.environ.get("QNTX_REQUIRE_BROWSER") == "1"
 
 if MISSING and not REQUIRED:
-    collect_ignore_glob = ["test_*.py"]  # not collected at all: one notice below instead of a line per test
+    # not collected at all: one notice below instead of a line per test
+    collect_ignore_glob = ["test_*.py"]
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -28,7 +28,11 @@ _result = {"ticks": 200}
 
 def open_page(browser, dashboard, fragment: str) -> None:
     browser.get(dashboard.url + fragment)
-    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="the live event stream")
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "live").text == "live",
+        what="the live event stream",
+    )
     browser.execute_script("window.qntxMarker = 'no reload';")
 
 
@@ -37,7 +41,9 @@ def not_reloaded(browser) -> bool:
 
 
 def texts(browser, css: str) -> list[str]:
-    return browser.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => e.innerText);", css)
+    return browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText);", css
+    )
 
 
 def rows(browser, css: str, key: str) -> dict[str, str]:
@@ -50,7 +56,11 @@ def rows(browser, css: str, key: str) -> dict[str, str]:
 def test_overview_shows_every_actor_healthy(browser, dashboard, tmp_path):
     open_page(browser, dashboard, "#/")
     wanted = {"ats", "server", "worker-1", "plugin:python"}
-    actors = until(browser, lambda d: (r := rows(d, "#actors tr[data-actor]", "data-actor")) and wanted <= set(r) and r, what="the actors")
+    actors = until(
+        browser,
+        lambda d: (r := rows(d, "#actors tr[data-actor]", "data-actor")) and wanted <= set(r) and r,
+        what="the actors",
+    )
     assert all("healthy" in text and "unhealthy" not in text for text in actors.values()), actors
     pids = {actor.name: actor.pid for actor in dashboard.api.status().actors}
     assert all(str(pids[name]) in actors[name] for name in wanted)
@@ -64,7 +74,11 @@ def test_overview_shows_every_actor_healthy(browser, dashboard, tmp_path):
         handle.wait(timeout=20)
     counts = dashboard.api.status().queue
     queue = f"{counts['completed']}\ncompleted"
-    until(browser, lambda d: queue in rows(d, "#queue div[data-status]", "data-status")["completed"], what="the queue")
+    until(
+        browser,
+        lambda d: queue in rows(d, "#queue div[data-status]", "data-status")["completed"],
+        what="the queue",
+    )
     charted = [f"completed {counts['completed']}", f"failed {counts['failed']}"]
     until(browser, lambda d: texts(d, ".legend span") == charted, what="the chart's counts")
     assert not_reloaded(browser)
@@ -87,9 +101,15 @@ def test_submitted_jobs_appear_and_complete_without_a_reload(browser, dashboard,
     browser.save_screenshot(str(tmp_path / "jobs.png"))
 
 
-def test_a_running_job_streams_output_and_progress_and_is_cancelled_from_the_page(browser, dashboard, tmp_path):
+def test_a_running_job_streams_output_and_progress_and_is_cancelled_from_the_page(
+    browser, dashboard, tmp_path
+):
     dashboard.api.attest_many([handler_attestation("ticker", TICKER)])
-    until(browser, lambda d: "python.ticker" in dashboard.api.status().handlers, what="ticker registered")
+    until(
+        browser,
+        lambda d: "python.ticker" in dashboard.api.status().handlers,
+        what="ticker registered",
+    )
     handle = dashboard.api.submit("python.ticker", None, max_attempts=1)
     until(browser, lambda d: handle.record().status == "running", what="the job running")
     open_page(browser, dashboard, f"#/jobs/{handle.id}")
@@ -102,19 +122,37 @@ def test_a_running_job_streams_output_and_progress_and_is_cancelled_from_the_pag
 
     seen = until(browser, progress, what="progress")
     until(browser, lambda d: progress(d) > seen, what="progress advancing")
-    until(browser, lambda d: d.find_element(By.ID, "output").text.count("tick") > first, what="more output")
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "output").text.count("tick") > first,
+        what="more output",
+    )
     browser.save_screenshot(str(tmp_path / "job-running.png"))
 
-    until(browser, lambda d: d.find_element(By.ID, "action-cancel").click() or True, what="the cancel button")
-    until(browser, lambda d: d.find_element(By.ID, "job-status").text == "cancelled", what="cancelled on the page")
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "action-cancel").click() or True,
+        what="the cancel button",
+    )
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "job-status").text == "cancelled",
+        what="cancelled on the page",
+    )
     assert handle.record().status == "cancelled"
     assert not_reloaded(browser)
     browser.save_screenshot(str(tmp_path / "job-cancelled.png"))
 
 
 def test_a_failed_job_shows_its_error_and_traceback(browser, dashboard, tmp_path):
-    dashboard.api.attest_many([handler_attestation("broken", "def f():\n    raise ValueError('no luck')\nf()\n")])
-    until(browser, lambda d: "python.broken" in dashboard.api.status().handlers, what="broken registered")
+    dashboard.api.attest_many(
+        [handler_attestation("broken", "def f():\n    raise ValueError('no luck')\nf()\n")]
+    )
+    until(
+        browser,
+        lambda d: "python.broken" in dashboard.api.status().handlers,
+        what="broken registered",
+    )
     handle = dashboard.api.submit("python.broken", None, max_attempts=1)
     handle.wait(timeout=20)
     open_page(browser, dashboard, f"#/jobs/{handle.id}")
@@ -123,9 +161,21 @@ def test_a_failed_job_shows_its_error_and_traceback(browser, dashboard, tmp_path
     assert not browser.find_element(By.ID, "action-cancel").is_enabled()
     browser.save_screenshot(str(tmp_path / "job-failed.png"))
 
-    until(browser, lambda d: d.find_element(By.ID, "action-retry").click() or True, what="the retry button")
-    until(browser, lambda d: handle.record().runs == 2 and handle.record().status == "failed", what="the second run")
-    until(browser, lambda d: "runs 2" in d.find_element(By.ID, "job").text, what="the second run shown")
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "action-retry").click() or True,
+        what="the retry button",
+    )
+    until(
+        browser,
+        lambda d: handle.record().runs == 2 and handle.record().status == "failed",
+        what="the second run",
+    )
+    until(
+        browser,
+        lambda d: "runs 2" in d.find_element(By.ID, "job").text,
+        what="the second run shown",
+    )
 
 
 def test_an_ax_query_shows_rows_and_a_bad_query_its_error_in_place(browser, dashboard, tmp_path):
@@ -134,14 +184,19 @@ def test_an_ax_query_shows_rows_and_a_bad_query_its_error_in_place(browser, dash
     box = browser.find_element(By.ID, "ax")
     box.clear()
     box.send_keys("ada is wrote of notes", Keys.ENTER)
-    until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ax-table tr[data-asid]")) == 3, what="three rows")
+    until(
+        browser,
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ax-table tr[data-asid]")) == 3,
+        what="three rows",
+    )
     shown = list(rows(browser, "#ax-table tr[data-asid]", "data-asid"))
     assert shown == [r.id for r in reversed(made)]  # newest first
     browser.save_screenshot(str(tmp_path / "attestations.png"))
 
     box.clear()
     box.send_keys("ada is of notes", Keys.ENTER)
-    caret = until(browser, lambda d: d.find_elements(By.ID, "ax-caret"), what="the error caret")[0].text
+    carets = until(browser, lambda d: d.find_elements(By.ID, "ax-caret"), what="the error caret")
+    caret = carets[0].text
     query_line, marker_line = caret.split("\n")
     assert query_line == "ada is of notes"
     assert marker_line == " " * 4 + "^"  # under the "is" that has no predicate after it
@@ -156,7 +211,11 @@ def test_a_handler_created_while_the_page_is_open_appears(browser, dashboard, tm
     assert "fresh" not in rows(browser, "#handler-table tr[data-handler]", "data-handler")
     result = dashboard.bus.run("handler", "create", "fresh", "--code", "_result = 1")
     assert result.returncode == 0, result.stderr
-    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-handler="fresh"]'), what="the new handler")
+    until(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-handler="fresh"]'),
+        what="the new handler",
+    )
     until(
         browser,
         lambda d: "healthy" in d.find_element(By.CSS_SELECTOR, 'tr[data-handler="fresh"]').text,
@@ -165,15 +224,30 @@ def test_a_handler_created_while_the_page_is_open_appears(browser, dashboard, tm
     assert not_reloaded(browser)
     browser.save_screenshot(str(tmp_path / "handlers.png"))
 
-    until(browser, lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-handler="fresh"] a').click() or True, what="a link")
-    code = until(browser, lambda d: d.find_elements(By.ID, "handler-code"), what="the handler page")[0].text
+    until(
+        browser,
+        lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-handler="fresh"] a').click() or True,
+        what="a link",
+    )
+    code = until(
+        browser, lambda d: d.find_elements(By.ID, "handler-code"), what="the handler page"
+    )[0].text
     assert code == "_result = 1"
 
     assert dashboard.api.submit("python.fresh", None).result(timeout=20) == 1
     dashboard.api.attest_many([handler_attestation("fresh", "_result = 2")])
     results = []
-    until(browser, lambda d: results.append(dashboard.api.submit("python.fresh", None).result(timeout=20)) or results[-1] == 2, what="v2 live")
+    until(
+        browser,
+        lambda d: (
+            results.append(dashboard.api.submit("python.fresh", None).result(timeout=20))
+            or results[-1] == 2
+        ),
+        what="v2 live",
+    )
     browser.refresh()  # counts are read when the page opens
     want = [f"completed {len(results)}", "completed 1"]  # newest version first; by creation time
-    until(browser, lambda d: texts(d, "#versions tr td:last-child") == want, what="jobs per version")
+    until(
+        browser, lambda d: texts(d, "#versions tr td:last-child") == want, what="jobs per version"
+    )
     browser.save_screenshot(str(tmp_path / "handler.png"))

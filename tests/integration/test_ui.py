@@ -26,9 +26,13 @@ def start_ui(bus, *args: str) -> tuple[object, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def call(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict | str, dict]:
+def call(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict | str, dict]:
     """Status, body (JSON decoded if it is JSON) and headers of one request."""
-    request = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
+    request = urllib.request.Request(
+        url, method=method, headers=headers or {}, data=b"" if method == "POST" else None
+    )
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
             status, raw, got = response.status, response.read(), dict(response.headers)
@@ -100,13 +104,18 @@ def test_pause_and_resume_a_queued_job(bus):
         waiting = api.submit("builtin.echo", "later")
         assert waiting.accepted().status == "queued"
         status, body, _ = call(f"{base}/api/jobs/{waiting.id}/pause", "POST", act)
-        assert status == 200 and body["job"]["status"] == "paused" and api.job(waiting.id).status == "paused"
+        assert (
+            status == 200
+            and body["job"]["status"] == "paused"
+            and api.job(waiting.id).status == "paused"
+        )
         status, body, _ = call(f"{base}/api/jobs?status=paused", "GET")
         assert [j["id"] for j in body["jobs"]] == [waiting.id]
         status, body, _ = call(f"{base}/api/jobs/{waiting.id}/resume", "POST", act)
         assert status == 200 and body["job"]["status"] == "queued"
         status, body, _ = call(f"{base}/api/jobs/{waiting.id}/resume", "POST", act)
-        assert status == 409 and body["code"] == "conflict"  # not paused any more: refused, said why
+        # not paused any more: refused, and said why
+        assert status == 409 and body["code"] == "conflict"
         for handle in busy:
             api.cancel(handle.id)
         assert waiting.result(timeout=20) == "later"
@@ -159,7 +168,10 @@ def test_a_port_in_use_is_one_line(bus):
         taken.listen()
         result = bus.run("ui", "--port", str(taken.getsockname()[1]), timeout=30)
     assert result.returncode == 3
-    assert result.stderr.startswith("error: cannot listen on 127.0.0.1:") and result.stderr.count("\n") == 1
+    assert (
+        result.stderr.startswith("error: cannot listen on 127.0.0.1:")
+        and result.stderr.count("\n") == 1
+    )
 
 
 def test_listings_filter_and_page_through_everything_once(bus):
@@ -186,5 +198,9 @@ def test_listings_filter_and_page_through_everything_once(bus):
     all_jobs = [h.id for h in reversed(echoes + fails)]  # newest first
     assert everything("/api/jobs?limit=5", "jobs") == all_jobs
     assert everything("/api/jobs?limit=5&handler=FAIL", "jobs") == [h.id for h in reversed(fails)]
-    assert everything("/api/jobs?limit=5&status=completed&since_min=5", "jobs") == [h.id for h in reversed(echoes)]
-    assert everything("/api/attestations?limit=5&q=pat%20is%20paged", "records") == [r.id for r in reversed(made)]
+    assert everything("/api/jobs?limit=5&status=completed&since_min=5", "jobs") == [
+        h.id for h in reversed(echoes)
+    ]
+    assert everything("/api/attestations?limit=5&q=pat%20is%20paged", "records") == [
+        r.id for r in reversed(made)
+    ]
