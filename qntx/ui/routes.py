@@ -91,7 +91,8 @@ class Routes:
         ]
 
     async def index(self, request: web.Request) -> web.Response:
-        page = (STATIC / "index.html").read_text().replace("{{csrf}}", self.csrf)
+        page = (STATIC / "index.html").read_text()
+        page = page.replace("{{csrf}}", self.csrf).replace("{{statuses}}", ",".join(JOB_STATUSES))
         return web.Response(
             text=page, content_type="text/html", headers={"Cache-Control": "no-store"}
         )

@@ -70,6 +70,9 @@ def job_detail(job: Job) -> dict[str, Any]:
         parent_id=job.parent_id,
         idempotency_key=job.idempotency_key,
         run_after=job.run_after,
+        version=job.version,
+        after=job.after,
+        schedule=job.schedule,
         lease=job.lease,
         runs=job.runs,
         lost=job.lost,
@@ -197,8 +200,8 @@ async def handler_listing(bus: AsyncBus) -> dict[str, Any]:
 
 
 async def handler_detail(bus: AsyncBus, name: str) -> dict[str, Any] | None:
-    """A handler's versions, newest first, each with the jobs that started while it
-    was current (counted over the newest SCAN_JOBS jobs); None if it never existed."""
+    """A handler's versions, newest first, each with its jobs by status (counted over
+    the newest SCAN_JOBS jobs); None if it never existed."""
     history = await bus.query_filter(history_filter(name))
     if not history:
         return None
@@ -227,6 +230,7 @@ async def _jobs_per_version(
     bus: AsyncBus, handler: str, history: list[Attestation]
 ) -> list[dict[str, int]]:
     counts: list[dict[str, int]] = [{} for _ in history]
+    by_id = {record.id: i for i, record in enumerate(history)}
     cursor = None
     scanned = 0
     while scanned < SCAN_JOBS:
@@ -235,8 +239,11 @@ async def _jobs_per_version(
         for job in page:
             if job.handler != handler:
                 continue
-            # the version current when the job was created: the newest not after it
-            index = next((i for i, r in enumerate(history) if r.timestamp <= job.created_at), None)
+            index = by_id.get(job.version) if job.version else None
+            if index is None:  # a job from before jobs were pinned to a version: by time
+                index = next(
+                    (i for i, r in enumerate(history) if r.timestamp <= job.created_at), None
+                )
             if index is not None:
                 counts[index][job.status] = counts[index].get(job.status, 0) + 1
         if cursor is None:

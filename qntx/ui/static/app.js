@@ -4,7 +4,7 @@
 
 const CSRF = document.querySelector('meta[name="qntx-csrf"]').content;
 const main = document.getElementById("main");
-const STATUSES = ["queued", "running", "paused", "completed", "failed", "cancelled"];
+const STATUSES = document.querySelector('meta[name="qntx-statuses"]').content.split(",");
 
 let view = null;     // the view on screen: {name, onEvent(kind, data), refresh()}
 let events = null;   // the EventSource
@@ -262,7 +262,8 @@ function jobView(id) {
   };
   const paint = (data) => {
     job = data;
-    const can = {cancel: ["queued", "running", "paused"], retry: ["failed", "cancelled"], pause: ["queued"], resume: ["paused"]};
+    const can = {cancel: ["queued", "running", "paused", "waiting"], retry: ["failed", "cancelled"],
+      pause: ["queued"], resume: ["paused"]};
     const logs = job.logs || "";
     if (job.status !== "running") output.textContent = logs || "(no output)";
     replace(root,
@@ -281,6 +282,11 @@ function jobView(id) {
           h("dt", {}, "started"), h("dd", {}, time(job.started_at)),
           h("dt", {}, "finished"), h("dd", {}, time(job.finished_at)),
           job.run_after > Date.now() ? [h("dt", {}, "retry after"), h("dd", {}, time(job.run_after))] : null,
+          job.version ? [h("dt", {}, "version"), h("dd", {class: "mono"},
+            job.handler.startsWith("python.") ? h("a", {href: "#/handlers/" + encodeURIComponent(job.handler.slice(7))}, job.version)
+              : job.version)] : null,
+          job.after && job.after.length ? [h("dt", {}, "after"), h("dd", {}, job.after.map((a) => h("div", {}, jobLink(a))))] : null,
+          job.schedule ? [h("dt", {}, "schedule"), h("dd", {class: "mono"}, job.schedule)] : null,
           job.idempotency_key ? [h("dt", {}, "idempotency key"), h("dd", {class: "mono"}, job.idempotency_key)] : null,
           job.parent_id ? [h("dt", {}, "parent"), h("dd", {}, jobLink(job.parent_id))] : null,
           h("dt", {}, "progress"), h("dd", {id: "job-progress"}, progressBar(job.progress)))),
