@@ -3,8 +3,9 @@
 One ``Hub`` reads every event of the bus (``AsyncBus.events``) and fans it out to
 the pages connected to ``/api/events``. What it sends:
 
-* ``jobs``: the jobs that changed, as listing rows, gathered for FLUSH_S so a burst
-  of thousands of jobs is a few messages;
+* ``jobs``: the jobs that changed, as listing rows, gathered for FLUSH_S; when more
+  than BURST changed, ``resync`` instead (each page fetches the one page it shows,
+  at most once a second), so thousands of jobs a second cost a page little;
 * ``progress`` and ``output`` of the job a page shows (``?job=ID``);
 * ``overview``: the whole overview, at most once a second when something changed,
   and every OVERVIEW_IDLE_S anyway (an actor's health has no event of its own);
@@ -44,6 +45,7 @@ OVERVIEW_MIN_S = 1.0
 OVERVIEW_IDLE_S = 5.0
 KEEPALIVE_S = 15.0
 BACKLOG = 1000  # messages a page may fall behind before it is told to resync
+BURST = 200  # more jobs changed than this in one flush: pages resync instead
 COUNTED_KEPT = 100_000
 
 
@@ -98,8 +100,12 @@ class Hub:
     async def _read(self, events) -> None:
         async for event in events:
             handle = self._on_event.get(type(event))
-            if handle is not None:
+            if handle is None:
+                continue
+            try:
                 handle(event)
+            except Exception:  # one odd event must not stop the pages' live updates
+                logger.opt(exception=True).warning("dashboard: an event could not be shown")
 
     def _job_changed(self, event: JobChanged) -> None:
         job = event.job
@@ -135,10 +141,16 @@ class Hub:
             self._handlers_changed = True
 
     async def _push(self) -> None:
-        last_overview = 0.0
+        last_overview = last_burst = 0.0
         while True:
             await asyncio.sleep(FLUSH_S)
-            if self._changed:
+            if len(self._changed) > BURST:
+                # too many rows to patch in: each page fetches what it shows, once a second
+                if time.monotonic() - last_burst >= OVERVIEW_MIN_S:
+                    last_burst = time.monotonic()
+                    self._changed = {}
+                    self._broadcast("resync", {})
+            elif self._changed:
                 changed, self._changed = list(self._changed.values()), {}
                 self._broadcast("jobs", changed)
             if self._progress:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from qntx.aio import AsyncBus
+from qntx.errors import QntxError
 from qntx.handlers import HANDLER_FILTER, history_filter, is_tombstone, resolve
 from qntx.protocol import MAX_PAGE, Attestation, Job
 
@@ -181,7 +182,7 @@ async def handler_listing(bus: AsyncBus) -> dict[str, Any]:
     resolution = resolve(records)
     try:
         registered = set((await bus.status()).handlers)
-    except Exception:  # the handlers are in the store whether or not the server is up
+    except QntxError:  # the handlers are in the store whether or not the server is up
         registered = set()
     handlers = []
     for name, record in resolution.current.items():

@@ -101,6 +101,21 @@ def test_submitted_jobs_appear_and_complete_without_a_reload(browser, dashboard,
     browser.save_screenshot(str(tmp_path / "jobs.png"))
 
 
+def test_a_burst_of_jobs_shows_the_newest_page_without_a_reload(browser, dashboard, tmp_path):
+    open_page(browser, dashboard, "#/jobs")
+    handles = [dashboard.api.submit("builtin.echo", n) for n in range(600)]
+    for handle in handles:
+        handle.result(timeout=30)
+    newest = [h.id for h in reversed(handles[-25:])]
+
+    def shows_newest(d):
+        shown = rows(d, "#job-table tr[data-job]", "data-job")
+        return list(shown) == newest and all("completed" in text for text in shown.values())
+
+    until(browser, shows_newest, what="the newest 25 jobs, completed")
+    assert not_reloaded(browser)
+
+
 def test_a_running_job_streams_output_and_progress_and_is_cancelled_from_the_page(
     browser, dashboard, tmp_path
 ):
