@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import secrets
 import signal
+import sys
 import webbrowser
 
 from aiohttp import web
@@ -21,6 +23,17 @@ from qntx.ui.routes import Routes, errors
 # The dashboard waits less for an answer than a script does: a page should say
 # the bus is down within seconds.
 REQUEST_TIMEOUT_S = 3.0
+
+
+async def _open(url: str) -> None:
+    """Open ``url`` in the user's browser, off the loop (a console browser would block it);
+    on a Linux session without a display there is none to open."""
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        print("No display here to open a browser on: open the address above (or tunnel to it).")
+        return
+    await asyncio.get_running_loop().run_in_executor(None, webbrowser.open, url)
 
 
 def build_app(bus: AsyncBus, access: Access) -> tuple[web.Application, Hub]:
@@ -71,7 +84,7 @@ async def _serve(
     url = f"http://{shown}:{bound}/"
     print(f"Dashboard: {url} (home {settings.home}); Ctrl-C stops it", flush=True)
     if open_browser:
-        webbrowser.open(url)
+        await _open(url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
