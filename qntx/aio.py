@@ -16,12 +16,13 @@ from typing import Any
 
 import zmq.asyncio
 
-from qntx.api import ax_filter, make_filter, new_attestation
+from qntx.api import ats_actor_status, ax_filter, make_filter, new_attestation
 from qntx.asid import new_asid
 from qntx.ats.store import next_page
 from qntx.bus.client import AsyncClient
+from qntx.bus.codec import Decoder
 from qntx.errors import QntxError
-from qntx.follow import AsyncJobFollower, JobEvent
+from qntx.follow import AsyncJobFollower, JobEvent, subscriber
 from qntx.handles import (
     Acceptance,
     decoded,
@@ -37,18 +38,25 @@ from qntx.protocol import (
     Attest,
     Attestation,
     CancelJob,
+    Event,
     Filter,
     GetAttestation,
     GetJob,
+    GetStatus,
     Job,
     JobChanged,
     ListJobs,
     NewAttestation,
+    PauseJob,
     Ping,
     Pong,
     Query,
+    ResumeJob,
     RetryJob,
     ServerReply,
+    Stats,
+    StatsReply,
+    StatusReply,
 )
 from qntx.settings import Settings, load_settings
 
@@ -136,8 +144,17 @@ class AsyncBus:
             current = next_page(flt, page.cursor, len(out))
         return out
 
+    async def query_page(self, flt: Filter) -> tuple[list[Attestation], str | None]:
+        """One page of matches, newest first, and the cursor of the next (None: no more);
+        pass it back as the filter's ``cursor``."""
+        page = await self.ats.request(Query(filter=flt))
+        return page.records, page.cursor
+
     async def ax(self, text: str, *, limit: int | None = None) -> list[Attestation]:
         return await self.query_filter(ax_filter(text, limit))
+
+    async def stats(self) -> StatsReply:
+        return await self.ats.request(Stats())
 
     async def get(self, id: str) -> Attestation:
         return (await self.ats.request(GetAttestation(id=id))).record
@@ -177,6 +194,31 @@ class AsyncBus:
     async def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
         return [decoded(j) for j in (await self.server.request(ListJobs(status=status, limit=limit))).jobs]
 
+    async def jobs_page(
+        self, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """One page of jobs, newest first (without payloads), and the cursor of the next
+        page (None: no more)."""
+        reply = await self.server.request(ListJobs(status=status, limit=limit, cursor=cursor))
+        return [decoded(j) for j in reply.jobs], reply.cursor
+
+    async def status(self) -> StatusReply:
+        """Every actor with pid/endpoint/health, queue depth by status, registered handlers."""
+        reply = await self.server.request(GetStatus())
+        try:
+            pong = await self.ats.request(Ping())
+        except QntxError:
+            pong = None
+        reply.actors.insert(0, ats_actor_status(self.settings, pong))
+        return reply
+
+    async def pause(self, id: str) -> Job:
+        """Hold a queued job (it keeps its place) until ``resume``."""
+        return decoded((await self.server.request(PauseJob(id=id))).job)
+
+    async def resume(self, id: str) -> Job:
+        return decoded((await self.server.request(ResumeJob(id=id))).job)
+
     async def cancel(self, id: str) -> Job:
         return decoded((await self.server.request(CancelJob(id=id))).job)
 
@@ -188,6 +230,31 @@ class AsyncBus:
     async def follow(self, id: str, timeout: float | None = None) -> AsyncIterator[JobEvent]:
         async for event in self.follower.follow(id, timeout, self.job):
             yield decoded_event(event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event of the bus as it happens: the server's (job changes, progress and
+        output; handlers registered) and the ATS's (attestations created). Events are
+        fast, not guaranteed (PUB drops for a slow reader): who needs the state asks."""
+        endpoints = [e for e in (self.settings.events_endpoint, self.settings.ats_events_endpoint) if e]
+        sockets = [subscriber(self.context, e, self.settings.security, b"") for e in endpoints]
+        poller = zmq.asyncio.Poller()
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        decoder = Decoder(Event)
+        try:
+            while True:
+                for sock, _ in await poller.poll():
+                    frames = await sock.recv_multipart()
+                    if len(frames) != 2:
+                        continue
+                    try:
+                        event = decoder.decode(frames[1])
+                    except QntxError:
+                        continue  # an event of a newer version: not ours to read
+                    yield decoded_event(event)
+        finally:
+            for sock in sockets:
+                sock.close(0)
 
     async def wait(self, id: str, *, timeout: float | None = None) -> Job:
         last = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import shlex
+import socket
 import sys
 import time
 import weakref
@@ -24,7 +25,7 @@ from qntx.ats.ax import parse_duration
 from qntx.ats.store import next_page
 from qntx.bus.client import Client
 from qntx.bus.pidlock import lock_holder
-from qntx.errors import Invalid, NotFound, QntxError, Timeout
+from qntx.errors import Invalid, InvalidQuery, NotFound, QntxError, Timeout
 from qntx.handles import (
     Acceptance,
     JobFailed,
@@ -145,7 +146,7 @@ def parse_query(text: str, limit: int | None = None) -> tuple[Filter, str | None
     try:
         query = parse_ax(text)
     except AxSyntaxError as exc:
-        raise Invalid(f"ax: {exc}") from None
+        raise InvalidQuery(f"ax: {exc}", exc.position) from None
     flt = query.filter
     if limit is not None:
         flt = msgspec.structs.replace(flt, limit=limit)
@@ -256,6 +257,15 @@ def ats_is_up(settings: Settings) -> bool:
     if not settings.ats_endpoint.startswith("ipc://"):
         return True
     return lock_holder(settings.lock_path("ats")) is not None
+
+
+def ats_actor_status(settings: Settings, pong: Pong | None) -> ActorStatus:
+    """The ATS line of a status listing (the server does not watch ATS): healthy if it answered."""
+    local = settings.ats_endpoint.startswith("ipc://")
+    return ActorStatus(
+        name="ats", pid=pong.pid if pong else None, endpoint=settings.ats_endpoint, healthy=pong is not None,
+        host=socket.gethostname() if pong is not None and local else "",
+    )  # fmt: skip
 
 
 def _stored_job(store, job_id: str) -> Job:
@@ -600,10 +610,9 @@ class Bus:
         reply = self.server.request(GetStatus())
         try:
             pong = _RemoteAts(self.settings).ping() if not self.embedded else None
-            ats = ActorStatus(name="ats", pid=pong.pid if pong else None, endpoint=self.settings.ats_endpoint, healthy=pong is not None)
         except QntxError:
-            ats = ActorStatus(name="ats", endpoint=self.settings.ats_endpoint, healthy=False)
-        reply.actors.insert(0, ats)
+            pong = None
+        reply.actors.insert(0, ats_actor_status(self.settings, pong))
         return reply
 
     # ---------------------------------------------------------------- schedules and limits

@@ -42,6 +42,14 @@ class Invalid(QntxError):
     exit_code = 2
 
 
+class InvalidQuery(Invalid):
+    """A query that does not parse; ``position`` is the 0-based offset it fails at."""
+
+    def __init__(self, message: str, position: int):
+        super().__init__(message)
+        self.position = position
+
+
 class NotFound(QntxError):
     code = "not_found"
 

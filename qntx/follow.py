@@ -93,11 +93,11 @@ class EventBook:
         return events, True
 
 
-def _subscriber(context: zmq.Context, endpoint: str, security: Security) -> zmq.Socket:
+def subscriber(context: zmq.Context, endpoint: str, security: Security, topic: bytes = b"job.") -> zmq.Socket:
     sock = context.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, b"job.")
+    sock.setsockopt(zmq.SUBSCRIBE, topic)
     security.connect(sock, endpoint)
     return sock
 
@@ -130,7 +130,7 @@ class _Clock:
 
 class JobFollower:
     def __init__(self, endpoint: str, context: zmq.Context | None = None, security: Security = PLAIN):
-        self._socket = _subscriber(context or zmq.Context.instance(), endpoint, security)
+        self._socket = subscriber(context or zmq.Context.instance(), endpoint, security)
         self.book = EventBook()
 
     def _pump(self, wait_s: float) -> None:
@@ -173,7 +173,7 @@ class AsyncJobFollower:
     """
 
     def __init__(self, endpoint: str, context: zmq.asyncio.Context, security: Security = PLAIN):
-        self._socket = _subscriber(context, endpoint, security)
+        self._socket = subscriber(context, endpoint, security)
         self.book = EventBook()
         self._reader: asyncio.Task | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}  # job id -> who waits for its events

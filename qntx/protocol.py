@@ -257,6 +257,8 @@ class ActorStatus(msgspec.Struct, kw_only=True):
     pid: int | None = None
     endpoint: str = ""
     healthy: bool = False
+    host: str = ""  # "" where it is not known (a worker names its host in its name)
+    credit: int = 0  # a worker session's slots: jobs it takes at once
 
 
 class StatusReply(Message):

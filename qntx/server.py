@@ -17,6 +17,7 @@ restart. A plugin that fails health checks loses its handlers until it is back.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -180,16 +181,23 @@ class ServerActor(Actor):
         self.pulse.progress(message)
 
     def on_status(self, message: GetStatus, request: Request) -> StatusReply:
-        actors = [ActorStatus(name="server", pid=self.pid, endpoint=self.settings.server_endpoint, healthy=True)]
+        host = socket.gethostname()
+        actors = [ActorStatus(name="server", pid=self.pid, endpoint=self.settings.server_endpoint, healthy=True, host=host)]
         for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
             if session.plugin:
                 continue  # a plugin's own session: the plugin is listed below
             actors.append(
-                ActorStatus(name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=True)
+                ActorStatus(
+                    name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=True,
+                    credit=session.credit, host=host if self.settings.workers_endpoint.startswith("ipc://") else "",
+                )  # fmt: skip
             )
         for plugin in sorted(self.plugins.values(), key=lambda p: p.name):
             actors.append(
-                ActorStatus(name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=plugin.healthy)
+                ActorStatus(
+                    name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=plugin.healthy,
+                    host=host if plugin.endpoint.startswith("ipc://") else "",
+                )  # fmt: skip
             )
         return StatusReply(actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers())
 

@@ -75,7 +75,7 @@ def _error_line(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qntx.cli import attestations, jobs, run, schedules  # noqa: F401  (registers commands)
+    from qntx.cli import attestations, jobs, run, schedules, ui  # noqa: F401  (registers commands)
 
     try:
         result = app.meta(sys.argv[1:] if argv is None else argv)

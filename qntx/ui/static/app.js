@@ -1,0 +1,431 @@
+// The QNTX dashboard: one page, four views, kept live by the server's events.
+// Every value from the bus is put in the page as text (never as HTML).
+"use strict";
+
+const CSRF = document.querySelector('meta[name="qntx-csrf"]').content;
+const main = document.getElementById("main");
+const STATUSES = document.querySelector('meta[name="qntx-statuses"]').content.split(",");
+
+let view = null;     // the view on screen: {name, onEvent(kind, data), refresh()}
+let events = null;   // the EventSource
+let eventsFor = "";  // the job id it carries output for
+
+// ------------------------------------------------------------------ helpers
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else el.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+function time(ms) {
+  if (!ms) return "-";
+  const d = new Date(ms);
+  return d.toISOString().replace("T", " ").slice(0, 19);
+}
+
+function ago(ms) {
+  if (!ms) return "-";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return s + "s ago";
+  if (s < 3600) return Math.floor(s / 60) + "m ago";
+  return Math.floor(s / 3600) + "h ago";
+}
+
+function status(text) { return h("span", {class: "status " + text}, text); }
+
+function jobLink(id) { return h("a", {href: "#/jobs/" + encodeURIComponent(id), class: "mono"}, id); }
+
+async function api(path, options) {
+  const response = await fetch(path, Object.assign({headers: {"X-Qntx-Csrf": CSRF}}, options || {}));
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = {error: response.statusText}; }
+  if (!response.ok) {
+    const error = new Error(body.error || response.statusText);
+    error.body = body;
+    throw error;
+  }
+  return body;
+}
+
+function banner(text) {
+  const el = document.getElementById("banner");
+  el.hidden = !text;
+  el.textContent = text || "";
+}
+
+function replace(el, ...children) {
+  el.replaceChildren(...children.flat(2).filter((c) => c !== null && c !== undefined && c !== false));
+  return el;
+}
+
+function progressBar(progress) {
+  if (!progress || !progress.total) return h("span", {class: "muted"}, "-");
+  const pct = Math.min(100, Math.round(100 * progress.current / progress.total));
+  return h("span", {class: "progress", "data-current": progress.current, "data-total": progress.total},
+    h("div", {class: "bar", title: pct + "%"}, h("div", {style: "width:" + pct + "%"})),
+    h("span", {class: "muted"}, " " + progress.current + "/" + progress.total));
+}
+
+// ------------------------------------------------------------------ live events
+
+function connect(jobId) {
+  if (events && eventsFor === (jobId || "")) return;
+  if (events) events.close();
+  eventsFor = jobId || "";
+  events = new EventSource("/api/events" + (jobId ? "?job=" + encodeURIComponent(jobId) : ""));
+  const live = document.getElementById("live");
+  events.onopen = () => {
+    live.className = "live on"; live.textContent = "live";
+    if (view && view.refresh) view.refresh();  // whatever was missed while away
+  };
+  events.onerror = () => { live.className = "live off"; live.textContent = "reconnecting"; };
+  for (const kind of ["overview", "jobs", "progress", "output", "handlers", "resync"]) {
+    events.addEventListener(kind, (message) => {
+      const data = JSON.parse(message.data);
+      if (kind === "resync") { if (view && view.refresh) view.refresh(); return; }
+      if (view && view.onEvent) view.onEvent(kind, data);
+    });
+  }
+}
+
+// ------------------------------------------------------------------ overview
+
+function chart(series) {
+  const n = series.completed.length;
+  const max = Math.max(1, ...series.completed, ...series.failed);
+  const W = 600, H = 90, bw = W / n;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("preserveAspectRatio", "none");
+  for (let i = 0; i < n; i++) {
+    for (const [key, color, offset] of [["completed", "#2e7d32", 0], ["failed", "#c62828", bw / 2]]) {
+      const value = series[key][i];
+      if (!value) continue;
+      const r = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+      const height = Math.max(1, (H - 4) * value / max);
+      r.setAttribute("x", i * bw + offset); r.setAttribute("width", Math.max(1, bw / 2 - 1));
+      r.setAttribute("y", H - height); r.setAttribute("height", height); r.setAttribute("fill", color);
+      const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+      title.textContent = `${value} ${key}`;
+      r.append(title);
+      svg.append(r);
+    }
+  }
+  return svg;
+}
+
+function overviewView() {
+  const root = h("div", {id: "overview"});
+  const paint = (data) => {
+    if (data.error) { banner("The bus does not answer: " + data.error); return; }
+    banner("");
+    const total = (key) => data.throughput[key].reduce((a, b) => a + b, 0);
+    const minutes = Math.round(data.throughput.completed.length * data.throughput.bucket_s / 60);
+    replace(root,
+      h("h1", {}, "Overview"),
+      h("h2", {}, "Queue"),
+      h("div", {class: "queue", id: "queue"}, STATUSES.map((s) =>
+        h("div", {"data-status": s}, h("b", {}, data.queue[s] || 0), h("span", {}, s)))),
+      h("div", {class: "grid"},
+        h("div", {class: "card"},
+          h("h2", {}, `Throughput, last ${minutes} minutes`),
+          chart(data.throughput),
+          h("div", {class: "legend"}, h("i", {style: "background:#2e7d32"}), h("span", {}, `completed ${total("completed")}`),
+            h("i", {style: "background:#c62828"}), h("span", {}, `failed ${total("failed")}`),
+            ` (bars of ${data.throughput.bucket_s}s)`)),
+        h("div", {class: "card"},
+          h("h2", {}, "Handlers"),
+          h("div", {class: "mono", id: "registered"}, data.handlers.join(", ") || "(none)"))),
+      h("h2", {}, "Actors"),
+      h("table", {id: "actors"},
+        h("tr", {}, ["actor", "health", "pid", "host", "endpoint"].map((c) => h("th", {}, c))),
+        data.actors.map((a) => h("tr", {"data-actor": a.name},
+          h("td", {class: "mono"}, a.name),
+          h("td", {}, status(a.healthy ? "healthy" : "unhealthy")),
+          h("td", {class: "mono"}, a.pid || "-"),
+          h("td", {}, a.host || "-"),
+          h("td", {class: "mono muted"}, a.endpoint)))),
+      h("h2", {}, "Workers"),
+      h("table", {id: "workers"},
+        h("tr", {}, ["worker", "pid", "slots", "free", "running jobs"].map((c) => h("th", {}, c))),
+        data.workers.map((w) => h("tr", {"data-worker": w.name},
+          h("td", {class: "mono"}, w.name), h("td", {class: "mono"}, w.pid || "-"),
+          h("td", {}, w.slots), h("td", {}, w.free),
+          h("td", {}, w.running.length ? w.running.map((j) => h("div", {}, jobLink(j.id), " ", j.handler))
+            : h("span", {class: "muted"}, "idle"))))),
+      data.running.some((j) => !data.workers.some((w) => w.name === j.worker)) ? [
+        h("h2", {}, "Running in plugins"),
+        h("table", {},
+          data.running.filter((j) => !data.workers.some((w) => w.name === j.worker)).map((j) =>
+            h("tr", {}, h("td", {}, jobLink(j.id)), h("td", {}, j.handler), h("td", {class: "mono"}, j.worker || "-"),
+              h("td", {}, progressBar(j.progress)))))] : null);
+  };
+  const refresh = async () => {
+    try { paint(await api("/api/overview")); } catch (e) { banner("The bus does not answer: " + e.message); }
+  };
+  return {name: "overview", root, refresh, onEvent: (kind, data) => { if (kind === "overview") paint(data); }};
+}
+
+// ------------------------------------------------------------------ jobs
+
+function jobRow(job) {
+  return h("tr", {"data-job": job.id, "data-status": job.status},
+    h("td", {}, jobLink(job.id)),
+    h("td", {class: "mono"}, job.handler),
+    h("td", {}, status(job.status)),
+    h("td", {}, `${job.attempts}/${job.max_attempts}`),
+    h("td", {}, progressBar(job.progress)),
+    h("td", {title: time(job.created_at)}, ago(job.created_at)),
+    h("td", {class: "error-text"}, job.error || ""));
+}
+
+function jobsView(params) {
+  const filters = {status: params.get("status") || "", handler: params.get("handler") || "",
+    since_min: params.get("since_min") || ""};
+  const pages = [""];  // cursors of the pages seen, to go back
+  let page = 0;
+  const tbody = h("tbody");
+  const info = h("span", {class: "muted"});
+  const prev = h("button", {class: "secondary", id: "prev", onclick: () => { page--; load(); }}, "Newer");
+  const next = h("button", {class: "secondary", id: "next", onclick: () => { page++; load(); }}, "Older");
+  const statusSelect = h("select", {id: "filter-status"}, h("option", {value: ""}, "any status"),
+    STATUSES.map((s) => h("option", {value: s, selected: s === filters.status}, s)));
+  const handlerInput = h("input", {id: "filter-handler", placeholder: "handler", value: filters.handler});
+  const sinceSelect = h("select", {id: "filter-since"},
+    [["", "any time"], ["5", "last 5 min"], ["60", "last hour"], ["1440", "last day"]].map(([v, t]) =>
+      h("option", {value: v, selected: v === filters.since_min}, t)));
+  const apply = () => {
+    const q = new URLSearchParams();
+    filters.status = statusSelect.value; filters.handler = handlerInput.value.trim(); filters.since_min = sinceSelect.value;
+    for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
+    history.replaceState(null, "", "#/jobs" + (q.toString() ? "?" + q : ""));
+    pages.length = 1; page = 0; load();
+  };
+  statusSelect.onchange = apply; sinceSelect.onchange = apply;
+  handlerInput.onkeydown = (e) => { if (e.key === "Enter") apply(); };
+  const load = async () => {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
+    if (pages[page]) q.set("cursor", pages[page]);
+    try {
+      const data = await api("/api/jobs?" + q);
+      banner("");
+      pages[page + 1] = data.cursor || null;
+      replace(tbody, data.jobs.map(jobRow));
+      if (!data.jobs.length) tbody.append(h("tr", {}, h("td", {colspan: 7, class: "muted"}, "(no jobs)")));
+      info.textContent = `page ${page + 1}`;
+      prev.disabled = page === 0;
+      next.disabled = !data.cursor;
+    } catch (e) { banner(e.message); }
+  };
+  const matches = (job) => (!filters.status || job.status === filters.status) &&
+    (!filters.handler || job.handler.toLowerCase().includes(filters.handler.toLowerCase()));
+  const onEvent = (kind, data) => {
+    if (kind !== "jobs") return;
+    for (const job of data) {
+      const old = tbody.querySelector(`tr[data-job="${CSS.escape(job.id)}"]`);
+      if (old && matches(job)) old.replaceWith(jobRow(job));
+      else if (old) old.remove();
+      else if (page === 0 && matches(job)) {  // a new job on the first page: newest first
+        const empty = tbody.querySelector("td[colspan]");
+        if (empty) empty.parentElement.remove();
+        tbody.prepend(jobRow(job));
+        while (tbody.children.length > 25) tbody.lastElementChild.remove();
+      }
+    }
+  };
+  const root = h("div", {id: "jobs"}, h("h1", {}, "Jobs"),
+    h("div", {class: "filters"}, statusSelect, handlerInput, sinceSelect, h("button", {onclick: apply}, "Filter")),
+    h("table", {id: "job-table"}, h("thead", {}, h("tr", {},
+      ["id", "handler", "status", "attempts", "progress", "created", "error"].map((c) => h("th", {}, c)))), tbody),
+    h("div", {class: "pager"}, prev, next, info));
+  return {name: "jobs", root, refresh: load, onEvent};
+}
+
+function jobView(id) {
+  const root = h("div", {id: "job"});
+  const output = h("pre", {id: "output", class: "mono"});
+  let job = null;
+  const act = (action) => async () => {
+    try { paint((await api(`/api/jobs/${encodeURIComponent(id)}/${action}`, {method: "POST"})).job); banner(""); }
+    catch (e) { banner(`${action}: ${e.message}`); }
+  };
+  const paint = (data) => {
+    job = data;
+    const can = {cancel: ["queued", "running", "paused", "waiting"], retry: ["failed", "cancelled"],
+      pause: ["queued"], resume: ["paused"]};
+    const logs = job.logs || "";
+    if (job.status !== "running") output.textContent = logs || "(no output)";
+    replace(root,
+      h("h1", {}, "Job ", h("span", {class: "mono"}, job.id), " ", h("span", {id: "job-status"}, status(job.status))),
+      h("div", {class: "actions"}, Object.entries(can).map(([action, when]) =>
+        h("button", {id: "action-" + action, disabled: !when.includes(job.status), onclick: act(action)}, action))),
+      h("div", {class: "grid"},
+        h("div", {class: "card"}, h("dl", {},
+          h("dt", {}, "handler"), h("dd", {class: "mono"}, job.handler),
+          h("dt", {}, "attempts"), h("dd", {}, `${job.attempts} of ${job.max_attempts} (runs ${job.runs}, lost ${job.lost})`),
+          h("dt", {}, "lease"), h("dd", {class: "mono"}, job.lease || "-"),
+          h("dt", {}, "worker"), h("dd", {class: "mono"}, job.worker || "-"),
+          h("dt", {}, "priority"), h("dd", {}, job.priority),
+          h("dt", {}, "timeout"), h("dd", {}, job.timeout_s + "s"),
+          h("dt", {}, "created"), h("dd", {}, time(job.created_at)),
+          h("dt", {}, "started"), h("dd", {}, time(job.started_at)),
+          h("dt", {}, "finished"), h("dd", {}, time(job.finished_at)),
+          job.run_after > Date.now() ? [h("dt", {}, "retry after"), h("dd", {}, time(job.run_after))] : null,
+          job.version ? [h("dt", {}, "version"), h("dd", {class: "mono"},
+            job.handler.startsWith("python.") ? h("a", {href: "#/handlers/" + encodeURIComponent(job.handler.slice(7))}, job.version)
+              : job.version)] : null,
+          job.after && job.after.length ? [h("dt", {}, "after"), h("dd", {}, job.after.map((a) => h("div", {}, jobLink(a))))] : null,
+          job.schedule ? [h("dt", {}, "schedule"), h("dd", {class: "mono"}, job.schedule)] : null,
+          job.idempotency_key ? [h("dt", {}, "idempotency key"), h("dd", {class: "mono"}, job.idempotency_key)] : null,
+          job.parent_id ? [h("dt", {}, "parent"), h("dd", {}, jobLink(job.parent_id))] : null,
+          h("dt", {}, "progress"), h("dd", {id: "job-progress"}, progressBar(job.progress)))),
+        h("div", {class: "card"}, h("h2", {}, "Payload"), h("pre", {class: "mono"}, JSON.stringify(job.payload, null, 2)),
+          job.status === "completed" ? [h("h2", {}, "Result"),
+            h("pre", {class: "mono", id: "job-result"}, JSON.stringify(job.result, null, 2))] : null)),
+      job.error ? [h("h2", {}, "Error"), h("pre", {class: "error mono", id: "job-error"},
+        job.error.message + (job.error.traceback ? "\n\n" + job.error.traceback : ""))] : null,
+      h("h2", {}, "Output"),
+      job.status === "running" ? h("p", {class: "muted"}, "live, from when this page opened; the whole of it is kept when the run ends") : null,
+      output);
+  };
+  const refresh = async () => {
+    try { paint((await api("/api/jobs/" + encodeURIComponent(id))).job); banner(""); }
+    catch (e) { replace(root, h("h1", {}, "Job ", id), h("p", {class: "error-text"}, e.message)); }
+  };
+  const onEvent = (kind, data) => {
+    if (kind === "output" && data.job_id === id) output.append(data.text);
+    else if (kind === "progress" && data.job_id === id) {
+      const cell = root.querySelector("#job-progress");
+      if (cell) replace(cell, progressBar(data));
+    } else if (kind === "jobs") {
+      const mine = data.find((j) => j.id === id);
+      if (mine && job && (mine.status !== job.status || mine.attempts !== job.attempts)) refresh();
+    }
+  };
+  return {name: "jobs", root, refresh, onEvent, jobId: id};
+}
+
+// ------------------------------------------------------------------ handlers
+
+function handlersView() {
+  const root = h("div", {id: "handlers"});
+  const refresh = async () => {
+    try {
+      const data = await api("/api/handlers");
+      banner("");
+      replace(root, h("h1", {}, "Handlers"),
+        h("table", {id: "handler-table"},
+          h("tr", {}, ["handler", "registered", "lines", "updated", "asid"].map((c) => h("th", {}, c))),
+          data.handlers.map((x) => h("tr", {"data-handler": x.name},
+            h("td", {}, h("a", {href: "#/handlers/" + encodeURIComponent(x.name), class: "mono"}, x.handler)),
+            h("td", {}, x.registered ? status("healthy") : h("span", {class: "muted"}, "not yet")),
+            h("td", {}, x.lines), h("td", {title: time(x.updated)}, ago(x.updated)),
+            h("td", {class: "mono muted"}, x.asid)))),
+        data.handlers.length ? null : h("p", {class: "muted"}, "(no handlers: qntx handler create NAME --code ...)"),
+        data.skipped.length ? h("p", {class: "muted"}, "without code: " + data.skipped.join(", ")) : null);
+    } catch (e) { banner(e.message); }
+  };
+  return {name: "handlers", root, refresh, onEvent: (kind) => { if (kind === "handlers") refresh(); }};
+}
+
+function handlerView(name) {
+  const root = h("div", {id: "handler"});
+  const refresh = async () => {
+    try {
+      const data = await api("/api/handlers/" + encodeURIComponent(name));
+      const current = data.versions[0];
+      replace(root,
+        h("h1", {}, h("span", {class: "mono"}, data.handler), data.deleted ? " (deleted)" : ""),
+        current.code !== null ? [h("h2", {}, "Current code"), h("pre", {class: "mono", id: "handler-code"}, current.code)] : null,
+        h("h2", {}, `Versions (${data.versions.length}, newest first)`),
+        h("table", {id: "versions"},
+          h("tr", {}, ["stored", "asid", "version", "jobs (by status)"].map((c) => h("th", {}, c))),
+          data.versions.map((v) => h("tr", {},
+            h("td", {title: time(v.timestamp)}, time(v.timestamp)), h("td", {class: "mono"}, v.asid),
+            h("td", {}, v.deleted ? "deleted" : (v.code || "").length + " bytes"),
+            h("td", {}, Object.entries(v.jobs).map(([s, n]) => `${s} ${n}`).join(", ") || "-")))));
+    } catch (e) { replace(root, h("h1", {}, name), h("p", {class: "error-text"}, e.message)); }
+  };
+  return {name: "handlers", root, refresh, onEvent: (kind) => { if (kind === "handlers") refresh(); }};
+}
+
+// ------------------------------------------------------------------ attestations
+
+function attestationsView(params) {
+  const input = h("input", {id: "ax", class: "query", placeholder: "e.g. alice is knows of work since '3 days ago'",
+    value: params.get("q") || ""});
+  const caret = h("div", {id: "ax-error"});
+  const tbody = h("tbody");
+  const pages = [""];
+  let page = 0;
+  const info = h("span", {class: "muted"});
+  const prev = h("button", {class: "secondary", onclick: () => { page--; load(); }}, "Newer");
+  const next = h("button", {class: "secondary", id: "ax-next", onclick: () => { page++; load(); }}, "Older");
+  const run = () => {
+    history.replaceState(null, "", "#/attestations" + (input.value ? "?q=" + encodeURIComponent(input.value) : ""));
+    pages.length = 1; page = 0; load();
+  };
+  input.onkeydown = (e) => { if (e.key === "Enter") run(); };
+  const load = async () => {
+    const q = new URLSearchParams({q: input.value});
+    if (pages[page]) q.set("cursor", pages[page]);
+    try {
+      const data = await api("/api/attestations?" + q);
+      replace(caret);
+      pages[page + 1] = data.cursor || null;
+      replace(tbody, data.records.map((r) => h("tr", {"data-asid": r.id},
+        h("td", {class: "mono"}, r.id), h("td", {}, r.subjects.join(", ")), h("td", {}, r.predicates.join(", ")),
+        h("td", {}, r.contexts.join(", ")), h("td", {}, r.actors.join(", ")), h("td", {}, time(r.timestamp)),
+        h("td", {class: "mono muted"}, Object.keys(r.attributes).length ? JSON.stringify(r.attributes).slice(0, 120) : ""))));
+      if (!data.records.length) tbody.append(h("tr", {}, h("td", {colspan: 7, class: "muted"}, "(no attestations)")));
+      info.textContent = `page ${page + 1}`;
+      prev.disabled = page === 0;
+      next.disabled = !data.cursor;
+    } catch (e) {
+      replace(tbody);
+      const where = e.body && typeof e.body.position === "number" ? e.body.position : null;
+      replace(caret,
+        where === null ? null : h("div", {class: "caret", id: "ax-caret"}, input.value + "\n" + " ".repeat(where) + "^"),
+        h("div", {class: "error-text", id: "ax-message"}, e.message));
+      if (where !== null) { input.focus(); input.setSelectionRange(where, where + 1); }
+    }
+  };
+  const root = h("div", {id: "attestations"}, h("h1", {}, "Attestations"),
+    h("div", {class: "filters"}, input, h("button", {id: "ax-run", onclick: run}, "Query")), caret,
+    h("table", {id: "ax-table"}, h("thead", {}, h("tr", {},
+      ["asid", "subjects", "predicates", "contexts", "actors", "time (UTC)", "attributes"].map((c) => h("th", {}, c)))), tbody),
+    h("div", {class: "pager"}, prev, next, info));
+  return {name: "attestations", root, refresh: load};
+}
+
+// ------------------------------------------------------------------ routing
+
+function route() {
+  const [path, query] = (location.hash.slice(1) || "/").split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  if (parts[0] === "jobs" && parts[1]) view = jobView(parts[1]);
+  else if (parts[0] === "jobs") view = jobsView(params);
+  else if (parts[0] === "handlers" && parts[1]) view = handlerView(parts[1]);
+  else if (parts[0] === "handlers") view = handlersView();
+  else if (parts[0] === "attestations") view = attestationsView(params);
+  else view = overviewView();
+  for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", a.dataset.nav === view.name);
+  replace(main, view.root);
+  view.refresh();
+  connect(view.jobId);
+}
+
+window.addEventListener("hashchange", route);
+route();
