@@ -527,8 +527,9 @@ class Bus:
         """Wait until every submission so far is accepted or refused; raise the first
         refusal (its ``failures`` lists every refused or unconfirmed job id)."""
         failures, self._unreported = self._unreported, []
+        deadline = None if timeout is None else time.monotonic() + timeout  # for all of them together
         for handle in list(self._accepting.values()):
-            self._settle(handle, timeout)
+            self._settle(handle, None if deadline is None else max(0.0, deadline - time.monotonic()))
             if handle._acceptance.error is not None:
                 failures.append((handle._id, handle._acceptance.error))
         if failures:

@@ -26,6 +26,7 @@ until it is answered, as a careful client does. At the end it checks, and prints
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import random
 import shutil
@@ -171,11 +172,12 @@ class Chaos:
                         except QntxError:
                             handles.append((None, (handler, payload, job_id, number)))
                     retry = []
+                    deadline = time.monotonic() + 3.0  # for the whole batch: replies come in any order
                     for handle, item in handles:
                         try:
                             if handle is None:
                                 raise QntxError("not sent")
-                            handle.accepted(timeout=3.0)
+                            handle.accepted(timeout=max(0.0, deadline - time.monotonic()))
                             with self.tally.lock:
                                 self.tally.jobs[item[2]] = item[3]
                         except QntxError:
@@ -383,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the home for inspection")
     args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where it is
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     home = Path(tempfile.mkdtemp(prefix="qc-", dir="/tmp"))
     chaos = Chaos(home, seed)
