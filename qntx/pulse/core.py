@@ -180,6 +180,7 @@ class PulseCore:
         self._schedules: dict[str, Schedule] = {}
         self._fired: dict[str, list] = {}  # name -> [last due fired (wall ms), [[due, job id], ...]]
         self._schedules_dirty = False
+        self._limits_dirty = False
         # Jobs to publish at the end of the turn (the objects: a final one may have
         # left memory by then, saved by a commit that ran in between).
         self._changed: dict[str, Job] = {}
@@ -222,12 +223,15 @@ class PulseCore:
         plugins: list[str] = (),
         ended: dict[str, str] | None = None,
         schedules: dict[str, list] | None = None,
+        limits: dict[str, list] | None = None,
     ) -> None:
         """Take over what a previous server left on disk (before any event). ``ended``:
         the stored status of each job a waiting job runs after that is not live;
         ``schedules``: what each schedule fired last."""
         self._plugin_names = set(plugins)
         self._fired = {name: [last, [list(f) for f in firings]] for name, (last, firings) in (schedules or {}).items()}
+        # The limits last read from ATS apply from the first dispatch on; ATS's current set follows.
+        self._limits = {h: Limit(concurrency=c, rate=r, per_ms=p) for h, (c, r, p) in (limits or {}).items()}
         self._next_seq = next_seq
         self._counts.update(counts)
         self._next_lease = self._ceiling = max(lease_ceiling, 1)
@@ -244,6 +248,12 @@ class PulseCore:
             if job.status == "waiting":
                 self._start_waiting(job, self._after_statuses(job.after, ended or {}, strict=False), now.wall)
 
+    def _limits_snapshot(self) -> dict[str, list] | None:
+        if not self._limits_dirty:
+            return None
+        self._limits_dirty = False
+        return {h: [limit.concurrency, limit.rate, limit.per_ms] for h, limit in self._limits.items()}
+
     def _fired_snapshot(self) -> dict[str, list] | None:
         if not self._schedules_dirty:
             return None
@@ -252,7 +262,7 @@ class PulseCore:
 
     def changes(self) -> Changes | None:
         """Everything changed since the last call, for one commit (None: nothing)."""
-        if not self._dirty and not self._meta_dirty and not self._schedules_dirty:
+        if not self._dirty and not self._meta_dirty and not self._schedules_dirty and not self._limits_dirty:
             return None
         dirty, self._dirty = [i for i in self._dirty if i in self.jobs], set()
         self._writing = set(dirty)
@@ -267,6 +277,7 @@ class PulseCore:
             lease_ceiling=self._wanted_ceiling,
             plugins=sorted(self._plugin_names),
             schedules=self._fired_snapshot(),
+            limits=self._limits_snapshot(),
         )
 
     @property
@@ -275,11 +286,11 @@ class PulseCore:
         return self._wanted_ceiling != self._ceiling and self._next_lease + LEASE_BLOCK // 4 >= self._ceiling
 
     def has_changes(self) -> bool:
-        return self._meta_dirty or self._schedules_dirty or bool(self._dirty)
+        return self._meta_dirty or self._schedules_dirty or self._limits_dirty or bool(self._dirty)
 
     def commit_failed(self) -> None:
         """The last ``changes()`` did not reach the disk: write them again next time."""
-        self._meta_dirty = self._schedules_dirty = True
+        self._meta_dirty = self._schedules_dirty = self._limits_dirty = True
         self._dirty |= self._writing
 
     def pruned(self, deleted: dict[str, int]) -> None:
@@ -852,6 +863,8 @@ class PulseCore:
                     del self._keys[job.idempotency_key]
 
     def _directives_set(self, event: DirectivesSet, now: Instant) -> None:
+        if event.limits != self._limits:
+            self._limits_dirty = True
         self._limits = dict(event.limits)
         for handler in [h for h in self._starts if h not in self._limits or self._limits[h].rate is None]:
             del self._starts[handler]

@@ -52,6 +52,7 @@ class Loaded(msgspec.Struct, frozen=True):
     lease_ceiling: int = 1
     plugins: list[str] = []
     schedules: dict[str, list] = {}  # name -> [last due fired, [[due, job id], ...]]
+    limits: dict[str, list] = {}  # handler -> [concurrency, rate, per_ms], as last read from ATS
 
 
 def _status_key(status: str, stamp: bytes) -> bytes:
@@ -108,6 +109,7 @@ class JobStore:
             ceiling = txn.get(b"lease", db=meta)
             plugins = txn.get(b"plugins", db=meta)
             schedules = txn.get(b"schedules", db=meta)
+            limits = txn.get(b"limits", db=meta)
             counts = {}
             for status in JOB_STATUSES:
                 count = txn.get(b"count:" + status.encode(), db=meta)
@@ -124,6 +126,7 @@ class JobStore:
                 lease_ceiling=_U64.unpack(ceiling)[0] if ceiling else 1,
                 plugins=msgspec.msgpack.decode(plugins, type=list[str]) if plugins else [],
                 schedules=msgspec.msgpack.decode(schedules, type=dict[str, list]) if schedules else {},
+                limits=msgspec.msgpack.decode(limits, type=dict[str, list]) if limits else {},
             )
 
         return self._env.read(work)
@@ -170,6 +173,7 @@ class JobStore:
         the counters, the lease ceiling and the plugin names in one synced transaction."""
         rows, plugins = changes.rows, self._encoder.encode(changes.plugins)
         schedules = None if changes.schedules is None else self._encoder.encode(changes.schedules)
+        limits = None if changes.limits is None else self._encoder.encode(changes.limits)
         # Encoded before the transaction, which runs again if the map has to grow.
         encode = self._encoder.encode
         prepared = [
@@ -201,6 +205,8 @@ class JobStore:
             txn.put(b"plugins", plugins, db=meta)
             if schedules is not None:  # the firings saved with the jobs they enqueued
                 txn.put(b"schedules", schedules, db=meta)
+            if limits is not None:  # so a restarted server applies them before ATS answers
+                txn.put(b"limits", limits, db=meta)
             for status, count in changes.counts.items():
                 txn.put(b"count:" + status.encode(), _U64.pack(count), db=meta)
 

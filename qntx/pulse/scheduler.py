@@ -147,7 +147,7 @@ class Pulse:
         after = {dep for s in loaded.jobs if s.job.status == "waiting" for dep in s.job.after if dep not in live}
         self.core.restore(
             [(s.seq, s.job) for s in loaded.jobs], loaded.next_seq, loaded.counts, loaded.lease_ceiling, instant(),
-            plugins=loaded.plugins, ended=self.store.statuses(after), schedules=loaded.schedules,
+            plugins=loaded.plugins, ended=self.store.statuses(after), schedules=loaded.schedules, limits=loaded.limits,
         )  # fmt: skip
         self._durable: list[Reply] = []  # replies waiting for the next commit
         self._held: list[SendJob] = []  # dispatches waiting for the next commit

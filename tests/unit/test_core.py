@@ -54,7 +54,7 @@ class Disk:
 
     def __init__(self):
         self.jobs: dict[str, tuple[int, object]] = {}
-        self.next_seq, self.counts, self.ceiling, self.plugins, self.schedules = 0, {}, 1, [], {}
+        self.next_seq, self.counts, self.ceiling, self.plugins, self.schedules, self.limits = 0, {}, 1, [], {}, {}
 
     def write(self, changes) -> None:
         for seq, job, _ in changes.rows:
@@ -63,6 +63,8 @@ class Disk:
         self.plugins = changes.plugins
         if changes.schedules is not None:
             self.schedules = changes.schedules
+        if changes.limits is not None:
+            self.limits = changes.limits
 
 
 class Harness:
@@ -74,7 +76,7 @@ class Harness:
         ended = {job.id: job.status for _, job in self.disk.jobs.values() if job.status not in LIVE}
         self.core.restore(
             live, self.disk.next_seq, self.disk.counts, self.disk.ceiling, self.now, self.disk.plugins,
-            ended=ended, schedules=self.disk.schedules,
+            ended=ended, schedules=self.disk.schedules, limits=self.disk.limits,
         )  # fmt: skip
         self.commit()
 

@@ -258,3 +258,13 @@ def test_schedule_states_show_next_and_past(h):
     [(schedule, last, nxt, firings)] = h.core.schedule_states().values()
     assert last == h.wall and nxt == h.wall + 1_000 and firings == [[h.wall, firing_id("tick", h.wall)]]
     assert CONFIG.dead_after_ms  # the harness config is the one shared with the other core tests
+
+
+def test_limits_hold_after_a_restart_before_ats_answers(h):
+    h(DirectivesSet(limits={"builtin.echo": Limit(concurrency=1)}, schedules={}))
+    h.commit()
+    for n in range(3):
+        h.submit(payload=n)
+    h.commit()
+    h2 = Harness(h.disk, wall=h.wall + 100, mono=h.mono + 100)  # no DirectivesSet yet
+    assert len(run_all(h2)) == 1
