@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from qntx.asid import new_asid
-from qntx.ats.ax import parse_duration
+from qntx.ats.ax import duration_ms
 from qntx.ats.store import next_page
 from qntx.bus.client import Client
 from qntx.bus.pidlock import lock_holder
@@ -493,8 +493,10 @@ class Bus:
                 step = dict(zip(("handler", "payload"), step, strict=False))
             elif not isinstance(step, dict):
                 raise Invalid(f"a chain step is a handler, (handler, payload) or a dict, got {step!r}")
-            if handles:
-                step = {"after": [handles[-1].id], "parent_id": handles[-1].id, **step}
+            if handles:  # after the one before (and whatever else the step names)
+                extra = step.get("after")
+                extra = [] if extra is None else [extra] if isinstance(extra, str) or hasattr(extra, "id") else list(extra)
+                step = {"parent_id": handles[-1].id, **step, "after": [handles[-1].id, *extra]}
             handles.append(self.submit(**step))
         return handles
 
@@ -638,7 +640,7 @@ class Bus:
         Stored as an attestation; a running bus picks it up at once."""
         every_ms = None
         if every is not None:
-            every_ms = parse_duration(every) if isinstance(every, str) else seconds_to_ms(every, "every")
+            every_ms = duration_ms(every, "every") if isinstance(every, str) else seconds_to_ms(every, "every")
         attributes = {
             "handler": handler, "every_ms": every_ms, "cron": cron, "payload": payload, "tz": tz,
             "missed": missed, "priority": priority, "max_attempts": max_attempts, "timeout_s": timeout_s,

@@ -374,6 +374,16 @@ def parse_time(text: str, *, now_ms: int | None = None) -> int:
     return _time_from_words(_time_words(tokens), _now(now_ms))
 
 
+def duration_ms(text: str, name: str = "duration") -> int:
+    """``parse_duration`` for settings and options: a mistake is ``Invalid`` naming ``name``."""
+    from qntx.errors import Invalid
+
+    try:
+        return parse_duration(text)
+    except AxSyntaxError as exc:
+        raise Invalid(f"{name}: {exc.message} (got {text!r})") from None
+
+
 def parse_duration(text: str) -> int:
     """Parse a span ('30s', '5 minutes', '2h') to ms; > 0."""
     tokens, rest = _tokenize(text)

@@ -76,6 +76,7 @@ def ix(
             return 0
         with ProgressView(handler, live=sys.stdout.isatty() and sys.stderr.isatty()) as view:
             final = _stream(bus, handle.id, view)
+            view.end_lines()
     _show_rest_of_logs(final.logs, view.streamed)
     if final.status != "completed":
         _print_failure(final)
@@ -245,7 +246,7 @@ def watch(
     interval: Annotated[float, Parameter(help="Seconds between refreshes.")] = 1.0,
     once: Annotated[bool, Parameter(help="Print the table once and return.")] = False,
 ):
-    """A live table of running, queued and waiting jobs (Ctrl-C to stop)."""
+    """A live table of running, queued, waiting and paused jobs (Ctrl-C to stop)."""
     import time
 
     from rich.console import Console
@@ -276,8 +277,8 @@ def _watch_table(bus, handler: str | None):
         table.add_column(column)
     now = now_ms()
     shown = 0
-    for state in ("running", "queued", "waiting"):
-        for job in bus.jobs(status=state, limit=200):
+    for state in ("running", "queued", "waiting", "paused"):
+        for job in bus.jobs(status=state, limit=1000):
             if handler is not None and job.handler != handler:
                 continue
             progress = f"{job.progress.current:g}/{job.progress.total:g}" if job.progress else ""

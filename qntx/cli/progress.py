@@ -31,6 +31,7 @@ class ProgressView:
         self.label = label
         self.live = live
         self.streamed = {"stdout": 0, "stderr": 0}  # characters of this attempt already shown
+        self.open_line: dict[str, bool] = {}  # a stream whose last output did not end its line
         self._bar: Progress | None = None
         self._task = None
 
@@ -61,6 +62,15 @@ class ProgressView:
         target.write(text)
         target.flush()
         self.streamed[stream] = self.streamed.get(stream, 0) + len(text)
+        if text:
+            self.open_line[stream] = not text.endswith("\n")
+
+    def end_lines(self) -> None:
+        """End a line the output left open, so what follows starts on its own."""
+        for stream, target in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+            if self.open_line.get(stream):
+                target.write("\n")
+                self.open_line[stream] = False
 
     def note(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)

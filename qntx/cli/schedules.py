@@ -138,13 +138,13 @@ def delete(name: str, /):
 
 def _rate(text: str) -> tuple[int, float]:
     """'10/s', '100/minute', '5/30s' as (count, seconds)."""
-    from qntx.ats.ax import parse_duration
+    from qntx.ats.ax import duration_ms
 
     count, slash, period = text.partition("/")
-    if not slash or not count.strip().isdigit() or int(count) < 1:
+    if not slash or not count.strip().isdigit() or int(count) < 1 or not period.strip():
         fail(f"--rate must look like 10/s, 100/minute or 5/30s, got {text!r}")
     period = period.strip()
-    span = parse_duration(period if period[:1].isdigit() else f"1{period}")
+    span = duration_ms(period if period[:1].isdigit() else f"1{period}", "--rate")
     return int(count), span / 1000
 
 

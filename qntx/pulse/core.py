@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from qntx.errors import Conflict, Invalid, NotFound
+from qntx.errors import Conflict, Invalid, NotFound, QntxError
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -181,6 +181,8 @@ class PulseCore:
         self._fired: dict[str, list] = {}  # name -> [last due fired (wall ms), [[due, job id], ...]]
         self._schedules_dirty = False
         self._limits_dirty = False
+        self._versions_dirty = False
+        self._due_cache: dict[str, tuple[int, int]] = {}  # name -> (last handled, next due)
         # Jobs to publish at the end of the turn (the objects: a final one may have
         # left memory by then, saved by a commit that ran in between).
         self._changed: dict[str, Job] = {}
@@ -224,14 +226,16 @@ class PulseCore:
         ended: dict[str, str] | None = None,
         schedules: dict[str, list] | None = None,
         limits: dict[str, list] | None = None,
+        handler_versions: dict[str, str] | None = None,
     ) -> None:
         """Take over what a previous server left on disk (before any event). ``ended``:
         the stored status of each job a waiting job runs after that is not live;
         ``schedules``: what each schedule fired last."""
         self._plugin_names = set(plugins)
-        self._fired = {name: [last, [list(f) for f in firings]] for name, (last, firings) in (schedules or {}).items()}
+        self._fired = {name: _schedule_state(state) for name, state in (schedules or {}).items()}
         # The limits last read from ATS apply from the first dispatch on; ATS's current set follows.
         self._limits = {h: Limit(concurrency=c, rate=r, per_ms=p) for h, (c, r, p) in (limits or {}).items()}
+        self._versions = dict(handler_versions or {})
         self._next_seq = next_seq
         self._counts.update(counts)
         self._next_lease = self._ceiling = max(lease_ceiling, 1)
@@ -248,6 +252,12 @@ class PulseCore:
             if job.status == "waiting":
                 self._start_waiting(job, self._after_statuses(job.after, ended or {}, strict=False), now.wall)
 
+    def _versions_snapshot(self) -> dict[str, str] | None:
+        if not self._versions_dirty:
+            return None
+        self._versions_dirty = False
+        return dict(self._versions)
+
     def _limits_snapshot(self) -> dict[str, list] | None:
         if not self._limits_dirty:
             return None
@@ -258,11 +268,11 @@ class PulseCore:
         if not self._schedules_dirty:
             return None
         self._schedules_dirty = False
-        return {name: [last, [list(f) for f in firings]] for name, (last, firings) in self._fired.items()}
+        return {name: _schedule_state(state) for name, state in self._fired.items()}
 
     def changes(self) -> Changes | None:
         """Everything changed since the last call, for one commit (None: nothing)."""
-        if not self._dirty and not self._meta_dirty and not self._schedules_dirty and not self._limits_dirty:
+        if not (self._dirty or self._meta_dirty or self._schedules_dirty or self._limits_dirty or self._versions_dirty):
             return None
         dirty, self._dirty = [i for i in self._dirty if i in self.jobs], set()
         self._writing = set(dirty)
@@ -278,6 +288,7 @@ class PulseCore:
             plugins=sorted(self._plugin_names),
             schedules=self._fired_snapshot(),
             limits=self._limits_snapshot(),
+            handler_versions=self._versions_snapshot(),
         )
 
     @property
@@ -286,11 +297,11 @@ class PulseCore:
         return self._wanted_ceiling != self._ceiling and self._next_lease + LEASE_BLOCK // 4 >= self._ceiling
 
     def has_changes(self) -> bool:
-        return self._meta_dirty or self._schedules_dirty or self._limits_dirty or bool(self._dirty)
+        return self._meta_dirty or self._schedules_dirty or self._limits_dirty or self._versions_dirty or bool(self._dirty)
 
     def commit_failed(self) -> None:
         """The last ``changes()`` did not reach the disk: write them again next time."""
-        self._meta_dirty = self._schedules_dirty = self._limits_dirty = True
+        self._meta_dirty = self._schedules_dirty = self._limits_dirty = self._versions_dirty = True
         self._dirty |= self._writing
 
     def pruned(self, deleted: dict[str, int]) -> None:
@@ -340,9 +351,13 @@ class PulseCore:
             times.append(self._deadlines[0][0])
         if self.sessions:
             times.append(min(s.last_seen for s in self.sessions.values()) + self.config.dead_after_ms)
-        for handler, starts in self._starts.items():  # a rate window that frees a start
+        for handler, starts in self._starts.items():  # a rate window that frees a start for a waiting job
             limit = self._limits.get(handler)
-            if starts and limit is not None and limit.rate is not None and len(starts) >= limit.rate:
+            if limit is None or limit.rate is None or not self._ready.get(handler):
+                continue
+            while starts and starts[0] <= now.mono - limit.per_ms:
+                starts.popleft()
+            if len(starts) >= limit.rate:
                 times.append(starts[0] + limit.per_ms)
         for name, schedule in self._schedules.items():
             if not schedule.paused:
@@ -353,7 +368,7 @@ class PulseCore:
         """name -> (schedule, last due fired, next due, [[due, job id], ...] newest last)."""
         out = {}
         for name, schedule in self._schedules.items():
-            last, firings = self._fired.get(name, [None, []])
+            last, firings = self._fired.get(name, [None, []])[:2]
             out[name] = (schedule, last, None if schedule.paused else self._due(name), [list(f) for f in firings])
         return out
 
@@ -565,13 +580,15 @@ class PulseCore:
             if status is None:
                 if strict:
                     raise NotFound(f"no job {dep} to run after")
-                status = "gone"
+                # Pruned since: it ended, and well enough, or its dependent would have
+                # failed with it then.
+                status = "completed"
             statuses[dep] = status
         return statuses
 
     def _start_waiting(self, job: Job, statuses: dict[str, str], wall: int) -> None:
         """Queue ``job`` once the jobs it runs after have ended (now, if they have)."""
-        pending = {dep for dep, status in statuses.items() if status not in (*FINAL_STATUSES, "gone")}
+        pending = {dep for dep, status in statuses.items() if status not in FINAL_STATUSES}
         failed = [(dep, status) for dep, status in statuses.items() if dep not in pending and status != "completed"]
         if failed and job.after_policy == "completed":
             self._after_failed(job, *failed[0], wall)
@@ -586,7 +603,7 @@ class PulseCore:
             self._enqueue(job, wall)
 
     def _after_failed(self, job: Job, dep: str, status: str, wall: int) -> None:
-        job.error = JobError(message=f"job {dep}, which it runs after, {'is gone' if status == 'gone' else status}")
+        job.error = JobError(message=f"job {dep}, which it runs after, {status}")
         job.finished_at = wall
         self._set_status(job, "failed")
 
@@ -805,9 +822,10 @@ class PulseCore:
 
     def _set_versions(self, plugin: str, versions: tuple[tuple[str, str], ...]) -> None:
         prefix = plugin + "."
-        for handler in [h for h in self._versions if h.startswith(prefix)]:
-            del self._versions[handler]
-        self._versions.update(versions)
+        current = {h: v for h, v in self._versions.items() if not h.startswith(prefix)}
+        current.update(versions)
+        if current != self._versions:
+            self._versions, self._versions_dirty = current, True
 
     def _set_handlers(self, plugin: Plugin, now_set: set[str], before: set[str], now: Instant) -> None:
         for handler in plugin.handlers - now_set:
@@ -872,18 +890,27 @@ class PulseCore:
             del self._fired[name]  # deleted: a schedule made again under its name starts afresh
             self._schedules_dirty = True
         for name, schedule in event.schedules.items():
-            before = self._schedules.get(name)
             state = self._fired.get(name)
             if state is None:  # new: its first firing is its first due time from now on
-                self._fired[name] = [now.wall, []]
-                self._schedules_dirty = True
-            elif before is not None and before.paused and not schedule.paused:
-                state[0] = max(state[0], now.wall)  # resumed: what fell due while paused is skipped
-                self._schedules_dirty = True
+                self._fired[name] = [now.wall, [], schedule.paused, []]
+            elif state[2] and not schedule.paused:  # resumed: what fell due while paused is skipped
+                state[0], state[2] = max(state[0], now.wall), False
+            elif schedule.paused and not state[2]:
+                state[2] = True  # saved: a resume seen only after a restart still skips
+            else:
+                continue
+            self._schedules_dirty = True
         self._schedules = dict(event.schedules)
+        self._due_cache.clear()
 
     def _due(self, name: str) -> int:
-        return self._schedules[name].next_due(self._fired[name][0])
+        """The schedule's next due time after the last one handled (cached: cron
+        arithmetic is too slow for every turn)."""
+        last = self._fired[name][0]
+        cached = self._due_cache.get(name)
+        if cached is None or cached[0] != last:
+            cached = self._due_cache[name] = (last, self._schedules[name].next_due(last))
+        return cached[1]
 
     def _fire_schedules(self, now: Instant) -> None:
         """Enqueue each firing that fell due. A firing's job id is derived from the
@@ -893,31 +920,34 @@ class PulseCore:
             if schedule.paused:
                 continue
             state = self._fired[name]
+            if state[0] > now.wall + MISSED_AFTER_MS:
+                # The wall clock went back (it had jumped ahead): go on from now, but
+                # never fire again a due time fired while it was ahead.
+                state[3] = sorted({*state[3], *(due for due, _ in state[1] if due > now.wall)})
+                self._out.append(Log("WARNING", f"schedule {name}: the clock went back; firing from now on"))
+                state[0] = now.wall
+                self._schedules_dirty = True
             due = self._due(name)
             if due > now.wall:
                 continue
             if now.wall - due > MISSED_AFTER_MS:  # missed (the bus was down): by its policy
-                latest = due
-                for _ in range(10_000):
-                    after = schedule.next_due(latest)
-                    if after > now.wall:
-                        break
-                    latest = after
+                latest = schedule.latest_due(due, now.wall)
                 if schedule.missed == "skip":
                     self._out.append(Log("INFO", f"schedule {name}: skipped the firings missed since {state[0]}"))
-                    state[0] = latest
-                    self._schedules_dirty = True
-                    continue
-                due = latest
-            self._fire(schedule, due, now)
-            state[0] = due
+                else:
+                    self._fire(schedule, latest, now)
+                state[0] = now.wall  # whatever fell due up to now is handled
+            else:
+                self._fire(schedule, due, now)
+                state[0] = due
+            state[3] = [ahead for ahead in state[3] if ahead > state[0]]
             self._schedules_dirty = True
 
     def _fire(self, schedule: Schedule, due: int, now: Instant) -> None:
         job_id = firing_id(schedule.name, due)
         firings = self._fired[schedule.name][1]
-        if job_id in self.jobs:
-            return
+        if job_id in self.jobs or due in self._fired[schedule.name][3]:
+            return  # fired already
         if not self.handler_known(schedule.handler, now):
             self._out.append(Log("WARNING", f"schedule {schedule.name}: unknown handler {schedule.handler!r}; firing skipped"))
             return
@@ -925,6 +955,11 @@ class PulseCore:
             handler=schedule.handler, payload=msgspec.Raw(schedule.payload), priority=schedule.priority,
             max_attempts=schedule.max_attempts, timeout_s=schedule.timeout_s, id=job_id,
         )  # fmt: skip
+        try:
+            check_submit(spec, self.config.max_payload_bytes)
+        except QntxError as exc:
+            self._out.append(Log("WARNING", f"schedule {schedule.name}: firing skipped: {exc}"))
+            return
         job = self._create(spec, now, schedule=schedule.name)
         self._set_status(job, "queued")
         self._enqueue(job, now.wall)
@@ -1028,6 +1063,7 @@ class PulseCore:
         return self.jobs[best[3]], best_target
 
     def _dispatch(self, now: Instant) -> None:
+        self._promote(now.wall)  # due ones leave the delayed heap even if nothing can go now
         while self._ready_count or self._delayed:
             if self._next_lease >= self._ceiling:
                 return  # waiting for the next block of lease ids to be durable
@@ -1060,6 +1096,14 @@ class PulseCore:
             # disk syncs; any other handler only once its run is on disk.
             durable = job.handler not in BUILTIN_HANDLERS
             self._out.append(SendJob(session.id, Dispatch(lease=lease.id, job=job, plugin_endpoint=endpoint), durable))
+
+
+def _schedule_state(state: list) -> list:
+    """A schedule's saved state, completed: [last due handled (wall ms), [[due, job
+    id], ...], paused as Pulse last saw it, [due times fired while the clock was ahead]]."""
+    last, firings, *rest = state
+    paused, ahead = (list(rest) + [False, []][len(rest) :])[:2]
+    return [last, [list(f) for f in firings], bool(paused), list(ahead)]
 
 
 def _new_job_id(handler: str, taken: dict[str, Job]) -> str:

@@ -26,7 +26,8 @@ import msgspec
 from cronsim import CronSim, CronSimError
 
 from qntx.errors import Invalid
-from qntx.protocol import Attestation, Filter, NewAttestation, ScheduleState
+from qntx.protocol import Attestation, Filter, NewAttestation, ScheduleState, Submit
+from qntx.pulse.rules import check_submit
 from qntx.values import is_int
 
 CONTEXT = "pulse"
@@ -35,6 +36,8 @@ SCHEDULE = "schedule"
 DIRECTIVES_FILTER = Filter(predicates=[LIMIT, SCHEDULE], contexts=[CONTEXT])
 MISSED_POLICIES = ("once", "skip")
 MIN_EVERY_MS = 100
+MAX_EVERY_MS = 10 * 366 * 86_400_000
+MAX_SCHEDULE_PAYLOAD_BYTES = 64 << 10  # a schedule's payload lives in an attestation
 # A due time the loop reaches this late was missed (the bus was down), not just busy.
 MISSED_AFTER_MS = 2_000
 FIRINGS_KEPT = 20
@@ -72,6 +75,17 @@ class Schedule:
         # Cron times are whole minutes, and CronSim yields those strictly after its start.
         start = datetime.fromtimestamp(after // 1000, tz=ZoneInfo(self.tz))
         return int(next(iter(CronSim(self.cron, start))).timestamp()) * 1000
+
+    def latest_due(self, due: int, now: int) -> int:
+        """The last due time at or before ``now``, from ``due`` (one at or before it) on."""
+        if self.every_ms is not None:
+            return max(due, self.anchor + (now - self.anchor) // self.every_ms * self.every_ms)
+        for _ in range(100_000):  # cron times are minutes apart: 100,000 of them span two months
+            following = self.next_due(due)
+            if following > now:
+                break
+            due = following
+        return due
 
     def upcoming(self, after: int, count: int) -> list[int]:
         times, at = [], after
@@ -137,8 +151,8 @@ def parse_schedule(name: str, attributes: dict, stamped: int) -> Schedule | None
     every, cron = attributes.get("every_ms"), attributes.get("cron")
     if (every is None) == (cron is None):
         raise Invalid("a schedule needs exactly one of every or cron")
-    if every is not None and (not is_int(every) or every < MIN_EVERY_MS):
-        raise Invalid(f"every must be at least {MIN_EVERY_MS} ms, got {every!r}")
+    if every is not None and (not is_int(every) or not MIN_EVERY_MS <= every <= MAX_EVERY_MS):
+        raise Invalid(f"every must be from {MIN_EVERY_MS} ms to 10 years, got {every!r}")
     tz = attributes.get("tz") or "UTC"
     if not isinstance(tz, str):
         raise Invalid(f"tz must be a zone name, got {tz!r}")
@@ -152,11 +166,15 @@ def parse_schedule(name: str, attributes: dict, stamped: int) -> Schedule | None
     priority = attributes.get("priority", 0)
     max_attempts = attributes.get("max_attempts", 3)
     timeout_s = attributes.get("timeout_s", 300.0)
-    if not is_int(priority) or not is_int(max_attempts) or not isinstance(timeout_s, int | float):
-        raise Invalid("priority and max_attempts must be whole numbers, timeout_s a number")
+    payload = msgspec.msgpack.encode(attributes.get("payload"))
+    # Its jobs must be ones Pulse accepts: the same rules as a Submit's.
+    check_submit(
+        Submit(handler=handler, payload=msgspec.Raw(payload), priority=priority, max_attempts=max_attempts, timeout_s=timeout_s),
+        MAX_SCHEDULE_PAYLOAD_BYTES,
+    )
     return Schedule(
         name=name, handler=handler, every_ms=every, cron=cron, tz=tz,
-        payload=msgspec.msgpack.encode(attributes.get("payload")),
+        payload=payload,
         missed=missed, paused=bool(attributes.get("paused", False)), priority=priority,
         max_attempts=max_attempts, timeout_s=float(timeout_s), anchor=int(attributes.get("anchor", stamped)),
     )  # fmt: skip
@@ -227,4 +245,7 @@ def schedule_state(schedule: Schedule, now: int | None = None) -> ScheduleState:
 
 
 def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return f"{ms} ms"

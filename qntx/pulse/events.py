@@ -206,3 +206,4 @@ class Changes:
     plugins: list[str] = field(default_factory=list)  # every plugin that ever registered
     schedules: dict[str, list] | None = None  # name -> [last due, [[due, job id], ...]]; None: unchanged
     limits: dict[str, list] | None = None  # handler -> [concurrency, rate, per_ms]; None: unchanged
+    handler_versions: dict[str, str] | None = None  # handler -> its current version; None: unchanged

@@ -53,6 +53,7 @@ class Loaded(msgspec.Struct, frozen=True):
     plugins: list[str] = []
     schedules: dict[str, list] = {}  # name -> [last due fired, [[due, job id], ...]]
     limits: dict[str, list] = {}  # handler -> [concurrency, rate, per_ms], as last read from ATS
+    handler_versions: dict[str, str] = {}  # handler -> its current version, as last announced
 
 
 def _status_key(status: str, stamp: bytes) -> bytes:
@@ -110,6 +111,7 @@ class JobStore:
             plugins = txn.get(b"plugins", db=meta)
             schedules = txn.get(b"schedules", db=meta)
             limits = txn.get(b"limits", db=meta)
+            versions = txn.get(b"handler-versions", db=meta)
             counts = {}
             for status in JOB_STATUSES:
                 count = txn.get(b"count:" + status.encode(), db=meta)
@@ -127,6 +129,7 @@ class JobStore:
                 plugins=msgspec.msgpack.decode(plugins, type=list[str]) if plugins else [],
                 schedules=msgspec.msgpack.decode(schedules, type=dict[str, list]) if schedules else {},
                 limits=msgspec.msgpack.decode(limits, type=dict[str, list]) if limits else {},
+                handler_versions=msgspec.msgpack.decode(versions, type=dict[str, str]) if versions else {},
             )
 
         return self._env.read(work)
@@ -174,6 +177,7 @@ class JobStore:
         rows, plugins = changes.rows, self._encoder.encode(changes.plugins)
         schedules = None if changes.schedules is None else self._encoder.encode(changes.schedules)
         limits = None if changes.limits is None else self._encoder.encode(changes.limits)
+        versions = None if changes.handler_versions is None else self._encoder.encode(changes.handler_versions)
         # Encoded before the transaction, which runs again if the map has to grow.
         encode = self._encoder.encode
         prepared = [
@@ -207,6 +211,8 @@ class JobStore:
                 txn.put(b"schedules", schedules, db=meta)
             if limits is not None:  # so a restarted server applies them before ATS answers
                 txn.put(b"limits", limits, db=meta)
+            if versions is not None:  # so jobs submitted before the plugin is back are pinned too
+                txn.put(b"handler-versions", versions, db=meta)
             for status, count in changes.counts.items():
                 txn.put(b"count:" + status.encode(), _U64.pack(count), db=meta)
 

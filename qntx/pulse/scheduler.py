@@ -148,6 +148,7 @@ class Pulse:
         self.core.restore(
             [(s.seq, s.job) for s in loaded.jobs], loaded.next_seq, loaded.counts, loaded.lease_ceiling, instant(),
             plugins=loaded.plugins, ended=self.store.statuses(after), schedules=loaded.schedules, limits=loaded.limits,
+            handler_versions=loaded.handler_versions,
         )  # fmt: skip
         self._durable: list[Reply] = []  # replies waiting for the next commit
         self._held: list[SendJob] = []  # dispatches waiting for the next commit

@@ -218,3 +218,37 @@ def test_a_rate_limit_and_schedules_from_the_cli(bus, up):
     assert missing.returncode != 0 and missing.stderr.count("\n") == 1 and "no schedule 'beat'" in missing.stderr
     bad = bus.run("schedule", "add", "x", "--handler", "builtin.echo", "--cron", "61 * * * *")
     assert bad.returncode == 2 and bad.stderr.startswith("error: not a cron expression")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_server_idles_once_a_rate_window_is_over(bus, up):
+    with bus.connect() as client:
+        server = next(a.pid for a in client.status().actors if a.name == "server")
+        client.limit("builtin.echo", rate=2, per_s=1.0)
+        time.sleep(0.5)
+        for n in range(3):
+            client.submit("builtin.echo", n).wait(timeout=10)
+        time.sleep(1.5)  # the rate window is long over and nothing is queued
+        before = _cpu_s(server)
+        time.sleep(2)
+        busy = _cpu_s(server) - before
+    assert busy < 0.5, f"the server used {busy:.2f} s of CPU in 2 s with nothing to do"
+
+
+def test_bad_durations_and_values_are_one_line(bus, up):
+    for args in (
+        ("schedule", "add", "s", "--handler", "builtin.echo", "--every", "abc"),
+        ("schedule", "add", "s", "--handler", "builtin.echo", "--every", "9000 years"),
+        ("schedule", "add", "s", "--handler", "builtin.echo", "--every", "1s", "--max-attempts", "0"),
+        ("handler", "limit", "builtin.echo", "--rate", "3/0s"),
+        ("handler", "limit", "builtin.echo", "--rate", "10/abc"),
+        ("ix", "builtin.echo", "--in", "soon"),
+    ):
+        result = bus.run(*args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and "internal" not in result.stderr, (args, result.stderr)
+    assert "(no schedules)" in bus.run("schedule", "list").stdout

@@ -54,7 +54,8 @@ class Disk:
 
     def __init__(self):
         self.jobs: dict[str, tuple[int, object]] = {}
-        self.next_seq, self.counts, self.ceiling, self.plugins, self.schedules, self.limits = 0, {}, 1, [], {}, {}
+        self.next_seq, self.counts, self.ceiling, self.plugins = 0, {}, 1, []
+        self.schedules, self.limits, self.versions = {}, {}, {}
 
     def write(self, changes) -> None:
         for seq, job, _ in changes.rows:
@@ -65,6 +66,8 @@ class Disk:
             self.schedules = changes.schedules
         if changes.limits is not None:
             self.limits = changes.limits
+        if changes.handler_versions is not None:
+            self.versions = changes.handler_versions
 
 
 class Harness:
@@ -76,7 +79,7 @@ class Harness:
         ended = {job.id: job.status for _, job in self.disk.jobs.values() if job.status not in LIVE}
         self.core.restore(
             live, self.disk.next_seq, self.disk.counts, self.disk.ceiling, self.now, self.disk.plugins,
-            ended=ended, schedules=self.disk.schedules, limits=self.disk.limits,
+            ended=ended, schedules=self.disk.schedules, limits=self.disk.limits, handler_versions=self.disk.versions,
         )  # fmt: skip
         self.commit()
 
