@@ -9,17 +9,30 @@ terminal reaches only the parent and the whole group can be killed at once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        pass  # not Linux: children are still stopped on a clean shutdown
+        return None
+
+
+def prctl(option: int, value: int) -> None:
+    """Linux's prctl(2); elsewhere nothing (children are still stopped on a clean shutdown)."""
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(option, value)
+
+
+def die_with_parent() -> None:
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setpgid(0, 0)
 
 

@@ -32,8 +32,11 @@ class Settings:
     ats_map_size: int = 1 << 30  # initial LMDB map; it grows on demand
     ats_max_map_size: int = 0  # the map never grows past it (0: only the disk limits it)
     python_pool_size: int = 2  # warm interpreter processes of the python plugin
-    python_memory_mb: int = 1024  # address-space limit per handler interpreter
+    python_memory_mb: int = 1024  # address-space limit per handler run
     python_cpu_s: int = 600  # CPU-seconds limit per handler run
+    python_file_mb: int = 1024  # largest file a handler run may write
+    python_processes: int = 64  # processes and threads a handler run may add
+    python_fresh_process: bool = False  # a new process per job even if the last left no trace
     heartbeat_s: float = 1.0  # worker and plugin liveness interval
     keep_completed_s: float = 7 * 86400.0  # completed jobs are pruned this long after they finished
     keep_failed_s: float = 30 * 86400.0  # failed and cancelled ones (the dead-letter view) longer

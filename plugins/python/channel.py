@@ -1,9 +1,12 @@
-"""The parent's end of the private pipes to one child interpreter of the Python plugin.
+"""The plugin's end of the private pipes to one fork server of the Python plugin.
 
 Owns the frame protocol on the plugin's side: writing ``RunJob`` frames, reading
-``Ready``/``ReportProgress``/``RunResult`` frames (declared in ``plugins.python.runner``)
-and turning the child's silence, death or garbage into ``Died`` for whoever awaits a
-reply. When and why children are started, reused or replaced is ``plugins.python.pool``.
+``Ready``/``ReportProgress``/``ReportOutput``/``RunResult``/``Exited`` frames (declared
+in ``plugins.python.runner``) and turning a death into an exception for whoever awaits
+a reply: ``JobDied`` when one job's process died (the fork server lives on and takes
+the next job), ``Died`` when the fork server itself is gone, silent or talking
+garbage. When and why fork servers are started, reused or replaced is
+``plugins.python.pool``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from loguru import logger
 
 from plugins.python.runner import (
     MAX_FRAME_BYTES,
+    Exited,
     ReportOutput,
     ReportProgress,
     RunJob,
@@ -31,7 +35,15 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 class Died(Exception):
-    """The child stopped answering: it exited, or we killed it."""
+    """The fork server stopped answering: it exited, or we killed it."""
+
+
+class JobDied(Exception):
+    """The process running the awaited job ended without its result."""
+
+    def __init__(self, returncode: int):
+        super().__init__(returncode)
+        self.returncode = returncode
 
 
 class Interpreter(asyncio.Protocol):
@@ -46,6 +58,8 @@ class Interpreter(asyncio.Protocol):
         self._lost = False
         self._buffer = bytearray()
         self._pending: asyncio.Future | None = None  # the awaited Ready or RunResult
+        self._pending_seq = 0  # which job's RunResult it awaits (0: Ready)
+        self._sent = 0  # jobs sent; the fork server counts them the same way
         self._on_progress: Callable[[float, float], None] | None = None
         self._on_output: Callable[[str, str], None] | None = None
         self._decoder = msgspec.msgpack.Decoder(ToParent)
@@ -69,6 +83,7 @@ class Interpreter(asyncio.Protocol):
     ) -> asyncio.Future:
         """A future for the next Ready/RunResult frame; it fails with Died if the child goes."""
         self._pending = asyncio.get_running_loop().create_future()
+        self._pending_seq = self._sent + 1 if self.in_service else 0
         self._on_progress, self.last_progress = on_progress, None
         self._on_output = on_output
         if self._lost:
@@ -76,6 +91,7 @@ class Interpreter(asyncio.Protocol):
         return self._pending
 
     def send(self, job: RunJob) -> None:
+        self._sent += 1
         self._writer.write(frame(_encoder.encode(job)))
 
     def close_input(self) -> None:
@@ -129,6 +145,14 @@ class Interpreter(asyncio.Protocol):
                     self._on_output(message.stream, message.text)
                 except Exception:
                     logger.exception("output callback failed")
+        elif isinstance(message, Exited):
+            # Every job's process ends: after its RunResult, unless it died first.
+            if (
+                message.seq == self._pending_seq
+                and self._pending is not None
+                and not self._pending.done()
+            ):
+                self._pending.set_exception(JobDied(message.returncode))
         elif self._pending is not None and not self._pending.done():
             self._pending.set_result(message)
 

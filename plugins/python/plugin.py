@@ -180,6 +180,9 @@ class PythonPlugin:
             self.pool = InterpreterPool(
                 self.settings.python_pool_size,
                 memory_mb=self.settings.python_memory_mb,
+                file_mb=self.settings.python_file_mb,
+                processes=self.settings.python_processes,
+                fresh=self.settings.python_fresh_process,
                 ats_endpoint=message.ats_endpoint,
             )
             await self.pool.start()

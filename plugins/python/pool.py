@@ -1,11 +1,13 @@
-"""The warm pool of child interpreters that runs handler code for the Python plugin.
+"""The warm pool of fork servers that runs handler code for the Python plugin.
 
-It owns the children's lives: spawning ``size`` runners ahead of need, handing each
-job to an idle one (jobs beyond ``size`` wait their turn, first come first served),
-enforcing the wall-clock timeout, cancelling, and replacing any runner that dies,
-breaks a limit or is killed, in the background so the pool returns to full size.
-Handler code never runs in this process; ``plugins.python.runner`` is what runs
-inside a child, and ``plugins.python.channel`` is this side of the pipes to it.
+It owns the fork servers' lives: spawning ``size`` of them ahead of need, handing
+each job to an idle one (jobs beyond ``size`` wait their turn, first come first
+served), enforcing the wall-clock timeout, cancelling, and replacing any that dies
+or is killed, in the background so the pool returns to full size. Each fork server
+(``plugins.python.forkserver``) runs every job in a clean process of its own, so a
+job that crashes or breaks a limit costs only that process. Handler code never runs
+in this process; ``plugins.python.runner`` is what runs inside a job's process, and
+``plugins.python.channel`` is this side of the pipes to a fork server.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import msgspec
 from loguru import logger
 
-from plugins.python.channel import Died, Interpreter
+from plugins.python.channel import Died, Interpreter, JobDied
 from plugins.python.runner import RunJob, RunResult
 from qntx.lifeline import die_with_parent, kill_group
 from qntx.protocol import ExecuteResult, JobError, Progress
@@ -32,6 +34,7 @@ READY_TIMEOUT_S = 30.0  # a cold interpreter start, on a loaded machine
 CLOSE_GRACE_S = 1.0  # how long close() lets a busy runner finish before killing it
 EXIT_GRACE_S = 0.5  # after a child exits, how long its last frames may still be in flight
 RESPAWN_MAX_DELAY_S = 10.0
+
 
 def _failure(message: str, progress: Progress | None = None) -> ExecuteResult:
     return ExecuteResult(success=False, error=JobError(message=message), progress=progress)
@@ -57,13 +60,18 @@ class InterpreterPool:
         size: int = 2,
         *,
         memory_mb: int = 1024,
+        file_mb: int = 0,
+        processes: int = 0,
+        fresh: bool = False,
         ats_endpoint: str = "",
         python: str = sys.executable,
     ):
         if size < 1:
             raise ValueError("an interpreter pool needs at least one interpreter")
         self._size = size
-        self._memory_mb = memory_mb
+        self._limits = ("--memory-mb", str(memory_mb), "--file-mb", str(file_mb))
+        self._limits += ("--processes", str(processes)) if processes > 0 else ()
+        self._limits += ("--fresh",) if fresh else ()
         self._ats_endpoint = ats_endpoint
         self._python = python
         self._live: set[Interpreter] = set()  # spawned and not yet reaped
@@ -127,6 +135,9 @@ class InterpreterPool:
         try:
             interp.send(job)
             message: RunResult = await reply
+        except JobDied as died:  # that job's process only: the fork server serves on
+            self._release(interp)
+            return _failure(describe_exit(died.returncode), interp.last_progress)
         except Died:
             # Unless we killed it, wait for the exit status: it names the cause.
             reason = interp.kill_reason or describe_exit(await interp.proc.wait())
@@ -235,7 +246,7 @@ class InterpreterPool:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         try:
             interp.proc = await asyncio.create_subprocess_exec(
-                *(self._python, "-m", "plugins.python.runner", "--memory-mb", str(self._memory_mb)),
+                *(self._python, "-m", "plugins.python.forkserver", *self._limits),
                 *("--rfd", str(child_in), "--wfd", str(child_out)),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,

@@ -1,24 +1,26 @@
-"""One warm child interpreter of the Python plugin: it runs handler code, job after job.
+"""What runs one handler job, inside a fresh child process of the Python plugin.
 
-Started by ``plugins.python.pool`` as ``python -m plugins.python.runner --rfd R --wfd W``.
-It owns executing user code: a fresh namespace per job (``upstream``, ``args``,
-``attest``, ``progress``), capturing stdout/stderr, turning exceptions into a
-``JobError``, and the per-job CPU limit and per-process memory limit.
+``plugins.python.forkserver`` forks one child per job from a warm parent; the child
+sets its hard limits (``limit_job``), runs the job with ``HandlerRunner`` and exits,
+so nothing a job changes (builtins, modules, threads, cwd, environment) reaches the
+next. It owns executing user code: a fresh namespace (``upstream``, ``args``,
+``attest``, ``progress``), capturing stdout/stderr and turning exceptions into a
+``JobError``.
 
-It talks to its parent only over a private pipe pair, never over fd 0/1: frames are
-a 4-byte big-endian length and a MessagePack body. The parent sends ``RunJob``; the
-child answers ``Ready`` once at start, any number of ``ReportProgress`` and
-``ReportOutput`` during a job and one ``RunResult`` per job. Output is streamed
-only once a job has run for ``STREAM_AFTER_S``: a quick job's output simply comes
-with its result, at no extra cost. The frames are declared here, once, and
-``plugins.python.channel`` (the parent's end) imports them. The child exits when its
-input pipe closes.
+Parent and child talk only over a private pipe pair, never over fd 0/1: frames are
+a 4-byte big-endian length and a MessagePack body. The plugin sends ``RunJob``; the
+fork server answers ``Ready`` once at start and ``Exited`` when a job's process has
+ended; the job's process sends any number of ``ReportProgress`` and ``ReportOutput``
+and one ``RunResult``. Output is streamed only once a job has run for
+``STREAM_AFTER_S``: a quick job's output simply comes with its result, at no extra
+cost. The frames are declared here, once; ``plugins.python.channel`` (the plugin's
+end) and ``plugins.python.forkserver`` import them.
 """
 
 from __future__ import annotations
 
-import argparse
 import builtins
+import ctypes
 import hashlib
 import io
 import linecache
@@ -74,6 +76,16 @@ class ReportOutput(msgspec.Struct, tag="output", kw_only=True):
     text: str
 
 
+class Exited(msgspec.Struct, tag="exited", kw_only=True):
+    """From the fork server: the process of its ``seq``-th job (counting from 1, in
+    the order the jobs came) has ended. A job without its ``RunResult`` by now died,
+    and ``returncode`` (``-N`` for signal N) says how."""
+
+    seq: int
+    job_id: str
+    returncode: int
+
+
 class RunResult(msgspec.Struct, tag="reply", kw_only=True):
     job_id: str
     success: bool
@@ -84,7 +96,7 @@ class RunResult(msgspec.Struct, tag="reply", kw_only=True):
 
 
 ToChild = RunJob
-ToParent = Ready | ReportProgress | ReportOutput | RunResult
+ToParent = Ready | ReportProgress | ReportOutput | RunResult | Exited
 
 
 def frame(body: bytes) -> bytes:
@@ -113,33 +125,95 @@ class Pipe:
 
     def send(self, body: bytes) -> None:
         with self.lock:
-            view = memoryview(frame(body))
-            while view:
-                view = view[os.write(self._wfd, view) :]
+            write_all(self._wfd, frame(body))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 # --------------------------------------------------------------------- limits
 
 
-def limit_memory(memory_mb: int) -> None:
-    if memory_mb <= 0:
+class Limits(msgspec.Struct, frozen=True):
+    """The hard ceilings of one job process; 0 leaves a ceiling as it is."""
+
+    cpu_s: int = 0  # per job
+    memory_mb: int = 0
+    processes: int = 0  # RLIMIT_NPROC: counts every process of the user, so the
+    # fork server passes its user's count at start plus the processes one job may add
+    file_mb: int = 0
+
+
+CAP_SYS_RESOURCE = 24  # capability(7): lets a process raise its hard limits
+PR_CAPBSET_DROP = 24  # prctl(2)
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# A job process may run jobs until it has used this much CPU; so a job gets its
+# cpu_s (soft) and handler code that lifts its soft limit is killed by the hard
+# one at most REUSE_CPU_S + 1 seconds later.
+REUSE_CPU_S = 2
+
+
+def _set_limit(which: int, soft: int, hard: int) -> None:
+    """Never above the current hard limit: only lowering a hard limit makes it stick."""
+    _, current = resource.getrlimit(which)
+    if current != resource.RLIM_INFINITY:
+        soft, hard = min(soft, current), min(hard, current)
+    resource.setrlimit(which, (soft, hard))
+
+
+def limit_process(limits: Limits) -> None:
+    """Set the hard limits of a fresh job process, for good: it cannot raise them,
+    even as root (CAP_SYS_RESOURCE is dropped)."""
+    if limits.cpu_s > 0:
+        _set_limit(resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + REUSE_CPU_S + 1)
+    if limits.memory_mb > 0:
+        _set_limit(resource.RLIMIT_AS, limits.memory_mb << 20, limits.memory_mb << 20)
+    if limits.processes > 0:
+        _set_limit(resource.RLIMIT_NPROC, limits.processes, limits.processes)
+    if limits.file_mb > 0:
+        # A write past the limit fails with EFBIG (an OSError the handler sees)
+        # instead of the default SIGXFSZ kill.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _set_limit(resource.RLIMIT_FSIZE, limits.file_mb << 20, limits.file_mb << 20)
+    _drop_capability(CAP_SYS_RESOURCE)
+
+
+def _drop_capability(capability: int) -> None:
+    """Drop a capability from the bounding, effective, permitted and inheritable sets
+    (a no-op for a process that does not have it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0)  # fails harmlessly without CAP_SETPCAP
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
+    if libc.capget(header, data) != 0:
         return
-    limit = memory_mb << 20
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    # Soft and hard together, so handler code cannot lift its own ceiling.
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    word, bit = divmod(capability, 32)
+    for field in range(3):
+        data[word * 3 + field] &= ~(1 << bit)
+    libc.capset(header, data)
 
 
-def limit_cpu(cpu_s: float) -> None:
-    """Allow ``cpu_s`` more CPU seconds from now: RLIMIT_CPU counts the whole process life."""
+def limit_cpu(cpu_s: int) -> None:
+    """Give the next job ``cpu_s`` CPU seconds from now (RLIMIT_CPU counts the whole
+    process life), as far as the hard limit allows (``cpu_left_for`` says)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = math.ceil(usage.ru_utime + usage.ru_stime) + max(1, math.ceil(cpu_s))
+    soft = math.ceil(usage.ru_utime + usage.ru_stime) + max(1, cpu_s)
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
+        soft = min(soft, hard - 1)
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def cpu_left_for(cpu_s: int) -> bool:
+    """Whether a job of ``cpu_s`` still fits under this process's hard CPU limit."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    return (
+        hard == resource.RLIM_INFINITY or math.ceil(usage.ru_utime + usage.ru_stime) + cpu_s < hard
+    )
 
 
 # --------------------------------------------------------------------- running jobs
@@ -266,31 +340,37 @@ class OutputStreamer:
                 self._pipe.send(self._encoder.encode(ReportOutput(stream=stream, text=piece)))
 
 
+# (filename, digest of the code) -> (code object, linecache entry). The fork server
+# fills it before it forks the next child, so a child inherits every handler compiled.
+_code_cache: dict[tuple[str, bytes], tuple[Any, tuple]] = {}
+
+
+def compiled(code: str, filename: str) -> Any:
+    """The code object for ``code``, compiled once per fork server."""
+    key = (
+        filename,
+        hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
+    )
+    cached = _code_cache.get(key)
+    if cached is None:
+        if len(_code_cache) >= CODE_CACHE_SIZE:
+            del _code_cache[next(iter(_code_cache))]
+        # A linecache entry lets tracebacks quote the handler's source lines.
+        lines = code.splitlines(keepends=True)
+        cached = (compile(code, filename, "exec"), (len(code), None, lines, filename))
+        _code_cache[key] = cached
+    linecache.cache[filename] = cached[1]
+    return cached[0]
+
+
 class HandlerRunner:
-    """Executes jobs in fresh namespaces; compiled code and the ATS client are reused."""
+    """Executes a job in a fresh namespace (one per process: the process ends with it)."""
 
     def __init__(self, pipe: Pipe):
         self._pipe = pipe
-        self._code_cache: dict[tuple[str, bytes], tuple[Any, tuple]] = {}
         self._ats: Client | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._streamer = OutputStreamer(pipe)
-
-    def _compile(self, code: str, filename: str) -> Any:
-        key = (
-            filename,
-            hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
-        )
-        cached = self._code_cache.get(key)
-        if cached is None:
-            if len(self._code_cache) >= CODE_CACHE_SIZE:
-                del self._code_cache[next(iter(self._code_cache))]
-            # A linecache entry lets tracebacks quote the handler's source lines.
-            lines = code.splitlines(keepends=True)
-            cached = (compile(code, filename, "exec"), (len(code), None, lines, filename))
-            self._code_cache[key] = cached
-        linecache.cache[filename] = cached[1]
-        return cached[0]
 
     def _attest_function(self, endpoint: str):
         def attest(subjects, predicates, contexts, actors=None, attributes=None) -> dict:
@@ -339,8 +419,7 @@ class HandlerRunner:
         self._streamer.begin()
         error = None
         try:
-            limit_cpu(job.cpu_s)
-            exec(self._compile(job.code, job.filename), namespace)
+            exec(compiled(job.code, job.filename), namespace)
         except SystemExit as exc:
             if exc.code not in (0, None):
                 error = _job_error(exc)
@@ -367,45 +446,3 @@ class HandlerRunner:
             reply.stdout = _tail(stdout.encode("utf-8", "replace").decode())
             reply.stderr = _tail(stderr.encode("utf-8", "replace").decode() + note)
             return self._encoder.encode(reply)
-
-
-# --------------------------------------------------------------------- entry point
-
-
-def make_std_streams_harmless() -> None:
-    """Point fd 0 at /dev/null and fd 1 at stderr, so no C-level write reaches a protocol pipe."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
-    os.close(devnull)
-    sys.stdout = sys.stderr
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m plugins.python.runner")
-    parser.add_argument("--rfd", type=int, required=True)
-    parser.add_argument("--wfd", type=int, required=True)
-    parser.add_argument("--memory-mb", type=int, default=0)
-    options = parser.parse_args(argv)
-
-    make_std_streams_harmless()
-    # Handler subprocesses must not hold our pipe ends open (the parent relies on EOF).
-    os.set_inheritable(options.rfd, False)
-    os.set_inheritable(options.wfd, False)
-    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the plugin, which owns shutdown
-    _, core_hard = resource.getrlimit(resource.RLIMIT_CORE)
-    resource.setrlimit(
-        resource.RLIMIT_CORE, (0, core_hard)
-    )  # a SIGXCPU kill must not drop a core file
-    limit_memory(options.memory_mb)
-
-    pipe = Pipe(options.rfd, options.wfd)
-    runner = HandlerRunner(pipe)
-    pipe.send(msgspec.msgpack.encode(Ready(pid=os.getpid())))
-    while (job := pipe.receive()) is not None:
-        pipe.send(runner.run(job))
-
-
-if __name__ == "__main__":
-    main()

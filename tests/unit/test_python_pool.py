@@ -10,11 +10,13 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from plugins.python.pool import InterpreterPool
+from plugins.python.runner import REUSE_CPU_S
 from qntx.protocol import NIL, ExecuteResult, Progress
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,12 +75,13 @@ async def start_blocking_job(pool: InterpreterPool, job_id: str) -> tuple[asynci
 # --------------------------------------------------------------------- running code
 
 
-def test_handler_runs_in_a_child_interpreter_of_the_pool():
+def test_handler_runs_in_a_process_forked_from_a_fork_server_of_the_pool():
     async def body(pool):
-        outcome = await run(pool, "import os\n_result = os.getpid()")
+        outcome = await run(pool, "import os\n_result = [os.getpid(), os.getppid()]")
         assert outcome.success
-        assert outcome.result != os.getpid()
-        assert outcome.result in pool.pids()
+        pid, parent = outcome.result
+        assert parent in pool.pids()
+        assert pid != os.getpid() and pid not in pool.pids()
 
     in_pool(body)
 
@@ -224,6 +227,136 @@ def test_attest_without_an_ats_endpoint_fails_clearly():
     in_pool(body)
 
 
+# --------------------------------------------------------------------- every job starts clean
+
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+# (what one job changes, how the next job looks at it, what the next job must see)
+TRACES = {
+    "builtins": ("import builtins\nbuiltins.leaked = 1", "_result = hasattr(__builtins__, 'leaked')", False),
+    "sys.modules": (
+        "import sys, types\nsys.modules['leaked'] = types.ModuleType('leaked')",
+        "import sys\n_result = 'leaked' in sys.modules",
+        False,
+    ),
+    "a module imported": ("import wave", "import sys\n_result = 'wave' in sys.modules", False),
+    "a module attribute": ("import json\njson.leaked = 1", "import json\n_result = hasattr(json, 'leaked')", False),
+    "a thread": (
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), name='leaked').start()",
+        "import threading\n_result = [t.name for t in threading.enumerate() if t.name == 'leaked']",
+        [],
+    ),
+    "the working directory": ("import os\nos.chdir('/tmp')", "import os\n_result = os.getcwd()", REPO_ROOT),
+    "the environment": (
+        "import os\nos.environ['QNTX_LEAKED'] = '1'",
+        "import os\n_result = os.environ.get('QNTX_LEAKED')",
+        None,
+    ),
+    "a signal handler": (
+        "import signal\nsignal.signal(signal.SIGUSR1, lambda *a: None)",
+        "import signal\n_result = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL",
+        True,
+    ),
+    "an alarm": ("import signal\nsignal.alarm(60)", "import signal\n_result = signal.alarm(0)", 0),
+    "an open file": (
+        "import os\n_result = os.open('/dev/null', os.O_RDONLY)",
+        "import os\ntry:\n    os.fstat(upstream or 1000)\n    _result = 'open'\nexcept OSError:\n    _result = 'closed'",
+        "closed",
+    ),
+    "a lowered limit": (
+        "import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))",
+        "import resource\n_result = resource.getrlimit(resource.RLIMIT_NOFILE)[1] != 64",
+        True,
+    ),
+}
+
+
+def test_a_job_that_leaves_no_trace_leaves_its_process_to_the_next_job():
+    async def body(pool):
+        first = await run(pool, "import os\n_result = os.getpid()")
+        second = await run(pool, "import os\n_result = os.getpid()")
+        assert first.result == second.result  # no fork on the way of a clean job
+
+    in_pool(body, size=1)
+
+
+@pytest.mark.parametrize("trace", TRACES)
+def test_the_next_job_does_not_see_what_a_job_changed(trace):
+    change, look, expected = TRACES[trace]
+
+    async def body(pool):
+        assert (await run(pool, look, None)).result == expected  # as a fresh process sees it
+        changed = await run(pool, change + "\nimport os\nprogress(os.getpid(), 0)")
+        assert changed.success, changed.error
+        seen = await run(pool, look + "\nimport os\n_pid = os.getpid()", changed.result)
+        assert seen.success, seen.error
+        assert seen.result == expected
+
+    in_pool(body, size=1)  # one fork server: every job goes to it
+
+
+def test_fresh_process_mode_runs_every_job_in_a_new_process():
+    async def body(pool):
+        pids = [(await run(pool, "import os\n_result = os.getpid()")).result for _ in range(3)]
+        assert len(set(pids)) == 3
+
+    in_pool(body, size=1, fresh=True)
+
+
+def test_limits_are_hard_and_handler_code_cannot_raise_them():
+    code = (
+        "import resource\n"
+        "names = ['RLIMIT_CPU', 'RLIMIT_AS', 'RLIMIT_NPROC', 'RLIMIT_FSIZE']\n"
+        "_result = {}\n"
+        "for name in names:\n"
+        "    which = getattr(resource, name)\n"
+        "    soft, hard = resource.getrlimit(which)\n"
+        "    try:\n"
+        "        resource.setrlimit(which, (hard, resource.RLIM_INFINITY))\n"
+        "        raised = True\n"
+        "    except (ValueError, OSError):\n"
+        "        raised = False\n"
+        "    _result[name] = [soft, hard, raised]\n"
+    )
+
+    async def body(pool):
+        outcome = await run(pool, code, cpu_s=3)
+        assert outcome.success, outcome.error
+        limits = outcome.result
+        soft, hard, _ = limits["RLIMIT_CPU"]
+        assert hard == 3 + REUSE_CPU_S + 1 and 3 <= soft < hard
+        assert limits["RLIMIT_AS"][:2] == [200 << 20, 200 << 20]
+        assert limits["RLIMIT_FSIZE"][:2] == [1 << 20, 1 << 20]
+        assert limits["RLIMIT_NPROC"][0] == limits["RLIMIT_NPROC"][1] > 0
+        assert [raised for _, _, raised in limits.values()] == [False] * 4  # even as root
+
+    in_pool(body, size=1, memory_mb=200, file_mb=1, processes=10)
+
+
+def test_writing_past_the_file_size_limit_fails_the_write_not_the_process(tmp_path):
+    code = f"open({str(tmp_path / 'big')!r}, 'wb').write(b'x' * (2 << 20))"
+
+    async def body(pool):
+        outcome = await run(pool, code)
+        assert not outcome.success
+        assert outcome.error.message.startswith("OSError: [Errno 27] File too large")
+        assert (await run(pool, "_result = 1")).result == 1
+
+    in_pool(body, size=1, file_mb=1)
+
+
+def test_a_job_that_ignores_sigxcpu_is_killed_at_the_hard_cpu_limit():
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
+
+    async def body(pool):
+        outcome = await run(pool, code, timeout_s=40, cpu_s=1)
+        assert not outcome.success
+        assert outcome.error.message == "interpreter died (killed by SIGKILL)"
+        assert (await run(pool, "_result = 1")).result == 1
+
+    in_pool(body, size=1)
+
+
 # --------------------------------------------------------------------- limits and faults
 
 
@@ -233,7 +366,7 @@ def test_timeout_kills_the_interpreter_and_the_pool_recovers():
         outcome = await run(pool, "while True:\n    pass\n", timeout_s=0.5)
         assert not outcome.success
         assert outcome.error.message == "timed out after 0.5s"
-        after = await run(pool, "import os\n_result = os.getpid()")
+        after = await run(pool, "import os\n_result = os.getppid()")
         assert after.success and after.result != old_pid
         await wait_full(pool)
         assert pool.pids() == [after.result]
@@ -353,23 +486,21 @@ def test_warm_round_trip_time(capsys):
     in_pool(body, size=1)
 
 
-def test_processes_a_handler_starts_die_with_its_interpreter():
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] == "Z"  # dead, waiting to be reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_processes_a_handler_leaves_running_die_when_its_job_ends():
     code = "import subprocess\np = subprocess.Popen(['sleep', '300'])\n_result = p.pid\n"
 
     async def body(pool):
         outcome = await run(pool, code)
         assert outcome.success, outcome.error
-        os.kill(outcome.result, 0)  # alive while its interpreter is
-        return outcome.result
+        await wait_until(lambda: gone(outcome.result), timeout_s=10)
+        assert (await run(pool, "_result = 1")).result == 1  # the next job, in a clean process
 
-    child = in_pool(body, size=1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{child}/stat") as stat:
-                if stat.read().split()[2] == "Z":
-                    return  # dead, waiting to be reaped by init
-        except FileNotFoundError:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the handler's child outlived the pool")
+    in_pool(body, size=1)

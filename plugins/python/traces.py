@@ -1,0 +1,181 @@
+"""What a handler job leaves behind in its process, so a process that ran one job is
+trusted with the next only if the job left nothing another job could see.
+
+``Traces`` takes a baseline in a fresh job process (just forked, the fork server's
+state) and, after each job, names the first trace it finds: an event the process
+saw while the job ran (an import, ``os.chdir``, an environment change, a lowered
+limit, ``ctypes``, a trace or profile function, a new audit hook) or a difference
+from the baseline in ``builtins``, ``sys.modules``, the attribute names of any
+loaded module, the threads, the working directory, the environment, the umask,
+signal handlers, the interpreter's hooks and settings, open file descriptors, and
+processes still running. ``plugins.python.forkserver`` retires a process with a
+trace and gives the next job a fresh one.
+
+This is isolation for ordinary handler code, not a sandbox: code that sets out to
+hide a change (say, replacing an attribute of an already imported module in place)
+can. The ``python_fresh_process`` setting runs every job in a fresh process instead,
+at the cost of a fork per job.
+"""
+
+from __future__ import annotations
+
+import builtins
+import gc
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+# Audit events after which a process is never reused.
+TRACE_EVENTS = frozenset(
+    {
+        "import",  # a module loaded (a cached import raises no event)
+        "os.chdir",
+        "os.putenv",
+        "os.unsetenv",
+        "os.fork",
+        "os.forkpty",
+        "signal.pthread_kill",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "sys.settrace",
+        "sys.setprofile",
+        "sys.addaudithook",
+        "ctypes.dlopen",
+        "ctypes.dlsym",
+        "ctypes.addressof",
+        "ctypes.cdata",
+        "ctypes.call_function",
+        "object.__setattr__",  # an attribute of a class (type) changed
+        "object.__delattr__",
+    }
+)
+# After these a process may still be running: look for one.
+SPAWN_EVENTS = frozenset(
+    {"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.system", "os.exec", "pty.spawn"}
+)
+# The signals handler code sets in practice (checking all 64 costs more than a job).
+SIGNALS = tuple(
+    getattr(signal, name)
+    for name in (
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGUSR1",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGCHLD",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGVTALRM",
+        "SIGPROF",
+    )
+)
+TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _interpreter() -> tuple:
+    return (
+        sys.getrecursionlimit(),
+        sys.getswitchinterval(),
+        tuple(sys.path),
+        tuple(sys.meta_path),
+        tuple(sys.path_hooks),
+        sys.displayhook,
+        sys.excepthook,
+        sys.unraisablehook,
+        sys.breakpointhook,
+        threading.excepthook,
+        gc.isenabled(),
+        gc.get_threshold(),
+        len(gc.callbacks),
+        sys.stdin,
+        tuple(signal.getitimer(timer) for timer in TIMERS),  # alarm() too
+    )
+
+
+def _identical(now: dict, then: dict) -> bool:
+    return len(now) == len(then) and all(now.get(key, now) is value for key, value in then.items())
+
+
+# name -> a probe whose value must not change across a job.
+PROBES: dict[str, Callable[[], Any]] = {
+    "the threads": lambda: (threading.active_count(), _native_threads()),
+    "the working directory": os.getcwd,
+    "the environment": lambda: len(os.environ),  # a change to it raises os.putenv/os.unsetenv
+    "the umask": _umask,
+    "signal handlers": lambda: tuple(map(signal.getsignal, SIGNALS)),
+    "interpreter settings or hooks": _interpreter,
+    "open files": _fds,
+}
+
+
+class Traces:
+    def __init__(self) -> None:
+        self._event: str | None = None
+        self._spawned = False
+        sys.addaudithook(self._audit)  # for the life of this process: it cannot be removed
+        self._builtins = dict(vars(builtins))
+        self._modules = dict(sys.modules)
+        self._module_dicts = [
+            vars(module) for module in self._modules.values() if hasattr(module, "__dict__")
+        ]
+        self._module_sizes = list(map(len, self._module_dicts))
+        self._baseline = {name: probe() for name, probe in PROBES.items()}
+
+    def _audit(self, event: str, args: tuple) -> None:
+        if self._event is None and event in TRACE_EVENTS:
+            self._event = event
+        elif event in SPAWN_EVENTS:
+            self._spawned = True
+
+    def begin(self) -> None:
+        """A job starts: what the process did since (setting its limits) is no trace.
+        (A process that kept a trace of an earlier job never runs another.)"""
+        self._event, self._spawned = None, False
+
+    def left(self) -> str | None:
+        """The first trace the jobs so far left, or None if the process is as it was."""
+        if self._event is not None:
+            return f"event {self._event}"
+        if not _identical(vars(builtins), self._builtins):
+            return "builtins"
+        if not _identical(sys.modules, self._modules):
+            return "sys.modules"
+        if list(map(len, self._module_dicts)) != self._module_sizes:
+            return "module attributes"
+        for name, probe in PROBES.items():
+            if probe() != self._baseline[name]:
+                return name
+        if self._spawned and children(os.getpid()):
+            return "running processes"
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (those of its main thread)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []
