@@ -48,9 +48,8 @@ from plugins.python.runner import (
     Ready,
     RunJob,
     compiled,
-    cpu_left_for,
+    cpu_left,
     frame,
-    limit_cpu,
     limit_process,
     write_all,
 )
@@ -230,11 +229,8 @@ class ForkServer:
         runner = HandlerRunner(pipe)
         traces = None if self._fresh else Traces()
         while job is not None:
-            limit_cpu(job.cpu_s)
-            if traces is not None:
-                traces.begin()
             result = runner.run(job)
-            last = traces is None or traces.left() is not None or not cpu_left_for(job.cpu_s)
+            last = traces is None or traces.left() is not None or not cpu_left()
             if last:
                 write_all(notice_write, RETIRE)  # before the result: see _dispatch
             pipe.send(result)

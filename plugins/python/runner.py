@@ -24,7 +24,6 @@ import ctypes
 import hashlib
 import io
 import linecache
-import math
 import os
 import resource
 import signal
@@ -150,9 +149,9 @@ class Limits(msgspec.Struct, frozen=True):
 CAP_SYS_RESOURCE = 24  # capability(7): lets a process raise its hard limits
 PR_CAPBSET_DROP = 24  # prctl(2)
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-# A job process may run jobs until it has used this much CPU; so a job gets its
-# cpu_s (soft) and handler code that lifts its soft limit is killed by the hard
-# one at most REUSE_CPU_S + 1 seconds later.
+# A job process takes another job only while it has used at most this much CPU,
+# and its CPU limit is cpu_s + REUSE_CPU_S: so every job gets at least its cpu_s,
+# and at most REUSE_CPU_S more.
 REUSE_CPU_S = 2
 
 
@@ -168,7 +167,10 @@ def limit_process(limits: Limits) -> None:
     """Set the hard limits of a fresh job process, for good: it cannot raise them,
     even as root (CAP_SYS_RESOURCE is dropped)."""
     if limits.cpu_s > 0:
-        _set_limit(resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + REUSE_CPU_S + 1)
+        # SIGXCPU at the soft limit; handler code that catches or ignores it meets
+        # the kernel's SIGKILL at the hard limit a second later.
+        soft = limits.cpu_s + REUSE_CPU_S
+        _set_limit(resource.RLIMIT_CPU, soft, soft + 1)
     if limits.memory_mb > 0:
         _set_limit(resource.RLIMIT_AS, limits.memory_mb << 20, limits.memory_mb << 20)
     if limits.processes > 0:
@@ -196,24 +198,11 @@ def _drop_capability(capability: int) -> None:
     libc.capset(header, data)
 
 
-def limit_cpu(cpu_s: int) -> None:
-    """Give the next job ``cpu_s`` CPU seconds from now (RLIMIT_CPU counts the whole
-    process life), as far as the hard limit allows (``cpu_left_for`` says)."""
+def cpu_left() -> bool:
+    """Whether this process may take another job: it has used at most REUSE_CPU_S, so
+    the next job still gets its cpu_s under the limit set at the start."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = math.ceil(usage.ru_utime + usage.ru_stime) + max(1, cpu_s)
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard - 1)
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
-
-
-def cpu_left_for(cpu_s: int) -> bool:
-    """Whether a job of ``cpu_s`` still fits under this process's hard CPU limit."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    return (
-        hard == resource.RLIM_INFINITY or math.ceil(usage.ru_utime + usage.ru_stime) + cpu_s < hard
-    )
+    return usage.ru_utime + usage.ru_stime <= REUSE_CPU_S
 
 
 # --------------------------------------------------------------------- running jobs

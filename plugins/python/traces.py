@@ -19,8 +19,10 @@ at the cost of a fork per job.
 
 from __future__ import annotations
 
+import _thread
 import builtins
 import gc
+import operator
 import os
 import signal
 import sys
@@ -56,6 +58,9 @@ TRACE_EVENTS = frozenset(
 SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.system", "os.exec", "pty.spawn"}
 )
+# After these a file or socket may still be open: count the descriptors (os.open
+# raises "open" too; what opens one without an event, like os.pipe, is not seen).
+OPEN_EVENTS = frozenset({"open", "socket.__new__"}) | SPAWN_EVENTS
 # The signals handler code sets in practice (checking all 64 costs more than a job).
 SIGNALS = tuple(
     getattr(signal, name)
@@ -90,10 +95,6 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _native_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
 def _interpreter() -> tuple:
     return (
         sys.getrecursionlimit(),
@@ -114,59 +115,68 @@ def _interpreter() -> tuple:
     )
 
 
-def _identical(now: dict, then: dict) -> bool:
-    return len(now) == len(then) and all(now.get(key, now) is value for key, value in then.items())
+class Snapshot:
+    """A dict's keys and the identity of its values (a replaced value is a change)."""
+
+    def __init__(self, watched: dict):
+        self._watched = watched
+        self._keys = list(watched)
+        self._values = list(watched.values())
+
+    def changed(self) -> bool:
+        now = self._watched
+        return not (
+            len(now) == len(self._keys)
+            and all(map(operator.is_, now.values(), self._values))
+            and list(now) == self._keys
+        )
 
 
 # name -> a probe whose value must not change across a job.
 PROBES: dict[str, Callable[[], Any]] = {
-    "the threads": lambda: (threading.active_count(), _native_threads()),
+    "the threads": lambda: (_thread._count(), threading.active_count()),
     "the working directory": os.getcwd,
     "the environment": lambda: len(os.environ),  # a change to it raises os.putenv/os.unsetenv
     "the umask": _umask,
     "signal handlers": lambda: tuple(map(signal.getsignal, SIGNALS)),
     "interpreter settings or hooks": _interpreter,
-    "open files": _fds,
 }
 
 
 class Traces:
     def __init__(self) -> None:
         self._event: str | None = None
-        self._spawned = False
+        self._spawned = self._opened = False
         sys.addaudithook(self._audit)  # for the life of this process: it cannot be removed
-        self._builtins = dict(vars(builtins))
-        self._modules = dict(sys.modules)
-        self._module_dicts = [
-            vars(module) for module in self._modules.values() if hasattr(module, "__dict__")
-        ]
+        self._builtins = Snapshot(vars(builtins))
+        self._modules = Snapshot(sys.modules)
+        self._module_dicts = [vars(m) for m in sys.modules.values() if hasattr(m, "__dict__")]
         self._module_sizes = list(map(len, self._module_dicts))
         self._baseline = {name: probe() for name, probe in PROBES.items()}
+        self._files = _fds()
 
     def _audit(self, event: str, args: tuple) -> None:
         if self._event is None and event in TRACE_EVENTS:
             self._event = event
-        elif event in SPAWN_EVENTS:
-            self._spawned = True
-
-    def begin(self) -> None:
-        """A job starts: what the process did since (setting its limits) is no trace.
-        (A process that kept a trace of an earlier job never runs another.)"""
-        self._event, self._spawned = None, False
+        if event in OPEN_EVENTS:
+            self._opened = True
+            self._spawned = self._spawned or event in SPAWN_EVENTS
 
     def left(self) -> str | None:
         """The first trace the jobs so far left, or None if the process is as it was."""
         if self._event is not None:
             return f"event {self._event}"
-        if not _identical(vars(builtins), self._builtins):
+        if self._builtins.changed():
             return "builtins"
-        if not _identical(sys.modules, self._modules):
+        if self._modules.changed():
             return "sys.modules"
         if list(map(len, self._module_dicts)) != self._module_sizes:
             return "module attributes"
         for name, probe in PROBES.items():
             if probe() != self._baseline[name]:
                 return name
+        if self._opened and _fds() != self._files:
+            return "open files"
         if self._spawned and children(os.getpid()):
             return "running processes"
         return None
