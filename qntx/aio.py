@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from qntx.api import ats_actor_status, ax_filter, make_filter, new_attestation
+from qntx.api import ax_filter, make_filter, new_attestation, with_local_actors
 from qntx.asid import new_asid
 from qntx.ats.store import next_page
 from qntx.bus.client import AsyncClient
@@ -209,8 +209,7 @@ class AsyncBus:
             pong = await self.ats.request(Ping())
         except QntxError:
             pong = None
-        reply.actors.insert(0, ats_actor_status(self.settings, pong))
-        return reply
+        return with_local_actors(self.settings, reply, pong)
 
     async def pause(self, id: str) -> Job:
         """Hold a queued job (it keeps its place) until ``resume``."""

@@ -268,6 +268,19 @@ def ats_actor_status(settings: Settings, pong: Pong | None) -> ActorStatus:
     )  # fmt: skip
 
 
+def with_local_actors(settings: Settings, reply: StatusReply, pong: Pong | None) -> StatusReply:
+    """Complete the server's status with what it does not watch: ATS, and any worker
+    ``qntx up`` runs on this home that the server does not hear from (unhealthy)."""
+    from qntx.supervisor import supervised_actors
+
+    reply.actors.insert(0, ats_actor_status(settings, pong))
+    listed = {actor.name for actor in reply.actors}
+    for name, pid in supervised_actors(settings).items():
+        if name.startswith("worker") and name not in listed:
+            reply.actors.append(ActorStatus(name=name, pid=pid, endpoint=settings.workers_endpoint, healthy=False))
+    return reply
+
+
 def _stored_job(store, job_id: str) -> Job:
     stored = store.get(job_id) if store is not None else None
     if stored is None:
@@ -615,8 +628,7 @@ class Bus:
             pong = _RemoteAts(self.settings).ping() if not self.embedded else None
         except QntxError:
             pong = None
-        reply.actors.insert(0, ats_actor_status(self.settings, pong))
-        return reply
+        return with_local_actors(self.settings, reply, pong)
 
     # ---------------------------------------------------------------- schedules and limits
 

@@ -12,11 +12,17 @@ Sockets:
 A plugin registers with ``RegisterPlugin``; the server calls ``Metadata`` and
 ``Initialize`` on it and registers the handler names it returns. Plugins repeat
 ``RegisterPlugin`` as a heartbeat, which also re-registers them after a server
-restart. A plugin that fails health checks loses its handlers until it is back.
+restart. The server asks each plugin for ``Health`` every heartbeat, with a deadline
+of two heartbeats. A plugin that fails HEALTH_FAILURES_ALLOWED checks in a row loses
+its handlers until it is back; one that did not answer at all is hung (stopped, or
+its loop blocked), and if it runs on this host the server kills it, having checked
+by its pid lock that the pid is still that plugin's, so that ``qntx up`` restarts it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from dataclasses import dataclass, field
 
@@ -24,7 +30,7 @@ from loguru import logger
 
 from qntx import __version__
 from qntx.bus.actor import Actor, Peer, Publisher, Request
-from qntx.bus.pidlock import PidLock
+from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import Invalid, NotFound, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
@@ -67,7 +73,7 @@ from qntx.protocol import (
 from qntx.pulse.core import BUILTIN_HANDLERS
 from qntx.pulse.events import HandlersAnnounced, PluginDown, PluginUp
 from qntx.pulse.follower import DirectivesFollower
-from qntx.pulse.scheduler import Pulse
+from qntx.pulse.scheduler import Pulse, instant
 from qntx.settings import Settings
 from qntx.values import is_int
 
@@ -183,19 +189,24 @@ class ServerActor(Actor):
     def on_status(self, message: GetStatus, request: Request) -> StatusReply:
         host = socket.gethostname()
         actors = [ActorStatus(name="server", pid=self.pid, endpoint=self.settings.server_endpoint, healthy=True, host=host)]
+        # A worker is healthy while connected and heard from within two heartbeats
+        # (Pulse gives its runs back only after three).
+        now, fresh_ms = instant().mono, self.settings.heartbeat_s * 2000
         for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
             if session.plugin:
                 continue  # a plugin's own session: the plugin is listed below
+            healthy = session.ready and now - session.last_seen <= fresh_ms
             actors.append(
                 ActorStatus(
-                    name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=True,
+                    name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=healthy,
                     credit=session.credit, host=host if self.settings.workers_endpoint.startswith("ipc://") else "",
                 )  # fmt: skip
             )
         for plugin in sorted(self.plugins.values(), key=lambda p: p.name):
+            healthy = plugin.healthy and plugin.failures == 0
             actors.append(
                 ActorStatus(
-                    name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=plugin.healthy,
+                    name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=healthy,
                     host=host if plugin.endpoint.startswith("ipc://") else "",
                 )  # fmt: skip
             )
@@ -312,8 +323,9 @@ class ServerActor(Actor):
 
     def _check_health(self) -> None:
         self._schedule_health()
+        deadline_s = self.settings.heartbeat_s * 2
         for entry in list(self.plugins.values()):
-            entry.peer.call(Health(), lambda reply, e=entry: self._on_health(e, reply), timeout_s=self.settings.heartbeat_s * 2)
+            entry.peer.call(Health(), lambda reply, e=entry: self._on_health(e, reply), timeout_s=deadline_s)
 
     def _on_health(self, entry: PluginEntry, reply) -> None:
         if self.plugins.get(entry.name) is not entry:
@@ -322,8 +334,33 @@ class ServerActor(Actor):
             entry.failures = 0
             return
         entry.failures += 1
-        if entry.failures >= HEALTH_FAILURES_ALLOWED:
-            self._drop_plugin(entry, f"failed {entry.failures} health checks")
+        if entry.failures < HEALTH_FAILURES_ALLOWED:
+            return
+        if isinstance(reply, ErrorReply) and reply.code == "timeout":
+            self._kill_hung(entry)
+        self._drop_plugin(entry, f"failed {entry.failures} health checks")
+
+    def _kill_hung(self, entry: PluginEntry) -> None:
+        """Kill a plugin that stopped answering, so that its supervisor restarts it."""
+        deadline_s = self.settings.heartbeat_s * 2
+        if not entry.endpoint.startswith("ipc://"):
+            logger.error("plugin {} on another host is hung (no Health reply within {:g}s)", entry.name, deadline_s)
+            return
+        holder = lock_holder(self.settings.lock_path(f"plugin-{entry.name}"))
+        if holder != entry.pid:
+            logger.warning("plugin {} is hung, but pid {} no longer holds its lock; not killed", entry.name, entry.pid)
+            return
+        logger.warning(
+            "plugin {} (pid {}) is hung: {} Health checks got no reply within {:g}s; killing it to restart it",
+            entry.name,
+            entry.pid,
+            entry.failures,
+            deadline_s,
+        )
+        try:
+            os.kill(entry.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_server(settings: Settings) -> None:

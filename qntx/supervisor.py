@@ -55,6 +55,20 @@ class Child:
     log_threads: list[threading.Thread] = field(default_factory=list)
 
 
+def supervised_actors(settings: Settings) -> dict[str, int]:
+    """The actors ``qntx up`` runs on this home now: name -> pid (none when it is not up)."""
+    try:
+        lines = (settings.run_dir / "actors").read_text().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for line in lines:
+        name, _, pid = line.partition(" ")
+        if pid.isdigit():
+            found[name] = int(pid)
+    return found
+
+
 def actor_command(settings: Settings, *args: str) -> list[str]:
     return [sys.executable, "-m", "qntx", "--home", str(settings.home), *args]
 

@@ -34,6 +34,7 @@ from qntx.bus.actor import Request
 from qntx.bus.aio import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder
+from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.protocol import (
@@ -107,6 +108,18 @@ class PythonPlugin:
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
+        self.settings.ensure_dirs()
+        # Like every actor: one per home, and the server can tell its pid from the lock.
+        lock = PidLock(self.settings.lock_path(f"plugin-{NAME}"))
+        if not lock.acquire():
+            holder = lock_holder(self.settings.lock_path(f"plugin-{NAME}"))
+            raise Unavailable(f"a python plugin already runs on {self.settings.home} (pid {holder})")
+        try:
+            await self._serve()
+        finally:
+            lock.release()
+
+    async def _serve(self) -> None:
         install_stop_signals(self.stop)
         self.service = AsyncService(
             self.context,

@@ -293,11 +293,26 @@ def _watch_table(bus, handler: str | None):
     return table
 
 
+def _server_down(settings, exc: Exception) -> str:
+    """One line on why the server does not answer: not running, or running and hung."""
+    from qntx.bus.pidlock import lock_holder
+
+    holder = lock_holder(settings.lock_path("server"))
+    if holder is None:
+        return f"the server is down: none runs on {settings.home} (start it with `qntx up`)"
+    return f"the server (pid {holder}) is not answering: {exc}"
+
+
 @app.command
 def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     """Every actor (pid, endpoint, health), queue depth by status, registered handlers."""
+    from qntx.errors import Timeout, Unavailable
+
     with open_bus() as bus:
-        reply = bus.status()
+        try:
+            reply = bus.status()
+        except (Unavailable, Timeout) as exc:
+            raise Unavailable(_server_down(bus.settings, exc)) from None
     if json_:
         print_json(
             {
