@@ -95,21 +95,20 @@ class JobProcess:
         self.job_fd = job_fd  # our write end of its job pipe
         self.notice_fd = notice_fd  # our read end of its notice pipe (non-blocking)
         self.pidfd = os.pidfd_open(pid)
-        self.last_seq = 0  # the last job it was given: its number and id
-        self.last_job_id = ""
+        self.last_seq = 0  # the last job it was given: its number and frame
+        self.last_job = b""
         self.retired = False
 
     def fds(self) -> tuple[int, int, int]:
         return self.job_fd, self.notice_fd, self.pidfd
 
-    def retiring(self) -> bool:
-        """Whether it said it takes no more jobs (or is gone)."""
-        if not self.retired:
-            try:
-                self.retired = os.read(self.notice_fd, 1) in (RETIRE, b"")
-            except BlockingIOError:
-                pass
-        return self.retired
+    def read_notice(self) -> None:
+        """Its notice pipe is readable: it retires (or it is gone: EOF)."""
+        try:
+            os.read(self.notice_fd, 1)
+        except BlockingIOError:
+            return
+        self.retired = True
 
 
 class ForkServer:
@@ -130,8 +129,16 @@ class ForkServer:
         self._send(Ready(pid=self._pid))
         self._spare = self._fork()
         while True:
-            readable, _, _ = select.select([self._input.fd, *self._processes], [], [])
+            notices = {p.notice_fd: p for p in self._processes.values() if not p.retired}
+            readable, _, _ = select.select([self._input.fd, *self._processes, *notices], [], [])
+            # Notices first: a retiring process's notice is here by the time the job
+            # that must not go to it is (see _dispatch).
             for fd in readable:
+                if fd in notices:
+                    notices[fd].read_notice()
+            for fd in readable:
+                if fd in notices:
+                    continue
                 if fd == self._input.fd:
                     frames = self._input.read()
                     if frames is None:
@@ -142,16 +149,16 @@ class ForkServer:
                     self._ended(self._processes[fd])
 
     def _dispatch(self, body: bytes) -> None:
-        job = self._decoder.decode(body)
         # A retiring process says so before it sends its last result, and the plugin
         # sends the next job only after that result: so its notice is here by now.
-        if self._current is None or self._current.retiring():
+        if self._current is None or self._current.retired:
             self._current, self._spare = self._spare, None
         process = self._current
         self._jobs += 1
-        process.last_seq, process.last_job_id = self._jobs, job.job_id
+        process.last_seq, process.last_job = self._jobs, body
         write_all(process.job_fd, frame(body))
         if self._spare is None:
+            job = self._decoder.decode(body)
             try:
                 compiled(job.code, job.filename)  # inherited by the processes forked next
             except Exception:  # noqa: S110  (the job's own process reports the error)
@@ -166,9 +173,8 @@ class ForkServer:
         if process.last_seq:
             # The plugin ignores this unless that job's result never came.
             returncode = os.waitstatus_to_exitcode(status)
-            self._send(
-                Exited(seq=process.last_seq, job_id=process.last_job_id, returncode=returncode)
-            )
+            job_id = self._decoder.decode(process.last_job).job_id
+            self._send(Exited(seq=process.last_seq, job_id=job_id, returncode=returncode))
         process.retired = True
         if process is self._current:
             self._current = None

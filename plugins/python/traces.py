@@ -61,34 +61,11 @@ SPAWN_EVENTS = frozenset(
 # After these a file or socket may still be open: count the descriptors (os.open
 # raises "open" too; what opens one without an event, like os.pipe, is not seen).
 OPEN_EVENTS = frozenset({"open", "socket.__new__"}) | SPAWN_EVENTS
-# The signals handler code sets in practice (checking all 64 costs more than a job).
-SIGNALS = tuple(
-    getattr(signal, name)
-    for name in (
-        "SIGHUP",
-        "SIGINT",
-        "SIGQUIT",
-        "SIGUSR1",
-        "SIGUSR2",
-        "SIGPIPE",
-        "SIGALRM",
-        "SIGTERM",
-        "SIGCHLD",
-        "SIGXCPU",
-        "SIGXFSZ",
-        "SIGWINCH",
-        "SIGIO",
-        "SIGVTALRM",
-        "SIGPROF",
-    )
+# Calls that change process state no audit event reports: wrapped in each job process.
+WRAPPED = (
+    (signal, ("signal", "alarm", "setitimer", "siginterrupt", "set_wakeup_fd", "pthread_sigmask")),
+    (os, ("umask",)),
 )
-TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _fds() -> int:
@@ -111,7 +88,6 @@ def _interpreter() -> tuple:
         gc.get_threshold(),
         len(gc.callbacks),
         sys.stdin,
-        tuple(signal.getitimer(timer) for timer in TIMERS),  # alarm() too
     )
 
 
@@ -137,8 +113,6 @@ PROBES: dict[str, Callable[[], Any]] = {
     "the threads": lambda: (_thread._count(), threading.active_count()),
     "the working directory": os.getcwd,
     "the environment": lambda: len(os.environ),  # a change to it raises os.putenv/os.unsetenv
-    "the umask": _umask,
-    "signal handlers": lambda: tuple(map(signal.getsignal, SIGNALS)),
     "interpreter settings or hooks": _interpreter,
 }
 
@@ -148,12 +122,25 @@ class Traces:
         self._event: str | None = None
         self._spawned = self._opened = False
         sys.addaudithook(self._audit)  # for the life of this process: it cannot be removed
+        for module, names in WRAPPED:
+            for name in names:
+                setattr(
+                    module, name, self._noting(f"{module.__name__}.{name}", getattr(module, name))
+                )
         self._builtins = Snapshot(vars(builtins))
         self._modules = Snapshot(sys.modules)
         self._module_dicts = [vars(m) for m in sys.modules.values() if hasattr(m, "__dict__")]
         self._module_sizes = list(map(len, self._module_dicts))
         self._baseline = {name: probe() for name, probe in PROBES.items()}
         self._files = _fds()
+
+    def _noting(self, event: str, call: Callable) -> Callable:
+        def noted(*args, **kwargs):
+            self._event = self._event or event
+            return call(*args, **kwargs)
+
+        noted.__name__, noted.__doc__ = call.__name__, call.__doc__
+        return noted
 
     def _audit(self, event: str, args: tuple) -> None:
         if self._event is None and event in TRACE_EVENTS:

@@ -295,6 +295,25 @@ def test_the_next_job_does_not_see_what_a_job_changed(trace):
     in_pool(body, size=1)  # one fork server: every job goes to it
 
 
+def test_jobs_back_to_back_each_see_a_clean_process_whatever_the_last_one_left():
+    # Every other job leaves a trace: each hand-over to a spare happens while the
+    # next job is already on its way, and none is lost or sees the trace.
+    code = (
+        "import builtins, os\n"
+        "_result = [getattr(builtins, 'mark', None), os.getpid()]\n"
+        "if upstream % 2:\n"
+        "    builtins.mark = upstream\n"
+    )
+
+    async def body(pool):
+        outcomes = await asyncio.gather(*(run(pool, code, n) for n in range(40)))
+        assert all(o.success for o in outcomes), [o.error for o in outcomes if not o.success]
+        assert [o.result[0] for o in outcomes] == [None] * 40
+        assert len({o.result[1] for o in outcomes}) >= 20  # a new process after each odd job
+
+    in_pool(body, size=2)
+
+
 def test_fresh_process_mode_runs_every_job_in_a_new_process():
     async def body(pool):
         pids = [(await run(pool, "import os\n_result = os.getpid()")).result for _ in range(3)]
