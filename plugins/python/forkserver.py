@@ -152,11 +152,15 @@ class ForkServer:
         # A retiring process says so before it sends its last result, and the plugin
         # sends the next job only after that result: so its notice is here by now.
         if self._current is None or self._current.retired:
-            self._current, self._spare = self._spare, None
-        process = self._current
+            self._promote()
+        try:
+            write_all(self._current.job_fd, frame(body))
+        except BrokenPipeError:  # it died between two jobs, before we saw it go
+            self._current.retired = True
+            self._promote()
+            write_all(self._current.job_fd, frame(body))
         self._jobs += 1
-        process.last_seq, process.last_job = self._jobs, body
-        write_all(process.job_fd, frame(body))
+        self._current.last_seq, self._current.last_job = self._jobs, body
         if self._spare is None:
             job = self._decoder.decode(body)
             try:
@@ -164,6 +168,10 @@ class ForkServer:
             except Exception:  # noqa: S110  (the job's own process reports the error)
                 pass
             self._spare = self._fork()
+
+    def _promote(self) -> None:
+        """The spare takes the next job."""
+        self._current, self._spare = self._spare or self._fork(), None
 
     def _ended(self, process: JobProcess) -> None:
         del self._processes[process.pidfd]

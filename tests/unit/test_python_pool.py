@@ -407,6 +407,21 @@ def test_killed_interpreter_fails_its_job_and_is_replaced():
     in_pool(body, size=2)
 
 
+def test_an_idle_job_process_that_dies_costs_no_later_job():
+    async def body(pool):
+        for _ in range(5):
+            pid = (await run(pool, "import os\n_result = os.getpid()")).result
+            os.kill(pid, signal.SIGKILL)  # between two jobs
+            # (A job sent while it is dying could still go to it and fail: as with any
+            # process that dies under a job, Pulse runs it again.)
+            await wait_until(lambda p=pid: not os.path.exists(f"/proc/{p}"))  # reaped by its server
+            outcome = await run(pool, "import os\n_result = os.getpid()")
+            assert outcome.success, outcome.error
+            assert outcome.result != pid
+
+    in_pool(body, size=1)
+
+
 def test_idle_interpreter_that_dies_is_replaced():
     async def body(pool):
         victim = pool.pids()[0]
