@@ -97,7 +97,8 @@ class Chaos:
             try:
                 with qntx.connect(self.home, embedded=False, request_timeout_s=1.0) as bus:
                     status = bus.status()
-                if f"python.{HANDLER}" in status.handlers and sum(a.name.startswith("worker") for a in status.actors) >= 2:
+                workers = sum(a.name.startswith("worker") and a.healthy for a in status.actors)
+                if f"python.{HANDLER}" in status.handlers and workers >= 2:
                     return
             except QntxError:
                 pass
