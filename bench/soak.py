@@ -4,9 +4,10 @@ Starts ``qntx up`` with a short retention (completed jobs kept 2 s, pruned every
 second in the background), pushes ``--jobs`` ``builtin.echo`` jobs through it in
 rounds (a plain loop of submits, then every result) with an attestation per 100
 jobs, and prints the server's RSS and the size of each ``data.mdb`` at the start,
-after the first round and at the end. The limit each end figure is judged against
-is its own value after the first round, measured in the same run: bounded means
-the end stays within a small factor of it, not growing with the job count.
+after a fifth of the jobs and at the end. The limit each end figure is judged against
+is its own value after a fifth of the jobs, measured in the same run: bounded
+means the end stays near it (what the store holds is set by the rate times the
+retention, not by how many jobs went through), not growing with the job count.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
         from qntx import connect
 
         start = sizes(home)
-        first = None
+        first, first_at = None, 0
         done = 0
         with connect(home.path) as bus:
             for r in range(rounds):
@@ -62,9 +63,9 @@ def main(argv: list[str]) -> int:
                     {"subjects": [f"soak-{r}-{i}"], "predicates": ["ran"], "contexts": ["soak"]} for i in range(ROUND // 100)
                 )
                 done += ROUND
-                if first is None:
-                    time.sleep(3)  # let the first round's jobs pass their retention and go
-                    first = sizes(home)
+                if first is None and done >= total // 5:
+                    first = sizes(home)  # warmed up: what the store holds at a steady rate
+                    first_at = done
                 if r % 10 == 0 or r == rounds - 1:
                     rss, pulse, ats = sizes(home)
                     progress(f"{done:,} jobs: server RSS {rss:,} kB, pulse data.mdb {pulse:,} kB, ats data.mdb {ats:,} kB")
@@ -75,11 +76,11 @@ def main(argv: list[str]) -> int:
     for index, (key, label) in enumerate(
         (("server_rss_kb", "server RSS"), ("pulse_mdb_kb", "pulse data.mdb"), ("ats_mdb_kb", "ats data.mdb"))
     ):
-        report.add_raw(f"{key}_after_first_round", first[index], "kB")
-        report.notes.append(f"{label}: {start[index]:,} kB at the start, {first[index]:,} kB after {ROUND:,} jobs, {end[index]:,} kB after {done:,}")
-        target = None if key == "ats_mdb_kb" else Target("<=", 2.0)  # attestations are kept: ATS grows by design
+        report.add_raw(f"{key}_after_a_fifth", first[index], "kB")
+        report.notes.append(f"{label}: {start[index]:,} kB at the start, {first[index]:,} kB after {first_at:,} jobs, {end[index]:,} kB after {done:,}")
+        target = None if key == "ats_mdb_kb" else Target("<=", 1.5)  # attestations are kept: ATS grows by design
         report.add(
-            Metric(key, f"{label} after {done:,} jobs", end[index], "kB", first[index], f"{key}_after_first_round", target)
+            Metric(key, f"{label} after {done:,} jobs", end[index], "kB", first[index], f"{key}_after_a_fifth", target)
         )
     report.notes.append(
         f"jobs left in the store: {counts.get('completed', 0):,} completed (the rest pruned); "
