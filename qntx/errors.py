@@ -63,6 +63,13 @@ class Unavailable(QntxError):
     exit_code = 3
 
 
+class Forbidden(QntxError):
+    """The peer's key has no role that may send this message."""
+
+    code = "forbidden"
+    exit_code = 5
+
+
 class Timeout(QntxError):
     code = "timeout"
     exit_code = 4
@@ -74,7 +81,7 @@ class Internal(QntxError):
 
 _BY_CODE = {
     cls.code: cls
-    for cls in (BadRequest, UnknownType, TooLarge, Invalid, NotFound, Conflict, Unavailable, Timeout, Internal)
+    for cls in (BadRequest, UnknownType, TooLarge, Invalid, NotFound, Conflict, Unavailable, Forbidden, Timeout, Internal)
 }
 
 

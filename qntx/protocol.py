@@ -259,6 +259,9 @@ class ActorStatus(msgspec.Struct, kw_only=True):
     healthy: bool = False
     host: str = ""  # "" where it is not known (a worker names its host in its name)
     credit: int = 0  # a worker session's slots: jobs it takes at once
+    role: str = ""  # the role its key holds for this (tcp peers; "" on ipc)
+    key: str = ""  # the name its tcp key is authorised under ("" on ipc)
+    leases: int = 0  # the runs it holds now
 
 
 class StatusReply(Message):
@@ -301,11 +304,25 @@ class SchedulesReply(Message):
 
 
 class RegisterPlugin(Message):
-    """A plugin announces itself; the server then calls Metadata and Initialize on it."""
+    """A plugin announces itself; the server then calls Metadata and Initialize on it.
+    A remote plugin (``endpoint`` ""; docs/DEPLOY.md) is not called back: it takes its
+    jobs through its own worker session, and this message is only its heartbeat."""
 
     name: str
     endpoint: str
     pid: int = 0
+    host: str = ""
+
+
+class GetEndpoints(Message):
+    """What a host joining through the server's one address asks first."""
+
+
+class BusEndpoints(Message):
+    ats_endpoint: str
+    ats_events_endpoint: str
+    workers_endpoint: str
+    events_endpoint: str
 
 
 class HandlersChanged(Message):
@@ -353,8 +370,11 @@ ServerRequest = (
     | HandlersChanged
     | JobProgress
     | JobOutput
+    | GetEndpoints
 )
-ServerReply = Pong | JobReply | JobList | StatusReply | SchedulesReply | Pruned | Ack | ErrorReply
+ServerReply = (
+    Pong | JobReply | JobList | StatusReply | SchedulesReply | Pruned | Ack | BusEndpoints | ErrorReply
+)
 
 
 # --------------------------------------------------------------------- workers
@@ -379,6 +399,7 @@ class WorkerReady(Message):
     leases: list[int] = msgspec.field(default_factory=list)
     jobs_endpoint: str = ""  # the jobs PUSH it is connected to ("" until welcomed)
     plugin: str = ""  # a plugin taking its own jobs through this session ("": a plain worker)
+    host: str = ""  # the host it runs on
 
 
 class WorkerWelcome(Message):
@@ -524,3 +545,40 @@ class HandlersRegistered(Message):
 
 
 Event = AttestationCreated | JobChanged | JobProgressed | JobOutput | HandlersRegistered
+
+
+# --------------------------------------------------------------------- roles
+
+# The roles a tcp peer's key needs to send each request (docs/DEPLOY.md); a message
+# missing here needs ``admin``. ipc peers are this host's own user and pass.
+_ANY = frozenset({"client", "worker", "plugin", "admin"})
+_CLIENT = frozenset({"client", "admin"})
+_PLUGIN = frozenset({"plugin", "admin"})
+_STORE = frozenset({"client", "plugin", "admin"})  # handler code attests through its plugin's key
+
+ATS_ROLES = {Ping: _ANY, Attest: _STORE, Query: _STORE, GetAttestation: _STORE, Stats: _STORE}
+SERVER_ROLES = {
+    Ping: _ANY,
+    GetEndpoints: _ANY,
+    Submit: _CLIENT,
+    GetJob: _CLIENT,
+    ListJobs: _CLIENT,
+    CancelJob: _CLIENT,
+    RetryJob: _CLIENT,
+    PauseJob: _CLIENT,
+    ResumeJob: _CLIENT,
+    GetStatus: _CLIENT,
+    ListSchedules: _CLIENT,
+    Prune: frozenset({"admin"}),
+    RegisterPlugin: _PLUGIN,
+    HandlersChanged: _PLUGIN,
+    JobProgress: _PLUGIN,
+    JobOutput: _PLUGIN,
+}
+# A plain worker session needs ``worker``, a plugin's own session ``plugin``
+# (qntx.pulse.scheduler checks which); results come from either.
+WORKER_ROLES = {WorkerReady: frozenset({"worker", "plugin", "admin"})}
+SESSION_ROLE = {False: "worker", True: "plugin"}
+_FORWARD = frozenset({"worker", "admin"})
+# A plugin bound on tcp: workers forward jobs to it, the server host's key (admin) steers it.
+PLUGIN_ROLES = {Ping: _ANY, ExecuteJob: _FORWARD, CancelExecution: _FORWARD}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -34,11 +35,14 @@ from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import Invalid, NotFound, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
+    SERVER_ROLES,
     Ack,
     ActorStatus,
+    BusEndpoints,
     CancelExecution,
     CancelJob,
     ErrorReply,
+    GetEndpoints,
     GetJob,
     GetStatus,
     HandlersChanged,
@@ -93,6 +97,18 @@ class PluginEntry:
     capacity: int = 0
 
 
+@dataclass
+class RemotePlugin:
+    """A plugin on another host: it takes its jobs through its own worker session and
+    is never called back; its RegisterPlugin heartbeats keep this entry fresh."""
+
+    name: str
+    host: str
+    pid: int
+    key: str
+    last_seen: float
+
+
 class ServerActor(Actor):
     name = "server"
     label = "QNTX Server"
@@ -102,6 +118,7 @@ class ServerActor(Actor):
         self.settings = settings
         self.plugins: dict[str, PluginEntry] = {}
         self.routes: dict[str, str] = {}  # handler name -> plugin name
+        self.remote_plugins: dict[tuple[str, str, int], RemotePlugin] = {}  # (key, name, pid) -> it
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
@@ -129,7 +146,9 @@ class ServerActor(Actor):
                 HandlersChanged: self.on_handlers_changed,
                 JobProgress: self.on_progress,
                 JobOutput: self.on_output,
+                GetEndpoints: self.on_get_endpoints,
             },
+            roles=SERVER_ROLES,
         )
         self.directives = DirectivesFollower(self, self.settings, self.pulse.set_directives)
         self.every(max(0.1, self.settings.prune_every_s), self._prune_in_background)
@@ -180,6 +199,13 @@ class ServerActor(Actor):
     def on_resume(self, message: ResumeJob, request: Request) -> None:
         self.pulse.steer("resume", message.id, request)
 
+    def on_get_endpoints(self, message: GetEndpoints, request: Request) -> BusEndpoints:
+        s = self.settings
+        return BusEndpoints(
+            ats_endpoint=s.ats_endpoint, ats_events_endpoint=s.ats_events_endpoint,
+            workers_endpoint=s.workers_endpoint, events_endpoint=s.events_endpoint,
+        )  # fmt: skip
+
     def on_output(self, message: JobOutput, request: Request) -> None:
         self.pulse.output(message)
 
@@ -192,14 +218,17 @@ class ServerActor(Actor):
         # A worker is healthy while connected and heard from within two heartbeats
         # (Pulse gives its runs back only after three).
         now, fresh_ms = instant().mono, self.settings.heartbeat_s * 2000
+        local = self.settings.workers_endpoint.startswith("ipc://")
         for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
-            if session.plugin:
-                continue  # a plugin's own session: the plugin is listed below
+            key, role, peer_host = self.pulse.owners.get(session.id, ("", "", ""))
+            if session.plugin and key in ("", self.pulse.host_key):
+                continue  # this host's plugin's own session: the plugin is listed below
             healthy = session.ready and now - session.last_seen <= fresh_ms
             actors.append(
                 ActorStatus(
                     name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=healthy,
-                    credit=session.credit, host=host if self.settings.workers_endpoint.startswith("ipc://") else "",
+                    credit=session.credit, host=host if local else peer_host, role=role, key=key,
+                    leases=len(session.leases),
                 )  # fmt: skip
             )
         for plugin in sorted(self.plugins.values(), key=lambda p: p.name):
@@ -208,6 +237,17 @@ class ServerActor(Actor):
                 ActorStatus(
                     name=f"plugin:{plugin.name}", pid=plugin.pid, endpoint=plugin.endpoint, healthy=healthy,
                     host=host if plugin.endpoint.startswith("ipc://") else "",
+                )  # fmt: skip
+            )
+        stale = time.monotonic() - 3 * self.settings.heartbeat_s
+        for key, remote in sorted(self.remote_plugins.items()):
+            if remote.last_seen < stale:
+                del self.remote_plugins[key]
+                continue
+            actors.append(
+                ActorStatus(
+                    name=f"plugin:{remote.name}", pid=remote.pid, endpoint="(remote)", healthy=True,
+                    host=remote.host, role="plugin", key=remote.key,
                 )  # fmt: skip
             )
         return StatusReply(actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers())
@@ -246,6 +286,15 @@ class ServerActor(Actor):
             entry.peer.call(CancelExecution(job_id=job_id, lease=lease), lambda reply: None, timeout_s=5)
 
     def on_register_plugin(self, message: RegisterPlugin, request: Request) -> Ack:
+        if not message.endpoint:  # a remote plugin's heartbeat: it is never called back
+            key = (request.peer or "", message.name, message.pid)
+            if key not in self.remote_plugins:
+                logger.info("remote plugin {} on {} (pid {}, key {}) joined", message.name, message.host, message.pid, request.peer)
+            self.remote_plugins[key] = RemotePlugin(message.name, message.host, message.pid, request.peer or "", time.monotonic())
+            return Ack()
+        if request.peer is not None:
+            # Over tcp the server never connects to an endpoint a peer names.
+            raise Invalid("a plugin registering over tcp must leave endpoint empty (it takes its own jobs)")
         entry = self.plugins.get(message.name)
         if entry is not None and entry.pid == message.pid and entry.endpoint == message.endpoint:
             # A heartbeat from a plugin we know. It proves the process lives, not

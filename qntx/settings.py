@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +86,28 @@ class Settings:
         return f"ipc://{self.run_dir}/plugin-{name}.sock"
 
     def ensure_dirs(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.run_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.run_dir, 0o700)  # mkdir's mode is masked by the umask
-        self.logs_dir.mkdir(exist_ok=True)
+        self.logs_dir.mkdir(mode=0o700, exist_ok=True)
+        make_private(self.home)
+
+
+def make_private(home: Path) -> None:
+    """The home and everything in it readable by its owner alone (0700 / 0600), also
+    what an older version left readable: keys, data, handler code, payloads, logs."""
+    for path in (home, *home.rglob("*")):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if stat.S_ISDIR(st.st_mode):
+            wanted = 0o700
+        elif stat.S_ISREG(st.st_mode):
+            wanted = st.st_mode & 0o700 or 0o600
+        else:
+            continue  # sockets live in the 0700 run directory; links are not followed
+        if stat.S_IMODE(st.st_mode) != wanted:
+            os.chmod(path, wanted)
 
 
 _ENDPOINTS = {
@@ -125,6 +144,19 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise Invalid(f"{origin}: {name} must be {kind.__name__}, got {value!r}") from None
+
+
+# The order of the ports `qntx up --bind tcp://HOST:PORT` takes, from PORT on.
+_TCP_ORDER = ("server_endpoint", "workers_endpoint", "results_endpoint", "events_endpoint", "ats_endpoint", "ats_events_endpoint")
+
+
+def tcp_endpoints(bind: str) -> dict[str, str]:
+    """Every bus endpoint on ``tcp://HOST:PORT`` and the 5 ports after it."""
+    scheme, _, rest = bind.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) <= 65535 - len(_TCP_ORDER):
+        raise Invalid(f"--bind needs tcp://HOST:PORT with a port below {65536 - len(_TCP_ORDER)}, got {bind!r}")
+    return {name: f"tcp://{host}:{int(port) + n}" for n, name in enumerate(_TCP_ORDER)}
 
 
 def load_settings(home: str | Path | None = None, environ: dict[str, str] | None = None, **flags: Any) -> Settings:

@@ -19,8 +19,10 @@ resync covers events missed while ATS restarted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import socket
 
 import msgspec
 import zmq
@@ -39,14 +41,17 @@ from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.protocol import (
     PLUGIN_DEPTH,
+    PLUGIN_ROLES,
     Ack,
     AtsReply,
     AttestationCreated,
+    BusEndpoints,
     CancelExecution,
     Dispatch,
     Event,
     ExecuteJob,
     ExecuteResult,
+    GetEndpoints,
     HandlersChanged,
     Health,
     HealthReply,
@@ -66,7 +71,7 @@ from qntx.protocol import (
     ServerReply,
     Shutdown,
 )
-from qntx.pulse.worker import Worker, done_from, execute_request, given_back
+from qntx.pulse.worker import Worker, done_from, execute_request, given_back, reachable
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 
@@ -89,8 +94,15 @@ RESYNC_S = 5.0
 
 
 class PythonPlugin:
-    def __init__(self, settings: Settings):
+    """``remote``: joined with ``--connect`` from another host (docs/DEPLOY.md). It binds
+    nothing: it learns the bus's endpoints from the server (``GetEndpoints``),
+    initialises itself, and takes its jobs through its own worker session only."""
+
+    def __init__(self, settings: Settings, *, remote: bool = False, name: str | None = None):
         self.settings = settings
+        self.remote = remote
+        default = f"plugin-{NAME}@{socket.gethostname()}-{os.getpid()}" if remote else f"plugin-{NAME}"
+        self.session_name = name or default
         self.endpoint = settings.plugin_endpoint(NAME)
         self.context = zmq.asyncio.Context()
         self.handlers: dict[str, str] = {}  # name -> code
@@ -121,7 +133,7 @@ class PythonPlugin:
 
     async def _serve(self) -> None:
         install_stop_signals(self.stop)
-        self.service = AsyncService(
+        self.service = None if self.remote else AsyncService(
             self.context,
             self.endpoint,
             PluginRequest,
@@ -137,25 +149,28 @@ class PythonPlugin:
             label="Python plugin",
             max_message_bytes=self.settings.max_message_bytes,
             security=self.settings.security,
+            roles=PLUGIN_ROLES,
         )
         self.server = AsyncClient(
             self.settings.server_endpoint, ServerReply, context=self.context, security=self.settings.security
         )
-        tasks = [
-            asyncio.create_task(self.service.serve_forever()),
-            asyncio.create_task(self._register_forever()),
-        ]
+        tasks = [asyncio.create_task(self._register_forever())]
+        if self.service is not None:
+            tasks.append(asyncio.create_task(self.service.serve_forever()))
+        else:
+            tasks.append(asyncio.create_task(self._join()))
         await self.stop.wait()
         if self.session_task is not None:  # its running jobs get their grace, the rest go back
             await self.session_task
             self.session.context.term()
-        running = self.service.running_tasks()
+        running = self.service.running_tasks() if self.service is not None else []
         if running:
             logger.info("stopping: {} running job(s) get {}s to finish", len(running), STOP_GRACE_S)
             await asyncio.wait(running, timeout=STOP_GRACE_S)
         for task in tasks:
             task.cancel()
-        self.service.close()
+        if self.service is not None:
+            self.service.close()
         self.server.close()
         if self.ats is not None:
             self.ats.close()
@@ -164,13 +179,35 @@ class PythonPlugin:
         self.context.destroy(linger=0)
 
     async def _register_forever(self) -> None:
-        message = RegisterPlugin(name=NAME, endpoint=self.endpoint, pid=os.getpid())
+        endpoint = "" if self.remote else self.endpoint
+        message = RegisterPlugin(name=NAME, endpoint=endpoint, pid=os.getpid(), host=socket.gethostname())
         while True:
             try:
                 await self.server.request(message, timeout_s=self.settings.heartbeat_s * 2)
             except QntxError as exc:
                 logger.debug("server not reachable yet: {}", exc)
             await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _join(self) -> None:
+        """A remote plugin: learn the bus from the server's one address, then start."""
+        via = self.settings.server_endpoint
+        while not self.initialized.is_set():
+            try:
+                bus: BusEndpoints = await self.server.request(GetEndpoints(), timeout_s=self.settings.heartbeat_s * 2)
+                self.settings = dataclasses.replace(
+                    self.settings,
+                    workers_endpoint=reachable(bus.workers_endpoint, via),
+                    ats_events_endpoint=reachable(bus.ats_events_endpoint, via),
+                )
+                init = Initialize(
+                    ats_endpoint=reachable(bus.ats_endpoint, via),
+                    ats_events_endpoint=self.settings.ats_events_endpoint,
+                    server_endpoint=via,
+                )
+                await self.on_initialize(init, None)
+            except QntxError as exc:
+                logger.warning("cannot join the bus at {} yet: {}", via, exc)
+                await asyncio.sleep(self.settings.heartbeat_s)
 
     # ---------------------------------------------------------------- requests
 
@@ -197,6 +234,8 @@ class PythonPlugin:
                 processes=self.settings.python_processes,
                 fresh=self.settings.python_fresh_process,
                 ats_endpoint=message.ats_endpoint,
+                keys_dir=self.settings.security.runner_keys(),
+                insecure=self.settings.insecure,
             )
             await self.pool.start()
         await self._discover()
@@ -205,7 +244,7 @@ class PythonPlugin:
             asyncio.create_task(self._follow_ats())
             # Its own session of the worker pool: Pulse hands it its jobs directly.
             self.session = Worker(
-                self.settings, f"plugin-{NAME}", PLUGIN_DEPTH * self.pool.size, plugin=NAME, execute=self._run_dispatch
+                self.settings, self.session_name, PLUGIN_DEPTH * self.pool.size, plugin=NAME, execute=self._run_dispatch
             )
             self.session_task = asyncio.create_task(self.session.serve(self.stop))
         # A few jobs per interpreter keep each one busy across the round trips.
@@ -264,7 +303,8 @@ class PythonPlugin:
                     if not relevant:
                         continue
                 names_changed = await self._discover() if relevant else await self._quiet_resync()
-                if names_changed or self.handlers != known:
+                if (names_changed or self.handlers != known) and not self.remote:
+                    # (A remote plugin runs what the server host's plugin announces.)
                     known = dict(self.handlers)
                     changed = HandlersChanged(
                         plugin=NAME, handler_names=self.handler_names(), handler_versions=self.handler_versions()
@@ -370,5 +410,5 @@ class PythonPlugin:
         return Ack()
 
 
-def run_python_plugin(settings: Settings) -> None:
-    asyncio.run(PythonPlugin(settings).run())
+def run_python_plugin(settings: Settings, *, remote: bool = False, name: str | None = None) -> None:
+    asyncio.run(PythonPlugin(settings, remote=remote, name=name).run())

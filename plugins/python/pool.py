@@ -64,6 +64,8 @@ class InterpreterPool:
         processes: int = 0,
         fresh: bool = False,
         ats_endpoint: str = "",
+        keys_dir: str = "",
+        insecure: bool = False,
         python: str = sys.executable,
     ):
         if size < 1:
@@ -73,6 +75,7 @@ class InterpreterPool:
         self._limits += ("--processes", str(processes)) if processes > 0 else ()
         self._limits += ("--fresh",) if fresh else ()
         self._ats_endpoint = ats_endpoint
+        self._keys = {"keys_dir": keys_dir, "insecure": insecure}  # how handler code reaches ATS
         self._python = python
         self._live: set[Interpreter] = set()  # spawned and not yet reaped
         self._idle: deque[Interpreter] = deque()
@@ -129,6 +132,7 @@ class InterpreterPool:
             payload=payload,
             cpu_s=cpu_s,
             ats_endpoint=self._ats_endpoint,
+            **self._keys,
         )
         timeout = f"timed out after {timeout_s:g}s"
         timer = asyncio.get_running_loop().call_later(timeout_s, interp.kill, timeout)

@@ -31,11 +31,13 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from qntx.bus.client import Client
+from qntx.bus.security import Security
 from qntx.protocol import NIL, AtsReply, Attest, Attested, JobError, NewAttestation
 from qntx.values import as_list
 
@@ -59,6 +61,8 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     payload: msgspec.Raw = NIL  # decoded here, where the handler runs
     cpu_s: int = 600
     ats_endpoint: str = ""
+    keys_dir: str = ""  # CURVE keys for a tcp ATS endpoint (qntx.bus.security)
+    insecure: bool = False
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):
@@ -361,7 +365,7 @@ class HandlerRunner:
         self._encoder = msgspec.msgpack.Encoder()
         self._streamer = OutputStreamer(pipe)
 
-    def _attest_function(self, endpoint: str):
+    def _attest_function(self, endpoint: str, keys_dir: str = "", insecure: bool = False):
         def attest(subjects, predicates, contexts, actors=None, attributes=None) -> dict:
             """Create one attestation through the bus and return the stored record."""
             if not endpoint:
@@ -369,7 +373,8 @@ class HandlerRunner:
             if self._ats is None or self._ats.endpoint != endpoint:
                 if self._ats is not None:
                     self._ats.close()
-                self._ats = Client(endpoint, AtsReply, timeout_s=ATTEST_TIMEOUT_S)
+                security = Security(keys_dir=Path(keys_dir) if keys_dir else None, insecure=insecure)
+                self._ats = Client(endpoint, AtsReply, timeout_s=ATTEST_TIMEOUT_S, security=security)
             item = NewAttestation(
                 subjects=as_list(subjects),
                 predicates=as_list(predicates),
@@ -399,7 +404,7 @@ class HandlerRunner:
             "__builtins__": builtins,
             "upstream": payload,
             "args": args if isinstance(args, list) else [],
-            "attest": self._attest_function(job.ats_endpoint),
+            "attest": self._attest_function(job.ats_endpoint, job.keys_dir, job.insecure),
             "progress": self._progress,
         }
         saved = sys.stdout, sys.stderr

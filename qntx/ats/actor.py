@@ -29,6 +29,7 @@ from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
+    ATS_ROLES,
     AtsRequest,
     Attest,
     AttestationCreated,
@@ -83,6 +84,7 @@ class AtsActor(Actor):
                 GetAttestation: self.on_get,
                 Stats: self.on_stats,
             },
+            roles=ATS_ROLES,
         )
         logger.info("ATS serving {} (store {}, {} attestations)", self.settings.ats_endpoint, self.settings.ats_path, self.store.count())
 

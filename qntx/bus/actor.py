@@ -40,8 +40,8 @@ from qntx.bus.codec import (
     error_reply,
 )
 from qntx.bus.messages import ErrorReply
-from qntx.bus.security import PLAIN, Security
-from qntx.errors import BadRequest, Internal, QntxError, Timeout, TooLarge, UnknownType
+from qntx.bus.security import PLAIN, Security, peer_name, stop_zap
+from qntx.errors import BadRequest, Forbidden, Internal, QntxError, Timeout, TooLarge, UnknownType
 from qntx.lifeline import give_big_blocks_back
 
 # How many messages one socket may deliver per loop turn before the others get a go.
@@ -89,18 +89,59 @@ def error_for(message: Any, exc: Exception) -> QntxError:
     return Internal(f"{type(exc).__name__}: {exc}")
 
 
+# Roles a peer's key needs to send each message type over tcp (qntx.bus.security).
+RolePolicy = dict[type, frozenset[str]]
+
+
+class Gate:
+    """Who may send what on one socket. On ipc (no CURVE) every peer is this host's
+    own user and passes; over tcp the peer's authorised name (the connection's
+    ``User-Id``) must still be authorised and hold one of the roles the message needs."""
+
+    def __init__(self, security: Security, endpoint: str, policy: RolePolicy | None):
+        self.curve = security.active(endpoint)
+        self.keyring = security.keyring if self.curve else None
+        self.policy = policy or {}
+
+    def roles(self, peer: str | None) -> frozenset[str]:
+        return self.keyring.roles(peer) if self.keyring is not None and peer else frozenset()
+
+    def check(self, peer: str | None, message: Any) -> None:
+        """Raise Forbidden if ``peer`` may not send ``message``."""
+        if not self.curve:
+            return
+        held = self.roles(peer)
+        needed = self.policy.get(type(message), frozenset({"admin"}))
+        if not held & needed:
+            why = "is no longer authorised" if not held else f"has role {', '.join(sorted(held))}"
+            logger.warning("refused {} from {}: the key {}", type(message).__name__, peer, why)
+            raise Forbidden(
+                f"{type(message).__name__} needs role {' or '.join(sorted(needed))}; key {peer!r} {why}"
+            )
+
+
+def receive(sock: zmq.Socket, curve: bool, flags: int = 0) -> tuple[list[bytes], str | None]:
+    """One multipart message and, over CURVE, the authorised name of its sender."""
+    if not curve:
+        return sock.recv_multipart(flags), None
+    frames = sock.recv_multipart(flags, copy=False)
+    return [f.bytes for f in frames], peer_name(frames[-1])
+
+
 class Request:
     """Where a reply to one request goes; kept by handlers that reply later.
 
     ``service`` is the poll-loop ``Service`` or the asyncio ``AsyncService`` that
-    received it: either sends the reply with ``send_reply``."""
+    received it: either sends the reply with ``send_reply``. ``peer`` is the
+    authorised name of a tcp peer's key (None on ipc)."""
 
-    __slots__ = ("service", "identity", "correlation")
+    __slots__ = ("service", "identity", "correlation", "peer")
 
-    def __init__(self, service: Any, identity: bytes, correlation: bytes):
+    def __init__(self, service: Any, identity: bytes, correlation: bytes, peer: str | None = None):
         self.service = service
         self.identity = identity
         self.correlation = correlation
+        self.peer = peer
 
     def reply(self, message: msgspec.Struct) -> None:
         self.service.send_reply(self, message)
@@ -122,32 +163,39 @@ class Service:
         request_type: Any,
         handlers: dict[type, Handler],
         max_message_bytes: int,
+        gate: Gate | None = None,
     ):
         self.actor = actor
         self.socket = socket
         self.decoder = Decoder(request_type)
         self.handlers = handlers
         self.max_message_bytes = max_message_bytes
+        self.gate = gate or Gate(PLAIN, "", None)
 
     def on_readable(self) -> None:
-        sock = self.socket
+        sock, curve = self.socket, self.gate.curve
         for _ in range(DRAIN_LIMIT):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames, peer = receive(sock, curve, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.handle(frames)
+            self.handle(frames, peer)
 
-    def handle(self, frames: list[bytes]) -> None:
+    def handle(self, frames: list[bytes], peer: str | None = None) -> None:
         try:
             identity, correlation, message = unpack_request(frames, self.decoder, self.max_message_bytes)
         except RejectedFrames as rejected:
             self._reject(rejected.identity, rejected.correlation, rejected.error)
             return
-        request = Request(self, identity, correlation)
+        request = Request(self, identity, correlation, peer)
         handler = self.handlers.get(type(message))
         if handler is None:
             request.fail(UnknownType(f"{self.actor.label} does not answer {type(message).__name__}"))
+            return
+        try:
+            self.gate.check(peer, message)
+        except Forbidden as exc:
+            request.fail(exc)
             return
         try:
             reply = handler(message, request)
@@ -310,7 +358,6 @@ class Actor:
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Security = PLAIN):
         self.context = zmq.Context()
         self.security = security
-        self._authenticator = None
         self.max_message_bytes = max_message_bytes
         self.poller = zmq.Poller()
         self._readers: dict[zmq.Socket, Callable[[], None]] = {}
@@ -321,9 +368,10 @@ class Actor:
 
     # ------------------------------------------------------------------ sockets
 
-    def bind(self, kind: int, endpoint: str, *, handover: bool = False) -> zmq.Socket:
+    def bind(self, kind: int, endpoint: str, *, handover: bool = False, only: str | None = None) -> zmq.Socket:
         """A socket of ``kind`` bound to ``endpoint``. ``handover``: a ROUTER peer that
-        reconnects with the same routing id takes its old connection over."""
+        reconnects with the same routing id takes its old connection over. ``only``:
+        over tcp, the one authorised key name that may connect."""
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         if kind in (zmq.ROUTER, zmq.PULL):
@@ -337,14 +385,21 @@ class Actor:
             # that is gone) a send fails loudly instead of vanishing silently.
             sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self._authenticator is None:
-            self._authenticator = self.security.authenticator(self.context, [endpoint])
-        self.security.bind(sock, endpoint)
+        self.security.bind(sock, endpoint, only=only)  # a tcp bind starts the ZAP handler first
         return sock
 
-    def serve(self, endpoint: str, request_type: Any, handlers: dict[type, Handler], *, handover: bool = False) -> Service:
+    def serve(
+        self,
+        endpoint: str,
+        request_type: Any,
+        handlers: dict[type, Handler],
+        *,
+        handover: bool = False,
+        roles: RolePolicy | None = None,
+    ) -> Service:
         sock = self.bind(zmq.ROUTER, endpoint, handover=handover)
-        service = Service(self, sock, request_type, handlers, self.max_message_bytes)
+        gate = Gate(self.security, endpoint, roles)
+        service = Service(self, sock, request_type, handlers, self.max_message_bytes, gate)
         self.add_reader(sock, service.on_readable)
         return service
 
@@ -423,8 +478,7 @@ class Actor:
             self.loop()
         finally:
             self._guarded(self.teardown)
-            if self._authenticator is not None:
-                self._authenticator.stop()
+            stop_zap(self.context)
             self.context.destroy(linger=0)
 
     def loop(self) -> None:

@@ -19,10 +19,18 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from qntx.bus.actor import REPLY_QUEUE_LIMIT, RejectedFrames, Request, error_for, unpack_request
+from qntx.bus.actor import (
+    REPLY_QUEUE_LIMIT,
+    Gate,
+    RejectedFrames,
+    Request,
+    RolePolicy,
+    error_for,
+    unpack_request,
+)
 from qntx.bus.codec import HARD_LIMIT_FACTOR, Decoder, encode, error_reply
-from qntx.bus.security import PLAIN, Security
-from qntx.errors import UnknownType
+from qntx.bus.security import PLAIN, Security, peer_name, stop_zap
+from qntx.errors import Forbidden, UnknownType
 
 
 class AsyncService:
@@ -36,13 +44,15 @@ class AsyncService:
         label: str,
         max_message_bytes: int,
         security: Security = PLAIN,
+        roles: RolePolicy | None = None,
     ):
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
         self.socket.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        security.bind(self.socket, endpoint)
+        security.bind(self.socket, endpoint)  # a tcp bind starts the ZAP handler first
+        self.gate = Gate(security, endpoint, roles)
         self.decoder = Decoder(request_type)
         self.handlers = handlers
         self.label = label
@@ -71,24 +81,33 @@ class AsyncService:
         while True:
             # An asyncio socket returns an already-completed future when a message
             # is waiting, so a busy socket is drained without waking the selector.
-            frames = await self.socket.recv_multipart()
+            if self.gate.curve:
+                received = await self.socket.recv_multipart(copy=False)
+                frames, peer = [f.bytes for f in received], peer_name(received[-1])
+            else:
+                frames, peer = await self.socket.recv_multipart(), None
             try:
-                self._handle(frames)
+                self._handle(frames, peer)
             except Exception:  # whatever a peer sends, the service keeps serving
                 logger.exception("{} recovered from a bad message", self.label)
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], peer: str | None = None) -> None:
         try:
             identity, correlation, message = unpack_request(frames, self.decoder, self.max_message_bytes)
         except RejectedFrames as rejected:
             logger.warning("rejected a message from peer {}: {}", rejected.identity.hex(), rejected.error)
             self.send(rejected.identity, rejected.correlation, error_reply(rejected.error))
             return
-        request = Request(self, identity, correlation)
+        request = Request(self, identity, correlation, peer)
         handler = self.handlers.get(type(message))
         if handler is None:
             error = UnknownType(f"{self.label} does not answer {type(message).__name__}")
             request.reply(error_reply(error))
+            return
+        try:
+            self.gate.check(peer, message)
+        except Forbidden as exc:
+            request.reply(error_reply(exc))
             return
         if inspect.iscoroutinefunction(handler):
             task = asyncio.get_running_loop().create_task(self._run(handler, message, request))
@@ -120,6 +139,7 @@ class AsyncService:
         for task in self._tasks:
             task.cancel()
         self.socket.close(0)
+        stop_zap(self.socket.context)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

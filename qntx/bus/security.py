@@ -1,29 +1,296 @@
-"""CURVE security for tcp endpoints: keys, and which side of a socket uses which.
+"""CURVE security for tcp endpoints: this host's keys, the authorised keys and their roles,
+and the ZAP handler that admits only those.
 
-ipc endpoints live in a 0700 directory and need nothing more. A ``tcp://``
-endpoint is reachable from the network, so a socket that binds one is a CURVE
-server (with a ZAP handler that admits only the client keys in
-``<keys>/authorized/``) and a socket that connects to one is a CURVE client.
-Without keys a tcp bind or connect is refused, unless ``insecure`` opts out
-explicitly. ``qntx keys`` makes and lists the key files.
+ipc endpoints live in a 0700 directory and need nothing more: their peers are this
+host's own user. A ``tcp://`` endpoint is reachable from the network, so a socket
+that binds one is a CURVE server in the ZAP domain ``qntx``, and the ZAP handler of
+its context is started before the bind (fail-closed: no handler, no bind). The
+handler admits a client only if its public key is in ``<keys>/authorized.json``; the
+name it was authorised under becomes the connection's ``User-Id``, which every
+message received on it carries, and services check that name's roles per message.
+
+Files under ``<home>/keys`` (directory 0700, files 0600):
+
+* ``host.key`` / ``host.key_secret``: this host's key pair, for binding and connecting;
+* ``server.key``: the public key of the bus this host connects to (default: its own);
+* ``authorized.json``: ``{name: {"key": z85, "roles": [...], "added": iso time}}``.
+
+Without keys a tcp bind or connect is refused, unless ``insecure`` opts out explicitly.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
 import zmq.auth
+from loguru import logger
 
-from qntx.errors import Unavailable
+from qntx.errors import Invalid, NotFound, Unavailable
 
+ROLES = ("client", "worker", "plugin", "admin")
+ZAP_DOMAIN = "qntx"
+ONLY = "/only/"  # "qntx/only/NAME": a socket only the key authorised as NAME may reach
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+HOST = "host"
 SERVER = "server"
-CLIENT = "client"
+AUTHORIZED = "authorized.json"
+# How often a keyring looks at authorized.json for changes (revocations take effect then).
+KEYRING_CHECK_S = 0.5
 
 
 def needs_curve(endpoint: str) -> bool:
     return endpoint.startswith("tcp://")
+
+
+def private_file(path: Path, data: bytes) -> None:
+    """Write ``path`` readable by its owner alone, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Authorized:
+    name: str
+    key: str  # z85 public key
+    roles: tuple[str, ...]
+    added: str
+
+
+class Keyring:
+    """The authorised keys, read from ``authorized.json`` again whenever it changes."""
+
+    def __init__(self, keys_dir: Path):
+        self.path = keys_dir / AUTHORIZED
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        self._by_key: dict[str, Authorized] = {}
+        self._by_name: dict[str, Authorized] = {}
+        self._lock = threading.Lock()
+        self.generation = 0  # grows each time the file changed
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < KEYRING_CHECK_S:
+            return
+        with self._lock:
+            self._checked = now
+            try:
+                st = self.path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if stamp == self._stamp and self.generation:
+                return
+            entries = read_authorized(self.path)
+            self._by_name = entries
+            self._by_key = {e.key: e for e in entries.values()}
+            self._stamp = stamp
+            self.generation += 1
+
+    def by_key(self, key: str) -> Authorized | None:
+        self.refresh()
+        return self._by_key.get(key)
+
+    def roles(self, name: str) -> frozenset[str]:
+        """The roles of the key authorised as ``name`` (none once it is revoked)."""
+        self.refresh()
+        entry = self._by_name.get(name)
+        return frozenset(entry.roles) if entry is not None else frozenset()
+
+
+def read_authorized(path: Path) -> dict[str, Authorized]:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        # A broken file admits nobody rather than everybody.
+        logger.error("{} cannot be read ({}); no key is authorised", path, exc)
+        return {}
+    entries = {}
+    for name, value in raw.items() if isinstance(raw, dict) else ():
+        if isinstance(value, dict) and isinstance(value.get("key"), str):
+            roles = tuple(r for r in value.get("roles", ()) if r in ROLES)
+            entries[name] = Authorized(name, value["key"], roles, str(value.get("added", "")))
+    return entries
+
+
+def _write_authorized(keys_dir: Path, entries: dict[str, Authorized]) -> None:
+    data = {e.name: {"key": e.key, "roles": list(e.roles), "added": e.added} for e in entries.values()}
+    private_file(keys_dir / AUTHORIZED, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _check_key(key: str) -> str:
+    key = key.strip()
+    try:
+        if len(key) != 40 or len(zmq.utils.z85.decode(key)) != 32:
+            raise ValueError
+    except (ValueError, KeyError):
+        raise Invalid(f"{key!r} is not a CURVE public key (40 characters of Z85, as `qntx keys show` prints)") from None
+    return key
+
+
+def allow(keys_dir: Path, name: str, key: str, roles: list[str]) -> Authorized:
+    """Authorise ``key`` as ``name`` with ``roles`` (replacing what ``name`` had)."""
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise Invalid(f"key name {name!r} must be letters, digits, '-', '_' or '.'")
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise Invalid(f"--role must be one or more of {', '.join(ROLES)} (got {', '.join(unknown) or 'none'})")
+    key = _check_key(key)
+    make_keys(keys_dir)
+    entries = read_authorized(keys_dir / AUTHORIZED)
+    for other in entries.values():
+        if other.key == key and other.name != name:
+            raise Invalid(f"that key is already authorised as {other.name!r}: revoke it first")
+    entry = Authorized(name, key, tuple(dict.fromkeys(roles)), datetime.now(UTC).isoformat(timespec="seconds"))
+    entries[name] = entry
+    _write_authorized(keys_dir, entries)
+    return entry
+
+
+def revoke(keys_dir: Path, name: str) -> None:
+    entries = read_authorized(keys_dir / AUTHORIZED)
+    if entries.pop(name, None) is None:
+        raise NotFound(f"no key is authorised as {name!r}")
+    _write_authorized(keys_dir, entries)
+
+
+def host_public_key(keys_dir: Path) -> str:
+    return zmq.auth.load_certificate(str(keys_dir / f"{HOST}.key"))[0].decode()
+
+
+def set_server_key(keys_dir: Path, key: str) -> None:
+    """The public key of the bus server this host connects to with ``--connect``."""
+    key = _check_key(key)
+    make_keys(keys_dir)
+    data = f'metadata\ncurve\n    public-key = "{key}"\n'.encode()
+    private_file(keys_dir / f"{SERVER}.key", data)
+
+
+def make_keys(keys_dir: Path) -> list[Path]:
+    """Create this host's key pair if missing, authorise it on this host with every
+    role, and make every key file private; returns the new files."""
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(keys_dir, 0o700)
+    created = []
+    if not (keys_dir / f"{HOST}.key_secret").exists():
+        public, secret = zmq.auth.create_certificates(str(keys_dir), HOST)
+        created += [Path(public), Path(secret)]
+    for path in keys_dir.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o600)
+    server = keys_dir / f"{SERVER}.key"
+    if not server.exists():
+        private_file(server, (keys_dir / f"{HOST}.key").read_bytes())
+        created.append(server)
+    authorized = keys_dir / AUTHORIZED
+    if not authorized.exists():
+        own = Authorized(HOST, host_public_key(keys_dir), ROLES, datetime.now(UTC).isoformat(timespec="seconds"))
+        _write_authorized(keys_dir, {HOST: own})
+        created.append(authorized)
+    return created
+
+
+# ---------------------------------------------------------------------- ZAP
+
+
+class ZapHandler:
+    """Answers the ZAP requests of one context: CURVE in domain ``qntx`` with an
+    authorised key, or nothing. Runs on its own thread, started before any bind."""
+
+    def __init__(self, context: zmq.Context, keyring: Keyring):
+        self.keyring = keyring
+        self._socket = context.socket(zmq.REP)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(ZAP_ENDPOINT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="zap", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._socket.poll(250):
+                    self._socket.send_multipart(self.answer(self._socket.recv_multipart()))
+        except zmq.ZMQError:
+            pass  # the context is going away
+        finally:
+            self._socket.close(0)
+
+    def answer(self, frames: list[bytes]) -> list[bytes]:
+        if len(frames) < 6:
+            return [b"1.0", frames[1] if len(frames) > 1 else b"", b"400", b"malformed ZAP request", b"", b""]
+        version, request_id, domain, address, _identity, mechanism, *credentials = frames
+        peer = address.decode(errors="replace")
+        domain_name, _, only = domain.decode(errors="replace").partition(ONLY)
+        if domain_name != ZAP_DOMAIN:
+            return self._deny(request_id, peer, f"domain {domain!r} is not {ZAP_DOMAIN!r}")
+        if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+            return self._deny(request_id, peer, f"mechanism {mechanism.decode(errors='replace')} is not CURVE")
+        key = zmq.utils.z85.encode(credentials[0]).decode()
+        entry = self.keyring.by_key(key)
+        if entry is None or not entry.roles:
+            return self._deny(request_id, peer, f"key {key} is not authorised")
+        if only and entry.name != only:
+            return self._deny(request_id, peer, f"key {entry.name} may not connect to a socket of {only}")
+        return [version, request_id, b"200", b"OK", entry.name.encode(), b""]
+
+    @staticmethod
+    def _deny(request_id: bytes, peer: str, why: str) -> list[bytes]:
+        logger.warning("refused a connection from {}: {}", peer, why)
+        return [b"1.0", request_id, b"400", why.encode(), b"", b""]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+_zap_handlers: dict[int, ZapHandler] = {}
+_keyrings: dict[Path, Keyring] = {}
+_registry_lock = threading.Lock()
+
+
+def keyring_for(keys_dir: Path) -> Keyring:
+    with _registry_lock:
+        keyring = _keyrings.get(keys_dir)
+        if keyring is None:
+            keyring = _keyrings[keys_dir] = Keyring(keys_dir)
+        return keyring
+
+
+def _ensure_zap(context: zmq.Context, keyring: Keyring) -> None:
+    with _registry_lock:
+        if context.underlying not in _zap_handlers:
+            sync = context if type(context) is zmq.Context else zmq.Context.shadow(context.underlying)
+            _zap_handlers[context.underlying] = ZapHandler(sync, keyring)
+
+
+def stop_zap(context: zmq.Context) -> None:
+    """Stop the ZAP handler of ``context`` (before the context is destroyed)."""
+    with _registry_lock:
+        handler = _zap_handlers.pop(context.underlying, None)
+    if handler is not None:
+        handler.stop()
+
+
+def peer_name(frame: zmq.Frame) -> str | None:
+    """The authorised name of the CURVE peer a message came from (None on ipc)."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -31,8 +298,12 @@ class Security:
     keys_dir: Path | None = None
     insecure: bool = False
 
-    def _active(self, endpoint: str) -> bool:
+    def active(self, endpoint: str) -> bool:
         return needs_curve(endpoint) and not self.insecure
+
+    @property
+    def keyring(self) -> Keyring:
+        return keyring_for(self.keys_dir)
 
     def _load(self, name: str, secret: bool) -> tuple[bytes, bytes | None]:
         if self.keys_dir is None:
@@ -41,55 +312,32 @@ class Security:
         if not path.is_file():
             raise Unavailable(
                 f"tcp endpoints need CURVE keys and {path} is missing: run `qntx keys` "
-                "(copy server.key to clients and their client.key into authorized/), or pass --insecure"
+                "(see docs/DEPLOY.md), or pass --insecure"
             )
         return zmq.auth.load_certificate(str(path))
 
-    def bind(self, sock: zmq.Socket, endpoint: str) -> None:
-        if self._active(endpoint):
-            public, secret = self._load(SERVER, secret=True)
+    def bind(self, sock: zmq.Socket, endpoint: str, only: str | None = None) -> None:
+        if self.active(endpoint):
+            public, secret = self._load(HOST, secret=True)
+            _ensure_zap(sock.context, self.keyring)  # before the bind: fail-closed
             sock.curve_publickey = public
             sock.curve_secretkey = secret
             sock.curve_server = True
+            sock.zap_domain = (ZAP_DOMAIN + (ONLY + only if only else "")).encode()
         sock.bind(endpoint)
 
     def connect(self, sock: zmq.Socket, endpoint: str) -> None:
-        if self._active(endpoint):
+        if self.active(endpoint):
             server_public, _ = self._load(SERVER, secret=False)
-            public, secret = self._load(CLIENT, secret=True)
+            public, secret = self._load(HOST, secret=True)
             sock.curve_serverkey = server_public
             sock.curve_publickey = public
             sock.curve_secretkey = secret
         sock.connect(endpoint)
 
-    def authenticator(self, context: zmq.Context, endpoints: list[str]):
-        """Start a ZAP handler admitting only authorized client keys, if any endpoint needs it."""
-        if not any(self._active(e) for e in endpoints):
-            return None
-        from zmq.auth.thread import ThreadAuthenticator
-
-        authorized = self.keys_dir / "authorized"
-        auth = ThreadAuthenticator(context)
-        auth.start()
-        auth.configure_curve(domain="*", location=str(authorized))
-        return auth
+    def runner_keys(self) -> str:
+        """What a handler interpreter needs to connect like this process ("" on ipc)."""
+        return "" if self.keys_dir is None or self.insecure else str(self.keys_dir)
 
 
 PLAIN = Security()
-
-
-def make_keys(keys_dir: Path) -> list[Path]:
-    """Create the server and client key pairs that are missing; returns new files."""
-    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    authorized = keys_dir / "authorized"
-    authorized.mkdir(mode=0o700, exist_ok=True)
-    created = []
-    for name in (SERVER, CLIENT):
-        if not (keys_dir / f"{name}.key_secret").exists():
-            public, secret = zmq.auth.create_certificates(str(keys_dir), name)
-            created += [Path(public), Path(secret)]
-    own = authorized / "client.key"
-    if not own.exists():
-        own.write_bytes((keys_dir / "client.key").read_bytes())
-        created.append(own)
-    return created

@@ -7,6 +7,7 @@ error becomes one line on stderr and a non-zero exit code (2 for bad input);
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Annotated
@@ -75,7 +76,9 @@ def _error_line(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qntx.cli import attestations, jobs, run, schedules, ui  # noqa: F401  (registers commands)
+    from qntx.cli import attestations, jobs, keys, run, schedules, ui  # noqa: F401  (registers commands)
+
+    os.umask(0o077)  # whatever a qntx process creates (keys, data, logs) is its owner's alone
 
     try:
         result = app.meta(sys.argv[1:] if argv is None else argv)

@@ -19,12 +19,22 @@ def _actor_logging(label: str) -> None:
 def up(
     *,
     workers: Annotated[int | None, Parameter(help="Worker processes (default 2).")] = None,
+    bind: Annotated[
+        str | None,
+        Parameter(help="Serve other hosts: tcp://HOST:PORT is the server; the other sockets take the next 5 ports."),
+    ] = None,
 ):
     """Start the bus: every actor as its own supervised process, until Ctrl-C."""
+    import os
+
+    from qntx.settings import tcp_endpoints
     from qntx.supervisor import Child, Supervisor, actor_command
 
     _actor_logging("QNTX")
-    resolved = settings(workers=workers)
+    endpoints = tcp_endpoints(bind) if bind else {}
+    # The children resolve their settings again: they find the endpoints in the environment.
+    os.environ.update({f"QNTX_{name.upper()}": value for name, value in endpoints.items()})
+    resolved = settings(workers=workers, **endpoints)
     if resolved.workers < 1:
         from qntx.errors import Invalid
 
@@ -70,7 +80,9 @@ def worker(
     *,
     name: Annotated[str | None, Parameter(help="Worker name (default worker-<host>-<pid>).")] = None,
     capacity: Annotated[int, Parameter(help="Job attempts this worker runs at once.")] = 8,
-    connect: Annotated[str | None, Parameter(help="The server's workers endpoint (default: this home's).")] = None,
+    connect: Annotated[
+        str | None, Parameter(help="Join the bus of another host: its server's tcp://HOST:PORT (or workers endpoint).")
+    ] = None,
 ):
     """Run one worker that takes jobs from the server (`qntx up` starts some itself)."""
     from qntx.errors import Invalid
@@ -79,13 +91,38 @@ def worker(
     if capacity < 1:
         raise Invalid("--capacity must be at least 1")
     _actor_logging("Worker")
-    run_worker(settings(workers_endpoint=connect), name, capacity)
+    if connect is None:
+        run_worker(settings(), name, capacity)
+        return
+    # A worker on another host runs built-ins; plugin jobs go to plugin sessions.
+    run_worker(settings(workers_endpoint=joined_workers_endpoint(connect)), name, capacity, forwards=False)
+
+
+def joined_workers_endpoint(connect: str) -> str:
+    """The workers endpoint of the bus whose server is at ``connect`` (asked of it)."""
+    from qntx.bus.client import Client
+    from qntx.protocol import BusEndpoints, GetEndpoints, ServerReply
+    from qntx.pulse.worker import reachable
+
+    resolved = settings(server_endpoint=connect)
+    with Client(connect, ServerReply, security=resolved.security, timeout_s=resolved.request_timeout_s) as client:
+        reply = client.request(GetEndpoints())
+    if not isinstance(reply, BusEndpoints):  # pragma: no cover - a server answers this or an error
+        from qntx.errors import Unavailable
+
+        raise Unavailable(f"{connect} did not answer GetEndpoints")
+    return reachable(reply.workers_endpoint, connect)
 
 
 @app.command
 def plugin(
     kind: Annotated[str, Parameter(help="Which plugin to run (only `python` exists).")],
     /,
+    *,
+    connect: Annotated[
+        str | None, Parameter(help="Run it for the bus of another host: its server's tcp://HOST:PORT.")
+    ] = None,
+    name: Annotated[str | None, Parameter(help="Its worker session's name (default plugin-python@<host>-<pid>).")] = None,
 ):
     """Run a plugin actor in the foreground (`qntx up` starts the python plugin itself)."""
     from qntx.errors import Invalid
@@ -95,21 +132,7 @@ def plugin(
     from plugins.python.plugin import run_python_plugin
 
     _actor_logging("Python plugin")
-    run_python_plugin(settings())
-
-
-@app.command
-def keys():
-    """Make the CURVE key pairs for tcp endpoints (if missing) and list them.
-
-    A host that binds tcp:// endpoints uses keys/server.key_secret; clients need a
-    copy of server.key and their own client key pair, whose public half goes into
-    the server's keys/authorized/.
-    """
-    from qntx.bus.security import make_keys
-
-    resolved = settings()
-    created = set(make_keys(resolved.keys_dir))
-    for path in sorted(resolved.keys_dir.rglob("*.key*")):
-        mark = "created" if path in created else "exists "
-        print(f"{mark}  {path}")
+    if connect is None:
+        run_python_plugin(settings(), name=name)
+    else:
+        run_python_plugin(settings(server_endpoint=connect), remote=True, name=name)

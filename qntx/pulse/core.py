@@ -1020,9 +1020,14 @@ class PulseCore:
         if handler in BUILTIN_HANDLERS:
             return None if plain is None else (plain, None)
         plugin = self.plugins.get(self._routes.get(handler, ""))
-        if plugin is None or not plugin.up or (plugin.capacity and plugin.load >= plugin.capacity):
+        if plugin is None or not plugin.up:
             return None
-        session = own[plugin.name] if plugin.name in own else plain
+        if plugin.name in own:  # its sessions' credit is exact, on every host it runs on
+            session = own[plugin.name]
+        elif plugin.capacity and plugin.load >= plugin.capacity:
+            return None
+        else:
+            session = plain
         return None if session is None else (session, plugin.name)
 
     def _limited(self, handler: str, mono: int) -> bool:

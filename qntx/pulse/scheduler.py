@@ -30,13 +30,16 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from qntx.bus.actor import Actor, Offloader, Request
+from qntx.bus.actor import Actor, Offloader, Request, receive
 from qntx.bus.codec import Decoder, encode
-from qntx.errors import Internal, Invalid, NotFound, QntxError
+from qntx.bus.security import HOST
+from qntx.errors import Forbidden, Internal, Invalid, NotFound, QntxError
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
     MAX_PAGE,
+    SESSION_ROLE,
+    WORKER_ROLES,
     Job,
     JobDone,
     JobList,
@@ -158,7 +161,12 @@ class Pulse:
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
         self._commit_now()  # reserves the first block of lease ids before any dispatch
         self.writer = Offloader(actor, "pulse-writer")
-        self.control = actor.serve(settings.workers_endpoint, WorkerMessage, {WorkerReady: self.on_worker_ready}, handover=True)
+        self.control = actor.serve(
+            settings.workers_endpoint, WorkerMessage, {WorkerReady: self.on_worker_ready}, handover=True, roles=WORKER_ROLES
+        )
+        # tcp sessions: session id -> (the name of the key that opened it, its role, its host).
+        self.owners: dict[bytes, tuple[str, str, str]] = {}
+        self.host_key = HOST  # this host's own key name (qntx.bus.security)
         results = settings.results_endpoint
         if results.startswith("ipc://") and not settings.workers_endpoint.startswith("ipc://"):
             results = jobs_endpoint_for(settings.workers_endpoint, b"")  # remote workers must reach it
@@ -318,16 +326,39 @@ class Pulse:
     # ---------------------------------------------------------------- worker sockets
 
     def on_worker_ready(self, message: WorkerReady, request: Request) -> None:
+        if self.control.gate.curve:
+            self._check_owner(message, request)
         pipe = self._pipes.get(request.identity)
         ready = pipe is not None and bool(message.jobs_endpoint) and message.jobs_endpoint == pipe[1]
         self.apply(WorkerSeen(request.identity, message, ready))
 
+    def _check_owner(self, message: WorkerReady, request: Request) -> None:
+        """Over tcp a session belongs to the key that opened it, and a plain worker
+        session needs role ``worker``, a plugin's own session role ``plugin``."""
+        role = SESSION_ROLE[bool(message.plugin)]
+        held = self.control.gate.roles(request.peer)
+        if role not in held and "admin" not in held:
+            logger.warning("refused a {} session from key {}: it has no role {}", role, request.peer, role)
+            raise Forbidden(f"a {role} session needs role {role}; key {request.peer!r} has {', '.join(sorted(held))}")
+        owner = self.owners.get(request.identity)
+        if owner is not None and owner[0] != request.peer:
+            logger.warning("refused key {}: session {} belongs to key {}", request.peer, message.session, owner[0])
+            raise Forbidden(f"session {message.session!r} belongs to another key")
+        self.owners[request.identity] = (request.peer, role, message.host)
+
     def on_results(self) -> None:
+        curve = self.control.gate.curve
         for _ in range(DRAIN_LIMIT):
             try:
-                body = self.results.recv(zmq.NOBLOCK)
+                (body,), peer = receive(self.results, curve, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            except ValueError:
+                logger.warning("dropped a multipart message on the results pipe")
+                continue
+            if curve and not self.control.gate.roles(peer) & WORKER_ROLES[WorkerReady]:
+                logger.warning("dropped a result from key {}: it has no worker or plugin role", peer)
+                continue
             if len(body) > self.settings.max_message_bytes:
                 logger.warning("dropped a result of {} bytes (limit {})", len(body), self.settings.max_message_bytes)
                 continue
@@ -344,7 +375,9 @@ class Pulse:
     def _open_pipe(self, session: bytes) -> None:
         if session not in self._pipes:
             endpoint = jobs_endpoint_for(self.settings.workers_endpoint, session)
-            sock = self.actor.bind(zmq.PUSH, endpoint)
+            owner = self.owners.get(session)
+            # Over tcp only the session's own key may connect to its jobs pipe.
+            sock = self.actor.bind(zmq.PUSH, endpoint, only=owner[0] if owner else None)
             sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what is queued, not the HWM
             bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._pipes[session] = (sock, bound)
@@ -352,6 +385,7 @@ class Pulse:
         self.control.send_to(session, welcome)
 
     def _close_pipe(self, session: bytes) -> None:
+        self.owners.pop(session, None)
         pipe = self._pipes.pop(session, None)
         if pipe is None:
             return

@@ -101,7 +101,7 @@ async def run_builtin(job: Job) -> msgspec.Raw:
     raise BuiltinFailure(f"no built-in handler {job.handler!r}")
 
 
-def _reachable(endpoint: str, via: str) -> str:
+def reachable(endpoint: str, via: str) -> str:
     """``endpoint`` as this host can reach it: a wildcard host becomes the one of ``via``."""
     scheme, _, rest = endpoint.partition("://")
     host, _, port = rest.rpartition(":")
@@ -129,11 +129,13 @@ class Worker:
         *,
         plugin: str = "",
         execute: Executor | None = None,
+        forwards: bool = True,
     ):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.plugin = plugin
         self.execute = execute
+        self.forwards = forwards  # forwards plugin jobs to their plugin (only on the server's host)
         self.session = f"{self.name}:{os.getpid()}:{secrets.token_hex(4)}"
         self.capacity = capacity
         self.context = zmq.asyncio.Context()
@@ -211,6 +213,7 @@ class Worker:
             leases=sorted(self.running),
             jobs_endpoint=self.jobs_endpoint,
             plugin=self.plugin,
+            host=socket.gethostname(),
         )
         try:
             self.control.send_multipart([b"", encode(ready)], zmq.NOBLOCK).add_done_callback(_ignore_result)
@@ -242,7 +245,7 @@ class Worker:
     def _welcomed(self, welcome: WorkerWelcome) -> None:
         self._resend_recent()
         via = self.settings.workers_endpoint
-        results = _reachable(welcome.results_endpoint, via)
+        results = reachable(welcome.results_endpoint, via)
         if results != self._results_endpoint:
             if self.results is not None:
                 self.results.close(0)
@@ -254,7 +257,7 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for body in unsent:
                 self._push(body)
-        target = _reachable(welcome.jobs_endpoint, via)
+        target = reachable(welcome.jobs_endpoint, via)
         if target != self._jobs_target:
             if self.jobs is not None:
                 self.jobs.close(0)
@@ -382,6 +385,9 @@ class Worker:
             except Exception as exc:
                 return _failed(job, lease, f"{type(exc).__name__}: {exc}")
             return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=True, result=result)
+        if not self.forwards:
+            # Joined from another host: the plugin's endpoint is not reachable from here.
+            return given_back(job, lease, f"worker {self.name} runs no plugin jobs (it joined with --connect)")
         plugin = self._plugin(plugin_endpoint)
         request = execute_request(Dispatch(lease=lease, job=job))
         try:
@@ -461,5 +467,5 @@ def _ignore_result(future) -> None:
         future.exception()
 
 
-def run_worker(settings: Settings, name: str | None = None, capacity: int = 8) -> None:
-    asyncio.run(Worker(settings, name, capacity).run())
+def run_worker(settings: Settings, name: str | None = None, capacity: int = 8, *, forwards: bool = True) -> None:
+    asyncio.run(Worker(settings, name, capacity, forwards=forwards).run())

@@ -37,7 +37,7 @@ def test_tcp_bind_without_keys_is_refused(bus):
 def test_curve_admits_authorized_clients_only(bus):
     endpoint = use_tcp(bus)
     made = bus.run("keys")
-    assert made.returncode == 0 and "server.key_secret" in made.stdout
+    assert made.returncode == 0 and "host.key_secret" in made.stdout
     process = bus.start("ats")
     security = Security(keys_dir=bus.home / "keys")
     import time
@@ -58,8 +58,8 @@ def test_curve_admits_authorized_clients_only(bus):
     stranger.mkdir()
     import zmq.auth
 
-    zmq.auth.create_certificates(str(stranger), "client")
-    (stranger / "server.key").write_bytes((bus.home / "keys" / "server.key").read_bytes())
+    zmq.auth.create_certificates(str(stranger), "host")
+    (stranger / "server.key").write_bytes((bus.home / "keys" / "host.key").read_bytes())
     with Client(endpoint, AtsReply, security=Security(keys_dir=stranger), timeout_s=1) as other:
         with pytest.raises(QntxError):
             other.request(Ping())
