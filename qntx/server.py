@@ -125,7 +125,7 @@ class ServerActor(Actor):
         self.lock = PidLock(self.settings.lock_path(self.name))
         if not self.lock.acquire():
             raise Unavailable(f"another server already runs on {self.settings.home}")
-        self.events = Publisher(self, self.settings.events_endpoint)
+        self.events = Publisher(self, self.settings.events_endpoint, self.settings.public("events_endpoint"))
         self.pulse = Pulse(self, self.settings, publish=self.events.publish, cancel_at_plugin=self.cancel_at_plugin)
         self.service = self.serve(
             self.settings.server_endpoint,
@@ -149,6 +149,7 @@ class ServerActor(Actor):
                 GetEndpoints: self.on_get_endpoints,
             },
             roles=SERVER_ROLES,
+            also=self.settings.public("server_endpoint"),
         )
         self.directives = DirectivesFollower(self, self.settings, self.pulse.set_directives)
         self.every(max(0.1, self.settings.prune_every_s), self._prune_in_background)
@@ -200,11 +201,8 @@ class ServerActor(Actor):
         self.pulse.steer("resume", message.id, request)
 
     def on_get_endpoints(self, message: GetEndpoints, request: Request) -> BusEndpoints:
-        s = self.settings
-        return BusEndpoints(
-            ats_endpoint=s.ats_endpoint, ats_events_endpoint=s.ats_events_endpoint,
-            workers_endpoint=s.workers_endpoint, events_endpoint=s.events_endpoint,
-        )  # fmt: skip
+        names = ("ats_endpoint", "ats_events_endpoint", "workers_endpoint", "events_endpoint")
+        return BusEndpoints(**{name: self.settings.for_other_hosts(name) for name in names})
 
     def on_output(self, message: JobOutput, request: Request) -> None:
         self.pulse.output(message)
@@ -218,7 +216,6 @@ class ServerActor(Actor):
         # A worker is healthy while connected and heard from within two heartbeats
         # (Pulse gives its runs back only after three).
         now, fresh_ms = instant().mono, self.settings.heartbeat_s * 2000
-        local = self.settings.workers_endpoint.startswith("ipc://")
         for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
             key, role, peer_host = self.pulse.owners.get(session.id, ("", "", ""))
             if session.plugin and key in ("", self.pulse.host_key):
@@ -227,7 +224,7 @@ class ServerActor(Actor):
             actors.append(
                 ActorStatus(
                     name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=healthy,
-                    credit=session.credit, host=host if local else peer_host, role=role, key=key,
+                    credit=session.credit, host=peer_host if key else host, role=role, key=key,
                     leases=len(session.leases),
                 )  # fmt: skip
             )

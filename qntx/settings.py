@@ -46,6 +46,7 @@ class Settings:
     log_max_bytes: int = 10 << 20  # each <home>/logs/<actor>.log rotates at this size
     log_files: int = 5  # rotated files kept per actor
     insecure: bool = False  # allow tcp endpoints without CURVE (explicit opt-out)
+    bind: str = ""  # tcp://HOST:PORT: also serve other hosts there (and on the next 5 ports)
     ats_endpoint: str = ""
     ats_events_endpoint: str = ""
     server_endpoint: str = ""
@@ -81,6 +82,14 @@ class Settings:
     def lock_path(self, actor: str) -> Path:
         """The pid lock an actor holds while it runs (``qntx.bus.pidlock``)."""
         return self.run_dir / f"{actor}.lock"
+
+    def public(self, endpoint_name: str) -> str:
+        """The tcp endpoint other hosts reach ``endpoint_name`` on ("" without ``bind``)."""
+        return tcp_endpoints(self.bind)[endpoint_name] if self.bind else ""
+
+    def for_other_hosts(self, endpoint_name: str) -> str:
+        """What a host joining through the server is told to connect to."""
+        return self.public(endpoint_name) or getattr(self, endpoint_name)
 
     def plugin_endpoint(self, name: str) -> str:
         return f"ipc://{self.run_dir}/plugin-{name}.sock"

@@ -71,7 +71,7 @@ class AtsActor(Actor):
             map_size=self.settings.ats_map_size,
             max_map_size=self.settings.ats_max_map_size,
         )
-        self.events = Publisher(self, self.settings.ats_events_endpoint)
+        self.events = Publisher(self, self.settings.ats_events_endpoint, self.settings.public("ats_events_endpoint"))
         self.writer = Offloader(self, "ats-writer")
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.store, "the attestation store"))
         self.service = self.serve(
@@ -85,6 +85,7 @@ class AtsActor(Actor):
                 Stats: self.on_stats,
             },
             roles=ATS_ROLES,
+            also=self.settings.public("ats_endpoint"),
         )
         logger.info("ATS serving {} (store {}, {} attestations)", self.settings.ats_endpoint, self.settings.ats_path, self.store.count())
 

@@ -108,7 +108,9 @@ class Gate:
 
     def check(self, peer: str | None, message: Any) -> None:
         """Raise Forbidden if ``peer`` may not send ``message``."""
-        if not self.curve:
+        if not self.curve or peer is None:
+            # No User-Id: it came over ipc (every CURVE connection passed the ZAP
+            # handler, which names it).
             return
         held = self.roles(peer)
         needed = self.policy.get(type(message), frozenset({"admin"}))
@@ -368,10 +370,13 @@ class Actor:
 
     # ------------------------------------------------------------------ sockets
 
-    def bind(self, kind: int, endpoint: str, *, handover: bool = False, only: str | None = None) -> zmq.Socket:
-        """A socket of ``kind`` bound to ``endpoint``. ``handover``: a ROUTER peer that
-        reconnects with the same routing id takes its old connection over. ``only``:
-        over tcp, the one authorised key name that may connect."""
+    def bind(
+        self, kind: int, endpoint: str, *, handover: bool = False, only: str | None = None, also: str = ""
+    ) -> zmq.Socket:
+        """A socket of ``kind`` bound to ``endpoint`` (and to ``also``: a tcp endpoint for
+        other hosts). ``handover``: a ROUTER peer that reconnects with the same routing
+        id takes its old connection over. ``only``: over tcp, the one authorised key
+        name that may connect."""
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         if kind in (zmq.ROUTER, zmq.PULL):
@@ -386,6 +391,8 @@ class Actor:
             sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.security.bind(sock, endpoint, only=only)  # a tcp bind starts the ZAP handler first
+        if also:
+            self.security.bind(sock, also, only=only)  # after the ipc bind: CURVE applies to tcp only
         return sock
 
     def serve(
@@ -396,9 +403,10 @@ class Actor:
         *,
         handover: bool = False,
         roles: RolePolicy | None = None,
+        also: str = "",
     ) -> Service:
-        sock = self.bind(zmq.ROUTER, endpoint, handover=handover)
-        gate = Gate(self.security, endpoint, roles)
+        sock = self.bind(zmq.ROUTER, endpoint, handover=handover, also=also)
+        gate = Gate(self.security, also or endpoint, roles)
         service = Service(self, sock, request_type, handlers, self.max_message_bytes, gate)
         self.add_reader(sock, service.on_readable)
         return service
@@ -511,8 +519,8 @@ class Actor:
 class Publisher:
     """A PUB socket: events are ``[topic, body]``."""
 
-    def __init__(self, actor: Actor, endpoint: str):
-        self.socket = actor.bind(zmq.PUB, endpoint)
+    def __init__(self, actor: Actor, endpoint: str, also: str = ""):
+        self.socket = actor.bind(zmq.PUB, endpoint, also=also)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
 
     def publish(self, topic: bytes, message: msgspec.Struct) -> None:

@@ -27,14 +27,13 @@ def up(
     """Start the bus: every actor as its own supervised process, until Ctrl-C."""
     import os
 
-    from qntx.settings import tcp_endpoints
     from qntx.supervisor import Child, Supervisor, actor_command
 
     _actor_logging("QNTX")
-    endpoints = tcp_endpoints(bind) if bind else {}
-    # The children resolve their settings again: they find the endpoints in the environment.
-    os.environ.update({f"QNTX_{name.upper()}": value for name, value in endpoints.items()})
-    resolved = settings(workers=workers, **endpoints)
+    resolved = settings(workers=workers, bind=bind)
+    if resolved.bind:
+        resolved.public("server_endpoint")  # a bad address fails here, once
+        os.environ["QNTX_BIND"] = resolved.bind  # the children resolve their settings again
     if resolved.workers < 1:
         from qntx.errors import Invalid
 

@@ -162,8 +162,9 @@ class Pulse:
         self._commit_now()  # reserves the first block of lease ids before any dispatch
         self.writer = Offloader(actor, "pulse-writer")
         self.control = actor.serve(
-            settings.workers_endpoint, WorkerMessage, {WorkerReady: self.on_worker_ready}, handover=True, roles=WORKER_ROLES
-        )
+            settings.workers_endpoint, WorkerMessage, {WorkerReady: self.on_worker_ready}, handover=True,
+            roles=WORKER_ROLES, also=settings.public("workers_endpoint"),
+        )  # fmt: skip
         # tcp sessions: session id -> (the name of the key that opened it, its role, its host).
         self.owners: dict[bytes, tuple[str, str, str]] = {}
         self.host_key = HOST  # this host's own key name (qntx.bus.security)
@@ -172,6 +173,9 @@ class Pulse:
             results = jobs_endpoint_for(settings.workers_endpoint, b"")  # remote workers must reach it
         self.results = actor.bind(zmq.PULL, results)
         self.results_endpoint = self.results.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.public_results_endpoint = settings.public("results_endpoint")  # for sessions on other hosts
+        if self.public_results_endpoint:
+            settings.security.bind(self.results, self.public_results_endpoint)
         self._results_decoder = Decoder(WorkerResult)
         actor.add_reader(self.results, self.on_results)
         self._wakeup_at: int | None = None
@@ -326,7 +330,7 @@ class Pulse:
     # ---------------------------------------------------------------- worker sockets
 
     def on_worker_ready(self, message: WorkerReady, request: Request) -> None:
-        if self.control.gate.curve:
+        if request.peer is not None:  # over tcp (ipc peers are this host's user)
             self._check_owner(message, request)
         pipe = self._pipes.get(request.identity)
         ready = pipe is not None and bool(message.jobs_endpoint) and message.jobs_endpoint == pipe[1]
@@ -356,7 +360,7 @@ class Pulse:
             except ValueError:
                 logger.warning("dropped a multipart message on the results pipe")
                 continue
-            if curve and not self.control.gate.roles(peer) & WORKER_ROLES[WorkerReady]:
+            if peer is not None and not self.control.gate.roles(peer) & WORKER_ROLES[WorkerReady]:
                 logger.warning("dropped a result from key {}: it has no worker or plugin role", peer)
                 continue
             if len(body) > self.settings.max_message_bytes:
@@ -374,14 +378,19 @@ class Pulse:
 
     def _open_pipe(self, session: bytes) -> None:
         if session not in self._pipes:
-            endpoint = jobs_endpoint_for(self.settings.workers_endpoint, session)
             owner = self.owners.get(session)
+            if owner is not None and self.settings.bind:  # a session from another host
+                endpoint = jobs_endpoint_for(self.settings.public("workers_endpoint"), session)
+            else:
+                endpoint = jobs_endpoint_for(self.settings.workers_endpoint, session)
             # Over tcp only the session's own key may connect to its jobs pipe.
             sock = self.actor.bind(zmq.PUSH, endpoint, only=owner[0] if owner else None)
             sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what is queued, not the HWM
             bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._pipes[session] = (sock, bound)
-        welcome = WorkerWelcome(jobs_endpoint=self._pipes[session][1], results_endpoint=self.results_endpoint)
+        remote = session in self.owners and self.public_results_endpoint
+        results = self.public_results_endpoint if remote else self.results_endpoint
+        welcome = WorkerWelcome(jobs_endpoint=self._pipes[session][1], results_endpoint=results)
         self.control.send_to(session, welcome)
 
     def _close_pipe(self, session: bytes) -> None:
