@@ -93,6 +93,10 @@ def error_for(message: Any, exc: Exception) -> QntxError:
 RolePolicy = dict[type, frozenset[str]]
 
 
+class Revoked(Exception):
+    """A message over a connection whose key was revoked since: it gets no answer."""
+
+
 class Gate:
     """Who may send what on one socket. On ipc (no CURVE) every peer is this host's
     own user and passes; over tcp the peer's authorised name (the connection's
@@ -113,12 +117,14 @@ class Gate:
             # handler, which names it).
             return
         held = self.roles(peer)
+        if not held:
+            logger.warning("dropped {} from {}: the key is no longer authorised", type(message).__name__, peer)
+            raise Revoked(peer)
         needed = self.policy.get(type(message), frozenset({"admin"}))
         if not held & needed:
-            why = "is no longer authorised" if not held else f"has role {', '.join(sorted(held))}"
-            logger.warning("refused {} from {}: the key {}", type(message).__name__, peer, why)
+            logger.warning("refused {} from {}: the key has role {}", type(message).__name__, peer, ", ".join(sorted(held)))
             raise Forbidden(
-                f"{type(message).__name__} needs role {' or '.join(sorted(needed))}; key {peer!r} {why}"
+                f"{type(message).__name__} needs role {' or '.join(sorted(needed))}; key {peer!r} has {', '.join(sorted(held))}"
             )
 
 
@@ -198,6 +204,8 @@ class Service:
             self.gate.check(peer, message)
         except Forbidden as exc:
             request.fail(exc)
+            return
+        except Revoked:
             return
         try:
             reply = handler(message, request)

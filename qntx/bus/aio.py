@@ -24,6 +24,7 @@ from qntx.bus.actor import (
     Gate,
     RejectedFrames,
     Request,
+    Revoked,
     RolePolicy,
     error_for,
     unpack_request,
@@ -108,6 +109,8 @@ class AsyncService:
             self.gate.check(peer, message)
         except Forbidden as exc:
             request.reply(error_reply(exc))
+            return
+        except Revoked:
             return
         if inspect.iscoroutinefunction(handler):
             task = asyncio.get_running_loop().create_task(self._run(handler, message, request))

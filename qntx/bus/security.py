@@ -99,7 +99,7 @@ class Keyring:
             self.generation += 1
 
     def by_key(self, key: str) -> Authorized | None:
-        self.refresh()
+        self.refresh(force=True)  # a handshake is rare: a change counts at once
         return self._by_key.get(key)
 
     def roles(self, name: str) -> frozenset[str]:

@@ -325,6 +325,9 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     print("Actors:")
     for actor in reply.actors:
         health = "healthy" if actor.healthy else "UNHEALTHY"
-        print(f"  {actor.name:<16} pid {actor.pid or '-':<8} {health:<10} {actor.endpoint}")
+        where = f" host {actor.host}" if actor.host else ""
+        who = f" role {actor.role} key {actor.key}" if actor.key else ""
+        load = f" leases {actor.leases}/{actor.credit}" if actor.credit else ""
+        print(f"  {actor.name:<16} pid {actor.pid or '-':<8} {health:<10} {actor.endpoint}{where}{who}{load}")
     print("Queue:    " + ", ".join(f"{k} {v}" for k, v in reply.queue.items()))
     print("Handlers: " + (", ".join(reply.handlers) or "(none)"))

@@ -340,7 +340,7 @@ class Pulse:
         """Over tcp a session belongs to the key that opened it, and a plain worker
         session needs role ``worker``, a plugin's own session role ``plugin``."""
         role = SESSION_ROLE[bool(message.plugin)]
-        held = self.control.gate.roles(request.peer)
+        held = self.control.gate.roles(request.peer)  # (a revoked key never gets here)
         if role not in held and "admin" not in held:
             logger.warning("refused a {} session from key {}: it has no role {}", role, request.peer, role)
             raise Forbidden(f"a {role} session needs role {role}; key {request.peer!r} has {', '.join(sorted(held))}")
