@@ -10,7 +10,12 @@ throwaway home and measures, each beside a raw limit measured in the same run:
 5. the server's RSS around one 10 MB payload (nested empty arrays)      vs its own baseline
 
 Targets (issue 6): plain loop echo >= 7,000 jobs/s; python >= 3,500 jobs/s;
-sequential p50 <= 0.8 ms. Every job is durable: accepted only after a synced
+sequential p50 <= 0.8 ms.
+
+``--tcp`` (issue 8) then starts a second ``qntx up`` whose every endpoint is
+tcp+CURVE on loopback (its workers, its python plugin and this client all connect
+with keys, through the ZAP handler) and measures the two plain loops again, judged
+against the ipc figures of the same run: target >= 0.75x. Every job is durable: accepted only after a synced
 commit; a completion may reach its followers before its own commit syncs (a crash
 then re-runs the job). ``--quick`` shrinks everything.
 """
@@ -136,10 +141,75 @@ def latencies(bus, handler: str, samples: int) -> list[float]:
     return sorted(values)
 
 
+def tcp_config(first_port: int) -> str:
+    from qntx.settings import tcp_endpoints
+
+    endpoints = tcp_endpoints(f"tcp://127.0.0.1:{first_port}")
+    return "".join(f'{name} = "{endpoint}"\n' for name, endpoint in endpoints.items())
+
+
+def free_port_run(count: int = 6) -> int:
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
+def tcp_figures(report: Report, sizes: Sizes, ipc_rates: dict[str, float]) -> None:
+    """The plain loops again on a bus whose every socket is tcp+CURVE; ratio to ipc."""
+    with Home("qt-") as home:
+        (home.path / "config.toml").write_text(tcp_config(free_port_run()))
+        done = home.run_cli("keys")
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr)
+        progress("starting qntx up with every endpoint on tcp+CURVE")
+        up = home.start("up")
+        deadline = time.monotonic() + 60
+        # Over tcp the handler is stored through the running bus (no embedded store).
+        while home.run_cli("handler", "create", HANDLER, "--code", HANDLER_CODE).returncode != 0:
+            if time.monotonic() > deadline or up.poll() is not None:
+                raise RuntimeError(f"could not store the handler:\n{home.log_text()}")
+            time.sleep(0.2)
+        wait_until_up(home, up)
+        from qntx import connect
+
+        with connect(home.path) as bus:
+            warm = [bus.submit(h, {"n": n}) for h in ("builtin.echo", f"python.{HANDLER}") for n in range(50)]
+            for handle in warm:
+                handle.result(timeout=30)
+            for handler, jobs, key in (
+                ("builtin.echo", sizes.echo_jobs, "echo"),
+                (f"python.{HANDLER}", sizes.python_jobs, "python"),
+            ):
+                progress(f"tcp+CURVE plain loop: {jobs} {handler} jobs")
+                rate = throughput(bus, handler, jobs)
+                limit = report.add_raw(f"ipc_{key}_jobs_per_s", ipc_rates[key], "/s", "this run, over ipc")
+                report.add(
+                    Metric(
+                        f"{key}_tcp_jobs_per_s", f"{handler}: plain loop over tcp+CURVE, {jobs:,} jobs", rate, "/s",
+                        limit, f"ipc_{key}_jobs_per_s", Target(">=", 0.75),
+                    )
+                )
+    report.notes.append(
+        "tcp+CURVE: every actor, worker, the python plugin's session and this client connect over loopback tcp "
+        "with CURVE keys checked by the ZAP handler; the ratio is to the ipc figure of this run"
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bin/bench pulse", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--tcp", action="store_true", help="also the plain loops over tcp+CURVE, against ipc")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     report = Report("pulse", args.quick)
@@ -174,12 +244,13 @@ def main(argv: list[str]) -> int:
             warm = [bus.submit(h, {"n": n}) for h in ("builtin.echo", f"python.{HANDLER}") for n in range(50)]
             for handle in warm:
                 handle.result(timeout=30)
+            ipc_rates = {}
             for handler, jobs, key, target in (
                 ("builtin.echo", sizes.echo_jobs, "echo", 7_000),
                 (f"python.{HANDLER}", sizes.python_jobs, "python", 3_500),
             ):
                 progress(f"plain loop: {jobs} {handler} jobs")
-                rate = throughput(bus, handler, jobs)
+                rate = ipc_rates[key] = throughput(bus, handler, jobs)
                 report.add(
                     Metric(
                         f"{key}_jobs_per_s", f"{handler}: plain loop, {jobs:,} jobs", rate, "/s",
@@ -220,6 +291,8 @@ def main(argv: list[str]) -> int:
             "throughput ratios are against raw pipelined pyzmq messages/s between two processes; "
             "a job costs at least 4 messages and 2 synced commits (shared by all jobs of a loop turn)"
         )
+    if args.tcp:
+        tcp_figures(report, sizes, ipc_rates)
     report.seconds = time.perf_counter() - began
     report.print(args.json)
     return 0

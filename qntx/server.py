@@ -289,8 +289,9 @@ class ServerActor(Actor):
                 logger.info("remote plugin {} on {} (pid {}, key {}) joined", message.name, message.host, message.pid, request.peer)
             self.remote_plugins[key] = RemotePlugin(message.name, message.host, message.pid, request.peer or "", time.monotonic())
             return Ack()
-        if request.peer is not None:
-            # Over tcp the server never connects to an endpoint a peer names.
+        if request.peer is not None and message.endpoint != self.settings.plugin_endpoint(message.name):
+            # Over tcp the server connects to no endpoint a peer names: only to a
+            # plugin socket in its own 0700 run directory (a plugin of this host).
             raise Invalid("a plugin registering over tcp must leave endpoint empty (it takes its own jobs)")
         entry = self.plugins.get(message.name)
         if entry is not None and entry.pid == message.pid and entry.endpoint == message.endpoint:
