@@ -43,6 +43,7 @@ ERROR_CODES = (
     "not_found",  # the referenced attestation, job or handler does not exist
     "conflict",  # the request clashes with the current state (e.g. duplicate id)
     "unavailable",  # an actor needed for the request is not reachable
+    "forbidden",  # the sender's key has no role that may send this (tcp; docs/DEPLOY.md)
     "timeout",  # the request did not finish in time
     "internal",  # a bug: the actor logged the traceback
 )
