@@ -40,7 +40,7 @@ from qntx.bus.codec import (
     error_reply,
 )
 from qntx.bus.messages import ErrorReply
-from qntx.bus.security import PLAIN, Security, peer_name, stop_zap
+from qntx.bus.security import KEYRING_CHECK_S, PLAIN, Security, peer_name, stop_zap
 from qntx.errors import BadRequest, Forbidden, Internal, QntxError, Timeout, TooLarge, UnknownType
 from qntx.lifeline import give_big_blocks_back
 
@@ -398,9 +398,13 @@ class Actor:
             # that is gone) a send fails loudly instead of vanishing silently.
             sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.security.bind(sock, endpoint, only=only)  # a tcp bind starts the ZAP handler first
-        if also:
-            self.security.bind(sock, also, only=only)  # after the ipc bind: CURVE applies to tcp only
+        try:
+            self.security.bind(sock, endpoint, only=only)  # a tcp bind starts the ZAP handler first
+            if also:
+                self.security.bind(sock, also, only=only)  # after the ipc bind: CURVE applies to tcp only
+        except BaseException:
+            sock.close(0)
+            raise
         return sock
 
     def serve(
@@ -525,13 +529,43 @@ class Actor:
 
 
 class Publisher:
-    """A PUB socket: events are ``[topic, body]``."""
+    """A PUB socket: events are ``[topic, body]``.
+
+    A PUB never hears from its subscribers, so a revoked key's subscription cannot be
+    refused message by message: over tcp, when a key is revoked the socket is opened
+    anew, which drops every subscriber; the others reconnect within a reconnect
+    interval (their events meanwhile are lost, as for any slow subscriber) and the
+    revoked one is refused by the ZAP handler."""
 
     def __init__(self, actor: Actor, endpoint: str, also: str = ""):
-        self.socket = actor.bind(zmq.PUB, endpoint, also=also)
-        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.actor, self.endpoint, self.also = actor, endpoint, also
+        self.socket: zmq.Socket | None = self._open()
+        if actor.security.active(also or endpoint):
+            self._keyring = actor.security.keyring
+            self._names = self._keyring.names()
+            actor.every(KEYRING_CHECK_S, self._drop_revoked)
+
+    def _open(self) -> zmq.Socket:
+        sock = self.actor.bind(zmq.PUB, self.endpoint, also=self.also)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        return sock
+
+    def _drop_revoked(self) -> None:
+        names = self._keyring.names()
+        revoked, self._names = self._names - names, names
+        if revoked or self.socket is None:
+            if self.socket is not None:
+                logger.info("key(s) {} revoked: events subscribers are dropped and reconnect", ", ".join(sorted(revoked)))
+                self.socket.close(0)
+                self.socket = None
+            try:
+                self.socket = self._open()
+            except zmq.ZMQError as exc:  # the old listener is still closing: next tick
+                logger.debug("events socket not bound again yet: {}", exc)
 
     def publish(self, topic: bytes, message: msgspec.Struct) -> None:
+        if self.socket is None:
+            return  # being opened anew after a revocation
         try:
             self.socket.send_multipart([topic, encode(message)], zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -102,6 +102,10 @@ class Keyring:
         self.refresh(force=True)  # a handshake is rare: a change counts at once
         return self._by_key.get(key)
 
+    def names(self) -> frozenset[str]:
+        self.refresh()
+        return frozenset(self._by_name)
+
     def roles(self, name: str) -> frozenset[str]:
         """The roles of the key authorised as ``name`` (none once it is revoked)."""
         self.refresh()

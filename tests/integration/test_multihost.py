@@ -194,6 +194,35 @@ def test_strangers_get_nothing(hosts):
     assert "is not authorised" in (hosts.a.home / "logs" / "server.log").read_text()
 
 
+def test_a_revoked_key_loses_its_events_subscription(hosts):
+    keys = hosts.stranger("listener")
+    hosts.allow("listener", keys, "client")
+    events = hosts.server.rsplit(":", 1)[0] + f":{int(hosts.server.rsplit(':', 1)[1]) + 3}"
+    context = zmq.Context.instance()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"job.")
+    keys.connect(sub, events)
+    try:
+        with hosts.a.connect() as bus:
+
+            def heard() -> bool:
+                bus.submit("builtin.echo", 1).wait(10)
+                return bool(sub.poll(500))
+
+            wait_for(heard, 15, what="events over tcp")
+            assert hosts.a.run("keys", "revoke", "listener").returncode == 0
+            time.sleep(1.5)  # the events socket is opened anew within a keyring check
+            while sub.poll(0):
+                sub.recv_multipart()
+            bus.submit("builtin.echo", 2).wait(10)
+            assert not sub.poll(2000)  # dropped, and refused when it reconnects
+            with hosts.a.connect() as other:  # (this host's own subscribers carry on)
+                assert other.submit("builtin.echo", 3).result(timeout=10) == 3
+    finally:
+        sub.close(0)
+
+
 def test_roles_hold_per_message(hosts):
     client_key = hosts.stranger("just-a-client")
     hosts.allow("just-a-client", client_key, "client")
