@@ -103,9 +103,14 @@ def joined_workers_endpoint(connect: str) -> str:
     from qntx.protocol import BusEndpoints, GetEndpoints, ServerReply
     from qntx.pulse.worker import reachable
 
+    from qntx.errors import UnknownType
+
     resolved = settings(server_endpoint=connect)
     with Client(connect, ServerReply, security=resolved.security, timeout_s=resolved.request_timeout_s) as client:
-        reply = client.request(GetEndpoints())
+        try:
+            reply = client.request(GetEndpoints())
+        except UnknownType:  # the workers endpoint itself, as before
+            return connect
     if not isinstance(reply, BusEndpoints):  # pragma: no cover - a server answers this or an error
         from qntx.errors import Unavailable
 
