@@ -256,6 +256,10 @@ class ZapHandler:
         logger.warning("refused a connection from {}: {}", peer, why)
         return [b"1.0", request_id, b"400", why.encode(), b"", b""]
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2)
@@ -276,7 +280,9 @@ def keyring_for(keys_dir: Path) -> Keyring:
 
 def _ensure_zap(context: zmq.Context, keyring: Keyring) -> None:
     with _registry_lock:
-        if context.underlying not in _zap_handlers:
+        handler = _zap_handlers.get(context.underlying)
+        # (A handler whose thread ended belonged to a destroyed context at the same address.)
+        if handler is None or not handler.alive:
             sync = context if type(context) is zmq.Context else zmq.Context.shadow(context.underlying)
             _zap_handlers[context.underlying] = ZapHandler(sync, keyring)
 
@@ -328,6 +334,8 @@ class Security:
             sock.curve_secretkey = secret
             sock.curve_server = True
             sock.zap_domain = (ZAP_DOMAIN + (ONLY + only if only else "")).encode()
+            # libzmq itself then refuses every client while no ZAP handler answers.
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         sock.bind(endpoint)
 
     def connect(self, sock: zmq.Socket, endpoint: str) -> None:

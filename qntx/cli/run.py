@@ -100,10 +100,9 @@ def worker(
 def joined_workers_endpoint(connect: str) -> str:
     """The workers endpoint of the bus whose server is at ``connect`` (asked of it)."""
     from qntx.bus.client import Client
+    from qntx.errors import UnknownType
     from qntx.protocol import BusEndpoints, GetEndpoints, ServerReply
     from qntx.pulse.worker import reachable
-
-    from qntx.errors import UnknownType
 
     resolved = settings(server_endpoint=connect)
     with Client(connect, ServerReply, security=resolved.security, timeout_s=resolved.request_timeout_s) as client:

@@ -20,6 +20,7 @@ from qntx.bus.security import (
     host_public_key,
     make_keys,
     revoke,
+    stop_zap,
 )
 from qntx.errors import Forbidden, Invalid, NotFound
 from qntx.protocol import SERVER_ROLES, Ping, RegisterPlugin, Submit
@@ -133,3 +134,35 @@ def test_bind_sets_every_endpoint_on_consecutive_ports(tmp_path):
     settings = load_settings(tmp_path, environ={"QNTX_BIND": "tcp://0.0.0.0:7400"})
     assert settings.server_endpoint.startswith("ipc://")  # this host keeps ipc
     assert settings.for_other_hosts("ats_endpoint") == "tcp://0.0.0.0:7404"
+
+
+def test_no_zap_handler_means_no_connection(tmp_path):
+    """Fail-closed: once a context's ZAP handler is gone, even an authorised key
+    gets no connection (the domain is enforced by libzmq)."""
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    security = Security(keys_dir=keys)
+    context = zmq.Context()
+    try:
+        server = context.socket(zmq.ROUTER)
+        server.setsockopt(zmq.LINGER, 0)
+        security.bind(server, "tcp://127.0.0.1:*")
+        endpoint = server.getsockopt_string(zmq.LAST_ENDPOINT)
+
+        def answered() -> bool:
+            client = context.socket(zmq.DEALER)
+            client.setsockopt(zmq.LINGER, 0)
+            security.connect(client, endpoint)
+            client.send(b"hello")
+            got = server.poll(1500)
+            if got:
+                server.recv_multipart()
+            client.close(0)
+            return bool(got)
+
+        assert answered()  # with its handler: this host's own key gets through
+        stop_zap(context)
+        assert not answered()
+        server.close(0)
+    finally:
+        context.destroy(linger=0)
