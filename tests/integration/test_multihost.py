@@ -247,8 +247,20 @@ def test_roles_hold_per_message(hosts):
 
 
 @pytest.mark.parametrize("how", ["kill -9", "SIGSTOP past its lease"])
-def test_a_plugin_host_that_dies_or_stalls_gives_its_runs_back(hosts, tmp_path, how):
-    other = hosts.b.start("plugin", "python", "--connect", hosts.server, "--name", "plugin-c")
+def test_a_plugin_host_that_dies_or_stalls_gives_its_runs_back(hosts, tmp_path, how, home):
+    host_c = Bus(home)  # a third host (one python plugin per home)
+    try:
+        check_plugin_host_fault(hosts, host_c, tmp_path, how)
+    finally:
+        host_c.stop_all()
+
+
+def check_plugin_host_fault(hosts: Hosts, host_c: Bus, tmp_path: Path, how: str) -> None:
+    assert host_c.run("keys").returncode == 0
+    assert host_c.run("keys", "server", hosts.key_of(hosts.a)).returncode == 0
+    allowed = hosts.a.run("keys", "allow", f"host-c-{how[:4]}", hosts.key_of(host_c), "--role", "plugin")
+    assert allowed.returncode == 0, allowed.stderr
+    other = host_c.start("plugin", "python", "--connect", hosts.server, "--name", "plugin-c")
     with hosts.a.connect() as bus:
         wait_for(lambda: "plugin-c" in {x.name for x in bus.status().actors}, 30, what="plugin-c joined")
         # Three python sessions of 8: plugin-c gets a share.
