@@ -359,6 +359,21 @@ def test_plugin_capacity_and_plugin_restarts(h):
     assert late.id in h.core.jobs
 
 
+def test_plugin_sessions_on_several_hosts_share_its_jobs_with_exact_credit(h):
+    # The plugin announced capacity 2 (its own host's); its sessions' credit is what
+    # bounds it: two hosts' sessions of 3 each take 6 at once, never a plain worker.
+    h(PluginUp("python", "ipc://p", 2, ("python.a",)))
+    for n in range(8):
+        h.submit(handler="python.a", payload=n)
+    h.hello(b"plain", credit=10)
+    for session in (b"here", b"there"):
+        message = WorkerReady(worker=session.decode(), credit=3, session=session.decode(), plugin="python")
+        h(WorkerSeen(session, message, True))
+    sent = [c for c in h.turn() if isinstance(c, SendJob)]
+    assert sorted(c.session for c in sent) == [b"here"] * 3 + [b"there"] * 3
+    assert all(c.message.plugin_endpoint is None for c in sent)  # taken directly, never forwarded
+
+
 def test_handlers_of_a_known_plugin_are_accepted_while_it_is_down(h):
     with pytest.raises(NotFound, match="unknown handler 'python.early'"):
         h.submit(handler="python.early")  # no plugin named python was ever seen
