@@ -49,6 +49,13 @@ MAX_ATTRIBUTE_DEPTH = 32
 # found rather than joined in the intersection (each seek in it seeks every value).
 MAX_JOINED_VALUES = 16
 INDEXED_FIELDS = (*LIST_FIELDS, "source")
+# Subject and predicate together, the pair most queries AND: one posting list per
+# (subject, predicate), so `alice AND knows` walks only the records that have both,
+# however the two broad lists interleave.
+PAIR = "subject_predicate"
+_PAIR_SEP = b"\x00\x01"  # between the two value keys (value keys hold no NUL)
+_PAIRS_BUILT = b"pairs-built"  # meta: every record has its pair entries
+_BACKFILL_BATCH = 10_000
 DEFAULT_SOURCE = "python"
 MAX_TIMESTAMP = (1 << 63) - 1  # int64 max, so every MessagePack client can read it back
 
@@ -63,6 +70,11 @@ _MAX_ID_BYTES = 511
 
 def _value_key(value: str) -> bytes:
     return value.casefold().encode()[:_VALUE_KEY_BYTES]
+
+
+def _pair_key(subject_key: bytes, predicate_key: bytes) -> bytes:
+    # Cut like a value key: pairs that share a cut key are told apart by the record check.
+    return (subject_key + _PAIR_SEP + predicate_key)[:_VALUE_KEY_BYTES]
 
 
 def _count_key(field: str, vkey: bytes) -> bytes:
@@ -115,16 +127,19 @@ class AttestationStore:
         if readonly and not (self.path / "data.mdb").exists():
             raise Unavailable(f"no attestation store at {self.path}")
         self._env = LmdbEnv(
-            self.path, ("records", "time", *INDEXED_FIELDS, "counts", "meta"),
+            self.path, ("records", "time", *INDEXED_FIELDS, PAIR, "counts", "meta"),
             map_size=map_size, max_map_size=max_map_size, readonly=readonly, sync=sync,
         )  # fmt: skip
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Attestation)
         self._records = self._env.db("records")
         self._time = self._env.db("time")
-        self._index = {f: self._env.db(f) for f in INDEXED_FIELDS}
+        self._index = {f: self._env.db(f) for f in (*INDEXED_FIELDS, PAIR)}
         self._counts = self._env.db("counts")
         self._meta = self._env.db("meta")
+        if not readonly:
+            self._build_pairs()
+        self._pairs = self._env.read(lambda txn: txn.get(_PAIRS_BUILT, db=self._meta)) is not None
         # What the last query did, for tests that watch the planner: the records it
         # decoded, and the fields it walked (the first drove it).
         self.last_query_scanned = 0
@@ -134,6 +149,33 @@ class AttestationStore:
 
     def close(self) -> None:
         self._env.close()
+
+    def _build_pairs(self) -> None:
+        """Give every stored record its pair entries, once (a store made before the
+        pair index existed), a batch of records per transaction."""
+        if self._env.read(lambda txn: txn.get(_PAIRS_BUILT, db=self._meta)) is not None:
+            return
+        position = [b""]
+
+        def batch(txn) -> bool:
+            writer = _BatchWriter(self, txn)
+            cursor = txn.cursor(self._time)
+            found = cursor.set_range(position[0]) if position[0] else cursor.first()
+            done = 0
+            while found and done < _BACKFILL_BATCH:
+                tail, id = cursor.key(), cursor.value()
+                writer.index_pairs(self._decoder.decode(txn.get(id, db=self._records)), tail, id)
+                done += 1
+                found = cursor.next()
+            writer.finish()
+            if found:
+                position[0] = cursor.key()
+                return False
+            txn.put(_PAIRS_BUILT, b"1", db=self._meta)
+            return True
+
+        while not self._env.write(batch):
+            pass
 
     def clear_stale_readers(self) -> int:
         return self._env.clear_stale_readers()
@@ -379,10 +421,16 @@ class AttestationStore:
     def _plan(self, txn, want: dict[str, set[str]]) -> list[tuple[str, list[bytes]]]:
         """The fields to walk, each with its value keys, the one carried by the fewest
         attestations first: that one alone, or with every other field of few enough
-        values to join in an intersection. Empty when a field matches no attestation."""
+        values to join in an intersection. Empty when a field matches no attestation.
+        Subjects and predicates asked together walk their pair index instead."""
         ranked: list[tuple[int, str, list[bytes]]] = []
-        for field, values in want.items():
-            vkeys = sorted({_value_key(v) for v in values})
+        fields = dict.fromkeys(want)
+        subjects, predicates = want.get("subjects"), want.get("predicates")
+        if self._pairs and subjects and predicates and len(subjects) * len(predicates) <= MAX_FILTER_VALUES:
+            fields = {f: None for f in want if f not in ("subjects", "predicates")}
+            fields[PAIR] = {_pair_key(_value_key(s), _value_key(p)) for s in subjects for p in predicates}
+        for field, pair_keys in fields.items():
+            vkeys = sorted(pair_keys) if pair_keys is not None else sorted({_value_key(v) for v in want[field]})
             counts = [txn.get(_count_key(field, k), db=self._counts) for k in vkeys]
             total = sum(_U64.unpack(c)[0] for c in counts if c)
             if total == 0:
@@ -416,6 +464,7 @@ class _BatchWriter:
         self._put = txn.put
         self._store = store
         self._lists = [(store._index[f], f.encode() + b":") for f in LIST_FIELDS]
+        self._pairs = (store._index[PAIR], PAIR.encode() + b":")
         self._source = (store._index["source"], b"source:")
         self._start_seq = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=store._meta))[0]
         self._seq = self._start_seq
@@ -442,7 +491,19 @@ class _BatchWriter:
                     self._index(db, count_prefix, vkey, tail, id)
         db, count_prefix = self._source
         self._index(db, count_prefix, self._value_key(record.source), tail, id)
+        self.index_pairs(record, tail, id)
         return record
+
+    def index_pairs(self, record: Attestation, tail: bytes, id: bytes) -> None:
+        db, count_prefix = self._pairs
+        if len(record.subjects) == 1 and len(record.predicates) == 1:
+            keys = {_pair_key(self._value_key(record.subjects[0]), self._value_key(record.predicates[0]))}
+        else:
+            keys = {
+                _pair_key(self._value_key(s), self._value_key(p)) for s in record.subjects for p in record.predicates
+            }
+        for key in keys:
+            self._index(db, count_prefix, key, tail, id)
 
     def _index(self, db, count_prefix: bytes, vkey: bytes, tail: bytes, id: bytes) -> None:
         self._put(vkey + b"\x00" + tail, id, db=db)

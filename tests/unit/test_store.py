@@ -366,10 +366,11 @@ def test_the_planner_walks_the_most_selective_index(store: AttestationStore) -> 
 
     assert len(store.query(Filter(predicates=["rare"]))) == 3
     assert store.last_query_scanned == 3
-    # "work" and "user1" are common, "rare" is not: the planner must drive with predicates.
+    # "work" and "user1" are common, "rare" is not: the planner must drive with the
+    # subject-predicate pairs (2 records), not the broad fields.
     found = store.query(Filter(subjects=["user1", "user2"], predicates=["rare"], contexts=["work"]))
     assert [r.subjects for r in found] == [["user2"], ["user1"]]
-    assert store.last_query_plan == ["predicates", "subjects", "contexts"]
+    assert store.last_query_plan == ["subject_predicate", "contexts"]
     assert store.last_query_scanned == 2  # only the records every field carries are read
     # A value nobody carries ends the query before any record is read.
     assert store.query(Filter(contexts=["work"], actors=["nobody"])) == []
@@ -615,7 +616,7 @@ def test_an_and_of_two_broad_fields_reads_only_the_common_records(store) -> None
     records, cursor = store.query_page(flt)
     assert ids(records) == both and cursor is None
     assert store.last_query_scanned == 60
-    assert store.last_query_plan in (["subjects", "predicates"], ["predicates", "subjects"])
+    assert store.last_query_plan == ["subject_predicate"]  # one list: the records with both
     # The same over a time range and with a limit.
     early = Filter(subjects=["alice"], predicates=["knows"], time_start=100, time_end=999)
     assert ids(store.query(early)) == [r.id for r in common if 100 <= r.timestamp <= 999]
@@ -623,12 +624,36 @@ def test_an_and_of_two_broad_fields_reads_only_the_common_records(store) -> None
     assert store.last_query_scanned == 5
 
 
+def test_the_pair_index_is_built_for_a_store_made_without_it(tmp_path) -> None:
+    """A store written before the pair index existed gets it when next opened."""
+    from qntx.ats import store as module
+
+    path = tmp_path / "ats"
+    first = AttestationStore(path)
+    made = first.put_many([new(f"s{i % 7}", predicates=[f"p{i % 5}"], timestamp=i) for i in range(500)])
+    pairs = first._index[module.PAIR]
+
+    def forget(txn) -> None:  # as an older version left it: no pair entries, no flag
+        txn.drop(pairs, delete=False)
+        txn.delete(module._PAIRS_BUILT, db=first._meta)
+        for key in [k for k, _ in txn.cursor(db=first._counts) if k.startswith(b"subject_predicate:")]:
+            txn.delete(key, db=first._counts)
+
+    first._env.write(forget)
+    first.close()
+    again = AttestationStore(path)
+    expected = [r.id for r in reversed(made) if r.subjects == ["s3"] and r.predicates == ["p2"]]
+    assert ids(again.query(Filter(subjects=["s3"], predicates=["p2"]))) == expected
+    assert again.last_query_plan == ["subject_predicate"] and again.last_query_scanned == len(expected)
+    again.close()
+
+
 def test_a_field_of_many_values_is_checked_on_the_records_the_others_found(store) -> None:
-    made = store.put_many([new(f"s{i}", predicates=["p" if i % 3 else "q"]) for i in range(60)])
+    made = store.put_many([new(f"s{i}", contexts=["p" if i % 3 else "q"]) for i in range(60)])
     subjects = [f"s{i}" for i in range(MAX_JOINED_VALUES + 10)]
-    found = store.query(Filter(subjects=subjects, predicates=["q"]))
-    expected = [r.id for r in reversed(made) if r.predicates == ["q"] and r.subjects[0] in subjects]
-    assert ids(found) == expected and store.last_query_plan == ["predicates"]
+    found = store.query(Filter(subjects=subjects, contexts=["q"]))
+    expected = [r.id for r in reversed(made) if r.contexts == ["q"] and r.subjects[0] in subjects]
+    assert ids(found) == expected and store.last_query_plan == ["contexts"]
 
 
 def test_queries_come_in_bounded_pages_with_a_cursor(store: AttestationStore) -> None:
