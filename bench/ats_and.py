@@ -21,6 +21,7 @@ import random
 import time
 
 from bench.actors import Home
+from bench.ats import timed as timed_us
 from bench.report import Metric, Report, Target, percentile, progress
 
 FULL = {"stored": 1_000_000, "each": 30_000, "common": 60, "samples": 300}
@@ -60,15 +61,6 @@ def load(path, stored: int, alice: set[int], knows: set[int]) -> None:
                 )
                 for i in range(start, min(start + LOAD_BATCH, stored))
             ])  # fmt: skip
-
-
-def timed_us(call, samples: int) -> list[float]:
-    out = []
-    for _ in range(samples):
-        start = time.perf_counter_ns()
-        call()
-        out.append((time.perf_counter_ns() - start) / 1000)
-    return sorted(out)
 
 
 def layout_stage(report: Report, sizes: dict, layout: str) -> None:

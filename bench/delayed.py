@@ -15,7 +15,7 @@ import argparse
 import time
 
 from bench.actors import Home
-from bench.pulse import wait_until_up
+from bench.pulse import start_up
 from bench.report import Metric, Report, Target, percentile, progress
 
 
@@ -32,12 +32,7 @@ def main(argv: list[str]) -> int:
     began = time.perf_counter()
 
     with Home("qd-") as home:
-        created = home.run_cli("handler", "create", "bench", "--code", "_result = 1\n")
-        if created.returncode != 0:
-            raise RuntimeError(created.stderr)
-        progress("starting qntx up")
-        up = home.start("up")
-        wait_until_up(home, up)
+        start_up(home)
         from qntx import connect
 
         with connect(home.path) as bus:

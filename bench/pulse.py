@@ -66,6 +66,15 @@ def wait_until_up(home: Home, popen, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"qntx up was not ready within {timeout_s:g}s:\n{home.log_text()}")
 
 
+def start_up(home: Home) -> None:
+    """Store the benchmark's handler, start ``qntx up`` and wait until it serves it."""
+    created = home.run_cli("handler", "create", HANDLER, "--code", HANDLER_CODE)
+    if created.returncode != 0:
+        raise RuntimeError(created.stderr)
+    progress("starting qntx up")
+    wait_until_up(home, home.start("up"))
+
+
 def throughput(bus, handler: str, jobs: int) -> float:
     """The way users write it: a plain loop of submits, then every result; jobs/s."""
     start = time.perf_counter()
@@ -231,12 +240,7 @@ def main(argv: list[str]) -> int:
     rt_us = 1e6 / rt
 
     with Home("qp-") as home:
-        created = home.run_cli("handler", "create", HANDLER, "--code", HANDLER_CODE)
-        if created.returncode != 0:
-            raise RuntimeError(created.stderr)
-        progress("starting qntx up")
-        up = home.start("up")
-        wait_until_up(home, up)
+        start_up(home)
         from qntx import connect
 
         with connect(home.path) as bus:

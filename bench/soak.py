@@ -16,7 +16,7 @@ import argparse
 import time
 
 from bench.actors import Home
-from bench.pulse import rss_kb, wait_until_up
+from bench.pulse import rss_kb, start_up
 from bench.report import Metric, Report, Target, progress
 
 ROUND = 10_000
@@ -44,10 +44,8 @@ def main(argv: list[str]) -> int:
 
     with Home("qs-") as home:
         (home.path / "config.toml").write_text("keep_completed_s = 2.0\nprune_every_s = 1.0\n")
-        home.run_cli("handler", "create", "bench", "--code", "_result = 1\n")  # what wait_until_up waits for
-        progress("starting qntx up (completed jobs kept 2 s, pruned every second)")
-        up = home.start("up")
-        wait_until_up(home, up)
+        progress("completed jobs kept 2 s, pruned every second")
+        start_up(home)
         from qntx import connect
 
         start = sizes(home)

@@ -156,20 +156,19 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
     print(f"  Status:   {job.status} (attempt {job.attempts} of {job.max_attempts})")
     print(f"  Priority: {job.priority}   Timeout: {job.timeout_s:g}s")
     print(f"  Created:  {_time(job.created_at)}   Started: {_time(job.started_at)}   Finished: {_time(job.finished_at)}")
-    if job.run_after and job.status in ("queued", "waiting"):
-        print(f"  Runs at:  {_time(job.run_after)}")
-    if job.version:
-        print(f"  Version:  {job.version}")
-    if job.parent_id:
-        print(f"  Parent:   {job.parent_id}")
-    if job.after:
-        print(f"  After:    {', '.join(job.after)} ({'if they all complete' if job.after_policy == 'completed' else 'once they end'})")
-    if job.schedule:
-        print(f"  Schedule: {job.schedule}")
-    if job.worker:
-        print(f"  Worker:   {job.worker}")
-    if job.progress:
-        print(f"  Progress: {job.progress.current:g}/{job.progress.total:g}")
+    when = "if they all complete" if job.after_policy == "completed" else "once they end"
+    optional = (
+        ("Runs at", job.run_after and job.status in ("queued", "waiting") and _time(job.run_after)),
+        ("Version", job.version),
+        ("Parent", job.parent_id),
+        ("After", job.after and f"{', '.join(job.after)} ({when})"),
+        ("Schedule", job.schedule),
+        ("Worker", job.worker),
+        ("Progress", job.progress and f"{job.progress.current:g}/{job.progress.total:g}"),
+    )
+    for label, value in optional:
+        if value:
+            print(f"  {label + ':':<10}{value}")
     print(f"  Payload:  {msgspec.json.encode(job.payload).decode()}")
     if job.result is not None:
         print(f"  Result:   {msgspec.json.encode(job.result).decode()}")

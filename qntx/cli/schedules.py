@@ -98,11 +98,9 @@ def show(name: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = Fal
     print(f"  When:    {_period(state)}; missed firings: {'run once' if state.missed == 'once' else 'skipped'}")
     print(f"  State:   {'paused' if state.paused else 'active'}")
     if state.next_due is not None:
-        upcoming = Schedule(name=state.name, handler=state.handler, every_ms=state.every_ms, cron=state.cron, tz=state.tz,
-                            anchor=state.next_due)  # fmt: skip
-        times = [state.next_due, *upcoming.upcoming(state.next_due, 4)] if state.every_ms is None else [
-            state.next_due + k * state.every_ms for k in range(5)
-        ]
+        # From the next due time on, both kinds count alike (an `every` one from there).
+        rest = Schedule(state.name, state.handler, state.every_ms, state.cron, state.tz, anchor=state.next_due)
+        times = [state.next_due, *rest.upcoming(state.next_due, 4)]
         print("  Next:    " + ", ".join(_when(t) for t in times))
     if state.firings:
         print(f"  Fired ({len(state.firings)} most recent, newest last):")

@@ -351,14 +351,9 @@ class PulseCore:
             times.append(self._deadlines[0][0])
         if self.sessions:
             times.append(min(s.last_seen for s in self.sessions.values()) + self.config.dead_after_ms)
-        for handler, starts in self._starts.items():  # a rate window that frees a start for a waiting job
-            limit = self._limits.get(handler)
-            if limit is None or limit.rate is None or not self._ready.get(handler):
-                continue
-            while starts and starts[0] <= now.mono - limit.per_ms:
-                starts.popleft()
-            if len(starts) >= limit.rate:
-                times.append(starts[0] + limit.per_ms)
+        for handler in self._starts:  # a rate window that frees a start for a waiting job
+            if self._ready.get(handler) and self._rate_full(handler, now.mono):
+                times.append(self._starts[handler][0] + self._limits[handler].per_ms)
         for name, schedule in self._schedules.items():
             if not schedule.paused:
                 times.append(now.mono + max(0, self._due(name) - now.wall))
@@ -1037,12 +1032,16 @@ class PulseCore:
             return False
         if limit.concurrency is not None and self._running.get(handler, 0) >= limit.concurrency:
             return True
-        starts = self._starts.get(handler)
-        if limit.rate is not None and starts:
-            while starts and starts[0] <= mono - limit.per_ms:
-                starts.popleft()
-            return len(starts) >= limit.rate
-        return False
+        return self._rate_full(handler, mono)
+
+    def _rate_full(self, handler: str, mono: int) -> bool:
+        """Whether ``handler`` made as many starts as its rate allows in the last period."""
+        limit, starts = self._limits.get(handler), self._starts.get(handler)
+        if limit is None or limit.rate is None or not starts:
+            return False
+        while starts and starts[0] <= mono - limit.per_ms:
+            starts.popleft()
+        return len(starts) >= limit.rate
 
     def _next_ready(self, now: Instant, plain: Session | None, own: dict[str, Session | None]):
         """Pop the best job that can go out now (highest priority, then oldest), with
