@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -135,13 +136,34 @@ def _write_authorized(keys_dir: Path, entries: dict[str, Authorized]) -> None:
     private_file(keys_dir / AUTHORIZED, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _check_key(key: str) -> str:
-    key = key.strip()
+Z85_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+KEY_LENGTH = 40  # 32 bytes of Curve25519 public key, 5 Z85 characters per 4 bytes
+
+
+def parse_public_key(text: str) -> str:
+    """A CURVE public key as a person passes it: the 40 Z85 characters ``qntx keys show``
+    prints, optionally shell-quoted, or a certificate file's ``public-key = "..."`` line.
+    Anything else is ``Invalid`` with one line naming what is wrong."""
+    key = text.strip()
+    for line in key.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == "public-key":  # a certificate file (host.key)
+            key = value.strip()
+            break
+    if len(key) >= 2 and key[0] == key[-1] and key[0] in "'\"":
+        key = key[1:-1]
+    if not key:
+        raise Invalid("the public key is empty (expected 40 characters of Z85, as `qntx keys show` prints)")
+    foreign = sorted({c for c in key if c not in Z85_ALPHABET})
+    if foreign:
+        shown = " ".join(repr(c) for c in foreign[:5])
+        raise Invalid(f"the public key has characters outside Z85: {shown} (expected 40 characters of Z85)")
+    if len(key) != KEY_LENGTH:
+        raise Invalid(f"the public key is {len(key)} characters long; a CURVE public key is {KEY_LENGTH} characters of Z85")
     try:
-        if len(key) != 40 or len(zmq.utils.z85.decode(key)) != 32:
-            raise ValueError
-    except (ValueError, KeyError):
-        raise Invalid(f"{key!r} is not a CURVE public key (40 characters of Z85, as `qntx keys show` prints)") from None
+        zmq.utils.z85.decode(key)
+    except (ValueError, KeyError, OverflowError, struct.error):
+        raise Invalid("the public key is not valid Z85 (a group of 5 characters is out of range)") from None
     return key
 
 
@@ -152,7 +174,7 @@ def allow(keys_dir: Path, name: str, key: str, roles: list[str]) -> Authorized:
     unknown = [r for r in roles if r not in ROLES]
     if unknown or not roles:
         raise Invalid(f"--role must be one or more of {', '.join(ROLES)} (got {', '.join(unknown) or 'none'})")
-    key = _check_key(key)
+    key = parse_public_key(key)
     make_keys(keys_dir)
     entries = read_authorized(keys_dir / AUTHORIZED)
     for other in entries.values():
@@ -177,7 +199,7 @@ def host_public_key(keys_dir: Path) -> str:
 
 def set_server_key(keys_dir: Path, key: str) -> None:
     """The public key of the bus server this host connects to with ``--connect``."""
-    key = _check_key(key)
+    key = parse_public_key(key)
     make_keys(keys_dir)
     data = f'metadata\ncurve\n    public-key = "{key}"\n'.encode()
     private_file(keys_dir / f"{SERVER}.key", data)
