@@ -22,6 +22,7 @@ import msgspec
 
 from qntx.asid import new_asid
 from qntx.ats.ax import duration_ms
+from qntx.ats.current import latest
 from qntx.ats.store import next_page
 from qntx.bus.client import Client
 from qntx.bus.pidlock import lock_holder
@@ -702,10 +703,9 @@ class Bus:
             time.sleep(0.01)
 
     def _restate(self, name: str, **changes: Any) -> None:
-        records = self.query_filter(Filter(subjects=[name], predicates=[SCHEDULE], contexts=[DIRECTIVE_CONTEXT], limit=1))
-        if not records or records[0].attributes.get("deleted"):
+        current = latest(self.query_filter(Filter(subjects=[name], predicates=[SCHEDULE], contexts=[DIRECTIVE_CONTEXT])))
+        if current is None or current.attributes.get("deleted"):
             raise NotFound(f"no schedule {name!r}")
-        current = records[0]
         # Keeps its anchor: pausing does not move the due times of an `every` schedule.
         attributes = {**current.attributes, "anchor": current.attributes.get("anchor", current.timestamp), **changes}
         self._ats.attest([directive_attestation(SCHEDULE, name, attributes)])

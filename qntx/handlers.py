@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from qntx.ats.current import latest, latest_per
 from qntx.errors import Invalid
 from qntx.protocol import Attestation, Filter, NewAttestation
 
@@ -80,8 +81,8 @@ def is_version(record: Attestation) -> bool:
 
 
 def current_version(history: list[Attestation]) -> Attestation | None:
-    """The newest version or tombstone in ``history`` (newest first), if any."""
-    return next((record for record in history if is_version(record)), None)
+    """The version or tombstone in ``history`` (newest first) the store wrote last, if any."""
+    return latest(record for record in history if is_version(record))
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,12 @@ class Resolution:
 
 
 def resolve(records: list[Attestation]) -> Resolution:
-    """Newest version per subject wins; tombstones hide; code-less entries are skipped.
-
-    ``records`` must be newest first, as every store query returns them (ties in
-    timestamp are ordered by the store's write sequence).
+    """The version stored last per subject wins (``qntx.ats.current``); tombstones
+    hide; code-less entries are skipped. ``records`` come newest first, as every store
+    query returns them.
     """
-    newest: dict[str, Attestation] = {}
-    skipped: list[Attestation] = []
-    for record in records:
-        if not is_version(record):
-            skipped.append(record)
-            continue
-        for subject in record.subjects:
-            newest.setdefault(subject, record)
+    skipped = [record for record in records if not is_version(record)]
+    newest = latest_per((record for record in records if is_version(record)), lambda record: record.subjects)
     current = {name: newest[name] for name in sorted(newest) if not is_tombstone(newest[name])}
     return Resolution(current=current, skipped=skipped)
 

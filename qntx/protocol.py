@@ -53,6 +53,9 @@ class Attestation(msgspec.Struct, kw_only=True):
     source: str
     attributes: dict[str, Any]
     created_at: int  # ms: when the store accepted it
+    # The store's commit order (grows with every stored record): what decides which
+    # record is current. 0 for records stored before it was kept.
+    seq: int = 0
 
 
 class NewAttestation(msgspec.Struct, kw_only=True, omit_defaults=True):

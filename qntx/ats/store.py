@@ -12,6 +12,8 @@ Named sub-databases:
 
 ``seq`` grows with every stored attestation, so ts + seq orders records newest first
 with insertion order breaking timestamp ties, and keys are unique without duplicates.
+Each record also carries its ``seq``: the store's commit order, which decides what is
+"current" (the newest handler, limit, schedule), never the timestamp a client claimed.
 Queries walk one index backwards (the one the counts say is smallest) instead of
 scanning records, so cost follows the number of candidates, not the store size. A
 query that ANDs fields intersects their posting lists (``qntx.ats.postings``) and
@@ -140,6 +142,10 @@ class AttestationStore:
         if not readonly:
             self._build_pairs()
         self._pairs = self._env.read(lambda txn: txn.get(_PAIRS_BUILT, db=self._meta)) is not None
+        # The next commit sequence number, handed out while a batch is prepared (its
+        # encoding carries it); the write transaction renumbers if another process
+        # wrote meanwhile.
+        self._next_seq = 1 + self._env.read(lambda txn: _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0])
         # What the last query did, for tests that watch the planner: the records it
         # decoded, and the fields it walked (the first drove it).
         self.last_query_scanned = 0
@@ -258,7 +264,9 @@ class AttestationStore:
             source=source,
             attributes=attributes,
             created_at=now,
+            seq=self._next_seq,
         )
+        self._next_seq += 1
         try:  # the one encoding of the record; only attributes can fail it
             blob = self._encoder.encode(record)
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
@@ -280,6 +288,7 @@ class AttestationStore:
             # Nothing below can fail for a prepared batch, so the batch is all or nothing.
             results.append([writer.insert(item, explicit) for item in batch])
         writer.finish()
+        self._next_seq = max(self._next_seq, writer.seq + 1)
         return results
 
     def _check_explicit_ids(self, txn, batch: list[_Prepared]) -> frozenset[str]:
@@ -474,11 +483,14 @@ class _BatchWriter:
     def insert(self, item: _Prepared, explicit: frozenset[str]) -> Attestation:
         """Write one record and its index entries; returns the record as stored."""
         put, record = self._put, item.record
+        if record.seq <= self._seq:  # another process committed since it was prepared
+            record = msgspec.structs.replace(record, seq=self._seq + 1)
+            item = item._replace(record=record, blob=self._store._encoder.encode(record))
         if item.explicit:  # checked free before the batch started writing
             put(record.id.encode(), item.blob, db=self._store._records)
         else:
             record = self._put_generated(item, explicit)
-        self._seq += 1
+        self._seq = record.seq
         id = record.id.encode()
         tail = _TS_SEQ.pack(record.timestamp, self._seq)
         put(tail, id, db=self._store._time)
@@ -493,6 +505,10 @@ class _BatchWriter:
         self._index(db, count_prefix, self._value_key(record.source), tail, id)
         self.index_pairs(record, tail, id)
         return record
+
+    @property
+    def seq(self) -> int:
+        return self._seq
 
     def index_pairs(self, record: Attestation, tail: bytes, id: bytes) -> None:
         db, count_prefix = self._pairs

@@ -31,7 +31,9 @@ def query_text(words: tuple[str, ...]) -> str:
 def record_dict(record: Attestation) -> dict:
     import msgspec
 
-    return msgspec.to_builtins(record)
+    data = msgspec.to_builtins(record)
+    data.pop("seq", None)  # the store's internal order; the printed record is SPEC §3.1's fields
+    return data
 
 
 def print_json(value) -> None:
@@ -197,10 +199,11 @@ def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
 @handler_app.command
 def show(name: str, /):
     """Show a handler's current code and its version history."""
+    from qntx.ats.current import stored_last_first
     from qntx.handlers import current_version, history_filter, is_tombstone, is_version
 
     with open_bus() as bus:
-        history = bus.query_filter(history_filter(name))
+        history = stored_last_first(bus.query_filter(history_filter(name)))
     current = current_version(history)
     if current is None:
         fail(f"no handler named {name!r}", 1)

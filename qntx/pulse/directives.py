@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from cronsim import CronSim, CronSimError
 
+from qntx.ats.current import latest_per
 from qntx.errors import Invalid
 from qntx.protocol import Attestation, Filter, NewAttestation, ScheduleState, Submit
 from qntx.pulse.rules import check_submit
@@ -189,14 +190,13 @@ class Directives:
 
 def resolve(records: list[Attestation]) -> Directives:
     """The current limits and schedules from their attestations, newest first."""
-    newest: dict[tuple[str, str], Attestation] = {}
-    for record in records:
-        kinds = {p for p in record.predicates if p in (LIMIT, SCHEDULE)}
+    def keys(record: Attestation) -> list[tuple[str, str]]:
         if CONTEXT not in record.contexts:
-            continue
-        for kind in kinds:
-            for subject in record.subjects:
-                newest.setdefault((kind, subject), record)
+            return []
+        kinds = {p for p in record.predicates if p in (LIMIT, SCHEDULE)}
+        return [(kind, subject) for kind in kinds for subject in record.subjects]
+
+    newest = latest_per(records, keys)  # the one the store wrote last, whatever its timestamp
     limits, schedules, problems = {}, {}, []
     for (kind, name), record in sorted(newest.items()):
         try:

@@ -13,8 +13,9 @@ from typing import Any
 import msgspec
 
 from qntx.aio import AsyncBus
+from qntx.ats.current import stored_last_first
 from qntx.errors import QntxError
-from qntx.handlers import HANDLER_FILTER, history_filter, is_tombstone, resolve
+from qntx.handlers import HANDLER_FILTER, current_version, history_filter, is_tombstone, resolve
 from qntx.protocol import MAX_PAGE, Attestation, Job
 
 # A payload or result larger than this (as JSON) is shown as its size alone.
@@ -203,7 +204,7 @@ async def handler_listing(bus: AsyncBus) -> dict[str, Any]:
 async def handler_detail(bus: AsyncBus, name: str) -> dict[str, Any] | None:
     """A handler's versions, newest first, each with its jobs by status (counted over
     the newest SCAN_JOBS jobs); None if it never existed."""
-    history = await bus.query_filter(history_filter(name))
+    history = stored_last_first(await bus.query_filter(history_filter(name)))
     if not history:
         return None
     counts = await _jobs_per_version(bus, f"python.{name}", history)
@@ -222,7 +223,7 @@ async def handler_detail(bus: AsyncBus, name: str) -> dict[str, Any] | None:
     return {
         "name": name,
         "handler": f"python.{name}",
-        "deleted": is_tombstone(history[0]),
+        "deleted": is_tombstone(current_version(history)) if current_version(history) else False,
         "versions": versions,
     }
 
