@@ -37,6 +37,7 @@ from qntx.bus.messages import (  # noqa: F401  (re-exported: one import for ever
     Ping,
     Pong,
 )
+from qntx.bus.security import ROLES
 
 # --------------------------------------------------------------------- records
 
@@ -554,12 +555,32 @@ Event = AttestationCreated | JobChanged | JobProgressed | JobOutput | HandlersRe
 
 # The roles a tcp peer's key needs to send each request (docs/DEPLOY.md); a message
 # missing here needs ``admin``. ipc peers are this host's own user and pass.
-_ANY = frozenset({"client", "worker", "plugin", "admin"})
-_CLIENT = frozenset({"client", "admin"})
+_ANY = frozenset(ROLES)
+_CLIENT = frozenset({"client", "developer", "admin"})  # a developer may do what a client may
 _PLUGIN = frozenset({"plugin", "admin"})
-_STORE = frozenset({"client", "plugin", "admin"})  # handler code attests through its plugin's key
+_STORE = frozenset({"client", "developer", "plugin", "admin"})  # handler code attests through its plugin's key
+_DEVELOPER = frozenset({"developer", "admin"})
 
-ATS_ROLES = {Ping: _ANY, Attest: _STORE, Query: _STORE, GetAttestation: _STORE, Stats: _STORE}
+# Attestations that decide what code runs and when: handlers, limits and schedules,
+# as (predicate, context), compared case-insensitively as queries compare them.
+# Writing one needs role developer: whoever may store a handler runs code on every
+# plugin host.
+STEERING = frozenset({("handler", "python"), ("limit", "pulse"), ("schedule", "pulse")})
+
+
+def steers(item: NewAttestation) -> bool:
+    predicates = {p.casefold() for p in item.predicates if isinstance(p, str)}
+    contexts = {c.casefold() for c in item.contexts if isinstance(c, str)}
+    return any(p in predicates and c in contexts for p, c in STEERING)
+
+
+def attest_roles(message: Attest) -> frozenset[str]:
+    """The roles an Attest needs: developer if any item steers what runs."""
+    items = message.items if isinstance(message.items, list) else []
+    return _DEVELOPER if any(isinstance(i, NewAttestation) and steers(i) for i in items) else _STORE
+
+
+ATS_ROLES = {Ping: _ANY, Attest: attest_roles, Query: _STORE, GetAttestation: _STORE, Stats: _STORE}
 SERVER_ROLES = {
     Ping: _ANY,
     GetEndpoints: _ANY,
@@ -578,6 +599,10 @@ SERVER_ROLES = {
     JobProgress: _PLUGIN,
     JobOutput: _PLUGIN,
 }
+# Who may subscribe to each family of event topics (the server's events socket, the
+# ATS events socket): a prefix that can match a family needs one of its roles.
+EVENT_ROLES = {b"job.": _CLIENT, b"handlers": _STORE}
+ATS_EVENT_ROLES = {b"att.": _STORE}
 # A plain worker session needs ``worker``, a plugin's own session ``plugin``
 # (qntx.pulse.scheduler checks which); results come from either.
 WORKER_ROLES = {WorkerReady: frozenset({"worker", "plugin", "admin"})}

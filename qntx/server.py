@@ -32,9 +32,11 @@ from loguru import logger
 from qntx import __version__
 from qntx.bus.actor import Actor, Peer, Publisher, Request
 from qntx.bus.pidlock import PidLock, lock_holder
-from qntx.errors import Invalid, NotFound, Unavailable
+from qntx.bus.security import HOST
+from qntx.errors import Forbidden, Invalid, NotFound, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
+    EVENT_ROLES,
     SERVER_ROLES,
     Ack,
     ActorStatus,
@@ -95,6 +97,7 @@ class PluginEntry:
     failures: int = 0
     version: str = ""
     capacity: int = 0
+    key: str | None = None  # the key it registered with (None: this host, over ipc)
 
 
 @dataclass
@@ -125,7 +128,9 @@ class ServerActor(Actor):
         self.lock = PidLock(self.settings.lock_path(self.name))
         if not self.lock.acquire():
             raise Unavailable(f"another server already runs on {self.settings.home}")
-        self.events = Publisher(self, self.settings.events_endpoint, self.settings.public("events_endpoint"))
+        self.events = Publisher(
+            self, self.settings.events_endpoint, self.settings.public("events_endpoint"), topics=EVENT_ROLES
+        )
         self.pulse = Pulse(self, self.settings, publish=self.events.publish, cancel_at_plugin=self.cancel_at_plugin)
         self.service = self.serve(
             self.settings.server_endpoint,
@@ -205,10 +210,10 @@ class ServerActor(Actor):
         return BusEndpoints(**{name: self.settings.for_other_hosts(name) for name in names})
 
     def on_output(self, message: JobOutput, request: Request) -> None:
-        self.pulse.output(message)
+        self.pulse.output(message, request.peer)
 
     def on_progress(self, message: JobProgress, request: Request) -> None:
-        self.pulse.progress(message)
+        self.pulse.progress(message, request.peer)
 
     def on_status(self, message: GetStatus, request: Request) -> StatusReply:
         host = socket.gethostname()
@@ -289,11 +294,17 @@ class ServerActor(Actor):
                 logger.info("remote plugin {} on {} (pid {}, key {}) joined", message.name, message.host, message.pid, request.peer)
             self.remote_plugins[key] = RemotePlugin(message.name, message.host, message.pid, request.peer or "", time.monotonic())
             return Ack()
-        if request.peer is not None and message.endpoint != self.settings.plugin_endpoint(message.name):
+        if request.peer is not None and (
+            request.peer != HOST or message.endpoint != self.settings.plugin_endpoint(message.name)
+        ):
             # Over tcp the server connects to no endpoint a peer names: only to a
-            # plugin socket in its own 0700 run directory (a plugin of this host).
-            raise Invalid("a plugin registering over tcp must leave endpoint empty (it takes its own jobs)")
+            # plugin socket in its own 0700 run directory, for this host's own key.
+            logger.warning("refused RegisterPlugin {} with endpoint {} from key {}", message.name, message.endpoint, request.peer)
+            raise Forbidden("a plugin registering over tcp leaves endpoint empty (it takes its own jobs)")
         entry = self.plugins.get(message.name)
+        if entry is not None and entry.key != request.peer:
+            logger.warning("refused RegisterPlugin {} from {}: it is registered by {}", message.name, request.peer or "this host", entry.key or "this host")
+            raise Forbidden(f"plugin {message.name!r} is registered by another key")
         if entry is not None and entry.pid == message.pid and entry.endpoint == message.endpoint:
             # A heartbeat from a plugin we know. It proves the process lives, not
             # that it serves: only a Health reply clears failed checks.
@@ -301,7 +312,7 @@ class ServerActor(Actor):
         if entry is not None:
             self._drop_plugin(entry, "re-registered")
         peer = self.connect(message.endpoint, PluginReply)
-        entry = PluginEntry(name=message.name, endpoint=message.endpoint, pid=message.pid, peer=peer)
+        entry = PluginEntry(name=message.name, endpoint=message.endpoint, pid=message.pid, peer=peer, key=request.peer)
         self.plugins[message.name] = entry
         peer.call(Metadata(), lambda reply: self._on_metadata(entry, reply))
         return Ack()
@@ -336,6 +347,9 @@ class ServerActor(Actor):
         entry = self.plugins.get(message.plugin)
         if entry is None:
             raise NotFound(f"plugin {message.plugin!r} is not registered")
+        if entry.key != request.peer:
+            logger.warning("refused HandlersChanged for plugin {} from {}: not its key", message.plugin, request.peer or "this host")
+            raise Forbidden(f"only plugin {message.plugin!r} itself announces its handlers")
         self._set_handlers(entry, message.handler_names)
         self.pulse.apply(HandlersAnnounced(entry.name, tuple(entry.handlers), tuple(message.handler_versions.items())))
         return Ack()

@@ -29,6 +29,7 @@ from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.protocol import (
+    ATS_EVENT_ROLES,
     ATS_ROLES,
     AtsRequest,
     Attest,
@@ -71,7 +72,9 @@ class AtsActor(Actor):
             map_size=self.settings.ats_map_size,
             max_map_size=self.settings.ats_max_map_size,
         )
-        self.events = Publisher(self, self.settings.ats_events_endpoint, self.settings.public("ats_events_endpoint"))
+        self.events = Publisher(
+            self, self.settings.ats_events_endpoint, self.settings.public("ats_events_endpoint"), topics=ATS_EVENT_ROLES
+        )
         self.writer = Offloader(self, "ats-writer")
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.store, "the attestation store"))
         self.service = self.serve(

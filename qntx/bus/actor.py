@@ -48,6 +48,10 @@ from qntx.lifeline import give_big_blocks_back
 DRAIN_LIMIT = 512
 # The poll loop never sleeps longer than this, so a stop request is seen promptly.
 MAX_POLL_S = 0.25
+# Notices an events socket queues for one subscriber that is slow to read them; past
+# it they are dropped (and counted). Notices are small (ids, names, a status), so
+# this bounds the memory a stalled subscriber can cost in bytes as well.
+EVENTS_QUEUE = 10_000
 # Replies a ROUTER holds for one peer that is slow to read them.
 REPLY_QUEUE_LIMIT = 100_000
 
@@ -90,7 +94,9 @@ def error_for(message: Any, exc: Exception) -> QntxError:
 
 
 # Roles a peer's key needs to send each message type over tcp (qntx.bus.security).
-RolePolicy = dict[type, frozenset[str]]
+# A message type's roles, or a function of the message that gives them (an Attest of
+# a handler needs more than one of a plain claim).
+RolePolicy = dict[type, frozenset[str] | Callable[[Any], frozenset[str]]]
 
 
 class Revoked(Exception):
@@ -121,6 +127,8 @@ class Gate:
             logger.warning("dropped {} from {}: the key is no longer authorised", type(message).__name__, peer)
             raise Revoked(peer)
         needed = self.policy.get(type(message), frozenset({"admin"}))
+        if callable(needed):
+            needed = needed(message)
         if not held & needed:
             logger.warning("refused {} from {}: the key has role {}", type(message).__name__, peer, ", ".join(sorted(held)))
             raise Forbidden(
@@ -529,26 +537,69 @@ class Actor:
 
 
 class Publisher:
-    """A PUB socket: events are ``[topic, body]``.
+    """An events socket: events are ``[topic, body]``, small notices only.
 
-    A PUB never hears from its subscribers, so a revoked key's subscription cannot be
-    refused message by message: over tcp, when a key is revoked the socket is opened
-    anew, which drops every subscriber; the others reconnect within a reconnect
-    interval (their events meanwhile are lost, as for any slow subscriber) and the
-    revoked one is refused by the ZAP handler."""
+    It is an XPUB in manual mode: each subscription is applied only once the
+    subscriber's key holds a role ``topics`` asks for every topic family the prefix
+    can match (ipc subscribers are this host's user and pass); a refused one is
+    counted and logged, and that subscriber simply gets nothing. The send queue per
+    subscriber is bounded (EVENTS_QUEUE notices of bounded size): past it, a slow
+    subscriber's notices are dropped (counted), never the server's memory.
 
-    def __init__(self, actor: Actor, endpoint: str, also: str = ""):
+    Over tcp, when a key is revoked the socket is opened anew, which drops every
+    subscriber; the others reconnect within a reconnect interval (their events
+    meanwhile are lost, as for any slow subscriber) and the revoked one is refused
+    by the ZAP handler."""
+
+    def __init__(self, actor: Actor, endpoint: str, also: str = "", topics: dict[bytes, frozenset[str]] | None = None):
         self.actor, self.endpoint, self.also = actor, endpoint, also
+        self.topics = topics or {}
+        self.curve = actor.security.active(also or endpoint)
+        self.refused_subscriptions = 0
         self.socket: zmq.Socket | None = self._open()
-        if actor.security.active(also or endpoint):
+        if self.curve:
             self._keyring = actor.security.keyring
             self._names = self._keyring.names()
             actor.every(KEYRING_CHECK_S, self._drop_revoked)
 
     def _open(self) -> zmq.Socket:
-        sock = self.actor.bind(zmq.PUB, self.endpoint, also=self.also)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock = self.actor.bind(zmq.XPUB, self.endpoint, also=self.also)
+        sock.setsockopt(zmq.SNDHWM, EVENTS_QUEUE)
+        sock.setsockopt(zmq.XPUB_MANUAL, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions are short prefixes
+        self.actor.add_reader(sock, self._on_subscriptions)
         return sock
+
+    def allowed(self, peer: str | None, prefix: bytes) -> bool:
+        """May ``peer`` subscribe to ``prefix``? Every topic family it can match must allow it."""
+        if not self.curve or peer is None:
+            return True
+        held = self._keyring.roles(peer)
+        families = [roles for family, roles in self.topics.items() if family.startswith(prefix) or prefix.startswith(family)]
+        return bool(held) and all(held & roles for roles in families)
+
+    def _on_subscriptions(self) -> None:
+        sock = self.socket
+        for _ in range(DRAIN_LIMIT):
+            if sock is None:
+                return
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            prefix = data[1:]
+            if data[0] == 0:  # unsubscribe: applied to the pipe it came from
+                sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
+                continue
+            peer = peer_name(frame) if self.curve else None
+            if self.allowed(peer, prefix):
+                sock.setsockopt(zmq.SUBSCRIBE, prefix)
+            else:
+                self.refused_subscriptions += 1
+                logger.warning("refused the subscription {!r} of key {}: its roles do not allow it", prefix, peer)
 
     def _drop_revoked(self) -> None:
         names = self._keyring.names()
@@ -556,6 +607,7 @@ class Publisher:
         if revoked or self.socket is None:
             if self.socket is not None:
                 logger.info("key(s) {} revoked: events subscribers are dropped and reconnect", ", ".join(sorted(revoked)))
+                self.actor.remove_reader(self.socket)
                 self.socket.close(0)
                 self.socket = None
             try:

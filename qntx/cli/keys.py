@@ -90,7 +90,7 @@ def allow(
     from_: FromOption = None,
     role: Annotated[
         list[str],
-        Parameter(help="client, worker, plugin or admin; repeat it for several.", consume_multiple=False),
+        Parameter(help="client, developer, worker, plugin or admin; repeat it for several.", consume_multiple=False),
     ],
 ):
     """Authorise a key with its roles (again: replace its roles). New connections see it at once."""

@@ -159,6 +159,7 @@ class Pulse:
         self._closing = False
         self._lazy_timer = None
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
+        self.refused_reports = 0  # results, progress and output from a sender that holds no such run
         self._commit_now()  # reserves the first block of lease ids before any dispatch
         self.writer = Offloader(actor, "pulse-writer")
         self.control = actor.serve(
@@ -371,10 +372,39 @@ class Pulse:
             except QntxError as exc:
                 logger.warning("dropped an undecodable message on the results pipe: {}", exc)
                 continue
+            if not self.holds_lease(peer, message):
+                continue
             if isinstance(message, JobDone):
                 self.apply(Finished(message))
             elif isinstance(message, JobProgress):
                 self.apply(Progressed(message))
+
+    def holds_lease(self, peer: str | None, message: JobDone | JobProgress | JobOutput) -> bool:
+        """Whether ``peer`` (a key's name over tcp, None over ipc) may report on the run
+        ``message`` names: only the key that opened the session holding its lease, and
+        only through the kind of endpoint that session came in on. Anything else, and a
+        message without a lease, is discarded, counted and logged. A lease Pulse no
+        longer has goes on to the core, which discards it as stale."""
+        lease = self.core.leases.get(message.lease) if message.lease else None
+        if message.lease and (lease is None or lease.job_id != message.job_id):
+            return True  # not a current run: the core discards it (and frees a taken-back slot)
+        if lease is not None:
+            if lease.session is None:  # left by a crashed server, not claimed yet: this host's only
+                owner = None
+            else:
+                owner = self.owners[lease.session][0] if lease.session in self.owners else None
+            if owner == peer:
+                return True
+        self.refused_reports += 1
+        kind = type(message).__name__
+        if not message.lease:
+            logger.warning("discarded a {} for job {} without a lease (from {})", kind, message.job_id, peer or "this host")
+        else:
+            logger.warning(
+                "discarded a {} for job {} lease {} from {}: another session holds that run",
+                kind, message.job_id, message.lease, f"key {peer}" if peer else "this host",
+            )  # fmt: skip
+        return False
 
     def _open_pipe(self, session: bytes) -> None:
         if session not in self._pipes:
@@ -494,11 +524,13 @@ class Pulse:
         """The limits and schedules now in ATS (all of them)."""
         self.apply(DirectivesSet(directives.limits, directives.schedules))
 
-    def progress(self, message: JobProgress) -> None:
-        self.apply(Progressed(message))
+    def progress(self, message: JobProgress, peer: str | None) -> None:
+        if self.holds_lease(peer, message):
+            self.apply(Progressed(message))
 
-    def output(self, message: JobOutput) -> None:
-        self.apply(OutputWritten(message))
+    def output(self, message: JobOutput, peer: str | None) -> None:
+        if self.holds_lease(peer, message):
+            self.apply(OutputWritten(message))
 
     def get(self, job_id: str) -> Job:
         job = self.core.get(job_id)
