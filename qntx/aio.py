@@ -44,7 +44,6 @@ from qntx.protocol import (
     GetJob,
     GetStatus,
     Job,
-    JobChanged,
     ListJobs,
     NewAttestation,
     PauseJob,
@@ -105,7 +104,7 @@ class AsyncBus:
         self.server = AsyncClient(
             settings.server_endpoint, ServerReply, timeout_s=timeout, context=self.context, security=security
         )
-        self.follower = AsyncJobFollower(settings.events_endpoint, self.context, security)
+        self.follower = AsyncJobFollower(self.server, timeout)
         self._submitted: list[AsyncJobHandle] = []
         self._prune_at = 1024
 
@@ -165,7 +164,6 @@ class AsyncBus:
         max_attempts, timeout_s, idempotency_key, parent_id."""
         job_id = id or new_asid(handler if isinstance(handler, str) else "_", prefix="JB")
         message = submit_message(handler, encode_payload(payload, self.settings.max_payload_bytes), job_id, **options)
-        self.follower.start()  # subscribed before the job can finish
         handle = AsyncJobHandle(self, job_id, await self.server.send(message))
         self._submitted.append(handle)
         if len(self._submitted) > self._prune_at:  # settle what has been answered; keep what flush must see
@@ -222,18 +220,19 @@ class AsyncBus:
         return decoded((await self.server.request(CancelJob(id=id))).job)
 
     async def retry(self, id: str, *, latest: bool = False) -> Job:
-        job = decoded((await self.server.request(RetryJob(id=id, latest=latest))).job)
-        self.follower.book.forget(id)  # its old final record is not its outcome now
-        return job
+        return decoded((await self.server.request(RetryJob(id=id, latest=latest))).job)
 
     async def follow(self, id: str, timeout: float | None = None) -> AsyncIterator[JobEvent]:
-        async for event in self.follower.follow(id, timeout, self.job):
+        """Job ``id``'s output, progress and state as they happen (asked for over this
+        connection), ending with its final JobChanged."""
+        async for event in self.follower.follow(id, timeout):
             yield decoded_event(event)
 
     async def events(self) -> AsyncIterator[Event]:
-        """Every event of the bus as it happens: the server's (job changes, progress and
-        output; handlers registered) and the ATS's (attestations created). Events are
-        fast, not guaranteed (PUB drops for a slow reader): who needs the state asks."""
+        """Every notice of the bus as it happens: the server's (a job changed, handlers
+        registered) and the ATS's (attestations created). Notices carry no results,
+        output or bodies (``job``, ``follow`` and ``get`` have those); they are fast,
+        not guaranteed (a slow reader's are dropped): who needs the state asks."""
         endpoints = [e for e in (self.settings.events_endpoint, self.settings.ats_events_endpoint) if e]
         sockets = [subscriber(self.context, e, self.settings.security, b"") for e in endpoints]
         poller = zmq.asyncio.Poller()
@@ -256,11 +255,8 @@ class AsyncBus:
                 sock.close(0)
 
     async def wait(self, id: str, *, timeout: float | None = None) -> Job:
-        last = None
-        async for event in self.follow(id, timeout):
-            if isinstance(event, JobChanged):
-                last = event.job
-        return last
+        """Wait until job ``id`` is final and return its record (with its result)."""
+        return decoded(await self.follower.outcome(id, timeout))
 
     async def close(self) -> None:
         """Flush the submissions still waiting for their reply (raising the first
@@ -273,7 +269,6 @@ class AsyncBus:
     def _close_sockets(self) -> None:
         self.ats.close()
         self.server.close()
-        self.follower.close()
         self.context.destroy(linger=0)
 
     async def __aenter__(self) -> AsyncBus:

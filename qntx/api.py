@@ -39,7 +39,6 @@ from qntx.handles import (
     unconfirmed,
 )
 from qntx.protocol import (
-    FINAL_STATUSES,
     JOB_STATUSES,
     MAX_PAGE,
     ActorStatus,
@@ -53,6 +52,7 @@ from qntx.protocol import (
     GetStatus,
     Job,
     JobChanged,
+    JobOutput,
     JobProgressed,
     ListJobs,
     ListSchedules,
@@ -483,10 +483,11 @@ class Bus:
             idempotency_key=idempotency_key, parent_id=parent_id, run_at=run_at, delay_s=delay_s,
             after=after, after_policy=after_policy, version=version,
         )  # fmt: skip
-        self._ensure_follower()  # subscribed before the job can finish
         correlation = self.server.send(message)
         handle = JobHandle(self, job_id, correlation, keyed=idempotency_key is not None)
         self._accepting[correlation] = handle
+        if idempotency_key is None:  # (a key may name an older job: its id is known later)
+            self._ensure_follower().outcomes.submitted(job_id, handle)
         if len(self._accepting) >= SUBMIT_WINDOW:  # keep the server's queues bounded
             oldest = next(iter(self._accepting.values()))
             self._settle(oldest, None)
@@ -521,6 +522,8 @@ class Bus:
             if handle is not None:
                 handle._acceptance.settle(reply)
                 self._note_refusal(handle)
+            elif self._follower is not None and self._follower.outcomes.owns(correlation):
+                self._follower.outcomes.deliver(correlation, reply)  # an outcome asked for ahead
 
     def _settle(self, handle: JobHandle, timeout: float | None) -> None:
         """Wait for the reply to one submission."""
@@ -612,7 +615,7 @@ class Bus:
         (``latest=True``: the current one)."""
         job = decoded(self.server.request(RetryJob(id=id, latest=latest)).job)
         if self._follower is not None:
-            self._follower.book.forget(id)  # its old final record is not its outcome now
+            self._follower.outcomes.forget(id)  # its old final record is not its outcome now
         return job
 
     def pause(self, id: str) -> Job:
@@ -729,26 +732,21 @@ class Bus:
     def _directives(self) -> Directives:
         return resolve_directives(self.query_filter(DIRECTIVES_FILTER))
 
-    def follow(self, id: str, timeout: float | None = None) -> Iterable[JobChanged | JobProgressed]:
-        """Job events for ``id`` as they happen, ending with the final JobChanged."""
-        follower = self._ensure_follower()
-        for event in follower.follow(id, timeout, fetch=self.job):
+    def follow(self, id: str, timeout: float | None = None) -> Iterable[JobChanged | JobProgressed | JobOutput]:
+        """Job ``id``'s output, progress and state as they happen (asked for over this
+        connection), ending with its final JobChanged."""
+        for event in self._ensure_follower().follow(id, timeout):
             yield decoded_event(event)
 
     def wait(self, id: str, *, timeout: float | None = None) -> Job:
-        """Block until job ``id`` is final and return its record."""
-        last = None
-        for event in self.follow(id, timeout):
-            if isinstance(event, JobChanged):
-                last = event.job
-        assert last is not None and last.status in FINAL_STATUSES
-        return last
+        """Block until job ``id`` is final and return its record (with its result)."""
+        return decoded(self._ensure_follower().outcome(id, timeout))
 
     def _ensure_follower(self):
         if self._follower is None:
             from qntx.follow import JobFollower
 
-            self._follower = JobFollower(self.settings.events_endpoint, security=self.settings.security)
+            self._follower = JobFollower(self.server, self.settings.request_timeout_s)
         return self._follower
 
     def close(self) -> None:
@@ -765,7 +763,7 @@ class Bus:
             if self._server is not None:
                 self._server.close()
             if self._follower is not None:
-                self._follower.close()
+                self._follower.outcomes.close()
 
     def __enter__(self) -> Bus:
         return self

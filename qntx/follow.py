@@ -1,232 +1,244 @@
-"""Following jobs live over the server's event stream.
+"""Following jobs over the bus's own request connection.
 
-One SUB socket per bus connection subscribes to every ``job.`` event and keeps
-the final record of each watched job it sees, so waiting for thousands of jobs
-costs one socket. Events are fast but not guaranteed (PUB drops for slow readers,
-and a subscription takes a moment to reach the server), so a follower also asks
-the server for the record now and then: a missed event costs latency, never a
-hang. ``EventBook`` is the bookkeeping; ``JobFollower`` and ``AsyncJobFollower``
-only differ in how they wait.
+A job's outcome, output and progress come only to whoever asks for that job:
+``WaitJob`` requests on the same DEALER as every other request (the events socket
+carries notices only). ``follow`` asks with an output cursor and yields what each
+answer brings (``JobOutput``, ``JobProgressed``, then ``JobChanged`` when the job's
+state moved, its final record last); ``outcome`` asks only for the end.
+
+A plain loop of submits and then results would cost a round trip per result, so
+``Outcomes`` asks ahead: while one result is awaited, WaitJob requests for the next
+jobs submitted on this connection (those whose handles are still referenced) are in
+flight too, READ_AHEAD at most, their records held up to HELD_BYTES. A job nobody
+holds a handle of costs nothing here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import zmq
-import zmq.asyncio
 
-from qntx.bus.codec import Decoder
-from qntx.bus.security import PLAIN, Security
+from qntx.bus.client import AsyncClient, Client
+from qntx.bus.codec import raise_if_error
+from qntx.bus.security import Security
 from qntx.errors import Timeout
-from qntx.protocol import FINAL_STATUSES, Event, Job, JobChanged, JobOutput, JobProgressed
-
-RECHECK_S = 0.5
-# Once an event of the job has arrived the subscription demonstrably works, so the
-# server is asked far less often (thousands of jobs followed at once stay cheap).
-RECHECK_AFTER_EVENT_S = 2.0
-# The first ask waits this long: an event usually arrives well before, and asking
-# at once would add a round trip to every wait.
-FIRST_CHECK_S = 0.05
-# Final records kept for jobs nobody watches yet (a batch submitted before waiting).
-FINAL_KEPT = 100_000
+from qntx.protocol import (
+    FINAL_STATUSES,
+    Job,
+    JobChanged,
+    JobOutput,
+    JobProgressed,
+    JobUpdate,
+    WaitJob,
+)
 
 JobEvent = JobChanged | JobProgressed | JobOutput
+READ_AHEAD = 512
+HELD_BYTES = 64 << 20
 
 
-class EventBook:
-    """Job events received so far, kept only for the jobs someone watches."""
-
-    def __init__(self):
-        self._decoder = Decoder(Event)
-        self._final: OrderedDict[str, Job] = OrderedDict()
-        self._backlog: dict[str, list[JobEvent]] = {}
-        self._watching: dict[str, int] = {}
-
-    def watch(self, job_id: str) -> None:
-        self._watching[job_id] = self._watching.get(job_id, 0) + 1
-
-    def unwatch(self, job_id: str) -> None:
-        left = self._watching.get(job_id, 1) - 1
-        if left:
-            self._watching[job_id] = left
-            return
-        self._watching.pop(job_id, None)
-        self._final.pop(job_id, None)
-        self._backlog.pop(job_id, None)
-
-    def forget(self, job_id: str) -> None:
-        """Drop what is known of a job's outcome (it was retried: a new one is coming)."""
-        self._final.pop(job_id, None)
-        self._backlog.pop(job_id, None)
-
-    def ingest(self, frames: list[bytes]) -> str | None:
-        """Take one event in; the id of the job it is about (None: not a job event)."""
-        if len(frames) != 2:
-            return None
-        event = self._decoder.decode(frames[1])
-        if isinstance(event, JobChanged):
-            job_id = event.job.id
-        elif isinstance(event, JobProgressed | JobOutput):
-            job_id = event.job_id
-        else:
-            return None
-        if isinstance(event, JobChanged) and event.job.status in FINAL_STATUSES:
-            self._final[job_id] = event.job
-            if len(self._final) > FINAL_KEPT:
-                self._final.popitem(last=False)
-        if job_id in self._watching:
-            self._backlog.setdefault(job_id, []).append(event)
-        return job_id
-
-    def take(self, job_id: str) -> tuple[list[JobEvent], bool]:
-        """Events since the last take (ending with the final one, if the job is done)."""
-        events = self._backlog.pop(job_id, [])
-        final = self._final.get(job_id)
-        if final is None:
-            return events, False
-        if not events or not isinstance(events[-1], JobChanged) or events[-1].job is not final:
-            events.append(JobChanged(job=final))
-        return events, True
+def wait_slice_s(request_timeout_s: float) -> float:
+    """How long one WaitJob may wait at the server: well inside the reply timeout."""
+    return max(0.05, request_timeout_s / 2)
 
 
-def subscriber(context: zmq.Context, endpoint: str, security: Security, topic: bytes = b"job.") -> zmq.Socket:
-    sock = context.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, topic)
-    security.connect(sock, endpoint)
-    return sock
+def _state(job: Job) -> tuple:
+    return (job.status, job.attempts, job.lease, job.runs, job.finished_at, job.run_after)
+
+
+def events_of(update: JobUpdate, last: Job | None) -> list[JobEvent]:
+    """What one WaitJob answer brings, in order: a new state (a run started), the
+    output and progress, and the final state last, so what a run wrote comes after
+    its start and before its end."""
+    changed = last is None or _state(update.job) != _state(last)
+    final = update.job.status in FINAL_STATUSES
+    events: list[JobEvent] = [JobChanged(job=update.job)] if changed and not final else []
+    events += update.output
+    if update.progress is not None:
+        events.append(JobProgressed(job_id=update.job.id, current=update.progress.current, total=update.progress.total))
+    if final:
+        events.append(JobChanged(job=update.job))
+    return events
+
+
+def _size(job: Job) -> int:
+    return len(job.result) + len(job.logs) + (len(job.error.traceback) if job.error else 0)
 
 
 class _Clock:
-    """When to re-ask the server, and when to give up."""
-
-    def __init__(self, job_id: str, timeout: float | None):
-        self.job_id = job_id
-        self.timeout = timeout
+    def __init__(self, job_id: str, timeout: float | None, slice_s: float):
+        self.job_id, self.timeout, self.slice_s = job_id, timeout, slice_s
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.next_check = time.monotonic() + FIRST_CHECK_S
 
-    def due(self) -> bool:
-        now = time.monotonic()
-        if self.deadline is not None and now >= self.deadline:
+    def next_wait_ms(self) -> int:
+        """The wait of the next WaitJob; raises Timeout once the caller's time is up."""
+        if self.deadline is None:
+            return int(self.slice_s * 1000)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
             raise Timeout(f"job {self.job_id} did not finish within {self.timeout:g}s")
-        if now >= self.next_check:
-            self.next_check = now + RECHECK_S
-            return True
-        return False
-
-    def saw_event(self) -> None:
-        self.next_check = max(self.next_check, time.monotonic() + RECHECK_AFTER_EVENT_S)
-
-    def wait_s(self) -> float:
-        end = self.next_check if self.deadline is None else min(self.next_check, self.deadline)
-        return max(0.0, end - time.monotonic())
+        return max(1, int(min(left, self.slice_s) * 1000))
 
 
 class JobFollower:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, security: Security = PLAIN):
-        self._socket = subscriber(context or zmq.Context.instance(), endpoint, security)
-        self.book = EventBook()
+    """Blocking: follows jobs and fetches outcomes over one ``Client``."""
 
-    def _pump(self, wait_s: float) -> None:
-        if self._socket.poll(wait_s * 1000):
-            while True:
-                try:
-                    self.book.ingest(self._socket.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    return
+    def __init__(self, client: Client, request_timeout_s: float):
+        self.client = client
+        self.slice_s = wait_slice_s(request_timeout_s)
+        self.outcomes = Outcomes(self)
 
-    def follow(self, job_id: str, timeout: float | None, fetch: Callable[[str], Job]) -> Iterator[JobEvent]:
-        clock = _Clock(job_id, timeout)
-        self.book.watch(job_id)
-        self._pump(0)  # events already here save a round trip to the server
-        try:
-            while True:
-                events, final = self.book.take(job_id)
-                yield from events
-                if final:
-                    return
-                if events:
-                    clock.saw_event()
-                if clock.due():
-                    job = fetch(job_id)
-                    if job.status in FINAL_STATUSES:
-                        yield JobChanged(job=job)
-                        return
-                self._pump(clock.wait_s())
-        finally:
-            self.book.unwatch(job_id)
+    def ask(self, job_id: str, wait_ms: int, output: int = -1) -> bytes:
+        return self.client.send(WaitJob(id=job_id, timeout_ms=wait_ms, output=output))
+
+    def take(self, correlation: bytes, wait_ms: int) -> JobUpdate:
+        return raise_if_error(self.client.take(correlation, wait_ms / 1000 + self.slice_s))
+
+    def follow(self, job_id: str, timeout: float | None) -> Iterator[JobEvent]:
+        clock = _Clock(job_id, timeout, self.slice_s)
+        cursor, last = 0, None
+        while True:
+            wait_ms = clock.next_wait_ms()
+            update = self.take(self.ask(job_id, wait_ms, cursor), wait_ms)
+            yield from events_of(update, last)
+            last, cursor = update.job, update.next
+            if last.status in FINAL_STATUSES:
+                return
+
+    def outcome(self, job_id: str, timeout: float | None) -> Job:
+        return self.outcomes.wait(job_id, _Clock(job_id, timeout, self.slice_s))
+
+
+class Outcomes:
+    """Outcomes of the jobs submitted on one connection, asked for ahead of need."""
+
+    def __init__(self, follower: JobFollower):
+        self._follower = follower
+        self._submitted: OrderedDict[str, weakref.ref] = OrderedDict()  # not asked for yet
+        self._asked: dict[str, tuple[bytes, weakref.ref | None]] = {}  # job id -> its WaitJob in flight
+        self._in_flight: set[bytes] = set()  # the correlations in _asked
+        self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
+        self._held: dict[str, Job] = {}  # final records fetched ahead
+        self._held_bytes = 0
+
+    def submitted(self, job_id: str, handle: object) -> None:
+        self._submitted[job_id] = weakref.ref(handle)
+        if len(self._submitted) > 4 * READ_AHEAD and len(self._submitted) % READ_AHEAD == 0:
+            for dead in [i for i, ref in self._submitted.items() if ref() is None]:
+                del self._submitted[dead]
+
+    def owns(self, correlation: bytes) -> bool:
+        return correlation in self._in_flight
+
+    def deliver(self, correlation: bytes, reply: Any) -> None:
+        """An answer the bus collected on the way (see Bus._collect)."""
+        self._answers[correlation] = reply
+
+    def forget(self, job_id: str) -> None:
+        """Its outcome changes (it was retried): drop what is held."""
+        held = self._held.pop(job_id, None)
+        if held is not None:
+            self._held_bytes -= _size(held)
+
+    def wait(self, job_id: str, clock: _Clock) -> Job:
+        held = self._held.pop(job_id, None)
+        if held is not None:
+            self._held_bytes -= _size(held)
+            return held
+        self._submitted.pop(job_id, None)
+        follower = self._follower
+        while True:
+            wait_ms = clock.next_wait_ms()
+            asked = self._asked.pop(job_id, None)
+            correlation = asked[0] if asked is not None else follower.ask(job_id, wait_ms)
+            self._in_flight.add(correlation)
+            self._read_ahead(wait_ms)
+            try:
+                if correlation in self._answers:
+                    update = raise_if_error(self._answers.pop(correlation))
+                else:
+                    update = follower.take(correlation, wait_ms)
+            finally:
+                self._in_flight.discard(correlation)
+            self._file_answers()
+            if update.job.status in FINAL_STATUSES:
+                return update.job
+
+    def _read_ahead(self, wait_ms: int) -> None:
+        follower = self._follower
+        while self._submitted and len(self._asked) < READ_AHEAD and self._held_bytes < HELD_BYTES:
+            job_id, ref = self._submitted.popitem(last=False)
+            if ref() is not None and job_id not in self._asked and job_id not in self._held:
+                correlation = follower.ask(job_id, wait_ms)
+                self._asked[job_id] = (correlation, ref)
+                self._in_flight.add(correlation)
+
+    def _file_answers(self) -> None:
+        """File the read-ahead answers already here: final records are held; a wait
+        that ended first is asked again when its turn comes."""
+        client = self._follower.client
+        for job_id, (correlation, ref) in list(self._asked.items()):
+            reply = self._answers.pop(correlation, None)
+            if reply is None and client.has_reply(correlation):
+                reply = client.take(correlation, 0)
+            if reply is None:
+                continue
+            del self._asked[job_id]
+            self._in_flight.discard(correlation)
+            if isinstance(reply, JobUpdate) and reply.job.status in FINAL_STATUSES:
+                self._held[job_id] = reply.job
+                self._held_bytes += _size(reply.job)
+            elif ref is not None and ref() is not None:
+                self._submitted[job_id] = ref
+                self._submitted.move_to_end(job_id, last=False)
 
     def close(self) -> None:
-        self._socket.close(0)
+        for correlation, _ in self._asked.values():
+            self._follower.client.forget(correlation)
+        self._asked.clear()
+        self._in_flight.clear()
 
 
 class AsyncJobFollower:
-    """One reader task feeds the book; any number of coroutines wait on it.
+    """asyncio: any number of coroutines follow jobs over one ``AsyncClient``."""
 
-    (Several coroutines reading one socket would steal each other's events.)
-    """
+    def __init__(self, client: AsyncClient, request_timeout_s: float):
+        self.client = client
+        self.slice_s = wait_slice_s(request_timeout_s)
 
-    def __init__(self, endpoint: str, context: zmq.asyncio.Context, security: Security = PLAIN):
-        self._socket = subscriber(context, endpoint, security)
-        self.book = EventBook()
-        self._reader: asyncio.Task | None = None
-        self._waiters: dict[str, list[asyncio.Future]] = {}  # job id -> who waits for its events
+    async def _ask(self, job_id: str, wait_ms: int, output: int = -1) -> JobUpdate:
+        message = WaitJob(id=job_id, timeout_ms=wait_ms, output=output)
+        return await self.client.request(message, timeout_s=wait_ms / 1000 + self.slice_s)
 
-    async def _read(self) -> None:
+    async def follow(self, job_id: str, timeout: float | None) -> AsyncIterator[JobEvent]:
+        clock = _Clock(job_id, timeout, self.slice_s)
+        cursor, last = 0, None
         while True:
-            job_id = self.book.ingest(await self._socket.recv_multipart())
-            for waiter in self._waiters.pop(job_id, ()):  # wake only who follows that job
-                if not waiter.done():
-                    waiter.set_result(None)
+            update = await self._ask(job_id, clock.next_wait_ms(), cursor)
+            for event in events_of(update, last):
+                yield event
+            last, cursor = update.job, update.next
+            if last.status in FINAL_STATUSES:
+                return
 
-    def start(self) -> None:
-        """Start reading events (before a job is submitted, so none is missed)."""
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+    async def outcome(self, job_id: str, timeout: float | None) -> Job:
+        clock = _Clock(job_id, timeout, self.slice_s)
+        while True:
+            update = await self._ask(job_id, clock.next_wait_ms())
+            if update.job.status in FINAL_STATUSES:
+                return update.job
 
-    async def _wait(self, job_id: str, wait_s: float) -> None:
-        self.start()
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(job_id, []).append(waiter)
-        try:
-            await asyncio.wait_for(waiter, wait_s)
-        except TimeoutError:
-            waiters = self._waiters.get(job_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[job_id]
 
-    async def follow(
-        self, job_id: str, timeout: float | None, fetch: Callable[[str], Awaitable[Job]]
-    ) -> AsyncIterator[JobEvent]:
-        clock = _Clock(job_id, timeout)
-        self.book.watch(job_id)
-        try:
-            while True:
-                events, final = self.book.take(job_id)
-                for event in events:
-                    yield event
-                if final:
-                    return
-                if events:
-                    clock.saw_event()
-                if clock.due():
-                    job = await fetch(job_id)
-                    if job.status in FINAL_STATUSES:
-                        yield JobChanged(job=job)
-                        return
-                await self._wait(job_id, clock.wait_s())
-        finally:
-            self.book.unwatch(job_id)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        self._socket.close(0)
+def subscriber(context: zmq.Context, endpoint: str, security: Security, topic: bytes = b"") -> zmq.Socket:
+    """A SUB socket on an events endpoint (notices only; a bounded queue)."""
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.setsockopt(zmq.SUBSCRIBE, topic)
+    security.connect(sock, endpoint)
+    return sock

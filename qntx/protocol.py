@@ -358,8 +358,31 @@ class JobOutput(Message):
     lease: int = 0
 
 
+class WaitJob(Message):
+    """Wait for a job, over the asker's own connection (results never go out on a
+    broadcast socket). With ``output`` < 0 the reply comes once the job is final, or
+    after ``timeout_ms`` with its current record; with ``output`` >= 0 (the ``next`` of
+    the previous reply, 0 at first) it comes as soon as the job has new output,
+    progress or status after that point."""
+
+    id: str
+    timeout_ms: int = 10_000  # at most MAX_WAIT_MS
+    output: int = -1
+
+
+class JobUpdate(Message):
+    """The answer to WaitJob: the job's record (without payload; with its result,
+    error and logs once final), the output and progress since ``WaitJob.output``."""
+
+    job: Job
+    output: list[JobOutput] = []
+    progress: Progress | None = None
+    next: int = 0  # pass it as WaitJob.output to continue where this one ended
+
+
 ServerRequest = (
     Ping
+    | WaitJob
     | Submit
     | GetJob
     | ListJobs
@@ -377,7 +400,7 @@ ServerRequest = (
     | GetEndpoints
 )
 ServerReply = (
-    Pong | JobReply | JobList | StatusReply | SchedulesReply | Pruned | Ack | BusEndpoints | ErrorReply
+    Pong | JobReply | JobUpdate | JobList | StatusReply | SchedulesReply | Pruned | Ack | BusEndpoints | ErrorReply
 )
 
 
@@ -534,7 +557,28 @@ class AttestationCreated(Message):
 
 
 class JobChanged(Message):
+    """A job's new state, as ``follow`` yields it to the one who asked (with its
+    result, error and logs); never sent on the events socket."""
+
     job: Job
+
+
+class JobNotice(Message):
+    """What the events socket says of a job that changed: its identity and state,
+    never its payload, result, error or logs (WaitJob or GetJob has those)."""
+
+    id: str
+    handler: str
+    status: str
+    lease: int = 0
+    attempts: int = 0
+    max_attempts: int = 0
+    priority: int = 0
+    created_at: int = 0
+    started_at: int | None = None
+    finished_at: int | None = None
+    run_after: int = 0
+    worker: str | None = None
 
 
 class JobProgressed(Message):
@@ -548,7 +592,7 @@ class HandlersRegistered(Message):
     handler_names: list[str]
 
 
-Event = AttestationCreated | JobChanged | JobProgressed | JobOutput | HandlersRegistered
+Event = AttestationCreated | JobNotice | HandlersRegistered
 
 
 # --------------------------------------------------------------------- roles
@@ -585,6 +629,7 @@ SERVER_ROLES = {
     Ping: _ANY,
     GetEndpoints: _ANY,
     Submit: _CLIENT,
+    WaitJob: _CLIENT,
     GetJob: _CLIENT,
     ListJobs: _CLIENT,
     CancelJob: _CLIENT,

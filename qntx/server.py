@@ -57,6 +57,7 @@ from qntx.protocol import (
     JobOutput,
     JobProgress,
     JobReply,
+    JobUpdate,
     ListJobs,
     ListSchedules,
     Metadata,
@@ -75,6 +76,7 @@ from qntx.protocol import (
     ServerRequest,
     StatusReply,
     Submit,
+    WaitJob,
 )
 from qntx.pulse.core import BUILTIN_HANDLERS
 from qntx.pulse.events import HandlersAnnounced, PluginDown, PluginUp
@@ -138,6 +140,7 @@ class ServerActor(Actor):
             {
                 Ping: self.on_ping,
                 Submit: self.on_submit,
+                WaitJob: self.on_wait,
                 GetJob: self.on_get_job,
                 ListJobs: self.on_list_jobs,
                 CancelJob: self.on_cancel,
@@ -186,6 +189,9 @@ class ServerActor(Actor):
 
     def on_submit(self, message: Submit, request: Request) -> None:
         self.pulse.submit(message, request)  # replied to after the commit
+
+    def on_wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
+        return self.pulse.wait(message, request)  # now, or when there is news (or at its deadline)
 
     def on_get_job(self, message: GetJob, request: Request) -> JobReply:
         return JobReply(job=self.pulse.get(message.id))

@@ -109,6 +109,12 @@ class Client:
         self._outstanding.difference_update(got)
         return got
 
+    def has_reply(self, correlation: bytes) -> bool:
+        """Whether the reply to ``correlation`` is here (reading what arrived, without waiting)."""
+        if correlation not in self._arrived:
+            self._receive(0)
+        return correlation in self._arrived
+
     def forget(self, correlation: bytes) -> None:
         """Stop waiting for a reply (it is dropped if it comes)."""
         self._outstanding.discard(correlation)

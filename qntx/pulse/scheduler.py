@@ -41,12 +41,17 @@ from qntx.protocol import (
     SESSION_ROLE,
     WORKER_ROLES,
     Job,
+    JobChanged,
     JobDone,
     JobList,
     JobOutput,
     JobProgress,
+    JobProgressed,
+    JobUpdate,
     ListJobs,
+    Progress,
     Submit,
+    WaitJob,
     WorkerMessage,
     WorkerReady,
     WorkerResult,
@@ -78,6 +83,7 @@ from qntx.pulse.events import (
 )
 from qntx.pulse.jobstore import PRUNE_BATCH, JobStore
 from qntx.pulse.rules import MAX_AFTER
+from qntx.pulse.watch import JobWatch, notice
 from qntx.settings import Settings
 from qntx.values import is_int, now_ms
 
@@ -91,6 +97,9 @@ LAZY_COMMIT_S = 0.02
 # loop keeps answering while a big one syncs.
 INLINE_COMMIT_ROWS = 2_000
 INLINE_COMMIT_BYTES = 1 << 20
+# How often waiting requests are checked for their deadline (they are answered up to
+# this much after it).
+WAIT_CHECK_S = 0.1
 
 
 def instant() -> Instant:
@@ -160,6 +169,8 @@ class Pulse:
         self._lazy_timer = None
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
+        self.watch = JobWatch(self.get, public)
+        actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
         self._commit_now()  # reserves the first block of lease ids before any dispatch
         self.writer = Offloader(actor, "pulse-writer")
         self.control = actor.serve(
@@ -198,7 +209,7 @@ class Pulse:
             else:
                 self._send_job(command)
         elif kind is Publish:
-            self._publish(command.topic, command.message)
+            self._announce(command.topic, command.message)
         elif kind is Reply:
             if command.durable:
                 self._durable.append(command)
@@ -216,6 +227,27 @@ class Pulse:
             logger.log(command.level, command.text)
         else:  # pragma: no cover - a command without a carrier is a bug
             raise TypeError(f"unknown command {command!r}")
+
+    def _announce(self, topic: bytes, message: Any) -> None:
+        """Results, output and progress go to who waits for that job (``JobWatch``);
+        the events socket gets a notice of each change."""
+        kind = type(message)
+        if kind is JobChanged:
+            self.watch.changed(message.job)
+            self._publish(topic, notice(message.job))
+        elif kind is JobProgressed:
+            job = self.core.get(message.job_id)
+            if job is not None:
+                self.watch.progressed(job, Progress(current=message.current, total=message.total))
+        elif kind is JobOutput:
+            job = self.core.get(message.job_id)
+            if job is not None:
+                self.watch.wrote(job, message)
+        else:
+            self._publish(topic, message)
+
+    def wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
+        return self.watch.wait(message, request, time.monotonic())
 
     def _send_job(self, command: SendJob) -> None:
         pipe = self._pipes.get(command.session)

@@ -6,7 +6,8 @@ the pages connected to ``/api/events``. What it sends:
 * ``jobs``: the jobs that changed, as listing rows, gathered for FLUSH_S; when more
   than BURST changed, ``resync`` instead (each page fetches the one page it shows,
   at most once a second), so thousands of jobs a second cost a page little;
-* ``progress`` and ``output`` of the job a page shows (``?job=ID``);
+* ``progress`` and ``output`` of the job a page shows (``?job=ID``), which the hub
+  follows for that page over its own request connection (from the output so far);
 * ``overview``: the whole overview, at most once a second when something changed,
   and every OVERVIEW_IDLE_S anyway (an actor's health has no event of its own);
 * ``handlers`` when a handler was stored or registered (the page asks again).
@@ -34,11 +35,11 @@ from qntx.protocol import (
     FINAL_STATUSES,
     AttestationCreated,
     HandlersRegistered,
-    JobChanged,
+    JobNotice,
     JobOutput,
     JobProgressed,
 )
-from qntx.ui.views import Throughput, job_summary, now_ms, overview, seed_throughput
+from qntx.ui.views import Throughput, notice_row, now_ms, overview, seed_throughput
 
 FLUSH_S = 0.25
 OVERVIEW_MIN_S = 1.0
@@ -76,9 +77,7 @@ class Hub:
         self._dirty = True
         self._handlers_changed = False
         self._on_event = {
-            JobChanged: self._job_changed,
-            JobProgressed: self._job_progressed,
-            JobOutput: self._job_output,
+            JobNotice: self._job_changed,
             HandlersRegistered: self._handlers_registered,
             AttestationCreated: self._attestation_created,
         }
@@ -107,9 +106,8 @@ class Hub:
             except Exception:  # one odd event must not stop the pages' live updates
                 logger.opt(exception=True).warning("dashboard: an event could not be shown")
 
-    def _job_changed(self, event: JobChanged) -> None:
-        job = event.job
-        self._changed[job.id] = job_summary(job)
+    def _job_changed(self, job: JobNotice) -> None:
+        self._changed[job.id] = notice_row(job)
         if job.finished_at and (job.id, job.lease) not in self._counted:
             if job.status in FINAL_STATUSES:  # a run's end may be announced more than once
                 self._counted[(job.id, job.lease)] = None
@@ -118,18 +116,20 @@ class Hub:
             self.throughput.count(job.status, job.finished_at)
         self._dirty = True
 
-    def _job_progressed(self, event: JobProgressed) -> None:
-        self._progress[event.job_id] = {
-            "job_id": event.job_id,
-            "current": event.current,
-            "total": event.total,
-        }
-
-    def _job_output(self, event: JobOutput) -> None:
-        data = {"job_id": event.job_id, "stream": event.stream, "text": event.text}
-        for page in self.pages:
-            if page.job_id == event.job_id:
-                page.send("output", data)
+    async def _follow_for(self, page: Page) -> None:
+        """The output and progress of the job ``page`` shows, from what it wrote so far."""
+        try:
+            async for event in self.bus.follow(page.job_id):
+                if isinstance(event, JobOutput):
+                    page.send("output", {"job_id": event.job_id, "stream": event.stream, "text": event.text})
+                elif isinstance(event, JobProgressed):
+                    self._progress[event.job_id] = {
+                        "job_id": event.job_id,
+                        "current": event.current,
+                        "total": event.total,
+                    }
+        except QntxError as exc:  # the job is gone, or the bus is down: the page shows its record
+            logger.debug("dashboard: stopped following {}: {}", page.job_id, exc)
 
     def _handlers_registered(self, event: HandlersRegistered) -> None:
         self._handlers_changed = True
@@ -194,6 +194,7 @@ class Hub:
         await response.prepare(request)
         page = Page(request.query.get("job") or None)
         self.pages.add(page)
+        following = asyncio.ensure_future(self._follow_for(page)) if page.job_id else None
         self._dirty = True  # a new page gets the overview within a second
         try:
             await response.write(b"retry: 1000\n\n")
@@ -211,4 +212,6 @@ class Hub:
             logger.opt(exception=True).debug("event stream ended")
         finally:
             self.pages.discard(page)
+            if following is not None:
+                following.cancel()
         return response

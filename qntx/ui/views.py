@@ -16,7 +16,7 @@ from qntx.aio import AsyncBus
 from qntx.ats.current import stored_last_first
 from qntx.errors import QntxError
 from qntx.handlers import HANDLER_FILTER, current_version, history_filter, is_tombstone, resolve
-from qntx.protocol import MAX_PAGE, Attestation, Job
+from qntx.protocol import MAX_PAGE, Attestation, Job, JobNotice
 
 # A payload or result larger than this (as JSON) is shown as its size alone.
 SHOWN_VALUE_BYTES = 64 * 1024
@@ -42,19 +42,15 @@ def shown_value(value: Any) -> Any:
     return msgspec.json.decode(encoded)
 
 
+def notice_row(job: Job | JobNotice) -> dict[str, Any]:
+    """A listing row of what an events notice carries (no progress, no error)."""
+    fields = ("id", "handler", "status", "attempts", "max_attempts", "priority", "created_at", "started_at", "finished_at", "worker")
+    return {name: getattr(job, name) for name in fields} | {"progress": None, "error": None}
+
+
 def job_summary(job: Job) -> dict[str, Any]:
     """One row of a job listing (no payload, result or logs)."""
-    return {
-        "id": job.id,
-        "handler": job.handler,
-        "status": job.status,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "priority": job.priority,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "worker": job.worker,
+    return notice_row(job) | {
         "progress": msgspec.to_builtins(job.progress) if job.progress else None,
         "error": job.error.message.splitlines()[0] if job.error and job.error.message else None,
     }

@@ -1,0 +1,197 @@
+"""Who waits for which job, and what running jobs wrote: the result path.
+
+Results, errors, logs, output and progress go only to whoever asked for that job,
+over its own request connection (``WaitJob``); the events socket carries notices
+(``JobNotice``). ``JobWatch`` keeps:
+
+* the waiting requests, per job: *outcome* waiters (answered when the job is final)
+  and *live* waiters (answered at the job's next output, progress or status), each
+  with a deadline after which it is answered with the job as it is;
+* a *trail* per running job: its recent output (the last TRAIL_BYTES of it) and its
+  latest progress, numbered, so a live waiter that comes back with the number it
+  was given continues where it left off, and one that comes late starts with the
+  output so far.
+
+Everything is bounded: MAX_WAITERS requests in all (past it a WaitJob gets
+``unavailable``), TRAIL_BYTES per trail; a trail ends with its job.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qntx.bus.actor import Request
+from qntx.errors import Unavailable
+from qntx.protocol import FINAL_STATUSES, Job, JobNotice, JobOutput, JobUpdate, Progress, WaitJob
+
+MAX_WAIT_MS = 60_000
+MAX_WAITERS = 100_000
+TRAIL_BYTES = 256 << 10  # the most output kept of one running job
+TRAILS_BYTES = 64 << 20  # … and of every running job together: each gets its share
+TRAIL_MIN_BYTES = 4 << 10
+
+
+@dataclass(slots=True)
+class Waiter:
+    request: Request
+    job_id: str
+    deadline: float  # monotonic s
+    cursor: int  # -1: the outcome only
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Trail:
+    """A running job's recent output and progress; ``seq`` numbers every change."""
+
+    output: deque[tuple[int, JobOutput]] = field(default_factory=deque)
+    bytes: int = 0
+    seq: int = 0
+    progress: Progress | None = None
+    progress_seq: int = 0
+
+    def since(self, cursor: int) -> tuple[list[JobOutput], Progress | None]:
+        output = [chunk for seq, chunk in self.output if seq > cursor]
+        progress = self.progress if self.progress_seq > cursor else None
+        return output, progress
+
+
+def notice(job: Job) -> JobNotice:
+    return JobNotice(
+        id=job.id, handler=job.handler, status=job.status, lease=job.lease, attempts=job.attempts,
+        max_attempts=job.max_attempts, priority=job.priority, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, run_after=job.run_after, worker=job.worker,
+    )  # fmt: skip
+
+
+class JobWatch:
+    def __init__(self, lookup: Callable[[str], Job], strip: Callable[[Job], Job]):
+        self._lookup = lookup  # a job's current record (raises NotFound)
+        self._strip = strip  # the record without its payload
+        self._waiters: dict[str, list[Waiter]] = {}
+        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._order = itertools.count()
+        self._count = 0
+        self.trails: dict[str, Trail] = {}
+
+    @property
+    def waiting(self) -> int:
+        return self._count
+
+    def wait(self, message: WaitJob, request: Request, now: float) -> JobUpdate | None:
+        """Answer at once if there is something to say, else hold the request."""
+        job = self._lookup(message.id)
+        cursor = message.output if isinstance(message.output, int) and message.output >= 0 else -1
+        timeout_ms = message.timeout_ms if isinstance(message.timeout_ms, int) else 0
+        timeout_s = min(max(timeout_ms, 0), MAX_WAIT_MS) / 1000
+        update = self._update_if_news(job, cursor)
+        if update is not None or timeout_s == 0:
+            return update or self._update(job, cursor)
+        if self._count >= MAX_WAITERS:
+            raise Unavailable(f"the server holds {MAX_WAITERS} waiting requests already; ask again later")
+        waiter = Waiter(request, job.id, now + timeout_s, cursor)
+        self._waiters.setdefault(job.id, []).append(waiter)
+        heapq.heappush(self._deadlines, (waiter.deadline, next(self._order), waiter))
+        self._count += 1
+        return None
+
+    def _update_if_news(self, job: Job, cursor: int) -> JobUpdate | None:
+        if job.status in FINAL_STATUSES:
+            return self._update(job, cursor)
+        trail = self.trails.get(job.id)
+        if cursor < 0 or trail is None:
+            return None
+        if cursor > trail.seq:  # numbered by an earlier trail (a server restart): from the start
+            return self._update(job, 0)
+        return self._update(job, cursor) if trail.seq > cursor else None
+
+    def _update(self, job: Job, cursor: int) -> JobUpdate:
+        trail = self.trails.get(job.id)
+        if cursor < 0 or trail is None:
+            progress = job.progress if cursor >= 0 else None
+            return JobUpdate(job=self._strip(job), progress=progress, next=trail.seq if trail else 0)
+        output, progress = trail.since(cursor)
+        if job.status in FINAL_STATUSES and job.progress is not None:
+            progress = job.progress  # the last progress the run reported comes with its end
+        return JobUpdate(job=self._strip(job), output=output, progress=progress, next=trail.seq)
+
+    # ------------------------------------------------------------------ what happens
+
+    def changed(self, job: Job) -> None:
+        """A job's state changed: wake its live waiters, and on its end every waiter."""
+        final = job.status in FINAL_STATUSES
+        trail = self.trails.get(job.id)
+        if trail is not None and not final:
+            trail.seq += 1  # a status change is news to a live waiter
+        self._wake(job, final=final)
+        if final:
+            self.trails.pop(job.id, None)
+
+    def progressed(self, job: Job, progress: Progress) -> None:
+        trail = self.trails.setdefault(job.id, Trail())
+        trail.seq += 1
+        trail.progress, trail.progress_seq = progress, trail.seq
+        self._wake(job, final=False)
+
+    def wrote(self, job: Job, chunk: JobOutput) -> None:
+        trail = self.trails.setdefault(job.id, Trail())
+        trail.seq += 1
+        trail.output.append((trail.seq, chunk))
+        trail.bytes += len(chunk.text)
+        cap = min(TRAIL_BYTES, max(TRAIL_MIN_BYTES, TRAILS_BYTES // len(self.trails)))
+        while trail.bytes > cap and len(trail.output) > 1:
+            _, dropped = trail.output.popleft()
+            trail.bytes -= len(dropped.text)
+        self._wake(job, final=False)
+
+    def _wake(self, job: Job, *, final: bool) -> None:
+        waiters = self._waiters.get(job.id)
+        if not waiters:
+            return
+        keep = []
+        for waiter in waiters:
+            if waiter.done:
+                continue
+            if final or waiter.cursor >= 0:
+                self._answer(waiter, self._update(job, waiter.cursor))
+            else:
+                keep.append(waiter)
+        if keep:
+            self._waiters[job.id] = keep
+        else:
+            del self._waiters[job.id]
+
+    def expire(self, now: float) -> None:
+        """Answer the waiters whose deadline passed with the job as it is."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, waiter = heapq.heappop(self._deadlines)
+            if waiter.done:
+                continue
+            try:
+                job = self._lookup(waiter.job_id)
+            except Exception as exc:  # pruned meanwhile: the asker learns it
+                self._finish(waiter)
+                waiter.request.fail(exc)
+                continue
+            self._answer(waiter, self._update(job, waiter.cursor))
+            waiters = self._waiters.get(waiter.job_id)
+            if waiters is not None:
+                waiters = [w for w in waiters if not w.done]
+                if waiters:
+                    self._waiters[waiter.job_id] = waiters
+                else:
+                    del self._waiters[waiter.job_id]
+        if not self._deadlines:
+            self._deadlines = []
+
+    def _answer(self, waiter: Waiter, update: JobUpdate) -> None:
+        self._finish(waiter)
+        waiter.request.reply(update)
+
+    def _finish(self, waiter: Waiter) -> None:
+        waiter.done = True
+        self._count -= 1
