@@ -556,9 +556,9 @@ class AttestationCreated(Message):
     record: Attestation
 
 
-class JobChanged(Message):
+class JobChanged(msgspec.Struct, kw_only=True):
     """A job's new state, as ``follow`` yields it to the one who asked (with its
-    result, error and logs); never sent on the events socket."""
+    result, error and logs). Not a wire message: WaitJob's JobUpdate carries it."""
 
     job: Job
 
@@ -581,7 +581,9 @@ class JobNotice(Message):
     worker: str | None = None
 
 
-class JobProgressed(Message):
+class JobProgressed(msgspec.Struct, kw_only=True):
+    """A job's progress, as ``follow`` yields it (from WaitJob's JobUpdate)."""
+
     job_id: str
     current: float
     total: float

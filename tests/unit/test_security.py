@@ -45,7 +45,7 @@ def test_make_keys_is_private_and_authorises_this_host(tmp_path):
     for path in keys.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     entry = json.loads((keys / AUTHORIZED).read_text())["host"]
-    assert entry["key"] == host_public_key(keys) and entry["roles"] == ["client", "worker", "plugin", "admin"]
+    assert entry["key"] == host_public_key(keys) and entry["roles"] == ["client", "developer", "worker", "plugin", "admin"]
     os.chmod(keys / "host.key_secret", 0o644)
     assert make_keys(keys) == []  # nothing new, and modes tightened again
     assert stat.S_IMODE((keys / "host.key_secret").stat().st_mode) == 0o600

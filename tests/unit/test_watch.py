@@ -1,0 +1,135 @@
+"""The result path's bookkeeping: who waits for which job (``JobWatch``), the trail of
+a running job's output, and the order ``follow`` yields what an answer brings."""
+
+from __future__ import annotations
+
+import pytest
+
+from qntx.errors import NotFound, Unavailable
+from qntx.follow import events_of
+from qntx.protocol import Job, JobChanged, JobOutput, JobProgressed, JobUpdate, Progress, WaitJob
+from qntx.pulse import watch as watch_module
+from qntx.pulse.watch import JobWatch
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Asker:
+    """Stands in for one request's connection: what it was answered."""
+
+    def __init__(self):
+        self.replies: list = []
+        self.errors: list = []
+
+    def reply(self, message) -> None:
+        self.replies.append(message)
+
+    def fail(self, error) -> None:
+        self.errors.append(error)
+
+
+@pytest.fixture
+def jobs():
+    return {"a": Job(id="a", handler="h", status="running", payload=b"\x01", lease=5, attempts=1)}
+
+
+@pytest.fixture
+def watch(jobs):
+    def lookup(job_id):
+        if job_id not in jobs:
+            raise NotFound(f"no job {job_id}")
+        return jobs[job_id]
+
+    return JobWatch(lookup, lambda job: Job(**{**{f: getattr(job, f) for f in job.__struct_fields__}, "payload": b"\xc0"}))
+
+
+def end(jobs, watch, status="completed"):
+    jobs["a"] = Job(id="a", handler="h", status=status, result=b"\x07", lease=5, attempts=1, progress=Progress(current=2, total=2))
+    watch.changed(jobs["a"])
+
+
+def test_an_outcome_waiter_is_answered_once_at_the_end_without_the_payload(jobs, watch):
+    asker = Asker()
+    assert watch.wait(WaitJob(id="a"), asker, now=0) is None and watch.waiting == 1
+    watch.wrote(jobs["a"], JobOutput(job_id="a", stream="stdout", text="x", lease=5))  # not for an outcome waiter
+    watch.progressed(jobs["a"], Progress(current=1, total=2))
+    assert asker.replies == []
+    end(jobs, watch)
+    assert len(asker.replies) == 1 and watch.waiting == 0
+    assert asker.replies[0].job.status == "completed" and asker.replies[0].job.payload == b"\xc0"
+    end(jobs, watch)  # announced again: nobody waits any more
+    assert len(asker.replies) == 1
+
+
+def test_a_final_job_is_answered_at_once(jobs, watch):
+    end(jobs, watch, "failed")
+    update = watch.wait(WaitJob(id="a"), Asker(), now=0)
+    assert isinstance(update, JobUpdate) and update.job.status == "failed" and watch.waiting == 0
+
+
+def test_live_waiters_get_output_from_their_cursor_and_late_ones_the_output_so_far(jobs, watch):
+    watch.wrote(jobs["a"], JobOutput(job_id="a", stream="stdout", text="one", lease=5))
+    late = watch.wait(WaitJob(id="a", output=0), Asker(), now=0)
+    assert [c.text for c in late.output] == ["one"]
+    asker = Asker()
+    assert watch.wait(WaitJob(id="a", output=late.next), asker, now=0) is None
+    watch.wrote(jobs["a"], JobOutput(job_id="a", stream="stderr", text="two", lease=5))
+    (update,) = asker.replies
+    assert [(c.stream, c.text) for c in update.output] == [("stderr", "two")] and update.next > late.next
+    again = Asker()
+    watch.wait(WaitJob(id="a", output=update.next), again, now=0)
+    end(jobs, watch)
+    (final,) = again.replies
+    assert final.job.status == "completed" and final.progress == Progress(current=2, total=2)
+    assert "a" not in watch.trails  # the trail ends with its job
+
+
+def test_a_cursor_from_an_earlier_trail_starts_from_the_beginning(jobs, watch):
+    watch.wrote(jobs["a"], JobOutput(job_id="a", stream="stdout", text="after a restart", lease=5))
+    update = watch.wait(WaitJob(id="a", output=99), Asker(), now=0)
+    assert [c.text for c in update.output] == ["after a restart"]
+
+
+def test_deadlines_answer_with_the_job_as_it_is(jobs, watch):
+    asker = Asker()
+    watch.wait(WaitJob(id="a", timeout_ms=500), asker, now=10.0)
+    watch.expire(10.4)
+    assert asker.replies == []
+    watch.expire(10.5)
+    assert asker.replies[0].job.status == "running" and watch.waiting == 0
+    assert watch.wait(WaitJob(id="a", timeout_ms=0), Asker(), now=11).job.status == "running"
+
+
+def test_a_job_pruned_while_waited_for_is_an_error_to_the_asker(jobs, watch):
+    asker = Asker()
+    watch.wait(WaitJob(id="a", timeout_ms=100), asker, now=0)
+    del jobs["a"]
+    watch.expire(1)
+    assert isinstance(asker.errors[0], NotFound) and watch.waiting == 0
+    with pytest.raises(NotFound):
+        watch.wait(WaitJob(id="a"), Asker(), now=0)
+
+
+def test_waiters_and_trails_are_bounded(jobs, watch, monkeypatch):
+    monkeypatch.setattr(watch_module, "MAX_WAITERS", 3)
+    for _ in range(3):
+        watch.wait(WaitJob(id="a"), Asker(), now=0)
+    with pytest.raises(Unavailable):
+        watch.wait(WaitJob(id="a"), Asker(), now=0)
+    monkeypatch.setattr(watch_module, "TRAIL_BYTES", 10)
+    for n in range(20):
+        watch.wrote(jobs["a"], JobOutput(job_id="a", stream="stdout", text=f"{n:04d}", lease=5))
+    trail = watch.trails["a"]
+    assert trail.bytes <= 10 and [c.text for _, c in trail.output][-1] == "0019"
+
+
+def test_follow_yields_a_start_before_its_output_and_the_end_after_it():
+    running = Job(id="a", handler="h", status="running", attempts=2, lease=9)
+    update = JobUpdate(job=running, output=[JobOutput(job_id="a", stream="stdout", text="hi")], next=1)
+    kinds = [type(e).__name__ for e in events_of(update, Job(id="a", handler="h", status="queued", attempts=1))]
+    assert kinds == ["JobChanged", "JobOutput"]
+    done = Job(id="a", handler="h", status="completed", attempts=2, lease=9)
+    update = JobUpdate(job=done, output=[JobOutput(job_id="a", stream="stdout", text="bye")], progress=Progress(current=1, total=1))
+    events = events_of(update, running)
+    assert [type(e) for e in events] == [JobOutput, JobProgressed, JobChanged] and events[-1].job.status == "completed"
+    assert events_of(JobUpdate(job=running), running) == []  # nothing new
