@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from qntx.api import ax_filter, make_filter, new_attestation, with_local_actors
+from qntx.api import ax_filter, make_filter, new_attestation, split_address, with_local_actors
 from qntx.asid import new_asid
 from qntx.ats.store import next_page
 from qntx.bus.client import AsyncClient
@@ -285,5 +285,12 @@ class AsyncBus:
 
 
 async def connect(home: str | Path | None = None, **settings: Any) -> AsyncBus:
-    """Connect to the running bus of ``home`` ($QNTX_HOME, default ~/.qntx)."""
-    return AsyncBus(load_settings(home, **settings))
+    """Connect to the running bus of ``home`` ($QNTX_HOME, default ~/.qntx), or of
+    another host through its server's address: ``connect("tcp://HOST:PORT")``."""
+    home, settings = split_address(home, settings)
+    resolved = load_settings(home, **settings)
+    if resolved.connect:
+        from qntx.join import join
+
+        resolved = await asyncio.to_thread(join, resolved)
+    return AsyncBus(resolved)

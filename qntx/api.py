@@ -275,6 +275,8 @@ def with_local_actors(settings: Settings, reply: StatusReply, pong: Pong | None)
     from qntx.supervisor import supervised_actors
 
     reply.actors.insert(0, ats_actor_status(settings, pong))
+    if settings.connect:  # the bus of another host: this home's `up` is not part of it
+        return reply
     listed = {actor.name for actor in reply.actors}
     for name, pid in supervised_actors(settings).items():
         if name.startswith("worker") and name not in listed:
@@ -349,6 +351,10 @@ class Bus:
     """A connection to one QNTX home: attestations, queries and (with `up`) jobs."""
 
     def __init__(self, settings: Settings, *, embedded: bool | None = None):
+        if settings.connect:  # a bus on another host: its endpoints, asked of its server
+            from qntx.join import join
+
+            settings, embedded = join(settings), False
         self.settings = settings
         if embedded is None:
             embedded = not ats_is_up(settings)
@@ -799,5 +805,15 @@ def _flush_at_exit() -> None:
 
 
 def connect(home: str | Path | None = None, *, embedded: bool | None = None, **settings: Any) -> Bus:
-    """Connect to the bus of ``home`` ($QNTX_HOME, default ~/.qntx)."""
+    """Connect to the bus of ``home`` ($QNTX_HOME, default ~/.qntx), or to the bus of
+    another host through its server's address: ``connect("tcp://HOST:PORT")`` (this
+    home's keys authenticate; a bus that does not answer raises Unavailable)."""
+    home, settings = split_address(home, settings)
     return Bus(load_settings(home, **settings), embedded=embedded)
+
+
+def split_address(home: str | Path | None, settings: dict[str, Any]) -> tuple[str | Path | None, dict[str, Any]]:
+    """``connect("tcp://…")`` names a server, not a home."""
+    if isinstance(home, str) and home.startswith("tcp://"):
+        return None, {**settings, "connect": home}
+    return home, settings

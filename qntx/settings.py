@@ -47,6 +47,10 @@ class Settings:
     log_files: int = 5  # rotated files kept per actor
     insecure: bool = False  # allow tcp endpoints without CURVE (explicit opt-out)
     bind: str = ""  # tcp://HOST:PORT: also serve other hosts there (and on the next 5 ports)
+    # tcp ports the jobs pipes of sessions from other hosts take, "FIRST-LAST"
+    # (default: the 100 ports after bind's six), so a firewall opens one known range
+    jobs_ports: str = ""
+    connect: str = ""  # tcp://HOST:PORT of another host's server: use that bus (qntx.join)
     ats_endpoint: str = ""
     ats_events_endpoint: str = ""
     server_endpoint: str = ""
@@ -166,6 +170,26 @@ def tcp_endpoints(bind: str) -> dict[str, str]:
     if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) <= 65535 - len(_TCP_ORDER):
         raise Invalid(f"--bind needs tcp://HOST:PORT with a port below {65536 - len(_TCP_ORDER)}, got {bind!r}")
     return {name: f"tcp://{host}:{int(port) + n}" for n, name in enumerate(_TCP_ORDER)}
+
+
+JOBS_PORTS_DEFAULT = 100
+
+
+def jobs_port_range(settings: Settings) -> range:
+    """The tcp ports sessions from other hosts get their jobs pipes on."""
+    text = settings.jobs_ports
+    if not text:
+        if not settings.bind:
+            return range(0)
+        first = int(settings.bind.rpartition(":")[2]) + len(_TCP_ORDER)
+        return range(first, min(first + JOBS_PORTS_DEFAULT, 65536))
+    low, sep, high = text.partition("-")
+    if not (low.strip().isdigit() and (not sep or high.strip().isdigit())):
+        raise Invalid(f"jobs_ports must be FIRST-LAST (e.g. 7410-7499), got {text!r}")
+    first, last = int(low), int(high) if sep else int(low)
+    if not 0 < first <= last <= 65535:
+        raise Invalid(f"jobs_ports must be FIRST-LAST within 1-65535, got {text!r}")
+    return range(first, last + 1)
 
 
 def load_settings(home: str | Path | None = None, environ: dict[str, str] | None = None, **flags: Any) -> Settings:

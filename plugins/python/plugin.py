@@ -39,6 +39,7 @@ from qntx.bus.codec import Decoder
 from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
+from qntx.join import reachable
 from qntx.protocol import (
     PLUGIN_DEPTH,
     PLUGIN_ROLES,
@@ -71,7 +72,7 @@ from qntx.protocol import (
     ServerReply,
     Shutdown,
 )
-from qntx.pulse.worker import Worker, done_from, execute_request, given_back, reachable
+from qntx.pulse.worker import Worker, done_from, execute_request, given_back
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 

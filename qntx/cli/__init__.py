@@ -1,6 +1,7 @@
 """The ``qntx`` command line: a thin layer over the scripting API (``qntx.api``).
 
-Global options (``--home``, ``--debug``) are accepted anywhere on the line. Every
+Global options (``--home``, ``--debug``, ``--insecure``, ``--connect``) are accepted
+anywhere on the line. Every
 error becomes one line on stderr and a non-zero exit code (2 for bad input);
 ``--debug`` shows the traceback instead.
 """
@@ -24,6 +25,7 @@ class Options:
     home: str | None = None
     debug: bool = False
     insecure: bool = False
+    connect: str | None = None
 
 
 options = Options()
@@ -44,10 +46,15 @@ def _launcher(
     home: Annotated[str | None, Parameter(help="QNTX home directory (default $QNTX_HOME or ~/.qntx).")] = None,
     debug: Annotated[bool, Parameter(help="Show tracebacks and debug logs.")] = False,
     insecure: Annotated[bool, Parameter(help="Allow tcp:// endpoints without CURVE encryption.")] = False,
+    connect: Annotated[
+        str | None,
+        Parameter(help="Use the bus of another host through its server's address, tcp://HOST:PORT (this home's keys)."),
+    ] = None,
 ):
     options.home = home
     options.debug = debug
     options.insecure = insecure
+    options.connect = connect
     return app(tokens)
 
 
@@ -62,6 +69,8 @@ def settings(**flags):
 def open_bus(**flags):
     from qntx.api import Bus
 
+    if options.connect:
+        flags.setdefault("connect", options.connect)
     return Bus(settings(**flags))
 
 

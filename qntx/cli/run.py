@@ -90,6 +90,7 @@ def worker(
     if capacity < 1:
         raise Invalid("--capacity must be at least 1")
     _actor_logging("Worker")
+    connect = connect or options.connect
     if connect is None:
         run_worker(settings(), name, capacity)
         return
@@ -99,22 +100,10 @@ def worker(
 
 def joined_workers_endpoint(connect: str) -> str:
     """The workers endpoint of the bus whose server is at ``connect`` (asked of it)."""
-    from qntx.bus.client import Client
-    from qntx.errors import UnknownType
-    from qntx.protocol import BusEndpoints, GetEndpoints, ServerReply
-    from qntx.pulse.worker import reachable
+    from qntx.join import ask_endpoints, reachable
 
-    resolved = settings(server_endpoint=connect)
-    with Client(connect, ServerReply, security=resolved.security, timeout_s=resolved.request_timeout_s) as client:
-        try:
-            reply = client.request(GetEndpoints())
-        except UnknownType:  # the workers endpoint itself, as before
-            return connect
-    if not isinstance(reply, BusEndpoints):  # pragma: no cover - a server answers this or an error
-        from qntx.errors import Unavailable
-
-        raise Unavailable(f"{connect} did not answer GetEndpoints")
-    return reachable(reply.workers_endpoint, connect)
+    bus = ask_endpoints(settings(server_endpoint=connect), connect)
+    return connect if bus is None else reachable(bus.workers_endpoint, connect)  # None: the workers endpoint itself
 
 
 @app.command
@@ -135,6 +124,7 @@ def plugin(
     from plugins.python.plugin import run_python_plugin
 
     _actor_logging("Python plugin")
+    connect = connect or options.connect
     if connect is None:
         run_python_plugin(settings(), name=name)
     else:

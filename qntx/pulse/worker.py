@@ -38,6 +38,7 @@ from qntx.bus.bounds import check_decoded_size
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
 from qntx.errors import QntxError, Timeout, TooLarge, Unavailable
+from qntx.join import reachable
 from qntx.protocol import (
     NIL,
     PLUGIN_DEPTH,
@@ -99,16 +100,6 @@ async def run_builtin(job: Job) -> msgspec.Raw:
     if job.handler == "builtin.fail":
         raise BuiltinFailure(str(payload) if payload is not None else "failed on purpose")
     raise BuiltinFailure(f"no built-in handler {job.handler!r}")
-
-
-def reachable(endpoint: str, via: str) -> str:
-    """``endpoint`` as this host can reach it: a wildcard host becomes the one of ``via``."""
-    scheme, _, rest = endpoint.partition("://")
-    host, _, port = rest.rpartition(":")
-    if scheme == "tcp" and host in ("*", "0.0.0.0", "[::]", "::"):
-        via_host = via.partition("://")[2].rpartition(":")[0]
-        return f"tcp://{via_host}:{port}"
-    return endpoint
 
 
 # What a plugin that takes its jobs itself runs for each one (see ``Worker.plugin``).

@@ -1,0 +1,247 @@
+"""A bus many hosts share, on loopback (issue: results only to whoever may see them,
+runs bound to the session that holds them, one address for remote clients).
+
+One bus per module: home A runs `qntx up --bind`; keys of their own stand in for a
+client, a developer, a worker and a plugin host elsewhere.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from qntx.bus.client import Client
+from qntx.bus.codec import encode
+from qntx.errors import Forbidden, NotFound
+from qntx.handlers import handler_attestation, tombstone_attestation
+from qntx.protocol import (
+    AtsReply,
+    Attest,
+    HandlersChanged,
+    JobDone,
+    JobOutput,
+    JobProgress,
+    NewAttestation,
+    RegisterPlugin,
+    ServerReply,
+    WaitJob,
+)
+from tests.conftest import fresh_home
+from tests.integration.conftest import Bus, wait_for
+from tests.integration.test_multihost import Hosts, free_ports
+
+pytestmark = pytest.mark.timeout(120)
+
+YEAR_MS = 365 * 24 * 3600 * 1000
+
+
+class Shared(Hosts):
+    def __init__(self, a: Bus, port: int):
+        super().__init__(a, a, port)
+        self.port = port
+        self.results = f"tcp://127.0.0.1:{port + 2}"
+        self.events = f"tcp://127.0.0.1:{port + 3}"
+        self.ats_events = f"tcp://127.0.0.1:{port + 5}"
+        self.keys = {}
+
+    def key(self, role: str):
+        if role not in self.keys:
+            self.keys[role] = self.stranger(f"k-{role}")
+            self.allow(f"k-{role}", self.keys[role], role)
+        return self.keys[role]
+
+
+@pytest.fixture(scope="module")
+def shared():
+    with fresh_home() as home:
+        a = Bus(home)
+        try:
+            assert a.run("keys").returncode == 0
+            shared = Shared(a, free_ports(6))
+            assert a.run("handler", "create", "hello", "--code", "print('hello'); _result = 'v1'").returncode == 0
+            up = a.start("up", "--workers", "1", "--bind", shared.server)
+            up.wait_output("handler=python.hello", timeout=40)
+            yield shared
+        finally:
+            a.stop_all()
+
+
+def server_log(shared: Shared) -> str:
+    return (shared.a.home / "logs" / "server.log").read_text()
+
+
+def subscribe(security, endpoint: str, prefix: bytes = b"") -> zmq.Socket:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, prefix)
+    security.connect(sub, endpoint)
+    return sub
+
+
+def drain(sub: zmq.Socket, wait_ms: int) -> list[list[bytes]]:
+    got = []
+    while sub.poll(wait_ms):
+        got.append(sub.recv_multipart())
+        wait_ms = 50
+    return got
+
+
+def test_events_carry_notices_to_whom_roles_allow(shared):
+    as_worker = subscribe(shared.key("worker"), shared.events)
+    as_worker_ats = subscribe(shared.key("worker"), shared.ats_events)
+    as_client = subscribe(shared.key("client"), shared.events, b"job.")
+    try:
+        with shared.a.connect() as bus:
+
+            def client_hears() -> bool:
+                bus.submit("builtin.echo", "warm").wait(10)
+                return bool(drain(as_client, 300))
+
+            wait_for(client_hears, 20, what="the client key's subscription")
+            drain(as_client, 100)
+            secret = "a result only its submitter may read"
+            job = bus.submit("builtin.echo", secret).wait(10)
+            bus.attest(["confidential"], ["is"], ["kept"], attributes={"body": secret})
+            heard = drain(as_client, 1000)
+            assert any(job.id.encode() in frames[0] for frames in heard)
+            assert not any(secret.encode() in b"".join(frames) for frames in heard)  # a notice, no result
+            assert drain(as_worker, 500) == [] and drain(as_worker_ats, 200) == []
+    finally:
+        for sock in (as_worker, as_worker_ats, as_client):
+            sock.close(0)
+    assert "refused the subscription b'' of key k-worker" in server_log(shared)
+
+
+def running_sleep(bus, seconds: float):
+    handle = bus.submit("builtin.sleep", seconds, max_attempts=1)
+    job = wait_for(lambda: (j := bus.job(handle.id)).status == "running" and j, 20, what="the job running")
+    return handle, job
+
+
+def test_reports_from_a_key_that_does_not_hold_the_run_are_discarded(shared):
+    with shared.a.connect() as bus:
+        handle, job = running_sleep(bus, 1.5)
+        forged_result = encode("forged")
+        pipe = zmq.Context.instance().socket(zmq.PUSH)
+        pipe.setsockopt(zmq.LINGER, 2000)
+        shared.key("worker").connect(pipe, shared.results)
+        try:
+            pipe.send(encode(JobDone(job_id=job.id, lease=job.lease, success=True, result=msgspec.Raw(forged_result))))
+            pipe.send(encode(JobProgress(job_id=job.id, current=9, total=9, lease=job.lease)))
+        finally:
+            pipe.close()
+        with Client(shared.server, ServerReply, security=shared.key("plugin"), timeout_s=5) as plugin:
+            plugin.notify(JobProgress(job_id=job.id, current=7, total=9, lease=job.lease))
+            plugin.notify(JobOutput(job_id=job.id, stream="stdout", text="forged output", lease=job.lease))
+            plugin.notify(JobProgress(job_id=job.id, current=5, total=9, lease=0))
+        wait_for(lambda: server_log(shared).count(f"for job {job.id}") >= 4, 10, what="the discards logged")
+        final = handle.wait(20)
+        assert final.status == "completed" and final.result == {"slept": 1.5} and final.runs == 1
+        assert final.progress is None or final.progress.current not in (5, 7, 9)
+        assert "forged output" not in final.logs
+        log = server_log(shared)
+        assert f"discarded a JobDone for job {job.id} lease {job.lease} from key k-worker" in log
+        assert f"discarded a JobProgress for job {job.id} without a lease" in log
+
+
+def test_a_plugin_key_cannot_speak_for_another_plugin(shared):
+    with Client(shared.server, ServerReply, security=shared.key("plugin"), timeout_s=5) as plugin:
+        with pytest.raises(Forbidden):
+            plugin.request(HandlersChanged(plugin="python", handler_names=[]))
+        with pytest.raises(Forbidden):
+            endpoint = shared.a.settings.plugin_endpoint("python")
+            plugin.request(RegisterPlugin(name="python", endpoint=endpoint, pid=1))
+    with shared.a.connect() as bus:
+        assert bus.submit("python.hello").result(timeout=20) == "v1"  # nothing was dropped or failed
+    assert "re-registered" not in server_log(shared)
+
+
+def test_writing_what_runs_needs_the_developer_role(shared):
+    code = handler_attestation("sneaky", "print('owned')")
+    with Client(shared.ats, AtsReply, security=shared.key("client"), timeout_s=5) as client:
+        with pytest.raises(Forbidden, match="developer"):
+            client.request(Attest(items=[code]))
+        shouted = NewAttestation(subjects=["sneaky"], predicates=["HANDLER"], contexts=["Python"], attributes={"code": "1"})
+        with pytest.raises(Forbidden):  # matched as queries match: case-insensitively
+            client.request(Attest(items=[shouted]))
+        assert client.request(Attest(items=[NewAttestation(subjects=["fine"])])).records  # other claims: yes
+    with Client(shared.ats, AtsReply, security=shared.key("developer"), timeout_s=5) as developer:
+        assert developer.request(Attest(items=[handler_attestation("dev", "_result = 'dev'")])).records
+    with shared.a.connect() as bus:
+        wait_for(lambda: "python.dev" in bus.status().handlers, 10, what="the developer's handler")
+        assert bus.submit("python.dev").result(timeout=20) == "dev"
+
+
+def test_a_future_timestamp_does_not_hide_later_handlers(shared):
+    ahead = handler_attestation("clock", "_result = 'from the future'")
+    ahead.timestamp = int(time.time() * 1000) + YEAR_MS
+    with shared.a.connect() as bus:
+        bus.attest_many([ahead])
+        wait_for(lambda: "python.clock" in bus.status().handlers, 10, what="the handler")
+        assert shared.a.run("handler", "create", "clock", "--code", "_result = 'today'").returncode == 0
+        wait_for(lambda: bus.submit("python.clock").result(timeout=20) == "today", 10, what="the newer code")
+        bus.attest_many([tombstone_attestation("clock")])
+        wait_for(lambda: "python.clock" not in bus.status().handlers, 10, what="the handler deleted")
+
+
+def test_one_address_for_remote_clients(shared):
+    with fresh_home() as home:
+        remote = Bus(home)
+        assert remote.run("keys").returncode == 0
+        assert remote.run("keys", "server", shared.key_of(shared.a)).returncode == 0
+        allowed = shared.a.run("keys", "allow", "remote-dev", shared.key_of(remote), "--role", "developer")
+        assert allowed.returncode == 0, allowed.stderr
+        ran = remote.run("--connect", shared.server, "ix", "hello")
+        assert ran.returncode == 0 and ran.stdout.startswith("hello"), ran.stderr
+        assert remote.run("--connect", shared.server, "as", "remote", "is", "here").returncode == 0
+        found = remote.run("ax", "remote is here", "--json", "--connect", shared.server)
+        assert found.returncode == 0 and '"remote"' in found.stdout
+        listed = remote.run("--connect", shared.server, "pulse", "jobs", "--limit", "3")
+        assert listed.returncode == 0 and "python.hello" in listed.stdout
+        assert not (home / "ats").exists()  # nothing went to an embedded store here
+        script = (
+            "import qntx\n"
+            f"with qntx.connect({shared.server!r}) as bus:  # this home's keys: $QNTX_HOME\n"
+            "    print(bus.submit('python.hello').result(timeout=20), bus.ax('remote is here')[0].subjects)\n"
+        )
+        env = {**remote.env, "QNTX_HOME": str(home)}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0 and "v1 ['remote']" in done.stdout, done.stderr
+
+
+def test_a_remote_bus_that_is_down_is_one_line_within_5s():
+    with fresh_home() as home:
+        bus = Bus(home)
+        assert bus.run("keys").returncode == 0
+        nobody = f"tcp://127.0.0.1:{free_ports(1)}"
+        for argv in (("ix", "hello"), ("ax", "x", "is", "y"), ("pulse", "jobs")):
+            started = time.monotonic()
+            done = bus.run("--connect", nobody, *argv)
+            assert time.monotonic() - started < 5 + 1.5  # (the interpreter's start included)
+            assert done.returncode != 0 and done.stderr.count("\n") == 1 and "no QNTX server answers" in done.stderr
+        assert not (home / "ats").exists()
+        import qntx
+        from qntx.errors import Unavailable
+
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            qntx.connect(home, connect=nobody)
+        assert time.monotonic() - started < 5
+
+
+def test_wait_job_answers_the_asker_only(shared):
+    with shared.a.connect() as bus:
+        handle = bus.submit("builtin.echo", {"k": 1})
+        with Client(shared.server, ServerReply, security=shared.key("client"), timeout_s=5) as other:
+            update = other.request(WaitJob(id=handle.id, timeout_ms=5000))
+            assert update.job.status == "completed" and msgspec.msgpack.decode(update.job.result) == {"k": 1}
+            with pytest.raises(NotFound):
+                other.request(WaitJob(id="JB-NOPE", timeout_ms=10))
+        with Client(shared.server, ServerReply, security=shared.key("worker"), timeout_s=5) as worker:
+            with pytest.raises(Forbidden):
+                worker.request(WaitJob(id=handle.id))
