@@ -7,6 +7,7 @@ client, a developer, a worker and a plugin host elsewhere.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -245,3 +246,93 @@ def test_wait_job_answers_the_asker_only(shared):
         with Client(shared.server, ServerReply, security=shared.key("worker"), timeout_s=5) as worker:
             with pytest.raises(Forbidden):
                 worker.request(WaitJob(id=handle.id))
+
+
+def rss_kb(pid: int, kind: str = "VmRSS") -> int:
+    """Resident memory of ``pid``: all of it, or RssAnon (the process's own, without
+    the pages of the LMDB files it maps, which the kernel may drop at will)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(f"{kind}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {kind} for pid {pid}")
+
+
+BIG_RESULTS = 2_000  # jobs of 40 KB results run by another client while the watchers wait
+WAITING = """
+import sys, threading, qntx
+bus = qntx.connect()
+handle = bus.submit("builtin.sleep", 120, max_attempts=1)
+handle.accepted()
+print("waiting", flush=True)
+# It waits for its own job (WaitJob long-polls on its connection) the whole time;
+# a line on stdin asks it how that job is doing.
+line = threading.Thread(target=sys.stdin.readline)
+line.start()
+while line.is_alive():
+    try:
+        handle.wait(timeout=0.5)
+    except qntx.errors.Timeout:
+        pass
+print(bus.job(handle.id).status, flush=True)
+"""
+SUBSCRIBER = """
+import zmq, qntx.settings
+s = qntx.settings.load_settings()
+sub = zmq.Context.instance().socket(zmq.SUB)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.connect(s.events_endpoint)
+sub.recv_multipart()
+print("subscribed", flush=True)
+while True:
+    sub.recv_multipart()
+"""
+
+
+def test_memory_stays_bounded_for_watchers_and_stalled_subscribers(shared):
+    """A client that submitted one job holds nothing of others' results while it waits
+    for its own; a subscriber stopped with SIGSTOP costs the server bounded memory."""
+    import signal
+
+    env = {**shared.a.env}
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", WAITING], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    subscriber = subprocess.Popen([sys.executable, "-c", SUBSCRIBER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        with shared.a.connect() as bus:
+            server_pid = next(a.pid for a in bus.status().actors if a.name == "server")
+            assert watcher.stdout.readline().strip() == "waiting"
+
+            def heard() -> bool:
+                bus.submit("builtin.echo", 1).wait(10)
+                return True
+
+            heard()
+            assert subscriber.stdout.readline().strip() == "subscribed"
+            blob = "x" * 40_000
+
+            def load() -> None:  # 100 at a time: the server's own share stays the same each time
+                for _ in range(BIG_RESULTS // 100):
+                    handles = [bus.submit("builtin.echo", blob) for _ in range(100)]
+                    for handle in handles:
+                        assert len(handle.result(timeout=60)) == 40_000
+
+            load()  # once first: the server's allocator reaches the size this load needs
+            os.kill(subscriber.pid, signal.SIGSTOP)
+            watcher_before, server_before = rss_kb(watcher.pid), rss_kb(server_pid, "RssAnon")
+            load()
+            watcher_growth = rss_kb(watcher.pid) - watcher_before
+            server_growth = rss_kb(server_pid, "RssAnon") - server_before
+            assert watcher_growth < 20_000, f"the waiting client grew by {watcher_growth} KB"
+            assert server_growth < 50_000, f"the server grew by {server_growth} KB with a stalled subscriber"
+            watcher.stdin.write("\n")
+            watcher.stdin.flush()
+            assert watcher.stdout.readline().strip() == "running"
+    finally:
+        for process in (watcher, subscriber):
+            try:
+                os.kill(process.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            process.kill()
+            process.wait(10)
