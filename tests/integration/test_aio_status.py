@@ -17,10 +17,16 @@ def test_status_pages_events_and_steering(bus):
 
     async def main():
         async with await qntx.aio.connect(bus.home) as api:
-            status = await api.status()
-            by_name = {a.name: a for a in status.actors}
+            for _ in range(300):  # every actor up and heard from (a loaded machine takes a while)
+                status = await api.status()
+                by_name = {a.name: a for a in status.actors}
+                if {"ats", "server", "worker-1", "plugin:python"} <= set(by_name) and all(
+                    a.healthy for a in status.actors
+                ):
+                    break
+                await asyncio.sleep(0.05)
             assert {"ats", "server", "worker-1", "plugin:python"} <= set(by_name)
-            assert all(a.healthy for a in status.actors)
+            assert all(a.healthy for a in status.actors), status.actors
             assert by_name["worker-1"].credit > 0 and by_name["server"].host
             assert (await api.stats()).attestations >= 0
 
