@@ -334,7 +334,14 @@ class JobHandle:
     def wait(self, timeout: float | None = None) -> Job:
         """Block until the job is final; return its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.accepted(timeout)
+        if not self._keyed and not self._acceptance.settled:
+            self.bus._ensure_follower().outcomes.prefetch(self._id)  # asked while its acceptance comes
+        try:
+            self.accepted(timeout)
+        except QntxError:
+            if self.bus._follower is not None:
+                self.bus._follower.outcomes.forget(self._id)
+            raise
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.bus.wait(self.id, timeout=left)
 

@@ -115,16 +115,19 @@ class JobFollower:
 
 
 class Outcomes:
-    """Outcomes of the jobs submitted on one connection, asked for ahead of need."""
+    """Outcomes of the jobs submitted on one connection, asked for ahead of need.
+
+    Answers that come ahead wait in the client (or, collected on the way by the bus,
+    here) until their job's turn; READ_AHEAD asks at most are in flight, and none is
+    added while the answers waiting hold more than HELD_BYTES."""
 
     def __init__(self, follower: JobFollower):
         self._follower = follower
         self._submitted: OrderedDict[str, weakref.ref] = OrderedDict()  # not asked for yet
-        self._asked: dict[str, tuple[bytes, weakref.ref | None]] = {}  # job id -> its WaitJob in flight
+        self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (or answered, not taken)
         self._in_flight: set[bytes] = set()  # the correlations in _asked
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
-        self._held: dict[str, Job] = {}  # final records fetched ahead
-        self._held_bytes = 0
+        self._answer_bytes = 0
 
     def submitted(self, job_id: str, handle: object) -> None:
         self._submitted[job_id] = weakref.ref(handle)
@@ -138,70 +141,70 @@ class Outcomes:
     def deliver(self, correlation: bytes, reply: Any) -> None:
         """An answer the bus collected on the way (see Bus._collect)."""
         self._answers[correlation] = reply
+        self._answer_bytes += _reply_size(reply)
 
     def forget(self, job_id: str) -> None:
-        """Its outcome changes (it was retried): drop what is held."""
-        held = self._held.pop(job_id, None)
-        if held is not None:
-            self._held_bytes -= _size(held)
+        """Its outcome changes (it was retried): an answer asked for earlier is stale."""
+        correlation = self._asked.pop(job_id, None)
+        if correlation is not None:
+            self._in_flight.discard(correlation)
+            self._follower.client.forget(correlation)
+            self._answer_bytes -= _reply_size(self._answers.pop(correlation, None))
+
+    def prefetch(self, job_id: str) -> None:
+        """Ask for ``job_id``'s outcome now (before its acceptance is known, say):
+        the answer comes as soon as it can, one round trip saved."""
+        if job_id not in self._asked:
+            self._submitted.pop(job_id, None)
+            correlation = self._follower.ask(job_id, int(self._follower.slice_s * 1000))
+            self._asked[job_id] = correlation
+            self._in_flight.add(correlation)
 
     def wait(self, job_id: str, clock: _Clock) -> Job:
-        held = self._held.pop(job_id, None)
-        if held is not None:
-            self._held_bytes -= _size(held)
-            return held
         self._submitted.pop(job_id, None)
         follower = self._follower
         while True:
             wait_ms = clock.next_wait_ms()
-            asked = self._asked.pop(job_id, None)
-            correlation = asked[0] if asked is not None else follower.ask(job_id, wait_ms)
-            self._in_flight.add(correlation)
+            correlation = self._asked.pop(job_id, None)
+            if correlation is None:
+                correlation = follower.ask(job_id, wait_ms)
+                self._in_flight.add(correlation)
             self._read_ahead(wait_ms)
             try:
                 if correlation in self._answers:
-                    update = raise_if_error(self._answers.pop(correlation))
+                    reply = self._answers.pop(correlation)
+                    self._answer_bytes -= _reply_size(reply)
+                    update = raise_if_error(reply)
                 else:
                     update = follower.take(correlation, wait_ms)
             finally:
                 self._in_flight.discard(correlation)
-            self._file_answers()
             if update.job.status in FINAL_STATUSES:
                 return update.job
 
     def _read_ahead(self, wait_ms: int) -> None:
         follower = self._follower
-        while self._submitted and len(self._asked) < READ_AHEAD and self._held_bytes < HELD_BYTES:
+        while (
+            self._submitted
+            and len(self._asked) < READ_AHEAD
+            and self._answer_bytes + follower.client.waiting_bytes < HELD_BYTES
+        ):
             job_id, ref = self._submitted.popitem(last=False)
-            if ref() is not None and job_id not in self._asked and job_id not in self._held:
+            if ref() is not None and job_id not in self._asked:
                 correlation = follower.ask(job_id, wait_ms)
-                self._asked[job_id] = (correlation, ref)
+                self._asked[job_id] = correlation
                 self._in_flight.add(correlation)
 
-    def _file_answers(self) -> None:
-        """File the read-ahead answers already here: final records are held; a wait
-        that ended first is asked again when its turn comes."""
-        client = self._follower.client
-        for job_id, (correlation, ref) in list(self._asked.items()):
-            reply = self._answers.pop(correlation, None)
-            if reply is None and client.has_reply(correlation):
-                reply = client.take(correlation, 0)
-            if reply is None:
-                continue
-            del self._asked[job_id]
-            self._in_flight.discard(correlation)
-            if isinstance(reply, JobUpdate) and reply.job.status in FINAL_STATUSES:
-                self._held[job_id] = reply.job
-                self._held_bytes += _size(reply.job)
-            elif ref is not None and ref() is not None:
-                self._submitted[job_id] = ref
-                self._submitted.move_to_end(job_id, last=False)
-
     def close(self) -> None:
-        for correlation, _ in self._asked.values():
+        for correlation in self._asked.values():
             self._follower.client.forget(correlation)
         self._asked.clear()
         self._in_flight.clear()
+        self._answers.clear()
+
+
+def _reply_size(reply: Any) -> int:
+    return _size(reply.job) if isinstance(reply, JobUpdate) else 0
 
 
 class AsyncJobFollower:

@@ -64,6 +64,8 @@ class Client:
         self._ids = itertools.count(1)
         self._outstanding: set[bytes] = set()  # sent, reply not taken yet
         self._arrived: dict[bytes, Any] = {}  # replies received, not taken yet
+        self._sizes: dict[bytes, int] = {}  # their sizes on the wire
+        self.waiting_bytes = 0  # the sum of those: what replies not taken yet hold
 
     def send(self, message: msgspec.Struct) -> bytes:
         """Send a request without waiting; its correlation id names its reply."""
@@ -97,6 +99,7 @@ class Client:
                 self._outstanding.discard(correlation)  # a late reply is dropped
                 raise Timeout(f"no reply from {self.endpoint} within {limit:g}s")
         self._outstanding.discard(correlation)
+        self.waiting_bytes -= self._sizes.pop(correlation, 0)
         return self._arrived.pop(correlation)
 
     def arrived(self, wait_s: float = 0.0) -> dict[bytes, Any]:
@@ -106,19 +109,15 @@ class Client:
         else:
             self._receive(0)
         got, self._arrived = self._arrived, {}
+        self._sizes, self.waiting_bytes = {}, 0
         self._outstanding.difference_update(got)
         return got
-
-    def has_reply(self, correlation: bytes) -> bool:
-        """Whether the reply to ``correlation`` is here (reading what arrived, without waiting)."""
-        if correlation not in self._arrived:
-            self._receive(0)
-        return correlation in self._arrived
 
     def forget(self, correlation: bytes) -> None:
         """Stop waiting for a reply (it is dropped if it comes)."""
         self._outstanding.discard(correlation)
         self._arrived.pop(correlation, None)
+        self.waiting_bytes -= self._sizes.pop(correlation, 0)
 
     def _receive(self, wait_s: float) -> bool:
         """Read what has arrived, waiting up to ``wait_s`` for the first; False if nothing came."""
@@ -131,6 +130,8 @@ class Client:
                 return True
             if len(frames) == 2 and frames[0] in self._outstanding:
                 self._arrived[frames[0]] = self._decoder.decode(frames[1])
+                self._sizes[frames[0]] = len(frames[1])
+                self.waiting_bytes += len(frames[1])
 
     def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
         """Send one request and return its reply (raising the typed error of an ErrorReply)."""
