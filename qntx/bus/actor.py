@@ -41,7 +41,16 @@ from qntx.bus.codec import (
 )
 from qntx.bus.messages import ErrorReply
 from qntx.bus.security import KEYRING_CHECK_S, PLAIN, Security, peer_name, stop_zap
-from qntx.errors import BadRequest, Forbidden, Internal, QntxError, Timeout, TooLarge, UnknownType
+from qntx.errors import (
+    BadRequest,
+    Forbidden,
+    Internal,
+    QntxError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    UnknownType,
+)
 from qntx.lifeline import give_big_blocks_back
 
 # How many messages one socket may deliver per loop turn before the others get a go.
@@ -247,17 +256,28 @@ class Service:
 
 
 class Peer:
-    """A DEALER to another actor, with non-blocking calls and reply callbacks."""
+    """A DEALER to another actor, with non-blocking calls and reply callbacks.
+
+    No call ever blocks the loop: the socket only takes a request while a connection
+    to the peer is up (``IMMEDIATE``); until then requests wait here, in order, and
+    are sent once it is (checked every RESEND_S), or answered ``unavailable`` when
+    their timeout passes. So a peer that is absent for hours costs its pending calls
+    and nothing more."""
+
+    RESEND_S = 0.02
 
     def __init__(self, actor: Actor, endpoint: str, reply_type: Any):
         self.actor = actor
         self.endpoint = endpoint
         self.socket = actor.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
         actor.security.connect(self.socket, endpoint)
         self.decoder = Decoder(reply_type)
         self._ids = itertools.count(1)
         self._pending: dict[bytes, tuple[Callable[[Any], None], Timer | None]] = {}
+        self._unsent: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # correlation -> body
+        self._resend: Timer | None = None
         actor.add_reader(self.socket, self.on_readable)
 
     def call(self, message: msgspec.Struct, callback: Callable[[Any], None], timeout_s: float = 10.0) -> None:
@@ -265,14 +285,33 @@ class Peer:
         correlation = next(self._ids).to_bytes(8, "big")
         timer = self.actor.call_later(timeout_s, lambda: self._expire(correlation))
         self._pending[correlation] = (callback, timer)
-        self.socket.send_multipart([correlation, encode(message)])
+        self._unsent[correlation] = encode(message)
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        self._resend = None
+        while self._unsent:
+            correlation, body = next(iter(self._unsent.items()))
+            try:
+                self.socket.send_multipart([correlation, body], zmq.NOBLOCK)
+            except zmq.Again:  # no connection to the peer (yet): try again shortly
+                self._resend = self.actor.call_later(self.RESEND_S, self._send_unsent)
+                return
+            del self._unsent[correlation]
 
     def notify(self, message: msgspec.Struct) -> None:
-        """Fire and forget."""
-        self.socket.send_multipart([b"", encode(message)], zmq.NOBLOCK)
+        """Fire and forget (dropped while the peer is not connected)."""
+        try:
+            self.socket.send_multipart([b"", encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _expire(self, correlation: bytes) -> None:
         entry = self._pending.pop(correlation, None)
+        if self._unsent.pop(correlation, None) is not None:  # never sent: nobody was there
+            if entry is not None:
+                entry[0](error_reply(Unavailable(f"no connection to {self.endpoint}")))
+            return
         if entry is not None:
             entry[0](error_reply(Timeout(f"no reply from {self.endpoint}")))
 
@@ -302,7 +341,10 @@ class Peer:
         for _callback, timer in self._pending.values():
             if timer is not None:
                 timer.cancel()
+        if self._resend is not None:
+            self._resend.cancel()
         self._pending.clear()
+        self._unsent.clear()
 
 
 class Offloader:
