@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ import zmq.asyncio
 from qntx.api import ax_filter, make_filter, new_attestation, split_address, with_local_actors
 from qntx.asid import new_asid
 from qntx.ats.store import next_page
-from qntx.bus.client import AsyncClient
+from qntx.bus.client import PIPELINE_WINDOW, AsyncClient
 from qntx.bus.codec import Decoder
-from qntx.errors import QntxError
+from qntx.errors import Invalid, QntxError
 from qntx.follow import AsyncJobFollower, JobEvent, subscriber
 from qntx.handles import (
     Acceptance,
+    JobSelection,
+    Steered,
     decoded,
     decoded_event,
     encode_payload,
@@ -34,6 +37,7 @@ from qntx.handles import (
     unconfirmed,
 )
 from qntx.protocol import (
+    MAX_PAGE,
     AtsReply,
     Attest,
     Attestation,
@@ -218,6 +222,53 @@ class AsyncBus:
 
     async def cancel(self, id: str) -> Job:
         return decoded((await self.server.request(CancelJob(id=id))).job)
+
+    async def matching_jobs(
+        self, *, status: str | None = None, handler: str | None = None, since: int | datetime | None = None
+    ) -> list[str]:
+        """As ``Bus.matching_jobs``: the ids of the jobs that match, newest first."""
+        selection = JobSelection(status, handler, since)
+        ids: list[str] = []
+        page = ListJobs(status=status, limit=MAX_PAGE)
+        while True:
+            reply = await self.server.request(page)
+            ids += selection.ids(reply.jobs)
+            if reply.cursor is None or selection.past(reply.jobs):
+                return ids
+            page = ListJobs(status=status, limit=MAX_PAGE, cursor=reply.cursor)
+
+    async def retry_jobs(
+        self, *, status: str = "failed", handler: str | None = None, since: int | datetime | None = None,
+        latest: bool = False,
+    ) -> Steered:  # fmt: skip
+        """As ``Bus.retry_jobs``: retry every job that matches, each once."""
+        return await self.retry_many(await self.matching_jobs(status=status, handler=handler, since=since), latest=latest)
+
+    async def cancel_jobs(
+        self, *, status: str | None = None, handler: str | None = None, since: int | datetime | None = None
+    ) -> Steered:
+        """As ``Bus.cancel_jobs``: cancel every job that matches, each once."""
+        if status is None and handler is None and since is None:
+            raise Invalid("cancel_jobs needs a status, a handler or a time to choose the jobs")
+        return await self.cancel_many(await self.matching_jobs(status=status, handler=handler, since=since))
+
+    async def retry_many(self, ids: Iterable[str], *, latest: bool = False) -> Steered:
+        """Retry each of ``ids`` once, pipelined; what was skipped (not failed or
+        cancelled any more, say) is in ``Steered.skipped``."""
+        return await self._steer_each(list(dict.fromkeys(ids)), lambda i: RetryJob(id=i, latest=latest))
+
+    async def cancel_many(self, ids: Iterable[str]) -> Steered:
+        """Cancel each of ``ids`` once, pipelined (final ones are skipped)."""
+        return await self._steer_each(list(dict.fromkeys(ids)), lambda i: CancelJob(id=i))
+
+    async def _steer_each(self, ids: list[str], message: Callable[[str], Any]) -> Steered:
+        steered = Steered()
+        for start in range(0, len(ids), PIPELINE_WINDOW):
+            chunk = ids[start : start + PIPELINE_WINDOW]
+            futures = [await self.server.send(message(i)) for i in chunk]
+            for job_id, future in zip(chunk, futures, strict=True):
+                steered.count(job_id, await self.server.take(future))
+        return steered
 
     async def retry(self, id: str, *, latest: bool = False) -> Job:
         return decoded((await self.server.request(RetryJob(id=id, latest=latest))).job)

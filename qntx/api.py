@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from qntx.errors import Invalid, InvalidQuery, NotFound, QntxError, Timeout
 from qntx.handles import (
     Acceptance,
     JobFailed,
+    JobSelection,
+    Steered,
     decoded,
     decoded_event,
     encode_payload,
@@ -634,6 +636,53 @@ class Bus:
     def pause(self, id: str) -> Job:
         """Hold a queued job (it keeps its place) until ``resume``."""
         return decoded(self.server.request(PauseJob(id=id)).job)
+
+    def matching_jobs(
+        self, *, status: str | None = None, handler: str | None = None, since: int | datetime | None = None
+    ) -> list[str]:
+        """The ids of the jobs with ``status``, of ``handler``, created at or after
+        ``since`` (Unix ms or an aware datetime), newest first: read page by page, once."""
+        selection = JobSelection(status, handler, since)
+        ids: list[str] = []
+        page = ListJobs(status=status, limit=MAX_PAGE)
+        while True:
+            reply = self.server.request(page)
+            ids += selection.ids(reply.jobs)
+            if reply.cursor is None or selection.past(reply.jobs):
+                return ids
+            page = ListJobs(status=status, limit=MAX_PAGE, cursor=reply.cursor)
+
+    def retry_jobs(
+        self, *, status: str = "failed", handler: str | None = None, since: int | datetime | None = None,
+        latest: bool = False,
+    ) -> Steered:  # fmt: skip
+        """Retry every job that matches (``status`` failed or cancelled), each once."""
+        return self.retry_many(self.matching_jobs(status=status, handler=handler, since=since), latest=latest)
+
+    def cancel_jobs(
+        self, *, status: str | None = None, handler: str | None = None, since: int | datetime | None = None
+    ) -> Steered:
+        """Cancel every job that matches (and is not final yet), each once."""
+        if status is None and handler is None and since is None:
+            raise Invalid("cancel_jobs needs a status, a handler or a time to choose the jobs")
+        return self.cancel_many(self.matching_jobs(status=status, handler=handler, since=since))
+
+    def retry_many(self, ids: Iterable[str], *, latest: bool = False) -> Steered:
+        """Retry each of ``ids`` once, pipelined; what was skipped (not failed or
+        cancelled any more, say) is in ``Steered.skipped``."""
+        return self._steer_each(list(dict.fromkeys(ids)), lambda i: RetryJob(id=i, latest=latest))
+
+    def cancel_many(self, ids: Iterable[str]) -> Steered:
+        """Cancel each of ``ids`` once, pipelined (final ones are skipped)."""
+        return self._steer_each(list(dict.fromkeys(ids)), lambda i: CancelJob(id=i))
+
+    def _steer_each(self, ids: list[str], message: Callable[[str], Any]) -> Steered:
+        steered = Steered()
+        for job_id, reply in zip(ids, self.server.request_many(message(i) for i in ids), strict=True):
+            steered.count(job_id, reply)
+            if self._follower is not None:
+                self._follower.outcomes.forget(job_id)
+        return steered
 
     def resume(self, id: str) -> Job:
         return decoded(self.server.request(ResumeJob(id=id)).job)

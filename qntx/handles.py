@@ -15,6 +15,7 @@ these helpers; they differ only in how they wait.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ import msgspec
 
 from qntx.bus.codec import raise_if_error
 from qntx.errors import Invalid, QntxError, TooLarge
-from qntx.protocol import NIL, Job, JobChanged, JobError, JobReply, Submit
+from qntx.protocol import JOB_STATUSES, NIL, ErrorReply, Job, JobChanged, JobError, JobReply, Submit
 from qntx.values import now_ms
 
 _encoder = msgspec.msgpack.Encoder()
@@ -74,10 +75,7 @@ def submit_message(
         if not isinstance(delay_s, int | float) or isinstance(delay_s, bool) or not 0 <= delay_s < 1e10:
             raise Invalid(f"delay_s must be a number of seconds >= 0, got {delay_s!r}")
         run_at = now_ms() + int(delay_s * 1000)
-    if isinstance(run_at, datetime):
-        if run_at.tzinfo is None:
-            raise Invalid("run_at must be an aware datetime (with a time zone) or Unix ms")
-        run_at = int(run_at.timestamp() * 1000)
+    run_at = unix_ms(run_at, "run_at")
     if after is None:
         after_ids = []
     else:
@@ -157,3 +155,54 @@ def first_failure(failures: list[tuple[str, QntxError]]) -> QntxError:
 
 
 __all__ = ["NIL", "Acceptance", "JobFailed", "decoded", "encode_payload", "result_of"]
+
+
+def unix_ms(value: int | datetime | None, name: str) -> int | None:
+    """A time given as Unix ms or an aware datetime, as Unix ms."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise Invalid(f"{name} must be an aware datetime (with a time zone) or Unix ms")
+        return int(value.timestamp() * 1000)
+    return value
+
+
+@dataclass(frozen=True)
+class JobSelection:
+    """Which jobs a bulk action takes: by status, handler and creation time."""
+
+    status: str | None = None
+    handler: str | None = None
+    since: int | datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in JOB_STATUSES:
+            raise Invalid(f"unknown status {self.status!r} (one of {', '.join(JOB_STATUSES)})")
+        object.__setattr__(self, "since", unix_ms(self.since, "since"))
+
+    def ids(self, jobs: list[Job]) -> list[str]:
+        return [
+            job.id for job in jobs
+            if (self.handler is None or job.handler == self.handler) and (self.since is None or job.created_at >= self.since)
+        ]  # fmt: skip
+
+    def past(self, jobs: list[Job]) -> bool:
+        """Pages come newest first: once one ends before ``since``, no later page matches."""
+        return self.since is not None and bool(jobs) and jobs[-1].created_at < self.since
+
+
+@dataclass
+class Steered:
+    """What a bulk action did: the jobs it steered, and the ones it skipped (a job
+    that changed meanwhile, say) with the reason."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def count(self, job_id: str, reply: Any) -> None:
+        if isinstance(reply, ErrorReply):
+            self.skipped[job_id] = reply.message
+        else:
+            self.done.append(job_id)
+
+    def __len__(self) -> int:
+        return len(self.done)

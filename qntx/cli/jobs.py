@@ -189,20 +189,83 @@ def _steer(job_id: str, action: str, **options) -> None:
     print(f"✓ Job {job.id} {job.status}")
 
 
+StatusOption = Annotated[
+    str | None, Parameter(help="Every job with this status (queued, running, failed, cancelled, paused, waiting…).")
+]
+HandlerOption = Annotated[str | None, Parameter(help="Every job of this handler (e.g. python.report).")]
+SinceOption = Annotated[str | None, Parameter(help="Jobs created at or after this time: 2026-12-01, '3 hours ago', yesterday.")]
+YesOption = Annotated[bool, Parameter(help="Do not ask for confirmation on a terminal.")]
+
+
+def _bulk(action: str, what: str, status: str | None, handler: str | None, since: str | None, yes: bool, **options) -> int:
+    """Steer every job that matches, each once, after a confirmation on a terminal."""
+    from qntx.ats.ax import AxSyntaxError, parse_time
+
+    try:
+        since_ms = parse_time(since) if since is not None else None
+    except AxSyntaxError as exc:
+        fail(f"--since: {exc.message}")
+    with open_bus() as bus:
+        ids = bus.matching_jobs(status=status, handler=handler, since=since_ms)
+        chosen = " ".join(p for p in (status, "jobs" if not handler else f"jobs of {handler}") if p)
+        if since is not None:
+            chosen += f" since {since}"
+        if not ids:
+            print(f"no {chosen} to {action}")
+            return 0
+        if not yes and sys.stdin.isatty() and sys.stdout.isatty():
+            answer = input(f"{what} {len(ids)} {chosen}? [y/N] ").strip().lower()
+            if answer not in ("y", "yes"):
+                print("nothing done")
+                return 1
+        steered = bus.retry_many(ids, **options) if action == "retry" else bus.cancel_many(ids)
+    print(f"✓ {what.lower()} {len(steered)} job(s)" + (f"; {len(steered.skipped)} skipped (they changed meanwhile)" if steered.skipped else ""))
+    return 0
+
+
+def _one_or_many(job_id: str | None, status: str | None, handler: str | None, since: str | None) -> bool:
+    """True for a bulk action; a job id and the bulk filters do not go together."""
+    bulk = status is not None or handler is not None or since is not None
+    if job_id is not None and bulk:
+        fail("give a job id, or --status/--handler/--since for many jobs, not both")
+    if job_id is None and not bulk:
+        fail("give a job id, or --status/--handler/--since to choose many jobs")
+    return bulk
+
+
 @pulse_app.command
-def cancel(job_id: str, /):
-    """Cancel a queued or running job (a running one is killed)."""
+def cancel(
+    job_id: str | None = None,
+    /,
+    *,
+    status: StatusOption = None,
+    handler: HandlerOption = None,
+    since: SinceOption = None,
+    yes: YesOption = False,
+):
+    """Cancel a queued or running job (a running one is killed), or every job that
+    matches --status, --handler and --since (each once, in pages; asks first on a terminal)."""
+    if _one_or_many(job_id, status, handler, since):
+        return _bulk("cancel", "Cancelled", status, handler, since, yes)
     _steer(job_id, "cancel")
 
 
 @pulse_app.command
 def retry(
-    job_id: str,
+    job_id: str | None = None,
     /,
     *,
+    status: StatusOption = None,
+    handler: HandlerOption = None,
+    since: SinceOption = None,
+    yes: YesOption = False,
     latest: Annotated[bool, Parameter(help="Run the handler's current version, not the one the job ran.")] = False,
 ):
-    """Queue a failed or cancelled job again, with fresh attempts and the same handler version."""
+    """Queue a failed or cancelled job again, with fresh attempts and the same handler
+    version; or every job that matches --status (default failed with the other
+    filters), --handler and --since (each once; asks first on a terminal)."""
+    if _one_or_many(job_id, status, handler, since):
+        return _bulk("retry", "Retried", status or "failed", handler, since, yes, latest=latest)
     _steer(job_id, "retry", latest=latest)
 
 
