@@ -92,6 +92,7 @@ class ScriptPayload(msgspec.Struct):
 
 
 RESYNC_S = 5.0
+ANNOUNCE_RETRY_S = 1.0  # an announcement the server did not acknowledge is sent again this soon
 
 
 class PythonPlugin:
@@ -291,28 +292,31 @@ class PythonPlugin:
         sub.setsockopt(zmq.SUBSCRIBE, b"att.")
         self.settings.security.connect(sub, self.ats_events_endpoint)
         decoder = Decoder(Event)
-        known = dict(self.handlers)
+        # What the server has acknowledged (it got the first set in InitializeReply);
+        # a change is announced until an announcement of it is acknowledged.
+        announced = (self.handler_names(), self.handler_versions())
         while not self.stop.is_set():
             relevant = False
+            pending = not self.remote and (self.handler_names(), self.handler_versions()) != announced
             try:
-                if await sub.poll(RESYNC_S * 1000):
+                if await sub.poll((ANNOUNCE_RETRY_S if pending else RESYNC_S) * 1000):
                     while await sub.poll(0):
                         frames = await sub.recv_multipart()
                         event = decoder.decode(frames[-1])
                         if isinstance(event, AttestationCreated) and self._is_handler(event.record):
                             relevant = True
-                    if not relevant:
-                        continue
-                names_changed = await self._discover() if relevant else await self._quiet_resync()
-                if (names_changed or self.handlers != known) and not self.remote:
+                    if relevant:
+                        await self._discover()
+                elif not pending:
+                    await self._quiet_resync()
+                wanted = (self.handler_names(), self.handler_versions())
+                if wanted != announced and not self.remote:
                     # (A remote plugin runs what the server host's plugin announces.)
-                    known = dict(self.handlers)
-                    changed = HandlersChanged(
-                        plugin=NAME, handler_names=self.handler_names(), handler_versions=self.handler_versions()
-                    )
+                    changed = HandlersChanged(plugin=NAME, handler_names=wanted[0], handler_versions=wanted[1])
                     await self.server.request(changed)
+                    announced = wanted
             except QntxError as exc:
-                logger.warning("handler discovery failed: {}", exc)
+                logger.warning("handler discovery or announcement failed: {}; trying again", exc)
             except Exception:
                 logger.exception("handler discovery crashed; retrying")
                 await asyncio.sleep(1)
