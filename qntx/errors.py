@@ -79,9 +79,21 @@ class Internal(QntxError):
     code = "internal"
 
 
+class Unconfirmed(Unavailable):
+    """A change whose outcome is not known yet: the job may or may not have been
+    accepted (or steered), e.g. its commit failed after it was dispatched; it goes
+    with the next commit that succeeds. Ask again (a submit with the same id returns
+    the job once it is on disk)."""
+
+    code = "unconfirmed"
+
+
 _BY_CODE = {
     cls.code: cls
-    for cls in (BadRequest, UnknownType, TooLarge, Invalid, NotFound, Conflict, Unavailable, Forbidden, Timeout, Internal)
+    for cls in (
+        BadRequest, UnknownType, TooLarge, Invalid, NotFound, Conflict, Unavailable, Forbidden, Timeout, Internal,
+        Unconfirmed,
+    )  # fmt: skip
 }
 
 

@@ -33,7 +33,7 @@ from loguru import logger
 from qntx.bus.actor import Actor, Offloader, Request, receive
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.security import HOST
-from qntx.errors import Forbidden, Internal, Invalid, NotFound, QntxError
+from qntx.errors import Forbidden, Invalid, NotFound, QntxError, Unconfirmed
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -309,8 +309,9 @@ class Pulse:
                 logger.opt(exception=outcome).error("pulse commit of {} jobs failed", len(changes.rows))
                 self.core.commit_failed()
                 for reply in replies:
-                    error = outcome if isinstance(outcome, QntxError) else Internal(f"store write failed: {outcome}")
-                    reply.reply_to.fail(error)
+                    # The change may already be under way (a job dispatched before its
+                    # commit) and goes with the next commit that succeeds: not known yet.
+                    reply.reply_to.fail(Unconfirmed(f"{outcome}; the change is not confirmed yet: ask again"))
                 self._held = held + self._held  # they go with the next commit that succeeds
             else:
                 self.apply(Saved(changes.versions, changes.lease_ceiling))
