@@ -17,6 +17,10 @@ import unicodedata
 ALPHABET = "23456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SEGMENT_LENGTH = 8
 SUFFIX_LENGTH = 8
+# Jobs are made by clients, in the millions per handler: 12 characters (about 61 bits)
+# keep a collision, which the server would refuse as a conflict, out of reach
+# (34**8 is about 2**41: one likely collision per handler at a million ids).
+JOB_SUFFIX_LENGTH = 12
 
 # Letters NFKD leaves alone because they are not composed from a base and a mark.
 _LIGATURES = str.maketrans({"ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE"})
@@ -26,7 +30,9 @@ _RUNS = re.compile(r"(.)\1+")
 _NOT_ALPHABET = re.compile(rf"[^{ALPHABET}]")
 _PREFIX = re.compile(r"[A-Z]{2}")
 _SEG = rf"(?:[A-Z][{ALPHABET}]{{0,{SEGMENT_LENGTH - 1}}})?"
-_ASID = re.compile(rf"[A-Z]{{2}}-{_SEG}-{_SEG}-{_SEG}-[{ALPHABET}]{{{SUFFIX_LENGTH}}}")
+_ASID = re.compile(
+    rf"[A-Z]{{2}}-{_SEG}-{_SEG}-{_SEG}-(?:[{ALPHABET}]{{{SUFFIX_LENGTH}}}|[{ALPHABET}]{{{JOB_SUFFIX_LENGTH}}})"
+)
 
 
 def _fold_ascii(value: str) -> str:
@@ -48,22 +54,23 @@ def segment(value: str) -> str:
     return _NOT_ALPHABET.sub("", text)[:SEGMENT_LENGTH]
 
 
-def _suffix() -> str:
-    # One draw of a uniform number below 34**8, written in base 34: as random as eight
-    # secrets.choice calls, at a fraction of the cost (the store makes one id per write).
-    number = secrets.randbelow(len(ALPHABET) ** SUFFIX_LENGTH)
+def _suffix(length: int = SUFFIX_LENGTH) -> str:
+    # One draw of a uniform number below 34**length, written in base 34: as random as
+    # that many secrets.choice calls, at a fraction of the cost (one id per write).
+    number = secrets.randbelow(len(ALPHABET) ** length)
     chars = []
-    for _ in range(SUFFIX_LENGTH):
+    for _ in range(length):
         number, digit = divmod(number, len(ALPHABET))
         chars.append(ALPHABET[digit])
     return "".join(chars)
 
 
 def new_asid(subject: str, predicate: str = "_", context: str = "_", *, prefix: str = "AS") -> str:
-    """A fresh ASID: ``AS`` for attestations, ``JB`` for jobs."""
+    """A fresh ASID: ``AS`` for attestations, ``JB`` for jobs (with a longer suffix)."""
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ValueError(f"ASID prefix must be two uppercase letters, got {prefix!r}")
-    parts = (prefix, segment(subject), segment(predicate), segment(context), _suffix())
+    suffix = _suffix(JOB_SUFFIX_LENGTH if prefix == "JB" else SUFFIX_LENGTH)
+    parts = (prefix, segment(subject), segment(predicate), segment(context), suffix)
     return "-".join(parts)
 
 

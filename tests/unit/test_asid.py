@@ -119,3 +119,12 @@ def test_is_asid_rejects(text: object) -> None:
 
 def test_is_asid_accepts_spec_example() -> None:
     assert is_asid("AS-ALICE-KNOWS-WORK-RARARAXG")
+
+
+def test_job_ids_have_a_longer_random_part() -> None:
+    """Clients make job ids by the million: 12 random characters (about 61 bits)."""
+    job = new_asid("builtin.echo", prefix="JB")
+    suffix = job.rsplit("-", 1)[1]
+    assert job.startswith("JB-BUILTINE---") and len(suffix) == 12 and is_asid(job)
+    assert len(new_asid("alice").rsplit("-", 1)[1]) == 8  # attestations keep SPEC's 8
+    assert len({new_asid("h", prefix="JB") for _ in range(20_000)}) == 20_000
