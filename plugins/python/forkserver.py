@@ -21,7 +21,8 @@ Before a job process sends its last result it says it retires on a notice pipe;
 the plugin sends the next job only after that result, so the server sees the
 notice before it routes that job. When a job process ends the server sends
 ``Exited`` (after the job's own ``RunResult``, which the child wrote before it
-exited; the plugin uses it only when that result never came), kills whatever the
+exited; the plugin uses it only when that result never came; and only while no newer
+job was handed out, so it never shares the pipe with another writer), kills whatever the
 job left running (it is the subreaper of its children's children) and reaps it.
 It forks only while single-threaded. It exits when its input pipe closes; its
 children die with it (PDEATHSIG).
@@ -178,8 +179,12 @@ class ForkServer:
         _, status = os.waitpid(process.pid, 0)
         for fd in process.fds():
             os.close(fd)
-        if process.last_seq:
-            # The plugin ignores this unless that job's result never came.
+        if process.last_seq and process.last_seq == self._jobs:
+            # The plugin ignores this unless that job's result never came. Once a
+            # newer job was handed out, the result did come (the plugin sends the next
+            # job only after it), and the newer job's process may be writing frames
+            # larger than PIPE_BUF into the same pipe, which a write of ours could cut
+            # in two: so Exited goes out only while no other job process runs.
             returncode = os.waitstatus_to_exitcode(status)
             job_id = self._decoder.decode(process.last_job).job_id
             self._send(Exited(seq=process.last_seq, job_id=job_id, returncode=returncode))
