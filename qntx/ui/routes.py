@@ -20,6 +20,7 @@ from qntx.protocol import JOB_STATUSES, MAX_PAGE
 from qntx.ui.live import Hub
 from qntx.ui.views import (
     attestation_row,
+    bulk_steer,
     handler_detail,
     handler_listing,
     job_detail,
@@ -82,6 +83,7 @@ class Routes:
             web.get("/api/jobs", self.jobs),
             web.get("/api/jobs/{id}", self.job),
             web.post("/api/jobs/{id}/{action}", self.act),
+            web.post("/api/bulk/{action}", self.bulk),
             web.get("/api/handlers", self.handlers),
             web.get("/api/handlers/{name}", self.handler),
             web.get("/api/attestations", self.attestations),
@@ -142,6 +144,22 @@ class Routes:
                 f"no action {request.match_info['action']!r} (cancel, retry, pause or resume)"
             )
         return json({"job": job_detail(await action(request.match_info["id"]))})
+
+    async def bulk(self, request: web.Request) -> web.Response:
+        """``POST /api/bulk/retry|cancel?status=&handler=&since_min=``: every job the
+        same filters as ``/api/jobs`` show, each once; how many, and how many skipped."""
+        action = request.match_info["action"]
+        if action not in ("retry", "cancel"):
+            raise NotFound(f"no bulk action {action!r} (retry or cancel)")
+        status = request.query.get("status") or None
+        if status is not None and status not in JOB_STATUSES:
+            raise Invalid(f"unknown status {status!r} (one of {', '.join(JOB_STATUSES)})")
+        handler = request.query.get("handler") or None
+        since_min = _int(request, "since_min", 0, 0, 10_000_000)
+        if status is None and handler is None and not since_min:
+            raise Invalid("choose the jobs first: a status, a handler or a time")
+        since_ms = now_ms() - since_min * 60_000 if since_min else None
+        return json(await bulk_steer(self.bus, action, status=status, handler=handler, since_ms=since_ms))
 
     async def handlers(self, request: web.Request) -> web.Response:
         return json(await handler_listing(self.bus))

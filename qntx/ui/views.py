@@ -42,6 +42,9 @@ def shown_value(value: Any) -> Any:
     return msgspec.json.decode(encoded)
 
 
+BULK_MAX = 100_000  # jobs one dashboard action steers at most
+
+
 def notice_row(job: Job | JobNotice) -> dict[str, Any]:
     """A listing row of what an events notice carries (no progress, no error)."""
     fields = ("id", "handler", "status", "attempts", "max_attempts", "priority", "created_at", "started_at", "finished_at", "worker")
@@ -167,10 +170,32 @@ async def job_listing(
             if since_ms is not None and job.created_at < since_ms:
                 # newest first: the rest is older still
                 return {"jobs": [job_summary(j) for j in found], "cursor": None}
-            if handler is None or handler.lower() in job.handler.lower():
+            if shown(job, handler):
                 found.append(job)
         if cursor is None or len(found) >= limit or scanned >= SCAN_JOBS:
             return {"jobs": [job_summary(j) for j in found], "cursor": cursor}
+
+
+def shown(job: Job, handler: str | None) -> bool:
+    """The listing's handler filter: a part of the name, in any case."""
+    return handler is None or handler.lower() in job.handler.lower()
+
+
+async def bulk_steer(
+    bus: AsyncBus, action: str, *, status: str | None, handler: str | None, since_ms: int | None
+) -> dict[str, int]:
+    """Retry or cancel every job the listing's filters show (every page, not only
+    the one on screen), each once."""
+    ids: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = await bus.jobs_page(status=status, limit=MAX_PAGE, cursor=cursor)
+        fresh = [j for j in page if since_ms is None or j.created_at >= since_ms]
+        ids += [j.id for j in fresh if shown(j, handler)]
+        if cursor is None or len(fresh) < len(page) or len(ids) >= BULK_MAX:
+            break
+    steered = await (bus.retry_many(ids) if action == "retry" else bus.cancel_many(ids))
+    return {"steered": len(steered), "skipped": len(steered.skipped)}
 
 
 async def handler_listing(bus: AsyncBus) -> dict[str, Any]:

@@ -56,12 +56,18 @@ def rows(browser, css: str, key: str) -> dict[str, str]:
 def test_overview_shows_every_actor_healthy(browser, dashboard, tmp_path):
     open_page(browser, dashboard, "#/")
     wanted = {"ats", "server", "worker-1", "plugin:python"}
-    actors = until(
+    def healthy(text: str) -> bool:
+        return "healthy" in text and "unhealthy" not in text
+
+    actors = until(  # (on a loaded machine an actor may still be starting: wait for it)
         browser,
-        lambda d: (r := rows(d, "#actors tr[data-actor]", "data-actor")) and wanted <= set(r) and r,
-        what="the actors",
+        lambda d: (r := rows(d, "#actors tr[data-actor]", "data-actor"))
+        and wanted <= set(r)
+        and all(healthy(t) for t in r.values())
+        and r,
+        what="every actor, healthy",
     )
-    assert all("healthy" in text and "unhealthy" not in text for text in actors.values()), actors
+    assert all(healthy(text) for text in actors.values()), actors
     pids = {actor.name: actor.pid for actor in dashboard.api.status().actors}
     assert all(str(pids[name]) in actors[name] for name in wanted)
     workers = rows(browser, "#workers tr[data-worker]", "data-worker")
@@ -267,3 +273,21 @@ def test_a_handler_created_while_the_page_is_open_appears(browser, dashboard, tm
         browser, lambda d: texts(d, "#versions tr td:last-child") == want, what="jobs per version"
     )
     browser.save_screenshot(str(tmp_path / "handler.png"))
+
+
+def test_bulk_retry_of_a_filtered_list(browser, dashboard, tmp_path):
+    handles = [dashboard.api.submit("builtin.fail", f"bulk {n}", max_attempts=1) for n in range(40)]
+    for handle in handles:
+        assert handle.wait(timeout=20).status == "failed"
+    open_page(browser, dashboard, "#/jobs?status=failed&handler=builtin.fail")
+    until(browser, lambda d: len(rows(d, "#job-table tbody tr[data-job]", "data-job")) >= 25, what="the failed jobs")
+    browser.find_element(By.ID, "bulk-retry").click()
+    alert = until(browser, lambda d: d.switch_to.alert, what="the confirmation")
+    assert "Retry every job that matches (failed, handler builtin.fail)" in alert.text
+    alert.accept()
+    info = until(browser, lambda d: d.find_element(By.ID, "bulk-info").text, what="the count")
+    assert info.startswith("retried ") and int(info.split()[1]) >= 40
+    until(browser, lambda d: all(h.record().runs == 2 for h in handles), what="every job run again")
+    assert all(h.wait(timeout=20).runs == 2 for h in handles)  # once each
+    assert not_reloaded(browser)
+    browser.save_screenshot(str(tmp_path / "bulk-retry.png"))

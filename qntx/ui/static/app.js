@@ -244,8 +244,27 @@ function jobsView(params) {
       }
     }
   };
+  // Retry or cancel every job these filters choose (every page), after a confirmation.
+  const bulk = async (action) => {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
+    if (!q.toString()) { banner("choose the jobs first: a status, a handler or a time"); return; }
+    const chosen = [filters.status || "any status", filters.handler && "handler " + filters.handler,
+      filters.since_min && "last " + filters.since_min + " min"].filter(Boolean).join(", ");
+    if (!window.confirm(`${action === "retry" ? "Retry" : "Cancel"} every job that matches (${chosen})?`)) return;
+    try {
+      const done = await api(`/api/bulk/${action}?` + q, {method: "POST"});
+      banner("");
+      bulkInfo.textContent = `${action === "retry" ? "retried" : "cancelled"} ${done.steered} job(s)` +
+        (done.skipped ? `, ${done.skipped} skipped (they changed meanwhile)` : "");
+      load();
+    } catch (e) { banner(e.message); }
+  };
+  const bulkInfo = h("span", {id: "bulk-info", class: "muted"});
   const root = h("div", {id: "jobs"}, h("h1", {}, "Jobs"),
-    h("div", {class: "filters"}, statusSelect, handlerInput, sinceSelect, h("button", {onclick: apply}, "Filter")),
+    h("div", {class: "filters"}, statusSelect, handlerInput, sinceSelect, h("button", {onclick: apply}, "Filter"),
+      h("button", {class: "secondary", id: "bulk-retry", onclick: () => bulk("retry")}, "Retry all"),
+      h("button", {class: "secondary", id: "bulk-cancel", onclick: () => bulk("cancel")}, "Cancel all"), bulkInfo),
     h("table", {id: "job-table"}, h("thead", {}, h("tr", {},
       ["id", "handler", "status", "attempts", "progress", "created", "error"].map((c) => h("th", {}, c)))), tbody),
     h("div", {class: "pager"}, prev, next, info));
