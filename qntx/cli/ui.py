@@ -6,7 +6,7 @@ from typing import Annotated
 
 from cyclopts import Parameter
 
-from qntx.cli import app, settings
+from qntx.cli import app, options, settings
 
 
 @app.command
@@ -27,4 +27,4 @@ def ui(
     """Serve a live dashboard of the bus: actors, queue, jobs, handlers, attestations."""
     from qntx.ui.server import serve
 
-    serve(settings(), host=host, port=port, allow_remote=allow_remote, open_browser=open_)
+    serve(settings(connect=options.connect), host=host, port=port, allow_remote=allow_remote, open_browser=open_)

@@ -63,6 +63,10 @@ def serve(
 async def _serve(
     settings: Settings, host: str, port: int, token: str | None, open_browser: bool
 ) -> None:
+    if settings.connect:  # the bus of another host, through its server's address
+        from qntx.join import join
+
+        settings = await asyncio.to_thread(join, settings)
     bus = AsyncBus(
         dataclasses.replace(
             settings, request_timeout_s=min(settings.request_timeout_s, REQUEST_TIMEOUT_S)
