@@ -213,3 +213,16 @@ def test_a_codeless_handler_attestation_is_skipped_with_a_warning(bus):
     up.stop()
     up = bus.start_up()
     assert bus.run("ix", "foo").stdout == "the real foo\n"
+
+
+def test_ix_always_shows_the_last_progress(bus):
+    """The final progress comes with the result (WaitJob's last answer), so `ix` never
+    stops at 19/20 however quickly the handler ran."""
+    code = "for i in range(1, 21):\n    progress(i, 20)\n_result = 'done'"
+    assert bus.run("handler", "create", "steps", "--code", code).returncode == 0
+    bus.start_up()
+    for _ in range(6):
+        ran = bus.run("ix", "steps")
+        assert ran.returncode == 0, ran.stderr
+        lines = ran.stderr.splitlines()
+        assert lines and lines[-1] == "progress 20/20", ran.stderr
