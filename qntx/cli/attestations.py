@@ -200,10 +200,12 @@ def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
 def show(name: str, /):
     """Show a handler's current code and its version history."""
     from qntx.ats.current import stored_last_first
+    from qntx.cli.schedules import describe_limit
     from qntx.handlers import current_version, history_filter, is_tombstone, is_version
 
     with open_bus() as bus:
         history = stored_last_first(bus.query_filter(history_filter(name)))
+        limit = bus.limits().get(f"python.{name}")
     current = current_version(history)
     if current is None:
         fail(f"no handler named {name!r}", 1)
@@ -215,6 +217,7 @@ def show(name: str, /):
         print("  Code:")
         for line in str(current.attributes.get("code", "")).splitlines():
             print(f"    {line}")
+    print(f"  Limits: {describe_limit(limit)}")
     print(f"  History ({len(history)} version{'s' if len(history) != 1 else ''}, newest first):")
     for record in history:
         if is_tombstone(record):

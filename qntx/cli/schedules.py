@@ -146,6 +146,14 @@ def _rate(text: str) -> tuple[int, float]:
     return int(count), span / 1000
 
 
+def describe_limit(limit) -> str:
+    """'at most 3 at once, at most 10 starts per 1s' (or 'no limits')."""
+    parts = ([f"at most {limit.concurrency} at once"] if limit and limit.concurrency else []) + (
+        [f"at most {limit.rate} starts per {limit.per_ms / 1000:g}s"] if limit and limit.rate else []
+    )
+    return ", ".join(parts) or "no limits"
+
+
 @handler_app.command
 def limit(
     name: str,
@@ -153,23 +161,49 @@ def limit(
     *,
     concurrency: Annotated[int | None, Parameter(help="At most N jobs of it running at once, on all hosts.")] = None,
     rate: Annotated[str | None, Parameter(help="At most N starts per period: 10/s, 100/minute, 5/30s.")] = None,
+    no_concurrency: Annotated[bool, Parameter(help="Remove its concurrency limit (keep its rate).")] = False,
+    no_rate: Annotated[bool, Parameter(help="Remove its rate limit (keep its concurrency).")] = False,
     clear: Annotated[bool, Parameter(help="Remove its limits.")] = False,
 ):
     """Limit how many jobs of handler NAME run at once and how fast they start.
 
-    Jobs over a limit wait in Pulse, in priority order, without taking a worker slot.
-    Stored as an attestation: it survives restarts and applies at once.
+    Each option changes its own field and keeps the other: `--rate 3/20s` on a handler
+    limited to 2 at once keeps that. Jobs over a limit wait in Pulse, in priority
+    order, without taking a worker slot. Stored as an attestation: it survives
+    restarts and applies at once. `qntx handler limits` lists them all.
     """
-    if clear == (concurrency is not None or rate is not None):
-        fail("give --concurrency and/or --rate, or --clear")
+    changes = concurrency is not None or rate is not None or no_concurrency or no_rate
+    if clear == changes:
+        fail("give --concurrency, --rate, --no-concurrency or --no-rate, or --clear")
+    if concurrency is not None and no_concurrency or rate is not None and no_rate:
+        fail("--concurrency with --no-concurrency (or --rate with --no-rate): give one")
     if concurrency is not None and concurrency < 1:
         fail("--concurrency must be at least 1")
-    count, per_s = _rate(rate) if rate is not None else (None, 1.0)
+    count, per_s = _rate(rate) if rate is not None else (None, None)
     handler = handler_for(name)
     with open_bus() as bus:
-        bus.limit(handler, concurrency=concurrency, rate=count, per_s=per_s)
-    if clear:
-        print(f"✓ {handler}: no limits")
+        current = None if clear else bus.limits().get(handler)
+        if not clear:
+            if concurrency is None and not no_concurrency and current is not None:
+                concurrency = current.concurrency
+            if count is None and not no_rate and current is not None and current.rate:
+                count, per_s = current.rate, current.per_ms / 1000
+        now = bus.limit(handler, concurrency=concurrency, rate=count, per_s=per_s or 1.0)
+    print(f"✓ {handler}: {describe_limit(now)}")
+
+
+@handler_app.command
+def limits(*, json_: Annotated[bool, Parameter(name="--json")] = False):
+    """Every handler's limits: at most N at once, at most N starts per period."""
+    import json
+
+    with open_bus() as bus:
+        found = bus.limits()
+    if json_:
+        data = {h: {"concurrency": lim.concurrency, "rate": lim.rate, "per_s": lim.per_ms / 1000} for h, lim in sorted(found.items())}
+        print(json.dumps(data, indent=2))
         return
-    parts = ([f"at most {concurrency} at once"] if concurrency else []) + ([f"at most {count} starts per {per_s:g}s"] if count else [])
-    print(f"✓ {handler}: " + ", ".join(parts))
+    if not found:
+        print("(no limits)")
+    for handler, lim in sorted(found.items()):
+        print(f"{handler:<32} {describe_limit(lim)}")

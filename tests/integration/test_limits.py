@@ -73,3 +73,22 @@ def test_bodies_that_would_decode_to_tens_of_times_their_size_are_refused(bus):
         # The bodies are 2 MB, and decoded would be 130 MB; a carried copy or two is fine.
         assert grew_mib < 25, f"{name} peak RSS grew {grew_mib:.0f} MiB for a 2 MB body"
     assert actor_pids(bus) == pids
+
+
+def test_limit_options_change_one_field_and_limits_are_shown(bus):
+    """`handler limit --rate` keeps an existing concurrency (and the other way round);
+    `handler limits` and `handler show` say what is in force."""
+    assert bus.run("handler", "create", "paced", "--code", "_result = 1").returncode == 0
+    assert bus.run("handler", "limit", "paced", "--concurrency", "2").returncode == 0
+    done = bus.run("handler", "limit", "paced", "--rate", "3/20s")
+    assert done.returncode == 0 and "at most 2 at once, at most 3 starts per 20s" in done.stdout, done.stdout
+    listed = bus.run("handler", "limits").stdout
+    assert "python.paced" in listed and "at most 2 at once, at most 3 starts per 20s" in listed
+    shown = bus.run("handler", "show", "paced").stdout
+    assert "Limits: at most 2 at once, at most 3 starts per 20s" in shown
+    done = bus.run("handler", "limit", "paced", "--no-concurrency")
+    assert done.returncode == 0 and done.stdout.strip().endswith("python.paced: at most 3 starts per 20s")
+    assert bus.run("handler", "limit", "paced", "--clear").returncode == 0
+    assert "(no limits)" in bus.run("handler", "limits").stdout
+    both = bus.run("handler", "limit", "paced", "--rate", "1/s", "--no-rate")
+    assert both.returncode == 2 and "give one" in both.stderr
