@@ -103,9 +103,18 @@ def ax(
 
 
 def _ax_so(text: str, limit: int | None, wait: bool) -> int:
+    from qntx.errors import NotFound
+
     with open_bus() as bus:
         handles = bus.ax(text, limit=limit)
-        bus.flush()
+        if not handles:
+            print("no attestation matches: no job submitted", file=sys.stderr)
+            return 0
+        try:
+            bus.flush()
+        except NotFound as exc:  # an unknown handler: bad input, whatever the job ids
+            first = exc.failures[0][1] if getattr(exc, "failures", None) else exc
+            fail(str(first), 2)
         if not wait:
             for handle in handles:
                 print(handle.id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Annotated
@@ -55,8 +56,15 @@ def ix(
     timeout: Annotated[float, Parameter(help="Seconds the handler may run.")] = 300.0,
     priority: Annotated[int, Parameter(help="Higher runs first.")] = 0,
     max_attempts: Annotated[int, Parameter(help="Attempts before the job fails.")] = 3,
-    at: Annotated[str | None, Parameter(help="Start at this time: 2026-11-25T10:00:00Z, 2026-11-25, now.")] = None,
-    in_: Annotated[str | None, Parameter(name="--in", help="Start after this long: 30s, 5 minutes, 2h.")] = None,
+    at: Annotated[
+        str | None, Parameter(help="Start at this time (UTC): tomorrow 09:00, 2026-12-04 09:00, in 5 minutes, RFC 3339.")
+    ] = None,
+    in_: Annotated[str | None, Parameter(name="--in", help="Start after this long: 30s, 1.5s, 5 minutes, 2h.")] = None,
+    now_if_past: Annotated[bool, Parameter(help="Run at once if --at is already past (else that is an error).")] = False,
+    after: Annotated[
+        list[str] | None,
+        Parameter(help="Run after this job (repeat it for several); it fails if one of them fails.", consume_multiple=False),
+    ] = None,
 ):
     """Run handler NAME with ARGS as a job and stream its output.
 
@@ -65,12 +73,15 @@ def ix(
     live bar; into a pipe it is plain lines. Exits 0 on success, 1 on failure.
     """
     handler = handler_for(name)
-    run_at = _start_time(at, in_)
+    run_at = start_time(at, in_, now_if_past=now_if_past)
     with open_bus() as bus:
         handle = bus.submit(
-            handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout, run_at=run_at
-        )
-        handle.accepted()  # a refusal (an unknown handler) is one line, before any waiting
+            handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout, run_at=run_at,
+            after=after or None,
+        )  # fmt: skip
+        accepted = handle.accepted()  # a refusal (an unknown handler) is one line, before any waiting
+        if run_at is not None:  # (on stderr: stdout is the id alone, for scripts)
+            print(f"runs at {_time(accepted.run_after or run_at)} UTC", file=sys.stderr)
         if no_wait:
             print(handle.id)
             return 0
@@ -86,20 +97,62 @@ def ix(
     return 0
 
 
-def _start_time(at: str | None, in_: str | None) -> int | None:
-    from qntx.ats.ax import AxSyntaxError, parse_duration, parse_time
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
+_DAY_CLOCK = re.compile(r"(today|tomorrow)\s+(\S+)", re.IGNORECASE)
+_DATE_CLOCK = re.compile(r"(\d{4}-\d{2}-\d{2})\s+(\d{1,2}:\d{2}(?::\d{2})?)")
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]+)")
+DAY_MS = 86_400_000
+
+
+def span_ms(text: str, option: str) -> int:
+    """'30s', '5 minutes', '1.5s', '2h' in ms (> 0)."""
+    from qntx.ats.ax import AxSyntaxError, parse_duration
+
+    match = _SPAN.fullmatch(text.strip())
+    try:
+        if match is None:
+            return parse_duration(text)
+        return max(1, round(float(match[1]) * parse_duration(f"1 {match[2]}")))
+    except AxSyntaxError as exc:
+        fail(f"{option}: {exc.message}")
+
+
+def start_time(at: str | None, in_: str | None, *, now_if_past: bool = False) -> int | None:
+    """When a job may start: ``--at`` (now, tomorrow 09:00, 2026-12-04 09:00, in 5
+    minutes, RFC 3339 …, UTC) or ``--in`` (30s, 1.5s, 2h). A past ``--at`` is an error
+    unless ``now_if_past``."""
+    from qntx.ats.ax import AxSyntaxError, parse_time
     from qntx.values import now_ms
 
     if at is not None and in_ is not None:
         fail("give --at or --in, not both")
+    now = now_ms()
+    if in_ is not None:
+        return now + span_ms(in_, "--in")
+    if at is None:
+        return None
+    text = at.strip()
     try:
-        if at is not None:
-            return parse_time(at)
-        if in_ is not None:
-            return now_ms() + parse_duration(in_)
+        if text.lower().startswith("in "):
+            when = now + span_ms(text[3:], "--at")
+        elif day := _DAY_CLOCK.fullmatch(text):
+            clock = _CLOCK.fullmatch(day[2])
+            if clock is None or int(clock[1]) > 23 or int(clock[2]) > 59 or int(clock[3] or 0) > 59:
+                fail(f"--at: {day[2]!r} is not a time of day (HH:MM or HH:MM:SS, UTC)")
+            midnight = now - now % DAY_MS + (DAY_MS if day[1].lower() == "tomorrow" else 0)
+            when = midnight + ((int(clock[1]) * 60 + int(clock[2])) * 60 + int(clock[3] or 0)) * 1000
+        elif text.lower() == "tomorrow":
+            when = now - now % DAY_MS + DAY_MS
+        elif dated := _DATE_CLOCK.fullmatch(text):
+            clock = dated[2] if dated[2].count(":") == 2 else dated[2] + ":00"
+            when = parse_time(f"{dated[1]}T{clock.zfill(8)}Z")
+        else:
+            when = parse_time(text, now_ms=now)
     except AxSyntaxError as exc:
-        fail(f"--{'at' if at is not None else 'in'}: {exc.message}")
-    return None
+        fail(f"--at: {exc.message} (also: tomorrow 09:00, 2026-12-04 09:00, in 5 minutes)")
+    if when < now - 1000 and not now_if_past:
+        fail(f"--at {at!r} is in the past ({_time(when)} UTC); add --now-if-past to run it at once")
+    return when
 
 
 def _stream(bus, job_id: str, view: ProgressView) -> Job:
@@ -140,6 +193,8 @@ def jobs(
     print(f"{'ID':<34} {'HANDLER':<24} {'STATUS':<10} {'TRIES':<6} {'CREATED (UTC)':<20} ERROR")
     for job in found:
         error = job.error.message.splitlines()[0][:60] if job.error else ""
+        if job.status == "queued" and job.run_after > job.created_at:
+            error = f"runs at {_time(job.run_after)}" + (f"; {error}" if error else "")
         print(f"{job.id:<34} {job.handler[:24]:<24} {job.status:<10} {job.attempts}/{job.max_attempts:<4} {_time(job.created_at):<20} {error}")
 
 

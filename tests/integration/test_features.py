@@ -252,3 +252,42 @@ def test_bad_durations_and_values_are_one_line(bus, up):
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert result.stderr.startswith("error: ") and "internal" not in result.stderr, (args, result.stderr)
     assert "(no schedules)" in bus.run("schedule", "list").stdout
+
+
+def test_start_times_people_type_and_what_they_are_told(bus):
+    """--at takes 'tomorrow 09:00', '2026-12-04 09:00' and 'in 5 minutes'; --in takes
+    fractions; a past --at is an error unless --now-if-past; the due time is shown;
+    `ax … so` says when nothing matched and exits 2 for an unknown handler."""
+    bus.start_up()
+    for at in ("tomorrow 09:00", "in 5 minutes"):
+        done = bus.run("ix", "builtin.echo", "--at", at, "--no-wait")
+        assert done.returncode == 0 and done.stdout.strip().startswith("JB-"), (at, done.stderr)
+        assert done.stderr.startswith("runs at "), done.stderr
+    later = bus.run("ix", "builtin.echo", "--at", "2099-12-04 09:00", "--no-wait")
+    assert later.returncode == 0 and "runs at 2099-12-04 09:00:00 UTC" in later.stderr
+    listed = bus.run("pulse", "jobs", "--status", "queued").stdout
+    assert "runs at 2099-12-04 09:00:00" in listed
+    quick = bus.run("ix", "builtin.echo", "hi", "--in", "0.5s")
+    assert quick.returncode == 0 and '"args"' in quick.stdout, quick.stderr
+    past = bus.run("ix", "builtin.echo", "--at", "2020-01-01 09:00")
+    assert past.returncode == 2 and "in the past" in past.stderr and "--now-if-past" in past.stderr
+    anyway = bus.run("ix", "builtin.echo", "late", "--at", "2020-01-01 09:00", "--now-if-past")
+    assert anyway.returncode == 0, anyway.stderr
+    bad = bus.run("ix", "builtin.echo", "--at", "tomorrow 25:00")
+    assert bad.returncode == 2 and "time of day" in bad.stderr
+    nothing = bus.run("ax", "nobody", "is", "here", "so", "builtin.echo")
+    assert nothing.returncode == 0 and "no attestation matches" in nothing.stderr
+    bus.run("as", "somebody", "is", "here")
+    unknown = bus.run("ax", "somebody", "is", "here", "so", "nosuchhandler")
+    assert unknown.returncode == 2 and "unknown handler" in unknown.stderr and "JB-" not in unknown.stderr
+
+
+def test_ix_after(bus):
+    bus.start_up()
+    first = bus.run("ix", "builtin.sleep", "1", "--no-wait").stdout.strip()
+    second = bus.run("ix", "builtin.echo", "then", "--after", first)
+    assert second.returncode == 0 and '"then"' in second.stdout, second.stderr
+    with bus.connect() as api:
+        assert api.job(first).status == "completed"  # it waited for the first
+        ran_after = [j for j in api.jobs(limit=5) if j.after == [first]]
+        assert ran_after and ran_after[0].started_at >= api.job(first).finished_at
