@@ -371,6 +371,8 @@ def watch(
 
     wanted = handler_for(handler) if handler else None
     console = Console()
+    if not console.is_terminal:  # into a pipe or a file: every name whole, not cut at 80 columns
+        console = Console(width=250)
     with open_bus() as bus:
         if once or not console.is_terminal:
             console.print(_watch_table(bus, wanted))
@@ -400,8 +402,11 @@ def _watch_table(bus, handler: str | None):
                 continue
             progress = f"{job.progress.current:g}/{job.progress.total:g}" if job.progress else ""
             since = job.started_at if state == "running" else job.created_at
+            shown_state = state
+            if state == "queued" and job.run_after > now:  # a delayed job: when it runs
+                shown_state = f"queued, at {_time(job.run_after)}"
             table.add_row(
-                job.id, job.handler, state, f"{job.attempts}/{job.max_attempts}", progress, job.worker or "",
+                job.id, job.handler, shown_state, f"{job.attempts}/{job.max_attempts}", progress, job.worker or "",
                 f"{(now - since) / 1000:.1f}s" if since else "",
             )  # fmt: skip
             shown += 1
