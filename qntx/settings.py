@@ -32,7 +32,7 @@ class Settings:
     max_result_bytes: int = 15 << 20  # a job's result, as MessagePack
     ats_map_size: int = 1 << 30  # initial LMDB map; it grows on demand
     ats_max_map_size: int = 0  # the map never grows past it (0: only the disk limits it)
-    python_pool_size: int = 2  # warm interpreter processes of the python plugin
+    python_pool_size: int = 0  # python jobs at once (fork servers of the plugin); 0: as many as `workers`
     python_memory_mb: int = 1024  # address-space limit per handler run
     python_cpu_s: int = 600  # CPU-seconds limit per handler run
     python_file_mb: int = 1024  # largest file a handler run may write
@@ -58,6 +58,11 @@ class Settings:
     workers_endpoint: str = ""
     results_endpoint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def python_interpreters(self) -> int:
+        """How many python jobs the plugin runs at once."""
+        return self.python_pool_size or self.workers
 
     @property
     def run_dir(self) -> Path:

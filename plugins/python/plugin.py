@@ -230,7 +230,7 @@ class PythonPlugin:
         self.ats_events_endpoint = message.ats_events_endpoint or self.settings.ats_events_endpoint
         if self.pool is None:
             self.pool = InterpreterPool(
-                self.settings.python_pool_size,
+                self.settings.python_interpreters,
                 memory_mb=self.settings.python_memory_mb,
                 file_mb=self.settings.python_file_mb,
                 processes=self.settings.python_processes,

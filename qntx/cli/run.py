@@ -19,6 +19,10 @@ def _actor_logging(label: str) -> None:
 def up(
     *,
     workers: Annotated[int | None, Parameter(help="Worker processes (default 2).")] = None,
+    python_pool: Annotated[
+        int | None,
+        Parameter(help="Python handler jobs run at once (interpreter processes); default: as many as --workers."),
+    ] = None,
     bind: Annotated[
         str | None,
         Parameter(help="Serve other hosts: tcp://HOST:PORT is the server; the other sockets take the next 5 ports."),
@@ -30,7 +34,7 @@ def up(
     from qntx.supervisor import Child, Supervisor, actor_command
 
     _actor_logging("QNTX")
-    resolved = settings(workers=workers, bind=bind)
+    resolved = settings(workers=workers, bind=bind, python_pool_size=python_pool)
     if resolved.bind:
         resolved.public("server_endpoint")  # a bad address fails here, once
         os.environ["QNTX_BIND"] = resolved.bind  # the children resolve their settings again
@@ -38,6 +42,17 @@ def up(
         from qntx.errors import Invalid
 
         raise Invalid("--workers must be at least 1")
+    if resolved.python_pool_size < 0:
+        from qntx.errors import Invalid
+
+        raise Invalid("--python-pool must be at least 1")
+    # Python jobs run as many at once as the workers run built-ins, unless said otherwise;
+    # the plugin resolves its settings again, so it is told.
+    pool = resolved.python_interpreters
+    os.environ["QNTX_PYTHON_POOL_SIZE"] = str(pool)
+    from loguru import logger
+
+    logger.info("running ats, server, {} worker(s) and the python plugin with {} interpreter(s)", resolved.workers, pool)
 
     def ipc_path(endpoint: str):
         from pathlib import Path

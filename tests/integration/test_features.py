@@ -93,7 +93,10 @@ def test_a_schedule_fires_on_time_never_twice_across_a_restart(bus, up):
     up2.stop()
 
 
-def test_a_concurrency_limit_holds_under_200_jobs(bus, up, tmp_path):
+def test_a_concurrency_limit_holds_under_200_jobs(bus, tmp_path):
+    create(bus, "counter", COUNTER)
+    started = bus.start_up("--python-pool", "5")  # room for 5 at once: the limit of 3 is what holds them
+    assert "python plugin with 5 interpreter(s)" in started.output()
     spot = tmp_path / "running"
     spot.mkdir()
     with bus.connect() as client:
