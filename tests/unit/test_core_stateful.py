@@ -115,6 +115,8 @@ class PulseLife(RuleBasedStateMachine):
             self.completed_by[job_id] = lease
         if not current:
             assert after.status == (before.status if before else after.status)
+        self._apply(self.h.turn())  # the freed slot takes a job before any heartbeat
+        self.dispatch_targets_are_the_freest_ready_sessions()
         self._turn()
 
     @rule(session=st.sampled_from(SESSIONS))
@@ -211,6 +213,20 @@ class PulseLife(RuleBasedStateMachine):
             assert plugin.load >= 0
             if plugin.capacity:
                 assert plugin.load <= plugin.capacity
+
+    @invariant()
+    def dispatch_targets_are_the_freest_ready_sessions(self):
+        # The free-credit index chooses what a scan of every session in join order would.
+        core = self.h.core
+        plain, own = core._targets()
+        best: dict[str, object] = {}
+        for session in core.sessions.values():
+            usable = session.ready and session.free > 0
+            current = best.setdefault(session.plugin, None)
+            if usable and (current is None or session.free > current.free):
+                best[session.plugin] = session
+        assert plain is best.pop("", None)
+        assert own == best
 
     @invariant()
     def counts_match_the_jobs(self):
