@@ -85,6 +85,7 @@ BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
 WAITING_STATUSES = ("queued", "paused", "waiting")  # not running yet, not ended
 LEASE_BLOCK = 100_000  # lease ids reserved on disk at a time
 FINISHED_KEPT_MS = 10_000  # how long a lease that ended with its JobDone is remembered
+LIVENESS_BATCHES = 30  # liveness wakeups may come this fraction of dead_after_ms late
 
 
 @dataclass(slots=True)
@@ -362,7 +363,9 @@ class PulseCore:
         if self._deadlines:
             times.append(self._deadlines[0][0])
         if self._liveness:  # may be early (heard from since): that turn pushes it on
-            times.append(self._liveness[0][0])
+            # A little late on purpose: one wakeup judges every session due by then,
+            # instead of one wakeup per session.
+            times.append(self._liveness[0][0] + max(1, self.config.dead_after_ms // LIVENESS_BATCHES))
         for handler in self._starts:  # a rate window that frees a start for a waiting job
             if self._ready.get(handler) and self._rate_full(handler, now.mono):
                 times.append(self._starts[handler][0] + self._limits[handler].per_ms)
@@ -370,6 +373,14 @@ class PulseCore:
             if not schedule.paused:
                 times.append(now.mono + max(0, self._due(name) - now.wall))
         return min(times) if times else None
+
+    def liveness_due(self, now: Instant) -> bool:
+        """Whether the next turn may judge a session's liveness (its input must be read first)."""
+        return bool(self._liveness) and self._liveness[0][0] < now.mono
+
+    def session_named(self, name: str) -> Session | None:
+        """The live session of the worker called ``name``."""
+        return self.sessions.get(self._named.get(name, b""))
 
     def schedule_states(self) -> dict[str, tuple[Schedule, int | None, int | None, list]]:
         """name -> (schedule, last due fired, next due, [[due, job id], ...] newest last)."""

@@ -162,11 +162,16 @@ class PulseLife(RuleBasedStateMachine):
     def a_user_steers(self, data, action):
         job_id = data.draw(st.sampled_from(self.submitted))
         stored = self.h.disk.jobs.get(job_id)
+        job = self.h.core.jobs.get(job_id) or (stored[1] if stored is not None else None)
+        # As the server does: a retry is told how the jobs it runs after that left memory ended.
+        ended = {}
+        if action == "retry" and job is not None:
+            ended = {d: self.h.disk.jobs[d][1].status for d in job.after if d not in self.h.core.jobs and d in self.h.disk.jobs}
         try:
             if job_id in self.h.core.jobs:
-                self.h(Steer(action, job_id, "user"))
+                self.h(Steer(action, job_id, "user", ended=ended))
             elif stored is not None:
-                self.h(Steer(action, job_id, "user", stored[1], stored[0]))
+                self.h(Steer(action, job_id, "user", stored[1], stored[0], ended=ended))
             else:
                 return
         except QntxError:
