@@ -5,7 +5,10 @@ home and measures, with the 2 real workers only and then with ``--sessions`` mor
 (default 1,000) joined from ONE other process that speaks the worker protocol
 (``bench.swarm_sessions``: a DEALER, a jobs PULL and a results PUSH per session, all
 served by one epoll loop), so the cost measured is the server's, not a thousand
-interpreters':
+interpreters'. The sessions join twice: first with credit 0 (joined, heartbeating,
+never sent a job: the jobs still run on the same 2 workers, so any difference is
+what the sessions cost the server), then with credit 1 each (jobs spread over all of
+them: the freest-session choice at work over 1,002 sessions). Measured each time:
 
 1. the plain loop: N pipelined ``builtin.echo`` submits, then every result    judged against the same with 2 workers
 2. sequential submit -> result, jobs/s                                         the same
@@ -13,9 +16,8 @@ interpreters':
 4. ``status`` latency (the reply lists every session)                          against a raw pyzmq round trip
 
 Targets (issue 13): plain loop >= 0.8x of the 2-worker figure; idle server CPU
-< 10% of a core with 1,000 sessions; ``status`` p50 < 50 ms. Swarm sessions take
-jobs like any worker (credit 1 each), so with 1,000 joined most jobs of a burst
-run on them. ``--quick`` shrinks everything (100 sessions).
+< 10% of a core with 1,000 sessions; ``status`` p50 < 50 ms. ``--quick`` shrinks
+everything (100 sessions).
 """
 
 from __future__ import annotations
@@ -66,8 +68,11 @@ def idle_cpu_percent(pid: int, seconds: float) -> float:
     return 100 * (cpu_seconds(pid) - before) / (time.monotonic() - start)
 
 
-def wait_for_workers(home: Home, popen, count: int, prefix: str = "worker", timeout_s: float = 60.0) -> None:
-    """Until the server lists ``count`` healthy sessions whose names start with ``prefix``."""
+def wait_for_workers(
+    home: Home, popen, count: int, prefix: str = "worker", timeout_s: float = 60.0, exactly: bool = False
+) -> None:
+    """Until the server lists ``count`` healthy sessions whose names start with
+    ``prefix`` (``exactly``: that many sessions at all, healthy or not)."""
     from qntx import connect
     from qntx.errors import QntxError
 
@@ -78,7 +83,10 @@ def wait_for_workers(home: Home, popen, count: int, prefix: str = "worker", time
         try:
             with connect(home.path, embedded=False, request_timeout_s=1.0) as bus:
                 status = bus.status()
-            if sum(1 for a in status.actors if a.name.startswith(prefix) and a.healthy) >= count:
+            listed = [a for a in status.actors if a.name.startswith(prefix)]
+            if exactly and len(listed) == count:
+                return
+            if not exactly and sum(1 for a in listed if a.healthy) >= count:
                 return
         except QntxError:
             pass
@@ -103,12 +111,12 @@ def sequential_rate(bus, samples: int) -> float:
 class SwarmProcess:
     """``bench.swarm_sessions`` in its own process, its counts read from a file."""
 
-    def __init__(self, home: Home, sessions: int):
+    def __init__(self, home: Home, sessions: int, credit: int):
         self.stats = home.path / "swarm.json"
         self.log = open(home.path / "bench-swarm.log", "wb")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "bench.swarm_sessions", "--workers", f"ipc://{home.path}/run/workers.sock",
-             "--sessions", str(sessions), "--stats", str(self.stats)],
+             "--sessions", str(sessions), "--credit", str(credit), "--stats", str(self.stats)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
 
@@ -147,9 +155,33 @@ def measure(bus, pid: int, sizes: Sizes) -> dict[str, float]:
     return figures
 
 
+def mean(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(r[key] for r in rounds) / len(rounds) for key in rounds[0]}
+
+
+def with_swarm(home: Home, up, bus, pid: int, sizes: Sizes, sessions: int, credit: int):
+    """Join ``sessions`` swarm sessions of ``credit``, measure, and let them go again
+    (the server gives them up after 3 heartbeats): (figures, swarm counts, status)."""
+    progress(f"joining {sessions:,} swarm sessions of credit {credit}")
+    swarm = SwarmProcess(home, sessions, credit)
+    try:
+        joined_at = time.perf_counter()
+        swarm.wait_ready(sessions, timeout_s=120)
+        wait_for_workers(home, up, sessions, prefix="swarm-")
+        join_s = time.perf_counter() - joined_at
+        figures = measure(bus, pid, sizes)
+        counts = dict(swarm.counts(), join_s=join_s)
+        status = bus.status()
+    finally:
+        swarm.close()
+    wait_for_workers(home, up, 0, prefix="swarm-", exactly=True)
+    return figures, counts, status
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bin/bench swarm", description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=None, help="swarm sessions to join (default 1,000; --quick 100)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three measurements, averaged")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -175,31 +207,31 @@ def main(argv: list[str]) -> int:
         with connect(home.path) as bus:
             for handle in [bus.submit("builtin.echo", {"n": n}) for n in range(200)]:
                 handle.result(timeout=30)  # connected, subscribed, warm
-            two = measure(bus, pid, sizes)
-            progress(f"joining {sessions:,} swarm sessions")
-            swarm = SwarmProcess(home, sessions)
-            try:
-                joined_at = time.perf_counter()
-                swarm.wait_ready(sessions, timeout_s=120)
-                join_s = time.perf_counter() - joined_at
-                wait_for_workers(home, up, sessions, prefix="swarm-")
-                many = measure(bus, pid, sizes)
-                counts = swarm.counts()
-                status = bus.status()
-            finally:
-                swarm.close()
+            # Rounds of (2 workers, credit 0, credit 1), averaged: the machine is shared
+            # and its load drifts; every figure sees the same drift.
+            rounds = [[], [], []]
+            for n in range(args.rounds):
+                progress(f"round {n + 1} of {args.rounds}")
+                rounds[0].append(measure(bus, pid, sizes))
+                figures, idle_counts, _ = with_swarm(home, up, bus, pid, sizes, sessions, credit=0)
+                rounds[1].append(figures)
+                figures, counts, status = with_swarm(home, up, bus, pid, sizes, sessions, credit=1)
+                rounds[2].append(figures)
+            two, idle, many = (mean(r) for r in rounds)
 
         for key, label, target in (
             ("plain", "builtin.echo: plain loop, {jobs:,} jobs", Target(">=", 0.8)),
             ("sequential", "builtin.echo: sequential submit->result", None),
         ):
             limit = report.add_raw(f"{key}_2_workers", two[key], "/s", "this run, 2 workers")
-            report.add(
-                Metric(
-                    f"{key}_{sessions}_sessions", f"{label.format(jobs=sizes.jobs)} with {sessions:,} sessions",
-                    many[key], "/s", limit, f"{key}_2_workers", target,
-                )
-            )  # fmt: skip
+            for figures, how, suffix in ((idle, "credit 0", "_idle"), (many, "credit 1", "")):
+                report.add(
+                    Metric(
+                        f"{key}_{sessions}_sessions{suffix}",
+                        f"{label.format(jobs=sizes.jobs)}, +{sessions:,} sessions of {how}",
+                        figures[key], "/s", limit, f"{key}_2_workers", target,
+                    )
+                )  # fmt: skip
         idle_two = report.add_raw("idle_cpu_2_workers", two["idle_cpu"], "%", "this run, 2 workers")
         report.add(
             Metric(
@@ -221,12 +253,18 @@ def main(argv: list[str]) -> int:
             )
         )  # fmt: skip
         report.notes.append(
-            f"{sessions:,} sessions joined and ready in {join_s:.1f} s from one process "
-            f"(swarm CPU {counts.get('cpu_s', 0):.1f} s in all; {counts.get('jobs', 0):,} jobs ran on swarm sessions); "
-            f"the server had room for {status.sessions_free:,} more"
+            f"{sessions:,} sessions joined and ready in {counts['join_s']:.1f} s from one process "
+            f"(swarm CPU {counts.get('cpu_s', 0):.1f} s in all; with credit 1, {counts.get('jobs', 0):,} jobs ran "
+            f"on swarm sessions, with credit 0 {idle_counts.get('jobs', 0)}); the server had room for "
+            f"{status.sessions_free:,} more"
         )
         report.notes.append(
-            f"with 2 workers: status p50 {two['status_p50']:.1f} ms; every session heartbeats once a second"
+            f"with {sessions:,} sessions of credit 0: idle server CPU {idle['idle_cpu']:.1f} %, "
+            f"status p50 {idle['status_p50']:.1f} ms"
+        )
+        report.notes.append(
+            f"with 2 workers: status p50 {two['status_p50']:.1f} ms; every session heartbeats once a second; "
+            f"each figure is the mean of {args.rounds} rounds (2 workers, credit 0, credit 1 in turn)"
         )
     report.seconds = time.perf_counter() - began
     report.print(args.json)
