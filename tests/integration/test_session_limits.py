@@ -70,6 +70,15 @@ def test_sessions_past_the_open_file_limit_are_refused_and_the_others_keep_worki
         assert server.alive()
         assert client.status().sessions_free == 0
 
-        # Sessions that go free their places (the server gives them up after 3 heartbeats).
+        # A real worker that comes now is refused too: it hangs up (holding none of the
+        # server's files) and says hello again a little later.
+        late = bus.start("worker", "--name", "late")
+        late.wait_output("the server refused this session: no room for another worker session", timeout=15)
+        assert late.alive() and server.alive()
+
+        # Sessions that go free their places (the server gives them up after 3
+        # heartbeats), and the late worker gets in at its next try.
         swarm.stop()
-        wait_for(lambda: client.status().sessions_free == room - 1, timeout=15, what="the swarm's places free again")
+        wait_for(lambda: any(a.name == "late" and a.healthy for a in client.status().actors), timeout=20, what="the late worker in")
+        assert client.status().sessions_free == room - 2
+        assert [h.result(timeout=30) for h in [client.submit("builtin.echo", n) for n in range(50)]] == list(range(50))
