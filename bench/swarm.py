@@ -11,6 +11,7 @@ what the sessions cost the server), then with credit 1 each (jobs spread over al
 them: the freest-session choice at work over 1,002 sessions). Measured each time:
 
 1. the plain loop: N pipelined ``builtin.echo`` submits, then every result    judged against the same with 2 workers
+   and the server's CPU time per job in it (steadier than a rate on a shared machine)
 2. sequential submit -> result, jobs/s                                         the same
 3. the server's CPU while idle, in % of one core                               against its own figure with 2 workers
 4. ``status`` latency (the reply lists every session)                          against a raw pyzmq round trip
@@ -144,7 +145,9 @@ class SwarmProcess:
 
 def measure(bus, pid: int, sizes: Sizes) -> dict[str, float]:
     progress(f"plain loop: {sizes.jobs} builtin.echo jobs")
+    before = cpu_seconds(pid)
     figures = {"plain": throughput(bus, "builtin.echo", sizes.jobs)}
+    figures["cpu_per_job"] = 1e6 * (cpu_seconds(pid) - before) / sizes.jobs
     progress(f"sequential: {sizes.samples} builtin.echo jobs")
     figures["sequential"] = sequential_rate(bus, sizes.samples)
     progress(f"status latency, {sizes.status_samples} calls")
@@ -181,7 +184,7 @@ def with_swarm(home: Home, up, bus, pid: int, sizes: Sizes, sessions: int, credi
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bin/bench swarm", description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=None, help="swarm sessions to join (default 1,000; --quick 100)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three measurements, averaged")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three measurements, averaged")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -232,6 +235,14 @@ def main(argv: list[str]) -> int:
                         figures[key], "/s", limit, f"{key}_2_workers", target,
                     )
                 )  # fmt: skip
+        cpu_two = report.add_raw("cpu_per_job_2_workers", two["cpu_per_job"], "us", "this run, 2 workers")
+        for figures, how, suffix in ((idle, "credit 0", "_idle"), (many, "credit 1", "")):
+            report.add(
+                Metric(
+                    f"cpu_per_job_{sessions}_sessions{suffix}", f"server CPU per plain-loop job, +{sessions:,} sessions of {how}",
+                    figures["cpu_per_job"], "us", cpu_two, "cpu_per_job_2_workers", Target("<=", 1.25),
+                )
+            )  # fmt: skip
         idle_two = report.add_raw("idle_cpu_2_workers", two["idle_cpu"], "%", "this run, 2 workers")
         report.add(
             Metric(
@@ -256,7 +267,7 @@ def main(argv: list[str]) -> int:
             f"{sessions:,} sessions joined and ready in {counts['join_s']:.1f} s from one process "
             f"(swarm CPU {counts.get('cpu_s', 0):.1f} s in all; with credit 1, {counts.get('jobs', 0):,} jobs ran "
             f"on swarm sessions, with credit 0 {idle_counts.get('jobs', 0)}); the server had room for "
-            f"{status.sessions_free:,} more"
+            f"{'?' if status.sessions_free is None else format(status.sessions_free, ',')} more"
         )
         report.notes.append(
             f"with {sessions:,} sessions of credit 0: idle server CPU {idle['idle_cpu']:.1f} %, "
