@@ -62,6 +62,7 @@ def test_sessions_past_the_open_file_limit_are_refused_and_the_others_keep_worki
         assert sum(1 for a in status.actors if a.name.startswith("swarm-")) == room - 1
         assert len(re.findall(r"refused worker swarm-\d+", server.output())) == MORE + 1  # once each
         assert "no room for another worker session" in server.output()
+        assert "Sessions: room for 0 more worker session(s)" in bus.run("status").stdout
 
         # The bus still serves every session it took: jobs run on the real worker and the swarm.
         handles = [client.submit("builtin.echo", {"n": n}) for n in range(300)]
