@@ -18,11 +18,12 @@ an actor does when it would pass them is its own business (the server refuses a
 worker session it has no room for); the limits are on ``Actor.open_file_limit`` and
 ``Actor.max_sockets``.
 
-A reader may be paced (``add_reader(..., pace_s=...)``): after it ran, its socket
-rests for ``pace_s`` before the loop looks at it again, so a steady trickle of
-messages (a thousand workers' heartbeats) is read in batches, not one loop turn
-each. A lone message after a quiet spell is read at once; ``read_now`` reads a
-resting socket before something that must see all pending input.
+A reader may be paced (``add_reader(..., pace_s=...)``): when it is read again
+within two paces of its last read, its socket then rests for ``pace_s`` before the
+loop looks at it again, so a steady stream of messages (a thousand workers'
+heartbeats) is read in batches, not one loop turn each, while a socket that hears
+a message now and then (a few workers) is read at once, as an unpaced one is.
+``read_now`` reads a resting socket before something that must see all pending input.
 """
 
 from __future__ import annotations
@@ -417,6 +418,7 @@ class Actor:
         self._readers: dict[zmq.Socket, Callable[[], None]] = {}
         self._paces: dict[Any, float] = {}  # paced readers -> how long they rest after a read
         self._resting: dict[Any, Timer] = {}  # paced readers out of the poller until their timer
+        self._last_read: dict[Any, float] = {}  # paced readers -> monotonic time of their last read
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_ids = itertools.count()
         self._stopping = False
@@ -483,6 +485,7 @@ class Actor:
 
     def remove_reader(self, sock: Any) -> None:
         self._paces.pop(sock, None)
+        self._last_read.pop(sock, None)
         timer = self._resting.pop(sock, None)
         if self._readers.pop(sock, None) is not None:
             if timer is not None:
@@ -504,7 +507,13 @@ class Actor:
             return
         self._guarded(callback)
         pace = self._paces.get(sock)
-        if pace is not None and sock in self._readers and sock not in self._resting:
+        if pace is None or sock not in self._readers or sock in self._resting:
+            return
+        now = time.monotonic()
+        # Read twice within two paces (a rest of one pace included): a stream.
+        busy = now - self._last_read.get(sock, float("-inf")) < 2 * pace
+        self._last_read[sock] = now
+        if busy:  # a stream, not a message now and then: let the next ones gather
             self.poller.unregister(sock)
             self._resting[sock] = self.call_later(pace, functools.partial(self._wake_reader, sock))
 

@@ -107,7 +107,7 @@ FILES_PER_SESSION = 5
 # Open files and sockets kept for everything but sessions: clients, plugins, the stores.
 FILES_RESERVED = 64
 SOCKETS_RESERVED = 64
-REFUSALS_REMEMBERED = 10_000  # sessions refused lately: each is told and logged once
+REFUSALS_REMEMBERED = 10_000  # sessions refused lately: each is logged once
 
 
 def instant() -> Instant:
@@ -436,12 +436,13 @@ class Pulse:
             )
         self.refusals += 1
         self.owners.pop(session, None)
-        if session not in self._refused:  # told and logged once, not at every heartbeat
+        if session not in self._refused:  # logged once, not at every hello
             self._refused[session] = None
             if len(self._refused) > REFUSALS_REMEMBERED:
                 del self._refused[next(iter(self._refused))]
             logger.warning("refused worker {} (pid {}): {}", message.worker, message.pid, reason)
-            self.control.send_to(session, error_reply(Unavailable(reason)))
+        # Told every time: a worker that hung up and came back must hear it again.
+        self.control.send_to(session, error_reply(Unavailable(reason)))
         return False
 
     def _bind_pipe(self, session: bytes) -> None:

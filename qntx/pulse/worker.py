@@ -159,6 +159,7 @@ class Worker:
         self._recent: collections.OrderedDict[int, tuple[float, bytes]] = collections.OrderedDict()
         self._recent_bytes = 0
         self._background: set[asyncio.Task] = set()
+        self._refusals = 0  # hellos the server refused since it last took this session
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -252,12 +253,17 @@ class Worker:
 
     async def _refused(self, refusal: ErrorReply) -> None:
         endpoint = self.settings.workers_endpoint
-        logger.warning("worker {}: the server refused this session: {}; trying again in {:g}s", self.name, refusal.message, REFUSED_RETRY_S)
+        level = "DEBUG" if self._refusals else "WARNING"  # said once, until it gets in
+        self._refusals += 1
+        logger.log(level, "worker {}: the server refused this session: {}; trying again in {:g}s", self.name, refusal.message, REFUSED_RETRY_S)
         self.control.disconnect(endpoint)  # heartbeats meanwhile find no peer and are skipped
         await asyncio.sleep(REFUSED_RETRY_S)
         self.settings.security.connect(self.control, endpoint)
 
     def _welcomed(self, welcome: WorkerWelcome) -> None:
+        if self._refusals:
+            logger.info("worker {}: the server took this session after {} refusal(s)", self.name, self._refusals)
+            self._refusals = 0
         self._resend_recent()
         via = self.settings.workers_endpoint
         results = reachable(welcome.results_endpoint, via)

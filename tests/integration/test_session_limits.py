@@ -81,5 +81,6 @@ def test_sessions_past_the_open_file_limit_are_refused_and_the_others_keep_worki
         # heartbeats), and the late worker gets in at its next try.
         swarm.stop()
         wait_for(lambda: any(a.name == "late" and a.healthy for a in client.status().actors), timeout=20, what="the late worker in")
+        assert "the server took this session after" in late.output()
         assert client.status().sessions_free == room - 2
         assert [h.result(timeout=30) for h in [client.submit("builtin.echo", n) for n in range(50)]] == list(range(50))
