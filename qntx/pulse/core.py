@@ -713,7 +713,7 @@ class PulseCore:
         message = event.message
         session = self.sessions.get(event.session)
         if session is None:
-            other = self.sessions.get(self._named.get(message.worker, b""))
+            other = self.session_named(message.worker)
             if other is not None:  # the same worker, restarted: the old one is gone
                 self._release(other, f"worker {other.name} restarted", now)
             session = Session(event.session, message.worker, message.pid, 0, now.mono, order=next(self._session_order))
