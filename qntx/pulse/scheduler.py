@@ -107,6 +107,7 @@ FILES_PER_SESSION = 5
 # Open files and sockets kept for everything but sessions: clients, plugins, the stores.
 FILES_RESERVED = 64
 SOCKETS_RESERVED = 64
+FEW_SESSIONS = 8  # room for fewer than this is worth a warning at start
 REFUSALS_REMEMBERED = 10_000  # sessions refused lately: each is logged once
 
 
@@ -209,8 +210,9 @@ class Pulse:
         by_files = (limit - open_file_count() - reserve) // FILES_PER_SESSION
         by_sockets = self.actor.max_sockets - SOCKETS_RESERVED
         room = max(0, min(by_files, by_sockets))
-        logger.info(
-            "room for {} worker sessions (open-file limit {}, {} files each; socket limit {})",
+        level = "INFO" if room >= FEW_SESSIONS else "WARNING"  # then the hard limit wants raising (ulimit -Hn)
+        logger.log(
+            level, "room for {} worker sessions (open-file limit {}, {} files each; socket limit {})",
             room, limit, FILES_PER_SESSION, self.actor.max_sockets,
         )  # fmt: skip
         return room
