@@ -19,6 +19,7 @@ BENCHMARKS = {
     "delayed": "how late delayed jobs start, with 10,000 more waiting",
     "soak": "500,000 jobs through one bus: server RSS and data.mdb sizes stay bounded",
     "results": "others' results cost a waiting client and the server nothing (a stalled subscriber too)",
+    "swarm": "1,000 worker sessions from one process: plain loop, idle CPU, status latency",
 }
 
 USAGE = """usage: bin/bench <benchmark> [--quick] [--json]

@@ -272,6 +272,7 @@ class StatusReply(Message):
     actors: list[ActorStatus]
     queue: dict[str, int]
     handlers: list[str]
+    sessions_free: int | None = None  # how many more worker sessions the server has room for
 
 
 class Prune(Message):

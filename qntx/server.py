@@ -258,7 +258,10 @@ class ServerActor(Actor):
                     host=remote.host, role="plugin", key=remote.key,
                 )  # fmt: skip
             )
-        return StatusReply(actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers())
+        return StatusReply(
+            actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers(),
+            sessions_free=self.pulse.sessions_free,
+        )  # fmt: skip
 
     def on_prune(self, message: Prune, request: Request) -> None:
         older = message.older_than_ms

@@ -11,6 +11,19 @@ readable socket was drained) complete the toolbox.
 Whatever a client sends, the loop survives: undecodable frames, oversized bodies,
 unknown types and handler bugs become a typed ErrorReply when a reply can be
 routed, and a log line either way.
+
+Limits are raised where the OS allows, at start: the open-file limit to its hard
+maximum, and the context's socket limit (libzmq's default is 1,023) from it. What
+an actor does when it would pass them is its own business (the server refuses a
+worker session it has no room for); the limits are on ``Actor.open_file_limit`` and
+``Actor.max_sockets``.
+
+A reader may be paced (``add_reader(..., pace_s=...)``): when it is read again
+within two paces of its last read, its socket then rests for ``pace_s`` before the
+loop looks at it again, so a steady stream of messages (a thousand workers'
+heartbeats) is read in batches, not one loop turn each, while a socket that hears
+a message now and then (a few workers) is read at once, as an unpaced one is.
+``read_now`` reads a resting socket before something that must see all pending input.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import heapq
 import itertools
 import os
 import queue
+import resource
 import signal
 import threading
 import time
@@ -63,6 +77,32 @@ MAX_POLL_S = 0.25
 EVENTS_QUEUE = 10_000
 # Replies a ROUTER holds for one peer that is slow to read them.
 REPLY_QUEUE_LIMIT = 100_000
+# An open-file limit the OS calls unlimited is taken as this many (sockets too).
+UNLIMITED_FILES = 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file limit to its hard maximum; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return UNLIMITED_FILES
+    wanted = UNLIMITED_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:  # e.g. over the kernel's nr_open
+        logger.warning("could not raise the open-file limit from {} to {}: {}", soft, wanted, exc)
+        return soft
+    return wanted
+
+
+def open_file_count() -> int:
+    """How many files this process has open now (0 where /proc is absent)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
 
 
 class RejectedFrames(Exception):
@@ -416,11 +456,19 @@ class Actor:
     label = "Actor"
 
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Security = PLAIN):
+        self.open_file_limit = raise_open_file_limit()
         self.context = zmq.Context()
+        # Every socket holds at least one file (its mailbox), so the open-file limit
+        # bounds the sockets too; libzmq's own ceiling is SOCKET_LIMIT.
+        self.max_sockets = max(64, min(self.open_file_limit, self.context.get(zmq.SOCKET_LIMIT)))
+        self.context.set(zmq.MAX_SOCKETS, self.max_sockets)
         self.security = security
         self.max_message_bytes = max_message_bytes
         self.poller = zmq.Poller()
         self._readers: dict[zmq.Socket, Callable[[], None]] = {}
+        self._paces: dict[Any, float] = {}  # paced readers -> how long they rest after a read
+        self._resting: dict[Any, Timer] = {}  # paced readers out of the poller until their timer
+        self._last_read: dict[Any, float] = {}  # paced readers -> monotonic time of their last read
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_ids = itertools.count()
         self._stopping = False
@@ -466,23 +514,62 @@ class Actor:
         handover: bool = False,
         roles: RolePolicy | None = None,
         also: str = "",
+        pace_s: float = 0.0,
     ) -> Service:
         sock = self.bind(zmq.ROUTER, endpoint, handover=handover, also=also)
         gate = Gate(self.security, also or endpoint, roles)
         service = Service(self, sock, request_type, handlers, self.max_message_bytes, gate)
-        self.add_reader(sock, service.on_readable)
+        self.add_reader(sock, service.on_readable, pace_s=pace_s)
         return service
 
     def connect(self, endpoint: str, reply_type: Any) -> Peer:
         return Peer(self, endpoint, reply_type)
 
-    def add_reader(self, sock: Any, callback: Callable[[], None]) -> None:
+    def add_reader(self, sock: Any, callback: Callable[[], None], *, pace_s: float = 0.0) -> None:
+        """Run ``callback`` when ``sock`` is readable; ``pace_s``: then leave it unread
+        for that long, so what arrives meanwhile is read in one batch."""
         self._readers[sock] = callback
+        if pace_s > 0:
+            self._paces[sock] = pace_s
         self.poller.register(sock, zmq.POLLIN)
 
     def remove_reader(self, sock: Any) -> None:
+        self._paces.pop(sock, None)
+        self._last_read.pop(sock, None)
+        timer = self._resting.pop(sock, None)
         if self._readers.pop(sock, None) is not None:
+            if timer is not None:
+                timer.cancel()  # out of the poller already
+            else:
+                self.poller.unregister(sock)
+
+    def read_now(self, sock: Any) -> None:
+        """Read a paced socket now if it is resting (before judging what it may hold)."""
+        timer = self._resting.pop(sock, None)
+        if timer is not None:
+            timer.cancel()
+            self.poller.register(sock, zmq.POLLIN)
+            self._read(sock)
+
+    def _read(self, sock: Any) -> None:
+        callback = self._readers.get(sock)
+        if callback is None:
+            return
+        self._guarded(callback)
+        pace = self._paces.get(sock)
+        if pace is None or sock not in self._readers or sock in self._resting:
+            return
+        now = time.monotonic()
+        # Read twice within two paces (a rest of one pace included): a stream.
+        busy = now - self._last_read.get(sock, float("-inf")) < 2 * pace
+        self._last_read[sock] = now
+        if busy:  # a stream, not a message now and then: let the next ones gather
             self.poller.unregister(sock)
+            self._resting[sock] = self.call_later(pace, functools.partial(self._wake_reader, sock))
+
+    def _wake_reader(self, sock: Any) -> None:
+        if self._resting.pop(sock, None) is not None:
+            self.poller.register(sock, zmq.POLLIN)
 
     # ------------------------------------------------------------------ timers
 
@@ -565,9 +652,7 @@ class Actor:
                     break
                 raise
             for sock, _ in ready:
-                callback = self._readers.get(sock)
-                if callback is not None:
-                    self._guarded(callback)
+                self._read(sock)
             self._run_due_timers()
             self._guarded(self.after_batch)
 

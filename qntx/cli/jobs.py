@@ -441,6 +441,7 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
                 "actors": [msgspec.to_builtins(a) for a in reply.actors],
                 "queue": reply.queue,
                 "handlers": reply.handlers,
+                "sessions_free": reply.sessions_free,
             }
         )
         return
@@ -453,3 +454,5 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
         print(f"  {actor.name:<16} pid {actor.pid or '-':<8} {health:<10} {actor.endpoint}{where}{who}{load}")
     print("Queue:    " + ", ".join(f"{k} {v}" for k, v in reply.queue.items()))
     print("Handlers: " + (", ".join(reply.handlers) or "(none)"))
+    if reply.sessions_free is not None:
+        print(f"Sessions: room for {reply.sessions_free} more worker session(s)")

@@ -19,6 +19,12 @@ Live state is in memory: every non-final job (and final ones until saved), a rea
 heap per handler keyed by (-priority, seq), a delayed heap keyed by (run_after,
 seq) and a lease heap keyed by deadline. Heaps delete lazily: an entry counts only
 while its token (or deadline) is still current.
+
+Nothing the core does per job or per heartbeat grows with the number of worker
+sessions: the freest ready session is found in an index of free credit
+(``qntx.pulse.credit``), liveness is a heap of deadlines with one entry per session
+(an entry whose session was heard from since is pushed again when it comes due),
+and a restarted worker's old session is found by its name.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from qntx.protocol import (
     Progress,
     Submit,
 )
+from qntx.pulse.credit import FreeCredit
 from qntx.pulse.directives import FIRINGS_KEPT, MISSED_AFTER_MS, Limit, Schedule, firing_id
 from qntx.pulse.events import (
     CancelAtPlugin,
@@ -78,6 +85,7 @@ BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
 WAITING_STATUSES = ("queued", "paused", "waiting")  # not running yet, not ended
 LEASE_BLOCK = 100_000  # lease ids reserved on disk at a time
 FINISHED_KEPT_MS = 10_000  # how long a lease that ended with its JobDone is remembered
+LIVENESS_BATCHES = 30  # liveness wakeups may come this fraction of dead_after_ms late
 
 
 @dataclass(slots=True)
@@ -102,6 +110,7 @@ class Session:
     # Leases taken back from it that it still reports running: they hold slots
     # until it stops listing them.
     foreign: set[int] = field(default_factory=set)
+    order: int = 0  # join order: among sessions equally free, the first to join goes first
 
     @property
     def free(self) -> int:
@@ -165,6 +174,10 @@ class PulseCore:
         self._wanted_ceiling = 1 + LEASE_BLOCK
 
         self.sessions: dict[bytes, Session] = {}
+        self._free = FreeCredit()  # ready sessions by free slots, per group
+        self._liveness: list[tuple[int, int, bytes]] = []  # (deadline, order, session): one entry each
+        self._named: dict[str, bytes] = {}  # worker name -> its session
+        self._session_order = itertools.count(1)
         self.plugins: dict[str, Plugin] = {}
         self._routes: dict[str, str] = {}  # handler -> the plugin that announced it
         self._plugin_names: set[str] = set()  # every plugin that ever registered (on disk)
@@ -349,8 +362,10 @@ class PulseCore:
             heapq.heappop(self._deadlines)
         if self._deadlines:
             times.append(self._deadlines[0][0])
-        if self.sessions:
-            times.append(min(s.last_seen for s in self.sessions.values()) + self.config.dead_after_ms)
+        if self._liveness:  # may be early (heard from since): that turn pushes it on
+            # A little late on purpose: one wakeup judges every session due by then,
+            # instead of one wakeup per session.
+            times.append(self._liveness[0][0] + max(1, self.config.dead_after_ms // LIVENESS_BATCHES))
         for handler in self._starts:  # a rate window that frees a start for a waiting job
             if self._ready.get(handler) and self._rate_full(handler, now.mono):
                 times.append(self._starts[handler][0] + self._limits[handler].per_ms)
@@ -358,6 +373,14 @@ class PulseCore:
             if not schedule.paused:
                 times.append(now.mono + max(0, self._due(name) - now.wall))
         return min(times) if times else None
+
+    def liveness_due(self, now: Instant) -> bool:
+        """Whether the next turn may judge a session's liveness (its input must be read first)."""
+        return bool(self._liveness) and self._liveness[0][0] < now.mono
+
+    def session_named(self, name: str) -> Session | None:
+        """The live session of the worker called ``name``."""
+        return self.sessions.get(self._named.get(name, b""))
 
     def schedule_states(self) -> dict[str, tuple[Schedule, int | None, int | None, list]]:
         """name -> (schedule, last due fired, next due, [[due, job id], ...] newest last)."""
@@ -453,6 +476,7 @@ class PulseCore:
             if taken_back:
                 session.foreign.add(lease.id)
                 self._taken_back[lease.id] = session.id
+            self._index(session)
         if lease.plugin is not None and lease.session is not None:
             plugin = self.plugins.get(lease.plugin)
             if plugin is not None:
@@ -689,11 +713,13 @@ class PulseCore:
         message = event.message
         session = self.sessions.get(event.session)
         if session is None:
-            for other in list(self.sessions.values()):
-                if other.name == message.worker:  # the same worker, restarted: the old one is gone
-                    self._release(other, f"worker {other.name} restarted", now)
-            session = Session(event.session, message.worker, message.pid, 0, now.mono)
+            other = self.session_named(message.worker)
+            if other is not None:  # the same worker, restarted: the old one is gone
+                self._release(other, f"worker {other.name} restarted", now)
+            session = Session(event.session, message.worker, message.pid, 0, now.mono, order=next(self._session_order))
             self.sessions[event.session] = session
+            self._named[session.name] = session.id
+            heapq.heappush(self._liveness, (now.mono + self.config.dead_after_ms, session.order, session.id))
             self._out.append(OpenPipe(event.session))
             self._out.append(Log("INFO", f"worker {message.worker} (pid {message.pid}) joined with capacity {message.credit}"))
         session.credit = max(0, message.credit) if isinstance(message.credit, int) else 0
@@ -702,6 +728,9 @@ class PulseCore:
         session.last_seen = now.mono
         session.ready = event.pipe_ready
         reported = set(message.leases)
+        for lease_id in session.foreign - reported:  # it stopped running them: their slots are free
+            if self._taken_back.get(lease_id) == session.id:
+                del self._taken_back[lease_id]
         session.foreign &= reported
         for lease_id in sorted(reported - session.leases):
             lease = self.leases.get(lease_id)
@@ -713,8 +742,7 @@ class PulseCore:
                 session.foreign.add(lease_id)
                 self._out.append(SendControl(session.id, CancelRunning(lease=lease_id)))
             # else: it ended with its JobDone; the heartbeat was sent before that arrived
-        for lease_id in [i for i, s in self._taken_back.items() if s == session.id and i not in reported]:
-            del self._taken_back[lease_id]
+        self._index(session)
 
     def _claim(self, lease: Lease, session: Session, now: Instant) -> None:
         """A worker still runs a lease a crashed server left: it is its again."""
@@ -723,6 +751,7 @@ class PulseCore:
         lease.deadline = now.mono + lease_ms(job.timeout_s)
         heapq.heappush(self._deadlines, (lease.deadline, lease.id))
         session.leases.add(lease.id)
+        self._index(session)
         if job.handler not in BUILTIN_HANDLERS:
             name = self._routes.get(job.handler, job.handler.split(".", 1)[0])
             lease.plugin = name
@@ -745,6 +774,9 @@ class PulseCore:
         for lease_id in [i for i, s in self._taken_back.items() if s == session.id]:
             del self._taken_back[lease_id]
         del self.sessions[session.id]
+        self._free.remove(session.id)
+        if self._named.get(session.name) == session.id:
+            del self._named[session.name]
         self._out.append(ClosePipe(session.id))
         self._out.append(Log("WARNING", f"{reason}; its {count} job(s) went back to the queue" if count else reason))
 
@@ -755,6 +787,7 @@ class PulseCore:
             session_id = self._taken_back.pop(done.lease, None)
             if session_id is not None and session_id in self.sessions:
                 self.sessions[session_id].foreign.discard(done.lease)
+                self._index(self.sessions[session_id])
             self._out.append(Log("DEBUG", f"discarded the result of job {done.job_id} lease {done.lease}: not its current run"))
             return
         job, lease = current
@@ -852,6 +885,7 @@ class PulseCore:
         session = self.sessions.get(lease.session) if lease.session else None
         if session is not None:
             session.ready = False  # until its next heartbeat says it is connected
+            self._index(session)
         job = self.jobs[lease.job_id]
         self._end_lease(lease, taken_back=False)
         job.runs -= 1  # it never left: not a run at all
@@ -971,8 +1005,7 @@ class PulseCore:
         while self._ended_by_report and next(iter(self._ended_by_report.values())) < now.mono - FINISHED_KEPT_MS:
             self._ended_by_report.pop(next(iter(self._ended_by_report)))
         self._expire(now)
-        for session in [s for s in self.sessions.values() if now.mono - s.last_seen > self.config.dead_after_ms]:
-            self._release(session, f"worker {session.name} stopped responding", now)
+        self._reap_silent(now)
         self._fire_schedules(now)
         self._dispatch(now)
         for job_id, job in self._changed.items():
@@ -994,19 +1027,32 @@ class PulseCore:
             self._stop_run(lease, "expired")
             self._attempt_failed(job, JobError(message=f"timed out after {job.timeout_s:g}s (lease {lease_id} expired)"), now.wall)
 
+    def _reap_silent(self, now: Instant) -> None:
+        """Release the sessions silent for longer than ``dead_after_ms``. Each session
+        has one entry in the liveness heap; one heard from since its entry was pushed
+        gets a new one at its new deadline, so a turn looks only at what came due."""
+        dead_after = self.config.dead_after_ms
+        while self._liveness and self._liveness[0][0] < now.mono:
+            _, order, session_id = heapq.heappop(self._liveness)
+            session = self.sessions.get(session_id)
+            if session is None or session.order != order:
+                continue  # ended (or replaced by a new session under the same id)
+            if now.mono - session.last_seen > dead_after:
+                self._release(session, f"worker {session.name} stopped responding", now)
+            else:
+                heapq.heappush(self._liveness, (session.last_seen + dead_after, order, session_id))
+
+    def _index(self, session: Session) -> None:
+        """Tell the free-credit index what the session can take now."""
+        free = session.free
+        self._free.set(session.id, session.plugin, session.order, free, session.ready and free > 0)
+
     def _targets(self) -> tuple[Session | None, dict[str, Session | None]]:
         """Where jobs can go now: the plain worker session with the most free slots,
-        and for each plugin that runs sessions of its own, its freest one."""
-        plain: Session | None = None
-        own: dict[str, Session | None] = {}
-        for session in self.sessions.values():
-            usable = session.ready and session.free > 0
-            if session.plugin:
-                best = own.setdefault(session.plugin, None)
-                if usable and (best is None or session.free > best.free):
-                    own[session.plugin] = session
-            elif usable and (plain is None or session.free > plain.free):
-                plain = session
+        and for each plugin that runs sessions of its own, its freest one (the first
+        to join among equals). An index lookup, not a scan of the sessions."""
+        plain = self.sessions.get(self._free.best("") or b"")
+        own = {group: self.sessions.get(self._free.best(group) or b"") for group in self._free.plugin_groups()}
         return plain, own
 
     def _target(self, handler: str, plain: Session | None, own: dict[str, Session | None]):
@@ -1081,6 +1127,7 @@ class PulseCore:
             lease = Lease(self._new_lease_id(), job.id, session.id, now.mono + lease_ms(job.timeout_s), plugin_name)
             self._add_lease(lease)
             session.leases.add(lease.id)
+            self._index(session)
             limit = self._limits.get(job.handler)
             if limit is not None and limit.rate is not None:
                 self._starts.setdefault(job.handler, deque()).append(now.mono)

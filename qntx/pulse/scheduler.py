@@ -13,7 +13,17 @@ Owns the sockets of the worker pool and the job store:
 
 Each loop turn: the server hands it requests and messages (each becomes an event
 for the core), then ``end_turn`` runs the core's ``Turn`` (expiry, liveness, dispatch)
-after every pending message was read, and carries out the commands. Dispatches and
+after every pending message was read, and carries out the commands. The control
+socket is paced (``Actor.add_reader``): heartbeats are read in batches of up to
+``heartbeat_s / 20``, and read at once before a turn that may judge liveness.
+
+Sessions are admitted while they fit. Each costs the server five open files (its
+control connection; its jobs PUSH's mailbox, listener and connection; its results
+connection) and one socket, so the room for sessions is worked out at start from
+the open-file limit, what is open already and a reserve for everything else
+(clients, plugins, the stores). A session past that, or whose jobs PUSH cannot be
+bound (``EMFILE``, the socket limit), is refused: ``ErrorReply{unavailable}`` on the
+control socket and one log line, and the bus serves the others as before. Dispatches and
 events go out at once; replies that promise durability (a Submit's, a cancel's)
 wait for the commit that holds their change. Commits run on a writer thread, one at
 a time; whatever changes while one syncs goes into the next (group commit).
@@ -21,6 +31,7 @@ a time; whatever changes while one syncs goes into the next (group commit).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from collections.abc import Callable
@@ -30,10 +41,10 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from qntx.bus.actor import Actor, Offloader, Request, receive
-from qntx.bus.codec import Decoder, encode
+from qntx.bus.actor import Actor, Offloader, Request, open_file_count, receive
+from qntx.bus.codec import Decoder, encode, error_reply
 from qntx.bus.security import HOST
-from qntx.errors import Forbidden, Invalid, NotFound, QntxError, Unconfirmed
+from qntx.errors import Forbidden, Invalid, NotFound, QntxError, Unavailable, Unconfirmed
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -84,7 +95,7 @@ from qntx.pulse.events import (
 from qntx.pulse.jobstore import PRUNE_BATCH, JobStore
 from qntx.pulse.rules import MAX_AFTER
 from qntx.pulse.watch import JobWatch, notice
-from qntx.settings import Settings
+from qntx.settings import Settings, jobs_port_range
 from qntx.values import is_int, now_ms
 
 LIVE_STATUSES = ("queued", "running", "paused", "waiting")
@@ -100,6 +111,14 @@ INLINE_COMMIT_BYTES = 1 << 20
 # How often waiting requests are checked for their deadline (they are answered up to
 # this much after it).
 WAIT_CHECK_S = 0.1
+# What one worker session costs the server: its control connection, its jobs PUSH
+# (mailbox, listener, connection) and its results connection.
+FILES_PER_SESSION = 5
+# Open files and sockets kept for everything but sessions: clients, plugins, the stores.
+FILES_RESERVED = 64
+SOCKETS_RESERVED = 64
+FEW_SESSIONS = 8  # room for fewer than this is worth a warning at start
+REFUSALS_REMEMBERED = 10_000  # sessions refused lately: each is logged once
 
 
 def instant() -> Instant:
@@ -168,14 +187,18 @@ class Pulse:
         self._closing = False
         self._lazy_timer = None
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
+        self.jobs_ports = jobs_port_range(settings)  # tcp ports for the jobs pipes of other hosts' sessions
+        self._next_port = self.jobs_ports.start if self.jobs_ports else 0
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
         self.watch = JobWatch(self.get, public)
         actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
+        self._refused: dict[bytes, None] = {}  # sessions refused lately, oldest first
+        self.refusals = 0  # hellos refused since start
         self._commit_now()  # reserves the first block of lease ids before any dispatch
         self.writer = Offloader(actor, "pulse-writer")
         self.control = actor.serve(
             settings.workers_endpoint, WorkerMessage, {WorkerReady: self.on_worker_ready}, handover=True,
-            roles=WORKER_ROLES, also=settings.public("workers_endpoint"),
+            roles=WORKER_ROLES, also=settings.public("workers_endpoint"), pace_s=settings.heartbeat_s / 20,
         )  # fmt: skip
         # tcp sessions: session id -> (the name of the key that opened it, its role, its host).
         self.owners: dict[bytes, tuple[str, str, str]] = {}
@@ -193,6 +216,26 @@ class Pulse:
         self._wakeup_at: int | None = None
         self._wakeup_timer = None
         self._clean_stale_pipes()
+        self.session_room = self._room_for_sessions()
+
+    def _room_for_sessions(self) -> int:
+        """How many worker sessions fit in this process's open files and sockets."""
+        limit = self.actor.open_file_limit
+        reserve = max(FILES_RESERVED, limit // 20)
+        by_files = (limit - open_file_count() - reserve) // FILES_PER_SESSION
+        by_sockets = self.actor.max_sockets - SOCKETS_RESERVED
+        room = max(0, min(by_files, by_sockets))
+        level = "INFO" if room >= FEW_SESSIONS else "WARNING"  # then the hard limit wants raising (ulimit -Hn)
+        logger.log(
+            level, "room for {} worker sessions (open-file limit {}, {} files each; socket limit {})",
+            room, limit, FILES_PER_SESSION, self.actor.max_sockets,
+        )  # fmt: skip
+        return room
+
+    @property
+    def sessions_free(self) -> int:
+        """How many more worker sessions fit."""
+        return max(0, self.session_room - len(self._pipes))
 
     # ---------------------------------------------------------------- the core
 
@@ -266,6 +309,8 @@ class Pulse:
 
     def end_turn(self) -> None:
         """After every pending message was read: expire, reap, dispatch; then commit."""
+        if self.core.liveness_due(instant()):  # a resting heartbeat must count first
+            self.actor.read_now(self.control.socket)
         self.apply(Turn())
         self._start_commit()
         self._arm_wakeup()
@@ -366,6 +411,8 @@ class Pulse:
     def on_worker_ready(self, message: WorkerReady, request: Request) -> None:
         if request.peer is not None:  # over tcp (ipc peers are this host's user)
             self._check_owner(message, request)
+        if request.identity not in self.core.sessions and not self._admit(request.identity, message):
+            return
         pipe = self._pipes.get(request.identity)
         ready = pipe is not None and bool(message.jobs_endpoint) and message.jobs_endpoint == pipe[1]
         self.apply(WorkerSeen(request.identity, message, ready))
@@ -439,7 +486,34 @@ class Pulse:
             )  # fmt: skip
         return False
 
-    def _open_pipe(self, session: bytes) -> None:
+    def _admit(self, session: bytes, message: WorkerReady) -> bool:
+        """Bind a new session's jobs PUSH if it fits; else refuse it (False). A worker
+        that restarted takes its old session's place, so it always fits."""
+        if self.sessions_free > 0 or self.core.session_named(message.worker) is not None:
+            try:
+                self._bind_pipe(session)
+            except zmq.ZMQError as exc:  # EMFILE, ENFILE, the socket limit
+                reason = f"the server cannot open its jobs pipe: {exc.strerror}"
+            else:
+                self._refused.pop(session, None)
+                return True
+        else:
+            reason = (
+                f"no room for another worker session: {len(self._pipes)} fill the server's "
+                f"open-file limit of {self.actor.open_file_limit}"
+            )
+        self.refusals += 1
+        self.owners.pop(session, None)
+        if session not in self._refused:  # logged once, not at every hello
+            self._refused[session] = None
+            if len(self._refused) > REFUSALS_REMEMBERED:
+                del self._refused[next(iter(self._refused))]
+            logger.warning("refused worker {} (pid {}): {}", message.worker, message.pid, reason)
+        # Told every time: a worker that hung up and came back must hear it again.
+        self.control.send_to(session, error_reply(Unavailable(reason)))
+        return False
+
+    def _bind_pipe(self, session: bytes) -> None:
         if session not in self._pipes:
             owner = self.owners.get(session)
             if owner is not None and self.settings.bind:  # a session from another host
@@ -447,10 +521,39 @@ class Pulse:
             else:
                 endpoint = jobs_endpoint_for(self.settings.workers_endpoint, session)
             # Over tcp only the session's own key may connect to its jobs pipe.
-            sock = self.actor.bind(zmq.PUSH, endpoint, only=owner[0] if owner else None)
+            sock = self._bind_push(endpoint, only=owner[0] if owner else None)
             sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what is queued, not the HWM
             bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._pipes[session] = (sock, bound)
+            if owner is not None:
+                logger.info("session {!r} of key {} gets its jobs pipe at {}", session.decode(errors="replace"), owner[0], bound)
+
+    def _bind_push(self, endpoint: str, only: str | None) -> zmq.Socket:
+        """A jobs PUSH on ``endpoint``; a tcp one takes the first free port of the
+        ``jobs_ports`` range (so a firewall opens one known range), or any free port
+        when no range is set."""
+        if not endpoint.endswith(":*") or not self.jobs_ports:
+            return self.actor.bind(zmq.PUSH, endpoint, only=only)
+        base = endpoint[: -len("*")]
+        for port in self._ports_from(self._next_port):
+            try:
+                sock = self.actor.bind(zmq.PUSH, f"{base}{port}", only=only)
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            self._next_port = port + 1
+            return sock
+        raise zmq.ZMQError(errno.EADDRINUSE, f"every port of jobs_ports {self.settings.jobs_ports or 'range'} is in use")
+
+    def _ports_from(self, start: int):
+        """The range's ports, starting at ``start`` and wrapping around."""
+        ports = self.jobs_ports
+        first = max(ports.start, min(start, ports.stop - 1)) if ports else 0
+        return [*range(first, ports.stop), *range(ports.start, first)]
+
+    def _open_pipe(self, session: bytes) -> None:
+        self._bind_pipe(session)  # bound already when the session was admitted
         remote = session in self.owners and self.public_results_endpoint
         results = self.public_results_endpoint if remote else self.results_endpoint
         welcome = WorkerWelcome(jobs_endpoint=self._pipes[session][1], results_endpoint=results)

@@ -37,6 +37,7 @@ from qntx.bus.aio import install_stop_signals
 from qntx.bus.bounds import check_decoded_size
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
+from qntx.bus.messages import ErrorReply
 from qntx.errors import QntxError, Timeout, TooLarge, Unavailable
 from qntx.join import reachable
 from qntx.protocol import (
@@ -67,6 +68,9 @@ RECENT_RESULTS = 10_000
 RECENT_RESULTS_BYTES = 64 << 20
 # How long past a job's own timeout the worker waits for its plugin to answer.
 PLUGIN_TIMEOUT_MARGIN_S = 2.0  # shorter than the lease's grace: the worker reports first
+# A session the server refused (no room) hangs up, so that it holds none of the
+# server's open files, and says hello again this much later.
+REFUSED_RETRY_S = 5.0
 
 
 class BuiltinFailure(Exception):
@@ -146,6 +150,7 @@ class Worker:
         self._recent: collections.OrderedDict[int, tuple[float, bytes]] = collections.OrderedDict()
         self._recent_bytes = 0
         self._background: set[asyncio.Task] = set()
+        self._refusals = 0  # hellos the server refused since it last took this session
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -224,7 +229,11 @@ class Worker:
             try:
                 command = self.commands.decode(frames[1])
             except QntxError as exc:
-                logger.warning("ignored an undecodable command from the server: {}", exc)
+                refusal = _refusal(frames[1])
+                if refusal is not None:
+                    await self._refused(refusal)
+                else:
+                    logger.warning("ignored an undecodable command from the server: {}", exc)
                 continue
             if isinstance(command, WorkerWelcome):
                 self._welcomed(command)
@@ -233,7 +242,19 @@ class Worker:
                 if task is not None:
                     task.cancel()  # a plugin job tells its plugin to stop it too
 
+    async def _refused(self, refusal: ErrorReply) -> None:
+        endpoint = self.settings.workers_endpoint
+        level = "DEBUG" if self._refusals else "WARNING"  # said once, until it gets in
+        self._refusals += 1
+        logger.log(level, "worker {}: the server refused this session: {}; trying again in {:g}s", self.name, refusal.message, REFUSED_RETRY_S)
+        self.control.disconnect(endpoint)  # heartbeats meanwhile find no peer and are skipped
+        await asyncio.sleep(REFUSED_RETRY_S)
+        self.settings.security.connect(self.control, endpoint)
+
     def _welcomed(self, welcome: WorkerWelcome) -> None:
+        if self._refusals:
+            logger.info("worker {}: the server took this session after {} refusal(s)", self.name, self._refusals)
+            self._refusals = 0
         self._resend_recent()
         via = self.settings.workers_endpoint
         results = reachable(welcome.results_endpoint, via)
@@ -450,6 +471,14 @@ def _failed(job: Job, lease: int, message: str) -> JobDone:
 def _failed_done(done: JobDone, message: str) -> JobDone:
     """The same report as a failure (its result dropped, its logs kept)."""
     return msgspec.structs.replace(done, success=False, result=NIL, error=JobError(message=message))
+
+
+def _refusal(body: bytes) -> ErrorReply | None:
+    """The server's refusal of this session (an ErrorReply on the control socket), if ``body`` is one."""
+    try:
+        return msgspec.msgpack.decode(body, type=ErrorReply)
+    except msgspec.DecodeError:  # (a ValidationError too)
+        return None
 
 
 def _ignore_result(future) -> None:

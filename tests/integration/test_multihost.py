@@ -10,6 +10,7 @@ hold per message, and a plugin host that dies or stalls gives its runs back.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -153,6 +154,10 @@ def test_builtin_jobs_reach_the_remote_worker(hosts):
         handles = [bus.submit("builtin.sleep", 1.0) for _ in range(16)]
         jobs = [h.wait(60) for h in handles]
     assert Counter(j.worker for j in jobs) == {"worker-1": 8, "worker-b": 8}
+    # Its jobs pipe took a port of the known range (PORT+6 on), not any ephemeral one.
+    port = int(hosts.server.rsplit(":", 1)[1])
+    pipes = re.findall(r"of key host-b gets its jobs pipe at tcp://[^:]+:(\d+)", (hosts.a.home / "logs" / "server.log").read_text())
+    assert pipes and all(port + 6 <= int(p) < port + 106 for p in pipes), pipes
 
 
 def test_status_names_remote_actors_with_host_role_key_and_leases(hosts):

@@ -79,3 +79,29 @@ def test_bench_ats_and_quick_reports_both_layouts():
     }  # fmt: skip
     for key, m in metrics.items():
         assert positive(m["measured"]) and positive(m["limit"]), (key, m)
+
+
+@pytest.mark.timeout(180)
+def test_bench_swarm_quick_reports_every_metric_with_its_limit():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "swarm", "--quick", "--rounds", "1", "--sessions", "50", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert set(report["raw"]) == {
+        "zmq_round_trip", "plain_2_workers", "sequential_2_workers", "cpu_per_job_2_workers", "idle_cpu_2_workers",
+    }  # fmt: skip
+    metrics = {m["key"]: m for m in report["metrics"]}
+    assert set(metrics) == {
+        "plain_50_sessions_idle", "plain_50_sessions", "sequential_50_sessions_idle", "sequential_50_sessions",
+        "cpu_per_job_50_sessions_idle", "cpu_per_job_50_sessions", "idle_cpu_50_sessions",
+        "status_p50_50_sessions", "status_max_50_sessions",
+    }  # fmt: skip
+    for key, m in metrics.items():
+        if key.startswith("idle_cpu"):  # a quiet server may use no clock tick in 2 s
+            assert m["measured"] >= 0 and m["limit"] >= 0, (key, m)
+        else:
+            assert positive(m["measured"]) and positive(m["limit"]), (key, m)
+        assert m["result"] in ("PASS", "MISS", "info"), (key, m)
+    assert any("50 sessions joined and ready" in note for note in report["notes"])

@@ -115,6 +115,8 @@ class PulseLife(RuleBasedStateMachine):
             self.completed_by[job_id] = lease
         if not current:
             assert after.status == (before.status if before else after.status)
+        self._apply(self.h.turn())  # the freed slot takes a job before any heartbeat
+        self.dispatch_targets_are_the_freest_ready_sessions()
         self._turn()
 
     @rule(session=st.sampled_from(SESSIONS))
@@ -160,11 +162,16 @@ class PulseLife(RuleBasedStateMachine):
     def a_user_steers(self, data, action):
         job_id = data.draw(st.sampled_from(self.submitted))
         stored = self.h.disk.jobs.get(job_id)
+        job = self.h.core.jobs.get(job_id) or (stored[1] if stored is not None else None)
+        # As the server does: a retry is told how the jobs it runs after that left memory ended.
+        ended = {}
+        if action == "retry" and job is not None:
+            ended = {d: self.h.disk.jobs[d][1].status for d in job.after if d not in self.h.core.jobs and d in self.h.disk.jobs}
         try:
             if job_id in self.h.core.jobs:
-                self.h(Steer(action, job_id, "user"))
+                self.h(Steer(action, job_id, "user", ended=ended))
             elif stored is not None:
-                self.h(Steer(action, job_id, "user", stored[1], stored[0]))
+                self.h(Steer(action, job_id, "user", stored[1], stored[0], ended=ended))
             else:
                 return
         except QntxError:
@@ -211,6 +218,20 @@ class PulseLife(RuleBasedStateMachine):
             assert plugin.load >= 0
             if plugin.capacity:
                 assert plugin.load <= plugin.capacity
+
+    @invariant()
+    def dispatch_targets_are_the_freest_ready_sessions(self):
+        # The free-credit index chooses what a scan of every session in join order would.
+        core = self.h.core
+        plain, own = core._targets()
+        best: dict[str, object] = {}
+        for session in core.sessions.values():
+            usable = session.ready and session.free > 0
+            current = best.setdefault(session.plugin, None)
+            if usable and (current is None or session.free > current.free):
+                best[session.plugin] = session
+        assert plain is best.pop("", None)
+        assert own == best
 
     @invariant()
     def counts_match_the_jobs(self):
