@@ -526,7 +526,15 @@ PluginReply = (
 
 
 class AttestationCreated(Message):
+    """A group commit that stored one attestation."""
+
     record: Attestation
+
+
+class AttestationsCreated(Message):
+    """A group commit that stored several: one event for all of them, in commit order."""
+
+    records: list[Attestation]
 
 
 class JobChanged(Message):
@@ -544,7 +552,16 @@ class HandlersRegistered(Message):
     handler_names: list[str]
 
 
-Event = AttestationCreated | JobChanged | JobProgressed | JobOutput | HandlersRegistered
+Event = AttestationCreated | AttestationsCreated | JobChanged | JobProgressed | JobOutput | HandlersRegistered
+
+
+def created_records(event: object) -> list[Attestation]:
+    """The attestations an ATS event announces (none for any other event)."""
+    if isinstance(event, AttestationsCreated):
+        return event.records
+    if isinstance(event, AttestationCreated):
+        return [event.record]
+    return []
 
 
 # --------------------------------------------------------------------- roles

@@ -44,7 +44,6 @@ from qntx.protocol import (
     PLUGIN_ROLES,
     Ack,
     AtsReply,
-    AttestationCreated,
     BusEndpoints,
     CancelExecution,
     Dispatch,
@@ -70,6 +69,7 @@ from qntx.protocol import (
     RegisterPlugin,
     ServerReply,
     Shutdown,
+    created_records,
 )
 from qntx.pulse.worker import Worker, done_from, execute_request, given_back, reachable
 from qntx.settings import Settings
@@ -298,7 +298,7 @@ class PythonPlugin:
                     while await sub.poll(0):
                         frames = await sub.recv_multipart()
                         event = decoder.decode(frames[-1])
-                        if isinstance(event, AttestationCreated) and self._is_handler(event.record):
+                        if any(self._is_handler(r) for r in created_records(event)):
                             relevant = True
                     if not relevant:
                         continue

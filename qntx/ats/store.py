@@ -12,6 +12,15 @@ Named sub-databases:
 
 ``seq`` grows with every stored attestation, so ts + seq orders records newest first
 with insertion order breaking timestamp ties, and keys are unique without duplicates.
+Writes take one of two paths. Without a journal (the embedded store of a CLI
+command, tests) ``put_batches`` writes records and indexes in one synced LMDB
+transaction. With one (the ATS actor, the store's one writer: ``journal=True``),
+``log_batches`` makes a group durable in ``qntx.ats.journal`` (one sync of one
+sequential write) and numbers its records; ``apply_logged`` writes them into the
+sub-databases above later, many groups per transaction, and opening the store
+replays whatever the journal holds beyond ``meta/seq``. Each index transaction is
+atomic, so a crash never leaves a record half indexed.
+
 Queries walk one index backwards (the one the counts say is smallest) instead of
 scanning records, so cost follows the number of candidates, not the store size. A
 query that ANDs fields intersects their posting lists (``qntx.ats.postings``) and
@@ -20,14 +29,18 @@ reads only the records that every field carries.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
 
 from qntx.asid import new_asid
+from qntx.ats.journal import Journal
 from qntx.ats.postings import Intersection, PostingList, tail_after, tail_before, walk_back
 from qntx.errors import Conflict, Invalid, QntxError, Unavailable
 from qntx.lmdbenv import LmdbEnv
@@ -57,6 +70,9 @@ _PAIR_SEP = b"\x00\x01"  # between the two value keys (value keys hold no NUL)
 _PAIRS_BUILT = b"pairs-built"  # meta: every record has its pair entries
 _BACKFILL_BATCH = 10_000
 DEFAULT_SOURCE = "python"
+# The journal grows up to this while the indexes are behind; past it a group commit
+# first brings the indexes up to date and writes the journal from the start again.
+JOURNAL_MAX_BYTES = 64 << 20
 MAX_TIMESTAMP = (1 << 63) - 1  # int64 max, so every MessagePack client can read it back
 
 _U64 = struct.Struct(">Q")
@@ -96,9 +112,12 @@ def _check_list(field: str, values: object, *, default: list[str] | None) -> lis
         raise Invalid(f"{field} must be a list of strings, got {type(values).__name__}")
     if not values and default is not None:
         return list(default)
-    for v in values:  # the common case, checked without building anything
-        if type(v) is not str or not v or "\x00" in v:
-            return [_check_text(f"{field} value", v) for v in values]  # raises the right error
+    try:  # the common case, checked in C: all strings (join), none empty, no NUL
+        fine = "\x00" not in "\x01".join(values) and "" not in values
+    except TypeError:
+        fine = False
+    if not fine:
+        return [_check_text(f"{field} value", v) for v in values]  # raises the right error
     return list(values)
 
 
@@ -121,9 +140,13 @@ class AttestationStore:
         max_map_size: int = 0,
         readonly: bool = False,
         sync: bool = True,
+        journal: bool = False,
     ):
+        """``journal``: keep the journal open for ``log_batches`` (the ATS actor, the
+        one writer of its store); without it writes go straight to LMDB."""
         self.path = Path(path)
         self.readonly = readonly
+        self._sync = sync
         if readonly and not (self.path / "data.mdb").exists():
             raise Unavailable(f"no attestation store at {self.path}")
         self._env = LmdbEnv(
@@ -137,8 +160,14 @@ class AttestationStore:
         self._index = {f: self._env.db(f) for f in (*INDEXED_FIELDS, PAIR)}
         self._counts = self._env.db("counts")
         self._meta = self._env.db("meta")
+        self._journal: Journal | None = None
+        self._logged: list[_Logged] = []  # journaled, not yet in the indexes; oldest first
+        self._logged_ids: set[str] = set()
+        self._apply_lock = threading.Lock()
+        self._next_seq = 0
         if not readonly:
             self._build_pairs()
+            self._replay(keep=journal)
         self._pairs = self._env.read(lambda txn: txn.get(_PAIRS_BUILT, db=self._meta)) is not None
         # What the last query did, for tests that watch the planner: the records it
         # decoded, and the fields it walked (the first drove it).
@@ -148,7 +177,14 @@ class AttestationStore:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        self._env.close()
+        """Index what is only journaled yet (a clean stop replays nothing), then close."""
+        try:
+            if self._journal is not None and self._logged:
+                self.apply_logged()
+        finally:
+            if self._journal is not None:
+                self._journal.close()
+            self._env.close()
 
     def _build_pairs(self) -> None:
         """Give every stored record its pair entries, once (a store made before the
@@ -200,11 +236,158 @@ class AttestationStore:
     def put_batches(
         self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
     ) -> list[list[Attestation] | QntxError]:
-        """Group commit: every batch in one synced transaction, each batch all or nothing.
+        """Group commit: every batch durable and indexed when this returns, each batch
+        all or nothing; a batch with a bad item or a taken id gets its error in its
+        slot and writes nothing, the others still commit.
 
-        A batch with a bad item or a taken id gets its error in its slot and writes
-        nothing; the others still commit. Returns only once the commit is durable.
-        """
+        Without a journal: one synced transaction holds records and indexes. With one
+        (the ATS actor's store): the journal, then the indexes at once."""
+        if self._journal is not None:
+            outcomes = self.log_batches(batches, now_ms=now_ms)
+            self.apply_logged()
+            return [o if isinstance(o, QntxError) else o.records for o in outcomes]
+        prepared = self._prepare_batches(batches, now_ms)
+        return self._env.write(lambda txn: self._write_batches(txn, prepared))
+
+    def log_batches(
+        self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
+    ) -> list[Stored | QntxError]:
+        """Group commit into the journal: every batch durable when this returns (one
+        ``fdatasync``), its records numbered and their ids final; the indexes are
+        written later by ``apply_logged``. Until then ``get``/``query`` do not see
+        them: a reader calls ``apply_logged`` first (``logged`` says when to)."""
+        journal = self._journal
+        if journal is None:
+            raise Unavailable(f"attestation store {self.path} has no journal open")
+        prepared = self._prepare_batches(batches, now_ms)
+        claimed: set[str] = set()
+        results: list[Stored | QntxError] = []
+        accepted: list[_Prepared] = []
+
+        def claim(txn) -> None:
+            get, db, logged = txn.get, self._records, self._logged_ids
+
+            def taken(id: str) -> bool:
+                return id in logged or id in claimed or get(id.encode(), db=db) is not None
+
+            for batch in prepared:
+                if isinstance(batch, QntxError):
+                    results.append(batch)
+                    continue
+                try:
+                    batch = _claim_ids(batch, taken, self._encoder)
+                except Conflict as exc:
+                    results.append(exc)
+                    continue
+                claimed.update(p.record.id for p in batch)
+                accepted.extend(batch)
+                results.append(Stored([p.record for p in batch], _msgpack_array([p.blob for p in batch])))
+
+        self._env.read(claim)
+        if not accepted:
+            return results
+        blobs = [p.blob for p in accepted]
+        size = journal.entry_size(blobs)
+        if not journal.empty and not self._logged:
+            journal.rewind()  # every entry is in the (synced) indexes: start again at 0
+        if not journal.fits(size):
+            if journal.size < JOURNAL_MAX_BYTES:
+                journal.grow(size)  # rather than wait here for the indexes
+            else:
+                self.apply_logged()  # the indexes fell this far behind: catch up
+                journal.rewind()
+                if not journal.fits(size):
+                    journal.grow(size)  # one group bigger than the journal
+        first = self._next_seq
+        journal.append(first, blobs)
+        self._logged_ids.update(claimed)  # before the entry: an applier drops both in this order
+        self._logged.append(_Logged(first, accepted))
+        self._next_seq = first + len(accepted)
+        return results
+
+    @property
+    def logged(self) -> int:
+        """How many journaled records the indexes do not hold yet."""
+        return self.logged_seq - self.indexed_seq
+
+    @property
+    def logged_seq(self) -> int:
+        """The sequence number of the last record journaled (or stored)."""
+        return self._next_seq - 1
+
+    @property
+    def indexed_seq(self) -> int:
+        """Every record up to this sequence number is in the indexes."""
+        oldest = next(iter(self._logged), None)  # one C call: safe while an applier trims the list
+        return self._next_seq - 1 if oldest is None else oldest.first_seq - 1
+
+    def apply_logged(self) -> int:
+        """Write every journaled record not yet indexed into LMDB, in one synced
+        transaction; returns how many. Safe on another thread than ``log_batches``
+        (one applier at a time; the journal is only rewound by ``log_batches``)."""
+        with self._apply_lock:
+            entries = list(self._logged)
+            if not entries:
+                return 0
+
+            def work(txn) -> None:
+                writer = _BatchWriter(self, txn)
+                for entry in entries:
+                    for seq, item in enumerate(entry.items, entry.first_seq):
+                        writer.add(item.record, item.blob, seq)
+                writer.finish()
+
+            self._env.write(work)
+            del self._logged[: len(entries)]
+            for entry in entries:
+                self._logged_ids.difference_update(item.record.id for item in entry.items)
+            return sum(len(entry.items) for entry in entries)
+
+    def _replay(self, keep: bool) -> None:
+        """Index what the journal holds beyond the last applied record (a crash came
+        between an acknowledgement and its index write); keep the journal open for
+        writing when ``keep`` (else leave it to whoever holds it)."""
+        path = self.path / "journal"
+        self._next_seq = self._applied_seq() + 1
+        if not keep and not path.exists():
+            return
+        try:
+            journal = Journal(path, sync=self._sync)
+        except Unavailable:
+            if keep:
+                raise
+            return  # the ATS actor holds it and replayed it when it opened
+        try:
+            entries = list(journal.read_all())
+
+            def work(txn) -> int:
+                applied = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0]
+                writer = _BatchWriter(self, txn)
+                for first, blobs in entries:
+                    for seq, blob in enumerate(blobs, first):
+                        if seq > applied:
+                            writer.add(self._decoder.decode(blob), blob, seq)
+                writer.finish()
+                return writer.added
+
+            replayed = self._env.write(work) if entries else 0
+            if replayed:
+                from loguru import logger
+
+                logger.info("replayed {} journaled attestation(s) into the indexes", replayed)
+        except BaseException:
+            journal.close()
+            raise
+        self._next_seq = self._applied_seq() + 1
+        if keep:
+            self._journal = journal
+        else:
+            journal.close()
+
+    def _applied_seq(self) -> int:
+        return self._env.read(lambda txn: _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0])
+
+    def _prepare_batches(self, batches, now_ms: int | None) -> list[list[_Prepared] | QntxError]:
         if self.readonly:
             raise Unavailable(f"attestation store {self.path} is open read-only")
         now = wall_clock_ms() if now_ms is None else now_ms
@@ -214,7 +397,7 @@ class AttestationStore:
                 prepared.append(self._prepare_batch(batch, now))
             except Invalid as exc:
                 prepared.append(exc)
-        return self._env.write(lambda txn: self._write_batches(txn, prepared))
+        return prepared
 
     def _prepare_batch(self, batch: list[NewAttestation], now: int) -> list[_Prepared]:
         if not isinstance(batch, list | tuple):
@@ -238,7 +421,7 @@ class AttestationStore:
         attributes = item.attributes
         if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
             raise Invalid("attributes must be a map with string keys")
-        if _nested_deeper(attributes, MAX_ATTRIBUTE_DEPTH):
+        if _has_containers(attributes) and _nested_deeper(attributes, MAX_ATTRIBUTE_DEPTH):
             raise Invalid(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels")
         explicit = item.id is not None
         if explicit:
@@ -267,32 +450,28 @@ class AttestationStore:
 
     def _write_batches(self, txn, prepared: list[list[_Prepared] | QntxError]):
         writer = _BatchWriter(self, txn)
+        get, db, added = txn.get, self._records, writer.ids
+
+        def taken(id: str) -> bool:
+            return id in added or get(id.encode(), db=db) is not None
+
         results: list[list[Attestation] | QntxError] = []
+        seq = writer.start_seq
         for batch in prepared:
             if isinstance(batch, QntxError):
                 results.append(batch)
                 continue
             try:
-                explicit = self._check_explicit_ids(txn, batch)
+                batch = _claim_ids(batch, taken, self._encoder)
             except Conflict as exc:
                 results.append(exc)
                 continue
-            # Nothing below can fail for a prepared batch, so the batch is all or nothing.
-            results.append([writer.insert(item, explicit) for item in batch])
+            for item in batch:
+                seq += 1
+                writer.add(item.record, item.blob, seq)
+            results.append([item.record for item in batch])
         writer.finish()
         return results
-
-    def _check_explicit_ids(self, txn, batch: list[_Prepared]) -> frozenset[str]:
-        """The batch's explicit ids, once none of them is stored or repeated. Ids
-        written earlier in this transaction count as stored (the txn sees them)."""
-        explicit = [p.record.id for p in batch if p.explicit]
-        unique = frozenset(explicit)
-        if len(unique) != len(explicit):
-            raise Conflict("a batch repeats an attestation id")
-        for id in explicit:
-            if txn.get(id.encode(), db=self._records) is not None:
-                raise Conflict(f"attestation {id} already exists")
-        return unique
 
     # ------------------------------------------------------------------ reads
 
@@ -450,94 +629,148 @@ class _Budget(NamedTuple):
     max_seeks: int
 
 
-class _BatchWriter:
-    """Puts prepared records and their index entries into one write transaction.
+class Stored(NamedTuple):
+    """One batch as stored: its records, and the MessagePack array of them (the
+    bytes each record was stored as), ready to send without encoding them again."""
 
-    Holds what the records of one transaction share, so the per-record work is puts
-    and little else: the sub-database handles, the sequence number, the value keys
-    already built, and the count increments, written once per value at the end
-    rather than once per record.
+    records: list[Attestation]
+    encoded: bytes
+
+
+def _msgpack_array(blobs: list[bytes]) -> bytes:
+    n = len(blobs)
+    head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(blobs)
+
+
+class _Logged(NamedTuple):
+    """One journal entry whose records the indexes do not hold yet."""
+
+    first_seq: int
+    items: list[_Prepared]
+
+
+def _claim_ids(batch: list[_Prepared], taken: Callable[[str], bool], encoder) -> list[_Prepared]:
+    """The batch with every id free: Conflict when an explicit id is taken or repeated;
+    a generated id that is taken (or another item's explicit id) is drawn again."""
+    explicit = [p.record.id for p in batch if p.explicit]
+    unique = frozenset(explicit)
+    if len(unique) != len(explicit):
+        raise Conflict("a batch repeats an attestation id")
+    for id in explicit:
+        if taken(id):
+            raise Conflict(f"attestation {id} already exists")
+    out, generated = [], set()
+    for item in batch:
+        if not item.explicit:
+            record = item.record
+            while record.id in unique or record.id in generated or taken(record.id):
+                fresh = new_asid(record.subjects[0], record.predicates[0], record.contexts[0])
+                record = msgspec.structs.replace(record, id=fresh)
+            if record is not item.record:
+                item = _Prepared(record, encoder.encode(record), False)
+            generated.add(record.id)
+        out.append(item)
+    return out
+
+
+class _BatchWriter:
+    """Puts records and their index entries into one write transaction.
+
+    Gathers every entry first and writes each sub-database's entries sorted, in one
+    ``putmulti`` call: neighbouring keys share pages, and the loop runs in C. Count
+    increments are summed per value and written once at the end. Value keys are
+    made once per distinct value.
     """
 
     def __init__(self, store: AttestationStore, txn):
         self._txn = txn
-        self._put = txn.put
         self._store = store
-        self._lists = [(store._index[f], f.encode() + b":") for f in LIST_FIELDS]
-        self._pairs = (store._index[PAIR], PAIR.encode() + b":")
-        self._source = (store._index["source"], b"source:")
-        self._start_seq = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=store._meta))[0]
-        self._seq = self._start_seq
+        self.start_seq = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=store._meta))[0]
+        self._seq = self.start_seq
+        self.ids: set[str] = set()  # of the records added
+        self.added = 0
+        self._records: list[tuple[bytes, bytes]] = []
+        self._time: list[tuple[bytes, bytes]] = []
+        # field -> (value key, ts + seq, id) of each index entry to write
+        self._rows: dict[str, list[tuple[bytes, bytes, bytes]]] = {f: [] for f in (*INDEXED_FIELDS, PAIR)}
         self._value_keys: dict[str, bytes] = {}
-        self._counts: dict[bytes, int] = {}  # count key -> entries added in this transaction
+        self._pair_keys: dict[tuple[bytes, bytes], bytes] = {}
 
-    def insert(self, item: _Prepared, explicit: frozenset[str]) -> Attestation:
-        """Write one record and its index entries; returns the record as stored."""
-        put, record = self._put, item.record
-        if item.explicit:  # checked free before the batch started writing
-            put(record.id.encode(), item.blob, db=self._store._records)
-        else:
-            record = self._put_generated(item, explicit)
-        self._seq += 1
+    def add(self, record: Attestation, blob: bytes, seq: int) -> None:
+        """One record (encoded as ``blob``) under sequence number ``seq``."""
         id = record.id.encode()
-        tail = _TS_SEQ.pack(record.timestamp, self._seq)
-        put(tail, id, db=self._store._time)
-        lists = (record.subjects, record.predicates, record.contexts, record.actors)
-        for (db, count_prefix), values in zip(self._lists, lists, strict=True):
-            if len(values) == 1:
-                self._index(db, count_prefix, self._value_key(values[0]), tail, id)
-            else:  # a set: "Alice" and "alice" in one record are one entry and one count
-                for vkey in {self._value_key(v) for v in values}:
-                    self._index(db, count_prefix, vkey, tail, id)
-        db, count_prefix = self._source
-        self._index(db, count_prefix, self._value_key(record.source), tail, id)
-        self.index_pairs(record, tail, id)
-        return record
+        self.ids.add(record.id)
+        self.added += 1
+        if seq > self._seq:
+            self._seq = seq
+        tail = _TS_SEQ.pack(record.timestamp, seq)
+        self._records.append((id, blob))
+        self._time.append((tail, id))
+        keys_of, rows = self._keys_of, self._rows
+        subjects, predicates = keys_of(record.subjects), keys_of(record.predicates)
+        for field, vkeys in (
+            ("subjects", subjects), ("predicates", predicates), ("contexts", keys_of(record.contexts)),
+            ("actors", keys_of(record.actors)), ("source", keys_of((record.source,))),
+        ):  # fmt: skip
+            append = rows[field].append
+            for vkey in vkeys:
+                append((vkey, tail, id))
+        self._add_pairs(subjects, predicates, tail, id)
 
     def index_pairs(self, record: Attestation, tail: bytes, id: bytes) -> None:
-        db, count_prefix = self._pairs
-        if len(record.subjects) == 1 and len(record.predicates) == 1:
-            keys = {_pair_key(self._value_key(record.subjects[0]), self._value_key(record.predicates[0]))}
-        else:
-            keys = {
-                _pair_key(self._value_key(s), self._value_key(p)) for s in record.subjects for p in record.predicates
-            }
-        for key in keys:
-            self._index(db, count_prefix, key, tail, id)
+        """A stored record's pair entries (building the pair index of an older store)."""
+        self._add_pairs(self._keys_of(record.subjects), self._keys_of(record.predicates), tail, id)
 
-    def _index(self, db, count_prefix: bytes, vkey: bytes, tail: bytes, id: bytes) -> None:
-        self._put(vkey + b"\x00" + tail, id, db=db)
-        count_key = count_prefix + vkey
-        self._counts[count_key] = self._counts.get(count_key, 0) + 1
+    def _add_pairs(self, subjects, predicates, tail: bytes, id: bytes) -> None:
+        append, pairs = self._rows[PAIR].append, self._pair_keys
+        if len(subjects) == 1 and len(predicates) == 1:
+            both = (subjects[0], predicates[0])
+            key = pairs.get(both)
+            if key is None:
+                key = pairs[both] = _pair_key(*both)
+            append((key, tail, id))
+            return
+        for key in {_pair_key(s, p) for s in subjects for p in predicates}:  # cut keys may meet
+            append((key, tail, id))
 
-    def _value_key(self, value: str) -> bytes:
-        vkey = self._value_keys.get(value)
-        if vkey is None:
-            vkey = self._value_keys[value] = _value_key(value)
-        return vkey
-
-    def _put_generated(self, item: _Prepared, explicit: frozenset[str]) -> Attestation:
-        """Store the record under its generated id, or a fresh one if that is taken
-        (by a stored record, or by an explicit id of the same batch)."""
-        record, blob = item.record, item.blob
-        while True:
-            # overwrite=False doubles as the existence check.
-            if record.id not in explicit and self._put(
-                record.id.encode(), blob, db=self._store._records, overwrite=False
-            ):
-                return record
-            fresh = new_asid(record.subjects[0], record.predicates[0], record.contexts[0])
-            record = msgspec.structs.replace(record, id=fresh)
-            blob = self._store._encoder.encode(record)
+    def _keys_of(self, values) -> tuple[bytes, ...]:
+        """The distinct value keys of one field: "Alice" and "alice" in one record
+        are one entry and one count."""
+        cache = self._value_keys
+        if len(values) == 1:
+            vkey = cache.get(values[0])
+            if vkey is None:
+                vkey = cache[values[0]] = _value_key(values[0])
+            return (vkey,)
+        out = set()
+        for value in values:
+            vkey = cache.get(value)
+            if vkey is None:
+                vkey = cache[value] = _value_key(value)
+            out.add(vkey)
+        return tuple(out)
 
     def finish(self) -> None:
-        """Add the transaction's new entries to the counts and store the sequence number."""
-        get, put, counts = self._txn.get, self._put, self._store._counts
-        for key, n in self._counts.items():
+        """Write the gathered entries, add to the counts and store the sequence number."""
+        txn, store = self._txn, self._store
+        writes = [(store._records, self._records), (store._time, self._time)]
+        added: dict[bytes, int] = {}  # count key -> entries added in this transaction
+        for field, rows in self._rows.items():
+            writes.append((store._index[field], [(vkey + b"\x00" + tail, id) for vkey, tail, id in rows]))
+            prefix = field.encode() + b":"
+            for vkey, n in collections.Counter(vkey for vkey, _, _ in rows).items():
+                added[prefix + vkey] = n
+        for db, items in writes:
+            if items:
+                items.sort()
+                txn.cursor(db).putmulti(items)
+        get, put, counts = txn.get, txn.put, store._counts
+        for key, n in sorted(added.items()):
             old = get(key, db=counts)
             put(key, _U64.pack(n + (_U64.unpack(old)[0] if old else 0)), db=counts)
-        if self._seq != self._start_seq:
-            put(b"seq", _U64.pack(self._seq), db=self._store._meta)
+        if self._seq != self.start_seq:
+            put(b"seq", _U64.pack(self._seq), db=store._meta)
 
 
 def next_page(flt: Filter, cursor: str | None, found: int) -> Filter | None:
@@ -559,6 +792,13 @@ def _parse_cursor(cursor: str | None) -> bytes | None:
     if len(tail) != _TS_SEQ.size:
         raise Invalid(f"not a page cursor: {cursor!r}")
     return tail
+
+
+def _has_containers(value: dict) -> bool:
+    for v in value.values():
+        if isinstance(v, dict | list):
+            return True
+    return False
 
 
 def _nested_deeper(value: dict, limit: int) -> bool:

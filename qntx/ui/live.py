@@ -33,10 +33,12 @@ from qntx.handlers import CONTEXT, PREDICATE
 from qntx.protocol import (
     FINAL_STATUSES,
     AttestationCreated,
+    AttestationsCreated,
     HandlersRegistered,
     JobChanged,
     JobOutput,
     JobProgressed,
+    created_records,
 )
 from qntx.ui.views import Throughput, job_summary, now_ms, overview, seed_throughput
 
@@ -81,6 +83,7 @@ class Hub:
             JobOutput: self._job_output,
             HandlersRegistered: self._handlers_registered,
             AttestationCreated: self._attestation_created,
+            AttestationsCreated: self._attestation_created,
         }
 
     async def run(self) -> None:
@@ -135,10 +138,10 @@ class Hub:
         self._handlers_changed = True
         self._dirty = True
 
-    def _attestation_created(self, event: AttestationCreated) -> None:
-        record = event.record
-        if PREDICATE in record.predicates and CONTEXT in record.contexts:
-            self._handlers_changed = True
+    def _attestation_created(self, event: AttestationCreated | AttestationsCreated) -> None:
+        for record in created_records(event):
+            if PREDICATE in record.predicates and CONTEXT in record.contexts:
+                self._handlers_changed = True
 
     async def _push(self) -> None:
         last_overview = last_burst = 0.0
