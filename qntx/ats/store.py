@@ -121,6 +121,45 @@ def _check_list(field: str, values: object, *, default: list[str] | None) -> lis
     return list(values)
 
 
+def validated(item: NewAttestation, now: int) -> Attestation:
+    """The record ``item`` makes (defaults filled, a candidate id when it has none),
+    or ``Invalid`` saying what is wrong with it. A writer may check items with it
+    before sending them; the store checks them again."""
+    if not isinstance(item, NewAttestation):
+        raise Invalid(f"expected a NewAttestation, got {type(item).__name__}")
+    subjects = _check_list("subjects", item.subjects, default=None)
+    if not subjects:
+        raise Invalid("an attestation needs at least one subject")
+    timestamp = now if item.timestamp is None else item.timestamp
+    if not is_int(timestamp) or not 0 <= timestamp <= MAX_TIMESTAMP:
+        raise Invalid(f"timestamp must be an integer of ms >= 0, got {timestamp!r}")
+    source = item.source or DEFAULT_SOURCE
+    _check_text("source", source)
+    attributes = item.attributes
+    if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
+        raise Invalid("attributes must be a map with string keys")
+    if _has_containers(attributes) and _nested_deeper(attributes, MAX_ATTRIBUTE_DEPTH):
+        raise Invalid(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels")
+    if item.id is not None:
+        _check_text("id", item.id)
+        if len(item.id.encode()) > _MAX_ID_BYTES:
+            raise Invalid(f"id is longer than {_MAX_ID_BYTES} bytes")
+    predicates = _check_list("predicates", item.predicates, default=["_"])
+    contexts = _check_list("contexts", item.contexts, default=["_"])
+    return Attestation(
+        # A generated id is only a candidate: the store checks it is free.
+        id=item.id if item.id is not None else new_asid(subjects[0], predicates[0], contexts[0]),
+        subjects=subjects,
+        predicates=predicates,
+        contexts=contexts,
+        actors=_check_list("actors", item.actors, default=[]),
+        timestamp=timestamp,
+        source=source,
+        attributes=attributes,
+        created_at=now,
+    )
+
+
 class _Prepared(NamedTuple):
     """A validated attestation with its id chosen and its one encoding made."""
 
@@ -405,48 +444,14 @@ class AttestationStore:
         return [self._prepare(item, now) for item in batch]
 
     def _prepare(self, item: NewAttestation, now: int) -> _Prepared:
-        """Validate, fill defaults, pick an id and encode: all before the write transaction,
-        so a bad item fails its batch before anything is written, and the transaction
-        itself does no more than put bytes."""
-        if not isinstance(item, NewAttestation):
-            raise Invalid(f"expected a NewAttestation, got {type(item).__name__}")
-        subjects = _check_list("subjects", item.subjects, default=None)
-        if not subjects:
-            raise Invalid("an attestation needs at least one subject")
-        timestamp = now if item.timestamp is None else item.timestamp
-        if not is_int(timestamp) or not 0 <= timestamp <= MAX_TIMESTAMP:
-            raise Invalid(f"timestamp must be an integer of ms >= 0, got {timestamp!r}")
-        source = item.source or DEFAULT_SOURCE
-        _check_text("source", source)
-        attributes = item.attributes
-        if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
-            raise Invalid("attributes must be a map with string keys")
-        if _has_containers(attributes) and _nested_deeper(attributes, MAX_ATTRIBUTE_DEPTH):
-            raise Invalid(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels")
-        explicit = item.id is not None
-        if explicit:
-            _check_text("id", item.id)
-            if len(item.id.encode()) > _MAX_ID_BYTES:
-                raise Invalid(f"id is longer than {_MAX_ID_BYTES} bytes")
-        predicates = _check_list("predicates", item.predicates, default=["_"])
-        contexts = _check_list("contexts", item.contexts, default=["_"])
-        record = Attestation(
-            # A generated id is only a candidate: the transaction checks it is free.
-            id=item.id if explicit else new_asid(subjects[0], predicates[0], contexts[0]),
-            subjects=subjects,
-            predicates=predicates,
-            contexts=contexts,
-            actors=_check_list("actors", item.actors, default=[]),
-            timestamp=timestamp,
-            source=source,
-            attributes=attributes,
-            created_at=now,
-        )
+        """Validate, fill defaults, pick an id and encode: all before the write,
+        so a bad item fails its batch before anything is written."""
+        record = validated(item, now)
         try:  # the one encoding of the record; only attributes can fail it
             blob = self._encoder.encode(record)
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             raise Invalid(f"attributes cannot be encoded: {exc}") from None
-        return _Prepared(record, blob, explicit)
+        return _Prepared(record, blob, item.id is not None)
 
     def _write_batches(self, txn, prepared: list[list[_Prepared] | QntxError]):
         writer = _BatchWriter(self, txn)
