@@ -372,8 +372,9 @@ class AttestationStore:
             def work(txn) -> None:
                 writer = _BatchWriter(self, txn)
                 for entry in entries:
-                    for seq, item in enumerate(entry.items, entry.first_seq):
-                        writer.add(item.record, item.blob, seq)
+                    writer.add_many(
+                        (item.record, item.blob, seq) for seq, item in enumerate(entry.items, entry.first_seq)
+                    )
                 writer.finish()
 
             self._env.write(work)
@@ -704,24 +705,58 @@ class _BatchWriter:
 
     def add(self, record: Attestation, blob: bytes, seq: int) -> None:
         """One record (encoded as ``blob``) under sequence number ``seq``."""
-        id = record.id.encode()
-        self.ids.add(record.id)
-        self.added += 1
-        if seq > self._seq:
-            self._seq = seq
-        tail = _TS_SEQ.pack(record.timestamp, seq)
-        self._records.append((id, blob))
-        self._time.append((tail, id))
-        keys_of, rows = self._keys_of, self._rows
-        subjects, predicates = keys_of(record.subjects), keys_of(record.predicates)
-        for field, vkeys in (
-            ("subjects", subjects), ("predicates", predicates), ("contexts", keys_of(record.contexts)),
-            ("actors", keys_of(record.actors)), ("source", keys_of((record.source,))),
-        ):  # fmt: skip
-            append = rows[field].append
-            for vkey in vkeys:
-                append((vkey, tail, id))
-        self._add_pairs(subjects, predicates, tail, id)
+        self.add_many(((record, blob, seq),))
+
+    def add_many(self, items) -> None:
+        """Records as (record, blob, seq): the hot loop of every index write, so it
+        keeps its lookups local and makes each distinct value key once."""
+        pack, keys_of, cache = _TS_SEQ.pack, self._keys_of, self._value_keys
+        add_id, add_record, add_time = self.ids.add, self._records.append, self._time.append
+        rows = self._rows
+        subjects_rows, predicates_rows = rows["subjects"].append, rows["predicates"].append
+        contexts_rows, actors_rows = rows["contexts"].append, rows["actors"].append
+        source_rows, pair_rows = rows["source"].append, rows[PAIR].append
+        pairs = self._pair_keys
+        added, top = 0, self._seq
+        for record, blob, seq in items:
+            id = record.id.encode()
+            add_id(record.id)
+            added += 1
+            if seq > top:
+                top = seq
+            tail = pack(record.timestamp, seq)
+            add_record((id, blob))
+            add_time((tail, id))
+            subjects, predicates = record.subjects, record.predicates
+            if len(subjects) == 1 and len(predicates) == 1:  # the usual shape, inline
+                s_key, p_key = cache.get(subjects[0]), cache.get(predicates[0])
+                if s_key is None:
+                    s_key = cache[subjects[0]] = _value_key(subjects[0])
+                if p_key is None:
+                    p_key = cache[predicates[0]] = _value_key(predicates[0])
+                subjects_rows((s_key, tail, id))
+                predicates_rows((p_key, tail, id))
+                pair = pairs.get((s_key, p_key))
+                if pair is None:
+                    pair = pairs[(s_key, p_key)] = _pair_key(s_key, p_key)
+                pair_rows((pair, tail, id))
+            else:
+                s_keys, p_keys = keys_of(subjects), keys_of(predicates)
+                for key in s_keys:
+                    subjects_rows((key, tail, id))
+                for key in p_keys:
+                    predicates_rows((key, tail, id))
+                self._add_pairs(s_keys, p_keys, tail, id)
+            for key in keys_of(record.contexts):
+                contexts_rows((key, tail, id))
+            for key in keys_of(record.actors):
+                actors_rows((key, tail, id))
+            key = cache.get(record.source)
+            if key is None:
+                key = cache[record.source] = _value_key(record.source)
+            source_rows((key, tail, id))
+        self.added += added
+        self._seq = top
 
     def index_pairs(self, record: Attestation, tail: bytes, id: bytes) -> None:
         """A stored record's pair entries (building the pair index of an older store)."""
