@@ -27,7 +27,7 @@ import msgspec
 from loguru import logger
 
 from qntx import __version__
-from qntx.ats.store import AttestationStore
+from qntx.ats.store import AttestationStore, msgpack_array
 from qntx.bus.actor import Actor, Offloader, Publisher, Request, Timer
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
@@ -135,22 +135,21 @@ class AtsActor(Actor):
                 request.fail(error)
             return
         stored: list[Attestation] = []
-        encoded: list[bytes] = []
+        blobs: list[bytes] = []
         for (request, _), outcome in zip(pending, outcomes, strict=True):
             if isinstance(outcome, QntxError):
                 request.fail(outcome)
             else:
                 # The records go out as the bytes they were journaled as (a Raw in
-                # place of the list: the same MessagePack), encoded once, not per reply.
+                # place of the list: the same MessagePack), not encoded again.
                 request.reply(Attested(records=msgspec.Raw(outcome.encoded)))
                 stored += outcome.records
-                encoded.append(outcome.encoded)
+                blobs += outcome.blobs
         if len(stored) == 1:
-            self.events.publish(b"att." + stored[0].subjects[0].encode(), AttestationCreated(record=stored[0]))
-        elif len(encoded) == 1:
-            self.events.publish(b"att.", AttestationsCreated(records=msgspec.Raw(encoded[0])))
+            topic = b"att." + stored[0].subjects[0].encode()
+            self.events.publish(topic, AttestationCreated(record=msgspec.Raw(blobs[0])))
         elif stored:
-            self.events.publish(b"att.", AttestationsCreated(records=stored))
+            self.events.publish(b"att.", AttestationsCreated(records=msgspec.Raw(msgpack_array(blobs))))
         self._index_behind()
 
     # ------------------------------------------------------------------ indexes behind

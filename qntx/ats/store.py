@@ -320,7 +320,7 @@ class AttestationStore:
                     continue
                 claimed.update(p.record.id for p in batch)
                 accepted.extend(batch)
-                results.append(Stored([p.record for p in batch], _msgpack_array([p.blob for p in batch])))
+                results.append(Stored([p.record for p in batch], [p.blob for p in batch]))
 
         self._env.read(claim)
         if not accepted:
@@ -640,10 +640,15 @@ class Stored(NamedTuple):
     bytes each record was stored as), ready to send without encoding them again."""
 
     records: list[Attestation]
-    encoded: bytes
+    blobs: list[bytes]  # each record as stored
+
+    @property
+    def encoded(self) -> bytes:
+        return msgpack_array(self.blobs)
 
 
-def _msgpack_array(blobs: list[bytes]) -> bytes:
+def msgpack_array(blobs: list[bytes]) -> bytes:
+    """The MessagePack array of already encoded items."""
     n = len(blobs)
     head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
     return head + b"".join(blobs)
