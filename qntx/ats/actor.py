@@ -55,6 +55,7 @@ from qntx.settings import Settings
 # Journaled records that start an index write behind, and the quiet time that does.
 APPLY_AT = 5_000
 APPLY_IDLE_S = 0.05
+INDEX_RETRY_S = 1.0  # after a failed index write (a full disk)
 
 
 class AtsActor(Actor):
@@ -69,6 +70,7 @@ class AtsActor(Actor):
         self._idle_timer: Timer | None = None
         # Reads waiting for the indexes to reach the last record acknowledged before them.
         self._reads: list[tuple[int, Callable[[], None]]] = []
+        self._index_error: QntxError | None = None  # the last index write failed
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
@@ -123,6 +125,11 @@ class AtsActor(Actor):
     def _log_group(self) -> None:
         pending, self._pending = self._pending, []
         try:
+            if self._index_error is not None and not self._applying:
+                # Acknowledge no more than the indexes can take: catch up first.
+                self._indexed(self._apply_now())
+            if self._index_error is not None:
+                raise self._index_error
             outcomes = self.store.log_batches([items for _, items in pending])
         except Exception as exc:  # the journal refused the group: every writer is told
             if isinstance(exc, QntxError):  # a full disk
@@ -167,17 +174,35 @@ class AtsActor(Actor):
         elif self._idle_timer is None:
             self._idle_timer = self.call_later(APPLY_IDLE_S, self._on_idle)
 
+    def _apply_now(self) -> int | BaseException:
+        try:
+            return self.store.apply_logged()
+        except Exception as exc:  # handed to _indexed, like the writer thread's outcome
+            return exc
+
     def _on_idle(self) -> None:
         self._idle_timer = None
         self._index_behind(now=True)
 
     def _indexed(self, outcome) -> None:
         self._applying = False
-        if isinstance(outcome, BaseException):  # the journal keeps them; try again soon
-            logger.opt(exception=outcome).error("writing the indexes behind the journal failed")
+        if isinstance(outcome, BaseException):
+            # The journal keeps the records. Until the indexes can take them (a full
+            # disk), reads answer from the indexes as they are and new writes are
+            # refused (_log_group); the write is retried now and then.
+            if self._index_error is None:
+                log = logger.error if isinstance(outcome, QntxError) else logger.opt(exception=outcome).error
+                log("writing the indexes behind the journal failed: {}", outcome)
+            self._index_error = outcome if isinstance(outcome, QntxError) else QntxError(f"store write failed: {outcome}")
+            waiting, self._reads = self._reads, []
+            for _, answer in waiting:
+                answer()
             if self._idle_timer is None:
-                self._idle_timer = self.call_later(APPLY_IDLE_S, self._on_idle)
+                self._idle_timer = self.call_later(INDEX_RETRY_S, self._on_idle)
             return
+        if self._index_error is not None:
+            logger.info("the indexes caught up with the journal again")
+            self._index_error = None
         ready = self.store.indexed_seq
         waiting, self._reads = self._reads, []
         for needed, answer in waiting:
@@ -191,7 +216,7 @@ class AtsActor(Actor):
         """``answer()`` now when the indexes hold every acknowledged record, else once
         they do (its reply, or its error, goes to ``request`` then)."""
         needed = self.store.logged_seq
-        if needed <= self.store.indexed_seq:
+        if needed <= self.store.indexed_seq or self._index_error is not None:
             return answer()
 
         def deferred() -> None:

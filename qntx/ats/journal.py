@@ -26,6 +26,7 @@ as it has it open.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -101,9 +102,12 @@ class Journal:
             raise ValueError("journal entry does not fit; make room first")
         view = memoryview(entry)
         at = self._offset
-        while view:
-            written = os.pwrite(self._fd, view, at)
-            view, at = view[written:], at + written
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, at)
+                view, at = view[written:], at + written
+        except OSError as exc:  # nothing acknowledged: the entry ends the journal unread
+            raise Unavailable(f"{self.path}: write failed: {exc}") from None
         self._offset = at
 
     @staticmethod
@@ -135,9 +139,15 @@ class Journal:
     def _fill(self, size: int) -> None:
         """Zero-fill the file up to ``size`` bytes and sync it, size and all."""
         at = self._size
-        while at < size:
-            at += os.pwrite(self._fd, _ZEROS[: size - at], at)
-        os.fsync(self._fd)
+        try:
+            while at < size:
+                at += os.pwrite(self._fd, _ZEROS[: size - at], at)
+            os.fsync(self._fd)
+        except OSError as exc:
+            os.ftruncate(self._fd, self._size)  # give back what the failed fill took
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Unavailable(f"disk full: no room to grow the journal {self.path}") from None
+            raise Unavailable(f"{self.path}: write failed: {exc}") from None
         self._size = size
 
     def close(self) -> None:

@@ -201,7 +201,7 @@ class AttestationStore:
         self._meta = self._env.db("meta")
         self._journal: Journal | None = None
         self._logged: list[_Logged] = []  # journaled, not yet in the indexes; oldest first
-        self._logged_ids: set[str] = set()
+        self._logged_records: dict[str, Attestation] = {}  # the same records by id
         self._apply_lock = threading.Lock()
         self._next_seq = 0
         if not readonly:
@@ -212,6 +212,7 @@ class AttestationStore:
         # decoded, and the fields it walked (the first drove it).
         self.last_query_scanned = 0
         self.last_query_plan: list[str] = []
+        self._page_tails: list[bytes] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -304,7 +305,7 @@ class AttestationStore:
         accepted: list[_Prepared] = []
 
         def claim(txn) -> None:
-            get, db, logged = txn.get, self._records, self._logged_ids
+            get, db, logged = txn.get, self._records, self._logged_records
 
             def taken(id: str) -> bool:
                 return id in logged or id in claimed or get(id.encode(), db=db) is not None
@@ -339,7 +340,8 @@ class AttestationStore:
                     journal.grow(size)  # one group bigger than the journal
         first = self._next_seq
         journal.append(first, blobs)
-        self._logged_ids.update(claimed)  # before the entry: an applier drops both in this order
+        # Before the entry: an applier drops both in this order.
+        self._logged_records.update({item.record.id: item.record for item in accepted})
         self._logged.append(_Logged(first, accepted))
         self._next_seq = first + len(accepted)
         return results
@@ -380,7 +382,8 @@ class AttestationStore:
             self._env.write(work)
             del self._logged[: len(entries)]
             for entry in entries:
-                self._logged_ids.difference_update(item.record.id for item in entry.items)
+                for item in entry.items:
+                    self._logged_records.pop(item.record.id, None)
             return sum(len(entry.items) for entry in entries)
 
     def _replay(self, keep: bool) -> None:
@@ -484,6 +487,9 @@ class AttestationStore:
     def get(self, id: str) -> Attestation | None:
         if not isinstance(id, str) or not id or len(id.encode()) > _MAX_ID_BYTES:
             return None
+        logged = self._logged_records.get(id)  # journaled, its index write still to come
+        if logged is not None:
+            return logged
         blob = self._env.read(lambda txn: txn.get(id.encode(), db=self._records))
         return None if blob is None else self._decoder.decode(blob)
 
@@ -493,7 +499,7 @@ class AttestationStore:
     def stats(self) -> dict:
         def work(txn):
             return {
-                "attestations": txn.stat(self._records)["entries"],
+                "attestations": txn.stat(self._records)["entries"] + self.logged,
                 **self._env.stats,
                 "path": str(self.path),
             }
@@ -528,7 +534,32 @@ class AttestationStore:
             return [], None
         limit = page if limit is None else min(limit, page)
         budget = _Budget(limit, max_scan, max_seeks)
-        return self._env.read(lambda txn: self._run_query(txn, want, lo, hi, start, budget))
+        self._page_tails: list[bytes] = []  # beside each record found, its ts + seq
+        records, cursor = self._env.read(lambda txn: self._run_query(txn, want, lo, hi, start, budget))
+        if self._logged:  # only when the index writes fail (a full disk): readers wait otherwise
+            return self._with_logged(records, cursor, want, lo, hi, start, limit)
+        return records, cursor
+
+    def _with_logged(
+        self, records: list[Attestation], cursor: str | None, want: dict[str, set[str]],
+        lo: int, hi: int, start: bytes | None, limit: int,
+    ) -> tuple[list[Attestation], str | None]:  # fmt: skip
+        """The page with the journaled records that match and fall in its range of
+        ts + seq (the indexes do not hold them yet), in order, cut to ``limit``."""
+        floor = bytes.fromhex(cursor) if cursor is not None else None
+        found = list(zip(self._page_tails, records, strict=True))
+        for entry in list(self._logged):
+            for seq, item in enumerate(entry.items, entry.first_seq):
+                record = item.record
+                tail = _TS_SEQ.pack(record.timestamp, seq)
+                in_page = (start is None or tail < start) and (floor is None or tail > floor)
+                if in_page and lo <= record.timestamp <= hi and _matches(record, want):
+                    found.append((tail, record))
+        found.sort(key=lambda pair: pair[0], reverse=True)
+        if len(found) > limit:
+            found = found[:limit]
+            cursor = found[-1][0].hex()
+        return [record for _, record in found], cursor
 
     def _run_query(
         self, txn, want: dict[str, set[str]], lo: int, hi: int, start: bytes | None, budget: _Budget
@@ -560,7 +591,7 @@ class AttestationStore:
             if tail == previous:  # the same record through two OR values, or the cursor's
                 continue
             previous = tail
-            self._read_candidate(txn, id, want, out)
+            self._read_candidate(txn, id, tail, want, out)
             if len(out) >= budget.limit or self.last_query_scanned >= budget.max_scan:
                 return out, tail.hex()  # the page is full, or its work is done
         return out, None
@@ -590,18 +621,19 @@ class AttestationStore:
             tail = join.step()
             if tail is None:
                 continue
-            self._read_candidate(txn, txn.get(tail, db=self._time), want, out)
+            self._read_candidate(txn, txn.get(tail, db=self._time), tail, want, out)
             if len(out) >= budget.limit:
                 return out, tail.hex()
         return out, None
 
-    def _read_candidate(self, txn, id: bytes, want: dict[str, set[str]], out: list) -> None:
+    def _read_candidate(self, txn, id: bytes, tail: bytes, want: dict[str, set[str]], out: list) -> None:
         """Decode one candidate and keep it when it matches: index keys may be cut short
         and a field may be left out of the intersection, so the record has the word."""
         self.last_query_scanned += 1
         record = self._decoder.decode(txn.get(id, db=self._records))
         if _matches(record, want):
             out.append(record)
+            self._page_tails.append(tail)
 
     def _plan(self, txn, want: dict[str, set[str]]) -> list[tuple[str, list[bytes]]]:
         """The fields to walk, each with its value keys, the one carried by the fewest

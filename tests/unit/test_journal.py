@@ -100,3 +100,24 @@ def test_journaled_records_are_indexed_on_open_after_a_crash(tmp_path):
     with AttestationStore(path, journal=True) as store:  # and numbering goes on after them
         [record] = store.put_many([NewAttestation(subjects=["after"], predicates=["p"])])
         assert store.query(Filter(predicates=["p"]))[0].id == record.id
+
+
+def test_reads_see_journaled_records_before_their_index_write(tmp_path):
+    """Normally the ATS actor holds reads until the indexes catch up; when they cannot
+    (a full disk), get, query pages and the count still see journaled records, in order."""
+    with AttestationStore(tmp_path / "ats", journal=True, sync=False) as store:
+        indexed = store.put_many([NewAttestation(subjects=[f"s{i}"], predicates=["p"], timestamp=i * 10) for i in range(5)])
+        [outcome] = store.log_batches([[NewAttestation(subjects=[f"t{i}"], predicates=["p"], timestamp=i * 10 + 5) for i in range(5)]])
+        logged = outcome.records
+        assert store.logged == 5
+        found, flt = [], Filter(predicates=["p"])
+        while flt is not None:
+            records, cursor = store.query_page(flt, page=3)
+            assert len(records) <= 3
+            found += records
+            flt = None if cursor is None else Filter(predicates=["p"], cursor=cursor)
+        expected = sorted([*indexed, *logged], key=lambda r: r.timestamp, reverse=True)
+        assert [r.id for r in found] == [r.id for r in expected]
+        assert [r.id for r in store.query(Filter(subjects=["t3"]))] == [logged[3].id]
+        assert store.get(logged[2].id) == logged[2]
+        assert store.stats()["attestations"] == 10
