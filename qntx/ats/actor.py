@@ -12,14 +12,15 @@ writer get its reply. Many concurrent writers thus share one sync, and no reply
 ever says "stored" before the data is durable.
 
 The indexes (LMDB) are written behind the journal on the writer thread, in big
-transactions: once ``APPLY_AT`` records wait, or ``APPLY_IDLE_S`` after the last
-group. A read (query, get, stats) that arrives while acknowledged records are
+transactions: once ``APPLY_AT`` records wait, or once no group has come for
+``APPLY_IDLE_S``. A read (query, get, stats) that arrives while acknowledged records are
 not yet indexed waits for them, so a query right after an acknowledgement sees
 it. A crash between the two loses nothing: the store replays the journal on open.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,7 @@ class AtsActor(Actor):
         # Reads waiting for the indexes to reach the last record acknowledged before them.
         self._reads: list[tuple[int, Callable[[], None]]] = []
         self._index_error: QntxError | None = None  # the last index write failed
+        self._last_group = 0.0  # monotonic time of the last group commit
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
@@ -157,6 +159,7 @@ class AtsActor(Actor):
             self.events.publish(topic, AttestationCreated(record=msgspec.Raw(blobs[0])))
         elif stored:
             self.events.publish(b"att.", AttestationsCreated(records=msgspec.Raw(msgpack_array(blobs))))
+        self._last_group = time.monotonic()
         self._index_behind()
 
     # ------------------------------------------------------------------ indexes behind
@@ -181,7 +184,13 @@ class AtsActor(Actor):
             return exc
 
     def _on_idle(self) -> None:
+        """Write the indexes once no group has come for APPLY_IDLE_S: while writers keep
+        coming, the journal takes them and the indexes wait for APPLY_AT records."""
         self._idle_timer = None
+        quiet = time.monotonic() - self._last_group
+        if quiet < APPLY_IDLE_S and self._index_error is None:
+            self._idle_timer = self.call_later(APPLY_IDLE_S - quiet, self._on_idle)
+            return
         self._index_behind(now=True)
 
     def _indexed(self, outcome) -> None:
