@@ -33,6 +33,7 @@ import collections
 import heapq
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -73,6 +74,7 @@ DEFAULT_SOURCE = "python"
 # The journal grows up to this while the indexes are behind; past it a group commit
 # first brings the indexes up to date and writes the journal from the start again.
 JOURNAL_MAX_BYTES = 64 << 20
+JOURNAL_WAIT_S = 5.0  # a direct write waits this long for the journal's lock
 MAX_TIMESTAMP = (1 << 63) - 1  # int64 max, so every MessagePack client can read it back
 
 _U64 = struct.Struct(">Q")
@@ -287,7 +289,30 @@ class AttestationStore:
             self.apply_logged()
             return [o if isinstance(o, QntxError) else o.records for o in outcomes]
         prepared = self._prepare_batches(batches, now_ms)
-        return self._env.write(lambda txn: self._write_batches(txn, prepared))
+        if not (self.path / "journal").exists():  # no ATS actor ever wrote here
+            return self._env.write(lambda txn: self._write_batches(txn, prepared))
+        # What an ATS actor journaled and did not index (it crashed) goes in first, under
+        # the journal's lock: numbers handed out here must follow the journal's.
+        journal = self._wait_for_journal()
+        try:
+            self._replay_from(journal)
+            return self._env.write(lambda txn: self._write_batches(txn, prepared))
+        finally:
+            journal.close()
+
+    def _wait_for_journal(self) -> Journal:
+        """The journal, locked; another writer (a replay) holds it only briefly, the
+        ATS actor for as long as it runs."""
+        deadline = time.monotonic() + JOURNAL_WAIT_S
+        while True:
+            try:
+                return Journal(self.path / "journal", sync=self._sync)
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"the attestation store {self.path} is in use by an ATS actor: write through the bus"
+                    ) from None
+                time.sleep(0.01)
 
     def log_batches(
         self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
@@ -305,6 +330,7 @@ class AttestationStore:
         accepted: list[_Prepared] = []
 
         def claim(txn) -> None:
+            results.clear(), accepted.clear(), claimed.clear()  # LmdbEnv may run this twice
             get, db, logged = txn.get, self._records, self._logged_records
 
             def taken(id: str) -> bool:
@@ -399,9 +425,21 @@ class AttestationStore:
         except Unavailable:
             if keep:
                 raise
-            return  # the ATS actor holds it and replayed it when it opened
+            return  # the ATS actor holds it (it replayed it when it opened)
         try:
-            entries = list(journal.read_all())
+            self._replay_from(journal)
+        except BaseException:
+            journal.close()
+            raise
+        if keep:
+            self._journal = journal
+        else:
+            journal.close()
+
+    def _replay_from(self, journal: Journal) -> None:
+        entries = list(journal.read_all())
+        if entries:
+
 
             def work(txn) -> int:
                 applied = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0]
@@ -413,19 +451,12 @@ class AttestationStore:
                 writer.finish()
                 return writer.added
 
-            replayed = self._env.write(work) if entries else 0
+            replayed = self._env.write(work)
             if replayed:
                 from loguru import logger
 
                 logger.info("replayed {} journaled attestation(s) into the indexes", replayed)
-        except BaseException:
-            journal.close()
-            raise
         self._next_seq = self._applied_seq() + 1
-        if keep:
-            self._journal = journal
-        else:
-            journal.close()
 
     def _applied_seq(self) -> int:
         return self._env.read(lambda txn: _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0])

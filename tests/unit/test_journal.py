@@ -121,3 +121,37 @@ def test_reads_see_journaled_records_before_their_index_write(tmp_path):
         assert [r.id for r in store.query(Filter(subjects=["t3"]))] == [logged[3].id]
         assert store.get(logged[2].id) == logged[2]
         assert store.stats()["attestations"] == 10
+
+
+def test_a_direct_write_first_indexes_what_a_dead_journal_holder_left(tmp_path):
+    """A store opened while an ATS holds the journal cannot replay it; once that
+    holder dies with records journaled and not indexed, a direct write indexes them
+    first, under the journal's lock, so numbers never collide and nothing is lost."""
+    path = tmp_path / "ats"
+    script = textwrap.dedent(f"""
+        import os, sys
+        from qntx.ats.store import AttestationStore
+        from qntx.protocol import NewAttestation
+        store = AttestationStore({str(path)!r}, journal=True)
+        [outcome] = store.log_batches([[NewAttestation(subjects=[f"left{{k}}"], predicates=["p"]) for k in range(3)]])
+        print(" ".join(r.id for r in outcome.records), flush=True)
+        sys.stdin.readline()
+        os._exit(0)  # dies holding the journal, its records not indexed
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        left = holder.stdout.readline().split()
+        assert len(left) == 3
+        with AttestationStore(path) as store:  # the holder still runs: no replay here
+            assert store.count() == 0
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.wait(10) == 0
+            [mine] = store.put_many([NewAttestation(subjects=["mine"], predicates=["p"])])
+            assert sorted(r.id for r in store.query(Filter(predicates=["p"]))) == sorted([*left, mine.id])
+            assert store.query(Filter(predicates=["p"]))[0].id == mine.id  # numbered after them
+            assert store.count() == 4
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
