@@ -20,7 +20,7 @@ from collections import deque
 
 import msgspec
 
-from qntx.ats.store import validated
+from qntx.ats.records import validated
 from qntx.bus.client import Client
 from qntx.bus.codec import raise_if_error
 from qntx.errors import QntxError

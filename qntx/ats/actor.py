@@ -28,7 +28,8 @@ import msgspec
 from loguru import logger
 
 from qntx import __version__
-from qntx.ats.store import AttestationStore, msgpack_array
+from qntx.ats.records import msgpack_array
+from qntx.ats.store import AttestationStore
 from qntx.bus.actor import Actor, Offloader, Publisher, Request, Timer
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable

@@ -29,9 +29,7 @@ reads only the records that every field carries.
 
 from __future__ import annotations
 
-import collections
 import heapq
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -41,15 +39,26 @@ from typing import NamedTuple
 import msgspec
 
 from qntx.asid import new_asid
+from qntx.ats.indexing import (
+    INDEXED_FIELDS,
+    LIST_FIELDS,
+    PAIR,
+    TS_SEQ,
+    U64,
+    IndexWriter,
+    count_key,
+    pair_key,
+    value_key,
+)
 from qntx.ats.journal import Journal
 from qntx.ats.postings import Intersection, PostingList, tail_after, tail_before, walk_back
+from qntx.ats.records import MAX_ID_BYTES, MAX_TIMESTAMP, Stored, check_list, check_text, validated
 from qntx.errors import Conflict, Invalid, QntxError, Unavailable
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import MAX_PAGE, Attestation, Filter, NewAttestation
 from qntx.values import is_int
 from qntx.values import now_ms as wall_clock_ms
 
-LIST_FIELDS = ("subjects", "predicates", "contexts", "actors")
 # Records one query request may read (matching or not), and index seeks it may make,
 # before it answers with what it found and a cursor: bounded work per request (a few
 # milliseconds of the actor's loop), whatever the filter.
@@ -57,109 +66,16 @@ MAX_SCAN = 2_000
 MAX_SEEKS = 8_000
 # Values one filter field may OR together: each is a lookup and a cursor per page.
 MAX_FILTER_VALUES = 1_000
-# How deep attributes may nest (maps and lists inside one another).
-MAX_ATTRIBUTE_DEPTH = 32
 # A field with more values than this is checked on the records the other fields
 # found rather than joined in the intersection (each seek in it seeks every value).
 MAX_JOINED_VALUES = 16
-INDEXED_FIELDS = (*LIST_FIELDS, "source")
-# Subject and predicate together, the pair most queries AND: one posting list per
-# (subject, predicate), so `alice AND knows` walks only the records that have both,
-# however the two broad lists interleave.
-PAIR = "subject_predicate"
-_PAIR_SEP = b"\x00\x01"  # between the two value keys (value keys hold no NUL)
 _PAIRS_BUILT = b"pairs-built"  # meta: every record has its pair entries
 _BACKFILL_BATCH = 10_000
-DEFAULT_SOURCE = "python"
 # The journal grows up to this while the indexes are behind; past it a group commit
 # first brings the indexes up to date and writes the journal from the start again.
 JOURNAL_MAX_BYTES = 64 << 20
 JOURNAL_WAIT_S = 5.0  # a direct write waits this long for the journal's lock
-MAX_TIMESTAMP = (1 << 63) - 1  # int64 max, so every MessagePack client can read it back
-
-_U64 = struct.Struct(">Q")
-_TS_SEQ = struct.Struct(">QQ")
 _MIN_SEQ, _MAX_SEQ = b"\x00" * 8, b"\xff" * 8
-# LMDB keys are at most 511 bytes. Longer values share a truncated index key, which
-# is safe because every candidate is checked against the full value after decoding.
-_VALUE_KEY_BYTES = 480
-_MAX_ID_BYTES = 511
-
-
-def _value_key(value: str) -> bytes:
-    return value.casefold().encode()[:_VALUE_KEY_BYTES]
-
-
-def _pair_key(subject_key: bytes, predicate_key: bytes) -> bytes:
-    # Cut like a value key: pairs that share a cut key are told apart by the record check.
-    return (subject_key + _PAIR_SEP + predicate_key)[:_VALUE_KEY_BYTES]
-
-
-def _count_key(field: str, vkey: bytes) -> bytes:
-    return field.encode() + b":" + vkey
-
-
-def _check_text(what: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise Invalid(f"{what} must be a non-empty string, got {value!r}")
-    if "\x00" in value:
-        raise Invalid(f"{what} must not contain NUL")
-    return value
-
-
-def _check_list(field: str, values: object, *, default: list[str] | None) -> list[str]:
-    if values is None:
-        values = []
-    if not isinstance(values, list | tuple):
-        raise Invalid(f"{field} must be a list of strings, got {type(values).__name__}")
-    if not values and default is not None:
-        return list(default)
-    try:  # the common case, checked in C: all strings (join), none empty, no NUL
-        fine = "\x00" not in "\x01".join(values) and "" not in values
-    except TypeError:
-        fine = False
-    if not fine:
-        return [_check_text(f"{field} value", v) for v in values]  # raises the right error
-    return list(values)
-
-
-def validated(item: NewAttestation, now: int) -> Attestation:
-    """The record ``item`` makes (defaults filled, a candidate id when it has none),
-    or ``Invalid`` saying what is wrong with it. A writer may check items with it
-    before sending them; the store checks them again."""
-    if not isinstance(item, NewAttestation):
-        raise Invalid(f"expected a NewAttestation, got {type(item).__name__}")
-    subjects = _check_list("subjects", item.subjects, default=None)
-    if not subjects:
-        raise Invalid("an attestation needs at least one subject")
-    timestamp = now if item.timestamp is None else item.timestamp
-    if not is_int(timestamp) or not 0 <= timestamp <= MAX_TIMESTAMP:
-        raise Invalid(f"timestamp must be an integer of ms >= 0, got {timestamp!r}")
-    source = item.source or DEFAULT_SOURCE
-    _check_text("source", source)
-    attributes = item.attributes
-    if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
-        raise Invalid("attributes must be a map with string keys")
-    if _has_containers(attributes) and _nested_deeper(attributes, MAX_ATTRIBUTE_DEPTH):
-        raise Invalid(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels")
-    if item.id is not None:
-        _check_text("id", item.id)
-        if len(item.id.encode()) > _MAX_ID_BYTES:
-            raise Invalid(f"id is longer than {_MAX_ID_BYTES} bytes")
-    predicates = _check_list("predicates", item.predicates, default=["_"])
-    contexts = _check_list("contexts", item.contexts, default=["_"])
-    return Attestation(
-        # A generated id is only a candidate: the store checks it is free.
-        id=item.id if item.id is not None else new_asid(subjects[0], predicates[0], contexts[0]),
-        subjects=subjects,
-        predicates=predicates,
-        contexts=contexts,
-        actors=_check_list("actors", item.actors, default=[]),
-        timestamp=timestamp,
-        source=source,
-        attributes=attributes,
-        created_at=now,
-    )
 
 
 class _Prepared(NamedTuple):
@@ -236,7 +152,7 @@ class AttestationStore:
         position = [b""]
 
         def batch(txn) -> bool:
-            writer = _BatchWriter(self, txn)
+            writer = IndexWriter(self, txn)
             cursor = txn.cursor(self._time)
             found = cursor.set_range(position[0]) if position[0] else cursor.first()
             done = 0
@@ -398,7 +314,7 @@ class AttestationStore:
                 return 0
 
             def work(txn) -> None:
-                writer = _BatchWriter(self, txn)
+                writer = IndexWriter(self, txn)
                 for entry in entries:
                     writer.add_many(
                         (item.record, item.blob, seq) for seq, item in enumerate(entry.items, entry.first_seq)
@@ -442,8 +358,8 @@ class AttestationStore:
 
 
             def work(txn) -> int:
-                applied = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0]
-                writer = _BatchWriter(self, txn)
+                applied = U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0]
+                writer = IndexWriter(self, txn)
                 for first, blobs in entries:
                     for seq, blob in enumerate(blobs, first):
                         if seq > applied:
@@ -459,7 +375,7 @@ class AttestationStore:
         self._next_seq = self._applied_seq() + 1
 
     def _applied_seq(self) -> int:
-        return self._env.read(lambda txn: _U64.unpack(txn.get(b"seq", _U64.pack(0), db=self._meta))[0])
+        return self._env.read(lambda txn: U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0])
 
     def _prepare_batches(self, batches, now_ms: int | None) -> list[list[_Prepared] | QntxError]:
         if self.readonly:
@@ -489,7 +405,7 @@ class AttestationStore:
         return _Prepared(record, blob, item.id is not None)
 
     def _write_batches(self, txn, prepared: list[list[_Prepared] | QntxError]):
-        writer = _BatchWriter(self, txn)
+        writer = IndexWriter(self, txn)
         get, db, added = txn.get, self._records, writer.ids
 
         def taken(id: str) -> bool:
@@ -516,7 +432,7 @@ class AttestationStore:
     # ------------------------------------------------------------------ reads
 
     def get(self, id: str) -> Attestation | None:
-        if not isinstance(id, str) or not id or len(id.encode()) > _MAX_ID_BYTES:
+        if not isinstance(id, str) or not id or len(id.encode()) > MAX_ID_BYTES:
             return None
         logged = self._logged_records.get(id)  # journaled, its index write still to come
         if logged is not None:
@@ -582,7 +498,7 @@ class AttestationStore:
         for entry in list(self._logged):
             for seq, item in enumerate(entry.items, entry.first_seq):
                 record = item.record
-                tail = _TS_SEQ.pack(record.timestamp, seq)
+                tail = TS_SEQ.pack(record.timestamp, seq)
                 in_page = (start is None or tail < start) and (floor is None or tail > floor)
                 if in_page and lo <= record.timestamp <= hi and _matches(record, want):
                     found.append((tail, record))
@@ -595,7 +511,7 @@ class AttestationStore:
     def _run_query(
         self, txn, want: dict[str, set[str]], lo: int, hi: int, start: bytes | None, budget: _Budget
     ) -> tuple[list[Attestation], str | None]:
-        low, high = _U64.pack(lo) + _MIN_SEQ, _U64.pack(hi) + _MAX_SEQ
+        low, high = U64.pack(lo) + _MIN_SEQ, U64.pack(hi) + _MAX_SEQ
         if start is not None:
             high = min(high, start)  # resume below the previous page's last record
         if want:
@@ -676,11 +592,11 @@ class AttestationStore:
         subjects, predicates = want.get("subjects"), want.get("predicates")
         if self._pairs and subjects and predicates and len(subjects) * len(predicates) <= MAX_FILTER_VALUES:
             fields = {f: None for f in want if f not in ("subjects", "predicates")}
-            fields[PAIR] = {_pair_key(_value_key(s), _value_key(p)) for s in subjects for p in predicates}
+            fields[PAIR] = {pair_key(value_key(s), value_key(p)) for s in subjects for p in predicates}
         for field, pair_keys in fields.items():
-            vkeys = sorted(pair_keys) if pair_keys is not None else sorted({_value_key(v) for v in want[field]})
-            counts = [txn.get(_count_key(field, k), db=self._counts) for k in vkeys]
-            total = sum(_U64.unpack(c)[0] for c in counts if c)
+            vkeys = sorted(pair_keys) if pair_keys is not None else sorted({value_key(v) for v in want[field]})
+            counts = [txn.get(count_key(field, k), db=self._counts) for k in vkeys]
+            total = sum(U64.unpack(c)[0] for c in counts if c)
             if total == 0:
                 return []
             ranked.append((total, field, vkeys))
@@ -696,25 +612,6 @@ class _Budget(NamedTuple):
     limit: int
     max_scan: int
     max_seeks: int
-
-
-class Stored(NamedTuple):
-    """One batch as stored: its records, and the MessagePack array of them (the
-    bytes each record was stored as), ready to send without encoding them again."""
-
-    records: list[Attestation]
-    blobs: list[bytes]  # each record as stored
-
-    @property
-    def encoded(self) -> bytes:
-        return msgpack_array(self.blobs)
-
-
-def msgpack_array(blobs: list[bytes]) -> bytes:
-    """The MessagePack array of already encoded items."""
-    n = len(blobs)
-    head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
-    return head + b"".join(blobs)
 
 
 class _Logged(NamedTuple):
@@ -748,139 +645,6 @@ def _claim_ids(batch: list[_Prepared], taken: Callable[[str], bool], encoder) ->
     return out
 
 
-class _BatchWriter:
-    """Puts records and their index entries into one write transaction.
-
-    Gathers every entry first and writes each sub-database's entries sorted, in one
-    ``putmulti`` call: neighbouring keys share pages, and the loop runs in C. Count
-    increments are summed per value and written once at the end. Value keys are
-    made once per distinct value.
-    """
-
-    def __init__(self, store: AttestationStore, txn):
-        self._txn = txn
-        self._store = store
-        self.start_seq = _U64.unpack(txn.get(b"seq", _U64.pack(0), db=store._meta))[0]
-        self._seq = self.start_seq
-        self.ids: set[str] = set()  # of the records added
-        self.added = 0
-        self._records: list[tuple[bytes, bytes]] = []
-        self._time: list[tuple[bytes, bytes]] = []
-        # field -> (value key, ts + seq, id) of each index entry to write
-        self._rows: dict[str, list[tuple[bytes, bytes, bytes]]] = {f: [] for f in (*INDEXED_FIELDS, PAIR)}
-        self._value_keys: dict[str, bytes] = {}
-        self._pair_keys: dict[tuple[bytes, bytes], bytes] = {}
-
-    def add(self, record: Attestation, blob: bytes, seq: int) -> None:
-        """One record (encoded as ``blob``) under sequence number ``seq``."""
-        self.add_many(((record, blob, seq),))
-
-    def add_many(self, items) -> None:
-        """Records as (record, blob, seq): the hot loop of every index write, so it
-        keeps its lookups local and makes each distinct value key once."""
-        pack, keys_of, cache = _TS_SEQ.pack, self._keys_of, self._value_keys
-        add_id, add_record, add_time = self.ids.add, self._records.append, self._time.append
-        rows = self._rows
-        subjects_rows, predicates_rows = rows["subjects"].append, rows["predicates"].append
-        contexts_rows, actors_rows = rows["contexts"].append, rows["actors"].append
-        source_rows, pair_rows = rows["source"].append, rows[PAIR].append
-        pairs = self._pair_keys
-        added, top = 0, self._seq
-        for record, blob, seq in items:
-            id = record.id.encode()
-            add_id(record.id)
-            added += 1
-            if seq > top:
-                top = seq
-            tail = pack(record.timestamp, seq)
-            add_record((id, blob))
-            add_time((tail, id))
-            subjects, predicates = record.subjects, record.predicates
-            if len(subjects) == 1 and len(predicates) == 1:  # the usual shape, inline
-                s_key, p_key = cache.get(subjects[0]), cache.get(predicates[0])
-                if s_key is None:
-                    s_key = cache[subjects[0]] = _value_key(subjects[0])
-                if p_key is None:
-                    p_key = cache[predicates[0]] = _value_key(predicates[0])
-                subjects_rows((s_key, tail, id))
-                predicates_rows((p_key, tail, id))
-                pair = pairs.get((s_key, p_key))
-                if pair is None:
-                    pair = pairs[(s_key, p_key)] = _pair_key(s_key, p_key)
-                pair_rows((pair, tail, id))
-            else:
-                s_keys, p_keys = keys_of(subjects), keys_of(predicates)
-                for key in s_keys:
-                    subjects_rows((key, tail, id))
-                for key in p_keys:
-                    predicates_rows((key, tail, id))
-                self._add_pairs(s_keys, p_keys, tail, id)
-            for key in keys_of(record.contexts):
-                contexts_rows((key, tail, id))
-            for key in keys_of(record.actors):
-                actors_rows((key, tail, id))
-            key = cache.get(record.source)
-            if key is None:
-                key = cache[record.source] = _value_key(record.source)
-            source_rows((key, tail, id))
-        self.added += added
-        self._seq = top
-
-    def index_pairs(self, record: Attestation, tail: bytes, id: bytes) -> None:
-        """A stored record's pair entries (building the pair index of an older store)."""
-        self._add_pairs(self._keys_of(record.subjects), self._keys_of(record.predicates), tail, id)
-
-    def _add_pairs(self, subjects, predicates, tail: bytes, id: bytes) -> None:
-        append, pairs = self._rows[PAIR].append, self._pair_keys
-        if len(subjects) == 1 and len(predicates) == 1:
-            both = (subjects[0], predicates[0])
-            key = pairs.get(both)
-            if key is None:
-                key = pairs[both] = _pair_key(*both)
-            append((key, tail, id))
-            return
-        for key in {_pair_key(s, p) for s in subjects for p in predicates}:  # cut keys may meet
-            append((key, tail, id))
-
-    def _keys_of(self, values) -> tuple[bytes, ...]:
-        """The distinct value keys of one field: "Alice" and "alice" in one record
-        are one entry and one count."""
-        cache = self._value_keys
-        if len(values) == 1:
-            vkey = cache.get(values[0])
-            if vkey is None:
-                vkey = cache[values[0]] = _value_key(values[0])
-            return (vkey,)
-        out = set()
-        for value in values:
-            vkey = cache.get(value)
-            if vkey is None:
-                vkey = cache[value] = _value_key(value)
-            out.add(vkey)
-        return tuple(out)
-
-    def finish(self) -> None:
-        """Write the gathered entries, add to the counts and store the sequence number."""
-        txn, store = self._txn, self._store
-        writes = [(store._records, self._records), (store._time, self._time)]
-        added: dict[bytes, int] = {}  # count key -> entries added in this transaction
-        for field, rows in self._rows.items():
-            writes.append((store._index[field], [(vkey + b"\x00" + tail, id) for vkey, tail, id in rows]))
-            prefix = field.encode() + b":"
-            for vkey, n in collections.Counter(vkey for vkey, _, _ in rows).items():
-                added[prefix + vkey] = n
-        for db, items in writes:
-            if items:
-                items.sort()
-                txn.cursor(db).putmulti(items)
-        get, put, counts = txn.get, txn.put, store._counts
-        for key, n in sorted(added.items()):
-            old = get(key, db=counts)
-            put(key, _U64.pack(n + (_U64.unpack(old)[0] if old else 0)), db=counts)
-        if self._seq != self.start_seq:
-            put(b"seq", _U64.pack(self._seq), db=store._meta)
-
-
 def next_page(flt: Filter, cursor: str | None, found: int) -> Filter | None:
     """The filter asking for the page after one that ended at ``cursor``, having
     found ``found`` records in all so far; None when the query is done."""
@@ -897,30 +661,9 @@ def _parse_cursor(cursor: str | None) -> bytes | None:
         tail = bytes.fromhex(cursor) if isinstance(cursor, str) else b""
     except ValueError:
         tail = b""
-    if len(tail) != _TS_SEQ.size:
+    if len(tail) != TS_SEQ.size:
         raise Invalid(f"not a page cursor: {cursor!r}")
     return tail
-
-
-def _has_containers(value: dict) -> bool:
-    for v in value.values():
-        if isinstance(v, dict | list):
-            return True
-    return False
-
-
-def _nested_deeper(value: dict, limit: int) -> bool:
-    """Whether maps and lists in ``value`` (itself level 1) go deeper than ``limit``."""
-    level, containers = 1, [value]
-    while containers:
-        if level > limit:
-            return True
-        inner = []
-        for container in containers:
-            items = container.values() if isinstance(container, dict) else container
-            inner += [v for v in items if isinstance(v, dict | list)]
-        level, containers = level + 1, inner
-    return False
 
 
 def _matches(record: Attestation, want: dict[str, set[str]]) -> bool:
@@ -938,13 +681,13 @@ def _normalise_filter(flt: Filter) -> tuple[dict[str, set[str]], int, int, int |
         raise Invalid(f"expected a Filter, got {type(flt).__name__}")
     want: dict[str, set[str]] = {}
     for field in LIST_FIELDS:
-        values = _check_list(f"filter {field}", getattr(flt, field), default=None)
+        values = check_list(f"filter {field}", getattr(flt, field), default=None)
         if len(values) > MAX_FILTER_VALUES:
             raise Invalid(f"filter {field} has {len(values)} values, more than {MAX_FILTER_VALUES}")
         if values:
             want[field] = {v.casefold() for v in values}
     if flt.source is not None:
-        want["source"] = {_check_text("filter source", flt.source).casefold()}
+        want["source"] = {check_text("filter source", flt.source).casefold()}
     bounds = []
     for name, default in (("time_start", 0), ("time_end", MAX_TIMESTAMP)):
         value = getattr(flt, name)

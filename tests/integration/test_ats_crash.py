@@ -19,7 +19,8 @@ import lmdb
 import msgspec
 import pytest
 
-from qntx.ats.store import _PAIR_SEP, _VALUE_KEY_BYTES, AttestationStore
+from qntx.ats.indexing import PAIR_SEP, VALUE_KEY_BYTES
+from qntx.ats.store import AttestationStore
 from qntx.bus.client import Client
 from qntx.errors import QntxError
 from qntx.protocol import AtsReply, Attest, Attestation, Attested, NewAttestation
@@ -134,7 +135,7 @@ def check_indexes(path: Path) -> dict[str, Attestation]:
             assert seqs == list(range(1, len(records) + 1)) and seq == len(records), "sequence numbers skip or repeat"
 
             def key(value: str) -> bytes:
-                return value.casefold().encode()[:_VALUE_KEY_BYTES]
+                return value.casefold().encode()[:VALUE_KEY_BYTES]
 
             expected: dict[str, set[tuple[bytes, bytes]]] = {f: set() for f in (*FIELDS, "source", "subject_predicate")}
             for id, record in records.items():
@@ -145,7 +146,7 @@ def check_indexes(path: Path) -> dict[str, Attestation]:
                 expected["source"].add((key(record.source) + b"\x00" + tail, raw_id))
                 for s in record.subjects:
                     for p in record.predicates:
-                        pair = (key(s) + _PAIR_SEP + key(p))[:_VALUE_KEY_BYTES]
+                        pair = (key(s) + PAIR_SEP + key(p))[:VALUE_KEY_BYTES]
                         expected["subject_predicate"].add((pair + b"\x00" + tail, raw_id))
             counts = {k: struct.unpack(">Q", v)[0] for k, v in items("counts")}
             for field, want in expected.items():
