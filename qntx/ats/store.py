@@ -7,11 +7,15 @@ Named sub-databases:
 * ``time``     ts(8 BE) + seq(8 BE) → id
 * ``subjects`` / ``predicates`` / ``contexts`` / ``actors`` / ``source``:
                casefold(value) + NUL + ts + seq → id
+* ``subject_predicate``: the pair of value keys + NUL + ts + seq → id
 * ``counts``   field + ":" + casefold(value) → how many attestations carry it
-* ``meta``     ``seq`` → the last sequence number handed out
+* ``meta``     ``seq`` → the last sequence number in the indexes
 
-``seq`` grows with every stored attestation, so ts + seq orders records newest first
-with insertion order breaking timestamp ties, and keys are unique without duplicates.
+(``qntx.ats.indexing`` makes these keys and writes them; ``qntx.ats.records``
+checks and encodes a new attestation.) ``seq`` grows with every stored attestation,
+so ts + seq orders records newest first with insertion order breaking timestamp
+ties, and keys are unique without duplicates.
+
 Writes take one of two paths. Without a journal (the embedded store of a CLI
 command, tests) ``put_batches`` writes records and indexes in one synced LMDB
 transaction. With one (the ATS actor, the store's one writer: ``journal=True``),
@@ -131,6 +135,7 @@ class AttestationStore:
         self.last_query_scanned = 0
         self.last_query_plan: list[str] = []
         self._page_tails: list[bytes] = []
+        self._page_indexed = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -374,6 +379,10 @@ class AttestationStore:
                 logger.info("replayed {} journaled attestation(s) into the indexes", replayed)
         self._next_seq = self._applied_seq() + 1
 
+    def _snapshot_seq(self, txn) -> int:
+        """The last sequence number in the indexes as ``txn`` sees them."""
+        return U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0]
+
     def _applied_seq(self) -> int:
         return self._env.read(lambda txn: U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0])
 
@@ -445,8 +454,10 @@ class AttestationStore:
 
     def stats(self) -> dict:
         def work(txn):
+            # Journaled records past this snapshot's last indexed one count too.
+            journaled = max(0, self.logged_seq - self._snapshot_seq(txn)) if self._journal is not None else 0
             return {
-                "attestations": txn.stat(self._records)["entries"] + self.logged,
+                "attestations": txn.stat(self._records)["entries"] + journaled,
                 **self._env.stats,
                 "path": str(self.path),
             }
@@ -482,7 +493,11 @@ class AttestationStore:
         limit = page if limit is None else min(limit, page)
         budget = _Budget(limit, max_scan, max_seeks)
         self._page_tails: list[bytes] = []  # beside each record found, its ts + seq
-        records, cursor = self._env.read(lambda txn: self._run_query(txn, want, lo, hi, start, budget))
+        def work(txn):
+            self._page_indexed = self._snapshot_seq(txn)  # what the overlay must not repeat
+            return self._run_query(txn, want, lo, hi, start, budget)
+
+        records, cursor = self._env.read(work)
         if self._logged:  # only when the index writes fail (a full disk): readers wait otherwise
             return self._with_logged(records, cursor, want, lo, hi, start, limit)
         return records, cursor
@@ -497,6 +512,8 @@ class AttestationStore:
         found = list(zip(self._page_tails, records, strict=True))
         for entry in list(self._logged):
             for seq, item in enumerate(entry.items, entry.first_seq):
+                if seq <= self._page_indexed:  # an index write committed before the page's read
+                    continue
                 record = item.record
                 tail = TS_SEQ.pack(record.timestamp, seq)
                 in_page = (start is None or tail < start) and (floor is None or tail > floor)
