@@ -15,6 +15,7 @@ import sys
 # name -> one line for --help; the order is the order `all` runs them in.
 BENCHMARKS = {
     "ats": "attestation store through the bus: durable writes, group commit, queries, CLI",
+    "cli": "how fast `qntx --help`, `handler list` and `ax --json` start, against a bare interpreter",
     "pulse": "job scheduler throughput and latency",
     "delayed": "how late delayed jobs start, with 10,000 more waiting",
     "soak": "500,000 jobs through one bus: server RSS and data.mdb sizes stay bounded",

@@ -4,14 +4,16 @@ Starts a real ATS actor (``python -m qntx --home H ats``) in a throwaway home an
 measures, each beside the raw limit from ``bench.raw`` measured in the same run:
 
 1. durable attestations/s from one sequential client   vs synced LMDB txns/s  (>= 0.6x)
-2. the same from 8 client processes, sequential and with
-   a window of 8 requests in flight each                vs synced LMDB txns/s  (>= 10x)
-3. ``attest_many`` in batches of 1,000                  vs batched LMDB puts/s (context)
-4. query p50/p99 over 200,000 stored attestations       vs bus ping p50/p99    (<= 3x)
-5. ``qntx handler create`` wall time (embedded store)   vs interpreter start   (<= 300 ms)
+2. the same from 8 client processes, sequential (>= 3x) and
+   with a window of 8 requests in flight each           vs synced LMDB txns/s
+3. ``attest_many`` in batches of 1,000, until indexed   >= 100,000/s (batched puts beside it)
+4. handler code attesting 10,000 records in one job     >= 50,000/s (through ``qntx up``)
+5. query p50/p99 over 200,000 stored attestations       vs bus ping p50/p99    (<= 3x)
+6. ``qntx handler create`` wall time (embedded store)   vs interpreter start   (<= 300 ms)
 
-Stages 1-3 share one actor; stage 4 gets a fresh one so its store holds only the
-realistic mix; stage 5 runs the CLI against a home with no actor. Every process is
+Stages 1-3 share one actor; stage 4 runs a whole ``qntx up``; stage 5 gets a fresh
+ATS so its store holds only the realistic mix; stage 6 runs the CLI against a home
+with no actor (``bin/bench cli`` times the everyday commands). Every process is
 stopped in a ``finally``. ``--quick`` shrinks everything for a smoke test.
 ``--and`` runs instead the AND-of-two-broad-fields query at a million attestations
 (``bench.ats_and``).
@@ -50,12 +52,13 @@ class Sizes:
     load_batch: int  # attest_many batch size used to load them
     samples: int  # timed calls per query kind (and for ping)
     cli_runs: int  # timed `qntx handler create` runs (after one warm-up)
+    handler_attests: int  # attest() calls in the handler job
 
 
-FULL = Sizes(1.5, 200_000, 3.0, 8, 8, 1_000, 200_000, 10_000, 1_500, 5)
-QUICK = Sizes(0.3, 20_000, 0.5, 8, 8, 1_000, 3_000, 1_000, 100, 2)
+FULL = Sizes(1.5, 200_000, 3.0, 8, 8, 1_000, 200_000, 10_000, 1_500, 5, 10_000)
+QUICK = Sizes(0.3, 20_000, 0.5, 8, 8, 1_000, 3_000, 1_000, 100, 2, 2_000)
 
-PUTS_PER_ATTESTATION = 7  # record + time + one index entry per field (4 lists + source)
+PUTS_PER_ATTESTATION = 8  # record + time + one index entry per field (4 lists + source) + pair
 
 
 # ---------------------------------------------------------------- helpers
@@ -169,9 +172,18 @@ def write_stages(report: Report, sizes: Sizes) -> None:
             probe.close()
 
 
+def synced_now(report: Report, sizes: Sizes, stage: str) -> float:
+    """The raw synced-transaction rate right before a write stage: the disk is shared,
+    and its rate can change within a run, so each stage is judged by its own."""
+    rate = raw.lmdb_synced_txns_per_s(sizes.raw_seconds)
+    report.notes.append(f"raw synced txns/s just before {stage}: {rate:,.0f}")
+    return rate
+
+
 def single_client(report: Report, sizes: Sizes, home: Home, probe: StageProbe) -> None:
     from qntx import connect
 
+    synced = synced_now(report, sizes, "1 client")
     progress("1 client, sequential bus.attest")
     with connect(home.path, embedded=False) as bus:
         bus.attest("warm", "up")
@@ -182,7 +194,6 @@ def single_client(report: Report, sizes: Sizes, home: Home, probe: StageProbe) -
         after = probe.snapshot()
     report.notes.append(probe.note("1 client", before, after, n))
     rate = n / (after.wall - before.wall)
-    synced = report.raw["lmdb_synced_txn"]
     report.add(
         Metric("attest_1_client", "attest, 1 client (durable)", rate, "/s", synced, "synced txn", Target(">=", 0.6))
     )  # fmt: skip
@@ -191,6 +202,7 @@ def single_client(report: Report, sizes: Sizes, home: Home, probe: StageProbe) -
 def concurrent_clients(
     report: Report, sizes: Sizes, home: Home, probe: StageProbe, mode: str
 ) -> None:
+    synced = synced_now(report, sizes, f"{sizes.clients} clients {mode}")
     progress(f"{sizes.clients} client processes, {mode}")
     rate, note = concurrent_writes(home, mode, sizes, probe)
     report.notes.append(note)
@@ -205,7 +217,6 @@ def concurrent_clients(
         key = f"attest_8_clients_window_{sizes.window}"
         label = f"attest, {sizes.clients} clients x window {sizes.window}"
         target = None
-    synced = report.raw["lmdb_synced_txn"]
     report.add(Metric(key, label, rate, "/s", synced, "synced txn", target))
 
 
@@ -221,17 +232,20 @@ def batches(report: Report, sizes: Sizes, home: Home, probe: StageProbe) -> None
         while time.perf_counter() - before.wall < sizes.write_seconds:
             bus.attest_many(prebuilt[(n // sizes.batch) % len(prebuilt)])
             n += sizes.batch
+        bus.stats()  # a read waits for the indexes: the clock stops once they hold every record
         after = probe.snapshot()
     report.notes.append(probe.note("attest_many", before, after, n))
     report.notes.append(
         f"each attestation is {PUTS_PER_ATTESTATION} LMDB puts (record, time, subjects, predicates, "
-        f"contexts, actors, source) plus a count update, so attest_many tops out near "
+        f"contexts, actors, source, subject+predicate) plus count updates, written behind the "
+        f"journal; attest_many's clock runs until they are all written, so it tops out near "
         f"1/{PUTS_PER_ATTESTATION} = {1 / PUTS_PER_ATTESTATION:.2f}x batched puts even before "
         "validation, encoding and the reply."
     )
     rate, limit = n / (after.wall - before.wall), report.raw["lmdb_batched_put"]
     label = f"attest_many, batches of {sizes.batch}"
-    report.add(Metric("attest_many_1000", label, rate, "/s", limit, "batched put", Target(">=", 0.04)))
+    target = Target(">=", 100_000, on="measured")
+    report.add(Metric("attest_many_1000", label, rate, "/s", limit, "batched put", target))
 
 
 def realistic_mix(n: int, seed: int = 7):
@@ -335,6 +349,63 @@ def query_stage(report: Report, sizes: Sizes) -> None:
             ))  # fmt: skip
 
 
+ATTESTING_HANDLER = "bench_attest"
+ATTESTING_CODE = (
+    "n = int(args[0])\n"
+    "for i in range(n):\n"
+    "    attest([f'h{i % 997}'], ['made'], ['bench'], attributes={'i': i})\n"
+    "_result = n\n"
+)
+
+
+def handler_stage(report: Report, sizes: Sizes) -> None:
+    """Stage 6: handler code attesting ``sizes.handler_attests`` records in one job,
+    through ``qntx up`` (the python plugin's job process and its batched attest())."""
+    from qntx import connect
+    from qntx.errors import QntxError
+
+    with Home() as home:
+        created = home.run_cli("handler", "create", ATTESTING_HANDLER, "--code", ATTESTING_CODE)
+        if created.returncode != 0:
+            raise RuntimeError(created.stderr)
+        progress("starting qntx up")
+        popen = home.start("up")
+        deadline = time.monotonic() + 60
+        with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
+            while f"python.{ATTESTING_HANDLER}" not in _handlers(bus, QntxError):
+                if popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"qntx up did not serve the handler:\n{home.log_text()}")
+                time.sleep(0.1)
+            bus.submit(f"python.{ATTESTING_HANDLER}", {"args": ["100"]}).result(timeout=60)  # warm
+            progress(f"a handler attesting {sizes.handler_attests:,} records in one job")
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                done = bus.submit(f"python.{ATTESTING_HANDLER}", {"args": [str(sizes.handler_attests)]}).result(timeout=120)
+                bus.stats()  # and indexed
+                runs.append(time.perf_counter() - start)
+                if done != sizes.handler_attests:
+                    raise RuntimeError(f"the handler returned {done!r}")
+            expected = 1 + 100 + 3 * sizes.handler_attests  # the handler itself, the warm-up, the runs
+            if bus.stats().attestations != expected:
+                raise RuntimeError(f"the store holds {bus.stats().attestations}, not {expected}")
+    rate = sizes.handler_attests / statistics.median(runs)
+    report.notes.append(
+        f"handler job: {sizes.handler_attests:,} attest() calls, job submit to result, median of 3: "
+        f"{statistics.median(runs) * 1000:.0f} ms"
+    )
+    label = f"handler attesting {sizes.handler_attests:,} in one job"
+    target = Target(">=", 50_000, on="measured")
+    report.add(Metric("handler_attests", label, rate, "/s", report.raw["lmdb_synced_txn"], "synced txn", target))
+
+
+def _handlers(bus, errors) -> list[str]:
+    try:
+        return bus.status().handlers
+    except errors:
+        return []
+
+
 def cli_stage(report: Report, sizes: Sizes) -> None:
     """Stage 5: ``bin/qntx handler create`` in embedded mode (no actor), median wall time."""
     qntx = str(REPO / "bin" / "qntx")
@@ -400,6 +471,7 @@ def main(argv: list[str]) -> int:
     for key, value in raw.measure_all(sizes.raw_seconds, sizes.batched_puts).items():
         report.add_raw(key, value, "/s", raw.SPEC_REFERENCE[key])
     write_stages(report, sizes)
+    handler_stage(report, sizes)
     query_stage(report, sizes)
     cli_stage(report, sizes)
     report.seconds = time.perf_counter() - start

@@ -9,8 +9,8 @@ enforced by the store, which asks for a fresh id on the (astronomically rare) co
 from __future__ import annotations
 
 import functools
+import os
 import re
-import secrets
 import unicodedata
 
 # No 0/1: they read as O/I, which is also why segments map those digits to letters.
@@ -54,15 +54,30 @@ def segment(value: str) -> str:
     return _NOT_ALPHABET.sub("", text)[:SEGMENT_LENGTH]
 
 
+# Random bytes below 238 (7 x 34) map evenly onto the alphabet; the rest are dropped
+# (rejection sampling), so every character is uniform. Characters are drawn from the
+# OS's cryptographic source a few thousand at a time, and the pool is emptied in a
+# forked child, which must never hand out its parent's characters.
+_TO_ALPHABET = bytes(ALPHABET.encode()[b % len(ALPHABET)] for b in range(256))
+_REJECTED = bytes(range(len(ALPHABET) * (256 // len(ALPHABET)), 256))
+_POOL_BYTES = 4096
+_pool = ""
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = ""
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _suffix(length: int = SUFFIX_LENGTH) -> str:
-    # One draw of a uniform number below 34**length, written in base 34: as random as
-    # that many secrets.choice calls, at a fraction of the cost (one id per write).
-    number = secrets.randbelow(len(ALPHABET) ** length)
-    chars = []
-    for _ in range(length):
-        number, digit = divmod(number, len(ALPHABET))
-        chars.append(ALPHABET[digit])
-    return "".join(chars)
+    global _pool
+    while len(_pool) < length:
+        _pool += os.urandom(_POOL_BYTES).translate(_TO_ALPHABET, _REJECTED).decode()
+    suffix, _pool = _pool[:length], _pool[length:]
+    return suffix
 
 
 def new_asid(subject: str, predicate: str = "_", context: str = "_", *, prefix: str = "AS") -> str:

@@ -553,8 +553,20 @@ PluginReply = (
 # --------------------------------------------------------------------- events
 
 
-class AttestationCreated(Message):
-    record: Attestation
+class StoredNotice(msgspec.Struct, kw_only=True):
+    """What the ATS events socket says of one stored attestation: what it is about,
+    never its subjects' claims in full or its attributes (GetAttestation has those)."""
+
+    id: str
+    predicates: list[str]
+    contexts: list[str]
+    seq: int = 0
+
+
+class AttestationsStored(Message):
+    """One group commit's attestations, as notices, in commit order."""
+
+    stored: list[StoredNotice]
 
 
 class JobChanged(msgspec.Struct, kw_only=True):
@@ -595,7 +607,12 @@ class HandlersRegistered(Message):
     handler_names: list[str]
 
 
-Event = AttestationCreated | JobNotice | HandlersRegistered
+Event = AttestationsStored | JobNotice | HandlersRegistered
+
+
+def stored_notices(event: object) -> list[StoredNotice]:
+    """What an ATS event says was stored (nothing for any other event)."""
+    return event.stored if isinstance(event, AttestationsStored) else []
 
 
 # --------------------------------------------------------------------- roles

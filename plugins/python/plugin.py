@@ -45,7 +45,6 @@ from qntx.protocol import (
     PLUGIN_ROLES,
     Ack,
     AtsReply,
-    AttestationCreated,
     BusEndpoints,
     CancelExecution,
     Dispatch,
@@ -71,6 +70,7 @@ from qntx.protocol import (
     RegisterPlugin,
     ServerReply,
     Shutdown,
+    stored_notices,
 )
 from qntx.pulse.worker import Worker, done_from, execute_request, given_back
 from qntx.settings import Settings
@@ -303,7 +303,7 @@ class PythonPlugin:
                     while await sub.poll(0):
                         frames = await sub.recv_multipart()
                         event = decoder.decode(frames[-1])
-                        if isinstance(event, AttestationCreated) and self._is_handler(event.record):
+                        if any(self._is_handler(r) for r in stored_notices(event)):
                             relevant = True
                     if relevant:
                         await self._discover()

@@ -4,7 +4,7 @@
 sets its hard limits (``limit_job``), runs the job with ``HandlerRunner`` and exits,
 so nothing a job changes (builtins, modules, threads, cwd, environment) reaches the
 next. It owns executing user code: a fresh namespace (``upstream``, ``args``,
-``attest``, ``progress``), capturing stdout/stderr and turning exceptions into a
+``attest``, ``progress``; attests go out in batches, ``plugins.python.attesting``), capturing stdout/stderr and turning exceptions into a
 ``JobError``.
 
 Parent and child talk only over a private pipe pair, never over fd 0/1: frames are
@@ -36,9 +36,10 @@ from typing import Any
 
 import msgspec
 
+from plugins.python.attesting import AttestWriter
 from qntx.bus.client import Client
 from qntx.bus.security import Security
-from qntx.protocol import NIL, AtsReply, Attest, Attested, JobError, NewAttestation
+from qntx.protocol import NIL, AtsReply, JobError, NewAttestation
 from qntx.values import as_list
 
 MAX_OUTPUT_CHARS = 1 << 20  # per stream; the tail is kept, it usually holds the error
@@ -361,20 +362,22 @@ class HandlerRunner:
 
     def __init__(self, pipe: Pipe):
         self._pipe = pipe
-        self._ats: Client | None = None
+        self._ats: AttestWriter | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._streamer = OutputStreamer(pipe)
 
     def _attest_function(self, endpoint: str, keys_dir: str = "", insecure: bool = False):
         def attest(subjects, predicates, contexts, actors=None, attributes=None) -> dict:
-            """Create one attestation through the bus and return the stored record."""
+            """Create one attestation through the bus; returns the stored record
+            (``plugins.python.attesting``: sent in batches, read when acknowledged)."""
             if not endpoint:
                 raise RuntimeError("attest() is unavailable: this interpreter has no ATS endpoint")
-            if self._ats is None or self._ats.endpoint != endpoint:
+            if self._ats is None or self._ats.client.endpoint != endpoint:
                 if self._ats is not None:
-                    self._ats.close()
+                    self._ats.client.close()
                 security = Security(keys_dir=Path(keys_dir) if keys_dir else None, insecure=insecure)
-                self._ats = Client(endpoint, AtsReply, timeout_s=ATTEST_TIMEOUT_S, security=security)
+                client = Client(endpoint, AtsReply, timeout_s=ATTEST_TIMEOUT_S, security=security)
+                self._ats = AttestWriter(client)
             item = NewAttestation(
                 subjects=as_list(subjects),
                 predicates=as_list(predicates),
@@ -383,10 +386,7 @@ class HandlerRunner:
                 attributes=dict(attributes or {}),
                 source="python",
             )
-            reply = self._ats.request(Attest(items=[item]))
-            if not isinstance(reply, Attested) or not reply.records:
-                raise RuntimeError(f"unexpected ATS reply to Attest: {type(reply).__name__}")
-            return msgspec.to_builtins(reply.records[0])
+            return self._ats.attest(item)
 
         return attest
 
@@ -413,7 +413,11 @@ class HandlerRunner:
         self._streamer.begin()
         error = None
         try:
-            exec(compiled(job.code, job.filename), namespace)
+            try:
+                exec(compiled(job.code, job.filename), namespace)
+            finally:
+                if self._ats is not None:  # the job is done once its attestations are stored
+                    self._ats.flush()
         except SystemExit as exc:
             if exc.code not in (0, None):
                 error = _job_error(exc)

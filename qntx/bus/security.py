@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
-import zmq.auth
-from loguru import logger
 
 from qntx.errors import Invalid, NotFound, Unavailable
 
@@ -122,6 +120,8 @@ def read_authorized(path: Path) -> dict[str, Authorized]:
         return {}
     except (OSError, ValueError) as exc:
         # A broken file admits nobody rather than everybody.
+        from loguru import logger
+
         logger.error("{} cannot be read ({}); no key is authorised", path, exc)
         return {}
     entries = {}
@@ -161,6 +161,8 @@ def parse_public_key(text: str) -> str:
         raise Invalid(f"the public key has characters outside Z85: {shown} (expected 40 characters of Z85)")
     if len(key) != KEY_LENGTH:
         raise Invalid(f"the public key is {len(key)} characters long; a CURVE public key is {KEY_LENGTH} characters of Z85")
+    import zmq.utils.z85
+
     try:
         zmq.utils.z85.decode(key)
     except (ValueError, KeyError, OverflowError, struct.error):
@@ -195,6 +197,8 @@ def revoke(keys_dir: Path, name: str) -> None:
 
 
 def host_public_key(keys_dir: Path) -> str:
+    import zmq.auth
+
     return zmq.auth.load_certificate(str(keys_dir / f"{HOST}.key"))[0].decode()
 
 
@@ -213,6 +217,8 @@ def make_keys(keys_dir: Path) -> list[Path]:
     os.chmod(keys_dir, 0o700)
     created = []
     if not (keys_dir / f"{HOST}.key_secret").exists():
+        import zmq.auth
+
         public, secret = zmq.auth.create_certificates(str(keys_dir), HOST)
         created += [Path(public), Path(secret)]
     for path in keys_dir.iterdir():
@@ -266,6 +272,8 @@ class ZapHandler:
             return self._deny(request_id, peer, f"domain {domain!r} is not {ZAP_DOMAIN!r}")
         if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
             return self._deny(request_id, peer, f"mechanism {mechanism.decode(errors='replace')} is not CURVE")
+        import zmq.utils.z85
+
         key = zmq.utils.z85.encode(credentials[0]).decode()
         entry = self.keyring.by_key(key)
         if entry is None or not entry.roles:
@@ -276,6 +284,8 @@ class ZapHandler:
 
     @staticmethod
     def _deny(request_id: bytes, peer: str, why: str) -> list[bytes]:
+        from loguru import logger
+
         logger.warning("refused a connection from {}: {}", peer, why)
         return [b"1.0", request_id, b"400", why.encode(), b"", b""]
 
@@ -347,6 +357,8 @@ class Security:
                 f"tcp endpoints need CURVE keys and {path} is missing: run `qntx keys` "
                 "(see docs/DEPLOY.md), or pass --insecure"
             )
+        import zmq.auth
+
         return zmq.auth.load_certificate(str(path))
 
     def bind(self, sock: zmq.Socket, endpoint: str, only: str | None = None) -> None:

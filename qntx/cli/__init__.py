@@ -37,6 +37,9 @@ app = App(
     exit_on_error=False,
     print_error=False,
     help_on_error=False,
+    # Docstrings are shown as written: rendering them as Markdown costs every
+    # `--help` the import of a Markdown parser.
+    help_format="plaintext",
 )
 
 

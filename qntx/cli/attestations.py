@@ -6,12 +6,14 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from cyclopts import App, Parameter
 
 from qntx.cli import app, fail, open_bus
-from qntx.protocol import Attestation
+
+if TYPE_CHECKING:
+    from qntx.protocol import Attestation
 
 handler_app = App(name="handler", help="Create, list, show and delete Python handlers.")
 app.command(handler_app)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import re
 import sys
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import msgspec
 from cyclopts import App, Parameter
 
-from qntx.api import handler_for
 from qntx.cli import app, fail, open_bus
 from qntx.cli.attestations import print_json
-from qntx.cli.progress import ProgressView
-from qntx.protocol import STDERR_MARK, Job, JobChanged, JobOutput, JobProgressed
+
+if TYPE_CHECKING:  # imported where used: a command pays only for what it needs
+    from qntx.cli.progress import ProgressView
+    from qntx.protocol import Job
 
 pulse_app = App(name="pulse", help="Inspect and steer Pulse jobs.")
 app.command(pulse_app)
@@ -27,6 +27,8 @@ def _time(ms: int | None) -> str:
 
 
 def _job_dict(job: Job) -> dict:
+    import msgspec
+
     return msgspec.to_builtins(job)
 
 
@@ -39,6 +41,8 @@ def _print_failure(job: Job) -> None:
 
 def _show_rest_of_logs(logs: str, streamed: dict[str, int]) -> None:
     """Print what live streaming did not show (all of it, for a quick job)."""
+    from qntx.protocol import STDERR_MARK
+
     stdout, _, stderr = logs.partition(STDERR_MARK)
     rest_out, rest_err = stdout[streamed["stdout"]:], stderr[streamed["stderr"]:]
     if rest_out:
@@ -72,6 +76,9 @@ def ix(
     dot is used as is (``builtin.echo``). On a terminal the handler's progress is a
     live bar; into a pipe it is plain lines. Exits 0 on success, 1 on failure.
     """
+    from qntx.api import handler_for
+    from qntx.cli.progress import ProgressView
+
     handler = handler_for(name)
     run_at = start_time(at, in_, now_if_past=now_if_past)
     with open_bus() as bus:
@@ -157,6 +164,8 @@ def start_time(at: str | None, in_: str | None, *, now_if_past: bool = False) ->
 
 def _stream(bus, job_id: str, view: ProgressView) -> Job:
     """Follow one job to its end, showing its output and progress; its final record."""
+    from qntx.protocol import JobChanged, JobOutput, JobProgressed
+
     attempt = 0
     for event in bus.follow(job_id):
         if isinstance(event, JobChanged) and event.job.attempts != attempt:
@@ -201,6 +210,8 @@ def jobs(
 @pulse_app.command
 def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = False):
     """Show one job in full."""
+    import msgspec
+
     with open_bus() as bus:
         job = bus.job(job_id)
     if json_:
@@ -369,6 +380,8 @@ def watch(
     from rich.console import Console
     from rich.live import Live
 
+    from qntx.api import handler_for
+
     wanted = handler_for(handler) if handler else None
     console = Console()
     if not console.is_terminal:  # into a pipe or a file: every name whole, not cut at 80 columns
@@ -428,6 +441,8 @@ def _server_down(settings, exc: Exception) -> str:
 @app.command
 def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     """Every actor (pid, endpoint, health), queue depth by status, registered handlers."""
+    import msgspec
+
     from qntx.errors import Timeout, Unavailable
 
     with open_bus() as bus:

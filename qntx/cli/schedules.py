@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import msgspec
 from cyclopts import App, Parameter
 
-from qntx.api import handler_for
 from qntx.cli import app, fail, open_bus
 from qntx.cli.attestations import handler_app, print_json
-from qntx.protocol import ScheduleState
-from qntx.pulse.directives import iso
+
+if TYPE_CHECKING:  # imported where used: a command pays only for what it needs
+    from qntx.protocol import ScheduleState
 
 schedule_app = App(name="schedule", help="Periodic jobs, stored as attestations: add, list, show, pause, resume, delete.")
 app.command(schedule_app)
 
 
 def _when(ms: int | None) -> str:
+    from qntx.pulse.directives import iso
+
     return "-" if ms is None else iso(ms)
 
 
@@ -50,6 +51,8 @@ def add(
     Examples: ``qntx schedule add nightly --handler report --cron "0 3 * * *" --tz Europe/Berlin``,
     ``qntx schedule add tick --handler builtin.echo --every 30s --payload '"hi"'``.
     """
+    from qntx.api import handler_for
+
     if (every is None) == (cron is None):
         fail("give exactly one of --every or --cron")
     value = None
@@ -69,6 +72,8 @@ def add(
 @schedule_app.command(name="list")
 def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
     """List the schedules with their next due time."""
+    import msgspec
+
     with open_bus() as bus:
         states = bus.schedules()
     if json_:
@@ -86,6 +91,8 @@ def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
 @schedule_app.command
 def show(name: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = False):
     """Show a schedule: its next due times and its past firings."""
+    import msgspec
+
     from qntx.pulse.directives import Schedule
 
     with open_bus() as bus:
@@ -172,6 +179,8 @@ def limit(
     order, without taking a worker slot. Stored as an attestation: it survives
     restarts and applies at once. `qntx handler limits` lists them all.
     """
+    from qntx.api import handler_for
+
     changes = concurrency is not None or rate is not None or no_concurrency or no_rate
     if clear == changes:
         fail("give --concurrency, --rate, --no-concurrency or --no-rate, or --clear")

@@ -18,7 +18,7 @@ from qntx.ats.store import next_page
 from qntx.bus.actor import Actor
 from qntx.bus.codec import Decoder
 from qntx.errors import QntxError
-from qntx.protocol import AtsReply, AttestationCreated, ErrorReply, Event, Query, QueryResult
+from qntx.protocol import AtsReply, ErrorReply, Event, Query, QueryResult, stored_notices
 from qntx.pulse.directives import DIRECTIVES_FILTER, Directives, is_directive, resolve
 from qntx.settings import Settings
 
@@ -97,7 +97,7 @@ class DirectivesFollower:
                 event = self._decoder.decode(frames[-1])
             except QntxError:
                 continue
-            if isinstance(event, AttestationCreated) and is_directive(event.record):
+            if any(is_directive(r) for r in stored_notices(event)):
                 relevant = True
         if relevant:
             self.refresh()

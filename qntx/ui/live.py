@@ -33,11 +33,12 @@ from qntx.errors import QntxError
 from qntx.handlers import CONTEXT, PREDICATE
 from qntx.protocol import (
     FINAL_STATUSES,
-    AttestationCreated,
+    AttestationsStored,
     HandlersRegistered,
     JobNotice,
     JobOutput,
     JobProgressed,
+    stored_notices,
 )
 from qntx.ui.views import Throughput, notice_row, now_ms, overview, seed_throughput
 
@@ -79,7 +80,7 @@ class Hub:
         self._on_event = {
             JobNotice: self._job_changed,
             HandlersRegistered: self._handlers_registered,
-            AttestationCreated: self._attestation_created,
+            AttestationsStored: self._attestation_created,
         }
 
     async def run(self) -> None:
@@ -135,10 +136,10 @@ class Hub:
         self._handlers_changed = True
         self._dirty = True
 
-    def _attestation_created(self, event: AttestationCreated) -> None:
-        record = event.record
-        if PREDICATE in record.predicates and CONTEXT in record.contexts:
-            self._handlers_changed = True
+    def _attestation_created(self, event: AttestationsStored) -> None:
+        for record in stored_notices(event):
+            if PREDICATE in record.predicates and CONTEXT in record.contexts:
+                self._handlers_changed = True
 
     async def _push(self) -> None:
         last_overview = last_burst = 0.0

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import qntx.aio
-from qntx.protocol import AttestationCreated, JobNotice
+from qntx.protocol import AttestationsStored, JobNotice
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +39,7 @@ def test_status_pages_events_and_steering(bus):
             reader = asyncio.ensure_future(collect())
             for _ in range(100):  # until both subscriptions have reached their publishers
                 kinds = {type(e) for e in seen}
-                if AttestationCreated in kinds and JobNotice in kinds:
+                if AttestationsStored in kinds and JobNotice in kinds:
                     break
                 await api.attest("warm", "up", "aio")
                 await (await api.submit("builtin.echo", "warm")).result(timeout=20)
@@ -52,7 +52,7 @@ def test_status_pages_events_and_steering(bus):
 
             def done():
                 finals = {e.id for e in seen if isinstance(e, JobNotice) and e.status == "completed"}
-                made = {e.record.id for e in seen if isinstance(e, AttestationCreated)}
+                made = {n.id for e in seen if isinstance(e, AttestationsStored) for n in e.stored}
                 return ids <= finals and record.id in made
 
             for _ in range(200):

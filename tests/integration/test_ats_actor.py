@@ -10,7 +10,7 @@ import zmq
 
 from qntx.bus.client import Client
 from qntx.errors import Conflict, Invalid, NotFound
-from qntx.protocol import AtsReply, Event, Ping, Pong
+from qntx.protocol import AtsReply, AttestationsStored, Event, Ping, Pong
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -72,13 +72,13 @@ def test_group_commit_serves_many_concurrent_writers(bus):
         assert len(b.query(subjects="w3")) == 50
 
 
-def test_big_commits_on_the_writer_thread_and_small_ones_on_the_loop_both_answer(bus):
-    """A batch past INLINE_COMMIT_ITEMS is committed off the loop; small ones that
-    arrive meanwhile wait for it and commit next. Every writer gets its records."""
-    from qntx.ats.actor import INLINE_COMMIT_ITEMS
+def test_a_big_batch_and_small_writers_meanwhile_all_answer_and_are_all_found(bus):
+    """A batch past APPLY_AT starts an index write behind the journal; small writers
+    commit meanwhile. Every writer gets its records, and reads find every one."""
+    from qntx.ats.actor import APPLY_AT
 
     bus.start_ats()
-    big_size = INLINE_COMMIT_ITEMS + 1
+    big_size = APPLY_AT + 1
     results: dict[str, list] = {}
     errors: list[BaseException] = []
 
@@ -97,7 +97,7 @@ def test_big_commits_on_the_writer_thread_and_small_ones_on_the_loop_both_answer
         assert not errors
         assert len(results["big"]) == big_size
         assert b.stats().attestations == big_size + 20
-        assert {r.id for r in b.query(predicates="bulk", limit=1000)} == {r.id for r in results["big"]}
+        assert {r.id for r in b.query(predicates="bulk", limit=big_size + 10)} == {r.id for r in results["big"]}
         assert [r.id for r in b.query(subjects="small")] == [r.id for r in reversed(small)]
 
 
@@ -119,9 +119,50 @@ def test_new_attestations_are_published(bus):
                     break
         assert received, "no event arrived"
         topic, event = received[0]
-        assert topic == b"att.eve" and event.record.subjects == ["eve"]
+        assert topic == b"att.eve" and isinstance(event, AttestationsStored)
+        (notice,) = event.stored
+        assert notice.predicates == ["said"] and notice.seq > 0
+        assert b'"n"' not in body and b"\xa1n" not in body  # a notice: never the attributes
     finally:
         sub.close(0)
+
+
+def test_a_group_commit_is_one_notice_of_its_records(bus):
+    bus.start_ats()
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"att.")
+    sub.connect(bus.settings.ats_events_endpoint)
+    decoder = msgspec.msgpack.Decoder(Event)
+    try:
+        with bus.connect() as b:
+            for i in range(50):  # the subscription needs a moment to reach the publisher
+                made = b.attest_many([{"subjects": [f"m{i}-{k}"], "predicates": ["many"]} for k in range(3)])
+                if sub.poll(100):
+                    topic, body = sub.recv_multipart()
+                    break
+            else:
+                pytest.fail("no event arrived")
+        event = decoder.decode(body)
+        assert topic == b"att."
+        assert isinstance(event, AttestationsStored)
+        assert [n.id for n in event.stored] == [r.id for r in made]
+        assert [n.seq for n in event.stored] == [r.seq for r in made] and made[0].seq > 0
+        assert not sub.poll(200)  # and no event per record besides
+    finally:
+        sub.close(0)
+
+
+def test_a_read_right_after_each_acknowledgement_sees_it(bus):
+    """Acknowledged means journaled; the indexes follow behind, and every read
+    waits for them: a query, a get and the count each see the record just written."""
+    bus.start_ats()
+    with bus.connect() as b:
+        for i in range(30):
+            record = b.attest(f"now{i}", "seen")
+            assert [r.id for r in b.query(subjects=f"now{i}")] == [record.id]
+            assert b.get(record.id).id == record.id
+            assert b.stats().attestations == i + 1
 
 
 def test_data_survives_a_kill_9_of_the_actor(bus):

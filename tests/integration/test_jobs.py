@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import msgspec
 import pytest
 
 import qntx
@@ -21,6 +22,18 @@ HANDLERS = {
     "raiser": "def inner():\n    raise RuntimeError('nope ' + str(len(args)))\ninner()\n",
     "progressive": "for i in range(3):\n    progress(i + 1, 3)\n_result = 'done'",
     "attester": "rec = attest(['job-made'], ['is'], ['test'], attributes={'n': len(args)})\n_result = rec['id']",
+    "bulk": (
+        "recs, early = [], None\n"
+        "for i in range(int(args[0])):\n"
+        "    recs.append(attest([f'bulk{i}'], ['bulk-made'], ['test'], attributes={'i': i}))\n"
+        "    if i == 600:\n"
+        "        early = dict(recs[5])  # read in the middle of the loop\n"
+        "try:\n"
+        "    attest([''], ['bulk-made'], ['test'])\n"
+        "except Exception as exc:\n"
+        "    caught = f'{type(exc).__name__}: {exc}'\n"
+        "_result = {'ids': [r['id'] for r in recs[:1000]], 'early': early, 'caught': caught}\n"
+    ),
 }
 
 
@@ -96,6 +109,22 @@ def test_progress_attest_and_unknown_ids(bus, up):
         assert b.get(made).attributes == {"n": 1}
         with pytest.raises(NotFound):
             b.job("JB-NOPE---22222222")
+
+
+def test_a_handler_attesting_in_a_loop_has_every_record_stored_and_returned(bus, up):
+    """Handler attests go out in batches; each returns its stored record (read in
+    the middle of the loop or at the end), a bad one raises at its own call, and the
+    job completes only with every attestation stored."""
+    with qntx.connect(bus.home) as b:
+        result = b.submit("python.bulk", {"args": ["1234"]}).result(timeout=60)
+        ids = result["ids"]  # the records it read; the last 234 it never looked at
+        assert len(ids) == len(set(ids)) == 1000
+        stored = {r.id: r for r in b.query(predicates="bulk-made", limit=2000)}
+        assert len(stored) == 1234 and set(ids) <= set(stored)
+        assert {r.attributes["i"] for r in stored.values()} == set(range(1234))
+        assert result["early"] == msgspec.to_builtins(stored[ids[5]])
+        assert stored[ids[7]].attributes == {"i": 7} and stored[ids[7]].subjects == ["bulk7"]
+        assert result["caught"].startswith("Invalid: subjects value must be a non-empty string")
 
 
 def test_ix_streams_progress(bus, up):

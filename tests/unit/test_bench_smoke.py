@@ -23,7 +23,7 @@ RAW_LIMITS = {
 METRICS = {
     "attest_1_client", "attest_8_clients", "attest_8_clients_window_8", "attest_many_1000",
     "query_selective_p50", "query_selective_p99", "query_broad_p50", "query_broad_p99",
-    "handler_create",
+    "handler_create", "handler_attests",
 }  # fmt: skip
 
 
