@@ -27,6 +27,7 @@ import time
 
 from bench.actors import REPO, Home
 from bench.pulse import rss_kb, start_up
+from bench.report import Metric, Report, Target, progress
 
 
 def anon_kb(pid: int) -> int:
@@ -37,7 +38,7 @@ def anon_kb(pid: int) -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no RssAnon for pid {pid}")
-from bench.report import Metric, Report, Target, progress
+
 
 ROUND = 1_000
 BLOB = "x" * 40_000
