@@ -549,9 +549,9 @@ class Actor:
         if timer is not None:
             timer.cancel()
             self.poller.register(sock, zmq.POLLIN)
-            self._read(sock)
+            self._read_socket(sock)
 
-    def _read(self, sock: Any) -> None:
+    def _read_socket(self, sock: Any) -> None:
         callback = self._readers.get(sock)
         if callback is None:
             return
@@ -652,7 +652,7 @@ class Actor:
                     break
                 raise
             for sock, _ in ready:
-                self._read(sock)
+                self._read_socket(sock)
             self._run_due_timers()
             self._guarded(self.after_batch)
 
