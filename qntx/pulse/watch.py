@@ -20,19 +20,26 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from qntx.bus.actor import Request
 from qntx.errors import Unavailable
 from qntx.protocol import FINAL_STATUSES, Job, JobNotice, JobOutput, JobUpdate, Progress, WaitJob
 
+_encode = msgspec.msgpack.Encoder().encode
 MAX_WAIT_MS = 60_000
 MAX_WAITERS = 100_000
 TRAIL_BYTES = 256 << 10  # the most output kept of one running job
 TRAILS_BYTES = 64 << 20  # … and of every running job together: each gets its share
 TRAIL_MIN_BYTES = 4 << 10
+# The records of jobs that ended lately, encoded once when they ended: an outcome
+# asked for after the end (a loop of submits, then of results) is answered from here
+# instead of the job store.
+ENDED_BYTES = 64 << 20
 
 
 @dataclass(slots=True)
@@ -77,6 +84,8 @@ class JobWatch:
         self._order = itertools.count()
         self._count = 0
         self.trails: dict[str, Trail] = {}
+        self._ended: OrderedDict[str, msgspec.Raw] = OrderedDict()  # job id -> its final record, encoded
+        self._ended_bytes = 0
 
     @property
     def waiting(self) -> int:
@@ -84,8 +93,12 @@ class JobWatch:
 
     def wait(self, message: WaitJob, request: Request, now: float) -> JobUpdate | None:
         """Answer at once if there is something to say, else hold the request."""
-        job = self._lookup(message.id)
         cursor = message.output if isinstance(message.output, int) and message.output >= 0 else -1
+        if cursor < 0:
+            ended = self._ended.get(message.id)
+            if ended is not None:
+                return JobUpdate(job=ended)  # (a Raw in place of the Job: the same bytes)
+        job = self._lookup(message.id)
         timeout_ms = message.timeout_ms if isinstance(message.timeout_ms, int) else 0
         timeout_s = min(max(timeout_ms, 0), MAX_WAIT_MS) / 1000
         update = self._update_if_news(job, cursor)
@@ -127,9 +140,24 @@ class JobWatch:
         trail = self.trails.get(job.id)
         if trail is not None and not final:
             trail.seq += 1  # a status change is news to a live waiter
+        self._forget_ended(job.id)
         self._wake(job, final=final)
         if final:
             self.trails.pop(job.id, None)
+            self._remember_ended(job)
+
+    def _remember_ended(self, job: Job) -> None:
+        encoded = msgspec.Raw(_encode(self._strip(job)))
+        self._ended[job.id] = encoded
+        self._ended_bytes += len(encoded)
+        while self._ended_bytes > ENDED_BYTES:
+            _, dropped = self._ended.popitem(last=False)
+            self._ended_bytes -= len(dropped)
+
+    def _forget_ended(self, job_id: str) -> None:
+        dropped = self._ended.pop(job_id, None)
+        if dropped is not None:
+            self._ended_bytes -= len(dropped)
 
     def progressed(self, job: Job, progress: Progress) -> None:
         trail = self.trails.setdefault(job.id, Trail())
