@@ -67,6 +67,11 @@ class Trail:
         return output, progress
 
 
+def _size(job: Job) -> int:
+    """What a remembered record costs, about."""
+    return 512 + len(job.result) + len(job.logs) + (len(job.error.traceback) + len(job.error.message) if job.error else 0)
+
+
 def notice(job: Job) -> JobNotice:
     return JobNotice(
         id=job.id, handler=job.handler, status=job.status, lease=job.lease, attempts=job.attempts,
@@ -84,7 +89,8 @@ class JobWatch:
         self._order = itertools.count()
         self._count = 0
         self.trails: dict[str, Trail] = {}
-        self._ended: OrderedDict[str, msgspec.Raw] = OrderedDict()  # job id -> its final record, encoded
+        # job id -> (its final record, encoded once asked for; what it costs, about)
+        self._ended: OrderedDict[str, tuple[Job | msgspec.Raw, int]] = OrderedDict()
         self._ended_bytes = 0
 
     @property
@@ -95,8 +101,12 @@ class JobWatch:
         """Answer at once if there is something to say, else hold the request."""
         cursor = message.output if isinstance(message.output, int) and message.output >= 0 else -1
         if cursor < 0:
-            ended = self._ended.get(message.id)
-            if ended is not None:
+            entry = self._ended.get(message.id)
+            if entry is not None:
+                ended, size = entry
+                if not isinstance(ended, msgspec.Raw):  # encoded once, when first asked for
+                    ended = msgspec.Raw(_encode(ended))
+                    self._ended[message.id] = (ended, size)
                 return JobUpdate(job=ended)  # (a Raw in place of the Job: the same bytes)
         job = self._lookup(message.id)
         timeout_ms = message.timeout_ms if isinstance(message.timeout_ms, int) else 0
@@ -147,17 +157,18 @@ class JobWatch:
             self._remember_ended(job)
 
     def _remember_ended(self, job: Job) -> None:
-        encoded = msgspec.Raw(_encode(self._strip(job)))
-        self._ended[job.id] = encoded
-        self._ended_bytes += len(encoded)
+        """``job`` as announced (without its payload); encoded only if someone asks."""
+        size = _size(job)
+        self._ended[job.id] = (job, size)
+        self._ended_bytes += size
         while self._ended_bytes > ENDED_BYTES:
-            _, dropped = self._ended.popitem(last=False)
-            self._ended_bytes -= len(dropped)
+            _, (_, dropped) = self._ended.popitem(last=False)
+            self._ended_bytes -= dropped
 
     def _forget_ended(self, job_id: str) -> None:
         dropped = self._ended.pop(job_id, None)
         if dropped is not None:
-            self._ended_bytes -= len(dropped)
+            self._ended_bytes -= dropped[1]
 
     def progressed(self, job: Job, progress: Progress) -> None:
         trail = self.trails.setdefault(job.id, Trail())
