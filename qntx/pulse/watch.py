@@ -39,7 +39,7 @@ TRAIL_MIN_BYTES = 4 << 10
 # The records of jobs that ended lately, encoded once when they ended: an outcome
 # asked for after the end (a loop of submits, then of results) is answered from here
 # instead of the job store.
-ENDED_BYTES = 64 << 20
+ENDED_BYTES = 16 << 20
 
 
 @dataclass(slots=True)
