@@ -26,9 +26,10 @@ import zmq
 from qntx.bus.client import AsyncClient, Client
 from qntx.bus.codec import raise_if_error
 from qntx.bus.security import Security
-from qntx.errors import Timeout
+from qntx.errors import QntxError, Timeout
 from qntx.protocol import (
     FINAL_STATUSES,
+    EndedJobs,
     Job,
     JobChanged,
     JobOutput,
@@ -117,17 +118,21 @@ class JobFollower:
 class Outcomes:
     """Outcomes of the jobs submitted on one connection, asked for ahead of need.
 
-    Answers that come ahead wait in the client (or, collected on the way by the bus,
-    here) until their job's turn; READ_AHEAD asks at most are in flight, and none is
-    added while the answers waiting hold more than HELD_BYTES."""
+    While one result is awaited, one ``EndedJobs`` asks which of the next READ_AHEAD
+    jobs submitted here (whose handles are still held) have ended: a loop of results
+    then costs one request per READ_AHEAD jobs, not one each. Their records are held
+    up to HELD_BYTES; a job that had not ended is asked for with ``WaitJob`` when its
+    turn comes."""
 
     def __init__(self, follower: JobFollower):
         self._follower = follower
         self._submitted: OrderedDict[str, weakref.ref] = OrderedDict()  # not asked for yet
-        self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (or answered, not taken)
-        self._in_flight: set[bytes] = set()  # the correlations in _asked
+        self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (prefetch)
+        self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
-        self._answer_bytes = 0
+        self._batch: tuple[bytes, set[str]] | None = None  # the EndedJobs in flight
+        self._held: dict[str, Job] = {}  # final records that came ahead of need
+        self._held_bytes = 0
 
     def submitted(self, job_id: str, handle: object) -> None:
         self._submitted[job_id] = weakref.ref(handle)
@@ -141,20 +146,24 @@ class Outcomes:
     def deliver(self, correlation: bytes, reply: Any) -> None:
         """An answer the bus collected on the way (see Bus._collect)."""
         self._answers[correlation] = reply
-        self._answer_bytes += _reply_size(reply)
 
     def forget(self, job_id: str) -> None:
-        """Its outcome changes (it was retried): an answer asked for earlier is stale."""
+        """Its outcome changes (it was retried): what was asked or held is stale."""
         correlation = self._asked.pop(job_id, None)
         if correlation is not None:
             self._in_flight.discard(correlation)
             self._follower.client.forget(correlation)
-            self._answer_bytes -= _reply_size(self._answers.pop(correlation, None))
+            self._answers.pop(correlation, None)
+        held = self._held.pop(job_id, None)
+        if held is not None:
+            self._held_bytes -= _size(held)
+        if self._batch is not None:
+            self._batch[1].discard(job_id)
 
     def prefetch(self, job_id: str) -> None:
         """Ask for ``job_id``'s outcome now (before its acceptance is known, say):
         the answer comes as soon as it can, one round trip saved."""
-        if job_id not in self._asked:
+        if job_id not in self._asked and job_id not in self._held:
             self._submitted.pop(job_id, None)
             correlation = self._follower.ask(job_id, int(self._follower.slice_s * 1000))
             self._asked[job_id] = correlation
@@ -162,6 +171,10 @@ class Outcomes:
 
     def wait(self, job_id: str, clock: _Clock) -> Job:
         self._submitted.pop(job_id, None)
+        if self._batch is not None and job_id in self._batch[1]:
+            self._settle_batch(clock)
+        if job_id in self._held:
+            return self._take_held(job_id)
         follower = self._follower
         while True:
             wait_ms = clock.next_wait_ms()
@@ -169,42 +182,63 @@ class Outcomes:
             if correlation is None:
                 correlation = follower.ask(job_id, wait_ms)
                 self._in_flight.add(correlation)
-            self._read_ahead(wait_ms)
+            self._read_ahead()
             try:
-                if correlation in self._answers:
-                    reply = self._answers.pop(correlation)
-                    self._answer_bytes -= _reply_size(reply)
-                    update = raise_if_error(reply)
-                else:
-                    update = follower.take(correlation, wait_ms)
+                update = self._answer(correlation, wait_ms)
             finally:
                 self._in_flight.discard(correlation)
             if update.job.status in FINAL_STATUSES:
                 return update.job
 
-    def _read_ahead(self, wait_ms: int) -> None:
-        follower = self._follower
-        while (
-            self._submitted
-            and len(self._asked) < READ_AHEAD
-            and self._answer_bytes + follower.client.waiting_bytes < HELD_BYTES
-        ):
+    def _take_held(self, job_id: str) -> Job:
+        job = self._held.pop(job_id)
+        self._held_bytes -= _size(job)
+        if job_id in self._asked:  # a prefetch no longer needed
+            self._follower.client.forget(self._asked.pop(job_id))
+        return job
+
+    def _answer(self, correlation: bytes, wait_ms: int) -> Any:
+        if correlation in self._answers:
+            return raise_if_error(self._answers.pop(correlation))
+        return self._follower.take(correlation, wait_ms)
+
+    def _read_ahead(self) -> None:
+        """Ask which of the next jobs have ended (one request), if none is asked yet."""
+        if self._batch is not None or self._held_bytes >= HELD_BYTES:
+            return
+        ids: list[str] = []
+        while self._submitted and len(ids) < READ_AHEAD:
             job_id, ref = self._submitted.popitem(last=False)
-            if ref() is not None and job_id not in self._asked:
-                correlation = follower.ask(job_id, wait_ms)
-                self._asked[job_id] = correlation
-                self._in_flight.add(correlation)
+            if ref() is not None and job_id not in self._asked and job_id not in self._held:
+                ids.append(job_id)
+        if ids:
+            correlation = self._follower.client.send(EndedJobs(ids=ids))
+            self._batch = (correlation, set(ids))
+            self._in_flight.add(correlation)
+
+    def _settle_batch(self, clock: _Clock) -> None:
+        correlation, ids = self._batch
+        self._batch = None
+        try:
+            reply = self._answer(correlation, clock.next_wait_ms())
+        except Timeout:
+            raise
+        except QntxError:  # (an older server without EndedJobs, say): ask one by one
+            return
+        finally:
+            self._in_flight.discard(correlation)
+        for job in reply.jobs:
+            if job.id in ids and job.status in FINAL_STATUSES:
+                self._held[job.id] = job
+                self._held_bytes += _size(job)
 
     def close(self) -> None:
-        for correlation in self._asked.values():
+        for correlation in self._in_flight:
             self._follower.client.forget(correlation)
         self._asked.clear()
         self._in_flight.clear()
         self._answers.clear()
-
-
-def _reply_size(reply: Any) -> int:
-    return _size(reply.job) if isinstance(reply, JobUpdate) else 0
+        self._batch = None
 
 
 class AsyncJobFollower:

@@ -381,9 +381,24 @@ class JobUpdate(Message):
     next: int = 0  # pass it as WaitJob.output to continue where this one ended
 
 
+class EndedJobs(Message):
+    """Which of ``ids`` have ended, now, without waiting: for a client that asks for
+    many outcomes at once (a loop of results). At most MAX_PAGE ids."""
+
+    ids: list[str]
+
+
+class EndedJobsReply(Message):
+    """The final records (without payload) of the asked jobs that have ended; the
+    others (still running, unknown, or ended long ago) are left out: ask WaitJob."""
+
+    jobs: list[Job] = []
+
+
 ServerRequest = (
     Ping
     | WaitJob
+    | EndedJobs
     | Submit
     | GetJob
     | ListJobs
@@ -401,7 +416,7 @@ ServerRequest = (
     | GetEndpoints
 )
 ServerReply = (
-    Pong | JobReply | JobUpdate | JobList | StatusReply | SchedulesReply | Pruned | Ack | BusEndpoints | ErrorReply
+    Pong | JobReply | JobUpdate | EndedJobsReply | JobList | StatusReply | SchedulesReply | Pruned | Ack | BusEndpoints | ErrorReply
 )
 
 
@@ -650,6 +665,7 @@ SERVER_ROLES = {
     GetEndpoints: _ANY,
     Submit: _CLIENT,
     WaitJob: _CLIENT,
+    EndedJobs: _CLIENT,
     GetJob: _CLIENT,
     ListJobs: _CLIENT,
     CancelJob: _CLIENT,

@@ -43,6 +43,8 @@ from qntx.protocol import (
     BusEndpoints,
     CancelExecution,
     CancelJob,
+    EndedJobs,
+    EndedJobsReply,
     ErrorReply,
     GetEndpoints,
     GetJob,
@@ -141,6 +143,7 @@ class ServerActor(Actor):
                 Ping: self.on_ping,
                 Submit: self.on_submit,
                 WaitJob: self.on_wait,
+                EndedJobs: self.on_ended,
                 GetJob: self.on_get_job,
                 ListJobs: self.on_list_jobs,
                 CancelJob: self.on_cancel,
@@ -192,6 +195,9 @@ class ServerActor(Actor):
 
     def on_wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
         return self.pulse.wait(message, request)  # now, or when there is news (or at its deadline)
+
+    def on_ended(self, message: EndedJobs, request: Request) -> EndedJobsReply:
+        return self.pulse.ended(message)
 
     def on_get_job(self, message: GetJob, request: Request) -> JobReply:
         return JobReply(job=self.pulse.get(message.id))

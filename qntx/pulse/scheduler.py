@@ -51,6 +51,8 @@ from qntx.protocol import (
     MAX_PAGE,
     SESSION_ROLE,
     WORKER_ROLES,
+    EndedJobs,
+    EndedJobsReply,
     Job,
     JobChanged,
     JobDone,
@@ -291,6 +293,11 @@ class Pulse:
 
     def wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
         return self.watch.wait(message, request, time.monotonic())
+
+    def ended(self, message: EndedJobs) -> EndedJobsReply:
+        if not isinstance(message.ids, list) or len(message.ids) > MAX_PAGE:
+            raise Invalid(f"EndedJobs takes at most {MAX_PAGE} ids")
+        return EndedJobsReply(jobs=self.watch.ended(message.ids))  # (Raws in place of Jobs: the same bytes)
 
     def _send_job(self, command: SendJob) -> None:
         pipe = self._pipes.get(command.session)

@@ -122,6 +122,21 @@ class JobWatch:
         self._count += 1
         return None
 
+    def ended(self, ids: list[str]) -> list[Job | msgspec.Raw]:
+        """The final records of those of ``ids`` that ended lately (or are final in
+        memory), encoded once; the rest are left out, without reading the store."""
+        found: list[Job | msgspec.Raw] = []
+        for job_id in ids:
+            entry = self._ended.get(job_id) if isinstance(job_id, str) else None
+            if entry is None:
+                continue
+            ended, size = entry
+            if not isinstance(ended, msgspec.Raw):
+                ended = msgspec.Raw(_encode(ended))
+                self._ended[job_id] = (ended, size)
+            found.append(ended)
+        return found
+
     def _update_if_news(self, job: Job, cursor: int) -> JobUpdate | None:
         if job.status in FINAL_STATUSES:
             return self._update(job, cursor)

@@ -142,3 +142,12 @@ def test_follow_yields_a_start_before_its_output_and_the_end_after_it():
     events = events_of(update, running)
     assert [type(e) for e in events] == [JobOutput, JobProgressed, JobChanged] and events[-1].job.status == "completed"
     assert events_of(JobUpdate(job=running), running) == []  # nothing new
+
+
+def test_ended_jobs_are_told_in_one_answer_without_reading_the_store(jobs, watch):
+    lookups = []
+    watch._lookup = lambda job_id: lookups.append(job_id) or jobs[job_id]
+    assert watch.ended(["a", "nope"]) == []  # running, and unknown: left out
+    end(jobs, watch)
+    (record,) = watch.ended(["nope", "a", 7])
+    assert msgspec.msgpack.decode(record, type=Job).status == "completed" and lookups == []
