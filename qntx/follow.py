@@ -130,7 +130,7 @@ class Outcomes:
         self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (prefetch)
         self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
-        self._batch: tuple[bytes, set[str]] | None = None  # the EndedJobs in flight
+        self._batch: tuple[bytes, set[str], list[str]] | None = None  # the EndedJobs in flight
         self._held: dict[str, Job] = {}  # final records that came ahead of need
         self._held_bytes = 0
 
@@ -213,11 +213,11 @@ class Outcomes:
                 ids.append(job_id)
         if ids:
             correlation = self._follower.client.send(EndedJobs(ids=ids))
-            self._batch = (correlation, set(ids))
+            self._batch = (correlation, set(ids), ids)
             self._in_flight.add(correlation)
 
     def _settle_batch(self, clock: _Clock) -> None:
-        correlation, ids = self._batch
+        correlation, ids, order = self._batch
         self._batch = None
         try:
             reply = self._answer(correlation, clock.next_wait_ms())
@@ -231,6 +231,14 @@ class Outcomes:
             if job.id in ids and job.status in FINAL_STATUSES:
                 self._held[job.id] = job
                 self._held_bytes += _size(job)
+                ids.discard(job.id)
+        # The others have not ended yet: a WaitJob each, in flight together, answered
+        # as each ends (in submit order, as they were asked).
+        wait_ms = int(self._follower.slice_s * 1000)
+        for job_id in [i for i in order if i in ids and i not in self._asked][: READ_AHEAD - len(self._asked)]:
+            correlation = self._follower.ask(job_id, wait_ms)
+            self._asked[job_id] = correlation
+            self._in_flight.add(correlation)
 
     def close(self) -> None:
         for correlation in self._in_flight:
