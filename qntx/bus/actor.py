@@ -683,6 +683,9 @@ class Publisher:
         self.topics = topics or {}
         self.curve = actor.security.active(also or endpoint)
         self.refused_subscriptions = 0
+        # Prefixes subscribed now (applied minus unsubscribed): a notice nobody could
+        # want is not even built. (Missed unsubscriptions only keep it being sent.)
+        self._subscribed: collections.Counter[bytes] = collections.Counter()
         self.socket: zmq.Socket | None = self._open()
         if self.curve:
             self._keyring = actor.security.keyring
@@ -720,10 +723,13 @@ class Publisher:
             prefix = data[1:]
             if data[0] == 0:  # unsubscribe: applied to the pipe it came from
                 sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
+                if self._subscribed[prefix] > 0:
+                    self._subscribed[prefix] -= 1
                 continue
             peer = peer_name(frame) if self.curve else None
             if self.allowed(peer, prefix):
                 sock.setsockopt(zmq.SUBSCRIBE, prefix)
+                self._subscribed[prefix] += 1
             else:
                 self.refused_subscriptions += 1
                 logger.warning("refused the subscription {!r} of key {}: its roles do not allow it", prefix, peer)
@@ -737,14 +743,25 @@ class Publisher:
                 self.actor.remove_reader(self.socket)
                 self.socket.close(0)
                 self.socket = None
+                self._subscribed.clear()  # the others subscribe again when they reconnect
             try:
                 self.socket = self._open()
             except zmq.ZMQError as exc:  # the old listener is still closing: next tick
                 logger.debug("events socket not bound again yet: {}", exc)
 
-    def publish(self, topic: bytes, message: msgspec.Struct) -> None:
+    def wants(self, topic: bytes) -> bool:
+        """Whether any subscriber's prefix matches ``topic``."""
+        return any(n > 0 and topic.startswith(prefix) for prefix, n in self._subscribed.items())
+
+    def publish(self, topic: bytes, message: msgspec.Struct | Callable[[], msgspec.Struct]) -> None:
+        """Send ``[topic, message]``; ``message`` may be a function that makes it,
+        called only if some subscriber wants the topic."""
         if self.socket is None:
             return  # being opened anew after a revocation
+        if callable(message):
+            if not self.wants(topic):
+                return
+            message = message()
         try:
             self.socket.send_multipart([topic, encode(message)], zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -279,7 +279,8 @@ class Pulse:
         kind = type(message)
         if kind is JobChanged:
             self.watch.changed(message.job)
-            self._publish(topic, notice(message.job))
+            job = message.job
+            self._publish(topic, lambda: notice(job))  # built only if someone subscribed
         elif kind is JobProgressed:
             job = self.core.get(message.job_id)
             if job is not None:
