@@ -36,6 +36,7 @@ from qntx.protocol import (
     JobProgressed,
     JobUpdate,
     WaitJob,
+    job_bytes,
 )
 
 JobEvent = JobChanged | JobProgressed | JobOutput
@@ -65,10 +66,6 @@ def events_of(update: JobUpdate, last: Job | None) -> list[JobEvent]:
     if final:
         events.append(JobChanged(job=update.job))
     return events
-
-
-def _size(job: Job) -> int:
-    return len(job.result) + len(job.logs) + (len(job.error.traceback) if job.error else 0)
 
 
 class _Clock:
@@ -156,7 +153,7 @@ class Outcomes:
             self._answers.pop(correlation, None)
         held = self._held.pop(job_id, None)
         if held is not None:
-            self._held_bytes -= _size(held)
+            self._held_bytes -= job_bytes(held)
         if self._batch is not None:
             self._batch[1].discard(job_id)
 
@@ -192,7 +189,7 @@ class Outcomes:
 
     def _take_held(self, job_id: str) -> Job:
         job = self._held.pop(job_id)
-        self._held_bytes -= _size(job)
+        self._held_bytes -= job_bytes(job)
         if job_id in self._asked:  # a prefetch no longer needed
             self._follower.client.forget(self._asked.pop(job_id))
         return job
@@ -221,16 +218,16 @@ class Outcomes:
         self._batch = None
         try:
             reply = self._answer(correlation, clock.next_wait_ms())
-        except Timeout:
+        except Timeout:  # the caller's time is up: that is its answer
             raise
-        except QntxError:  # (an older server without EndedJobs, say): ask one by one
+        except QntxError:  # an error answer (an older server without EndedJobs): ask one by one
             return
         finally:
             self._in_flight.discard(correlation)
         for job in reply.jobs:
             if job.id in ids and job.status in FINAL_STATUSES:
                 self._held[job.id] = job
-                self._held_bytes += _size(job)
+                self._held_bytes += job_bytes(job)
                 ids.discard(job.id)
         # The others have not ended yet: a WaitJob each, in flight together, answered
         # as each ends (in submit order, as they were asked).

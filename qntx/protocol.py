@@ -591,6 +591,12 @@ class JobChanged(msgspec.Struct, kw_only=True):
     job: Job
 
 
+def job_bytes(job: Job) -> int:
+    """About what one job's record costs to hold: its result, logs and error, plus its fields."""
+    error = len(job.error.message) + len(job.error.traceback) if job.error else 0
+    return 512 + len(job.result) + len(job.logs) + error
+
+
 class JobNotice(Message):
     """What the events socket says of a job that changed: its identity and state,
     never its payload, result, error or logs (WaitJob or GetJob has those)."""

@@ -75,6 +75,7 @@ MAX_POLL_S = 0.25
 # it they are dropped (and counted). Notices are small (ids, names, a status), so
 # this bounds the memory a stalled subscriber can cost in bytes as well.
 EVENTS_QUEUE = 10_000
+MANY_PREFIXES = 64  # distinct subscribed prefixes past which every notice is just sent
 # Replies a ROUTER holds for one peer that is slow to read them.
 REPLY_QUEUE_LIMIT = 100_000
 # An open-file limit the OS calls unlimited is taken as this many (sockets too).
@@ -723,8 +724,10 @@ class Publisher:
             prefix = data[1:]
             if data[0] == 0:  # unsubscribe: applied to the pipe it came from
                 sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
-                if self._subscribed[prefix] > 0:
+                if self._subscribed[prefix] > 1:
                     self._subscribed[prefix] -= 1
+                else:
+                    self._subscribed.pop(prefix, None)  # no entry per prefix once unsubscribed
                 continue
             peer = peer_name(frame) if self.curve else None
             if self.allowed(peer, prefix):
@@ -750,8 +753,12 @@ class Publisher:
                 logger.debug("events socket not bound again yet: {}", exc)
 
     def wants(self, topic: bytes) -> bool:
-        """Whether any subscriber's prefix matches ``topic``."""
-        return any(n > 0 and topic.startswith(prefix) for prefix, n in self._subscribed.items())
+        """Whether any subscriber's prefix matches ``topic``. Past MANY_PREFIXES distinct
+        prefixes the answer is yes without looking: a loop turn never scans a
+        subscriber's whim."""
+        if len(self._subscribed) > MANY_PREFIXES:
+            return True
+        return any(topic.startswith(prefix) for prefix in self._subscribed)
 
     def publish(self, topic: bytes, message: msgspec.Struct | Callable[[], msgspec.Struct]) -> None:
         """Send ``[topic, message]``; ``message`` may be a function that makes it,

@@ -28,7 +28,16 @@ import msgspec
 
 from qntx.bus.actor import Request
 from qntx.errors import Unavailable
-from qntx.protocol import FINAL_STATUSES, Job, JobNotice, JobOutput, JobUpdate, Progress, WaitJob
+from qntx.protocol import (
+    FINAL_STATUSES,
+    Job,
+    JobNotice,
+    JobOutput,
+    JobUpdate,
+    Progress,
+    WaitJob,
+    job_bytes,
+)
 
 _encode = msgspec.msgpack.Encoder().encode
 MAX_WAIT_MS = 60_000
@@ -65,11 +74,6 @@ class Trail:
         output = [chunk for seq, chunk in self.output if seq > cursor]
         progress = self.progress if self.progress_seq > cursor else None
         return output, progress
-
-
-def _size(job: Job) -> int:
-    """What a remembered record costs, about."""
-    return 512 + len(job.result) + len(job.logs) + (len(job.error.traceback) + len(job.error.message) if job.error else 0)
 
 
 def notice(job: Job) -> JobNotice:
@@ -120,6 +124,11 @@ class JobWatch:
         self._waiters.setdefault(job.id, []).append(waiter)
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._order), waiter))
         self._count += 1
+        if len(self._deadlines) > 2 * self._count + 1024:
+            # Answered waiters leave the heap lazily, at their deadline: past twice the
+            # live ones, it is rebuilt, so it stays bounded by MAX_WAITERS, not by the rate.
+            self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
+            heapq.heapify(self._deadlines)
         return None
 
     def ended(self, ids: list[str]) -> list[Job | msgspec.Raw]:
@@ -173,7 +182,7 @@ class JobWatch:
 
     def _remember_ended(self, job: Job) -> None:
         """``job`` as announced (without its payload); encoded only if someone asks."""
-        size = _size(job)
+        size = job_bytes(job)
         self._ended[job.id] = (job, size)
         self._ended_bytes += size
         while self._ended_bytes > ENDED_BYTES:
@@ -239,8 +248,6 @@ class JobWatch:
                     self._waiters[waiter.job_id] = waiters
                 else:
                     del self._waiters[waiter.job_id]
-        if not self._deadlines:
-            self._deadlines = []
 
     def _answer(self, waiter: Waiter, update: JobUpdate) -> None:
         self._finish(waiter)
