@@ -156,7 +156,7 @@ def test_ended_jobs_are_told_in_one_answer_without_reading_the_store(jobs, watch
 def test_the_deadline_heap_stays_bounded_by_the_live_waiters(jobs, watch):
     """Answered waiters leave the heap lazily; it is rebuilt before it outgrows the
     live ones, so a steady rate of answered waits costs no memory."""
-    for n in range(20_000):
+    for _ in range(20_000):
         watch.wait(WaitJob(id="a", timeout_ms=60_000), Asker(), now=0)
         end(jobs, watch)  # answered at once
         jobs["a"] = Job(id="a", handler="h", status="running", lease=5, attempts=1)
