@@ -255,11 +255,11 @@ class AsyncBus:
     async def retry_many(self, ids: Iterable[str], *, latest: bool = False) -> Steered:
         """Retry each of ``ids`` once, pipelined; what was skipped (not failed or
         cancelled any more, say) is in ``Steered.skipped``."""
-        return await self._steer_each(list(dict.fromkeys(ids)), lambda i: RetryJob(id=i, latest=latest))
+        return await self._steer_each(list(dict.fromkeys(ids)), lambda i: RetryJob(id=i, latest=latest, brief=True))
 
     async def cancel_many(self, ids: Iterable[str]) -> Steered:
         """Cancel each of ``ids`` once, pipelined (final ones are skipped)."""
-        return await self._steer_each(list(dict.fromkeys(ids)), lambda i: CancelJob(id=i))
+        return await self._steer_each(list(dict.fromkeys(ids)), lambda i: CancelJob(id=i, brief=True))
 
     async def _steer_each(self, ids: list[str], message: Callable[[str], Any]) -> Steered:
         steered = Steered()

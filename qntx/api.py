@@ -670,11 +670,11 @@ class Bus:
     def retry_many(self, ids: Iterable[str], *, latest: bool = False) -> Steered:
         """Retry each of ``ids`` once, pipelined; what was skipped (not failed or
         cancelled any more, say) is in ``Steered.skipped``."""
-        return self._steer_each(list(dict.fromkeys(ids)), lambda i: RetryJob(id=i, latest=latest))
+        return self._steer_each(list(dict.fromkeys(ids)), lambda i: RetryJob(id=i, latest=latest, brief=True))
 
     def cancel_many(self, ids: Iterable[str]) -> Steered:
         """Cancel each of ``ids`` once, pipelined (final ones are skipped)."""
-        return self._steer_each(list(dict.fromkeys(ids)), lambda i: CancelJob(id=i))
+        return self._steer_each(list(dict.fromkeys(ids)), lambda i: CancelJob(id=i, brief=True))
 
     def _steer_each(self, ids: list[str], message: Callable[[str], Any]) -> Steered:
         steered = Steered()

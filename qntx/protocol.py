@@ -106,6 +106,31 @@ AFTER_POLICIES = ("completed", "always")
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
+# What every timeout's error message starts with (worker, plugin pool and lease
+# expiry alike): a run's history calls such a run "timed out", not "failed".
+TIMED_OUT = "timed out after"
+# How a run ended, in a job's history; "running" while it still runs.
+RUN_OUTCOMES = ("running", "completed", "failed", "timed out", "cancelled", "lost")
+HISTORY_KEPT = 20  # runs a job's history keeps (the oldest go first; history_dropped counts them)
+
+
+class Run(msgspec.Struct, kw_only=True):
+    """One run (lease) of a job, as its history keeps it. ``logs`` is the run's own
+    output (its tail, bounded like ``Job.logs``), also when it was cancelled, timed
+    out or lost: what it streamed until then."""
+
+    lease: int
+    attempt: int = 0  # the job's attempt count when it started (a lost run does not use one)
+    worker: str | None = None  # the worker session (or plugin session) that held it
+    host: str = ""
+    plugin: str | None = None  # the plugin that ran the handler, if any
+    started_at: int = 0  # wall ms
+    finished_at: int | None = None
+    outcome: str = "running"  # one of RUN_OUTCOMES
+    error: JobError | None = None
+    logs: str = ""
+
+
 # The MessagePack nil: what an absent payload or result is carried as.
 NIL = msgspec.Raw(b"\xc0")
 
@@ -140,6 +165,10 @@ class Job(msgspec.Struct, kw_only=True):
     after_policy: str = "completed"  # "completed": only if they all completed; "always": once they ended
     version: str | None = None  # the handler version (its attestation's ASID) this job runs
     schedule: str | None = None  # the schedule that fired it
+    # Every run, oldest first (the last HISTORY_KEPT; retries keep the earlier ones).
+    # Only GetJob carries it: listings, events and waits leave it out.
+    history: list[Run] = []
+    history_dropped: int = 0  # older runs no longer kept
 
 
 # --------------------------------------------------------------------- ats
@@ -228,19 +257,23 @@ class ListJobs(Message):
 
 class CancelJob(Message):
     id: str
+    brief: bool = False  # the reply's job without its payload (bulk steering)
 
 
 class RetryJob(Message):
     id: str
     latest: bool = False  # run the handler's current version, not the one it ran
+    brief: bool = False  # the reply's job without its payload (bulk steering)
 
 
 class PauseJob(Message):
     id: str
+    brief: bool = False  # the reply's job without its payload (bulk steering)
 
 
 class ResumeJob(Message):
     id: str
+    brief: bool = False  # the reply's job without its payload (bulk steering)
 
 
 class JobReply(Message):

@@ -206,16 +206,16 @@ class ServerActor(Actor):
         return self.pulse.list_jobs(message)
 
     def on_cancel(self, message: CancelJob, request: Request) -> None:
-        self.pulse.steer("cancel", message.id, request)  # replied to after the commit
+        self.pulse.steer("cancel", message.id, request, brief=message.brief)  # replied to after the commit
 
     def on_retry(self, message: RetryJob, request: Request) -> None:
-        self.pulse.steer("retry", message.id, request, latest=message.latest)
+        self.pulse.steer("retry", message.id, request, latest=message.latest, brief=message.brief)
 
     def on_pause(self, message: PauseJob, request: Request) -> None:
-        self.pulse.steer("pause", message.id, request)
+        self.pulse.steer("pause", message.id, request, brief=message.brief)
 
     def on_resume(self, message: ResumeJob, request: Request) -> None:
-        self.pulse.steer("resume", message.id, request)
+        self.pulse.steer("resume", message.id, request, brief=message.brief)
 
     def on_get_endpoints(self, message: GetEndpoints, request: Request) -> BusEndpoints:
         names = ("ats_endpoint", "ats_events_endpoint", "workers_endpoint", "events_endpoint")

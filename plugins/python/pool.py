@@ -27,7 +27,7 @@ from loguru import logger
 from plugins.python.channel import Died, Interpreter, JobDied
 from plugins.python.runner import RunJob, RunResult
 from qntx.lifeline import die_with_parent, kill_group
-from qntx.protocol import ExecuteResult, JobError, Progress
+from qntx.protocol import TIMED_OUT, ExecuteResult, JobError, Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0  # a cold interpreter start, on a loaded machine
@@ -134,7 +134,7 @@ class InterpreterPool:
             ats_endpoint=self._ats_endpoint,
             **self._keys,
         )
-        timeout = f"timed out after {timeout_s:g}s"
+        timeout = f"{TIMED_OUT} {timeout_s:g}s"
         timer = asyncio.get_running_loop().call_later(timeout_s, interp.kill, timeout)
         try:
             interp.send(job)

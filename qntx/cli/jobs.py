@@ -212,6 +212,8 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
     """Show one job in full."""
     import msgspec
 
+    from qntx.cli.history import print_history
+
     with open_bus() as bus:
         job = bus.job(job_id)
     if json_:
@@ -246,6 +248,7 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
         print("  Logs:")
         for line in job.logs.splitlines():
             print(f"    {line}")
+    print_history(job)
 
 
 def _steer(job_id: str, action: str, **options) -> None:

@@ -42,6 +42,7 @@ from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
     NIL,
+    TIMED_OUT,
     CancelRunning,
     Dispatch,
     Job,
@@ -79,6 +80,7 @@ from qntx.pulse.events import (
     Undeliverable,
     WorkerSeen,
 )
+from qntx.pulse.history import OutputTails, claim_run, end_run, forget_run, late_logs, start_run
 from qntx.pulse.rules import MAX_LOST_RUNS, backoff_ms, bound_logs, check_submit, lease_ms
 
 BUILTIN_HANDLERS = ("builtin.echo", "builtin.fail", "builtin.sleep")
@@ -105,6 +107,7 @@ class Session:
     credit: int
     last_seen: int  # monotonic ms
     plugin: str = ""  # the plugin whose jobs it takes itself ("": a plain worker)
+    host: str = ""
     ready: bool = False  # connected to its jobs pipe
     leases: set[int] = field(default_factory=set)
     # Leases taken back from it that it still reports running: they hold slots
@@ -135,8 +138,9 @@ class Config:
 
 
 def public(job: Job) -> Job:
-    """The job as events carry it: without its payload (GetJob has it)."""
-    return msgspec.structs.replace(job, payload=NIL)
+    """The job as events, listings and waits carry it: without its payload and its
+    history (GetJob has them)."""
+    return msgspec.structs.replace(job, payload=NIL, history=[])
 
 
 class PulseCore:
@@ -164,6 +168,7 @@ class PulseCore:
         self._delayed: list[tuple[int, int, int, str]] = []  # (run_after, seq, token, id)
 
         self.leases: dict[int, Lease] = {}
+        self._tails = OutputTails()  # what running runs streamed: kept in their history when they end
         self._deadlines: list[tuple[int, int]] = []  # (deadline, lease id), lazy
         self._taken_back: dict[int, bytes] = {}  # ended leases whose worker may still run them
         # Leases that ended with their own JobDone lately: a heartbeat sent before that
@@ -292,6 +297,7 @@ class PulseCore:
         self._meta_dirty = False
         # Snapshots: the commit encodes them on another thread while these jobs move on.
         rows = [(self._seq[i], msgspec.structs.replace(self.jobs[i]), self._on_disk.get(i)) for i in dirty]
+        # (history lists are replaced, never changed in place: a shallow copy is a snapshot)
         return Changes(
             rows=rows,
             versions={job.id: (self._version[job.id], job.status) for _, job, _ in rows},
@@ -490,6 +496,14 @@ class PulseCore:
             self._out.append(CancelAtPlugin(lease.plugin, lease.job_id, lease.id))
         self._end_lease(lease, taken_back=True)
 
+    def _close_run(self, job: Job, lease_id: int, outcome: str, wall: int, error: JobError | None = None, logs: str | None = None) -> None:
+        """Record how the run under ``lease_id`` ended in the job's history; without
+        logs of its own (it did not report) it keeps what it streamed. ``job.logs``
+        holds the last run's."""
+        streamed = self._tails.take(lease_id)
+        job.logs = bound_logs(logs or streamed)
+        end_run(job, lease_id, outcome, wall, error=error, logs=job.logs)
+
     def _requeue_without_attempt(self, job: Job, wall: int, why: str) -> None:
         """The run was lost to infrastructure: queue it again at once, no attempt used."""
         job.attempts = max(0, job.attempts - 1)
@@ -667,7 +681,9 @@ class PulseCore:
             self._retry(job, now, event.ended, event.latest)
         else:
             getattr(self, f"_{event.action}")(job, now)
-        self._out.append(Reply(event.reply_to, JobReply(job=public(job))))
+        # The job as GetJob has it (with its payload), unless the asker steers many.
+        reply = public(job) if event.brief else msgspec.structs.replace(job)
+        self._out.append(Reply(event.reply_to, JobReply(job=reply)))
 
     def _cancel(self, job: Job, now: Instant) -> None:
         if job.status in FINAL_STATUSES:
@@ -680,6 +696,7 @@ class PulseCore:
             lease = self.leases.get(job.lease)
             if lease is not None:
                 self._stop_run(lease, "cancelled")
+                self._close_run(job, lease.id, "cancelled", now.wall, JobError(message="cancelled"))
         job.finished_at, job.error = now.wall, None  # an earlier attempt's error is not why it ended
         self._set_status(job, "cancelled")
 
@@ -725,6 +742,7 @@ class PulseCore:
         session.credit = max(0, message.credit) if isinstance(message.credit, int) else 0
         session.pid = message.pid
         session.plugin = message.plugin
+        session.host = message.host if isinstance(message.host, str) else ""
         session.last_seen = now.mono
         session.ready = event.pipe_ready
         reported = set(message.leases)
@@ -759,6 +777,7 @@ class PulseCore:
         if job.worker != session.name:
             job.worker = session.name
             self._touch(job)
+        claim_run(job, lease.id, session.name, session.host)
         self._out.append(Log("INFO", f"worker {session.name} still runs job {job.id} (lease {lease.id}): adopted"))
 
     def _release(self, session: Session, reason: str, now: Instant) -> None:
@@ -770,6 +789,7 @@ class PulseCore:
             if lease.plugin is not None:  # its plugin may still run it for nobody
                 self._out.append(CancelAtPlugin(lease.plugin, lease.job_id, lease.id))
             self._end_lease(lease, taken_back=False)
+            self._close_run(job, lease.id, "lost", now.wall, JobError(message=reason))
             self._requeue_without_attempt(job, now.wall, reason)
         for lease_id in [i for i, s in self._taken_back.items() if s == session.id]:
             del self._taken_back[lease_id]
@@ -788,6 +808,9 @@ class PulseCore:
             if session_id is not None and session_id in self.sessions:
                 self.sessions[session_id].foreign.discard(done.lease)
                 self._index(self.sessions[session_id])
+            job = self.jobs.get(done.job_id)
+            if job is not None and late_logs(job, done.lease, bound_logs(done.logs)):
+                self._touch(job)  # an ended run's own logs, come after it was taken back
             self._out.append(Log("DEBUG", f"discarded the result of job {done.job_id} lease {done.lease}: not its current run"))
             return
         job, lease = current
@@ -796,14 +819,17 @@ class PulseCore:
         if done.progress is not None:
             job.progress = done.progress
         if done.interrupted:
+            why = done.error.message if done.error is not None else "interrupted"
+            self._close_run(job, lease.id, "lost", now.wall, JobError(message=why), done.logs)
             self._requeue_without_attempt(job, now.wall, "interrupted")
             return
-        job.logs = bound_logs(done.logs)
+        error = None if done.success else done.error or JobError(message="failed")
+        self._close_run(job, lease.id, "completed" if done.success else "failed", now.wall, error, done.logs)
         if done.success:
             job.result, job.error, job.finished_at = done.result, None, now.wall
             self._set_status(job, "completed")
         else:
-            self._attempt_failed(job, done.error or JobError(message="failed"), now.wall)
+            self._attempt_failed(job, error, now.wall)
             if job.status == "queued":
                 self._out.append(Log("INFO", f"job {job.id} attempt {job.attempts} failed: {job.error.message}; retrying"))
 
@@ -822,6 +848,8 @@ class PulseCore:
         job = self.jobs.get(message.job_id)
         if job is None or job.status != "running" or (message.lease and message.lease != job.lease):
             return
+        if isinstance(message.text, str):
+            self._tails.wrote(job.lease, message.stream, message.text)
         self._out.append(Publish(b"job." + job.id.encode(), message))
 
     def _plugin_up(self, event: PluginUp, now: Instant) -> None:
@@ -888,6 +916,8 @@ class PulseCore:
             self._index(session)
         job = self.jobs[lease.job_id]
         self._end_lease(lease, taken_back=False)
+        self._tails.take(lease.id)
+        forget_run(job, lease.id)
         job.runs -= 1  # it never left: not a run at all
         job.lost -= 1
         self._requeue_without_attempt(job, now.wall, "undeliverable")
@@ -1021,11 +1051,14 @@ class PulseCore:
             job = self.jobs[lease.job_id]
             if lease.session is None:  # left by a crash and claimed by no worker
                 self._end_lease(lease, taken_back=False)
+                self._close_run(job, lease_id, "lost", now.wall, JobError(message="its worker did not come back after a server restart"))
                 self._requeue_without_attempt(job, now.wall, "its worker did not come back")
                 self._out.append(Log("INFO", f"job {job.id}: no worker claimed lease {lease_id} after the restart; queued again"))
                 continue
             self._stop_run(lease, "expired")
-            self._attempt_failed(job, JobError(message=f"timed out after {job.timeout_s:g}s (lease {lease_id} expired)"), now.wall)
+            error = JobError(message=f"{TIMED_OUT} {job.timeout_s:g}s (lease {lease_id} expired)")
+            self._close_run(job, lease_id, "timed out", now.wall, error)
+            self._attempt_failed(job, error, now.wall)
 
     def _reap_silent(self, now: Instant) -> None:
         """Release the sessions silent for longer than ``dead_after_ms``. Each session
@@ -1142,11 +1175,13 @@ class PulseCore:
             job.lease = lease.id
             job.started_at, job.finished_at = now.wall, None
             job.worker, job.progress = session.name, None
+            start_run(job, lease.id, session.name, session.host, plugin_name, now.wall)
             self._set_status(job, "running")
             # A built-in (no side effects) goes before the commit and runs while the
             # disk syncs; any other handler only once its run is on disk.
             durable = job.handler not in BUILTIN_HANDLERS
-            self._out.append(SendJob(session.id, Dispatch(lease=lease.id, job=job, plugin_endpoint=endpoint), durable))
+            sent = msgspec.structs.replace(job, history=[])  # the worker needs none of the earlier runs
+            self._out.append(SendJob(session.id, Dispatch(lease=lease.id, job=sent, plugin_endpoint=endpoint), durable))
 
 
 def _schedule_state(state: list) -> list:

@@ -85,6 +85,7 @@ class Steer:
     stored_seq: int = 0
     latest: bool = False  # retry: with the handler's current version
     ended: dict[str, str] = field(default_factory=dict)  # status of each stored `after` job
+    brief: bool = False  # reply with the job without its payload (bulk steering)
 
 
 @dataclass(frozen=True, slots=True)

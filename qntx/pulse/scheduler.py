@@ -613,7 +613,7 @@ class Pulse:
             return {}  # the core refuses it
         return self.store.statuses(i for i in after if isinstance(i, str) and self.core.get(i) is None)
 
-    def steer(self, action: str, job_id: str, request: Request, *, latest: bool = False) -> None:
+    def steer(self, action: str, job_id: str, request: Request, *, latest: bool = False, brief: bool = False) -> None:
         stored_seq, stored = 0, None
         job = self.core.get(job_id)
         if job is None:
@@ -622,7 +622,7 @@ class Pulse:
                 stored_seq, stored = found.seq, found.job
                 job = stored
         ended = self._ended(job.after) if action == "retry" and job is not None else {}
-        self.apply(Steer(action, job_id, request, stored, stored_seq, latest, ended))
+        self.apply(Steer(action, job_id, request, stored, stored_seq, latest, ended, brief))
 
     def prune(self, older_than_ms: int | None = None, done: Callable[[dict[str, int]], None] | None = None) -> None:
         """Delete finished jobs past their retention (or older than ``older_than_ms``),

@@ -44,6 +44,7 @@ from qntx.protocol import (
     NIL,
     PLUGIN_DEPTH,
     STDERR_MARK,
+    TIMED_OUT,
     CancelExecution,
     CancelRunning,
     Dispatch,
@@ -393,7 +394,7 @@ class Worker:
             try:
                 result = await asyncio.wait_for(run_builtin(job), job.timeout_s)
             except TimeoutError:
-                return _failed(job, lease, f"timed out after {job.timeout_s:g}s")
+                return _failed(job, lease, f"{TIMED_OUT} {job.timeout_s:g}s")
             except Exception as exc:
                 return _failed(job, lease, f"{type(exc).__name__}: {exc}")
             return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=True, result=result)

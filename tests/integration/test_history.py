@@ -1,0 +1,89 @@
+"""Every run of a job kept, against a real `qntx up`: what a cancelled or timed-out run
+wrote, the first attempt's error after a retry, `pulse show` and the steering replies."""
+
+from __future__ import annotations
+
+import pytest
+
+import qntx
+from qntx.protocol import JobOutput
+
+pytestmark = pytest.mark.timeout(120)
+
+HANDLERS = {
+    # Writes six lines (and one to stderr), then waits to be cancelled or timed out.
+    "chatty": (
+        "import sys, time\n"
+        "for i in range(6):\n"
+        "    print(f'line {i}', flush=True)\n"
+        "print('to stderr', file=sys.stderr, flush=True)\n"
+        "time.sleep(float(args[0]) if args else 60)\n"
+    ),
+    "flaky": "print('attempt output')\nraise RuntimeError('flaky ' + str(len(args)))\n",
+}
+
+
+@pytest.fixture
+def up(bus):
+    for name, code in HANDLERS.items():
+        result = bus.run("handler", "create", name, "--code", code)
+        assert result.returncode == 0, result.stderr
+    process = bus.start_up()
+    process.wait_output("handler=python.flaky")
+    return process
+
+
+def _wait_for_output(b, job_id: str, text: str) -> None:
+    """Follow the job until ``text`` was streamed."""
+    seen = ""
+    for event in b.follow(job_id, timeout=30):
+        if isinstance(event, JobOutput):
+            seen += event.text
+            if text in seen:
+                return
+    raise AssertionError(f"the job ended before writing {text!r}: {seen!r}")
+
+
+def test_a_cancelled_run_keeps_what_it_wrote_and_a_retry_keeps_it_too(bus, up):
+    with qntx.connect(bus.home) as b:
+        handle = b.submit("python.chatty", {"args": ["60"]}, max_attempts=1)
+        _wait_for_output(b, handle.id, "to stderr")
+        cancelled = b.cancel(handle.id)
+        assert cancelled.status == "cancelled"
+        assert cancelled.payload == {"args": ["60"]}  # the steering reply carries the payload
+        job = b.job(handle.id)
+        assert "line 0\n" in job.logs and "line 5\n" in job.logs and "to stderr" in job.logs
+        [run] = job.history
+        assert run.outcome == "cancelled" and run.logs == job.logs and run.attempt == 1
+        assert run.worker and run.started_at <= run.finished_at
+
+        again = b.retry(handle.id)
+        assert again.payload == {"args": ["60"]} and again.status == "queued"
+        _wait_for_output(b, handle.id, "line 5")
+        assert b.pause(b.submit("builtin.echo", {"n": 1}, delay_s=60).id).payload == {"n": 1}
+        b.cancel(handle.id)
+        runs = b.job(handle.id).history
+        assert [r.outcome for r in runs] == ["cancelled", "cancelled"]
+        assert "line 5" in runs[0].logs and "line 5" in runs[1].logs
+
+        shown = bus.run("pulse", "show", handle.id)
+        assert shown.returncode == 0, shown.stderr
+        assert "History (2 runs)" in shown.stdout and shown.stdout.count("cancelled") >= 3
+        assert "line 5" in shown.stdout.split("History")[1]
+
+
+def test_a_retried_job_keeps_the_first_attempts_error_and_a_timeout_its_output(bus, up):
+    with qntx.connect(bus.home) as b:
+        failed = b.submit("python.flaky", {"args": [1]}, max_attempts=2).wait(timeout=30)
+        assert failed.status == "failed"
+        b.retry(failed.id)
+        assert b.wait(failed.id, timeout=30).status == "failed"
+        runs = b.job(failed.id).history
+        assert [r.outcome for r in runs] == ["failed"] * 4
+        assert all("RuntimeError: flaky 1" in r.error.message and "<handler flaky>" in r.error.traceback for r in runs)
+        assert all(r.logs == "attempt output\n" for r in runs)
+        assert [r.attempt for r in runs] == [1, 2, 1, 2]
+
+        timed = b.submit("python.chatty", {"args": ["60"]}, timeout_s=2, max_attempts=1).wait(timeout=30)
+        [run] = b.job(timed.id).history
+        assert run.outcome == "timed out" and "line 5" in run.logs and "timed out after 2s" in run.error.message
