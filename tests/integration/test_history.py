@@ -87,3 +87,29 @@ def test_a_retried_job_keeps_the_first_attempts_error_and_a_timeout_its_output(b
         timed = b.submit("python.chatty", {"args": ["60"]}, timeout_s=2, max_attempts=1).wait(timeout=30)
         [run] = b.job(timed.id).history
         assert run.outcome == "timed out" and "line 5" in run.logs and "timed out after 2s" in run.error.message
+
+
+def test_the_asyncio_api_returns_payloads_from_steering_and_the_history(bus, up):
+    import asyncio
+
+    import qntx.aio
+
+    async def main():
+        async with await qntx.aio.connect(bus.home) as api:
+            submitted = await api.submit("builtin.echo", {"n": 2}, delay_s=60)
+            await submitted.accepted()
+            assert (await api.pause(submitted.id)).payload == {"n": 2}
+            assert (await api.resume(submitted.id)).payload == {"n": 2}
+            assert (await api.cancel(submitted.id)).payload == {"n": 2}
+            retried = await api.retry(submitted.id)
+            assert retried.payload == {"n": 2} and retried.status == "queued"
+            failed = await api.submit("python.flaky", {"args": []}, max_attempts=1)
+            for _ in range(600):
+                job = await api.job(failed.id)
+                if job.status == "failed":
+                    break
+                await asyncio.sleep(0.05)
+            [run] = job.history
+            assert run.outcome == "failed" and "RuntimeError: flaky 0" in run.error.message
+
+    asyncio.run(main())
