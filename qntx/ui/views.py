@@ -77,6 +77,8 @@ def job_detail(job: Job) -> dict[str, Any]:
         lease=job.lease,
         runs=job.runs,
         lost=job.lost,
+        history=msgspec.to_builtins(job.history),
+        history_dropped=job.history_dropped,
     )
     return detail
 

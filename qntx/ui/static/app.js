@@ -314,6 +314,7 @@ function jobView(id) {
             h("pre", {class: "mono", id: "job-result"}, JSON.stringify(job.result, null, 2))] : null)),
       job.error ? [h("h2", {}, "Error"), h("pre", {class: "error mono", id: "job-error"},
         job.error.message + (job.error.traceback ? "\n\n" + job.error.traceback : ""))] : null,
+      historyTimeline(job),
       h("h2", {}, "Output"),
       job.status === "running" ? h("p", {class: "muted"}, "live, from when this page opened; the whole of it is kept when the run ends") : null,
       output);

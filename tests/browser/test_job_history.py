@@ -1,0 +1,43 @@
+"""A job's runs as a timeline on its dashboard page, in headless Chromium against a real bus."""
+
+from __future__ import annotations
+
+import pytest
+from selenium.webdriver.common.by import By
+
+from qntx.handlers import handler_attestation
+from qntx.protocol import JobOutput
+from tests.browser.conftest import until
+
+pytestmark = pytest.mark.timeout(60)
+
+WOBBLY = "import time\nprint('wobble', args, flush=True)\nif args[0] == 'hang':\n    time.sleep(60)\nraise RuntimeError('wobbly')\n"
+
+
+def test_the_job_page_shows_every_run_as_a_timeline(browser, dashboard, tmp_path):
+    api = dashboard.api
+    api.attest_many([handler_attestation("wobbly", WOBBLY)])
+    until(browser, lambda d: "python.wobbly" in api.status().handlers, what="wobbly registered")
+    failed = api.submit("python.wobbly", {"args": ["fail"]}, max_attempts=2)
+    assert failed.wait(timeout=30).status == "failed"
+    hanging = api.submit("python.wobbly", {"args": ["hang"]}, max_attempts=1)
+    for event in api.follow(hanging.id, timeout=30):  # until its run wrote something
+        if isinstance(event, JobOutput):
+            break
+    api.cancel(hanging.id)
+
+    browser.get(dashboard.url + f"#/jobs/{failed.id}")
+    runs = until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#job-history li.run"), what="the timeline")
+    assert [r.get_attribute("data-outcome") for r in runs] == ["failed", "failed"]
+    assert "History (2 runs)" in browser.find_element(By.ID, "job").text
+    assert all("RuntimeError: wobbly" in r.find_element(By.CSS_SELECTOR, ".run-error").text for r in runs)
+    assert "attempt 1" in runs[0].text and "attempt 2" in runs[1].text
+    runs[0].find_element(By.TAG_NAME, "summary").click()
+    assert "wobble ['fail']" in runs[0].find_element(By.CSS_SELECTOR, ".run-logs").text
+    browser.save_screenshot(str(tmp_path / "job-history.png"))
+
+    browser.get(dashboard.url + f"#/jobs/{hanging.id}")
+    [run] = until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#job-history li.run"), what="the cancelled run")
+    assert run.get_attribute("data-outcome") == "cancelled"
+    run.find_element(By.TAG_NAME, "summary").click()
+    assert "wobble ['hang']" in run.find_element(By.CSS_SELECTOR, ".run-logs").text
