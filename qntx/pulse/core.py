@@ -157,6 +157,7 @@ class PulseCore:
         self._writing: set[str] = set()  # handed to the commit in flight
         self._keys: dict[str, str] = {}  # idempotency key -> id, for jobs in memory
         self._counts = dict.fromkeys(JOB_STATUSES, 0)
+        self._revived: dict[str, str] | None = None  # while a prune runs: stored jobs steered back, their stored status
         self._next_seq = 0
         self._meta_dirty = True
         self._wall = now.wall
@@ -323,11 +324,21 @@ class PulseCore:
         self._meta_dirty = self._schedules_dirty = self._limits_dirty = self._versions_dirty = True
         self._dirty |= self._writing
 
-    def pruned(self, deleted: dict[str, int]) -> None:
-        """Finished jobs were deleted from the store (retention): count them out."""
-        for status, count in deleted.items():
-            self._counts[status] -= count
-        self._meta_dirty = self._meta_dirty or any(deleted.values())
+    def prune_started(self) -> None:
+        """A prune batch is about to run on the writer thread: from now until
+        ``pruned``, note each stored job a retry brings back (it may be deleted by
+        that batch, and its status was counted out by the retry already)."""
+        self._revived = {}
+
+    def pruned(self, deleted: dict[str, list[str]]) -> None:
+        """Finished jobs were deleted from the store (retention): count them out,
+        except those a retry took back meanwhile (in memory now, or brought back
+        from that status during the batch): the retry counted them out of it."""
+        revived, self._revived = self._revived or {}, None
+        for status, ids in deleted.items():
+            gone = [i for i in ids if i not in self.jobs and revived.get(i) != status]
+            self._counts[status] -= len(gone)
+            self._meta_dirty = self._meta_dirty or bool(gone)
 
     def get(self, job_id: str) -> Job | None:
         """A job in memory (live, or final and not yet saved); None: read the store."""
@@ -675,6 +686,8 @@ class PulseCore:
                 verb = "retried" if event.action == "retry" else "cancelled" if event.action == "cancel" else f"{event.action}d"
                 raise Conflict(f"job {event.job_id} is already {event.stored.status}; it cannot be {verb}")
             job = msgspec.structs.replace(event.stored)
+            if self._revived is not None:
+                self._revived[job.id] = job.status
             self._adopt_record(event.stored_seq, job)
             self._saved_version[job.id] = self._version[job.id] = 0
         if event.action == "retry":

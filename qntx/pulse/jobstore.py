@@ -225,15 +225,16 @@ class JobStore:
         max_completed: int | None = None,
         keep: Container[str] = (),
         batch: int = PRUNE_BATCH,
-    ) -> dict[str, int]:
+    ) -> dict[str, list[str]]:
         """Delete finished jobs in one small transaction: those of each status in
         ``cutoffs`` that finished before its cutoff (wall ms), and the oldest completed
         ones past ``max_completed``. At most ``batch`` go at once (call again while a
         batch comes back full); ids in ``keep`` (live in Pulse) are left alone.
-        Returns how many of each status went."""
-        def work(txn) -> dict[str, int]:
+        Returns the ids of each status that went (Pulse's core counts them out:
+        ``PulseCore.pruned``)."""
+        def work(txn) -> dict[str, list[str]]:
             db, meta = self._db, self._db["meta"]
-            deleted, budget = dict.fromkeys(cutoffs, 0), batch
+            deleted, budget = {status: [] for status in cutoffs}, batch
             for status, cutoff in cutoffs.items():
                 count = txn.get(b"count:" + status.encode(), db=meta)
                 count = _U64.unpack(count)[0] if count else 0
@@ -260,7 +261,7 @@ class JobStore:
                         owner = job.idempotency_key.encode()
                         if txn.get(owner, db=db["keys"]) == raw_id:
                             txn.delete(owner, db=db["keys"])
-                deleted[status] = len(victims)
+                deleted[status] = [raw_id.decode() for _, raw_id, _ in victims]
                 budget -= len(victims)
                 if victims:
                     txn.put(b"count:" + status.encode(), _U64.pack(max(0, count - len(victims))), db=meta)

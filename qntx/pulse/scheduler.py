@@ -631,7 +631,7 @@ class Pulse:
         total = dict.fromkeys(FINAL_STATUSES, 0)
         settings = self.settings
 
-        def batch() -> dict[str, int]:
+        def batch() -> dict[str, list[str]]:
             now = now_ms()
             if older_than_ms is not None:
                 cutoffs = dict.fromkeys(FINAL_STATUSES, now - older_than_ms)
@@ -648,13 +648,15 @@ class Pulse:
         def after(outcome: Any) -> None:
             if isinstance(outcome, BaseException):
                 logger.warning("pruning finished jobs failed: {}", outcome)
+                self.core.pruned({})
                 deleted = {}
             else:
-                deleted = outcome
-                self.core.pruned(deleted)
+                self.core.pruned(outcome)  # counts out only what no retry took back meanwhile
+                deleted = {status: len(ids) for status, ids in outcome.items()}
                 for status, count in deleted.items():
                     total[status] += count
             if sum(deleted.values()) >= PRUNE_BATCH and not self._closing:
+                self.core.prune_started()
                 self.writer.submit(batch, after)  # more to go: the next small transaction
                 return
             if any(total.values()):
@@ -662,6 +664,7 @@ class Pulse:
             if done is not None:
                 done(total)
 
+        self.core.prune_started()
         self.writer.submit(batch, after)
 
     def set_directives(self, directives: Directives) -> None:

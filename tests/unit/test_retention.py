@@ -45,11 +45,11 @@ def test_prune_deletes_what_is_past_its_cutoff_in_batches_and_keeps_counts_right
     assert before["completed"] == 25 and before["failed"] == 10
     cutoff = h.wall - 5_000  # the first 30 finished before it, the last 5 after
     deleted = store.prune({"completed": cutoff, "failed": cutoff}, batch=7)
-    assert sum(deleted.values()) == 7
-    total = dict(deleted)
-    while sum(deleted.values()) == 7:
+    assert sum(map(len, deleted.values())) == 7
+    total = {k: len(v) for k, v in deleted.items()}
+    while sum(map(len, deleted.values())) == 7:
         deleted = store.prune({"completed": cutoff, "failed": cutoff}, batch=7)
-        total = {k: total[k] + deleted[k] for k in total}
+        total = {k: total[k] + len(deleted[k]) for k in total}
     assert total == {"completed": 20, "failed": 10}
     assert all(store.get(i) is None for i in ids) and all(store.get(i) is not None for i in newer)
     assert store.find(None, "k1") is None  # its idempotency key went with it
@@ -64,7 +64,7 @@ def test_prune_by_count_keeps_the_newest_completed_and_spares_live_jobs(tmp_path
     h = StoreHarness(store)
     ids = finished_jobs(h, 20)
     deleted = store.prune({"completed": 0}, max_completed=15, keep={ids[0]})
-    assert deleted == {"completed": 5}
+    assert deleted == {"completed": ids[1:6]}
     assert store.get(ids[0]) is not None and all(store.get(i) is None for i in ids[1:6])
     store.close()
 
@@ -72,7 +72,7 @@ def test_prune_by_count_keeps_the_newest_completed_and_spares_live_jobs(tmp_path
 def test_the_core_counts_what_was_pruned_out():
     core = PulseCore(CONFIG, Harness().now)
     core._counts["completed"] = 10
-    core.pruned({"completed": 4, "failed": 0})
+    core.pruned({"completed": ["JB-A", "JB-B", "JB-C", "JB-D"], "failed": []})
     assert core.counts()["completed"] == 6 and core.changes().counts["completed"] == 6
 
 
@@ -88,4 +88,49 @@ def test_a_retried_job_pruned_meanwhile_is_listed_again(tmp_path):
     h.commit()
     assert [j.id for _, _, j in store.newest(None, 10)] == [job_id]
     assert isinstance(store.get(job_id).job, Job) and msgspec.msgpack.decode(store.get(job_id).job.payload) == 0
+    store.close()
+
+
+def test_a_prune_and_a_retry_of_the_same_failed_job_count_it_out_once(tmp_path):
+    """The retry counts the job out of ``failed``; the prune batch that deleted it
+    meanwhile must not count it out again (the count went to -1 and every commit
+    after failed)."""
+    store = JobStore(tmp_path / "pulse")
+    h = StoreHarness(store)
+    [job_id] = finished_jobs(h, 1, fail_every=1)
+    assert h.core.counts()["failed"] == 1
+    stored = store.get(job_id)
+    from qntx.pulse.events import Steer
+
+    h.core.prune_started()  # the batch is on the writer thread ...
+    h(Steer("retry", job_id, "user", stored.job, stored.seq))  # ... as the retry reads the job
+    deleted = store.prune({"failed": h.wall + 1})  # the batch did not see it live
+    assert deleted == {"failed": [job_id]}
+    h.core.pruned(deleted)
+    counts = h.core.counts()
+    assert counts["failed"] == 0 and counts["queued"] == 1
+    h.commit()  # (with -1 it raised struct.error here, and at every commit after)
+    assert store.load(()).counts["failed"] == 0 and store.get(job_id).job.status == "queued"
+    store.close()
+
+
+def test_a_retried_job_that_ran_and_left_memory_during_the_prune_is_counted_once(tmp_path):
+    store = JobStore(tmp_path / "pulse")
+    h = StoreHarness(store)
+    [job_id] = finished_jobs(h, 1, fail_every=1)
+    stored = store.get(job_id)
+    from qntx.pulse.events import Steer
+
+    h.core.prune_started()
+    h(Steer("retry", job_id, "user", stored.job, stored.seq))
+    deleted = store.prune({"failed": h.wall + 1})
+    h.hello(b"w", credit=1)
+    [run] = h.dispatched(h.turn())
+    h.done(run, result="ok")
+    h.commit()
+    assert job_id not in h.core.jobs  # final and saved: out of memory before the batch is counted
+    h.core.pruned(deleted)
+    counts = h.core.counts()
+    assert counts["failed"] == 0 and counts["completed"] == 1
+    h.commit()
     store.close()
