@@ -99,9 +99,11 @@ class JobError(msgspec.Struct, kw_only=True):
 # Job.logs holds a job's stdout, then this line and its stderr (if it wrote any).
 STDERR_MARK = "\n--- stderr ---\n"
 
-# JOB_STATUSES: queued -> running -> completed | failed | cancelled; paused holds a queued
-# job; waiting holds a job until the jobs it runs after have ended.
-JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "paused", "waiting")
+# JOB_STATUSES: queued -> [dispatched ->] running -> completed | failed | cancelled; paused
+# holds a queued job; waiting holds a job until the jobs it runs after have ended. A
+# job handed to a plugin is dispatched until its handler's code starts (JobStarted).
+JOB_STATUSES = ("queued", "dispatched", "running", "completed", "failed", "cancelled", "paused", "waiting")
+RUNNING_STATUSES = ("dispatched", "running")  # out on a lease
 AFTER_POLICIES = ("completed", "always")
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 
@@ -165,6 +167,7 @@ class Job(msgspec.Struct, kw_only=True):
     after_policy: str = "completed"  # "completed": only if they all completed; "always": once they ended
     version: str | None = None  # the handler version (its attestation's ASID) this job runs
     schedule: str | None = None  # the schedule that fired it
+    due: int | None = None  # the due time of the schedule firing it is (Unix ms)
     # Every run, oldest first (the last HISTORY_KEPT; retries keep the earlier ones).
     # Only GetJob carries it: listings, events and waits leave it out.
     history: list[Run] = []
@@ -381,6 +384,15 @@ class JobProgress(Message):
     lease: int = 0
 
 
+class JobStarted(Message):
+    """The handler's code of a run began (fire and forget): a job handed to a plugin
+    is ``dispatched`` until then (it may wait there for a free interpreter), and
+    ``running`` from then on. Counts only for the job's current lease."""
+
+    job_id: str
+    lease: int = 0
+
+
 class JobOutput(Message):
     """Output of a long-running job as it is written (fire and forget); the server
     publishes it to the job's followers if ``lease`` is the job's current one.
@@ -446,6 +458,7 @@ ServerRequest = (
     | HandlersChanged
     | JobProgress
     | JobOutput
+    | JobStarted
     | GetEndpoints
 )
 ServerReply = (
@@ -572,6 +585,7 @@ class ExecuteJob(Message):
     attempt: int = 1
     lease: int = 0  # names this run: progress, output and cancels carry it
     version: str | None = None  # the handler version to run (None: the current one)
+    due: int | None = None  # a schedule firing's due time (Unix ms)
 
 
 class ExecuteResult(Message):
@@ -718,6 +732,7 @@ SERVER_ROLES = {
     HandlersChanged: _PLUGIN,
     JobProgress: _PLUGIN,
     JobOutput: _PLUGIN,
+    JobStarted: _PLUGIN,
 }
 # Who may subscribe to each family of event topics (the server's events socket, the
 # ATS events socket): a prefix that can match a family needs one of its roles.

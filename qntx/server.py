@@ -59,6 +59,7 @@ from qntx.protocol import (
     JobOutput,
     JobProgress,
     JobReply,
+    JobStarted,
     JobUpdate,
     ListJobs,
     ListSchedules,
@@ -157,6 +158,7 @@ class ServerActor(Actor):
                 HandlersChanged: self.on_handlers_changed,
                 JobProgress: self.on_progress,
                 JobOutput: self.on_output,
+                JobStarted: self.on_started,
                 GetEndpoints: self.on_get_endpoints,
             },
             roles=SERVER_ROLES,
@@ -173,7 +175,7 @@ class ServerActor(Actor):
             self.settings.server_endpoint,
             self.settings.pulse_path,
             counts.get("queued", 0),
-            counts.get("running", 0),
+            counts.get("running", 0) + counts.get("dispatched", 0),
             counts.get("paused", 0),
         )
 
@@ -223,6 +225,9 @@ class ServerActor(Actor):
 
     def on_output(self, message: JobOutput, request: Request) -> None:
         self.pulse.output(message, request.peer)
+
+    def on_started(self, message: JobStarted, request: Request) -> None:
+        self.pulse.started(message, request.peer)
 
     def on_progress(self, message: JobProgress, request: Request) -> None:
         self.pulse.progress(message, request.peer)

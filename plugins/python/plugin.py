@@ -30,6 +30,7 @@ import zmq.asyncio
 from loguru import logger
 
 from plugins.python.pool import InterpreterPool
+from plugins.python.runner import JobContext
 from qntx import __version__
 from qntx.ats.store import next_page
 from qntx.bus.actor import Request
@@ -61,6 +62,7 @@ from qntx.protocol import (
     JobError,
     JobOutput,
     JobProgress,
+    JobStarted,
     Metadata,
     MetadataReply,
     Ping,
@@ -362,6 +364,11 @@ class PythonPlugin:
         def on_output(stream: str, text: str) -> None:
             self.server.notify(JobOutput(job_id=message.job_id, stream=stream, text=text, lease=lease))
 
+        def on_start() -> None:  # it waited for an interpreter until now: Pulse says running from here
+            self.server.notify(JobStarted(job_id=message.job_id, lease=lease))
+
+        context = JobContext(id=message.job_id, attempt=message.attempt, due=message.due, handler=message.handler, lease=lease)
+
         return await self.pool.run(
             run_key(message.job_id, lease),
             code,
@@ -371,6 +378,8 @@ class PythonPlugin:
             cpu_s=self.settings.python_cpu_s,
             on_progress=on_progress,
             on_output=on_output,
+            on_start=on_start,
+            context=context,
         )
 
     def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:

@@ -25,7 +25,7 @@ import msgspec
 from loguru import logger
 
 from plugins.python.channel import Died, Interpreter, JobDied
-from plugins.python.runner import RunJob, RunResult
+from plugins.python.runner import JobContext, RunJob, RunResult
 from qntx.lifeline import die_with_parent, kill_group
 from qntx.protocol import TIMED_OUT, ExecuteResult, JobError, Progress
 
@@ -119,7 +119,11 @@ class InterpreterPool:
         cpu_s: int = 600,
         on_progress: Callable[[float, float], None] | None = None,
         on_output: Callable[[str, str], None] | None = None,
+        on_start: Callable[[], None] | None = None,
+        context: JobContext | None = None,
     ) -> ExecuteResult:
+        """Run ``code`` in a free interpreter (waiting for one); ``on_start`` is called
+        once it has one and the job is sent: the handler's code starts then."""
         interp = await self._acquire(job_id)
         if interp is None:
             return _failure("interpreter pool closed" if self._closed else "cancelled")
@@ -133,11 +137,14 @@ class InterpreterPool:
             cpu_s=cpu_s,
             ats_endpoint=self._ats_endpoint,
             **self._keys,
+            context=context or JobContext(),
         )
         timeout = f"{TIMED_OUT} {timeout_s:g}s"
         timer = asyncio.get_running_loop().call_later(timeout_s, interp.kill, timeout)
         try:
             interp.send(job)
+            if on_start is not None:
+                on_start()
             message: RunResult = await reply
         except JobDied as died:  # that job's process only: the fork server serves on
             self._release(interp)

@@ -4,7 +4,7 @@
 sets its hard limits (``limit_job``), runs the job with ``HandlerRunner`` and exits,
 so nothing a job changes (builtins, modules, threads, cwd, environment) reaches the
 next. It owns executing user code: a fresh namespace (``upstream``, ``args``,
-``attest``, ``progress``; attests go out in batches, ``plugins.python.attesting``), capturing stdout/stderr and turning exceptions into a
+``attest``, ``progress``, ``job``; attests go out in batches, ``plugins.python.attesting``), capturing stdout/stderr and turning exceptions into a
 ``JobError``.
 
 Parent and child talk only over a private pipe pair, never over fd 0/1: frames are
@@ -55,6 +55,18 @@ STREAM_BACKLOG_CHARS = 1 << 20  # unsent output kept when a job outpaces the str
 # --------------------------------------------------------------------- frames
 
 
+class JobContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What handler code can learn of its run, as ``job`` in its namespace: ``job.id``,
+    ``job.attempt`` (1 for the first), ``job.due`` (a schedule firing's due time, Unix
+    ms; None for other jobs), ``job.handler`` and ``job.lease``."""
+
+    id: str = ""
+    attempt: int = 0
+    due: int | None = None
+    handler: str = ""
+    lease: int = 0
+
+
 class RunJob(msgspec.Struct, tag="run", kw_only=True):
     job_id: str
     code: str
@@ -64,6 +76,7 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     ats_endpoint: str = ""
     keys_dir: str = ""  # CURVE keys for a tcp ATS endpoint (qntx.bus.security)
     insecure: bool = False
+    context: JobContext = JobContext()
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):
@@ -406,6 +419,7 @@ class HandlerRunner:
             "args": args if isinstance(args, list) else [],
             "attest": self._attest_function(job.ats_endpoint, job.keys_dir, job.insecure),
             "progress": self._progress,
+            "job": job.context,
         }
         saved = sys.stdout, sys.stderr
         out, err = OutputStream("stdout", self._streamer), OutputStream("stderr", self._streamer)

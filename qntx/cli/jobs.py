@@ -186,7 +186,7 @@ def _stream(bus, job_id: str, view: ProgressView) -> Job:
 @pulse_app.command
 def jobs(
     *,
-    status: Annotated[str | None, Parameter(help="queued, running, completed, failed, cancelled, paused or waiting.")] = None,
+    status: Annotated[str | None, Parameter(help="queued, dispatched, running, completed, failed, cancelled, paused or waiting.")] = None,
     limit: Annotated[int, Parameter(help="At most N jobs, newest first.")] = 20,
     json_: Annotated[bool, Parameter(name="--json")] = False,
 ):
@@ -412,7 +412,7 @@ def _watch_table(bus, handler: str | None):
         table.add_column(column)
     now = now_ms()
     shown = 0
-    for state in ("running", "queued", "waiting", "paused"):
+    for state in ("running", "dispatched", "queued", "waiting", "paused"):
         for job in bus.jobs(status=state, limit=1000):
             if handler is not None and job.handler != handler:
                 continue

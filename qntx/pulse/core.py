@@ -42,6 +42,7 @@ from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
     NIL,
+    RUNNING_STATUSES,
     TIMED_OUT,
     CancelRunning,
     Dispatch,
@@ -74,6 +75,7 @@ from qntx.pulse.events import (
     Saved,
     SendControl,
     SendJob,
+    Started,
     Steer,
     Submitted,
     Turn,
@@ -212,6 +214,7 @@ class PulseCore:
             WorkerSeen: self._worker_seen,
             Finished: self._finished,
             Progressed: self._progressed,
+            Started: self._started,
             OutputWritten: self._output,
             Steer: self._steer,
             PluginUp: self._plugin_up,
@@ -264,7 +267,7 @@ class PulseCore:
             self._adopt_record(seq, job)
             if job.status == "queued":
                 self._enqueue(job, now.wall)
-            elif job.status == "running":
+            elif job.status in RUNNING_STATUSES:
                 self._add_lease(Lease(job.lease, job.id, None, now.mono + self.config.adopt_grace_ms))
             self._saved_version[job.id] = self._version[job.id] = 0
         for _, job in jobs:
@@ -705,7 +708,7 @@ class PulseCore:
             self._dequeue(job.id)
         elif job.status == "waiting":
             self._stop_waiting(job)
-        elif job.status == "running":
+        elif job.status in RUNNING_STATUSES:
             lease = self.leases.get(job.lease)
             if lease is not None:
                 self._stop_run(lease, "cancelled")
@@ -846,10 +849,24 @@ class PulseCore:
             if job.status == "queued":
                 self._out.append(Log("INFO", f"job {job.id} attempt {job.attempts} failed: {job.error.message}; retrying"))
 
+    def _current_run(self, job_id: str, lease: int, wall: int) -> Job | None:
+        """The job whose current run sent a message about itself (None: an earlier
+        run's, which is not an error). Output or progress also says its code started."""
+        job = self.jobs.get(job_id)
+        if job is None or job.status not in RUNNING_STATUSES or (lease and lease != job.lease):
+            return None
+        if job.status == "dispatched":
+            job.started_at = wall
+            self._set_status(job, "running")
+        return job
+
+    def _started(self, event: Started, now: Instant) -> None:
+        self._current_run(event.message.job_id, event.message.lease, now.wall)
+
     def _progressed(self, event: Progressed, now: Instant) -> None:
         message = event.message
-        job = self.jobs.get(message.job_id)
-        if job is None or job.status != "running" or (message.lease and message.lease != job.lease):
+        job = self._current_run(message.job_id, message.lease, now.wall)
+        if job is None:
             return  # late progress of an earlier run is not an error
         job.progress = Progress(current=message.current, total=message.total)
         self._out.append(
@@ -858,8 +875,8 @@ class PulseCore:
 
     def _output(self, event: OutputWritten, now: Instant) -> None:
         message = event.message
-        job = self.jobs.get(message.job_id)
-        if job is None or job.status != "running" or (message.lease and message.lease != job.lease):
+        job = self._current_run(message.job_id, message.lease, now.wall)
+        if job is None:
             return
         if isinstance(message.text, str):
             self._tails.wrote(job.lease, message.stream, message.text)
@@ -1033,6 +1050,7 @@ class PulseCore:
             self._out.append(Log("WARNING", f"schedule {schedule.name}: firing skipped: {exc}"))
             return
         job = self._create(spec, now, schedule=schedule.name)
+        job.due = due
         self._set_status(job, "queued")
         self._enqueue(job, now.wall)
         firings.append([due, job_id])
@@ -1186,10 +1204,13 @@ class PulseCore:
             job.attempts += 1
             job.runs += 1
             job.lease = lease.id
-            job.started_at, job.finished_at = now.wall, None
+            # A built-in runs at once; a plugin's handler may wait there for an
+            # interpreter, and runs once the plugin says its code started.
+            started = plugin_name is None
+            job.started_at, job.finished_at = (now.wall if started else None), None
             job.worker, job.progress = session.name, None
             start_run(job, lease.id, session.name, session.host, plugin_name, now.wall)
-            self._set_status(job, "running")
+            self._set_status(job, "running" if started else "dispatched")
             # A built-in (no side effects) goes before the commit and runs while the
             # disk syncs; any other handler only once its run is on disk.
             durable = job.handler not in BUILTIN_HANDLERS

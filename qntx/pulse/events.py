@@ -22,6 +22,7 @@ from qntx.protocol import (
     JobDone,
     JobOutput,
     JobProgress,
+    JobStarted,
     Submit,
     WorkerReady,
     WorkerWelcome,
@@ -61,6 +62,11 @@ class WorkerSeen:
 @dataclass(frozen=True, slots=True)
 class Finished:
     message: JobDone
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    message: JobStarted
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ from qntx.protocol import (
     JobOutput,
     JobProgress,
     JobProgressed,
+    JobStarted,
     JobUpdate,
     ListJobs,
     Progress,
@@ -88,6 +89,7 @@ from qntx.pulse.events import (
     Saved,
     SendControl,
     SendJob,
+    Started,
     Steer,
     Submitted,
     Turn,
@@ -100,7 +102,7 @@ from qntx.pulse.watch import JobWatch, notice
 from qntx.settings import Settings, jobs_port_range
 from qntx.values import is_int, now_ms
 
-LIVE_STATUSES = ("queued", "running", "paused", "waiting")
+LIVE_STATUSES = ("queued", "dispatched", "running", "paused", "waiting")
 DRAIN_LIMIT = 512
 # Changes nobody waits for (a dispatch, a completion already published) are committed
 # within this long, sharing one fsync with whatever else comes; a reply that promises
@@ -467,7 +469,7 @@ class Pulse:
             elif isinstance(message, JobProgress):
                 self.apply(Progressed(message))
 
-    def holds_lease(self, peer: str | None, message: JobDone | JobProgress | JobOutput) -> bool:
+    def holds_lease(self, peer: str | None, message: JobDone | JobProgress | JobOutput | JobStarted) -> bool:
         """Whether ``peer`` (a key's name over tcp, None over ipc) may report on the run
         ``message`` names: only the key that opened the session holding its lease, and
         only through the kind of endpoint that session came in on. Anything else, and a
@@ -674,6 +676,10 @@ class Pulse:
     def progress(self, message: JobProgress, peer: str | None) -> None:
         if self.holds_lease(peer, message):
             self.apply(Progressed(message))
+
+    def started(self, message: JobStarted, peer: str | None) -> None:
+        if self.holds_lease(peer, message):
+            self.apply(Started(message))
 
     def output(self, message: JobOutput, peer: str | None) -> None:
         if self.holds_lease(peer, message):

@@ -447,7 +447,7 @@ def execute_request(dispatch: Dispatch) -> ExecuteJob:
     job = dispatch.job
     return ExecuteJob(
         job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
-        attempt=job.attempts, lease=dispatch.lease, version=job.version,
+        attempt=job.attempts, lease=dispatch.lease, version=job.version, due=job.due,
     )  # fmt: skip
 
 

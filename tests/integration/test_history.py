@@ -7,6 +7,7 @@ import pytest
 
 import qntx
 from qntx.protocol import JobOutput
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,3 +114,26 @@ def test_the_asyncio_api_returns_payloads_from_steering_and_the_history(bus, up)
             assert run.outcome == "failed" and "RuntimeError: flaky 0" in run.error.message
 
     asyncio.run(main())
+
+
+def test_a_job_waiting_inside_the_plugin_is_dispatched_not_running(bus):
+    """Two interpreters, three python jobs out at once: the third waits in the plugin
+    and reads dispatched (no started_at) until its code starts."""
+    code = "import time\ntime.sleep(float(args[0]))\n_result = [job.id, job.attempt, job.due, job.handler]"
+    assert bus.run("handler", "create", "nap", "--code", code).returncode == 0
+    bus.start_up("--workers", "1", "--python-pool", "2").wait_output("handler=python.nap")
+    with qntx.connect(bus.home) as b:
+        slots = [a.credit for a in b.status().actors if a.name == "worker-1"][0]
+        assert slots >= 3
+        long = [b.submit("python.nap", {"args": ["4"]}) for _ in range(2)]
+        wait_for(lambda: all(b.job(h.id).status == "running" for h in long), 20, what="two naps running")
+        quick = b.submit("python.nap", {"args": ["0"]}, max_attempts=2)
+        waiting = wait_for(lambda: (j := b.job(quick.id)).status != "queued" and j, 20, what="the quick one handed out")
+        assert waiting.status == "dispatched" and waiting.started_at is None and waiting.worker
+        assert quick.id in [j.id for j in b.jobs(status="dispatched")]
+        listed = bus.run("pulse", "jobs", "--status", "dispatched")
+        assert quick.id in listed.stdout and "dispatched" in listed.stdout
+        result = quick.result(timeout=30)
+        assert result == [quick.id, 1, None, "python.nap"]  # the job context its code sees
+        record = b.job(quick.id)
+        assert record.started_at >= waiting.history[0].started_at

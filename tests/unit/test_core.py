@@ -41,7 +41,7 @@ from qntx.pulse.events import (
 )
 from qntx.pulse.rules import lease_ms
 
-LIVE = ("queued", "running", "paused", "waiting")
+LIVE = ("queued", "dispatched", "running", "paused", "waiting")
 CONFIG = Config(dead_after_ms=3_000, adopt_grace_ms=5_000, max_payload_bytes=1_000)
 
 

@@ -124,3 +124,46 @@ def test_steering_replies_carry_the_payload_unless_brief():
     assert msgspec.msgpack.decode(reply(h(Steer("retry", job.id, "c"))).payload) == {"n": 7}
     assert reply(h(Steer("cancel", job.id, "c", brief=True))).payload == NIL
     assert raw({"n": 7}) == h.core.jobs[job.id].payload
+
+
+def test_a_plugin_job_is_dispatched_until_its_code_starts():
+    from qntx.protocol import JobStarted
+    from qntx.pulse.events import Started
+
+    h = python_harness()
+    job = h.submit(handler="python.x")
+    echo = h.submit(handler="builtin.echo")
+    h.hello(b"s1", credit=2)
+    sent = {d.job.id: d for d in h.dispatched(h.turn())}
+    record = h.core.jobs[job.id]
+    assert record.status == "dispatched" and record.started_at is None
+    assert h.core.jobs[echo.id].status == "running"  # a built-in runs at once
+    assert h.core.counts()["dispatched"] == 1 and h.core.counts()["running"] == 1
+    h.tick(5_000)  # it waits in the plugin for an interpreter
+    h(Started(JobStarted(job_id=job.id, lease=sent[job.id].lease + 1)))  # not its run: nothing
+    assert h.core.jobs[job.id].status == "dispatched"
+    h(Started(JobStarted(job_id=job.id, lease=sent[job.id].lease)))
+    record = h.core.jobs[job.id]
+    assert record.status == "running" and record.started_at == h.wall
+    assert h.core.counts()["dispatched"] == 0 and h.core.counts()["running"] == 2
+
+    other = h.submit(handler="python.x")
+    h.hello(b"s1", credit=3)
+    [again] = h.dispatched(h.turn())
+    wrote(h, other.id, again.lease, "hello\n")  # output also says the code started
+    assert h.core.jobs[other.id].status == "running"
+
+
+def test_a_dispatched_job_can_be_cancelled_and_survives_a_restart_with_its_lease():
+    h = python_harness()
+    job = h.submit(handler="python.x")
+    kept = h.submit(handler="python.x")
+    h.hello(b"s1", credit=2)
+    h.dispatched(h.turn())
+    h(Steer("cancel", job.id, "client"))
+    assert h.core.jobs[job.id].status == "cancelled"
+    assert [r.outcome for r in h.core.jobs[job.id].history] == ["cancelled"]
+    h.commit()
+    restarted = Harness(h.disk, wall=h.wall + 10, mono=h.mono + 10)
+    assert restarted.core.jobs[kept.id].status == "dispatched"
+    assert restarted.core.jobs[kept.id].lease in restarted.core.leases  # a worker may claim it

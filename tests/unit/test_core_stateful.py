@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from qntx.errors import QntxError
-from qntx.protocol import FINAL_STATUSES, JobDone, JobError
+from qntx.protocol import FINAL_STATUSES, RUNNING_STATUSES, JobDone, JobError, JobStarted
 from qntx.pulse.directives import Limit
 from qntx.pulse.events import (
     DirectivesSet,
@@ -19,6 +19,7 @@ from qntx.pulse.events import (
     PluginDown,
     PluginUp,
     SendJob,
+    Started,
     Steer,
 )
 from tests.unit.test_core import CONFIG, Harness, raw
@@ -41,6 +42,7 @@ class PulseLife(RuleBasedStateMachine):
         self.completed_by: dict[str, int] = {}  # job -> the lease that completed it
         self.max_attempts: dict[str, int] = {}
         self.submitted: list[str] = []
+        self.unsent: set[int] = set()  # runs that go out only once their commit is on disk
 
     # ------------------------------------------------------------ helpers
 
@@ -56,6 +58,8 @@ class PulseLife(RuleBasedStateMachine):
                 assert lease not in self.runs, "a lease id was used twice"
                 self.runs[lease] = (job.id, command.session)
                 self.held[command.session].add(lease)
+                if command.durable:
+                    self.unsent.add(lease)
                 for dep in job.after:  # never before what it runs after has ended as it must
                     status = self._status(dep)
                     assert status in FINAL_STATUSES, f"{job.id} started while {dep} is {status}"
@@ -106,10 +110,14 @@ class PulseLife(RuleBasedStateMachine):
         self.held[session].discard(lease)
         job_id = self.runs[lease][0]
         before = self.h.core.jobs.get(job_id)
-        current = before is not None and before.status == "running" and before.lease == lease
+        current = before is not None and before.status in RUNNING_STATUSES and before.lease == lease
         error = None if success else JobError(message="handler failed")
         self.h(Finished(JobDone(job_id=job_id, lease=lease, success=success, result=raw(lease), error=error)))
-        after = self.h.core.jobs.get(job_id) or self.h.disk.jobs[job_id][1]
+        after = self.h.core.jobs.get(job_id) or self.h.disk.jobs.get(job_id, (0, None))[1]
+        if after is None:  # its submit was lost in a crash (the run had gone out before the commit)
+            assert before is None and job_id not in self.submitted
+            self._turn()
+            return
         if success and after.status == "completed" and job_id not in self.completed_by:
             assert current, "a job completed from a lease that was not its current one"
             self.completed_by[job_id] = lease
@@ -118,6 +126,21 @@ class PulseLife(RuleBasedStateMachine):
         self._apply(self.h.turn())  # the freed slot takes a job before any heartbeat
         self.dispatch_targets_are_the_freest_ready_sessions()
         self._turn()
+
+    @rule(data=st.data())
+    def a_handler_starts(self, data):
+        running = [lease for s in self.alive for lease in sorted(self.held[s])]
+        if not running:
+            return
+        lease = data.draw(st.sampled_from(running))
+        job_id = self.runs[lease][0]
+        before = self.h.core.jobs.get(job_id)
+        self.h(Started(JobStarted(job_id=job_id, lease=lease)))
+        after = self.h.core.jobs.get(job_id)
+        if before is not None and before.lease == lease and before.status in RUNNING_STATUSES:
+            assert after.status == "running" and after.started_at is not None
+        elif before is not None:
+            assert after.status == before.status  # an earlier run's start changes nothing
 
     @rule(session=st.sampled_from(SESSIONS))
     def a_worker_dies(self, session):
@@ -142,9 +165,25 @@ class PulseLife(RuleBasedStateMachine):
             self.h.tick(min(ms, 1000))
             self._turn()
 
-    @rule()
-    def the_server_restarts(self):
-        self.h.commit()  # what was committed survives; the rest is lost with the process
+    def _commit(self) -> None:
+        self.h.commit()
+        self.unsent.clear()  # on disk: the held runs went out
+
+    @rule(committed=st.booleans())
+    def the_server_restarts(self, committed):
+        if committed:
+            self._commit()  # a clean stop: what was decided is on disk
+        else:
+            # A crash: whatever the core decided since its last commit is lost. Only
+            # built-in runs went out before their commit; the client of a submit not on
+            # disk never got its answer; a completion not on disk is not known.
+            for session in SESSIONS:
+                self.held[session] -= self.unsent
+            self.unsent.clear()
+            self.submitted = [j for j in self.submitted if j in self.h.disk.jobs]
+            self.completed_by = {
+                j: lease for j, lease in self.completed_by.items() if j in self.h.disk.jobs and self.h.disk.jobs[j][1].status == "completed"
+            }
         wall, mono = self.h.wall + 50, self.h.mono + 50
         limits = self.h.core._limits
         self.h = Harness(self.h.disk, wall=wall, mono=mono)
@@ -155,7 +194,7 @@ class PulseLife(RuleBasedStateMachine):
     @rule(committed=st.booleans())
     def a_commit(self, committed):
         if committed:
-            self.h.commit()
+            self._commit()
 
     @precondition(lambda self: self.submitted)
     @rule(data=st.data(), action=st.sampled_from(["cancel", "retry", "pause", "resume"]))
@@ -198,7 +237,7 @@ class PulseLife(RuleBasedStateMachine):
             assert lease.job_id not in by_job, f"job {lease.job_id} holds two leases"
             by_job[lease.job_id] = lease.id
         for job in core.jobs.values():
-            if job.status == "running":
+            if job.status in RUNNING_STATUSES:
                 assert by_job.get(job.id) == job.lease, f"job {job.id} runs without its lease"
             else:
                 assert job.id not in by_job, f"{job.status} job {job.id} still holds a lease"
@@ -252,7 +291,7 @@ class PulseLife(RuleBasedStateMachine):
             self.h.tick(61_000)
             self._turn()
         for job in self.h.core.jobs.values():
-            assert job.status != "running" or job.lease in self.h.core.leases
+            assert job.status not in RUNNING_STATUSES or job.lease in self.h.core.leases
             if job.status == "waiting":  # only while something it runs after has not ended
                 assert any(self._status(dep) not in FINAL_STATUSES for dep in job.after), job
         for job_id in self.submitted:

@@ -281,7 +281,7 @@ function jobView(id) {
   };
   const paint = (data) => {
     job = data;
-    const can = {cancel: ["queued", "running", "paused", "waiting"], retry: ["failed", "cancelled"],
+    const can = {cancel: ["queued", "dispatched", "running", "paused", "waiting"], retry: ["failed", "cancelled"],
       pause: ["queued"], resume: ["paused"]};
     const logs = job.logs || "";
     if (job.status !== "running") output.textContent = logs || "(no output)";
