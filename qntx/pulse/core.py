@@ -162,7 +162,7 @@ class PulseCore:
         self._revived: dict[str, str] | None = None  # while a prune runs: stored jobs steered back, their stored status
         self._next_seq = 0
         self._meta_dirty = True
-        self._wall = now.wall
+        self._wall, self._mono = now.wall, now.mono
 
         self._token = itertools.count()
         self._tokens: dict[str, int] = {}  # queued id -> token of its live heap entry
@@ -231,7 +231,7 @@ class PulseCore:
     def handle(self, event: Any, now: Instant) -> list[Any]:
         """Apply one event; the commands it calls for, in order."""
         self._out = []
-        self._wall = now.wall
+        self._wall, self._mono = now.wall, now.mono
         self._handlers[type(event)](event, now)
         self._settle_dependents(now.wall)
         out, self._out = self._out, []
@@ -256,7 +256,13 @@ class PulseCore:
         self._plugin_names = set(plugins)
         self._fired = {name: _schedule_state(state) for name, state in (schedules or {}).items()}
         # The limits last read from ATS apply from the first dispatch on; ATS's current set follows.
-        self._limits = {h: Limit(concurrency=c, rate=r, per_ms=p) for h, (c, r, p) in (limits or {}).items()}
+        # A rate limit's recent starts (wall ms) hold its window across the restart.
+        self._limits = {}
+        for handler, (c, r, p, *rest) in (limits or {}).items():
+            self._limits[handler] = Limit(concurrency=c, rate=r, per_ms=p)
+            starts = sorted(min(now.mono, now.mono - (now.wall - wall)) for wall in (rest[0] if rest else ()))
+            if starts and r is not None:
+                self._starts[handler] = deque(starts)
         self._versions = dict(handler_versions or {})
         self._next_seq = next_seq
         self._counts.update(counts)
@@ -284,7 +290,12 @@ class PulseCore:
         if not self._limits_dirty:
             return None
         self._limits_dirty = False
-        return {h: [limit.concurrency, limit.rate, limit.per_ms] for h, limit in self._limits.items()}
+        # Each rate limit with its starts in the window, as wall ms (the monotonic clock
+        # of this process means nothing to the next).
+        return {
+            h: [limit.concurrency, limit.rate, limit.per_ms, [self._wall - (self._mono - m) for m in self._starts.get(h, ())]]
+            for h, limit in self._limits.items()
+        }
 
     def _fired_snapshot(self) -> dict[str, list] | None:
         if not self._schedules_dirty:
@@ -1195,6 +1206,7 @@ class PulseCore:
             limit = self._limits.get(job.handler)
             if limit is not None and limit.rate is not None:
                 self._starts.setdefault(job.handler, deque()).append(now.mono)
+                self._limits_dirty = True  # saved with the limit: a restart keeps its window
             endpoint = None
             if plugin_name is not None:
                 plugin = self.plugins[plugin_name]

@@ -212,5 +212,5 @@ class Changes:
     lease_ceiling: int = 0
     plugins: list[str] = field(default_factory=list)  # every plugin that ever registered
     schedules: dict[str, list] | None = None  # name -> [last due, [[due, job id], ...]]; None: unchanged
-    limits: dict[str, list] | None = None  # handler -> [concurrency, rate, per_ms]; None: unchanged
+    limits: dict[str, list] | None = None  # handler -> [concurrency, rate, per_ms, [recent starts, wall ms]]; None: unchanged
     handler_versions: dict[str, str] | None = None  # handler -> its current version; None: unchanged

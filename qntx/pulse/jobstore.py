@@ -52,7 +52,7 @@ class Loaded(msgspec.Struct, frozen=True):
     lease_ceiling: int = 1
     plugins: list[str] = []
     schedules: dict[str, list] = {}  # name -> [last due fired, [[due, job id], ...]]
-    limits: dict[str, list] = {}  # handler -> [concurrency, rate, per_ms], as last read from ATS
+    limits: dict[str, list] = {}  # handler -> [concurrency, rate, per_ms, [recent starts]], as last read from ATS
     handler_versions: dict[str, str] = {}  # handler -> its current version, as last announced
 
 

@@ -153,6 +153,29 @@ def test_a_rate_limit_spaces_starts_and_wakes_for_the_next(h):
     assert len(h.dispatched(h.turn())) == 2
 
 
+def test_a_rate_window_is_kept_across_a_crash_of_the_server(h):
+    """--rate 3/20s, three starts, kill -9: the restarted server starts no other job
+    of that handler until the window of the first start has passed."""
+    limit = {"builtin.echo": Limit(rate=3, per_ms=20_000)}
+    h(DirectivesSet(limits=limit, schedules={}))
+    for n in range(6):
+        h.submit(payload=n)
+    first = run_all(h)
+    assert len(first) == 3
+    for d in first:
+        h.done(d)
+    h.commit()  # (the crash comes after this commit: nothing later is on disk)
+    h.tick(2_000)
+    again = Harness(h.disk, wall=h.wall, mono=h.mono + 500_000)  # a new process: another monotonic clock
+    again(DirectivesSet(limits=limit, schedules={}))
+    assert run_all(again) == []
+    assert again.core.next_wakeup(again.now) <= again.mono + 18_000
+    again.tick(17_999)
+    assert again.dispatched(again.turn()) == []
+    again.tick(1)
+    assert len(again.dispatched(again.turn())) == 3
+
+
 def test_a_limit_removed_lets_the_rest_go(h):
     h(DirectivesSet(limits={"builtin.echo": Limit(concurrency=1)}, schedules={}))
     for n in range(3):
