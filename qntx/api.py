@@ -756,15 +756,21 @@ class Bus:
         self._restate(name, deleted=True)
         self._until_pulse_sees(lambda states: name not in states)
 
-    def _until_pulse_sees(self, seen, timeout: float = 5.0) -> None:
+    def _until_pulse_sees(self, seen, timeout: float = 5.0, *, limits: bool = False) -> None:
         """With the bus up, return once Pulse has taken a change in (it follows ATS
-        live, within milliseconds), so the caller's next step sees it."""
+        live, within milliseconds), so the caller's next step sees it. ``seen`` gets
+        the schedules by name, or (``limits``) the limits Pulse applies by handler."""
         if not self._server_is_up():
             return
         deadline = time.monotonic() + timeout
-        while not seen({s.name: s for s in self.server.request(ListSchedules()).schedules}):
+
+        def known() -> dict:
+            reply = self.server.request(ListSchedules())
+            return reply.limits if limits else {s.name: s for s in reply.schedules}
+
+        while not seen(known()):
             if time.monotonic() > deadline:
-                raise Timeout("the server did not pick up the schedule change (is ATS up?)")
+                raise Timeout("the server did not pick up the change (is ATS up?)")
             time.sleep(0.01)
 
     def _restate(self, name: str, **changes: Any) -> None:
@@ -786,6 +792,8 @@ class Bus:
             attributes = {"deleted": True}
         limit = parse_limit(attributes)
         self._ats.attest([directive_attestation(LIMIT, handler, attributes)])
+        wanted = None if limit is None else [limit.concurrency, limit.rate, limit.per_ms]
+        self._until_pulse_sees(lambda applied: applied.get(handler) == wanted, limits=True)  # the next submit meets it
         return limit
 
     def limits(self) -> dict[str, Limit]:

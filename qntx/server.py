@@ -295,7 +295,8 @@ class ServerActor(Actor):
                     next_due=due, firings=[(d, i) for d, i in firings],
                 )  # fmt: skip
             )
-        return SchedulesReply(schedules=states, loaded=self.directives.loaded)
+        limits = {h: [lim.concurrency, lim.rate, lim.per_ms] for h, lim in self.pulse.core.limits().items()}
+        return SchedulesReply(schedules=states, loaded=self.directives.loaded, limits=limits)
 
     # ---------------------------------------------------------------- plugins
 

@@ -413,6 +413,10 @@ class PulseCore:
         """The live session of the worker called ``name``."""
         return self.sessions.get(self._named.get(name, b""))
 
+    def limits(self) -> dict[str, Limit]:
+        """The limits applied now, by handler."""
+        return dict(self._limits)
+
     def schedule_states(self) -> dict[str, tuple[Schedule, int | None, int | None, list]]:
         """name -> (schedule, last due fired, next due, [[due, job id], ...] newest last)."""
         out = {}
@@ -959,6 +963,9 @@ class PulseCore:
         self._end_lease(lease, taken_back=False)
         self._tails.take(lease.id)
         forget_run(job, lease.id)
+        starts = self._starts.get(job.handler)
+        if starts:  # it never started: its start does not count against a rate limit
+            starts.pop()
         job.runs -= 1  # it never left: not a run at all
         job.lost -= 1
         self._requeue_without_attempt(job, now.wall, "undeliverable")

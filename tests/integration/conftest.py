@@ -31,6 +31,15 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15.0, interval: f
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def stays(predicate: Callable[[], object], seconds: float, interval: float = 0.05, what: str = "condition") -> None:
+    """Assert ``predicate`` holds all through the next ``seconds`` (an observation
+    window: that something does not happen, such as a firing while paused)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), f"{what} stopped holding"
+        time.sleep(interval)
+
+
 class Process:
     """One started command, its output in a log file."""
 

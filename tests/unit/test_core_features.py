@@ -176,6 +176,18 @@ def test_a_rate_window_is_kept_across_a_crash_of_the_server(h):
     assert len(again.dispatched(again.turn())) == 3
 
 
+def test_a_dispatch_that_could_not_be_delivered_uses_no_start_of_a_rate(h):
+    from qntx.pulse.events import Undeliverable
+
+    h(DirectivesSet(limits={"builtin.echo": Limit(rate=1, per_ms=10_000)}, schedules={}))
+    job = h.submit()
+    [lost] = run_all(h)
+    h(Undeliverable(lost.lease))  # its worker's pipe was not connected: it never left
+    h.hello(credit=10)  # connected now
+    [again] = h.dispatched(h.turn())
+    assert again.job.id == job.id and again.lease != lost.lease
+
+
 def test_a_limit_removed_lets_the_rest_go(h):
     h(DirectivesSet(limits={"builtin.echo": Limit(concurrency=1)}, schedules={}))
     for n in range(3):
