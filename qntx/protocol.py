@@ -301,7 +301,7 @@ class ActorStatus(msgspec.Struct, kw_only=True):
     credit: int = 0  # a worker session's slots: jobs it takes at once
     role: str = ""  # the role its key holds for this (tcp peers; "" on ipc)
     key: str = ""  # the name its tcp key is authorised under ("" on ipc)
-    leases: int = 0  # the runs it holds now
+    leases: int = 0  # the runs it holds now (also those Pulse took back that it still runs)
 
 
 class StatusReply(Message):

@@ -247,7 +247,7 @@ class ServerActor(Actor):
                 ActorStatus(
                     name=session.name, pid=session.pid, endpoint=self.settings.workers_endpoint, healthy=healthy,
                     credit=session.credit, host=peer_host if key else host, role=role, key=key,
-                    leases=len(session.leases),
+                    leases=len(session.leases) + len(session.foreign),  # with runs taken back it still runs
                 )  # fmt: skip
             )
         for plugin in sorted(self.plugins.values(), key=lambda p: p.name):

@@ -93,7 +93,12 @@ def test_a_stopped_worker_loses_its_run_and_its_late_result_is_discarded(bus):
         assert job.runs == 2 and job.attempts == 1  # the lost run used no attempt
         # The stopped worker wakes up and reports its stale run: it is discarded.
         up.wait_output(f"worker {first.worker} (pid {worker_pid}) joined", timeout=20)
-        time.sleep(2)
+
+        def stale_run_over() -> bool:
+            [woken] = [a for a in b.status().actors if a.name == first.worker]
+            return woken.leases == 0  # it reported the run and stopped listing it
+
+        wait_for(stale_run_over, 20, what="the woken worker's stale run to end")
         again = b.job(handle.id)
         assert (again.status, again.lease, again.worker, again.runs) == ("completed", job.lease, job.worker, 2)
         assert b.submit("builtin.echo", "alive").result(timeout=20) == "alive"
@@ -159,10 +164,11 @@ def test_progress_of_an_abandoned_run_never_reaches_the_new_one(bus, marked):
         wait_for(lambda: b.job(handle.id).status == "running", 20, what="running again")
         second = b.job(handle.id)
         assert second.lease > first.lease
-        # A late progress report of the first run (as a plugin would send it) is ignored.
-        b.server.notify(JobProgress(job_id=handle.id, current=9, total=9, lease=first.lease))
         b.server.notify(JobProgress(job_id=handle.id, current=1, total=9, lease=second.lease))
         wait_for(lambda: b.job(handle.id).progress is not None, 10, what="progress")
+        # A late progress report of the first run (as a plugin would send it), after the
+        # current run's, is ignored: the GetJob behind it on the same connection shows it.
+        b.server.notify(JobProgress(job_id=handle.id, current=9, total=9, lease=first.lease))
         assert b.job(handle.id).progress.current == 1
         b.cancel(handle.id)
 
@@ -181,7 +187,8 @@ def test_a_10_mb_payload_is_carried_not_decoded(bus):
         while b.status().queue["completed"] < 2 and time.monotonic() < deadline:
             peak = max(peak, rss_kb(server))
             time.sleep(0.02)
-        time.sleep(1)
+        # Once it has let the payload go (what it keeps after, it keeps for good).
+        wait_for(lambda: rss_kb(server) - before < 35_000, 10, what="the server's memory back down")
         after = rss_kb(server)
         print([line for line in Path(f"/proc/{server}/status").read_text().splitlines() if line.startswith("Rss")])
         job = b.server.request(GetJob(id="JB-BIG---22222222"), timeout_s=30)  # raw: not decoded here either
