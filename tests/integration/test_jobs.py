@@ -12,6 +12,7 @@ import qntx
 from qntx.bus.client import Client
 from qntx.errors import NotFound
 from qntx.protocol import PLUGIN_DEPTH, Ping, PluginReply, Pong, ServerReply
+from tests.integration.conftest import wait_for
 from tests.integration.fuzz import hammer
 
 pytestmark = pytest.mark.timeout(120)
@@ -194,7 +195,8 @@ def test_a_plain_loop_of_submits_is_pipelined(bus, up):
             b.flush()
         assert [job_id for job_id, _ in flushed.value.failures] == [other.id]
         unseen = b.submit("no.such", 3)
-        time.sleep(0.5)
+        # Its refusal has come back and waits, unread, in the connection.
+        wait_for(lambda: b.server._socket.poll(0), 10, what="the refusal's reply")
         b.submit("builtin.echo", "x")  # settles the refusal on the way: flush still reports it
         with pytest.raises(NotFound) as flushed:
             b.flush()

@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import stat
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -192,7 +191,15 @@ def test_strangers_get_nothing(hosts):
     with Client(hosts.ats, AtsReply, security=revoked, timeout_s=2) as open_before:
         assert open_before.request(Ping()).actor == "ats"
         assert hosts.a.run("keys", "revoke", "revoked").returncode == 0
-        time.sleep(0.6)  # the keyring looks at authorized.json twice a second
+
+        def refused() -> bool:  # (the keyring looks at authorized.json twice a second)
+            try:
+                open_before.request(Ping(), timeout_s=0.5)
+            except Timeout:
+                return True
+            return False
+
+        wait_for(refused, 10, what="the revoked key's open connection to be refused")
         with pytest.raises(Timeout):
             open_before.request(Ping(), timeout_s=1)  # its open connection gets nothing now
     assert not answers(revoked)  # nor does a new one
@@ -217,9 +224,13 @@ def test_a_revoked_key_loses_its_events_subscription(hosts):
 
             wait_for(heard, 15, what="events over tcp")
             assert hosts.a.run("keys", "revoke", "listener").returncode == 0
-            time.sleep(1.5)  # the events socket is opened anew within a keyring check
-            while sub.poll(0):
-                sub.recv_multipart()
+
+            def deaf() -> bool:  # the events socket is opened anew within a keyring check
+                while sub.poll(0):
+                    sub.recv_multipart()
+                return not heard()
+
+            wait_for(deaf, 15, what="the revoked subscriber to hear nothing")
             bus.submit("builtin.echo", 2).wait(10)
             assert not sub.poll(2000)  # dropped, and refused when it reconnects
             with hosts.a.connect() as other:  # (this host's own subscribers carry on)
@@ -280,7 +291,11 @@ def check_plugin_host_fault(hosts: Hosts, host_c: Bus, tmp_path: Path, how: str)
             other.popen.send_signal(signal.SIGCONT)  # its interpreters finished meanwhile: stale results
         jobs = {h.id: h.wait(90) for h in handles}
         if how != "kill -9":
-            time.sleep(2)  # the resumed plugin reports its stale runs; they must change nothing
+
+            def stale_runs_over() -> bool:  # the resumed plugin reported them (they must change nothing)
+                return all(a.leases == 0 for a in bus.status().actors if a.name == "plugin-c")
+
+            wait_for(stale_runs_over, 30, what="plugin-c's stale runs to end")
             other.stop()
         results = [h.result() for h in handles]
         records = [bus.job(h.id) for h in handles]
