@@ -193,6 +193,10 @@ class AsyncBus:
     async def job(self, id: str) -> Job:
         return decoded((await self.server.request(GetJob(id=id))).job)
 
+    async def dependents(self, id: str) -> list[str]:
+        """The ids of the jobs that run after job ``id``."""
+        return (await self.server.request(GetJob(id=id))).dependents
+
     async def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
         return [decoded(j) for j in (await self.server.request(ListJobs(status=status, limit=limit))).jobs]
 

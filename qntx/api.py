@@ -574,6 +574,16 @@ class Bus:
             return decoded(self._read_pulse(lambda store: _stored_job(store, id), empty=lambda: _stored_job(None, id)))
         return decoded(self.server.request(GetJob(id=id)).job)
 
+    def dependents(self, id: str) -> list[str]:
+        """The ids of the jobs that run after job ``id`` (waiting for it, or run since)."""
+        if not self._server_is_up():
+            def read(store) -> list[str]:
+                _stored_job(store, id)  # NotFound for no such job
+                return store.dependents(id)
+
+            return self._read_pulse(read, empty=lambda: _stored_job(None, id))
+        return self.server.request(GetJob(id=id)).dependents
+
     def jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
         """Jobs newest first (without payloads), up to ``limit``, page after page. With
         no server running, read from the store (read-only)."""

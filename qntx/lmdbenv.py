@@ -115,11 +115,17 @@ class LmdbEnv:
             readonly=readonly, sync=sync, max_dbs=len(names),
         )  # fmt: skip
         self._lock = _ResizeLock()
-        self._dbs = {name: self._env.open_db(name.encode(), create=not readonly) for name in names}
+        self._dbs = {}
+        for name in names:
+            try:
+                self._dbs[name] = self._env.open_db(name.encode(), create=not readonly)
+            except lmdb.NotFoundError:  # read-only, and made by an older version without it
+                self._dbs[name] = None
         if not readonly:
             self.clear_stale_readers()
 
     def db(self, name: str):
+        """The named sub-database (None: absent from a store opened read-only)."""
         return self._dbs[name]
 
     def read(self, work: Callable[..., T]) -> T:

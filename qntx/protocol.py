@@ -281,6 +281,7 @@ class ResumeJob(Message):
 
 class JobReply(Message):
     job: Job
+    dependents: list[str] = []  # GetJob only: the jobs that run after it (the first 1000)
 
 
 class JobList(Message):

@@ -202,7 +202,8 @@ class ServerActor(Actor):
         return self.pulse.ended(message)
 
     def on_get_job(self, message: GetJob, request: Request) -> JobReply:
-        return JobReply(job=self.pulse.get(message.id))
+        job = self.pulse.get(message.id)
+        return JobReply(job=job, dependents=self.pulse.dependents(job.id))
 
     def on_list_jobs(self, message: ListJobs, request: Request) -> JobList:
         return self.pulse.list_jobs(message)

@@ -216,8 +216,9 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
 
     with open_bus() as bus:
         job = bus.job(job_id)
+        dependents = bus.dependents(job_id)
     if json_:
-        print_json(_job_dict(job))
+        print_json(_job_dict(job) | {"dependents": dependents})
         return
     print(f"Job {job.id}")
     print(f"  Handler:  {job.handler}")
@@ -230,6 +231,7 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
         ("Version", job.version),
         ("Parent", job.parent_id),
         ("After", job.after and f"{', '.join(job.after)} ({when})"),
+        ("Then", dependents and ", ".join(dependents)),  # what runs after it
         ("Schedule", job.schedule),
         ("Worker", job.worker),
         ("Progress", job.progress and f"{job.progress.current:g}/{job.progress.total:g}"),

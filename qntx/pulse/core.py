@@ -413,6 +413,10 @@ class PulseCore:
         """The live session of the worker called ``name``."""
         return self.sessions.get(self._named.get(name, b""))
 
+    def dependents(self, job_id: str) -> list[str]:
+        """The jobs waiting for ``job_id`` now (the store knows the rest, once saved)."""
+        return sorted(self._dependents.get(job_id, ()))
+
     def limits(self) -> dict[str, Limit]:
         """The limits applied now, by handler."""
         return dict(self._limits)

@@ -10,6 +10,7 @@ back. Named sub-databases:
 * ``keys``     idempotency key → id
 * ``status``   status + NUL + created_at(8 BE) + seq(8 BE) → id
 * ``created``  created_at(8 BE) + seq(8 BE) → id
+* ``after``    id + NUL + id of a job that runs after it → nothing (what runs after a job)
 * ``meta``     ``seq`` → the next sequence number; ``count:<status>`` → jobs in it;
   ``lease`` → lease ids below it may have been used (reserved in blocks)
 
@@ -32,7 +33,7 @@ from qntx.pulse.events import Changes
 
 _U64 = struct.Struct(">Q")
 _STAMP = struct.Struct(">QQ")  # created_at, seq
-_DBS = ("jobs", "payloads", "keys", "status", "created", "meta")
+_DBS = ("jobs", "payloads", "keys", "status", "created", "meta", "after")
 # Payloads up to this size stay in the job's record: one B-tree less per commit.
 INLINE_PAYLOAD_BYTES = 2048
 PRUNE_BATCH = 500  # jobs deleted per transaction: short enough never to hold the writer long
@@ -73,6 +74,10 @@ def _walk(txn, db, prefix: bytes, *, reverse: bool, below: bytes | None = None) 
     while found and cursor.key().startswith(prefix):
         yield cursor.key(), cursor.value()
         found = cursor.prev() if reverse else cursor.next()
+
+
+def _is_job_id(job_id: object) -> bool:
+    return isinstance(job_id, str) and bool(job_id.strip()) and len(job_id.encode()) <= 511
 
 
 def _inline(job: Job) -> bool:
@@ -138,9 +143,10 @@ class JobStore:
         """One job with its payload, or None."""
         if not isinstance(job_id, str):
             raise Invalid(f"a job id must be a string, got {job_id!r}")
+        if not _is_job_id(job_id):
+            shown = job_id if len(job_id) <= 40 else job_id[:40] + "…"
+            raise Invalid(f"not a job id: {shown!r} (a job id is 1 to 511 bytes, not blank)")
         key = job_id.encode()
-        if not key or len(key) > 511:
-            return None
 
         def work(txn) -> StoredJob | None:
             raw = txn.get(key, db=self._db["jobs"])
@@ -152,14 +158,14 @@ class JobStore:
         """The stored status of each of ``job_ids`` that exists."""
         found = {}
         for job_id in job_ids:
-            stored = self.get(job_id)
+            stored = self.get(job_id) if _is_job_id(job_id) else None  # (the core refuses the others)
             if stored is not None:
                 found[job_id] = stored.job.status
         return found
 
     def find(self, job_id: str | None, idempotency_key: str | None) -> StoredJob | None:
         """The stored job with this id, else the one with this idempotency key."""
-        if job_id is not None:
+        if job_id is not None and _is_job_id(job_id):  # (the core refuses the others)
             found = self.get(job_id)
             if found is not None:
                 return found
@@ -197,6 +203,8 @@ class JobStore:
                         txn.put(job_id, job.payload, db=db["payloads"])
                     if job.idempotency_key is not None:
                         txn.put(job.idempotency_key.encode(), job_id, db=db["keys"])
+                    for dep in job.after:
+                        txn.put(dep.encode() + b"\x00" + job_id, b"", db=db["after"])
                 if old != job.status:
                     if old is not None:
                         txn.delete(_status_key(old, stamp), db=db["status"])
@@ -261,6 +269,8 @@ class JobStore:
                         owner = job.idempotency_key.encode()
                         if txn.get(owner, db=db["keys"]) == raw_id:
                             txn.delete(owner, db=db["keys"])
+                    for dep in job.after if job is not None else ():
+                        txn.delete(dep.encode() + b"\x00" + raw_id, db=db["after"])
                 deleted[status] = [raw_id.decode() for _, raw_id, _ in victims]
                 budget -= len(victims)
                 if victims:
@@ -268,6 +278,22 @@ class JobStore:
             return deleted
 
         return self._env.write(work) if cutoffs else {}
+
+    def dependents(self, job_id: str, limit: int = 1000) -> list[str]:
+        """The ids of up to ``limit`` stored jobs that run after ``job_id``."""
+        key = job_id.encode() + b"\x00" if isinstance(job_id, str) else b""
+        if self._db["after"] is None or not 1 < len(key) <= 511:
+            return []
+
+        def work(txn) -> list[str]:
+            found = []
+            for entry, _ in _walk(txn, self._db["after"], key, reverse=False):
+                if len(found) == limit:
+                    break
+                found.append(entry[len(key) :].decode())
+            return found
+
+        return self._env.read(work)
 
     def newest(
         self,

@@ -694,6 +694,10 @@ class Pulse:
             raise NotFound(f"no job {job_id}")
         return stored.job
 
+    def dependents(self, job_id: str) -> list[str]:
+        """The jobs that run after ``job_id``: those waiting for it now and those stored."""
+        return sorted({*self.core.dependents(job_id), *self.store.dependents(job_id)})
+
     def list_jobs(self, message: ListJobs) -> JobList:
         """A page of jobs, newest first, at most MAX_PAGE of them; without payloads."""
         status, limit = message.status, message.limit

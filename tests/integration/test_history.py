@@ -3,6 +3,8 @@ wrote, the first attempt's error after a retry, `pulse show` and the steering re
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import qntx
@@ -137,3 +139,26 @@ def test_a_job_waiting_inside_the_plugin_is_dispatched_not_running(bus):
         assert result == [quick.id, 1, None, "python.nap"]  # the job context its code sees
         record = b.job(quick.id)
         assert record.started_at >= waiting.history[0].started_at
+
+
+def test_pulse_show_lists_what_runs_after_a_job(bus):
+    up = bus.start_up()
+    with qntx.connect(bus.home) as b:
+        first = b.submit("builtin.sleep", {"seconds": 0.5})
+        waiting = b.submit("builtin.echo", "then", after=[first])
+        anyway = b.submit("builtin.echo", "anyway", after=[first], after_policy="always")
+        waiting.accepted(), anyway.accepted()
+        assert b.dependents(first.id) == sorted([waiting.id, anyway.id])  # waiting for it now
+        assert waiting.result(timeout=30) == "then" and anyway.result(timeout=30) == "anyway"
+        assert b.dependents(first.id) == sorted([waiting.id, anyway.id])  # and after they ran
+        assert b.dependents(waiting.id) == []
+    shown = bus.run("pulse", "show", first.id)
+    assert shown.returncode == 0 and f"Then:     {', '.join(sorted([waiting.id, anyway.id]))}" in shown.stdout, shown.stdout
+    up.stop()
+    offline = bus.run("pulse", "show", first.id, "--json")  # read from the store, no server
+    assert offline.returncode == 0 and json.loads(offline.stdout)["dependents"] == sorted([waiting.id, anyway.id])
+    missing = bus.run("pulse", "show", "JB-NO-SUCH-JOB")  # well formed, but no such job
+    assert missing.returncode == 1 and missing.stderr == "error: no job JB-NO-SUCH-JOB\n", missing.stderr
+    for bad in ("", " ", "x" * 600):  # not a job id at all: bad input
+        shown = bus.run("pulse", "show", bad)
+        assert shown.returncode == 2 and shown.stderr.startswith("error: not a job id") and shown.stderr.count("\n") == 1

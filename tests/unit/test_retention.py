@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 
+from qntx.errors import Invalid
 from qntx.protocol import Job
 from qntx.pulse.core import PulseCore
 from qntx.pulse.events import Saved
@@ -133,4 +135,31 @@ def test_a_retried_job_that_ran_and_left_memory_during_the_prune_is_counted_once
     counts = h.core.counts()
     assert counts["failed"] == 0 and counts["completed"] == 1
     h.commit()
+    store.close()
+
+
+def test_the_store_knows_what_runs_after_a_job_and_prunes_it_with_the_job(tmp_path):
+    store = JobStore(tmp_path / "pulse")
+    h = StoreHarness(store)
+    [first] = finished_jobs(h, 1)
+    from qntx.protocol import Submit
+    from qntx.pulse.events import Reply, Submitted
+
+    after = []
+    for n in range(3):  # (as the server does: how the job it runs after ended, read from the store)
+        spec = Submit(handler="builtin.echo", payload=msgspec.Raw(msgspec.msgpack.encode(n)), after=[first])
+        [reply] = [c for c in h(Submitted(spec, "client", ended={first: "completed"})) if isinstance(c, Reply)]
+        after.append(reply.message.job.id)
+    h.commit()
+    assert store.dependents(first) == sorted(after)
+    assert store.dependents(after[0]) == [] and store.dependents(first, limit=2) == sorted(after)[:2]
+    h.hello(b"w", credit=5)
+    for run in h.dispatched(h.turn()):
+        h.done(run, result="ok")
+    h.commit()
+    deleted = store.prune({"completed": h.wall + 1})
+    assert sorted(deleted["completed"]) == sorted([first, *after])
+    assert store.dependents(first) == []  # the index went with the jobs
+    with pytest.raises(Invalid):
+        store.get("")
     store.close()
