@@ -19,6 +19,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -115,11 +116,13 @@ class JobFollower:
 class Outcomes:
     """Outcomes of the jobs submitted on one connection, asked for ahead of need.
 
-    While one result is awaited, one ``EndedJobs`` asks which of the next READ_AHEAD
-    jobs submitted here (whose handles are still held) have ended: a loop of results
-    then costs one request per READ_AHEAD jobs, not one each. Their records are held
-    up to HELD_BYTES; a job that had not ended is asked for with ``WaitJob`` when its
-    turn comes."""
+    While one result is awaited, one waiting ``EndedJobs`` asks for the next
+    READ_AHEAD jobs submitted here (whose handles are still held) together: the
+    server answers at the end of the loop turn in which the first of them ended,
+    with every one of them that ended by then. A loop of results so costs one
+    request per answer, and an answer carries what ended in a turn, not one job.
+    Their records are held up to HELD_BYTES. A job not in the batch (waited for out
+    of order, or unknown to the server's memory) is asked for with ``WaitJob``."""
 
     def __init__(self, follower: JobFollower):
         self._follower = follower
@@ -127,7 +130,7 @@ class Outcomes:
         self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (prefetch)
         self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
-        self._batch: tuple[bytes, set[str], list[str]] | None = None  # the EndedJobs in flight
+        self._batch: _Batch | None = None  # the EndedJobs in flight
         self._held: dict[str, Job] = {}  # final records that came ahead of need
         self._held_bytes = 0
 
@@ -155,7 +158,7 @@ class Outcomes:
         if held is not None:
             self._held_bytes -= job_bytes(held)
         if self._batch is not None:
-            self._batch[1].discard(job_id)
+            self._batch.ids.pop(job_id, None)
 
     def prefetch(self, job_id: str) -> None:
         """Ask for ``job_id``'s outcome now (before its acceptance is known, say):
@@ -167,9 +170,17 @@ class Outcomes:
             self._in_flight.add(correlation)
 
     def wait(self, job_id: str, clock: _Clock) -> Job:
-        self._submitted.pop(job_id, None)
-        if self._batch is not None and job_id in self._batch[1]:
-            self._settle_batch(clock)
+        ref = self._submitted.pop(job_id, None)
+        while job_id not in self._held and job_id not in self._asked:
+            batch = self._batch
+            if batch is None:
+                if ref is None or not self._read_ahead(job_id, ref, clock):
+                    break
+            elif job_id in batch.ids:
+                if not self._settle_batch(job_id, clock):
+                    break
+            else:
+                break
         if job_id in self._held:
             return self._take_held(job_id)
         follower = self._follower
@@ -179,7 +190,6 @@ class Outcomes:
             if correlation is None:
                 correlation = follower.ask(job_id, wait_ms)
                 self._in_flight.add(correlation)
-            self._read_ahead()
             try:
                 update = self._answer(correlation, wait_ms)
             finally:
@@ -191,7 +201,9 @@ class Outcomes:
         job = self._held.pop(job_id)
         self._held_bytes -= job_bytes(job)
         if job_id in self._asked:  # a prefetch no longer needed
-            self._follower.client.forget(self._asked.pop(job_id))
+            correlation = self._asked.pop(job_id)
+            self._in_flight.discard(correlation)
+            self._follower.client.forget(correlation)
         return job
 
     def _answer(self, correlation: bytes, wait_ms: int) -> Any:
@@ -199,43 +211,53 @@ class Outcomes:
             return raise_if_error(self._answers.pop(correlation))
         return self._follower.take(correlation, wait_ms)
 
-    def _read_ahead(self) -> None:
-        """Ask which of the next jobs have ended (one request), if none is asked yet."""
-        if self._batch is not None or self._held_bytes >= HELD_BYTES:
-            return
-        ids: list[str] = []
+    def _read_ahead(self, first: str, ref: weakref.ref, clock: _Clock) -> bool:
+        """Ask for ``first`` and the next jobs together (one waiting EndedJobs);
+        False if no more records may be held now."""
+        if self._held_bytes >= HELD_BYTES:
+            return False
+        ids = {first: ref}
         while self._submitted and len(ids) < READ_AHEAD:
-            job_id, ref = self._submitted.popitem(last=False)
-            if ref() is not None and job_id not in self._asked and job_id not in self._held:
-                ids.append(job_id)
-        if ids:
-            correlation = self._follower.client.send(EndedJobs(ids=ids))
-            self._batch = (correlation, set(ids), ids)
-            self._in_flight.add(correlation)
+            job_id, other = self._submitted.popitem(last=False)
+            if other() is not None and job_id not in self._asked and job_id not in self._held:
+                ids[job_id] = other
+        wait_ms = clock.next_wait_ms()
+        correlation = self._follower.client.send(EndedJobs(ids=list(ids), wait_ms=wait_ms))
+        self._batch = _Batch(correlation, ids, wait_ms)
+        self._in_flight.add(correlation)
+        return True
 
-    def _settle_batch(self, clock: _Clock) -> None:
-        correlation, ids, order = self._batch
-        self._batch = None
+    def _settle_batch(self, job_id: str, clock: _Clock) -> bool:
+        """Take the batch's answer; hold what ended and give the rest back to be
+        asked for again. False if ``job_id`` is better asked for alone: it is gone
+        from the server's memory, or the batch's wait passed with nothing."""
+        batch, self._batch = self._batch, None
+        reply = None
         try:
-            reply = self._answer(correlation, clock.next_wait_ms())
-        except Timeout:  # the caller's time is up: that is its answer
-            raise
-        except QntxError:  # an error answer (an older server without EndedJobs): ask one by one
-            return
+            reply = self._answer(batch.correlation, min(batch.wait_ms, clock.next_wait_ms()))
+        except Timeout:
+            pass
+        except QntxError:  # an error answer (an older server): ask one by one
+            pass
         finally:
-            self._in_flight.discard(correlation)
-        for job in reply.jobs:
-            if job.id in ids and job.status in FINAL_STATUSES:
-                self._held[job.id] = job
-                self._held_bytes += job_bytes(job)
-                ids.discard(job.id)
-        # The others have not ended yet: a WaitJob each, in flight together, answered
-        # as each ends (in submit order, as they were asked).
-        wait_ms = int(self._follower.slice_s * 1000)
-        for job_id in [i for i in order if i in ids and i not in self._asked][: READ_AHEAD - len(self._asked)]:
-            correlation = self._follower.ask(job_id, wait_ms)
-            self._asked[job_id] = correlation
-            self._in_flight.add(correlation)
+            self._in_flight.discard(batch.correlation)
+            self._follower.client.forget(batch.correlation)
+            if reply is not None:
+                for job in reply.jobs:
+                    if batch.ids.pop(job.id, None) is not None and job.status in FINAL_STATUSES:
+                        self._held[job.id] = job
+                        self._held_bytes += job_bytes(job)
+            gone = set(reply.gone) if reply is not None else set()
+            ref = batch.ids.get(job_id)
+            for other in reversed([i for i in batch.ids if i not in gone and i != job_id]):
+                self._submitted[other] = batch.ids[other]  # asked for again, first in line
+                self._submitted.move_to_end(other, last=False)
+        if job_id in self._held:
+            return True
+        if reply is None or job_id in gone or not reply.jobs:
+            clock.next_wait_ms()  # (raises Timeout if the caller's time is up)
+            return False
+        return self._read_ahead(job_id, ref, clock)
 
     def close(self) -> None:
         for correlation in self._in_flight:
@@ -244,6 +266,13 @@ class Outcomes:
         self._in_flight.clear()
         self._answers.clear()
         self._batch = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    correlation: bytes
+    ids: dict[str, weakref.ref]  # asked for, not answered yet
+    wait_ms: int
 
 
 class AsyncJobFollower:

@@ -196,8 +196,8 @@ class ServerActor(Actor):
     def on_wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
         return self.pulse.wait(message, request)  # now, or when there is news (or at its deadline)
 
-    def on_ended(self, message: EndedJobs, request: Request) -> EndedJobsReply:
-        return self.pulse.ended(message)
+    def on_ended(self, message: EndedJobs, request: Request) -> EndedJobsReply | None:
+        return self.pulse.ended(message, request)  # now, or when one of them ends (or at its deadline)
 
     def on_get_job(self, message: GetJob, request: Request) -> JobReply:
         return JobReply(job=self.pulse.get(message.id))
