@@ -43,6 +43,7 @@ from qntx.protocol import (
 JobEvent = JobChanged | JobProgressed | JobOutput
 READ_AHEAD = 512
 HELD_BYTES = 64 << 20
+SWEEP_BYTES = 256 << 10  # past this (and then past twice what a sweep left), records nobody can ask for are dropped
 
 
 def wait_slice_s(request_timeout_s: float) -> float:
@@ -131,8 +132,11 @@ class Outcomes:
         self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
         self._batch: _Batch | None = None  # the EndedJobs in flight
+        self._carry: dict[str, weakref.ref] = {}  # asked for in a batch, not answered: first in the next
         self._held: dict[str, Job] = {}  # final records that came ahead of need
+        self._held_refs: dict[str, weakref.ref] = {}  # … and the handles they are for
         self._held_bytes = 0
+        self._sweep_at = SWEEP_BYTES
 
     def submitted(self, job_id: str, handle: object) -> None:
         self._submitted[job_id] = weakref.ref(handle)
@@ -157,20 +161,23 @@ class Outcomes:
         held = self._held.pop(job_id, None)
         if held is not None:
             self._held_bytes -= job_bytes(held)
+            self._held_refs.pop(job_id, None)
         if self._batch is not None:
             self._batch.ids.pop(job_id, None)
+        self._carry.pop(job_id, None)
 
     def prefetch(self, job_id: str) -> None:
         """Ask for ``job_id``'s outcome now (before its acceptance is known, say):
         the answer comes as soon as it can, one round trip saved."""
         if job_id not in self._asked and job_id not in self._held:
             self._submitted.pop(job_id, None)
+            self._carry.pop(job_id, None)
             correlation = self._follower.ask(job_id, int(self._follower.slice_s * 1000))
             self._asked[job_id] = correlation
             self._in_flight.add(correlation)
 
     def wait(self, job_id: str, clock: _Clock) -> Job:
-        ref = self._submitted.pop(job_id, None)
+        ref = self._carry.pop(job_id, None) or self._submitted.pop(job_id, None)
         while job_id not in self._held and job_id not in self._asked:
             batch = self._batch
             if batch is None:
@@ -199,6 +206,7 @@ class Outcomes:
 
     def _take_held(self, job_id: str) -> Job:
         job = self._held.pop(job_id)
+        self._held_refs.pop(job_id, None)
         self._held_bytes -= job_bytes(job)
         if job_id in self._asked:  # a prefetch no longer needed
             correlation = self._asked.pop(job_id)
@@ -217,6 +225,8 @@ class Outcomes:
         if self._held_bytes >= HELD_BYTES:
             return False
         ids = {first: ref}
+        ids.update(self._carry)  # (the answer before left them: they come first)
+        self._carry = {}
         while self._submitted and len(ids) < READ_AHEAD:
             job_id, other = self._submitted.popitem(last=False)
             if other() is not None and job_id not in self._asked and job_id not in self._held:
@@ -244,20 +254,33 @@ class Outcomes:
             self._follower.client.forget(batch.correlation)
             if reply is not None:
                 for job in reply.jobs:
-                    if batch.ids.pop(job.id, None) is not None and job.status in FINAL_STATUSES:
+                    held = batch.ids.pop(job.id, None)
+                    # kept only while someone holds its handle (the one awaited does)
+                    if held is not None and (held() is not None or job.id == job_id) and job.status in FINAL_STATUSES:
                         self._held[job.id] = job
+                        self._held_refs[job.id] = held
                         self._held_bytes += job_bytes(job)
+                if self._held_bytes > self._sweep_at:
+                    self._sweep()
             gone = set(reply.gone) if reply is not None else set()
-            ref = batch.ids.get(job_id)
-            for other in reversed([i for i in batch.ids if i not in gone and i != job_id]):
-                self._submitted[other] = batch.ids[other]  # asked for again, first in line
-                self._submitted.move_to_end(other, last=False)
+            ref = batch.ids.pop(job_id, None)
+            for other in gone:
+                batch.ids.pop(other, None)  # asked for alone when their turn comes
+            self._carry = batch.ids  # asked for again, first in line
         if job_id in self._held:
             return True
         if reply is None or job_id in gone or not reply.jobs:
             clock.next_wait_ms()  # (raises Timeout if the caller's time is up)
             return False
         return self._read_ahead(job_id, ref, clock)
+
+    def _sweep(self) -> None:
+        """Drop the records held for handles nobody holds any more (their job ids
+        can still be waited for: they are asked for again then)."""
+        for job_id in [i for i, ref in self._held_refs.items() if ref() is None]:
+            del self._held_refs[job_id]
+            self._held_bytes -= job_bytes(self._held.pop(job_id))
+        self._sweep_at = max(SWEEP_BYTES, 2 * self._held_bytes)
 
     def close(self) -> None:
         for correlation in self._in_flight:
@@ -266,6 +289,7 @@ class Outcomes:
         self._in_flight.clear()
         self._answers.clear()
         self._batch = None
+        self._carry = {}
 
 
 @dataclass(slots=True)
