@@ -27,17 +27,25 @@ def test_the_job_page_shows_every_run_as_a_timeline(browser, dashboard, tmp_path
     api.cancel(hanging.id)
 
     browser.get(dashboard.url + f"#/jobs/{failed.id}")
-    runs = until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#job-history li.run"), what="the timeline")
-    assert [r.get_attribute("data-outcome") for r in runs] == ["failed", "failed"]
+    runs = until(browser, lambda d: timeline(d) if len(timeline(d)) == 2 else None, what="the timeline")
+    assert [r["outcome"] for r in runs] == ["failed", "failed"]
     assert "History (2 runs)" in browser.find_element(By.ID, "job").text
-    assert all("RuntimeError: wobbly" in r.find_element(By.CSS_SELECTOR, ".run-error").text for r in runs)
-    assert "attempt 1" in runs[0].text and "attempt 2" in runs[1].text
-    runs[0].find_element(By.TAG_NAME, "summary").click()
-    assert "wobble ['fail']" in runs[0].find_element(By.CSS_SELECTOR, ".run-logs").text
+    assert all("RuntimeError: wobbly" in r["error"] for r in runs)
+    assert "attempt 1" in runs[0]["text"] and "attempt 2" in runs[1]["text"]
+    assert all("wobble ['fail']" in r["logs"] for r in runs)
     browser.save_screenshot(str(tmp_path / "job-history.png"))
 
     browser.get(dashboard.url + f"#/jobs/{hanging.id}")
-    [run] = until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#job-history li.run"), what="the cancelled run")
-    assert run.get_attribute("data-outcome") == "cancelled"
-    run.find_element(By.TAG_NAME, "summary").click()
-    assert "wobble ['hang']" in run.find_element(By.CSS_SELECTOR, ".run-logs").text
+    [run] = until(browser, lambda d: timeline(d) or None, what="the cancelled run")
+    assert run["outcome"] == "cancelled" and "wobble ['hang']" in run["logs"]
+
+
+def timeline(browser) -> list[dict]:
+    """The runs on the job page, read at once (the page repaints live: elements found
+    one by one can go stale between)."""
+    return browser.execute_script(
+        """return [...document.querySelectorAll('#job-history li.run')].map(r => ({
+            outcome: r.dataset.outcome, text: r.querySelector('.run-head').textContent,
+            error: (r.querySelector('.run-error') || {}).textContent || '',
+            logs: (r.querySelector('.run-logs') || {}).textContent || ''}));"""
+    )

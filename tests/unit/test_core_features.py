@@ -252,6 +252,7 @@ def test_a_schedule_never_fires_twice_across_a_restart_and_runs_a_missed_firing_
     h2(DirectivesSet(limits={}, schedules={"tick": every("tick", 1_000, h.wall - 1_000)}))
     sent = run_all(h2)
     assert len(sent) == 1 and sent[0].job.id == firing_id("tick", h.wall + 10_000)
+    assert sent[0].job.due == h.wall + 10_000  # its due time goes with it (handler code: job.due)
     h2.tick(500)
     assert len(h2.dispatched(h2.turn())) == 1  # then on time again
 

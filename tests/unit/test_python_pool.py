@@ -132,6 +132,20 @@ def test_upstream_is_the_payload_and_args_come_from_it():
     in_pool(body)
 
 
+def test_handler_code_sees_its_run_as_job_and_the_pool_says_when_it_starts():
+    from plugins.python.runner import JobContext
+
+    async def body(pool):
+        started = []
+        context = JobContext(id="JB-X", attempt=2, due=1_700_000_000_000, handler="python.t", lease=7)
+        code = "_result = [job.id, job.attempt, job.due, job.handler, job.lease]"
+        outcome = await run(pool, code, context=context, on_start=lambda: started.append(True))
+        assert outcome.result == ["JB-X", 2, 1_700_000_000_000, "python.t", 7] and started == [True]
+        assert (await run(pool, "_result = [job.id, job.due]")).result == ["", None]  # none given
+
+    in_pool(body)
+
+
 def test_every_job_gets_a_fresh_namespace():
     async def body(pool):
         assert (await run(pool, "leaked = 1\n_result = __name__")).result == "__main__"
