@@ -343,7 +343,7 @@ class ScheduleState(msgspec.Struct, kw_only=True):
 class SchedulesReply(Message):
     schedules: list[ScheduleState]
     loaded: bool = True  # False: Pulse has not read them from ATS yet
-    limits: dict[str, list] = {}  # handler -> [concurrency, rate, per_ms]: the limits Pulse applies
+    limits: dict[str, list[int | None]] = {}  # handler -> [concurrency, rate, per_ms]: the limits Pulse applies
 
 
 class RegisterPlugin(Message):
