@@ -15,16 +15,17 @@ holds a handle of costs nothing here.
 
 from __future__ import annotations
 
+import itertools
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from qntx.bus.client import AsyncClient, Client
+from qntx.bus.client import Client
 from qntx.bus.codec import raise_if_error
 from qntx.bus.security import Security
 from qntx.errors import QntxError, Timeout
@@ -39,6 +40,9 @@ from qntx.protocol import (
     WaitJob,
     job_bytes,
 )
+
+if TYPE_CHECKING:
+    from qntx.bus.async_client import AsyncClient
 
 JobEvent = JobChanged | JobProgressed | JobOutput
 READ_AHEAD = 512
@@ -269,7 +273,7 @@ class Outcomes:
             self._carry = batch.ids  # asked for again, first in line
         if job_id in self._held:
             return True
-        if reply is None or job_id in gone or not reply.jobs:
+        if reply is None or job_id in gone or not (reply.jobs or reply.gone):
             clock.next_wait_ms()  # (raises Timeout if the caller's time is up)
             return False
         return self._read_ahead(job_id, ref, clock)
@@ -305,8 +309,9 @@ class AsyncJobFollower:
     def __init__(self, client: AsyncClient, request_timeout_s: float):
         self.client = client
         self.slice_s = wait_slice_s(request_timeout_s)
+        self.outcomes = AsyncOutcomes(self)
 
-    async def _ask(self, job_id: str, wait_ms: int, output: int = -1) -> JobUpdate:
+    async def ask(self, job_id: str, wait_ms: int, output: int = -1) -> JobUpdate:
         message = WaitJob(id=job_id, timeout_ms=wait_ms, output=output)
         return await self.client.request(message, timeout_s=wait_ms / 1000 + self.slice_s)
 
@@ -314,7 +319,7 @@ class AsyncJobFollower:
         clock = _Clock(job_id, timeout, self.slice_s)
         cursor, last = 0, None
         while True:
-            update = await self._ask(job_id, clock.next_wait_ms(), cursor)
+            update = await self.ask(job_id, clock.next_wait_ms(), cursor)
             for event in events_of(update, last):
                 yield event
             last, cursor = update.job, update.next
@@ -322,11 +327,103 @@ class AsyncJobFollower:
                 return
 
     async def outcome(self, job_id: str, timeout: float | None) -> Job:
-        clock = _Clock(job_id, timeout, self.slice_s)
-        while True:
-            update = await self._ask(job_id, clock.next_wait_ms())
+        return await self.outcomes.wait(job_id, _Clock(job_id, timeout, self.slice_s))
+
+
+class AsyncOutcomes:
+    """The outcomes that coroutines await, asked for together: the jobs awaited and
+    not in a request yet go out in waiting ``EndedJobs`` of up to READ_AHEAD ids
+    (several in flight), each answered when the first of its jobs ends with all
+    that have; what is still awaited is asked for again. A ``gather`` of many
+    results so costs a request per answer, not one per job. A job the server does
+    not hold in memory (``gone``) is asked for alone, with ``WaitJob``."""
+
+    def __init__(self, follower: AsyncJobFollower):
+        self._follower = follower
+        self._waiting: dict[str, list] = {}  # job id -> its waiters (futures)
+        self._unasked: dict[str, None] = {}  # awaited, in no request in flight
+        self._tasks: set = set()  # batches and lone waits in flight
+        self._soon = False  # a call of _ask_unasked is scheduled
+
+    async def wait(self, job_id: str, clock: _Clock) -> Job:
+        import asyncio  # (here: a blocking client never pays for importing it)
+
+        future = asyncio.get_running_loop().create_future()
+        if job_id not in self._waiting:
+            self._waiting[job_id] = []
+            self._unasked[job_id] = None
+        self._waiting[job_id].append(future)
+        if not self._soon:  # those awaited in this turn of the event loop go out together
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._ask_unasked)
+        try:
+            if clock.deadline is None:
+                return await future
+            return await asyncio.wait_for(future, max(0.0, clock.deadline - time.monotonic()))
+        except TimeoutError:
+            raise Timeout(f"job {job_id} did not finish within {clock.timeout:g}s") from None
+        finally:
+            waiters = self._waiting.get(job_id)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiting[job_id]
+                    self._unasked.pop(job_id, None)
+
+    def _ask_unasked(self) -> None:
+        self._soon = False
+        while self._unasked:
+            ids = list(itertools.islice(self._unasked, READ_AHEAD))
+            for job_id in ids:
+                del self._unasked[job_id]
+            self._spawn(self._batch(ids))
+
+    def _spawn(self, work) -> None:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _settle(self, job_id: str, job: Job | None = None, error: BaseException | None = None) -> None:
+        for future in self._waiting.pop(job_id, ()):
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(job)
+
+    async def _batch(self, ids: list[str]) -> None:
+        slice_s = self._follower.slice_s
+        try:
+            reply = await self._follower.client.request(
+                EndedJobs(ids=ids, wait_ms=int(slice_s * 1000)), timeout_s=2 * slice_s
+            )
+        except QntxError:  # no answer in time, or an older server: each asked alone
+            reply = None
+        alone = set(ids) if reply is None else set(reply.gone)
+        if reply is not None:
+            for job in reply.jobs:
+                if job.status in FINAL_STATUSES:
+                    self._settle(job.id, job)
+        for job_id in ids:
+            if job_id in self._waiting:
+                if job_id in alone:
+                    self._spawn(self._alone(job_id))
+                else:
+                    self._unasked[job_id] = None
+        self._ask_unasked()
+
+    async def _alone(self, job_id: str) -> None:
+        wait_ms = int(self._follower.slice_s * 1000)
+        while job_id in self._waiting:
+            try:
+                update = await self._follower.ask(job_id, wait_ms)
+            except Timeout:
+                continue
+            except QntxError as exc:  # not found: its waiters learn it
+                self._settle(job_id, error=exc)
+                return
             if update.job.status in FINAL_STATUSES:
-                return update.job
+                self._settle(job_id, update.job)
+                return
 
 
 def subscriber(context: zmq.Context, endpoint: str, security: Security, topic: bytes = b"") -> zmq.Socket:

@@ -219,6 +219,44 @@ class Request:
 Handler = Callable[[Any, Request], "msgspec.Struct | None"]
 
 
+def admit(service: Any, frames: list[bytes], peer: str | None) -> tuple[Handler, Any, Request] | None:
+    """What both runtimes do with a request's frames before its handler runs: decode
+    them, find the handler, check the sender's roles. Returns (handler, message,
+    request), or None when it was answered already (an error) or gets no answer.
+    ``service`` has ``decoder``, ``handlers``, ``max_message_bytes``, ``gate``,
+    ``label`` and ``reject(identity, correlation, error)``."""
+    try:
+        identity, correlation, message = unpack_request(frames, service.decoder, service.max_message_bytes)
+    except RejectedFrames as rejected:
+        logger.warning("rejected a message from peer {}: {}", rejected.identity.hex(), rejected.error)
+        service.reject(rejected.identity, rejected.correlation, rejected.error)
+        return None
+    request = Request(service, identity, correlation, peer)
+    handler = service.handlers.get(type(message))
+    if handler is None:
+        request.fail(UnknownType(f"{service.label} does not answer {type(message).__name__}"))
+        return None
+    try:
+        service.gate.check(peer, message)
+    except Forbidden as exc:
+        request.fail(exc)
+        return None
+    except Revoked:
+        return None
+    return handler, message, request
+
+
+def answer(handler: Handler, message: Any, request: Request) -> None:
+    """Run a handler and send what it returns, or the typed error it raised: a bug
+    in a handler never takes the actor down."""
+    try:
+        reply = handler(message, request)
+    except Exception as exc:
+        reply = error_reply(error_for(message, exc))
+    if reply is not None:
+        request.reply(reply)
+
+
 class Service:
     """A bound ROUTER answering one tagged union of requests."""
 
@@ -247,34 +285,16 @@ class Service:
                 return
             self.handle(frames, peer)
 
-    def handle(self, frames: list[bytes], peer: str | None = None) -> None:
-        try:
-            identity, correlation, message = unpack_request(frames, self.decoder, self.max_message_bytes)
-        except RejectedFrames as rejected:
-            self._reject(rejected.identity, rejected.correlation, rejected.error)
-            return
-        request = Request(self, identity, correlation, peer)
-        handler = self.handlers.get(type(message))
-        if handler is None:
-            request.fail(UnknownType(f"{self.actor.label} does not answer {type(message).__name__}"))
-            return
-        try:
-            self.gate.check(peer, message)
-        except Forbidden as exc:
-            request.fail(exc)
-            return
-        except Revoked:
-            return
-        try:
-            reply = handler(message, request)
-        except Exception as exc:  # a bug in a handler must not take the actor down
-            request.fail(error_for(message, exc))
-            return
-        if reply is not None:
-            request.reply(reply)
+    @property
+    def label(self) -> str:
+        return self.actor.label
 
-    def _reject(self, identity: bytes, correlation: bytes, error: QntxError) -> None:
-        logger.warning("rejected a message from peer {}: {}", identity.hex(), error)
+    def handle(self, frames: list[bytes], peer: str | None = None) -> None:
+        admitted = admit(self, frames, peer)
+        if admitted is not None:
+            answer(*admitted)
+
+    def reject(self, identity: bytes, correlation: bytes, error: QntxError) -> None:
         if correlation:
             self._send(identity, correlation, encode(error_reply(error)))
 

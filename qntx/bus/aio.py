@@ -22,16 +22,14 @@ from loguru import logger
 from qntx.bus.actor import (
     REPLY_QUEUE_LIMIT,
     Gate,
-    RejectedFrames,
     Request,
-    Revoked,
     RolePolicy,
+    admit,
+    answer,
     error_for,
-    unpack_request,
 )
 from qntx.bus.codec import HARD_LIMIT_FACTOR, Decoder, encode, error_reply
 from qntx.bus.security import PLAIN, Security, peer_name, stop_zap
-from qntx.errors import Forbidden, UnknownType
 
 
 class AsyncService:
@@ -93,36 +91,19 @@ class AsyncService:
                 logger.exception("{} recovered from a bad message", self.label)
 
     def _handle(self, frames: list[bytes], peer: str | None = None) -> None:
-        try:
-            identity, correlation, message = unpack_request(frames, self.decoder, self.max_message_bytes)
-        except RejectedFrames as rejected:
-            logger.warning("rejected a message from peer {}: {}", rejected.identity.hex(), rejected.error)
-            self.send(rejected.identity, rejected.correlation, error_reply(rejected.error))
+        admitted = admit(self, frames, peer)
+        if admitted is None:
             return
-        request = Request(self, identity, correlation, peer)
-        handler = self.handlers.get(type(message))
-        if handler is None:
-            error = UnknownType(f"{self.label} does not answer {type(message).__name__}")
-            request.reply(error_reply(error))
-            return
-        try:
-            self.gate.check(peer, message)
-        except Forbidden as exc:
-            request.reply(error_reply(exc))
-            return
-        except Revoked:
-            return
+        handler, message, request = admitted
         if inspect.iscoroutinefunction(handler):
             task = asyncio.get_running_loop().create_task(self._run(handler, message, request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            return
-        try:
-            reply = handler(message, request)
-        except Exception as exc:
-            reply = error_reply(error_for(message, exc))
-        if reply is not None:
-            request.reply(reply)
+        else:
+            answer(handler, message, request)
+
+    def reject(self, identity: bytes, correlation: bytes, error) -> None:
+        self.send(identity, correlation, error_reply(error))
 
     async def _run(self, handler, message: Any, request: Request) -> None:
         try:

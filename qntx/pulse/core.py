@@ -359,9 +359,11 @@ class PulseCore:
         job = self.jobs.get(job_id)
         return None if job is None else msgspec.structs.replace(job)
 
-    def in_memory(self, ids: set[str]) -> set[str]:
-        """Which of ``ids`` are jobs held in memory (live, or final and not yet saved)."""
-        return self.jobs.keys() & ids
+    def running_or_due(self, ids: set[str]) -> set[str]:
+        """Which of ``ids`` are jobs held in memory that have not ended, or whose end
+        is announced at the end of this loop turn."""
+        jobs, changed = self.jobs, self._changed
+        return {i for i in jobs.keys() & ids if i in changed or jobs[i].status not in FINAL_STATUSES}
 
     def unsaved(self) -> dict[str, Job]:
         """Jobs whose newest state is not on disk yet (listings merge them in)."""

@@ -194,7 +194,7 @@ class Pulse:
         self.jobs_ports = jobs_port_range(settings)  # tcp ports for the jobs pipes of other hosts' sessions
         self._next_port = self.jobs_ports.start if self.jobs_ports else 0
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
-        self.watch = JobWatch(self.get, public, self.core.in_memory)
+        self.watch = JobWatch(self.get, public, self.core.running_or_due)
         actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
         self._refused: dict[bytes, None] = {}  # sessions refused lately, oldest first
         self.refusals = 0  # hellos refused since start

@@ -18,7 +18,7 @@ import zmq
 
 from qntx.bus.client import Client
 from qntx.bus.codec import encode
-from qntx.errors import Forbidden, NotFound
+from qntx.errors import Forbidden, NotFound, Timeout
 from qntx.handlers import handler_attestation, tombstone_attestation
 from qntx.protocol import (
     AtsReply,
@@ -253,23 +253,27 @@ def test_ended_jobs_waits_for_the_first_to_end_and_tells_all_that_did(shared):
     """The protocol as another language's client sees it: one waiting EndedJobs for
     many jobs is answered when one of them ends, with what ended; at its deadline
     with nothing; at once for ids the server does not hold (``gone``)."""
+    import threading
+
     with shared.a.connect() as bus:
-        short = [bus.submit("builtin.sleep", 2) for _ in range(2)]
-        long = bus.submit("builtin.sleep", 60, max_attempts=1)
-        ids = [h.id for h in (*short, long)]
-        for handle in (*short, long):
+        gate = bus.submit("builtin.sleep", 60, max_attempts=1)
+        behind = bus.submit("builtin.echo", 1, after=[gate.id])  # ends only once the gate does
+        ids = [gate.id, behind.id]
+        for handle in (gate, behind):
             handle.accepted()
         with Client(shared.server, ServerReply, security=shared.key("client"), timeout_s=20) as other:
             started = time.monotonic()
-            reply = other.request(EndedJobs(ids=ids, wait_ms=15_000))
-            assert 1 < time.monotonic() - started < 12  # (it had not ended when asked)
-            told = {job.id for job in reply.jobs}
-            assert told and told <= {h.id for h in short} and all(j.status == "completed" for j in reply.jobs)
-            started = time.monotonic()
-            assert other.request(EndedJobs(ids=[long.id], wait_ms=300)).jobs == []
+            assert other.request(EndedJobs(ids=ids, wait_ms=300)).jobs == []  # nothing ended: at its deadline
             assert 0.25 < time.monotonic() - started < 5
-            assert other.request(EndedJobs(ids=[long.id, "JB-NOPE"], wait_ms=5_000)).gone == ["JB-NOPE"]
-        bus.cancel(long.id)
+            threading.Timer(1.0, lambda: shared.a.run("pulse", "cancel", gate.id)).start()
+            started = time.monotonic()
+            reply = other.request(EndedJobs(ids=ids, wait_ms=15_000))
+            assert 0.9 < time.monotonic() - started < 12  # answered when the gate was cancelled
+            told = {job.id: job.status for job in reply.jobs}
+            assert told.get(gate.id) == "cancelled" and set(told) <= set(ids)
+            started = time.monotonic()
+            assert other.request(EndedJobs(ids=["JB-NOPE"], wait_ms=5_000)).gone == ["JB-NOPE"]
+            assert time.monotonic() - started < 2  # at once: waiting could not tell
 
 
 def test_a_loop_of_results_asks_once_per_answer_not_once_per_job(shared, monkeypatch):
@@ -280,7 +284,41 @@ def test_a_loop_of_results_asks_once_per_answer_not_once_per_job(shared, monkeyp
         handles = [bus.submit("builtin.echo", n) for n in range(jobs)]
         assert [h.result(timeout=60) for h in handles] == list(range(jobs))
     asks = sum(1 for kind in sent if kind in ("WaitJob", "EndedJobs"))
-    assert asks <= jobs // 3, f"{asks} requests for {jobs} results"
+    assert asks <= jobs // 3, f"{asks} requests for {jobs} results: {sent.count('WaitJob')} WaitJob"
+
+
+def test_a_gather_of_results_asks_once_per_answer_and_each_keeps_its_own_outcome(shared, monkeypatch):
+    import asyncio
+
+    import qntx.aio
+    from qntx.bus.async_client import AsyncClient
+
+    jobs, sent = 600, []
+    real_send = AsyncClient.send
+
+    async def counted(self, message):
+        sent.append(type(message).__name__)
+        return await real_send(self, message)
+
+    monkeypatch.setattr(AsyncClient, "send", counted)
+
+    async def run():
+        async with await qntx.aio.connect(shared.a.home) as bus:
+            handles = [await bus.submit("builtin.echo", n) for n in range(jobs)]
+            results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+            assert results == list(range(jobs))
+            long = await bus.submit("builtin.sleep", 30, max_attempts=1)
+            started = time.monotonic()
+            with pytest.raises(Timeout):
+                await long.result(timeout=0.5)
+            assert time.monotonic() - started < 3
+            with pytest.raises(NotFound):
+                await bus.wait("JB-NO-SUCH-JOB", timeout=10)  # not held by the server: asked alone
+            await bus.cancel(long.id)
+
+    asyncio.run(run())
+    asks = sum(1 for kind in sent if kind in ("WaitJob", "EndedJobs"))
+    assert asks <= jobs // 3, f"{asks} requests for {jobs} results: {sent.count('WaitJob')} WaitJob"
 
 
 def rss_kb(pid: int, kind: str = "VmRSS") -> int:
