@@ -239,28 +239,37 @@ class Chaos:
 
     # ---------------------------------------------------------------- faults
 
-    def kill_one(self) -> str:
-        pids = self.pids()
-        kinds = ["worker", "interpreter", "plugin", "server", "ats"]
-        kind = self.random.choice(kinds)
+    def kill_one(self, patience_s: float = 5.0) -> str:
+        """SIGKILL one actor of a kind chosen at random. One that ``up`` is still
+        restarting (a stale pid, a zombie, a plugin with no interpreter yet) is
+        waited for, so a round is a kill, not a miss ("none": none came in time)."""
+        kind = self.random.choice(["worker", "interpreter", "plugin", "server", "ats"])
+        pick = self.random.random()
+        deadline = time.monotonic() + patience_s
+        while time.monotonic() < deadline:
+            target = self.target(kind, pick)
+            if target is not None:
+                try:
+                    os.kill(target, signal.SIGKILL)
+                    return kind
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        return "none"
+
+    def target(self, kind: str, pick: float) -> int | None:
+        """A live pid of that kind (``pick`` in [0, 1) chooses among several)."""
+        pids = {name: pid for name, pid in self.pids().items() if alive(pid)}
         if kind == "worker":
-            names = [n for n in pids if n.startswith("worker")]
-            target = pids[self.random.choice(names)] if names else None
+            found = [pid for name, pid in sorted(pids.items()) if name.startswith("worker")]
         elif kind == "interpreter":
             plugin = next((pid for name, pid in pids.items() if name.startswith("plugin")), None)
-            interpreters = self.children(plugin) if plugin else []
-            target = self.random.choice(interpreters) if interpreters else None
+            found = sorted(pid for pid in self.children(plugin) if alive(pid)) if plugin else []
         elif kind == "plugin":
-            target = next((pid for name, pid in pids.items() if name.startswith("plugin")), None)
+            found = [pid for name, pid in pids.items() if name.startswith("plugin")]
         else:
-            target = pids.get(kind)
-        if target is None:
-            return "none"
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            return "none"
-        return kind
+            found = [pids[kind]] if kind in pids else []
+        return found[int(pick * len(found))] if found else None
 
     def stop_a_worker(self) -> None:
         pids = self.pids()
@@ -393,6 +402,15 @@ class Chaos:
                 counts["LMDB environments that fail to open or read"] += 1
                 self.log(f"    {name}: {exc}")
         return counts
+
+
+def alive(pid: int) -> bool:
+    """Running (not a zombie its parent has yet to reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def read_every_record(path: Path) -> int:
