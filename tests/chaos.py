@@ -45,6 +45,8 @@ from pathlib import Path
 
 import lmdb
 
+from qntx.supervisor import BACKOFF_MAX_S
+
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = "chaos"
 HANDLER_CODE = """
@@ -239,9 +241,10 @@ class Chaos:
 
     # ---------------------------------------------------------------- faults
 
-    def kill_one(self, patience_s: float = 5.0) -> str:
+    def kill_one(self, patience_s: float = BACKOFF_MAX_S + 5) -> str:
         """SIGKILL one actor of a kind chosen at random. One that ``up`` is still
-        restarting (a stale pid, a zombie, a plugin with no interpreter yet) is
+        restarting (a stale pid, a zombie, a plugin with no interpreter yet; up
+        backs off up to BACKOFF_MAX_S for an actor killed again and again) is
         waited for, so a round is a kill, not a miss ("none": none came in time)."""
         kind = self.random.choice(["worker", "interpreter", "plugin", "server", "ats"])
         pick = self.random.random()
@@ -255,7 +258,7 @@ class Chaos:
                 except ProcessLookupError:
                     pass
             time.sleep(0.1)
-        return "none"
+        return f"none ({kind})"
 
     def target(self, kind: str, pick: float) -> int | None:
         """A live pid of that kind (``pick`` in [0, 1) chooses among several)."""
