@@ -11,7 +11,10 @@ in a file) and attestations, each with an id the client made, and meanwhile:
   same home.
 
 A submission or attestation that got no answer is sent again with the same id
-until it is answered, as a careful client does. At the end it checks, and prints:
+until it is answered, as a careful client does. When the faults are over it waits
+for the queue to drain (the load offers more python jobs than the plugin runs, so a
+backlog of thousands is normal; only a minute without progress ends the wait),
+reads every job in pages of a thousand, and checks, and prints:
 
 1. every accepted job reached a final state with its own result, none is stuck;
 2. every run of a python job is counted in its record (``runs``), so no extra run
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
+
+from qntx.supervisor import BACKOFF_MAX_S
 
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = "chaos"
@@ -75,6 +80,7 @@ class Chaos:
         self.stop = threading.Event()
         self.up: subprocess.Popen | None = None
         self.env = dict(os.environ, QNTX_HOME=str(home), PYTHONUNBUFFERED="1")
+        self.settled = (0, 0, 0.0)  # check(): jobs not final when the load stopped, left, seconds
         self.runs_dir = home / "chaos-runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -235,28 +241,38 @@ class Chaos:
 
     # ---------------------------------------------------------------- faults
 
-    def kill_one(self) -> str:
-        pids = self.pids()
-        kinds = ["worker", "interpreter", "plugin", "server", "ats"]
-        kind = self.random.choice(kinds)
+    def kill_one(self, patience_s: float = BACKOFF_MAX_S + 5) -> str:
+        """SIGKILL one actor of a kind chosen at random. One that ``up`` is still
+        restarting (a stale pid, a zombie, a plugin with no interpreter yet; up
+        backs off up to BACKOFF_MAX_S for an actor killed again and again) is
+        waited for, so a round is a kill, not a miss ("none": none came in time)."""
+        kind = self.random.choice(["worker", "interpreter", "plugin", "server", "ats"])
+        pick = self.random.random()
+        deadline = time.monotonic() + patience_s
+        while time.monotonic() < deadline:
+            target = self.target(kind, pick)
+            if target is not None:
+                try:
+                    os.kill(target, signal.SIGKILL)
+                    return kind
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        return f"none ({kind})"
+
+    def target(self, kind: str, pick: float) -> int | None:
+        """A live pid of that kind (``pick`` in [0, 1) chooses among several)."""
+        pids = {name: pid for name, pid in self.pids().items() if alive(pid)}
         if kind == "worker":
-            names = [n for n in pids if n.startswith("worker")]
-            target = pids[self.random.choice(names)] if names else None
+            found = [pid for name, pid in sorted(pids.items()) if name.startswith("worker")]
         elif kind == "interpreter":
             plugin = next((pid for name, pid in pids.items() if name.startswith("plugin")), None)
-            interpreters = self.children(plugin) if plugin else []
-            target = self.random.choice(interpreters) if interpreters else None
+            found = sorted(pid for pid in self.children(plugin) if alive(pid)) if plugin else []
         elif kind == "plugin":
-            target = next((pid for name, pid in pids.items() if name.startswith("plugin")), None)
+            found = [pid for name, pid in pids.items() if name.startswith("plugin")]
         else:
-            target = pids.get(kind)
-        if target is None:
-            return "none"
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            return "none"
-        return kind
+            found = [pids[kind]] if kind in pids else []
+        return found[int(pick * len(found))] if found else None
 
     def stop_a_worker(self) -> None:
         pids = self.pids()
@@ -301,28 +317,63 @@ class Chaos:
 
     # ---------------------------------------------------------------- invariants
 
-    def check(self, settle_s: float = 120.0) -> dict[str, int]:
+    def settle(self, bus, stall_s: float) -> tuple[int, int, float]:
+        """Wait until no job is queued, waiting or running, for as long as the queue
+        keeps moving: a backlog (the load offers more python jobs than the plugin
+        runs) drains at its own pace, and only ``stall_s`` without a new low in the
+        jobs left ends the wait early. Returns (jobs not final at first, jobs left,
+        seconds waited)."""
+        from qntx.errors import QntxError
+
+        began = time.monotonic()
+        first, lowest, moved, said = None, None, began, began
+        while True:
+            try:
+                queue = bus.status().queue
+                left = sum(queue.get(s, 0) for s in ("queued", "waiting", "running", "paused"))
+            except QntxError:
+                left = None
+            now = time.monotonic()
+            if first is None:
+                first = left
+            if left is not None and (lowest is None or left < lowest):
+                lowest, moved = left, now
+            if left == 0 or now - moved > stall_s:
+                return first or 0, (lowest if left is None else left), now - began
+            if now - said >= 10:
+                self.log(f"  settling: {left} job(s) not final after {now - began:.0f}s")
+                said = now
+            time.sleep(0.5)
+
+    def check(self, stall_s: float = 60.0) -> dict[str, int]:
         import qntx
         from qntx.errors import QntxError
 
         jobs, attestations = dict(self.tally.jobs), set(self.tally.attestations)
-        counts = Counter({"load threads that died": len(self.tally.errors)})
-        deadline = time.monotonic() + settle_s
-        runs = Counter((self.runs_dir / "runs.log").read_text().split()) if (self.runs_dir / "runs.log").exists() else Counter()
+        counts = Counter({"load threads that died": len(self.tally.errors), "jobs stuck (not final in time)": 0})
         with qntx.connect(self.home, embedded=False, request_timeout_s=10.0) as bus:
-            final, waiting = {}, set(jobs)
-            while waiting and time.monotonic() < deadline:
-                for job_id in list(waiting):
+            self.settled = self.settle(bus, stall_s)
+            # Every job in pages of a thousand, in one pass once the queue has drained
+            # (not one request per job while it drains).
+            listed = {job.id: job for job in bus.jobs(limit=len(jobs) + 1_000_000)}
+            # Read after the records: a run the log shows must be counted in its record.
+            runs = Counter((self.runs_dir / "runs.log").read_text().split()) if (self.runs_dir / "runs.log").exists() else Counter()
+            final = {}
+            for job_id in jobs:
+                job = listed.get(job_id)
+                if job is None:
                     try:
                         job = bus.job(job_id)
-                    except QntxError:
+                    except QntxError as exc:
+                        counts["jobs stuck (not final in time)"] += 1
+                        self.log(f"    {job_id}: not listed ({exc})")
                         continue
-                    if job.status in ("completed", "failed", "cancelled"):
-                        final[job_id] = job
-                        waiting.discard(job_id)
-                if waiting:
-                    time.sleep(0.5)
-            counts["jobs stuck (not final in time)"] = len(waiting)
+                if job.status in ("completed", "failed", "cancelled"):
+                    final[job_id] = job
+                else:
+                    counts["jobs stuck (not final in time)"] += 1
+                    if counts["jobs stuck (not final in time)"] <= 20:
+                        self.log(f"    {job_id}: {job.status}, attempt {job.attempts}, runs {job.runs}, lease {job.lease}, worker {job.worker}, run_after {job.run_after}")
             for job_id, job in final.items():
                 n = jobs[job_id]
                 own = job.result == n or (isinstance(job.result, dict) and job.result.get("id") == job_id and job.result.get("n") == n)
@@ -337,8 +388,7 @@ class Chaos:
                     else:
                         counts["python jobs with unrecorded runs"] += 1
                         self.log(f"    {job_id}: ran {runs[job_id]} times, record says {job.runs}")
-            runs_after = Counter((self.runs_dir / "runs.log").read_text().split()) if (self.runs_dir / "runs.log").exists() else Counter()
-            counts["python runs in all (handler's own record)"] = sum(runs_after.values())
+            counts["python runs in all (handler's own record)"] = sum(runs.values())
             stored = Counter(r.id for r in bus.query(predicates="made", contexts="chaos"))
             for att_id in attestations:
                 if stored[att_id] == 1:
@@ -355,6 +405,15 @@ class Chaos:
                 counts["LMDB environments that fail to open or read"] += 1
                 self.log(f"    {name}: {exc}")
         return counts
+
+
+def alive(pid: int) -> bool:
+    """Running (not a zombie its parent has yet to reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def read_every_record(path: Path) -> int:
@@ -402,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     tally = chaos.tally
     print(f"\nchaos (seed {seed}, {time.monotonic() - began:.0f} s): {tally.rounds} rounds; kills: {dict(tally.kills)}")
     print(f"accepted: {len(tally.jobs):,} jobs, {len(tally.attestations):,} attestations; resent after no answer: {tally.resent:,}")
+    backlog, left, waited = chaos.settled
+    print(f"when the load stopped {backlog:,} job(s) were not final; {left:,} after settling {waited:.0f} s")
     for key, value in counts.items():
         print(f"  {key}: {value:,}")
     bad = violations(counts)

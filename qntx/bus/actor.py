@@ -378,6 +378,8 @@ class Peer:
 
     def on_readable(self) -> None:
         for _ in range(DRAIN_LIMIT):
+            if self.socket.closed:  # a reply's callback closed this peer (a plugin dropped)
+                return
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
