@@ -124,6 +124,9 @@ async def overview(bus: AsyncBus, throughput: Throughput) -> dict[str, Any]:
     """Actors, queue depth, workers with their running jobs and free slots, charts."""
     status = await bus.status()
     running, _ = await bus.jobs_page(status="running", limit=RUNNING_SHOWN)
+    # handed to a plugin and waiting inside it for an interpreter: the session holds them too
+    dispatched, _ = await bus.jobs_page(status="dispatched", limit=RUNNING_SHOWN)
+    running += dispatched
     by_worker: dict[str, list[dict[str, Any]]] = {}
     for job in running:
         by_worker.setdefault(job.worker or "", []).append(job_summary(job))

@@ -121,6 +121,21 @@ def test_pause_and_resume_a_queued_job(bus):
         assert waiting.result(timeout=20) == "later"
 
 
+def test_the_overview_lists_jobs_handed_to_a_plugin_beside_running_ones(bus):
+    assert bus.run("handler", "create", "nap", "--code", "import time\ntime.sleep(30)").returncode == 0
+    up = bus.start_up("--workers", "1")
+    up.wait_output("handler=python.nap", timeout=40)
+    _, base = start_ui(bus)
+    with bus.connect() as api:
+        naps = [api.submit("python.nap", {}, max_attempts=1) for _ in range(6)]
+        wait_for(lambda: {api.job(h.id).status for h in naps} >= {"running", "dispatched"}, 30, what="some dispatched")
+        status, body, _ = call(base + "/api/overview")
+        listed = {job["id"]: job["status"] for job in body["running"]}
+        assert status == 200 and "dispatched" in listed.values() and "running" in listed.values()
+        for handle in naps:
+            api.cancel(handle.id)
+
+
 def test_another_host_name_is_refused_on_loopback(bus):
     _, base = start_ui(bus)
     status, body, _ = call(base + "/", headers={"Host": "rebound.example:80"})
