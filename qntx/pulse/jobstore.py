@@ -7,6 +7,8 @@ back. Named sub-databases:
 * ``jobs``     id → MessagePack ``[seq, Job]``, with its payload if that is small
 * ``payloads`` id → a bigger payload, raw MessagePack, written once when the job is
   new (state changes rewrite the small record, never a big payload)
+* ``results``  id → a bigger result, raw MessagePack, put as it came (the record then
+  says ``apart``): a big result is copied once, into the map, never encoded again
 * ``keys``     idempotency key → id
 * ``status``   status + NUL + created_at(8 BE) + seq(8 BE) → id
 * ``created``  created_at(8 BE) + seq(8 BE) → id
@@ -33,15 +35,18 @@ from qntx.pulse.events import Changes
 
 _U64 = struct.Struct(">Q")
 _STAMP = struct.Struct(">QQ")  # created_at, seq
-_DBS = ("jobs", "payloads", "keys", "status", "created", "meta", "after")
+_DBS = ("jobs", "payloads", "keys", "status", "created", "meta", "after", "results")
 # Payloads up to this size stay in the job's record: one B-tree less per commit.
 INLINE_PAYLOAD_BYTES = 2048
+# Results up to this size stay in the job's record; bigger ones are kept apart.
+INLINE_RESULT_BYTES = 64 << 10
 PRUNE_BATCH = 500  # jobs deleted per transaction: short enough never to hold the writer long
 
 
 class StoredJob(msgspec.Struct, array_like=True):
     seq: int
     job: Job
+    apart: bool = False  # its result is in ``results`` (the record holds nil)
 
 
 class Loaded(msgspec.Struct, frozen=True):
@@ -104,7 +109,23 @@ class JobStore:
             raw = txn.get(stored.job.id.encode(), db=self._db["payloads"])
             if raw is not None:
                 stored.job.payload = msgspec.Raw(raw)
+        return self._with_result(txn, stored)
+
+    def _with_result(self, txn, stored: StoredJob) -> StoredJob:
+        if stored.apart:
+            raw = txn.get(stored.job.id.encode(), db=self._db["results"])
+            if raw is not None:
+                stored.job.result = msgspec.Raw(raw)
         return stored
+
+    def _record(self, seq: int, job: Job) -> tuple[bytes, bool]:
+        """The job's record, and whether its result goes apart (the payload too, if big)."""
+        apart = len(job.result) > INLINE_RESULT_BYTES
+        if apart or not _inline(job):
+            job = msgspec.structs.replace(
+                job, payload=job.payload if _inline(job) else NIL, result=NIL if apart else job.result
+            )
+        return self._encoder.encode(StoredJob(seq=seq, job=job, apart=apart)), apart
 
     def load(self, statuses: Iterable[str]) -> Loaded:
         """The counters, and every job whose status is one of ``statuses`` (with payloads)."""
@@ -185,18 +206,16 @@ class JobStore:
         limits = None if changes.limits is None else self._encoder.encode(changes.limits)
         versions = None if changes.handler_versions is None else self._encoder.encode(changes.handler_versions)
         # Encoded before the transaction, which runs again if the map has to grow.
-        encode = self._encoder.encode
-        prepared = [
-            (seq, job, old, encode(StoredJob(seq=seq, job=job if _inline(job) else msgspec.structs.replace(job, payload=NIL))))
-            for seq, job, old in rows
-        ]
+        prepared = [(seq, job, old, *self._record(seq, job)) for seq, job, old in rows]
 
         def work(txn) -> None:
             db = self._db
-            for seq, job, old, blob in prepared:
+            for seq, job, old, blob, apart in prepared:
                 job_id = job.id.encode()
                 stamp = _STAMP.pack(job.created_at, seq)
                 txn.put(job_id, blob, db=db["jobs"])
+                if apart:  # (a buffer: LMDB copies it once, into the map)
+                    txn.put(job_id, job.result, db=db["results"])
                 if old is None:
                     txn.put(stamp, job_id, db=db["created"])
                     if not _inline(job):  # (a buffer: LMDB copies it once, into the map)
@@ -265,6 +284,7 @@ class JobStore:
                     txn.delete(key[len(prefix) :], db=db["created"])
                     txn.delete(raw_id, db=db["jobs"])
                     txn.delete(raw_id, db=db["payloads"])
+                    txn.delete(raw_id, db=db["results"])
                     if job is not None and job.idempotency_key is not None:
                         owner = job.idempotency_key.encode()
                         if txn.get(owner, db=db["keys"]) == raw_id:
@@ -328,7 +348,7 @@ class JobStore:
                     continue
                 job = cached.get(job_id)
                 if job is None:
-                    job = self._decoder.decode(txn.get(raw_id, db=self._db["jobs"])).job
+                    job = self._with_result(txn, self._decoder.decode(txn.get(raw_id, db=self._db["jobs"]))).job
                 created, seq = _STAMP.unpack(key[-_STAMP.size :])
                 found.append((created, seq, job))
             return found

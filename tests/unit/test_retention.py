@@ -163,3 +163,24 @@ def test_the_store_knows_what_runs_after_a_job_and_prunes_it_with_the_job(tmp_pa
     with pytest.raises(Invalid):
         store.get("")
     store.close()
+
+
+def test_a_big_result_is_kept_apart_read_back_everywhere_and_pruned_with_its_job(tmp_path):
+    from qntx.pulse.jobstore import INLINE_RESULT_BYTES
+
+    store = JobStore(tmp_path / "pulse")
+    h = StoreHarness(store)
+    big = "r" * (INLINE_RESULT_BYTES + 1)
+    job_id = h.submit(payload=1, max_attempts=1).id
+    h.hello(credit=1)
+    (dispatch,) = h.dispatched(h.turn())
+    h.done(dispatch, result=big)
+    h.commit()
+    record = store._env.read(lambda txn: txn.get(job_id.encode(), db=store._db["jobs"]))
+    assert len(record) < 1024  # the record stays small: the result went apart, as it came
+    assert msgspec.msgpack.decode(store.get(job_id).job.result) == big
+    assert msgspec.msgpack.decode(store.load(("completed",)).jobs[0].job.result) == big
+    assert msgspec.msgpack.decode(store.newest("completed", 10)[0][2].result) == big
+    h.tick(10_000)
+    assert sum(map(len, store.prune({"completed": h.wall}).values())) == 1
+    assert store._env.read(lambda txn: txn.get(job_id.encode(), db=store._db["results"])) is None
