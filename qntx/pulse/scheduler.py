@@ -111,6 +111,11 @@ LAZY_COMMIT_S = 0.02
 # Commits up to this size run on the loop; bigger ones on the writer thread, so the
 # loop keeps answering while a big one syncs.
 INLINE_COMMIT_ROWS = 2_000
+# A final job whose result is bigger than this is announced to its waiters once its
+# commit is on disk: the copy the answer encodes is then never made while the
+# commit's own copy of the result exists (a big result costs the server at most
+# twice its size at a time, not three or four times).
+BIG_RESULT_BYTES = 1 << 20
 INLINE_COMMIT_BYTES = 1 << 20
 # How often waiting requests are checked for their deadline (they are answered up to
 # this much after it).
@@ -188,6 +193,8 @@ class Pulse:
         self._durable: list[Reply] = []  # replies waiting for the next commit
         self._held: list[SendJob] = []  # dispatches waiting for the next commit
         self._committing = False
+        self._commits = 0  # commits started so far
+        self._big_ended: list[tuple[int, Job]] = []  # (commits started before it ended, the job)
         self._closing = False
         self._lazy_timer = None
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
@@ -280,8 +287,11 @@ class Pulse:
         the events socket gets a notice of each change."""
         kind = type(message)
         if kind is JobChanged:
-            self.watch.changed(message.job)
             job = message.job
+            if job.status in FINAL_STATUSES and len(job.result) > BIG_RESULT_BYTES:
+                self._big_ended.append((self._commits, job))  # told once the next commit is done
+            else:
+                self.watch.changed(job)
             self._publish(topic, lambda: notice(job))  # built only if someone subscribed
         elif kind is JobProgressed:
             job = self.core.get(message.job_id)
@@ -333,8 +343,25 @@ class Pulse:
     def _commit_now(self) -> None:
         changes = self.core.changes()
         if changes is not None:
+            self._commits += 1
             self.store.save(changes)
             self.apply(Saved(changes.versions, changes.lease_ceiling))
+        self._tell_big_ended(self._commits)
+
+    def _tell_big_ended(self, committed: int) -> None:
+        """Announce the big final jobs whose commit (number ``committed`` or earlier) is
+        on disk, unless they changed again meanwhile (the newer state is told then)."""
+        if not self._big_ended:
+            return
+        later = []
+        for before, job in self._big_ended:
+            if before >= committed:
+                later.append((before, job))
+                continue
+            current = self.core.get(job.id)
+            if current is None or (current.status, current.attempts) == (job.status, job.attempts):
+                self.watch.changed(job)
+        self._big_ended = later
 
     def _start_commit(self, *, lazy_ok: bool = True) -> None:
         if self._committing or self._closing:
@@ -353,9 +380,12 @@ class Pulse:
             for reply in replies:
                 reply.reply_to.reply(reply.message)
             self._release_held(held)
+            self._tell_big_ended(self._commits + 1)
             return
         replies, self._durable, held, self._held = self._durable, [], self._held, []
         self._committing = True
+        self._commits += 1
+        number = self._commits
         save = self.store.save
 
         def work() -> None:
@@ -376,6 +406,7 @@ class Pulse:
                 for reply in replies:
                     reply.reply_to.reply(reply.message)
                 self._release_held(held)
+                self._tell_big_ended(number)
             self._start_commit()  # what changed meanwhile goes next
 
         if self._small(changes):
@@ -406,6 +437,8 @@ class Pulse:
         self._closing = True
         self.writer.close()  # the commit in flight finishes and answers
         self._committing = False
+        self._commits = 0  # commits started so far
+        self._big_ended: list[tuple[int, Job]] = []  # (commits started before it ended, the job)
         self._closing = False
         try:
             self._commit_now()

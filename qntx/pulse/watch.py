@@ -54,6 +54,7 @@ TRAIL_MIN_BYTES = 4 << 10
 # asked for after the end (a loop of submits, then of results) is answered from here
 # instead of the job store.
 ENDED_BYTES = 16 << 20
+ENDED_ONE_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -240,8 +241,11 @@ class JobWatch:
                     batch.found.append(job)
 
     def _remember_ended(self, job: Job) -> None:
-        """``job`` as announced (without its payload); encoded only if someone asks."""
+        """``job`` as announced (without its payload); encoded only if someone asks.
+        A record over ENDED_ONE_BYTES is not kept: who asks later reads the store."""
         size = job_bytes(job)
+        if size > ENDED_ONE_BYTES:
+            return
         self._ended[job.id] = (job, size)
         self._ended_bytes += size
         while self._ended_bytes > ENDED_BYTES:

@@ -321,6 +321,27 @@ def test_a_gather_of_results_asks_once_per_answer_and_each_keeps_its_own_outcome
     assert asks <= jobs // 3, f"{asks} requests for {jobs} results: {sent.count('WaitJob')} WaitJob"
 
 
+def test_big_results_reach_every_kind_of_waiter_once_their_commit_is_done(shared):
+    """A result over 1 MiB is told once its commit is on disk (so the server never
+    holds the answer's copy beside the commit's): alone, in a loop, and in a gather."""
+    import asyncio
+
+    import qntx.aio
+
+    big = "b" * (3 << 20)
+    with shared.a.connect() as bus:
+        assert bus.submit("builtin.echo", big).result(timeout=60) == big  # alone (WaitJob)
+        handles = [bus.submit("builtin.echo", big if n % 2 else n) for n in range(6)]
+        assert [h.result(timeout=60) for h in handles] == [big if n % 2 else n for n in range(6)]  # EndedJobs
+
+    async def gather():
+        async with await qntx.aio.connect(shared.a.home) as bus:
+            handles = [await bus.submit("builtin.echo", big) for _ in range(3)]
+            return await asyncio.gather(*(h.result(timeout=60) for h in handles))
+
+    assert asyncio.run(gather()) == [big] * 3
+
+
 def rss_kb(pid: int, kind: str = "VmRSS") -> int:
     """Resident memory of ``pid``: all of it, or RssAnon (the process's own, without
     the pages of the LMDB files it maps, which the kernel may drop at will)."""
