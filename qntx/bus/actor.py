@@ -66,6 +66,7 @@ from qntx.errors import (
     UnknownType,
 )
 from qntx.lifeline import give_big_blocks_back
+from qntx.obs.tally import bump
 
 # How many messages one socket may deliver per loop turn before the others get a go.
 DRAIN_LIMIT = 512
@@ -201,13 +202,14 @@ class Request:
     received it: either sends the reply with ``send_reply``. ``peer`` is the
     authorised name of a tcp peer's key (None on ipc)."""
 
-    __slots__ = ("service", "identity", "correlation", "peer")
+    __slots__ = ("service", "identity", "correlation", "peer", "kind")
 
-    def __init__(self, service: Any, identity: bytes, correlation: bytes, peer: str | None = None):
+    def __init__(self, service: Any, identity: bytes, correlation: bytes, peer: str | None = None, kind: str = ""):
         self.service = service
         self.identity = identity
         self.correlation = correlation
         self.peer = peer
+        self.kind = kind  # the request's message type, for the actor's request counts
 
     def reply(self, message: msgspec.Struct) -> None:
         self.service.send_reply(self, message)
@@ -253,7 +255,7 @@ class Service:
         except RejectedFrames as rejected:
             self._reject(rejected.identity, rejected.correlation, rejected.error)
             return
-        request = Request(self, identity, correlation, peer)
+        request = Request(self, identity, correlation, peer, type(message).__name__)
         handler = self.handlers.get(type(message))
         if handler is None:
             request.fail(UnknownType(f"{self.actor.label} does not answer {type(message).__name__}"))
@@ -261,9 +263,11 @@ class Service:
         try:
             self.gate.check(peer, message)
         except Forbidden as exc:
+            bump(self.actor.refused, "forbidden")
             request.fail(exc)
             return
         except Revoked:
+            bump(self.actor.refused, "revoked")
             return
         try:
             reply = handler(message, request)
@@ -274,11 +278,16 @@ class Service:
             request.reply(reply)
 
     def _reject(self, identity: bytes, correlation: bytes, error: QntxError) -> None:
+        bump(self.actor.refused, error.code)
+        bump(self.actor.requests, ("undecoded", error.code))
         logger.warning("rejected a message from peer {}: {}", identity.hex(), error)
         if correlation:
             self._send(identity, correlation, encode(error_reply(error)))
 
     def send_reply(self, request: Request, message: msgspec.Struct) -> None:
+        key = (request.kind, message.code if type(message) is ErrorReply else "ok")
+        requests = self.actor.requests
+        requests[key] = requests.get(key, 0) + 1
         if request.correlation:
             self._send(request.identity, request.correlation, encode(message))
 
@@ -474,6 +483,10 @@ class Actor:
         self._timer_ids = itertools.count()
         self._stopping = False
         self.pid = os.getpid()
+        # Counted for qntx.obs.metrics: replies by (request type, "ok" or error code),
+        # and messages refused before any handler saw them, by reason.
+        self.requests: dict[tuple[str, str], int] = {}
+        self.refused: dict[str, int] = {}
 
     # ------------------------------------------------------------------ sockets
 

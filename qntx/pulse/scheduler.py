@@ -45,6 +45,7 @@ from qntx.bus.actor import Actor, Offloader, Request, open_file_count, receive
 from qntx.bus.codec import Decoder, encode, error_reply
 from qntx.bus.security import HOST
 from qntx.errors import Forbidden, Invalid, NotFound, QntxError, Unavailable, Unconfirmed
+from qntx.obs.tally import BATCH_BOUNDS, COMMIT_BOUNDS, DURATION_BOUNDS, Buckets, ByLabel, bump
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -191,6 +192,9 @@ class Pulse:
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
         self.jobs_ports = jobs_port_range(settings)  # tcp ports for the jobs pipes of other hosts' sessions
         self._next_port = self.jobs_ports.start if self.jobs_ports else 0
+        # Observed for qntx.obs.metrics (the core counts what happened, in core.tally).
+        self.waits, self.runs = ByLabel(DURATION_BOUNDS), ByLabel(DURATION_BOUNDS)
+        self.commit_seconds, self.commit_rows = Buckets(COMMIT_BOUNDS), Buckets(BATCH_BOUNDS)
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
         self.watch = JobWatch(self.get, public)
         actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
@@ -249,6 +253,8 @@ class Pulse:
     def _carry_out(self, command: Any) -> None:
         kind = type(command)
         if kind is SendJob:
+            job = command.message.job  # queue wait: from submitted or due to this dispatch
+            self.waits[job.handler].observe(max(0, job.started_at - max(job.created_at, job.run_after)) / 1000)
             if command.durable:
                 self._held.append(command)  # sent once the commit holding its run is on disk
             else:
@@ -352,9 +358,12 @@ class Pulse:
         replies, self._durable, held, self._held = self._durable, [], self._held, []
         self._committing = True
         save = self.store.save
+        took = [0.0]
 
         def work() -> None:
+            began = time.perf_counter()
             save(changes)
+            took[0] = time.perf_counter() - began
 
         def done(outcome: Any) -> None:
             self._committing = False
@@ -367,6 +376,8 @@ class Pulse:
                     reply.reply_to.fail(Unconfirmed(f"{outcome}; the change is not confirmed yet: ask again"))
                 self._held = held + self._held  # they go with the next commit that succeeds
             else:
+                self.commit_seconds.observe(took[0])
+                self.commit_rows.observe(len(changes.rows))
                 self.apply(Saved(changes.versions, changes.lease_ceiling))
                 for reply in replies:
                     reply.reply_to.reply(reply.message)
@@ -453,6 +464,7 @@ class Pulse:
                 logger.warning("dropped a result from key {}: it has no worker or plugin role", peer)
                 continue
             if len(body) > self.settings.max_message_bytes:
+                bump(self.actor.refused, "too_large")
                 logger.warning("dropped a result of {} bytes (limit {})", len(body), self.settings.max_message_bytes)
                 continue
             try:
@@ -463,6 +475,9 @@ class Pulse:
             if not self.holds_lease(peer, message):
                 continue
             if isinstance(message, JobDone):
+                job = self.core.jobs.get(message.job_id)
+                if job is not None and job.lease == message.lease and job.status == "running" and job.started_at:
+                    self.runs[job.handler].observe(max(0, now_ms() - job.started_at) / 1000)
                 self.apply(Finished(message))
             elif isinstance(message, JobProgress):
                 self.apply(Progressed(message))
