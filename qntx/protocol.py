@@ -140,6 +140,7 @@ class Job(msgspec.Struct, kw_only=True):
     after_policy: str = "completed"  # "completed": only if they all completed; "always": once they ended
     version: str | None = None  # the handler version (its attestation's ASID) this job runs
     schedule: str | None = None  # the schedule that fired it
+    trace: str | None = None  # the W3C traceparent it was submitted with
 
 
 # --------------------------------------------------------------------- ats
@@ -210,6 +211,7 @@ class Submit(Message):
     after: list[str] = []  # job ids: start once they ended (see after_policy)
     after_policy: str = "completed"
     version: str | None = None  # a handler version to pin (default: the current one)
+    trace: str | None = None  # W3C traceparent of the caller's span (qntx.obs.trace)
 
 
 class GetJob(Message):
@@ -475,6 +477,7 @@ class Dispatch(Message):
     lease: int
     job: Job
     plugin_endpoint: str | None = None  # where to forward a plugin handler
+    trace: str | None = None  # traced jobs: the traceparent of Pulse's span of this run
 
 
 class CancelRunning(Message):
@@ -539,6 +542,7 @@ class ExecuteJob(Message):
     attempt: int = 1
     lease: int = 0  # names this run: progress, output and cancels carry it
     version: str | None = None  # the handler version to run (None: the current one)
+    trace: str | None = None  # traced jobs: the traceparent the run continues
 
 
 class ExecuteResult(Message):

@@ -119,6 +119,7 @@ class InterpreterPool:
         cpu_s: int = 600,
         on_progress: Callable[[float, float], None] | None = None,
         on_output: Callable[[str, str], None] | None = None,
+        on_marks: Callable[[list], None] | None = None,
     ) -> ExecuteResult:
         interp = await self._acquire(job_id)
         if interp is None:
@@ -131,6 +132,7 @@ class InterpreterPool:
             filename=filename,
             payload=payload,
             cpu_s=cpu_s,
+            traced=on_marks is not None,
             ats_endpoint=self._ats_endpoint,
             **self._keys,
         )
@@ -155,6 +157,8 @@ class InterpreterPool:
             if self._running.get(job_id) is interp:
                 del self._running[job_id]
         self._release(interp)
+        if on_marks is not None and message.marks:
+            on_marks(message.marks)
         return ExecuteResult(
             success=message.success,
             result=message.result,

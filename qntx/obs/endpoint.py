@@ -86,6 +86,14 @@ class BusCollector:
         yield from merged.values()
 
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def served(settings: Settings) -> bool:
+    """Whether ``qntx up`` runs on this home with its metrics on (and this host sees it)."""
+    return not settings.connect and metrics_dir(settings.run_dir).is_dir()
+
+
 def render(settings: Settings) -> bytes:
     """The exposition text of one scrape."""
     from prometheus_client import CollectorRegistry

@@ -585,7 +585,7 @@ class PulseCore:
             id=job_id, handler=spec.handler, payload=spec.payload, priority=spec.priority,
             max_attempts=spec.max_attempts, timeout_s=spec.timeout_s, created_at=now.wall,
             parent_id=spec.parent_id, idempotency_key=spec.idempotency_key, run_after=spec.run_at or 0,
-            after=list(dict.fromkeys(spec.after)), after_policy=spec.after_policy, schedule=schedule,
+            after=list(dict.fromkeys(spec.after)), after_policy=spec.after_policy, schedule=schedule, trace=spec.trace,
             version=spec.version or self._versions.get(spec.handler),
         )  # fmt: skip
         self.jobs[job_id] = job
@@ -815,7 +815,7 @@ class PulseCore:
         else:
             self._attempt_failed(job, done.error or JobError(message="failed"), now.wall)
             if job.status == "queued":
-                self._out.append(Log("INFO", f"job {job.id} attempt {job.attempts} failed: {job.error.message}; retrying"))
+                self._out.append(Log("INFO", f"job {job.id} attempt {job.attempts} failed: {job.error.message}; retrying", job))
 
     def _progressed(self, event: Progressed, now: Instant) -> None:
         message = event.message
@@ -1032,7 +1032,7 @@ class PulseCore:
             if lease.session is None:  # left by a crash and claimed by no worker
                 self._end_lease(lease, taken_back=False)
                 self._requeue_without_attempt(job, now.wall, "its worker did not come back")
-                self._out.append(Log("INFO", f"job {job.id}: no worker claimed lease {lease_id} after the restart; queued again"))
+                self._out.append(Log("INFO", f"job {job.id}: no worker claimed lease {lease_id} after the restart; queued again", job))
                 continue
             self._stop_run(lease, "expired")
             bump(self.tally, ("expired", job.handler))

@@ -45,7 +45,9 @@ from qntx.bus.actor import Actor, Offloader, Request, open_file_count, receive
 from qntx.bus.codec import Decoder, encode, error_reply
 from qntx.bus.security import HOST
 from qntx.errors import Forbidden, Invalid, NotFound, QntxError, Unavailable, Unconfirmed
+from qntx.log import job_context
 from qntx.obs.tally import BATCH_BOUNDS, COMMIT_BOUNDS, DURATION_BOUNDS, Buckets, ByLabel, bump
+from qntx.obs.trace import RunSpans
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -195,6 +197,7 @@ class Pulse:
         # Observed for qntx.obs.metrics (the core counts what happened, in core.tally).
         self.waits, self.runs = ByLabel(DURATION_BOUNDS), ByLabel(DURATION_BOUNDS)
         self.commit_seconds, self.commit_rows = Buckets(COMMIT_BOUNDS), Buckets(BATCH_BOUNDS)
+        self.spans = RunSpans()  # traced jobs only (qntx.obs.trace)
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
         self.watch = JobWatch(self.get, public)
         actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
@@ -255,6 +258,8 @@ class Pulse:
         if kind is SendJob:
             job = command.message.job  # queue wait: from submitted or due to this dispatch
             self.waits[job.handler].observe(max(0, job.started_at - max(job.created_at, job.run_after)) / 1000)
+            if job.trace is not None:
+                self.spans.dispatched(command.message)
             if command.durable:
                 self._held.append(command)  # sent once the commit holding its run is on disk
             else:
@@ -275,7 +280,11 @@ class Pulse:
         elif kind is ClosePipe:
             self._close_pipe(command.session)
         elif kind is Log:
-            logger.log(command.level, command.text)
+            job = command.job
+            if job is None:
+                logger.log(command.level, command.text)
+            else:
+                logger.bind(**job_context(job.id, job.lease, job.handler, job.trace)).log(command.level, command.text)
         else:  # pragma: no cover - a command without a carrier is a bug
             raise TypeError(f"unknown command {command!r}")
 
@@ -478,6 +487,8 @@ class Pulse:
                 job = self.core.jobs.get(message.job_id)
                 if job is not None and job.lease == message.lease and job.status == "running" and job.started_at:
                     self.runs[job.handler].observe(max(0, now_ms() - job.started_at) / 1000)
+                if self.spans.open:
+                    self.spans.finished(message.lease, message.success, message.error.message if message.error else "")
                 self.apply(Finished(message))
             elif isinstance(message, JobProgress):
                 self.apply(Progressed(message))
