@@ -13,7 +13,9 @@ plain loop of N ``builtin.echo`` jobs and of M jobs of a stored python handler:
 
 Wall-clock rates on a shared machine swing with other load, so the three take
 turns for ``--rounds`` rounds (default 3) and the medians are reported, each round's
-figures in the notes. Target (issue 16): metrics on cost <= 3% (ratio >= 0.97).
+figures in the notes. The server's CPU time per echo job is the steadier figure (wall-clock
+rates swing with the machine's other load). Target (issue 16): metrics on cost
+<= 3% (throughput ratio >= 0.97, server CPU per job ratio <= 1.03).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import statistics
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from bench.actors import Home
 from bench.pulse import FULL, HANDLER, QUICK, start_up, throughput
@@ -55,10 +58,11 @@ def run_mode(mode: str, sizes, spans_dir: str) -> dict[str, float]:
                     handle.result(timeout=30)
                 if span is not None:
                     span.__enter__()
-                rates = {
-                    "echo": throughput(bus, "builtin.echo", sizes.echo_jobs),
-                    "python": throughput(bus, f"python.{HANDLER}", sizes.python_jobs),
-                }
+                server = _server_pid(home)
+                cpu_before = cpu_ns(server)
+                rates = {"echo": throughput(bus, "builtin.echo", sizes.echo_jobs)}
+                rates["echo_cpu_us"] = (cpu_ns(server) - cpu_before) / 1e3 / sizes.echo_jobs
+                rates["python"] = throughput(bus, f"python.{HANDLER}", sizes.python_jobs)
         finally:
             if span is not None:
                 span.__exit__(None, None, None)
@@ -66,6 +70,21 @@ def run_mode(mode: str, sizes, spans_dir: str) -> dict[str, float]:
             if scraper is not None:
                 scraper.join(5)
         return rates
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time a process's threads used, in ns (schedstat: finer than clock ticks)."""
+    return sum(
+        int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir()
+    )
+
+
+def _server_pid(home: Home) -> int:
+    for line in (home.path / "run" / "actors").read_text().splitlines():
+        name, _, pid = line.partition(" ")
+        if name == "server":
+            return int(pid)
+    raise RuntimeError("qntx up runs no server")
 
 
 def _scrape_every_second(url: str, stop: threading.Event) -> None:
@@ -94,7 +113,7 @@ def main(argv: list[str]) -> int:
     began = time.perf_counter()
     import tempfile
 
-    figures: dict[str, dict[str, list[float]]] = {mode: {"echo": [], "python": []} for mode in MODES}
+    figures: dict[str, dict[str, list[float]]] = {mode: {"echo": [], "echo_cpu_us": [], "python": []} for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="qo-spans-") as spans_dir:
         for round_no in range(1, rounds + 1):
             for mode in MODES:
@@ -114,6 +133,17 @@ def main(argv: list[str]) -> int:
         ))  # fmt: skip
         for mode in MODES:
             report.notes.append(f"{key} {mode}, each round: " + ", ".join(f"{r:,.0f}" for r in figures[mode][key]) + " jobs/s")
+    cpu_off = report.add_raw("echo_server_cpu_off", statistics.median(figures["off"]["echo_cpu_us"]), "us")
+    for mode in ("metrics", "tracing"):
+        report.add(Metric(
+            f"echo_server_cpu_{mode}", f"server CPU per builtin.echo job of the plain loop, {mode} on",
+            statistics.median(figures[mode]["echo_cpu_us"]), "us", cpu_off, "echo_server_cpu_off",
+            Target("<=", 1.03) if mode == "metrics" else None,
+        ))  # fmt: skip
+        report.notes.append(
+            f"server CPU per echo job, {mode} / off, each round: "
+            + ", ".join(f"{m:.0f}/{o:.0f} us" for m, o in zip(figures[mode]["echo_cpu_us"], figures["off"]["echo_cpu_us"], strict=True))
+        )
     report.notes.append(f"spans the actors wrote in the tracing rounds: {spans:,}")
     report.seconds = time.perf_counter() - began
     report.print(args.json)

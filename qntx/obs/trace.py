@@ -17,6 +17,7 @@ as one JSON line in ``DIR/<service>-<pid>.jsonl`` (for debugging and tests).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -116,8 +117,9 @@ def setup_exporter(service: str) -> None:
     except ImportError:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"qntx-{service}"}))
-    if spans_dir:
-        provider.add_span_processor(SimpleSpanProcessor(_LinesExporter(Path(spans_dir), service)))
+    if spans_dir:  # in batches, off the actor's loop, as an OTLP exporter would be
+        processor = BatchSpanProcessor(_LinesExporter(Path(spans_dir), service), schedule_delay_millis=200)
+        provider.add_span_processor(processor)
     elif exporter_name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -129,6 +131,7 @@ def setup_exporter(service: str) -> None:
             return
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    atexit.register(provider.shutdown)  # what is still batched goes out when the actor stops
 
 
 class _LinesExporter:
