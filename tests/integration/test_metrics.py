@@ -21,6 +21,7 @@ from tests.integration.promtool import PROMETHEUS, PROMTOOL, need
 pytestmark = pytest.mark.timeout(120)
 
 ECHOES = 7
+LIMIT = 1 << 20  # max_message_bytes of the bus whose refusals are counted
 FAILS = 3  # each with max_attempts=2: one retry, then failed for good
 
 
@@ -55,10 +56,28 @@ def _read(path: Path) -> str:
         return ""
 
 
+def send_too_large(bus) -> bytes:
+    """One request past max_message_bytes, straight on the server's socket; its reply."""
+    import zmq
+
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(bus.settings.server_endpoint)
+        sock.send_multipart([b"c1", b"x" * (LIMIT + 1)])
+        assert sock.poll(10_000), "no reply to a too large message"
+        return sock.recv_multipart()[1]
+    finally:
+        context.destroy(linger=0)
+
+
 def test_counters_move_by_exactly_the_jobs_run(bus, tmp_path):
+    bus.env["QNTX_MAX_MESSAGE_BYTES"] = str(LIMIT)
     bus.start_up()
     url = metrics_url(bus)
     before = scrape(url)
+    assert b"too_large" in send_too_large(bus)
     with bus.connect() as api:
         echoes = [api.submit("builtin.echo", n) for n in range(ECHOES)]
         fails = [api.submit("builtin.fail", f"boom {n}", max_attempts=2) for n in range(FAILS)]
@@ -92,6 +111,8 @@ def test_counters_move_by_exactly_the_jobs_run(bus, tmp_path):
     for actor in ("ats", "server", "worker-1", "worker-2", "plugin-python"):
         assert value(text, "qntx_process_resident_memory_bytes", actor=actor) > 1e6, actor
     assert value(text, "qntx_pulse_commit_duration_seconds_count") > 0
+    assert value(text, "qntx_refused_messages_total", actor="server", reason="too_large") == 1
+    assert value(text, "qntx_requests_total", actor="server", type="undecoded", code="too_large") == 1
 
     promtool = need(PROMTOOL, "promtool")
     (tmp_path / "scrape.txt").write_text(text)
