@@ -336,8 +336,9 @@ class JobHandle:
     def wait(self, timeout: float | None = None) -> Job:
         """Block until the job is final; return its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._keyed and not self._acceptance.settled:
-            self.bus._ensure_follower().outcomes.prefetch(self._id)  # asked while its acceptance comes
+        if not self._keyed and not self._acceptance.settled and len(self.bus._accepting) <= 1:
+            # asked while its acceptance comes (with more submissions pending, one batch asks for them all)
+            self.bus._ensure_follower().outcomes.prefetch(self._id)
         try:
             self.accepted(timeout)
         except QntxError:

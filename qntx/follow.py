@@ -19,6 +19,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -42,6 +43,7 @@ from qntx.protocol import (
 JobEvent = JobChanged | JobProgressed | JobOutput
 READ_AHEAD = 512
 HELD_BYTES = 64 << 20
+SWEEP_BYTES = 256 << 10  # past this (and then past twice what a sweep left), records nobody can ask for are dropped
 
 
 def wait_slice_s(request_timeout_s: float) -> float:
@@ -115,11 +117,13 @@ class JobFollower:
 class Outcomes:
     """Outcomes of the jobs submitted on one connection, asked for ahead of need.
 
-    While one result is awaited, one ``EndedJobs`` asks which of the next READ_AHEAD
-    jobs submitted here (whose handles are still held) have ended: a loop of results
-    then costs one request per READ_AHEAD jobs, not one each. Their records are held
-    up to HELD_BYTES; a job that had not ended is asked for with ``WaitJob`` when its
-    turn comes."""
+    While one result is awaited, one waiting ``EndedJobs`` asks for the next
+    READ_AHEAD jobs submitted here (whose handles are still held) together: the
+    server answers at the end of the loop turn in which the first of them ended,
+    with every one of them that ended by then. A loop of results so costs one
+    request per answer, and an answer carries what ended in a turn, not one job.
+    Their records are held up to HELD_BYTES. A job not in the batch (waited for out
+    of order, or unknown to the server's memory) is asked for with ``WaitJob``."""
 
     def __init__(self, follower: JobFollower):
         self._follower = follower
@@ -127,9 +131,12 @@ class Outcomes:
         self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (prefetch)
         self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
-        self._batch: tuple[bytes, set[str], list[str]] | None = None  # the EndedJobs in flight
+        self._batch: _Batch | None = None  # the EndedJobs in flight
+        self._carry: dict[str, weakref.ref] = {}  # asked for in a batch, not answered: first in the next
         self._held: dict[str, Job] = {}  # final records that came ahead of need
+        self._held_refs: dict[str, weakref.ref] = {}  # … and the handles they are for
         self._held_bytes = 0
+        self._sweep_at = SWEEP_BYTES
 
     def submitted(self, job_id: str, handle: object) -> None:
         self._submitted[job_id] = weakref.ref(handle)
@@ -154,22 +161,33 @@ class Outcomes:
         held = self._held.pop(job_id, None)
         if held is not None:
             self._held_bytes -= job_bytes(held)
+            self._held_refs.pop(job_id, None)
         if self._batch is not None:
-            self._batch[1].discard(job_id)
+            self._batch.ids.pop(job_id, None)
+        self._carry.pop(job_id, None)
 
     def prefetch(self, job_id: str) -> None:
         """Ask for ``job_id``'s outcome now (before its acceptance is known, say):
         the answer comes as soon as it can, one round trip saved."""
         if job_id not in self._asked and job_id not in self._held:
             self._submitted.pop(job_id, None)
+            self._carry.pop(job_id, None)
             correlation = self._follower.ask(job_id, int(self._follower.slice_s * 1000))
             self._asked[job_id] = correlation
             self._in_flight.add(correlation)
 
     def wait(self, job_id: str, clock: _Clock) -> Job:
-        self._submitted.pop(job_id, None)
-        if self._batch is not None and job_id in self._batch[1]:
-            self._settle_batch(clock)
+        ref = self._carry.pop(job_id, None) or self._submitted.pop(job_id, None)
+        while job_id not in self._held and job_id not in self._asked:
+            batch = self._batch
+            if batch is None:
+                if ref is None or not self._read_ahead(job_id, ref, clock):
+                    break
+            elif job_id in batch.ids:
+                if not self._settle_batch(job_id, clock):
+                    break
+            else:
+                break
         if job_id in self._held:
             return self._take_held(job_id)
         follower = self._follower
@@ -179,7 +197,6 @@ class Outcomes:
             if correlation is None:
                 correlation = follower.ask(job_id, wait_ms)
                 self._in_flight.add(correlation)
-            self._read_ahead()
             try:
                 update = self._answer(correlation, wait_ms)
             finally:
@@ -189,9 +206,12 @@ class Outcomes:
 
     def _take_held(self, job_id: str) -> Job:
         job = self._held.pop(job_id)
+        self._held_refs.pop(job_id, None)
         self._held_bytes -= job_bytes(job)
         if job_id in self._asked:  # a prefetch no longer needed
-            self._follower.client.forget(self._asked.pop(job_id))
+            correlation = self._asked.pop(job_id)
+            self._in_flight.discard(correlation)
+            self._follower.client.forget(correlation)
         return job
 
     def _answer(self, correlation: bytes, wait_ms: int) -> Any:
@@ -199,43 +219,68 @@ class Outcomes:
             return raise_if_error(self._answers.pop(correlation))
         return self._follower.take(correlation, wait_ms)
 
-    def _read_ahead(self) -> None:
-        """Ask which of the next jobs have ended (one request), if none is asked yet."""
-        if self._batch is not None or self._held_bytes >= HELD_BYTES:
-            return
-        ids: list[str] = []
+    def _read_ahead(self, first: str, ref: weakref.ref, clock: _Clock) -> bool:
+        """Ask for ``first`` and the next jobs together (one waiting EndedJobs);
+        False if no more records may be held now."""
+        if self._held_bytes >= HELD_BYTES:
+            return False
+        ids = {first: ref}
+        ids.update(self._carry)  # (the answer before left them: they come first)
+        self._carry = {}
         while self._submitted and len(ids) < READ_AHEAD:
-            job_id, ref = self._submitted.popitem(last=False)
-            if ref() is not None and job_id not in self._asked and job_id not in self._held:
-                ids.append(job_id)
-        if ids:
-            correlation = self._follower.client.send(EndedJobs(ids=ids))
-            self._batch = (correlation, set(ids), ids)
-            self._in_flight.add(correlation)
+            job_id, other = self._submitted.popitem(last=False)
+            if other() is not None and job_id not in self._asked and job_id not in self._held:
+                ids[job_id] = other
+        wait_ms = clock.next_wait_ms()
+        correlation = self._follower.client.send(EndedJobs(ids=list(ids), wait_ms=wait_ms))
+        self._batch = _Batch(correlation, ids, wait_ms)
+        self._in_flight.add(correlation)
+        return True
 
-    def _settle_batch(self, clock: _Clock) -> None:
-        correlation, ids, order = self._batch
-        self._batch = None
+    def _settle_batch(self, job_id: str, clock: _Clock) -> bool:
+        """Take the batch's answer; hold what ended and give the rest back to be
+        asked for again. False if ``job_id`` is better asked for alone: it is gone
+        from the server's memory, or the batch's wait passed with nothing."""
+        batch, self._batch = self._batch, None
+        reply = None
         try:
-            reply = self._answer(correlation, clock.next_wait_ms())
-        except Timeout:  # the caller's time is up: that is its answer
-            raise
-        except QntxError:  # an error answer (an older server without EndedJobs): ask one by one
-            return
+            reply = self._answer(batch.correlation, min(batch.wait_ms, clock.next_wait_ms()))
+        except Timeout:
+            pass
+        except QntxError:  # an error answer (an older server): ask one by one
+            pass
         finally:
-            self._in_flight.discard(correlation)
-        for job in reply.jobs:
-            if job.id in ids and job.status in FINAL_STATUSES:
-                self._held[job.id] = job
-                self._held_bytes += job_bytes(job)
-                ids.discard(job.id)
-        # The others have not ended yet: a WaitJob each, in flight together, answered
-        # as each ends (in submit order, as they were asked).
-        wait_ms = int(self._follower.slice_s * 1000)
-        for job_id in [i for i in order if i in ids and i not in self._asked][: READ_AHEAD - len(self._asked)]:
-            correlation = self._follower.ask(job_id, wait_ms)
-            self._asked[job_id] = correlation
-            self._in_flight.add(correlation)
+            self._in_flight.discard(batch.correlation)
+            self._follower.client.forget(batch.correlation)
+            if reply is not None:
+                for job in reply.jobs:
+                    held = batch.ids.pop(job.id, None)
+                    # kept only while someone holds its handle (the one awaited does)
+                    if held is not None and (held() is not None or job.id == job_id) and job.status in FINAL_STATUSES:
+                        self._held[job.id] = job
+                        self._held_refs[job.id] = held
+                        self._held_bytes += job_bytes(job)
+                if self._held_bytes > self._sweep_at:
+                    self._sweep()
+            gone = set(reply.gone) if reply is not None else set()
+            ref = batch.ids.pop(job_id, None)
+            for other in gone:
+                batch.ids.pop(other, None)  # asked for alone when their turn comes
+            self._carry = batch.ids  # asked for again, first in line
+        if job_id in self._held:
+            return True
+        if reply is None or job_id in gone or not reply.jobs:
+            clock.next_wait_ms()  # (raises Timeout if the caller's time is up)
+            return False
+        return self._read_ahead(job_id, ref, clock)
+
+    def _sweep(self) -> None:
+        """Drop the records held for handles nobody holds any more (their job ids
+        can still be waited for: they are asked for again then)."""
+        for job_id in [i for i, ref in self._held_refs.items() if ref() is None]:
+            del self._held_refs[job_id]
+            self._held_bytes -= job_bytes(self._held.pop(job_id))
+        self._sweep_at = max(SWEEP_BYTES, 2 * self._held_bytes)
 
     def close(self) -> None:
         for correlation in self._in_flight:
@@ -244,6 +289,14 @@ class Outcomes:
         self._in_flight.clear()
         self._answers.clear()
         self._batch = None
+        self._carry = {}
+
+
+@dataclass(slots=True)
+class _Batch:
+    correlation: bytes
+    ids: dict[str, weakref.ref]  # asked for, not answered yet
+    wait_ms: int
 
 
 class AsyncJobFollower:

@@ -384,17 +384,25 @@ class JobUpdate(Message):
 
 
 class EndedJobs(Message):
-    """Which of ``ids`` have ended, now, without waiting: for a client that asks for
-    many outcomes at once (a loop of results). At most MAX_PAGE ids."""
+    """Which of ``ids`` have ended: for a client that asks for many outcomes at once
+    (a loop of results). At most MAX_PAGE ids. With ``wait_ms`` > 0 and none of them
+    ended lately, the server holds the request until one of them ends (answering,
+    at the end of that loop turn, with every one of them that has ended by then) or
+    until ``wait_ms`` passes (an empty answer); it answers at once when some of them
+    are neither running nor lately ended (``gone``)."""
 
     ids: list[str]
+    wait_ms: int = 0
 
 
 class EndedJobsReply(Message):
     """The final records (without payload) of the asked jobs that have ended; the
-    others (still running, unknown, or ended long ago) are left out: ask WaitJob."""
+    others (still running, unknown, or ended long ago) are left out: ask WaitJob.
+    ``gone`` (only for a waiting EndedJobs): the asked ids that are neither live nor
+    lately ended (unknown, or ended long ago): waiting cannot tell, WaitJob can."""
 
     jobs: list[Job] = []
+    gone: list[str] = []
 
 
 ServerRequest = (

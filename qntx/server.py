@@ -198,8 +198,8 @@ class ServerActor(Actor):
     def on_wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
         return self.pulse.wait(message, request)  # now, or when there is news (or at its deadline)
 
-    def on_ended(self, message: EndedJobs, request: Request) -> EndedJobsReply:
-        return self.pulse.ended(message)
+    def on_ended(self, message: EndedJobs, request: Request) -> EndedJobsReply | None:
+        return self.pulse.ended(message, request)  # now, or when one of them ends (or at its deadline)
 
     def on_get_job(self, message: GetJob, request: Request) -> JobReply:
         return JobReply(job=self.pulse.get(message.id))
@@ -236,9 +236,9 @@ class ServerActor(Actor):
         # (Pulse gives its runs back only after three).
         now, fresh_ms = instant().mono, self.settings.heartbeat_s * 2000
         for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
+            # A plugin's own session (this host's too) is listed like a worker, with its
+            # slots: it takes jobs from the pool as one.
             key, role, peer_host = self.pulse.owners.get(session.id, ("", "", ""))
-            if session.plugin and key in ("", self.pulse.host_key):
-                continue  # this host's plugin's own session: the plugin is listed below
             healthy = session.ready and now - session.last_seen <= fresh_ms
             actors.append(
                 ActorStatus(

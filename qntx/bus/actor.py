@@ -769,9 +769,12 @@ class Publisher:
         """Whether any subscriber's prefix matches ``topic``. Past MANY_PREFIXES distinct
         prefixes the answer is yes without looking: a loop turn never scans a
         subscriber's whim."""
-        if len(self._subscribed) > MANY_PREFIXES:
+        subscribed = self._subscribed
+        if not subscribed:
+            return False
+        if len(subscribed) > MANY_PREFIXES:
             return True
-        return any(topic.startswith(prefix) for prefix in self._subscribed)
+        return any(topic.startswith(prefix) for prefix in subscribed)
 
     def publish(self, topic: bytes, message: msgspec.Struct | Callable[[], msgspec.Struct]) -> None:
         """Send ``[topic, message]``; ``message`` may be a function that makes it,

@@ -23,8 +23,18 @@ def ui(
     open_: Annotated[
         bool, Parameter(name="--open", help="Open the dashboard in a browser.")
     ] = False,
+    public_url: Annotated[
+        str | None,
+        Parameter(
+            help="Where people open it through a (TLS) proxy, e.g. https://qntx.example "
+            "(ui_public_url); actions from that origin are accepted."
+        ),
+    ] = None,
 ):
     """Serve a live dashboard of the bus: actors, queue, jobs, handlers, attestations."""
     from qntx.ui.server import serve
 
-    serve(settings(connect=options.connect), host=host, port=port, allow_remote=allow_remote, open_browser=open_)
+    serve(
+        settings(connect=options.connect, ui_public_url=public_url),
+        host=host, port=port, allow_remote=allow_remote, open_browser=open_,
+    )  # fmt: skip

@@ -332,6 +332,10 @@ class PulseCore:
         job = self.jobs.get(job_id)
         return None if job is None else msgspec.structs.replace(job)
 
+    def in_memory(self, ids: set[str]) -> set[str]:
+        """Which of ``ids`` are jobs held in memory (live, or final and not yet saved)."""
+        return self.jobs.keys() & ids
+
     def unsaved(self) -> dict[str, Job]:
         """Jobs whose newest state is not on disk yet (listings merge them in)."""
         return {i: self.jobs[i] for i in self._unsaved}

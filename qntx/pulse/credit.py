@@ -1,12 +1,14 @@
-"""Free credit, indexed: which ready worker session has the most free slots, in O(log n).
+"""Free credit, indexed: which ready worker session has the most free slots.
 
 Pulse sends each job to the ready session with the most free slots (PROTOCOL §6.3),
 among the sessions of one group: plain workers (group ``""``) or the sessions a
 plugin runs for its own jobs (group = the plugin's name). A scan of every session
-per job made dispatch cost grow with the number of sessions; this index keeps one
-heap per group keyed by (-free, order) instead, where ``order`` is the session's
+per job made dispatch cost grow with the number of sessions; this index keeps, per
+group, its usable sessions' entries ``(-free, order, session)`` (``order`` is the
 join order, so equal free credit goes to the session that joined first, as a scan
-in join order would choose.
+in join order would choose) and, once a group has more than SMALL of them, a heap
+of those entries: ``best`` is then O(log n). A small group (the usual two or four
+workers) is answered by one ``min`` over its few entries, cheaper than any heap.
 
 The core calls ``set`` after every change to a session's credit, slots or
 readiness, and ``remove`` when it ends. Heaps delete lazily: an entry counts only
@@ -17,15 +19,23 @@ is rebuilt.
 from __future__ import annotations
 
 import heapq
-from collections import Counter
+
+SMALL = 16  # groups of at most this many usable sessions are scanned, not heaped
+
+
+class _Group:
+    __slots__ = ("usable", "heap", "members")
+
+    def __init__(self) -> None:
+        self.usable: dict[bytes, tuple[int, int, bytes]] = {}  # session -> its entry
+        self.heap: list[tuple[int, int, bytes]] | None = None  # only past SMALL usable
+        self.members = 0  # sessions in the group, usable or not
 
 
 class FreeCredit:
     def __init__(self) -> None:
-        self._heaps: dict[str, list[tuple[int, int, bytes]]] = {}  # group -> [(-free, order, session)]
-        self._live: dict[bytes, tuple[int, int, bytes]] = {}  # session -> its current heap entry (usable ones)
+        self._groups: dict[str, _Group] = {}
         self._group: dict[bytes, str] = {}  # every session -> its group
-        self._members: Counter[str] = Counter()  # group -> its sessions, usable or not
 
     def set(self, session: bytes, group: str, order: int, free: int, usable: bool) -> None:
         """The session's state now; ``usable``: ready to take a job (connected, free > 0)."""
@@ -34,19 +44,25 @@ class FreeCredit:
             if old_group is not None:
                 self._leave(session, old_group)
             self._group[session] = group
-            self._members[group] += 1
-        entry = (-free, order, session)
+            if group not in self._groups:
+                self._groups[group] = _Group()
+            self._groups[group].members += 1
+        entries = self._groups[group]
         if not usable:
-            self._live.pop(session, None)
+            entries.usable.pop(session, None)
             return
-        if self._live.get(session) == entry:
+        entry = (-free, order, session)
+        usable_now = entries.usable
+        if usable_now.get(session) == entry:
             return
-        self._live[session] = entry
-        heap = self._heaps.setdefault(group, [])
-        heapq.heappush(heap, entry)
-        if len(heap) > 2 * len(self._live) + 64:  # mostly dead entries: rebuild
-            self._heaps[group] = [e for e in heap if self._live.get(e[2]) == e and self._group[e[2]] == group]
-            heapq.heapify(self._heaps[group])
+        usable_now[session] = entry
+        heap = entries.heap
+        if heap is not None:
+            heapq.heappush(heap, entry)
+            if len(heap) > 2 * len(usable_now) + 64:  # mostly dead entries: rebuild
+                entries.heap = None
+        elif len(usable_now) > SMALL:
+            entries.heap = None  # built at the next best()
 
     def remove(self, session: bytes) -> None:
         group = self._group.pop(session, None)
@@ -54,23 +70,33 @@ class FreeCredit:
             self._leave(session, group)
 
     def _leave(self, session: bytes, group: str) -> None:
-        self._live.pop(session, None)
-        self._members[group] -= 1
-        if not self._members[group]:
-            del self._members[group]
-            self._heaps.pop(group, None)
+        entries = self._groups[group]
+        entries.usable.pop(session, None)
+        entries.members -= 1
+        if not entries.members:
+            del self._groups[group]
 
     def best(self, group: str) -> bytes | None:
         """The usable session of ``group`` with the most free slots (the first to join
         among equals); None if it has none."""
-        heap = self._heaps.get(group)
+        entries = self._groups.get(group)
+        if entries is None or not entries.usable:
+            return None
+        usable = entries.usable
+        if len(usable) <= SMALL:
+            entries.heap = None
+            return min(usable.values())[2]
+        heap = entries.heap
+        if heap is None:
+            heap = entries.heap = list(usable.values())
+            heapq.heapify(heap)
         while heap:
             entry = heap[0]
-            if self._live.get(entry[2]) == entry and self._group.get(entry[2]) == group:
+            if usable.get(entry[2]) == entry:
                 return entry[2]
             heapq.heappop(heap)
         return None
 
     def plugin_groups(self) -> list[str]:
         """Every plugin that runs sessions of its own (usable or not)."""
-        return [group for group in self._members if group]
+        return [group for group in self._groups if group]

@@ -199,7 +199,7 @@ class Pulse:
         self.commit_seconds, self.commit_rows = Buckets(COMMIT_BOUNDS), Buckets(BATCH_BOUNDS)
         self.spans = RunSpans()  # traced jobs only (qntx.obs.trace)
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
-        self.watch = JobWatch(self.get, public)
+        self.watch = JobWatch(self.get, public, self.core.in_memory)
         actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
         self._refused: dict[bytes, None] = {}  # sessions refused lately, oldest first
         self.refusals = 0  # hellos refused since start
@@ -310,10 +310,12 @@ class Pulse:
     def wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
         return self.watch.wait(message, request, time.monotonic())
 
-    def ended(self, message: EndedJobs) -> EndedJobsReply:
+    def ended(self, message: EndedJobs, request: Request) -> EndedJobsReply | None:
         if not isinstance(message.ids, list) or len(message.ids) > MAX_PAGE:
             raise Invalid(f"EndedJobs takes at most {MAX_PAGE} ids")
-        return EndedJobsReply(jobs=self.watch.ended(message.ids))  # (Raws in place of Jobs: the same bytes)
+        wait_ms = message.wait_ms if isinstance(message.wait_ms, int) else 0
+        # (Raws in place of Jobs in the reply: the same bytes)
+        return self.watch.ended_or_wait(message.ids, wait_ms, request, time.monotonic())
 
     def _send_job(self, command: SendJob) -> None:
         pipe = self._pipes.get(command.session)
@@ -335,6 +337,7 @@ class Pulse:
         if self.core.liveness_due(instant()):  # a resting heartbeat must count first
             self.actor.read_now(self.control.socket)
         self.apply(Turn())
+        self.watch.flush()
         self._start_commit()
         self._arm_wakeup()
 

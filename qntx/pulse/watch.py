@@ -7,6 +7,10 @@ over its own request connection (``WaitJob``); the events socket carries notices
 * the waiting requests, per job: *outcome* waiters (answered when the job is final)
   and *live* waiters (answered at the job's next output, progress or status), each
   with a deadline after which it is answered with the job as it is;
+* the waiting ``EndedJobs`` requests (*batch* waiters): one request for many jobs,
+  answered once at the end of the loop turn in which the first of them ended, with
+  every one of them that ended in that turn: a client that follows many jobs costs
+  a request per turn, not one per job;
 * a *trail* per running job: its recent output (the last TRAIL_BYTES of it) and its
   latest progress, numbered, so a live waiter that comes back with the number it
   was given continues where it left off, and one that comes late starts with the
@@ -30,6 +34,7 @@ from qntx.bus.actor import Request
 from qntx.errors import Unavailable
 from qntx.protocol import (
     FINAL_STATUSES,
+    EndedJobsReply,
     Job,
     JobNotice,
     JobOutput,
@@ -61,6 +66,17 @@ class Waiter:
 
 
 @dataclass(slots=True)
+class BatchWaiter:
+    """A waiting ``EndedJobs``: answered with ``found`` at the end of a loop turn."""
+
+    request: Request
+    deadline: float  # monotonic s
+    registered: int  # how many ids it was indexed under
+    found: list = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass(slots=True)
 class Trail:
     """A running job's recent output and progress; ``seq`` numbers every change."""
 
@@ -85,11 +101,19 @@ def notice(job: Job) -> JobNotice:
 
 
 class JobWatch:
-    def __init__(self, lookup: Callable[[str], Job], strip: Callable[[Job], Job]):
+    def __init__(
+        self, lookup: Callable[[str], Job], strip: Callable[[Job], Job], live: Callable[[set[str]], set[str]] | None = None
+    ):
         self._lookup = lookup  # a job's current record (raises NotFound)
         self._strip = strip  # the record without its payload
+        self._live = live or (lambda ids: set())  # which of these ids are jobs in memory, not yet ended
         self._waiters: dict[str, list[Waiter]] = {}
-        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._deadlines: list[tuple[float, int, Waiter | BatchWaiter]] = []
+        # job id -> the batch waiter indexed under it (the latest; answered ones are
+        # dropped lazily: when the job ends, or when the index is rebuilt)
+        self._batches: dict[str, BatchWaiter] = {}
+        self._batched = 0  # ids indexed by batch waiters not answered yet (about)
+        self._ready: list[BatchWaiter] = []  # found something this turn
         self._order = itertools.count()
         self._count = 0
         self.trails: dict[str, Trail] = {}
@@ -122,6 +146,10 @@ class JobWatch:
             raise Unavailable(f"the server holds {MAX_WAITERS} waiting requests already; ask again later")
         waiter = Waiter(request, job.id, now + timeout_s, cursor)
         self._waiters.setdefault(job.id, []).append(waiter)
+        self._hold(waiter)
+        return None
+
+    def _hold(self, waiter: Waiter | BatchWaiter) -> None:
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._order), waiter))
         self._count += 1
         if len(self._deadlines) > 2 * self._count + 1024:
@@ -129,22 +157,47 @@ class JobWatch:
             # live ones, it is rebuilt, so it stays bounded by MAX_WAITERS, not by the rate.
             self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
             heapq.heapify(self._deadlines)
-        return None
 
-    def ended(self, ids: list[str]) -> list[Job | msgspec.Raw]:
+    def ended(self, ids: list[str] | set[str]) -> list[Job | msgspec.Raw]:
         """The final records of those of ``ids`` that ended lately (or are final in
         memory), encoded once; the rest are left out, without reading the store."""
         found: list[Job | msgspec.Raw] = []
-        for job_id in ids:
-            entry = self._ended.get(job_id) if isinstance(job_id, str) else None
-            if entry is None:
-                continue
-            ended, size = entry
+        for job_id in self._ended.keys() & (ids if isinstance(ids, set) else set(ids)):
+            ended, size = self._ended[job_id]
             if not isinstance(ended, msgspec.Raw):
                 ended = msgspec.Raw(_encode(ended))
                 self._ended[job_id] = (ended, size)
             found.append(ended)
         return found
+
+    def ended_or_wait(self, ids: list[str], wait_ms: int, request: Request, now: float) -> EndedJobsReply | None:
+        """``EndedJobs``: those of ``ids`` that ended lately; with ``wait_ms``, if
+        none did, hold the request until one does (answered at the turn's end by
+        ``flush``) or the time passes. Ids that are neither running nor lately ended
+        make it answer at once, named in ``gone``."""
+        asked = set(ids)
+        found = self.ended(asked)
+        if found or wait_ms <= 0:
+            return EndedJobsReply(jobs=found)
+        live = self._live(asked)
+        if len(live) < len(asked):
+            return EndedJobsReply(gone=[i for i in ids if i not in live])
+        if self._count >= MAX_WAITERS:
+            raise Unavailable(f"the server holds {MAX_WAITERS} waiting requests already; ask again later")
+        waiter = BatchWaiter(request, now + min(wait_ms, MAX_WAIT_MS) / 1000, len(live))
+        self._batches.update(dict.fromkeys(live, waiter))
+        self._batched += len(live)
+        if len(self._batches) > 2 * self._batched + 4096:  # mostly answered ones: rebuild
+            self._batches = {i: w for i, w in self._batches.items() if not w.done}
+        self._hold(waiter)
+        return None
+
+    def flush(self) -> None:
+        """End of a loop turn: answer the batch waiters whose jobs ended in it."""
+        ready, self._ready = self._ready, []
+        for waiter in ready:
+            self._finish(waiter)
+            waiter.request.reply(EndedJobsReply(jobs=waiter.found))
 
     def _update_if_news(self, job: Job, cursor: int) -> JobUpdate | None:
         if job.status in FINAL_STATUSES:
@@ -179,6 +232,12 @@ class JobWatch:
         if final:
             self.trails.pop(job.id, None)
             self._remember_ended(job)
+            if self._batches:
+                batch = self._batches.pop(job.id, None)
+                if batch is not None and not batch.done:
+                    if not batch.found:
+                        self._ready.append(batch)
+                    batch.found.append(job)
 
     def _remember_ended(self, job: Job) -> None:
         """``job`` as announced (without its payload); encoded only if someone asks."""
@@ -234,6 +293,11 @@ class JobWatch:
             _, _, waiter = heapq.heappop(self._deadlines)
             if waiter.done:
                 continue
+            if type(waiter) is BatchWaiter:
+                if not waiter.found:  # (one that found something is answered at the turn's end)
+                    self._finish(waiter)
+                    waiter.request.reply(EndedJobsReply())
+                continue
             try:
                 job = self._lookup(waiter.job_id)
             except Exception as exc:  # pruned meanwhile: the asker learns it
@@ -253,6 +317,8 @@ class JobWatch:
         self._finish(waiter)
         waiter.request.reply(update)
 
-    def _finish(self, waiter: Waiter) -> None:
+    def _finish(self, waiter: Waiter | BatchWaiter) -> None:
         waiter.done = True
         self._count -= 1
+        if type(waiter) is BatchWaiter:
+            self._batched -= waiter.registered

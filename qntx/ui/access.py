@@ -9,7 +9,10 @@ page of another site cannot reach it through a name it resolves to 127.0.0.1.
 
 Actions are POSTs carrying the page's anti-forgery value in a header (another
 site can make a browser POST, but not with a custom header), with an Origin, if
-sent, naming this server.
+sent, naming this server: as the request reached it, or as ``ui_public_url``
+says people open it through a proxy (a TLS proxy makes the browser's Origin
+``https://`` while the request reaches this server over plain http). No header a
+proxy adds (X-Forwarded-*) is trusted: the public address is configured.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -65,18 +69,42 @@ def load_token(home: Path) -> tuple[str, bool]:
     return token, True
 
 
+def public_origin(url: str) -> str | None:
+    """The origin (``scheme://host[:port]``) of ``ui_public_url``; None when it is unset."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Invalid(f"ui_public_url must be http(s)://HOST[:PORT], got {url!r}")
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+def _host_name(host_header: str) -> str:
+    return host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+
+
 @dataclass(frozen=True)
 class Access:
-    """The rules one server applies: ``token`` None means loopback (no token asked)."""
+    """The rules one server applies: ``token`` None means loopback (no token asked);
+    ``public`` is the origin of ``ui_public_url`` (None: not behind a proxy)."""
 
     port: int
     token: str | None
     csrf: str
+    public: str | None = None
 
     def allowed_host(self, host_header: str) -> bool:
         if self.token is not None:
             return True  # the token decides; any name may lead here
-        name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+        name = _host_name(host_header)
+        if self.public is not None and name.lower() == _host_name(self.public.split("://", 1)[1]).lower():
+            return True  # the proxy passed on the public name
         return is_loopback(name)
 
     def has_token(self, request: web.Request) -> bool:
@@ -94,7 +122,7 @@ class Access:
         if not hmac.compare_digest(offered.encode(), self.csrf.encode()):
             return False
         origin = request.headers.get("Origin")
-        return origin is None or origin == f"{request.scheme}://{request.host}"
+        return origin is None or origin in (f"{request.scheme}://{request.host}", self.public)
 
 
 def middleware(access: Access):

@@ -10,7 +10,11 @@ the pages connected to ``/api/events``. What it sends:
   follows for that page over its own request connection (from the output so far);
 * ``overview``: the whole overview, at most once a second when something changed,
   and every OVERVIEW_IDLE_S anyway (an actor's health has no event of its own);
-* ``handlers`` when a handler was stored or registered (the page asks again).
+* ``handlers`` when a handler was stored or registered (the page asks again);
+* ``bus``: whether the server answers (``{"up": ..., "error": ...}``), asked every
+  BUS_PROBE_S, sent when it changes and to each page as it connects, so a page greys
+  what it shows within seconds of the bus stopping (an events socket stays quiet
+  then, it does not fail).
 
 A page that reads too slowly loses its backlog and is told to ``resync`` (fetch
 what it shows again) instead of events being dropped unseen.
@@ -38,6 +42,7 @@ from qntx.protocol import (
     JobNotice,
     JobOutput,
     JobProgressed,
+    Ping,
     stored_notices,
 )
 from qntx.ui.views import Throughput, notice_row, now_ms, overview, seed_throughput
@@ -49,6 +54,8 @@ KEEPALIVE_S = 15.0
 BACKLOG = 1000  # messages a page may fall behind before it is told to resync
 BURST = 200  # more jobs changed than this in one flush: pages resync instead
 COUNTED_KEPT = 100_000
+BUS_PROBE_S = 1.0  # how often the server is asked whether it answers
+BUS_PROBE_TIMEOUT_S = 2.0  # and how long its answer may take
 
 
 class Page:
@@ -77,6 +84,7 @@ class Hub:
         self._progress: dict[str, dict[str, Any]] = {}
         self._dirty = True
         self._handlers_changed = False
+        self.bus_error: str | None = None  # why the server does not answer now (None: it does)
         self._on_event = {
             JobNotice: self._job_changed,
             HandlersRegistered: self._handlers_registered,
@@ -87,15 +95,34 @@ class Hub:
         """Read events and push them until cancelled."""
         events = self.bus.events()
         reader = asyncio.ensure_future(self._read(events))
+        probe = asyncio.ensure_future(self._watch_bus())
         try:
             with contextlib.suppress(QntxError):  # the bus may be down: the charts start empty
                 await seed_throughput(self.bus, self.throughput, now_ms())
             await self._push()
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for task in (reader, probe):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await events.aclose()
+
+    async def _watch_bus(self) -> None:
+        """Ask the server every BUS_PROBE_S whether it answers; tell the pages when that changes."""
+        while True:
+            try:
+                await self.bus.server.request(Ping(), timeout_s=BUS_PROBE_TIMEOUT_S)
+                error = None
+            except QntxError as exc:
+                error = str(exc)
+            if (error is None) != (self.bus_error is None):
+                self.bus_error = error
+                self._broadcast("bus", self.bus_state())
+                self._dirty = True  # the overview again: fresh counts, or the error
+            await asyncio.sleep(BUS_PROBE_S)
+
+    def bus_state(self) -> dict[str, Any]:
+        return {"up": self.bus_error is None, "error": self.bus_error}
 
     async def _read(self, events) -> None:
         async for event in events:
@@ -197,6 +224,7 @@ class Hub:
         self.pages.add(page)
         following = asyncio.ensure_future(self._follow_for(page)) if page.job_id else None
         self._dirty = True  # a new page gets the overview within a second
+        page.send("bus", self.bus_state())
         try:
             await response.write(b"retry: 1000\n\n")
             while True:

@@ -16,7 +16,15 @@ from aiohttp import web
 from qntx.aio import AsyncBus
 from qntx.errors import Unavailable
 from qntx.settings import Settings
-from qntx.ui.access import TOKEN_FILE, Access, check_bind, is_loopback, load_token, middleware
+from qntx.ui.access import (
+    TOKEN_FILE,
+    Access,
+    check_bind,
+    is_loopback,
+    load_token,
+    middleware,
+    public_origin,
+)
 from qntx.ui.live import Hub
 from qntx.ui.routes import Routes, errors
 
@@ -48,6 +56,7 @@ def serve(
 ) -> None:
     """Serve the dashboard of ``settings.home`` on host:port until SIGINT/SIGTERM."""
     check_bind(host, allow_remote)
+    public_origin(settings.ui_public_url)  # a bad one is bad input before anything starts
     token = None
     if not is_loopback(host):
         token, made = load_token(settings.home)
@@ -72,7 +81,10 @@ async def _serve(
             settings, request_timeout_s=min(settings.request_timeout_s, REQUEST_TIMEOUT_S)
         )
     )
-    access = Access(port=port, token=token, csrf=secrets.token_urlsafe(24))
+    access = Access(
+        port=port, token=token, csrf=secrets.token_urlsafe(24),
+        public=public_origin(settings.ui_public_url),
+    )  # fmt: skip
     app, hub = build_app(bus, access)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
@@ -87,6 +99,8 @@ async def _serve(
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound}/"
     print(f"Dashboard: {url} (home {settings.home}); Ctrl-C stops it", flush=True)
+    if access.public:
+        print(f"Public address (through a proxy): {settings.ui_public_url}", flush=True)
     if open_browser:
         await _open(url)
     stop = asyncio.Event()

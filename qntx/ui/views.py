@@ -131,7 +131,7 @@ async def overview(bus: AsyncBus, throughput: Throughput) -> dict[str, Any]:
             "name": actor.name,
             "pid": actor.pid,
             "slots": actor.credit,
-            "free": max(0, actor.credit - len(by_worker.get(actor.name, []))),
+            "free": max(0, actor.credit - actor.leases),
             "running": by_worker.get(actor.name, []),
         }
         for actor in status.actors

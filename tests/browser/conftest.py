@@ -8,6 +8,7 @@ CI) makes that a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -75,16 +76,21 @@ class Dashboard:
         self.api = bus.connect()
 
 
-@pytest.fixture(scope="module")
-def dashboard(_browser_available):
+def start_ui(bus: Bus, *args: str) -> str:
+    """Start ``qntx ui`` on a free port; its address."""
+    ui = bus.start("ui", "--port", "0", *args)
+    ui.wait_output("Dashboard: http://", timeout=20)
+    return re.search(r"Dashboard: (http://\S+/)", ui.output()).group(1)
+
+
+@contextlib.contextmanager
+def running_dashboard():
+    """A bus with one worker (and the python plugin) in a temp home, and its dashboard."""
     home = Path(tempfile.mkdtemp(prefix="qx-", dir="/tmp"))
     bus = Bus(home)
     try:
         bus.start_up("--workers", "1")
-        ui = bus.start("ui", "--port", "0")
-        ui.wait_output("Dashboard: http://", timeout=20)
-        url = re.search(r"Dashboard: (http://\S+/)", ui.output()).group(1)
-        board = Dashboard(bus, url)
+        board = Dashboard(bus, start_ui(bus))
         try:
             yield board
         finally:
@@ -95,14 +101,21 @@ def dashboard(_browser_available):
 
 
 @pytest.fixture(scope="module")
-def browser(_browser_available):
+def dashboard(_browser_available):
+    with running_dashboard() as board:
+        yield board
+
+
+@contextlib.contextmanager
+def chromium(*flags: str):
+    """Headless Chromium with the flags every test uses and ``flags``."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="qx-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
+    for flag in [*CHROMIUM_FLAGS, *flags, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(20)
@@ -111,6 +124,12 @@ def browser(_browser_available):
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser(_browser_available):
+    with chromium() as driver:
+        yield driver
 
 
 def until(driver, condition, timeout: float = 15.0, what: str = "the page"):
@@ -125,3 +144,34 @@ def until(driver, condition, timeout: float = 15.0, what: str = "the page"):
             return None
 
     return wait_for(check, timeout=timeout, interval=0.05, what=what)
+
+
+def open_page(browser, dashboard, fragment: str, url: str | None = None) -> None:
+    """Open ``fragment`` of the dashboard (or of ``url``) and wait for its live events."""
+    from selenium.webdriver.common.by import By
+
+    browser.get("about:blank")  # a page already there would only change its #fragment
+    browser.get((url or dashboard.url) + fragment)
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "live").text == "live",
+        what="the live event stream",
+    )
+    browser.execute_script("window.qntxMarker = 'no reload';")
+
+
+def not_reloaded(browser) -> bool:
+    return browser.execute_script("return window.qntxMarker;") == "no reload"
+
+
+def texts(browser, css: str) -> list[str]:
+    return browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText);", css
+    )
+
+
+def rows(browser, css: str, key: str) -> dict[str, str]:
+    """The rows matching ``css`` by their ``key`` attribute, with their text, read at
+    once (the page repaints live: elements found one by one can go stale between)."""
+    script = "return [...document.querySelectorAll(arguments[0])].map(r => [r.getAttribute(arguments[1]), r.innerText]);"
+    return dict(browser.execute_script(script, css, key))

@@ -59,11 +59,12 @@ def test_requests_to_an_absent_peer_never_block_the_loop(tmp_path: Path):
     )
     try:
         assert process.stdout.readline().strip() == "sent"
-        with Client(f"ipc://{tmp_path}/lonely.sock", ServerReply, timeout_s=1) as client:
-            for _ in range(20):  # it answers at once, all the while its calls wait for nobody
+        with Client(f"ipc://{tmp_path}/lonely.sock", ServerReply, timeout_s=5) as client:
+            for _ in range(20):  # it answers, all the while its calls wait for nobody
+                # (a loop blocked in a send would never answer; 2 s leaves room for a loaded machine)
                 started = time.monotonic()
                 assert isinstance(client.request(Ping()), Pong)
-                assert time.monotonic() - started < 0.5
+                assert time.monotonic() - started < 2
                 time.sleep(0.05)
         line = wait_for(process.stdout.readline, 30, what="every call answered")
         assert line.strip() == f"answered [('unavailable', {CALLS})]"

@@ -208,6 +208,30 @@ def test_a_plain_loop_of_submits_is_pipelined(bus, up):
         assert b.wait(slow.id, timeout=10).status == "completed"
 
 
+def test_results_asked_together_in_any_order_and_with_short_timeouts(bus, up):
+    """The client asks for many outcomes in one waiting request: results taken in
+    reverse order, a short timeout on a long job while others are asked with it, and
+    dropped handles all behave as one request per job would."""
+    with qntx.connect(bus.home) as b:
+        handles = [b.submit("builtin.echo", n) for n in range(300)]
+        assert [h.result(timeout=30) for h in reversed(handles)] == list(range(299, -1, -1))
+        long = b.submit("builtin.sleep", 30, max_attempts=1)
+        quick = [b.submit("builtin.sleep", 0.2) for _ in range(3)]
+        started = time.monotonic()
+        with pytest.raises(qntx.errors.Timeout):
+            long.result(timeout=0.5)  # asked together with the quick ones: still its own timeout
+        assert time.monotonic() - started < 3
+        assert [h.result(timeout=30) for h in quick] == [{"slept": 0.2}] * 3
+        dropped = [b.submit("builtin.echo", "x" * 1000).id for n in range(3000)]  # handles not kept
+        b.flush()  # accepted: nothing refers to their handles now
+        kept = b.submit("builtin.echo", "kept")
+        assert kept.result(timeout=60) == "kept"
+        assert b.wait(dropped[-1], timeout=30).status == "completed"
+        # what came ahead for handles dropped meanwhile is let go (3,000 results of 1 KB came)
+        assert b._follower.outcomes._held_bytes < 64 << 10
+        b.cancel(long.id)
+
+
 def wait_for_status(b, job_id: str, status: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while b.job(job_id).status != status:

@@ -23,6 +23,7 @@ from qntx.handlers import handler_attestation, tombstone_attestation
 from qntx.protocol import (
     AtsReply,
     Attest,
+    EndedJobs,
     HandlersChanged,
     JobDone,
     JobOutput,
@@ -246,6 +247,40 @@ def test_wait_job_answers_the_asker_only(shared):
         with Client(shared.server, ServerReply, security=shared.key("worker"), timeout_s=5) as worker:
             with pytest.raises(Forbidden):
                 worker.request(WaitJob(id=handle.id))
+
+
+def test_ended_jobs_waits_for_the_first_to_end_and_tells_all_that_did(shared):
+    """The protocol as another language's client sees it: one waiting EndedJobs for
+    many jobs is answered when one of them ends, with what ended; at its deadline
+    with nothing; at once for ids the server does not hold (``gone``)."""
+    with shared.a.connect() as bus:
+        short = [bus.submit("builtin.sleep", 2) for _ in range(2)]
+        long = bus.submit("builtin.sleep", 60, max_attempts=1)
+        ids = [h.id for h in (*short, long)]
+        for handle in (*short, long):
+            handle.accepted()
+        with Client(shared.server, ServerReply, security=shared.key("client"), timeout_s=20) as other:
+            started = time.monotonic()
+            reply = other.request(EndedJobs(ids=ids, wait_ms=15_000))
+            assert 1 < time.monotonic() - started < 12  # (it had not ended when asked)
+            told = {job.id for job in reply.jobs}
+            assert told and told <= {h.id for h in short} and all(j.status == "completed" for j in reply.jobs)
+            started = time.monotonic()
+            assert other.request(EndedJobs(ids=[long.id], wait_ms=300)).jobs == []
+            assert 0.25 < time.monotonic() - started < 5
+            assert other.request(EndedJobs(ids=[long.id, "JB-NOPE"], wait_ms=5_000)).gone == ["JB-NOPE"]
+        bus.cancel(long.id)
+
+
+def test_a_loop_of_results_asks_once_per_answer_not_once_per_job(shared, monkeypatch):
+    jobs, sent = 600, []
+    real_send = Client.send
+    monkeypatch.setattr(Client, "send", lambda self, message: sent.append(type(message).__name__) or real_send(self, message))
+    with shared.a.connect() as bus:
+        handles = [bus.submit("builtin.echo", n) for n in range(jobs)]
+        assert [h.result(timeout=60) for h in handles] == list(range(jobs))
+    asks = sum(1 for kind in sent if kind in ("WaitJob", "EndedJobs"))
+    assert asks <= jobs // 3, f"{asks} requests for {jobs} results"
 
 
 def rss_kb(pid: int, kind: str = "VmRSS") -> int:

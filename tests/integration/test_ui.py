@@ -204,3 +204,28 @@ def test_listings_filter_and_page_through_everything_once(bus):
     assert everything("/api/attestations?limit=5&q=pat%20is%20paged", "records") == [
         r.id for r in reversed(made)
     ]
+
+
+def test_a_public_url_admits_actions_from_its_origin_alone(bus):
+    bus.start_up("--workers", "1")
+    process, base = start_ui(bus, "--public-url", "https://qntx.example:8443/")
+    assert "Public address (through a proxy): https://qntx.example:8443/" in process.output()
+    csrf = page_value(base)
+    # a proxy that passes the public name on as the Host is let in; other names are not
+    assert call(base + "/", headers={"Host": "qntx.example:8443"})[0] == 200
+    assert call(base + "/", headers={"Host": "rebound.example"})[0] == 403
+    with bus.connect() as api:
+        job = api.submit("builtin.sleep", {"args": [30]}, max_attempts=1)
+        wait_for(lambda: job.record().status == "running", what="the job running")
+        url = f"{base}/api/jobs/{job.id}/cancel"
+        for origin in ("https://qntx.example", "http://qntx.example:8443", "https://evil.example"):
+            assert call(url, "POST", {"X-Qntx-Csrf": csrf, "Origin": origin})[0] == 403, origin
+        assert job.record().status == "running"
+        status, body, _ = call(url, "POST", {"X-Qntx-Csrf": csrf, "Origin": "https://qntx.example:8443"})
+        assert status == 200 and body["job"]["status"] == "cancelled"
+
+
+def test_a_bad_public_url_is_one_line(bus):
+    result = bus.run("ui", "--port", "0", "--public-url", "qntx.example", timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "ui_public_url must be http(s)://HOST[:PORT]" in result.stderr

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from qntx.errors import Invalid
-from qntx.ui.access import Access, check_bind, is_loopback, load_token
+from qntx.ui.access import Access, check_bind, is_loopback, load_token, public_origin
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.5", "::1", "[::1]", "localhost"])
@@ -40,3 +40,29 @@ def test_the_token_is_made_once_and_kept_private(tmp_path):
     assert made and len(token) >= 40
     assert stat.S_IMODE((tmp_path / "ui.token").stat().st_mode) == 0o600
     assert load_token(tmp_path) == (token, False)
+
+
+@pytest.mark.parametrize(
+    "url, origin",
+    [
+        ("https://qntx.example", "https://qntx.example"),
+        ("https://qntx.example:443/", "https://qntx.example"),
+        ("https://QNTX.example:8443/dash/", "https://qntx.example:8443"),
+        ("http://[::1]:8080", "http://[::1]:8080"),
+        ("", None),
+    ],
+)
+def test_the_public_url_gives_the_origin_a_browser_sends(url, origin):
+    assert public_origin(url) == origin
+
+
+@pytest.mark.parametrize("url", ["qntx.example", "ftp://qntx.example", "https://", "https://x:99999"])
+def test_a_public_url_that_is_not_one_is_bad_input(url):
+    with pytest.raises(Invalid, match="ui_public_url"):
+        public_origin(url)
+
+
+def test_a_public_name_is_a_host_a_loopback_server_answers():
+    access = Access(port=8765, token=None, csrf="x", public="https://qntx.example:8443")
+    assert access.allowed_host("qntx.example:8443") and access.allowed_host("QNTX.example")
+    assert access.allowed_host("127.0.0.1:8765") and not access.allowed_host("evil.example")

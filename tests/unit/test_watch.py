@@ -162,3 +162,56 @@ def test_the_deadline_heap_stays_bounded_by_the_live_waiters(jobs, watch):
         jobs["a"] = Job(id="a", handler="h", status="running", lease=5, attempts=1)
         watch.changed(jobs["a"])
     assert watch.waiting == 0 and len(watch._deadlines) <= 1024 + 2
+
+
+def batch_watch(live_ids):
+    """A watch whose memory holds the jobs ``live_ids`` (running)."""
+    jobs = {i: Job(id=i, handler="h", status="running", lease=1, attempts=1) for i in live_ids}
+    watch = JobWatch(lambda i: jobs[i], lambda job: job, lambda ids: jobs.keys() & ids)
+    return jobs, watch
+
+
+def finish(jobs, watch, job_id):
+    jobs[job_id] = Job(id=job_id, handler="h", status="completed", lease=1, attempts=1)
+    watch.changed(jobs[job_id])
+
+
+def test_a_waiting_ended_jobs_is_answered_once_per_turn_with_all_that_ended_in_it():
+    jobs, watch = batch_watch(["a", "b", "c"])
+    asker = Asker()
+    assert watch.ended_or_wait(["a", "b", "c"], 5_000, asker, now=0) is None and watch.waiting == 1
+    finish(jobs, watch, "b")
+    finish(jobs, watch, "a")
+    assert asker.replies == []  # not before the turn ends
+    watch.flush()
+    assert [sorted(j.id for j in r.jobs) for r in asker.replies] == [["a", "b"]] and watch.waiting == 0
+    finish(jobs, watch, "c")  # answered already: nothing more to it
+    watch.flush()
+    assert len(asker.replies) == 1
+    # asked again for what is left: answered at once from what ended lately
+    again = watch.ended_or_wait(["c"], 5_000, Asker(), now=1)
+    assert [msgspec.msgpack.decode(j, type=Job).id for j in again.jobs] == ["c"]
+
+
+def test_a_waiting_ended_jobs_answers_empty_at_its_deadline_and_at_once_for_gone_ids():
+    jobs, watch = batch_watch(["a"])
+    asker = Asker()
+    assert watch.ended_or_wait(["a"], 1_000, asker, now=0) is None
+    watch.expire(0.5)
+    assert asker.replies == []
+    watch.expire(1.0)
+    assert len(asker.replies) == 1 and asker.replies[0].jobs == [] and watch.waiting == 0
+    gone = watch.ended_or_wait(["a", "nosuch"], 1_000, Asker(), now=2)
+    assert gone.gone == ["nosuch"] and gone.jobs == []
+    assert watch.ended_or_wait(["a"], 0, Asker(), now=2).jobs == []  # no wait: at once
+
+
+def test_answered_batches_leave_the_index_bounded():
+    ids = [[f"j{turn}.{n}" for n in range(500)] for turn in range(100)]
+    jobs, watch = batch_watch([i for turn in ids for i in turn])
+    for turn, batch in enumerate(ids):  # each turn a batch of 500 jobs, answered by one's end
+        assert watch.ended_or_wait(batch, 5_000, Asker(), now=turn) is None
+        finish(jobs, watch, batch[0])
+        watch.flush()
+    assert watch.waiting == 0
+    assert len(watch._batches) <= 4096 + 2 * 500  # not the 49,900 that stayed unanswered

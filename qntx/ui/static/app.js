@@ -9,6 +9,8 @@ const STATUSES = document.querySelector('meta[name="qntx-statuses"]').content.sp
 let view = null;     // the view on screen: {name, onEvent(kind, data), refresh()}
 let events = null;   // the EventSource
 let eventsFor = "";  // the job id it carries output for
+let busDown = null;  // why the bus does not answer, while it does not (null: it answers)
+let chartChoice = "auto";  // the throughput chart's count scale: auto, linear or log
 
 // ------------------------------------------------------------------ helpers
 
@@ -39,6 +41,18 @@ function ago(ms) {
   if (s < 3600) return Math.floor(s / 60) + "m ago";
   return Math.floor(s / 3600) + "h ago";
 }
+
+// A relative time that keeps ticking: every element made here is updated each second.
+function agoCell(attrs, ms) {
+  return h("td", Object.assign({title: time(ms), "data-ago": ms || ""}, attrs || {}), ago(ms));
+}
+
+setInterval(() => {
+  for (const el of document.querySelectorAll("[data-ago]")) {
+    const ms = Number(el.dataset.ago);
+    if (ms) el.textContent = ago(ms);
+  }
+}, 1000);
 
 function status(text) { return h("span", {class: "status " + text}, text); }
 
@@ -77,21 +91,41 @@ function progressBar(progress) {
 
 // ------------------------------------------------------------------ live events
 
+// The badge: "live" while both the page's event stream and the bus answer.
+function badge() {
+  const live = document.getElementById("live");
+  if (!events || events.readyState !== EventSource.OPEN) {
+    live.className = "live off"; live.textContent = "reconnecting";
+  } else if (busDown) {
+    live.className = "live down"; live.textContent = "bus down"; live.title = busDown;
+  } else {
+    live.className = "live on"; live.textContent = "live"; live.title = "live updates";
+  }
+}
+
+function busState(error) {
+  const was = busDown;
+  busDown = error || null;
+  badge();
+  if (busDown) banner("The bus does not answer: " + busDown);
+  else if (was) banner("");
+}
+
 function connect(jobId) {
   if (events && eventsFor === (jobId || "")) return;
   if (events) events.close();
   eventsFor = jobId || "";
   events = new EventSource("/api/events" + (jobId ? "?job=" + encodeURIComponent(jobId) : ""));
-  const live = document.getElementById("live");
   events.onopen = () => {
-    live.className = "live on"; live.textContent = "live";
+    badge();
     if (view && view.refresh) view.refresh();  // whatever was missed while away
   };
-  events.onerror = () => { live.className = "live off"; live.textContent = "reconnecting"; };
-  for (const kind of ["overview", "jobs", "progress", "output", "handlers", "resync"]) {
+  events.onerror = () => badge();
+  for (const kind of ["overview", "jobs", "progress", "output", "handlers", "resync", "bus"]) {
     events.addEventListener(kind, (message) => {
       const data = JSON.parse(message.data);
       if (kind === "resync") { if (view && view.refresh) view.refresh(); return; }
+      if (kind === "bus") busState(data.up ? null : data.error);
       if (view && view.onEvent) view.onEvent(kind, data);
     });
   }
@@ -99,36 +133,19 @@ function connect(jobId) {
 
 // ------------------------------------------------------------------ overview
 
-function chart(series) {
-  const n = series.completed.length;
-  const max = Math.max(1, ...series.completed, ...series.failed);
-  const W = 600, H = 90, bw = W / n;
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("class", "chart");
-  svg.setAttribute("preserveAspectRatio", "none");
-  for (let i = 0; i < n; i++) {
-    for (const [key, color, offset] of [["completed", "#2e7d32", 0], ["failed", "#c62828", bw / 2]]) {
-      const value = series[key][i];
-      if (!value) continue;
-      const r = document.createElementNS("http://www.w3.org/2000/svg", "rect");
-      const height = Math.max(1, (H - 4) * value / max);
-      r.setAttribute("x", i * bw + offset); r.setAttribute("width", Math.max(1, bw / 2 - 1));
-      r.setAttribute("y", H - height); r.setAttribute("height", height); r.setAttribute("fill", color);
-      const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
-      title.textContent = `${value} ${key}`;
-      r.append(title);
-      svg.append(r);
-    }
-  }
-  return svg;
-}
-
 function overviewView() {
   const root = h("div", {id: "overview"});
+  let last = null;  // the last overview the bus gave: shown greyed while it does not answer
   const paint = (data) => {
-    if (data.error) { banner("The bus does not answer: " + data.error); return; }
-    banner("");
+    if (data.error) busState(data.error);
+    else { last = data; busState(null); }
+    if (last) show(last, Boolean(busDown));
+  };
+  const scaleChoice = () => h("select", {id: "chart-scale", title: "count scale",
+    onchange: (e) => { chartChoice = e.target.value; if (last) show(last, Boolean(busDown)); }},
+    CHART_SCALES.map((s) => h("option", {value: s, selected: s === chartChoice}, s === "auto" ? "scale: auto" : s)));
+  const show = (data, down) => {
+    root.classList.toggle("down", down);
     const total = (key) => data.throughput[key].reduce((a, b) => a + b, 0);
     const minutes = Math.round(data.throughput.completed.length * data.throughput.bucket_s / 60);
     replace(root,
@@ -138,11 +155,11 @@ function overviewView() {
         h("div", {"data-status": s}, h("b", {}, data.queue[s] || 0), h("span", {}, s)))),
       h("div", {class: "grid"},
         h("div", {class: "card"},
-          h("h2", {}, `Throughput, last ${minutes} minutes`),
-          chart(data.throughput),
+          h("h2", {}, `Throughput, last ${minutes} minutes `, scaleChoice()),
+          chart(data.throughput, chartChoice),
           h("div", {class: "legend"}, h("i", {style: "background:#2e7d32"}), h("span", {}, `completed ${total("completed")}`),
             h("i", {style: "background:#c62828"}), h("span", {}, `failed ${total("failed")}`),
-            ` (bars of ${data.throughput.bucket_s}s)`)),
+            ` (jobs per ${data.throughput.bucket_s}s)`)),
         h("div", {class: "card"},
           h("h2", {}, "Handlers"),
           h("div", {class: "mono", id: "registered"}, data.handlers.join(", ") || "(none)"))),
@@ -151,7 +168,7 @@ function overviewView() {
         h("tr", {}, ["actor", "health", "pid", "host", "endpoint"].map((c) => h("th", {}, c))),
         data.actors.map((a) => h("tr", {"data-actor": a.name},
           h("td", {class: "mono"}, a.name),
-          h("td", {}, status(a.healthy ? "healthy" : "unhealthy")),
+          h("td", {}, status(down ? "unknown" : a.healthy ? "healthy" : "unhealthy")),
           h("td", {class: "mono"}, a.pid || "-"),
           h("td", {}, a.host || "-"),
           h("td", {class: "mono muted"}, a.endpoint)))),
@@ -171,29 +188,41 @@ function overviewView() {
               h("td", {}, progressBar(j.progress)))))] : null);
   };
   const refresh = async () => {
-    try { paint(await api("/api/overview")); } catch (e) { banner("The bus does not answer: " + e.message); }
+    try { paint(await api("/api/overview")); } catch (e) { paint({error: e.message}); }
   };
-  return {name: "overview", root, refresh, onEvent: (kind, data) => { if (kind === "overview") paint(data); }};
+  const onEvent = (kind, data) => {
+    if (kind === "overview") paint(data);
+    else if (kind === "bus" && last) show(last, !data.up);
+  };
+  return {name: "overview", root, refresh, onEvent};
 }
 
 // ------------------------------------------------------------------ jobs
 
 function jobRow(job) {
-  return h("tr", {"data-job": job.id, "data-status": job.status},
+  return h("tr", {"data-job": job.id, "data-status": job.status, "data-created": job.created_at},
     h("td", {}, jobLink(job.id)),
     h("td", {class: "mono"}, job.handler),
     h("td", {}, status(job.status)),
     h("td", {}, `${job.attempts}/${job.max_attempts}`),
     h("td", {}, progressBar(job.progress)),
-    h("td", {title: time(job.created_at)}, ago(job.created_at)),
+    agoCell({}, job.created_at),
     h("td", {class: "error-text"}, job.error || ""));
 }
 
 function jobsView(params) {
   const filters = {status: params.get("status") || "", handler: params.get("handler") || "",
     since_min: params.get("since_min") || ""};
+  // The pager is a keyset one: each page's cursor names the last job the server gave
+  // for the page before, so rows arriving live never shift what "Older" shows. On the
+  // first page new jobs extend the list (nothing is pushed off, so "Older" still starts
+  // right after the last row shown) until LIVE_ROWS, when it fetches the newest page.
+  const LIVE_ROWS = 100;
   const pages = [""];  // cursors of the pages seen, to go back
   let page = 0;
+  let bottom = null;   // created_at of the last row the server gave for this page
+  let more = false;    // whether an older page exists
+  let loading = null;  // rows that came live while a page was being fetched
   const tbody = h("tbody");
   const info = h("span", {class: "muted"});
   const prev = h("button", {class: "secondary", id: "prev", onclick: () => { page--; load(); }}, "Newer");
@@ -217,32 +246,49 @@ function jobsView(params) {
     const q = new URLSearchParams();
     for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
     if (pages[page]) q.set("cursor", pages[page]);
+    const arrived = loading = [];
     try {
       const data = await api("/api/jobs?" + q);
       banner("");
       pages[page + 1] = data.cursor || null;
+      pages.length = page + 2;  // pages past this one are found again from its cursor
+      bottom = data.jobs.length ? data.jobs[data.jobs.length - 1].created_at : null;
+      more = Boolean(data.cursor);
       replace(tbody, data.jobs.map(jobRow));
       if (!data.jobs.length) tbody.append(h("tr", {}, h("td", {colspan: 7, class: "muted"}, "(no jobs)")));
       info.textContent = `page ${page + 1}`;
       prev.disabled = page === 0;
       next.disabled = !data.cursor;
     } catch (e) { banner(e.message); }
+    finally { if (loading === arrived) loading = null; }
+    // what came while the page was on its way, in order: notices follow the store's
+    // order, so the last one of a job is at least as new as the page
+    live(arrived);
   };
   const matches = (job) => (!filters.status || job.status === filters.status) &&
     (!filters.handler || job.handler.toLowerCase().includes(filters.handler.toLowerCase()));
-  const onEvent = (kind, data) => {
-    if (kind !== "jobs") return;
-    for (const job of data) {
+  // Where a job that is not shown goes on the first page: newest first, and only if
+  // it is newer than the last row (an older one belongs to a later page).
+  const insert = (job) => {
+    if (more && !(job.created_at > bottom)) return;
+    const empty = tbody.querySelector("td[colspan]");
+    if (empty) empty.parentElement.remove();
+    const after = [...tbody.querySelectorAll("tr[data-job]")].find((r) => Number(r.dataset.created) <= job.created_at);
+    tbody.insertBefore(jobRow(job), after || null);
+  };
+  const live = (jobs) => {
+    for (const job of jobs) {
       const old = tbody.querySelector(`tr[data-job="${CSS.escape(job.id)}"]`);
       if (old && matches(job)) old.replaceWith(jobRow(job));
       else if (old) old.remove();
-      else if (page === 0 && matches(job)) {  // a new job on the first page: newest first
-        const empty = tbody.querySelector("td[colspan]");
-        if (empty) empty.parentElement.remove();
-        tbody.prepend(jobRow(job));
-        while (tbody.children.length > 25) tbody.lastElementChild.remove();
-      }
+      else if (page === 0 && matches(job)) insert(job);
     }
+    if (page === 0 && tbody.children.length > LIVE_ROWS && !loading) load();
+  };
+  const onEvent = (kind, data) => {
+    if (kind !== "jobs") return;
+    if (loading) loading.push(...data);
+    else live(data);
   };
   // Retry or cancel every job these filters choose (every page), after a confirmation.
   const bulk = async (action) => {
@@ -315,7 +361,7 @@ function jobView(id) {
       job.error ? [h("h2", {}, "Error"), h("pre", {class: "error mono", id: "job-error"},
         job.error.message + (job.error.traceback ? "\n\n" + job.error.traceback : ""))] : null,
       h("h2", {}, "Output"),
-      job.status === "running" ? h("p", {class: "muted"}, "live, from when this page opened; the whole of it is kept when the run ends") : null,
+      job.status === "running" ? h("p", {class: "muted"}, "live: what the run wrote so far, then as it comes") : null,
       output);
   };
   const refresh = async () => {
@@ -349,7 +395,7 @@ function handlersView() {
           data.handlers.map((x) => h("tr", {"data-handler": x.name},
             h("td", {}, h("a", {href: "#/handlers/" + encodeURIComponent(x.name), class: "mono"}, x.handler)),
             h("td", {}, x.registered ? status("healthy") : h("span", {class: "muted"}, "not yet")),
-            h("td", {}, x.lines), h("td", {title: time(x.updated)}, ago(x.updated)),
+            h("td", {}, x.lines), agoCell({}, x.updated),
             h("td", {class: "mono muted"}, x.asid)))),
         data.handlers.length ? null : h("p", {class: "muted"}, "(no handlers: qntx handler create NAME --code ...)"),
         data.skipped.length ? h("p", {class: "muted"}, "without code: " + data.skipped.join(", ")) : null);
