@@ -21,6 +21,7 @@ BENCHMARKS = {
     "soak": "500,000 jobs through one bus: server RSS and data.mdb sizes stay bounded",
     "results": "others' results cost a waiting client and the server nothing (a stalled subscriber too)",
     "swarm": "1,000 worker sessions from one process: plain loop, idle CPU, status latency",
+    "obs": "the plain loops with metrics on and with every job traced, against both off",
 }
 
 USAGE = """usage: bin/bench <benchmark> [--quick] [--json]

@@ -23,6 +23,7 @@ import msgspec
 
 from qntx.bus.codec import raise_if_error
 from qntx.errors import Invalid, QntxError, TooLarge
+from qntx.obs.trace import current_traceparent
 from qntx.protocol import JOB_STATUSES, NIL, ErrorReply, Job, JobChanged, JobError, JobReply, Submit
 from qntx.values import now_ms
 
@@ -81,7 +82,8 @@ def submit_message(
     else:
         items = [after] if isinstance(after, str) or hasattr(after, "id") else list(after)
         after_ids = [getattr(item, "id", item) for item in items]
-    return Submit(handler=handler, payload=payload, id=job_id, run_at=run_at, after=after_ids, **options)
+    trace = current_traceparent()  # the caller's span, if it uses OpenTelemetry
+    return Submit(handler=handler, payload=payload, id=job_id, run_at=run_at, after=after_ids, trace=trace, **options)
 
 
 class JobFailed(QntxError):

@@ -172,6 +172,7 @@ class Job(msgspec.Struct, kw_only=True):
     # Only GetJob carries it: listings, events and waits leave it out.
     history: list[Run] = []
     history_dropped: int = 0  # older runs no longer kept
+    trace: str | None = None  # the W3C traceparent it was submitted with
 
 
 # --------------------------------------------------------------------- ats
@@ -242,6 +243,7 @@ class Submit(Message):
     after: list[str] = []  # job ids: start once they ended (see after_policy)
     after_policy: str = "completed"
     version: str | None = None  # a handler version to pin (default: the current one)
+    trace: str | None = None  # W3C traceparent of the caller's span (qntx.obs.trace)
 
 
 class GetJob(Message):
@@ -531,6 +533,7 @@ class Dispatch(Message):
     lease: int
     job: Job
     plugin_endpoint: str | None = None  # where to forward a plugin handler
+    trace: str | None = None  # traced jobs: the traceparent of Pulse's span of this run
 
 
 class CancelRunning(Message):
@@ -596,6 +599,7 @@ class ExecuteJob(Message):
     lease: int = 0  # names this run: progress, output and cancels carry it
     version: str | None = None  # the handler version to run (None: the current one)
     due: int | None = None  # a schedule firing's due time (Unix ms)
+    trace: str | None = None  # traced jobs: the traceparent the run continues
 
 
 class ExecuteResult(Message):

@@ -35,6 +35,7 @@ from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.bus.security import HOST
 from qntx.errors import Forbidden, Invalid, NotFound, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
+from qntx.obs.metrics import export, pulse_families
 from qntx.protocol import (
     EVENT_ROLES,
     SERVER_ROLES,
@@ -169,6 +170,7 @@ class ServerActor(Actor):
         self._pruning = False
         self._schedule_health()
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.pulse.store, "the job store"))
+        export(self, self.settings.run_dir, lambda: pulse_families(self.pulse))
         counts = self.pulse.core.counts()
         logger.info(
             "QNTX server serving {} (pulse {}: {} queued, {} running, {} paused; running ones wait for their workers to claim them)",

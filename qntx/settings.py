@@ -20,6 +20,7 @@ from qntx.bus.security import Security
 from qntx.errors import Invalid
 
 DEFAULT_HOME = "~/.qntx"
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Settings:
     prune_every_s: float = 60.0  # how often the server prunes finished jobs in the background
     log_max_bytes: int = 10 << 20  # each <home>/logs/<actor>.log rotates at this size
     log_files: int = 5  # rotated files kept per actor
+    log_format: str = "text"  # "json": one JSON object per line (actor, job, lease, handler, trace id where known)
+    # HOST:PORT where `qntx up` serves Prometheus metrics for the whole bus ("": none;
+    # port 0: any free port, written to <home>/run/metrics.address)
+    metrics: str = "127.0.0.1:9464"
     insecure: bool = False  # allow tcp endpoints without CURVE (explicit opt-out)
     bind: str = ""  # tcp://HOST:PORT: also serve other hosts there (and on the next 5 ports)
     # tcp ports the jobs pipes of sessions from other hosts take, "FIRST-LAST"
@@ -233,4 +238,6 @@ def load_settings(home: str | Path | None = None, environ: dict[str, str] | None
     for name, sock in _ENDPOINTS.items():
         if not values.get(name):
             values[name] = f"ipc://{home_path / 'run' / sock}"
+    if values.get("log_format", "text") not in LOG_FORMATS:
+        raise Invalid(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {values['log_format']!r}")
     return Settings(home=home_path, extra=extra, **values)

@@ -184,6 +184,11 @@ class Supervisor:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
         self._echo_thread.start()
+        from qntx.obs.endpoint import MetricsEndpoint
+
+        self.metrics = MetricsEndpoint(self.settings)
+        self.metrics.prepare()
+        self.metrics.start()
         try:
             for child in self.children:
                 if child.ready_socket is not None:
@@ -194,6 +199,7 @@ class Supervisor:
             self._monitor()
         finally:
             self._stop_all()
+            self.metrics.stop()
             (self.settings.run_dir / "actors").unlink(missing_ok=True)
             self._console.put((b"", None))  # the children are gone: flush what is held
             self._echo_thread.join(timeout=2)
@@ -222,6 +228,7 @@ class Supervisor:
                     child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
                 elif now >= child.restart_at:
                     child.restarts += 1
+                    self.metrics.forget(process.pid)
                     self._start(child)
 
     def _stop_all(self) -> None:

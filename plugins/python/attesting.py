@@ -16,6 +16,7 @@ fails the job (and reading one of its records raises the store's error).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import msgspec
@@ -97,10 +98,11 @@ class StoredRecord(dict):
 class AttestWriter:
     """The batches of one job process: buffered items, and batches in flight."""
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, marks: list | None = None):
         self.client = client
+        self.marks = marks  # a traced run's ("attest", sent ns, acknowledged ns, items), else None
         self._buffer: list[tuple[NewAttestation, StoredRecord]] = []
-        self._in_flight: deque[tuple[bytes, list[StoredRecord]]] = deque()
+        self._in_flight: deque[tuple[bytes, list[StoredRecord], int]] = deque()
         self._failed: QntxError | None = None
 
     def attest(self, item: NewAttestation) -> StoredRecord:
@@ -148,12 +150,12 @@ class AttestWriter:
         except QntxError as exc:  # ATS unreachable: this batch is refused as a whole
             self._refused(records, exc)
             raise
-        self._in_flight.append((correlation, records))
+        self._in_flight.append((correlation, records, time.time_ns() if self.marks is not None else 0))
         while len(self._in_flight) > WINDOW:
             self._take_oldest()
 
     def _take_oldest(self) -> None:
-        correlation, records = self._in_flight.popleft()
+        correlation, records, sent_ns = self._in_flight.popleft()
         try:
             reply = raise_if_error(self.client.take(correlation))
             if not isinstance(reply, Attested) or len(reply.records) != len(records):
@@ -164,6 +166,8 @@ class AttestWriter:
         for record, stored in zip(records, reply.records, strict=True):
             dict.update(record, msgspec.to_builtins(stored))
             record._writes = None
+        if self.marks is not None:
+            self.marks.append(("attest", sent_ns, time.time_ns(), len(records)))
 
     def _refused(self, records: list[StoredRecord], error: QntxError) -> None:
         self._failed = self._failed or error

@@ -41,6 +41,8 @@ from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.join import reachable
+from qntx.log import job_context
+from qntx.obs.trace import Tracer
 from qntx.protocol import (
     PLUGIN_DEPTH,
     PLUGIN_ROLES,
@@ -103,6 +105,7 @@ class PythonPlugin:
     initialises itself, and takes its jobs through its own worker session only."""
 
     def __init__(self, settings: Settings, *, remote: bool = False, name: str | None = None):
+        self.tracer = Tracer("plugin-python")  # spans of traced jobs only (qntx.obs.trace)
         self.settings = settings
         self.remote = remote
         default = f"plugin-{NAME}@{socket.gethostname()}-{os.getpid()}" if remote else f"plugin-{NAME}"
@@ -368,19 +371,36 @@ class PythonPlugin:
             self.server.notify(JobStarted(job_id=message.job_id, lease=lease))
 
         context = JobContext(id=message.job_id, attempt=message.attempt, due=message.due, handler=message.handler, lease=lease)
+        span = None if message.trace is None else self.tracer.start(
+            "python.run", message.trace, **{"qntx.job_id": message.job_id, "qntx.handler": message.handler, "qntx.lease": lease}
+        )  # fmt: skip
+        on_marks = None
+        if span is not None:
+            below = self.tracer.parent_of(span)
 
-        return await self.pool.run(
-            run_key(message.job_id, lease),
-            code,
-            filename=filename,
-            payload=message.payload,
-            timeout_s=message.timeout_s,
-            cpu_s=self.settings.python_cpu_s,
-            on_progress=on_progress,
-            on_output=on_output,
-            on_start=on_start,
-            context=context,
-        )
+            def on_marks(marks: list) -> None:  # the handler's attest() batches, timed in its process
+                for what, start_ns, end_ns, items in marks:
+                    self.tracer.record(what, below, start_ns, end_ns, **{"qntx.attestations": items})
+
+        with logger.contextualize(**job_context(message.job_id, lease, message.handler, message.trace)):
+            outcome = await self.pool.run(
+                run_key(message.job_id, lease),
+                code,
+                filename=filename,
+                payload=message.payload,
+                timeout_s=message.timeout_s,
+                cpu_s=self.settings.python_cpu_s,
+                on_progress=on_progress,
+                on_output=on_output,
+                on_start=on_start,
+                context=context,
+                on_marks=on_marks,
+            )
+        if span is not None:
+            if not outcome.success:
+                self.tracer.fail(span, outcome.error.message if outcome.error else "failed")
+            span.end()
+        return outcome
 
     def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:
         """(code, filename) for a job, or (None, error message)."""

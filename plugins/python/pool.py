@@ -121,6 +121,7 @@ class InterpreterPool:
         on_output: Callable[[str, str], None] | None = None,
         on_start: Callable[[], None] | None = None,
         context: JobContext | None = None,
+        on_marks: Callable[[list], None] | None = None,
     ) -> ExecuteResult:
         """Run ``code`` in a free interpreter (waiting for one); ``on_start`` is called
         once it has one and the job is sent: the handler's code starts then."""
@@ -135,6 +136,7 @@ class InterpreterPool:
             filename=filename,
             payload=payload,
             cpu_s=cpu_s,
+            traced=on_marks is not None,
             ats_endpoint=self._ats_endpoint,
             **self._keys,
             context=context or JobContext(),
@@ -162,6 +164,8 @@ class InterpreterPool:
             if self._running.get(job_id) is interp:
                 del self._running[job_id]
         self._release(interp)
+        if on_marks is not None and message.marks:
+            on_marks(message.marks)
         return ExecuteResult(
             success=message.success,
             result=message.result,

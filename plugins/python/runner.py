@@ -73,6 +73,7 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     filename: str
     payload: msgspec.Raw = NIL  # decoded here, where the handler runs
     cpu_s: int = 600
+    traced: bool = False  # time each attest() batch (RunResult.marks) for the run's trace
     ats_endpoint: str = ""
     keys_dir: str = ""  # CURVE keys for a tcp ATS endpoint (qntx.bus.security)
     insecure: bool = False
@@ -110,6 +111,7 @@ class RunResult(msgspec.Struct, tag="reply", kw_only=True):
     error: JobError | None = None
     stdout: str = ""
     stderr: str = ""
+    marks: list[tuple[str, int, int, int]] = []  # traced runs: (what, start ns, end ns, items)
 
 
 ToChild = RunJob
@@ -376,6 +378,7 @@ class HandlerRunner:
     def __init__(self, pipe: Pipe):
         self._pipe = pipe
         self._ats: AttestWriter | None = None
+        self._marks: list | None = None  # the attest batches of a traced run
         self._encoder = msgspec.msgpack.Encoder()
         self._streamer = OutputStreamer(pipe)
 
@@ -390,7 +393,7 @@ class HandlerRunner:
                     self._ats.client.close()
                 security = Security(keys_dir=Path(keys_dir) if keys_dir else None, insecure=insecure)
                 client = Client(endpoint, AtsReply, timeout_s=ATTEST_TIMEOUT_S, security=security)
-                self._ats = AttestWriter(client)
+                self._ats = AttestWriter(client, marks=self._marks)
             item = NewAttestation(
                 subjects=as_list(subjects),
                 predicates=as_list(predicates),
@@ -411,6 +414,9 @@ class HandlerRunner:
     def run(self, job: RunJob) -> bytes:
         """Run one job and return its encoded ``RunResult``."""
         payload = msgspec.msgpack.decode(job.payload)
+        self._marks = [] if job.traced else None
+        if self._ats is not None:
+            self._ats.marks = self._marks
         args = payload.get("args") if isinstance(payload, dict) else None
         namespace: dict[str, Any] = {
             "__name__": "__main__",
@@ -441,7 +447,7 @@ class HandlerRunner:
             sys.stdout, sys.stderr = saved
             self._streamer.end()  # its last output goes out before the result
         result = namespace.get("_result") if error is None else None
-        reply = RunResult(job_id=job.job_id, success=error is None, error=error)
+        reply = RunResult(job_id=job.job_id, success=error is None, error=error, marks=self._marks or [])
         return self._encode(reply, result, out.getvalue(), err.getvalue())
 
     def _encode(self, reply: RunResult, result: Any, stdout: str, stderr: str) -> bytes:

@@ -34,6 +34,8 @@ from qntx.bus.actor import Actor, Offloader, Publisher, Request, Timer
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
+from qntx.obs.metrics import ats_families, export
+from qntx.obs.tally import BATCH_BOUNDS, COMMIT_BOUNDS, Buckets
 from qntx.protocol import (
     ATS_EVENT_ROLES,
     ATS_ROLES,
@@ -75,6 +77,9 @@ class AtsActor(Actor):
         self._reads: list[tuple[int, Callable[[], None]]] = []
         self._index_error: QntxError | None = None  # the last index write failed
         self._last_group = 0.0  # monotonic time of the last group commit
+        # For qntx.obs.metrics: each group commit's journal write and size, records stored.
+        self.commit_seconds, self.commit_size = Buckets(COMMIT_BOUNDS), Buckets(BATCH_BOUNDS)
+        self.written = 0
 
     def setup(self) -> None:
         self.settings.ensure_dirs()
@@ -92,6 +97,7 @@ class AtsActor(Actor):
         )
         self.writer = Offloader(self, "ats-writer")
         self.every(READER_CHECK_S, lambda: clear_stale_readers_logged(self.store, "the attestation store"))
+        export(self, self.settings.run_dir, lambda: ats_families(self))
         self.service = self.serve(
             self.settings.ats_endpoint,
             AtsRequest,
@@ -136,7 +142,9 @@ class AtsActor(Actor):
                 self._indexed(self._apply_now())
             if self._index_error is not None:
                 raise self._index_error
+            began = time.perf_counter()
             outcomes = self.store.log_batches([items for _, items in pending])
+            self.commit_seconds.observe(time.perf_counter() - began)
         except Exception as exc:  # the journal refused the group: every writer is told
             if isinstance(exc, QntxError):  # a full disk
                 logger.error("group commit of {} requests failed: {}", len(pending), exc)
@@ -156,6 +164,8 @@ class AtsActor(Actor):
                 # place of the list: the same MessagePack), not encoded again.
                 request.reply(Attested(records=msgspec.Raw(outcome.encoded)))
                 stored += outcome.records
+        self.commit_size.observe(len(stored))
+        self.written += len(stored)
         if stored:  # one notice for the group: what was stored, never the bodies
             topic = b"att." + stored[0].subjects[0].encode() if len(stored) == 1 else b"att."
             notices = [StoredNotice(id=r.id, predicates=r.predicates, contexts=r.contexts, seq=r.seq) for r in stored]

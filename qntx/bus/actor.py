@@ -66,6 +66,7 @@ from qntx.errors import (
     UnknownType,
 )
 from qntx.lifeline import give_big_blocks_back
+from qntx.obs.tally import bump
 
 # How many messages one socket may deliver per loop turn before the others get a go.
 DRAIN_LIMIT = 512
@@ -201,13 +202,14 @@ class Request:
     received it: either sends the reply with ``send_reply``. ``peer`` is the
     authorised name of a tcp peer's key (None on ipc)."""
 
-    __slots__ = ("service", "identity", "correlation", "peer")
+    __slots__ = ("service", "identity", "correlation", "peer", "kind")
 
-    def __init__(self, service: Any, identity: bytes, correlation: bytes, peer: str | None = None):
+    def __init__(self, service: Any, identity: bytes, correlation: bytes, peer: str | None = None, kind: str = ""):
         self.service = service
         self.identity = identity
         self.correlation = correlation
         self.peer = peer
+        self.kind = kind  # the request's message type, for the actor's request counts
 
     def reply(self, message: msgspec.Struct) -> None:
         self.service.send_reply(self, message)
@@ -224,14 +226,14 @@ def admit(service: Any, frames: list[bytes], peer: str | None) -> tuple[Handler,
     them, find the handler, check the sender's roles. Returns (handler, message,
     request), or None when it was answered already (an error) or gets no answer.
     ``service`` has ``decoder``, ``handlers``, ``max_message_bytes``, ``gate``,
-    ``label`` and ``reject(identity, correlation, error)``."""
+    ``label``, ``refused`` (counts by reason) and ``reject(identity, correlation, error)``."""
     try:
         identity, correlation, message = unpack_request(frames, service.decoder, service.max_message_bytes)
     except RejectedFrames as rejected:
         logger.warning("rejected a message from peer {}: {}", rejected.identity.hex(), rejected.error)
         service.reject(rejected.identity, rejected.correlation, rejected.error)
         return None
-    request = Request(service, identity, correlation, peer)
+    request = Request(service, identity, correlation, peer, type(message).__name__)
     handler = service.handlers.get(type(message))
     if handler is None:
         request.fail(UnknownType(f"{service.label} does not answer {type(message).__name__}"))
@@ -239,9 +241,11 @@ def admit(service: Any, frames: list[bytes], peer: str | None) -> tuple[Handler,
     try:
         service.gate.check(peer, message)
     except Forbidden as exc:
+        bump(service.refused, "forbidden")
         request.fail(exc)
         return None
     except Revoked:
+        bump(service.refused, "revoked")
         return None
     return handler, message, request
 
@@ -294,11 +298,20 @@ class Service:
         if admitted is not None:
             answer(*admitted)
 
+    @property
+    def refused(self) -> dict[str, int]:
+        return self.actor.refused
+
     def reject(self, identity: bytes, correlation: bytes, error: QntxError) -> None:
+        bump(self.actor.refused, error.code)
+        bump(self.actor.requests, ("undecoded", error.code))
         if correlation:
             self._send(identity, correlation, encode(error_reply(error)))
 
     def send_reply(self, request: Request, message: msgspec.Struct) -> None:
+        key = (request.kind, message.code if type(message) is ErrorReply else "ok")
+        requests = self.actor.requests
+        requests[key] = requests.get(key, 0) + 1
         if request.correlation:
             self._send(request.identity, request.correlation, encode(message))
 
@@ -496,6 +509,10 @@ class Actor:
         self._timer_ids = itertools.count()
         self._stopping = False
         self.pid = os.getpid()
+        # Counted for qntx.obs.metrics: replies by (request type, "ok" or error code),
+        # and messages refused before any handler saw them, by reason.
+        self.requests: dict[tuple[str, str], int] = {}
+        self.refused: dict[str, int] = {}
 
     # ------------------------------------------------------------------ sockets
 

@@ -55,6 +55,7 @@ class AsyncService:
         self.decoder = Decoder(request_type)
         self.handlers = handlers
         self.label = label
+        self.refused: dict[str, int] = {}  # messages refused before a handler saw them, by reason
         self.max_message_bytes = max_message_bytes
         self._tasks: set[asyncio.Task] = set()
 

@@ -12,7 +12,7 @@ from qntx.cli import app, options, settings
 def _actor_logging(label: str) -> None:
     from qntx.log import setup_logging
 
-    setup_logging(label, level="DEBUG" if options.debug else "INFO")
+    setup_logging(label, level="DEBUG" if options.debug else "INFO", log_format=settings().log_format)
 
 
 @app.command

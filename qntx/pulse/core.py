@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 from qntx.errors import Conflict, Invalid, NotFound, QntxError
+from qntx.obs.tally import bump
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -160,6 +161,9 @@ class PulseCore:
         self._keys: dict[str, str] = {}  # idempotency key -> id, for jobs in memory
         self._counts = dict.fromkeys(JOB_STATUSES, 0)
         self._revived: dict[str, str] | None = None  # while a prune runs: stored jobs steered back, their stored status
+        # (what happened, handler) -> how often since start: submitted, started, completed,
+        # failed, cancelled, retried, lost, expired (qntx.obs.metrics exports them).
+        self.tally: dict[tuple[str, str], int] = {}
         self._next_seq = 0
         self._meta_dirty = True
         self._wall, self._mono = now.wall, now.mono
@@ -455,6 +459,8 @@ class PulseCore:
             self._counts[job.status] -= 1
         self._counts[status] += 1
         job.status = status
+        if status == "running" or status in FINAL_STATUSES:
+            bump(self.tally, ("started" if status == "running" else status, job.handler))
         self._touch(job)
         if status in FINAL_STATUSES and job.id in self._dependents:
             self._ended.append(job)  # its dependents hear of it at the end of the event
@@ -548,6 +554,7 @@ class PulseCore:
         job.attempts = max(0, job.attempts - 1)
         job.lost += 1
         lost = job.lost
+        bump(self.tally, ("lost", job.handler))
         if lost > MAX_LOST_RUNS or self._unroutable(job.handler):
             deleted = self._unroutable(job.handler)
             reason = f"handler {job.handler} was deleted" if deleted else f"lost {lost} runs to crashes ({why}); giving up"
@@ -568,6 +575,7 @@ class PulseCore:
             job.finished_at = wall
             self._set_status(job, "failed")
         elif job.attempts < job.max_attempts:
+            bump(self.tally, ("retried", job.handler))
             job.run_after = wall + backoff_ms(job.attempts)
             job.worker = None
             self._set_status(job, "queued")
@@ -625,11 +633,12 @@ class PulseCore:
 
     def _create(self, spec: Submit, now: Instant, schedule: str | None = None) -> Job:
         job_id = spec.id or _new_job_id(spec.handler, self.jobs)
+        bump(self.tally, ("submitted", spec.handler))
         job = Job(
             id=job_id, handler=spec.handler, payload=spec.payload, priority=spec.priority,
             max_attempts=spec.max_attempts, timeout_s=spec.timeout_s, created_at=now.wall,
             parent_id=spec.parent_id, idempotency_key=spec.idempotency_key, run_after=spec.run_at or 0,
-            after=list(dict.fromkeys(spec.after)), after_policy=spec.after_policy, schedule=schedule,
+            after=list(dict.fromkeys(spec.after)), after_policy=spec.after_policy, schedule=schedule, trace=spec.trace,
             version=spec.version or self._versions.get(spec.handler),
         )  # fmt: skip
         self.jobs[job_id] = job
@@ -745,6 +754,7 @@ class PulseCore:
         if job.status not in ("failed", "cancelled"):
             raise Conflict(f"only failed or cancelled jobs can be retried; {job.id} is {job.status}")
         statuses = self._after_statuses(job.after, ended, strict=False)
+        bump(self.tally, ("retried", job.handler))
         job.attempts, job.lost, job.error, job.run_after, job.result, job.logs = 0, 0, None, 0, NIL, ""
         job.started_at = job.finished_at = job.worker = job.progress = None
         if latest:
@@ -872,7 +882,7 @@ class PulseCore:
         else:
             self._attempt_failed(job, error, now.wall)
             if job.status == "queued":
-                self._out.append(Log("INFO", f"job {job.id} attempt {job.attempts} failed: {job.error.message}; retrying"))
+                self._out.append(Log("INFO", f"job {job.id} attempt {job.attempts} failed: {job.error.message}; retrying", job))
 
     def _current_run(self, job_id: str, lease: int, wall: int) -> Job | None:
         """The job whose current run sent a message about itself (None: an earlier
@@ -1112,9 +1122,10 @@ class PulseCore:
                 self._end_lease(lease, taken_back=False)
                 self._close_run(job, lease_id, "lost", now.wall, JobError(message="its worker did not come back after a server restart"))
                 self._requeue_without_attempt(job, now.wall, "its worker did not come back")
-                self._out.append(Log("INFO", f"job {job.id}: no worker claimed lease {lease_id} after the restart; queued again"))
+                self._out.append(Log("INFO", f"job {job.id}: no worker claimed lease {lease_id} after the restart; queued again", job))
                 continue
             self._stop_run(lease, "expired")
+            bump(self.tally, ("expired", job.handler))
             error = JobError(message=f"{TIMED_OUT} {job.timeout_s:g}s (lease {lease_id} expired)")
             self._close_run(job, lease_id, "timed out", now.wall, error)
             self._attempt_failed(job, error, now.wall)

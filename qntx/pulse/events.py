@@ -199,6 +199,7 @@ class Publish:
 class Log:
     level: str  # a loguru level name
     text: str
+    job: Job | None = None  # the job it is about: JSON logs carry its id, lease, handler and trace
 
 
 @dataclass(slots=True)

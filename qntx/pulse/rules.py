@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from qntx.errors import Invalid, TooLarge
+from qntx.obs.trace import MAX_TRACEPARENT
 from qntx.protocol import AFTER_POLICIES, PLUGIN_DEPTH, Submit
 from qntx.values import is_int
 
@@ -77,6 +78,8 @@ def check_submit(spec: Submit, max_payload_bytes: int) -> None:
         raise Invalid(f"timeout_s must be a number of seconds > 0 and <= {MAX_TIMEOUT_S}, got {timeout!r}")
     _check_key("idempotency_key", spec.idempotency_key)
     _check_key("id", spec.id)
+    if spec.trace is not None and (not isinstance(spec.trace, str) or len(spec.trace) > MAX_TRACEPARENT):
+        raise Invalid(f"trace must be a W3C traceparent of at most {MAX_TRACEPARENT} characters")
     if spec.parent_id is not None and not isinstance(spec.parent_id, str):
         raise Invalid(f"parent_id must be a string, got {spec.parent_id!r}")
     size = len(spec.payload)

@@ -45,6 +45,9 @@ from qntx.bus.actor import Actor, Offloader, Request, open_file_count, receive
 from qntx.bus.codec import Decoder, encode, error_reply
 from qntx.bus.security import HOST
 from qntx.errors import Forbidden, Invalid, NotFound, QntxError, Unavailable, Unconfirmed
+from qntx.log import job_context
+from qntx.obs.tally import BATCH_BOUNDS, COMMIT_BOUNDS, DURATION_BOUNDS, Buckets, ByLabel, bump
+from qntx.obs.trace import RunSpans
 from qntx.protocol import (
     FINAL_STATUSES,
     JOB_STATUSES,
@@ -200,6 +203,10 @@ class Pulse:
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
         self.jobs_ports = jobs_port_range(settings)  # tcp ports for the jobs pipes of other hosts' sessions
         self._next_port = self.jobs_ports.start if self.jobs_ports else 0
+        # Observed for qntx.obs.metrics (the core counts what happened, in core.tally).
+        self.waits, self.runs = ByLabel(DURATION_BOUNDS), ByLabel(DURATION_BOUNDS)
+        self.commit_seconds, self.commit_rows = Buckets(COMMIT_BOUNDS), Buckets(BATCH_BOUNDS)
+        self.spans = RunSpans()  # traced jobs only (qntx.obs.trace)
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
         self.watch = JobWatch(self.get, public, self.core.running_or_due)
         actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
@@ -258,6 +265,11 @@ class Pulse:
     def _carry_out(self, command: Any) -> None:
         kind = type(command)
         if kind is SendJob:
+            job = command.message.job  # queue wait: from submitted or due to this dispatch
+            dispatched_at = job.started_at or now_ms()  # (a plugin's job has no start until its code runs)
+            self.waits[job.handler].observe(max(0, dispatched_at - max(job.created_at, job.run_after)) / 1000)
+            if job.trace is not None:
+                self.spans.dispatched(command.message)
             if command.durable:
                 self._held.append(command)  # sent once the commit holding its run is on disk
             else:
@@ -278,7 +290,11 @@ class Pulse:
         elif kind is ClosePipe:
             self._close_pipe(command.session)
         elif kind is Log:
-            logger.log(command.level, command.text)
+            job = command.job
+            if job is None:
+                logger.log(command.level, command.text)
+            else:
+                logger.bind(**job_context(job.id, job.lease, job.handler, job.trace)).log(command.level, command.text)
         else:  # pragma: no cover - a command without a carrier is a bug
             raise TypeError(f"unknown command {command!r}")
 
@@ -387,9 +403,12 @@ class Pulse:
         self._commits += 1
         number = self._commits
         save = self.store.save
+        took = [0.0]
 
         def work() -> None:
+            began = time.perf_counter()
             save(changes)
+            took[0] = time.perf_counter() - began
 
         def done(outcome: Any) -> None:
             self._committing = False
@@ -402,6 +421,8 @@ class Pulse:
                     reply.reply_to.fail(Unconfirmed(f"{outcome}; the change is not confirmed yet: ask again"))
                 self._held = held + self._held  # they go with the next commit that succeeds
             else:
+                self.commit_seconds.observe(took[0])
+                self.commit_rows.observe(len(changes.rows))
                 self.apply(Saved(changes.versions, changes.lease_ceiling))
                 for reply in replies:
                     reply.reply_to.reply(reply.message)
@@ -491,6 +512,7 @@ class Pulse:
                 logger.warning("dropped a result from key {}: it has no worker or plugin role", peer)
                 continue
             if len(body) > self.settings.max_message_bytes:
+                bump(self.actor.refused, "too_large")
                 logger.warning("dropped a result of {} bytes (limit {})", len(body), self.settings.max_message_bytes)
                 continue
             try:
@@ -501,6 +523,11 @@ class Pulse:
             if not self.holds_lease(peer, message):
                 continue
             if isinstance(message, JobDone):
+                job = self.core.jobs.get(message.job_id)
+                if job is not None and job.lease == message.lease and job.status == "running" and job.started_at:
+                    self.runs[job.handler].observe(max(0, now_ms() - job.started_at) / 1000)
+                if self.spans.open:
+                    self.spans.finished(message.lease, message.success, message.error.message if message.error else "")
                 self.apply(Finished(message))
             elif isinstance(message, JobProgress):
                 self.apply(Progressed(message))

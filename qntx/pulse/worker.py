@@ -40,6 +40,7 @@ from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import ErrorReply
 from qntx.errors import QntxError, Timeout, TooLarge, Unavailable
 from qntx.join import reachable
+from qntx.log import job_context
 from qntx.protocol import (
     NIL,
     PLUGIN_DEPTH,
@@ -333,10 +334,11 @@ class Worker:
         job, lease = dispatch.job, dispatch.lease
         self._not_started.pop(lease, None)
         try:
-            if self.execute is not None:
-                done = await self.execute(dispatch)
-            else:
-                done = await self._execute(job, lease, dispatch.plugin_endpoint)
+            with logger.contextualize(**job_context(job.id, lease, job.handler, job.trace)):
+                if self.execute is not None:
+                    done = await self.execute(dispatch)
+                else:
+                    done = await self._execute(job, lease, dispatch.plugin_endpoint)
         except asyncio.CancelledError:
             done = self._cancelled(job, lease)
         except Exception as exc:  # never leave the server holding a slot for nothing
@@ -447,7 +449,7 @@ def execute_request(dispatch: Dispatch) -> ExecuteJob:
     job = dispatch.job
     return ExecuteJob(
         job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
-        attempt=job.attempts, lease=dispatch.lease, version=job.version, due=job.due,
+        attempt=job.attempts, lease=dispatch.lease, version=job.version, due=job.due, trace=dispatch.trace,
     )  # fmt: skip
 
 

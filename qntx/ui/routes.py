@@ -8,6 +8,7 @@ does not parse).
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any
 
@@ -90,6 +91,7 @@ class Routes:
             web.get("/api/events", self.hub.stream),
             web.get("/static/{name}", self.static),
             web.get("/favicon.ico", self.no_icon),
+            web.get("/metrics", self.metrics),
         ]
 
     async def index(self, request: web.Request) -> web.Response:
@@ -112,6 +114,16 @@ class Routes:
         if kind is None or "/" in name or not item.is_file():
             raise web.HTTPNotFound()
         return web.Response(body=item.read_bytes(), content_type=kind)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The bus's Prometheus metrics, as ``qntx up`` serves them (same home only)."""
+        from qntx.obs.endpoint import CONTENT_TYPE, render, served
+
+        settings = self.bus.settings
+        if not served(settings):
+            raise NotFound(f"no metrics: qntx up is not running on {settings.home} with metrics on")
+        body = await asyncio.to_thread(render, settings)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def no_icon(self, request: web.Request) -> web.Response:
         return web.Response(status=204)

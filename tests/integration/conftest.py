@@ -85,6 +85,8 @@ class Bus:
         self.settings: Settings = load_settings(home)
         self.env = dict(os.environ, QNTX_HOME=str(home), PYTHONUNBUFFERED="1")
         self.env.pop("QNTX_WORKERS", None)
+        # Any free port: tests (and other buses on this machine) never fight over 9464.
+        self.env["QNTX_METRICS"] = "127.0.0.1:0"
         self.processes: list[Process] = []
         self._count = 0
 
