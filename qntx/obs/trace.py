@@ -177,10 +177,11 @@ class RunSpans:
         self.tracer = Tracer(service)
         self.open: dict[int, Any] = {}  # lease -> its run's span
 
-    def dispatched(self, dispatch: Any) -> None:
+    def dispatched(self, dispatch: Any, at_ms: int) -> None:
+        """A run of a traced job went out at ``at_ms`` (wall ms)."""
         job = dispatch.job
         attributes = {"qntx.job_id": job.id, "qntx.handler": job.handler, "qntx.attempt": job.attempts}
-        started_ns = job.started_at * 1_000_000
+        started_ns = at_ms * 1_000_000
         due_ns = max(job.created_at, job.run_after) * 1_000_000
         self.tracer.record("pulse.queue_wait", job.trace, min(due_ns, started_ns), started_ns, **attributes)
         span = self.tracer.start("pulse.run", job.trace, started_ns, **attributes, **{"qntx.lease": dispatch.lease})

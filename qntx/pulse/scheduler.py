@@ -265,11 +265,10 @@ class Pulse:
     def _carry_out(self, command: Any) -> None:
         kind = type(command)
         if kind is SendJob:
-            job = command.message.job  # queue wait: from submitted or due to this dispatch
-            dispatched_at = job.started_at or now_ms()  # (a plugin's job has no start until its code runs)
-            self.waits[job.handler].observe(max(0, dispatched_at - max(job.created_at, job.run_after)) / 1000)
-            if job.trace is not None:
-                self.spans.dispatched(command.message)
+            try:
+                self._observe_dispatch(command.message)
+            except Exception:  # what is observed never costs the dispatch itself
+                logger.exception("observing a dispatch failed")
             if command.durable:
                 self._held.append(command)  # sent once the commit holding its run is on disk
             else:
@@ -297,6 +296,14 @@ class Pulse:
                 logger.bind(**job_context(job.id, job.lease, job.handler, job.trace)).log(command.level, command.text)
         else:  # pragma: no cover - a command without a carrier is a bug
             raise TypeError(f"unknown command {command!r}")
+
+    def _observe_dispatch(self, dispatch: Any) -> None:
+        """Queue wait (from submitted or due to this dispatch) and, if traced, its spans."""
+        job = dispatch.job
+        dispatched_at = job.started_at or now_ms()  # (a plugin's job has no start until its code runs)
+        self.waits[job.handler].observe(max(0, dispatched_at - max(job.created_at, job.run_after)) / 1000)
+        if job.trace is not None:
+            self.spans.dispatched(dispatch, dispatched_at)
 
     def _announce(self, topic: bytes, message: Any) -> None:
         """Results, output and progress go to who waits for that job (``JobWatch``);
