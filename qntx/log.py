@@ -10,6 +10,7 @@ serialisation: ``{"text": …, "record": {…}}``), whose ``record.extra`` holds
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -22,7 +23,13 @@ from qntx.obs.trace import trace_id_of
 FORMAT = "{time:HH:mm:ss.SSSSSS} {level: <7} [{extra[actor]}] {message}"
 
 
+_structured = False  # JSON lines: the fields of a run go with each line about it
+_NOTHING = contextlib.nullcontext()
+
+
 def setup_logging(label: str, *, level: str = "INFO", log_format: str = "text") -> None:
+    global _structured
+    _structured = log_format == "json"
     logger.remove()
     logger.configure(extra={"actor": label})
     if log_format == "json":
@@ -38,3 +45,11 @@ def job_context(job_id: str, lease: int, handler: str, trace: str | None = None)
     if trace_id is not None:
         fields["trace_id"] = trace_id
     return fields
+
+
+def about_run(job_id: str, lease: int, handler: str, trace: str | None = None) -> contextlib.AbstractContextManager:
+    """Lines logged inside carry the run's fields (``job_context``) where a line can
+    show them (JSON lines); text lines cannot, and pay nothing for it."""
+    if not _structured:
+        return _NOTHING
+    return logger.contextualize(**job_context(job_id, lease, handler, trace))

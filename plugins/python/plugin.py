@@ -41,7 +41,7 @@ from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.join import reachable
-from qntx.log import job_context
+from qntx.log import about_run
 from qntx.obs.trace import Tracer
 from qntx.protocol import (
     PLUGIN_DEPTH,
@@ -382,7 +382,7 @@ class PythonPlugin:
                 for what, start_ns, end_ns, items in marks:
                     self.tracer.record(what, below, start_ns, end_ns, **{"qntx.attestations": items})
 
-        with logger.contextualize(**job_context(message.job_id, lease, message.handler, message.trace)):
+        with about_run(message.job_id, lease, message.handler, message.trace):
             outcome = await self.pool.run(
                 run_key(message.job_id, lease),
                 code,

@@ -40,7 +40,7 @@ from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import ErrorReply
 from qntx.errors import QntxError, Timeout, TooLarge, Unavailable
 from qntx.join import reachable
-from qntx.log import job_context
+from qntx.log import about_run
 from qntx.protocol import (
     NIL,
     PLUGIN_DEPTH,
@@ -334,7 +334,7 @@ class Worker:
         job, lease = dispatch.job, dispatch.lease
         self._not_started.pop(lease, None)
         try:
-            with logger.contextualize(**job_context(job.id, lease, job.handler, job.trace)):
+            with about_run(job.id, lease, job.handler, job.trace):
                 if self.execute is not None:
                     done = await self.execute(dispatch)
                 else:
