@@ -116,6 +116,15 @@ class Bus:
         process.wait_output("handler=python.script", timeout=30)
         return process
 
+    def start_up_with(self, handlers: dict[str, str], *extra: str) -> Process:
+        """Store ``handlers`` (name -> code), start ``qntx up`` and wait until it serves the last."""
+        for name, code in handlers.items():
+            result = self.run("handler", "create", name, "--code", code)
+            assert result.returncode == 0, result.stderr
+        process = self.start_up(*extra)
+        process.wait_output(f"handler=python.{list(handlers)[-1]}")
+        return process
+
     def connect(self, **kw):
         import qntx
 

@@ -28,12 +28,7 @@ HANDLERS = {
 
 @pytest.fixture
 def up(bus):
-    for name, code in HANDLERS.items():
-        result = bus.run("handler", "create", name, "--code", code)
-        assert result.returncode == 0, result.stderr
-    process = bus.start_up()
-    process.wait_output("handler=python.flaky")
-    return process
+    return bus.start_up_with(HANDLERS)
 
 
 def _wait_for_output(b, job_id: str, text: str) -> None:

@@ -40,12 +40,7 @@ HANDLERS = {
 
 @pytest.fixture
 def up(bus):
-    for name, code in HANDLERS.items():
-        result = bus.run("handler", "create", name, "--code", code)
-        assert result.returncode == 0, result.stderr
-    process = bus.start_up()
-    process.wait_output("handler=python.sleepy")
-    return process
+    return bus.start_up_with(HANDLERS)
 
 
 def test_timeout_kills_an_endless_loop(bus, up):
