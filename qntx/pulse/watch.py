@@ -16,8 +16,9 @@ over its own request connection (``WaitJob``); the events socket carries notices
   was given continues where it left off, and one that comes late starts with the
   output so far.
 
-Everything is bounded: MAX_WAITERS requests in all (past it a WaitJob gets
-``unavailable``), TRAIL_BYTES per trail; a trail ends with its job.
+Everything is bounded: MAX_WAITERS requests in all and MAX_BATCHED_IDS job ids held
+by waiting EndedJobs (past either, the request gets ``unavailable``), TRAIL_BYTES per
+trail; a trail ends with its job.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ from qntx.protocol import (
 _encode = msgspec.msgpack.Encoder().encode
 MAX_WAIT_MS = 60_000
 MAX_WAITERS = 100_000
+# Job ids held by waiting EndedJobs requests, all together (about 100 bytes each in the
+# index): past it a waiting EndedJobs gets ``unavailable`` like a WaitJob past MAX_WAITERS.
+MAX_BATCHED_IDS = 1_000_000
 TRAIL_BYTES = 256 << 10  # the most output kept of one running job
 TRAILS_BYTES = 64 << 20  # … and of every running job together: each gets its share
 TRAIL_MIN_BYTES = 4 << 10
@@ -183,8 +187,8 @@ class JobWatch:
         live = self._live(asked)
         if len(live) < len(asked):
             return EndedJobsReply(gone=[i for i in ids if i not in live])
-        if self._count >= MAX_WAITERS:
-            raise Unavailable(f"the server holds {MAX_WAITERS} waiting requests already; ask again later")
+        if self._count >= MAX_WAITERS or self._batched + len(live) > MAX_BATCHED_IDS:
+            raise Unavailable("the server holds as many waiting requests as it may already; ask again later")
         waiter = BatchWaiter(request, now + min(wait_ms, MAX_WAIT_MS) / 1000, len(live))
         self._batches.update(dict.fromkeys(live, waiter))
         self._batched += len(live)

@@ -215,3 +215,13 @@ def test_answered_batches_leave_the_index_bounded():
         watch.flush()
     assert watch.waiting == 0
     assert len(watch._batches) <= 4096 + 2 * 500  # not the 49,900 that stayed unanswered
+
+
+def test_waiting_ended_jobs_are_bounded_by_the_ids_they_hold(monkeypatch):
+    monkeypatch.setattr(watch_module, "MAX_BATCHED_IDS", 1_000)
+    ids = [f"j{n}" for n in range(1_500)]
+    _, watch = batch_watch(ids)
+    assert watch.ended_or_wait(ids[:800], 5_000, Asker(), now=0) is None
+    with pytest.raises(Unavailable):
+        watch.ended_or_wait(ids[800:], 5_000, Asker(), now=0)  # 1,500 ids past the 1,000
+    assert watch.ended_or_wait(ids[800:1_000], 5_000, Asker(), now=0) is None  # 1,000: room yet
