@@ -11,12 +11,12 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from qntx.bus.calls import CONNECT_WAIT_S, Calls
+from qntx.bus.calls import CONNECT_WAIT_S, Calls, Requester
 from qntx.bus.codec import raise_if_error
 from qntx.bus.security import PLAIN, Security
 
 
-class AsyncClient:
+class AsyncClient(Requester):
     """An asyncio client for one actor endpoint; many requests may be in flight."""
 
     def __init__(
@@ -29,7 +29,6 @@ class AsyncClient:
         fail_on_disconnect: bool = False,
         security: Security = PLAIN,
     ):
-        self.endpoint = endpoint
         self._context = context or zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._calls = Calls(self._socket, endpoint, reply_type, security, timeout_s=timeout_s)
@@ -38,14 +37,6 @@ class AsyncClient:
         # When the peer process dies its in-flight requests will never be
         # answered; failing them at once beats waiting for their timeouts.
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED) if fail_on_disconnect else None
-
-    @property
-    def timeout_s(self) -> float:
-        return self._calls.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, value: float) -> None:
-        self._calls.timeout_s = value
 
     async def send(self, message: msgspec.Struct) -> asyncio.Future:
         """Send a request; the future gets its reply (an ErrorReply is not raised)."""
@@ -99,10 +90,7 @@ class AsyncClient:
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget; dropped if the peer is not connected (progress and the like)."""
-        try:
-            self._socket.send_multipart(self._calls.frames(b"", message), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self._calls.notify(message)
 
     async def _read_replies(self) -> None:
         while True:

@@ -107,3 +107,29 @@ class Calls:
 
     def lost(self) -> Unavailable:
         return Unavailable(f"lost the connection to {self.endpoint}")
+
+    def notify(self, message: msgspec.Struct) -> None:
+        """Fire and forget, never waiting: dropped while the peer is not connected."""
+        try:
+            self.socket.send_multipart(self.frames(b"", message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+
+class Requester:
+    """What the blocking and the asyncio client share around their core."""
+
+    _calls: Calls
+
+    @property
+    def endpoint(self) -> str:
+        return self._calls.endpoint
+
+    @property
+    def timeout_s(self) -> float:
+        """How long a request waits for its reply unless it says otherwise."""
+        return self._calls.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        self._calls.timeout_s = value

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from qntx.bus.calls import CONNECT_WAIT_S, Calls
+from qntx.bus.calls import CONNECT_WAIT_S, Calls, Requester
 from qntx.bus.codec import raise_if_error
 from qntx.bus.security import PLAIN, Security
 
@@ -22,7 +22,7 @@ from qntx.bus.security import PLAIN, Security
 PIPELINE_WINDOW = 512
 
 
-class Client:
+class Client(Requester):
     """A blocking client for one actor endpoint. Not thread-safe: one per thread.
 
     Requests may be pipelined: ``send`` returns the correlation id at once and
@@ -40,7 +40,6 @@ class Client:
         security: Security = PLAIN,
         max_message_bytes: int | None = None,
     ):
-        self.endpoint = endpoint
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.RCVHWM, 0)  # pipelined replies wait here, unbounded
@@ -50,14 +49,6 @@ class Client:
         self._arrived: dict[bytes, Any] = {}  # replies received, not taken yet
         self._sizes: dict[bytes, int] = {}  # their sizes on the wire
         self.waiting_bytes = 0  # the sum of those: what replies not taken yet hold
-
-    @property
-    def timeout_s(self) -> float:
-        return self._calls.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, value: float) -> None:
-        self._calls.timeout_s = value
 
     @property
     def max_message_bytes(self) -> int | None:

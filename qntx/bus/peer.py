@@ -65,10 +65,7 @@ class Peer:
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget (dropped while the peer is not connected)."""
-        try:
-            self.socket.send_multipart(self._calls.frames(b"", message), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self._calls.notify(message)
 
     def _expire(self, correlation: bytes, limit: float) -> None:
         entry = self._calls.pending.pop(correlation, None)
