@@ -1,6 +1,6 @@
 """The asyncio request/reply client over DEALER (``qntx.bus.client`` has the
 blocking one and re-exports this one). Both are drivers of the client core
-``qntx.bus.calls``; this one waits on futures, which a reader task settles."""
+``qntx.bus.requester``; this one waits on futures, which a reader task settles."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from qntx.bus.calls import CONNECT_WAIT_S, Calls, Requester
 from qntx.bus.codec import raise_if_error
+from qntx.bus.requester import CONNECT_WAIT_S, ClientBase, Requester
 from qntx.bus.security import PLAIN, Security
 
 
-class AsyncClient(Requester):
+class AsyncClient(ClientBase):
     """An asyncio client for one actor endpoint; many requests may be in flight."""
 
     def __init__(
@@ -31,7 +31,7 @@ class AsyncClient(Requester):
     ):
         self._context = context or zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
-        self._calls = Calls(self._socket, endpoint, reply_type, security, timeout_s=timeout_s)
+        self._requests = Requester(self._socket, endpoint, reply_type, security, timeout_s=timeout_s)
         self._reader: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         # When the peer process dies its in-flight requests will never be
@@ -45,10 +45,10 @@ class AsyncClient(Requester):
             self._reader = loop.create_task(self._read_replies())
             if self._monitor is not None:
                 self._watcher = loop.create_task(self._watch_disconnects())
-        correlation = self._calls.next_id()
-        frames = self._calls.frames(correlation, message)
+        correlation = self._requests.next_id()
+        frames = self._requests.frames(correlation, message)
         future = loop.create_future()
-        pending = self._calls.pending
+        pending = self._requests.pending
         pending[correlation] = future
         future.add_done_callback(lambda _: pending.pop(correlation, None))
         sent = self._socket.send_multipart(frames, zmq.NOBLOCK)  # done at once when the pipe is up
@@ -60,22 +60,22 @@ class AsyncClient(Requester):
             await asyncio.wait_for(sent, CONNECT_WAIT_S)
         except TimeoutError:
             future.cancel()
-            raise self._calls.unreachable() from None
+            raise self._requests.unreachable() from None
         return future
 
     async def take(self, future: asyncio.Future, timeout_s: float | None = None) -> Any:
         """The reply a ``send`` future gets, within ``timeout_s`` (default: the client's)."""
-        limit = self._calls.limit(timeout_s)
+        limit = self._requests.limit(timeout_s)
         if future.done():
             return future.result()
         try:
             return await asyncio.wait_for(asyncio.shield(future), limit)
         except TimeoutError:
-            raise self._calls.timed_out(limit) from None
+            raise self._requests.timed_out(limit) from None
 
     async def request(self, message: msgspec.Struct, *, timeout_s: float | None = None) -> Any:
         future = await self.send(message)
-        limit = self._calls.limit(timeout_s)
+        limit = self._requests.limit(timeout_s)
         # One timer on the reply itself (cheaper than wait_for's extra futures).
         timer = asyncio.get_running_loop().call_later(limit, self._expire, future, limit)
         try:
@@ -86,15 +86,15 @@ class AsyncClient(Requester):
 
     def _expire(self, future: asyncio.Future, limit: float) -> None:
         if not future.done():
-            future.set_exception(self._calls.timed_out(limit))
+            future.set_exception(self._requests.timed_out(limit))
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget; dropped if the peer is not connected (progress and the like)."""
-        self._calls.notify(message)
+        self._requests.notify(message)
 
     async def _read_replies(self) -> None:
         while True:
-            matched = self._calls.match(await self._socket.recv_multipart())
+            matched = self._requests.match(await self._socket.recv_multipart())
             if matched is not None:
                 _, future, reply = matched
                 if not future.done():
@@ -103,9 +103,9 @@ class AsyncClient(Requester):
     async def _watch_disconnects(self) -> None:
         while True:
             await self._monitor.recv_multipart()
-            for future in list(self._calls.pending.values()):
+            for future in list(self._requests.pending.values()):
                 if not future.done():
-                    future.set_exception(self._calls.lost())
+                    future.set_exception(self._requests.lost())
 
     def close(self) -> None:
         for task in (self._reader, self._watcher):

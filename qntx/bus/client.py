@@ -1,6 +1,6 @@
 """The blocking request/reply client over DEALER (``qntx.bus.async_client`` has the
 asyncio one, re-exported here). Both are drivers of the client core
-``qntx.bus.calls``, which frames, numbers and matches their requests; this one
+``qntx.bus.requester``, which frames, numbers and matches their requests; this one
 waits by polling its socket.
 """
 
@@ -14,15 +14,15 @@ from typing import Any
 import msgspec
 import zmq
 
-from qntx.bus.calls import CONNECT_WAIT_S, Calls, Requester
 from qntx.bus.codec import raise_if_error
+from qntx.bus.requester import CONNECT_WAIT_S, ClientBase, Requester
 from qntx.bus.security import PLAIN, Security
 
 # request_many keeps at most this many requests in flight.
 PIPELINE_WINDOW = 512
 
 
-class Client(Requester):
+class Client(ClientBase):
     """A blocking client for one actor endpoint. Not thread-safe: one per thread.
 
     Requests may be pipelined: ``send`` returns the correlation id at once and
@@ -43,7 +43,7 @@ class Client(Requester):
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.RCVHWM, 0)  # pipelined replies wait here, unbounded
-        self._calls = Calls(
+        self._requests = Requester(
             self._socket, endpoint, reply_type, security, timeout_s=timeout_s, max_message_bytes=max_message_bytes
         )
         self._arrived: dict[bytes, Any] = {}  # replies received, not taken yet
@@ -52,13 +52,13 @@ class Client(Requester):
 
     @property
     def max_message_bytes(self) -> int | None:
-        return self._calls.max_message_bytes
+        return self._requests.max_message_bytes
 
     def send(self, message: msgspec.Struct) -> bytes:
         """Send a request without waiting; its correlation id names its reply."""
-        correlation = self._calls.next_id()
-        self._send(self._calls.frames(correlation, message))
-        self._calls.pending[correlation] = None
+        correlation = self._requests.next_id()
+        self._send(self._requests.frames(correlation, message))
+        self._requests.pending[correlation] = None
         return correlation
 
     def _send(self, frames: list[bytes]) -> None:
@@ -68,18 +68,18 @@ class Client(Requester):
         except zmq.Again:
             pass
         if not self._socket.poll(CONNECT_WAIT_S * 1000, zmq.POLLOUT):
-            raise self._calls.unreachable()
+            raise self._requests.unreachable()
         self._socket.send_multipart(frames)
 
     def take(self, correlation: bytes, timeout_s: float | None = None) -> Any:
         """The reply to ``correlation`` (an ErrorReply is returned, not raised)."""
-        limit = self._calls.limit(timeout_s)
+        limit = self._requests.limit(timeout_s)
         deadline = time.monotonic() + limit
         while correlation not in self._arrived:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._receive(remaining):
-                self._calls.pending.pop(correlation, None)  # a late reply is dropped
-                raise self._calls.timed_out(limit)
+                self._requests.pending.pop(correlation, None)  # a late reply is dropped
+                raise self._requests.timed_out(limit)
         self.waiting_bytes -= self._sizes.pop(correlation, 0)
         return self._arrived.pop(correlation)
 
@@ -92,7 +92,7 @@ class Client(Requester):
 
     def forget(self, correlation: bytes) -> None:
         """Stop waiting for a reply (it is dropped if it comes)."""
-        self._calls.pending.pop(correlation, None)
+        self._requests.pending.pop(correlation, None)
         self._arrived.pop(correlation, None)
         self.waiting_bytes -= self._sizes.pop(correlation, 0)
 
@@ -105,7 +105,7 @@ class Client(Requester):
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
-            matched = self._calls.match(frames)
+            matched = self._requests.match(frames)
             if matched is not None:
                 correlation, _, reply = matched
                 self._arrived[correlation] = reply
@@ -135,7 +135,7 @@ class Client(Requester):
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget (an empty correlation id asks for no reply)."""
-        self._send(self._calls.frames(b"", message))
+        self._send(self._requests.frames(b"", message))
 
     def close(self) -> None:
         self._socket.close(0)

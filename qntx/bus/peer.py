@@ -1,6 +1,6 @@
 """A poll-loop actor's DEALER to another actor: non-blocking calls, reply callbacks.
 
-A driver of the client core ``qntx.bus.calls`` (the same ids, frames, matching and
+A driver of the client core ``qntx.bus.requester`` (the same ids, frames, matching and
 errors as the clients); this one waits on the actor's loop: a reply runs its
 callback, a timeout is one of the actor's timers.
 """
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from qntx.bus.calls import Calls
 from qntx.bus.codec import error_reply
+from qntx.bus.requester import Requester
 from qntx.bus.sockets import DRAIN_LIMIT
 
 if TYPE_CHECKING:
@@ -38,17 +38,17 @@ class Peer:
         self.endpoint = endpoint
         self.socket = actor.context.socket(zmq.DEALER)
         # A peer may be another host's: its replies are checked like any request.
-        self._calls = Calls(self.socket, endpoint, reply_type, actor.security, own_actors=False)
+        self._requests = Requester(self.socket, endpoint, reply_type, actor.security, own_actors=False)
         self._unsent: collections.OrderedDict[bytes, list[bytes]] = collections.OrderedDict()  # correlation -> frames
         self._resend: Timer | None = None
         actor.add_reader(self.socket, self.on_readable)
 
     def call(self, message: msgspec.Struct, callback: Callable[[Any], None], timeout_s: float = 10.0) -> None:
         """Send ``message``; ``callback`` later gets the reply, an ErrorReply, or a timeout ErrorReply."""
-        correlation = self._calls.next_id()
-        frames = self._calls.frames(correlation, message)
+        correlation = self._requests.next_id()
+        frames = self._requests.frames(correlation, message)
         timer = self.actor.call_later(timeout_s, lambda: self._expire(correlation, timeout_s))
-        self._calls.pending[correlation] = (callback, timer)
+        self._requests.pending[correlation] = (callback, timer)
         self._unsent[correlation] = frames
         self._send_unsent()
 
@@ -65,13 +65,13 @@ class Peer:
 
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget (dropped while the peer is not connected)."""
-        self._calls.notify(message)
+        self._requests.notify(message)
 
     def _expire(self, correlation: bytes, limit: float) -> None:
-        entry = self._calls.pending.pop(correlation, None)
+        entry = self._requests.pending.pop(correlation, None)
         never_sent = self._unsent.pop(correlation, None) is not None  # nobody was there
         if entry is not None:
-            entry[0](error_reply(self._calls.unreachable() if never_sent else self._calls.timed_out(limit)))
+            entry[0](error_reply(self._requests.unreachable() if never_sent else self._requests.timed_out(limit)))
 
     def on_readable(self) -> None:
         for _ in range(DRAIN_LIMIT):
@@ -81,7 +81,7 @@ class Peer:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            matched = self._calls.match(frames)
+            matched = self._requests.match(frames)
             if matched is None:
                 continue  # a reply that came after its timeout
             _, (callback, timer), reply = matched
@@ -91,9 +91,9 @@ class Peer:
     def close(self) -> None:
         self.actor.remove_reader(self.socket)
         self.socket.close(0)
-        for _callback, timer in self._calls.pending.values():
+        for _callback, timer in self._requests.pending.values():
             timer.cancel()
         if self._resend is not None:
             self._resend.cancel()
-        self._calls.pending.clear()
+        self._requests.pending.clear()
         self._unsent.clear()

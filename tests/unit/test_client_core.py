@@ -1,4 +1,4 @@
-"""The client core (``qntx.bus.calls``) that the blocking ``Client`` and the asyncio
+"""The client core (``qntx.bus.requester``) that the blocking ``Client`` and the asyncio
 ``AsyncClient`` both drive, run through one script against each: replies are matched
 by correlation id whatever order they come in, a reply nobody waits for is dropped,
 one that cannot be decoded is an ErrorReply (which ``request`` raises) without losing

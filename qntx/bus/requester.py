@@ -30,7 +30,7 @@ CONNECT_WAIT_S = 1.0
 _ABSENT = object()
 
 
-class Calls:
+class Requester:
     """The requests one DEALER has in flight to one endpoint.
 
     ``own_actors``: the replies come from QNTX's own actors, so a body is not
@@ -116,20 +116,20 @@ class Calls:
             pass
 
 
-class Requester:
+class ClientBase:
     """What the blocking and the asyncio client share around their core."""
 
-    _calls: Calls
+    _requests: Requester
 
     @property
     def endpoint(self) -> str:
-        return self._calls.endpoint
+        return self._requests.endpoint
 
     @property
     def timeout_s(self) -> float:
         """How long a request waits for its reply unless it says otherwise."""
-        return self._calls.timeout_s
+        return self._requests.timeout_s
 
     @timeout_s.setter
     def timeout_s(self, value: float) -> None:
-        self._calls.timeout_s = value
+        self._requests.timeout_s = value
