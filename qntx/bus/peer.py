@@ -27,9 +27,9 @@ class Peer:
 
     No call ever blocks the loop: the socket only takes a request while a connection
     to the peer is up (``IMMEDIATE``); until then requests wait here, in order, and
-    are sent once it is (checked every RESEND_S), or answered ``unavailable`` when
-    their timeout passes. So a peer that is absent for hours costs its pending calls
-    and nothing more."""
+    are sent once it is (checked every RESEND_S, by one timer however many wait), or
+    answered ``unavailable`` when their timeout passes. So a peer that is absent for
+    hours costs its pending calls and nothing more."""
 
     RESEND_S = 0.02
 
@@ -50,7 +50,8 @@ class Peer:
         timer = self.actor.call_later(timeout_s, lambda: self._expire(correlation, timeout_s))
         self._requests.pending[correlation] = (callback, timer)
         self._unsent[correlation] = frames
-        self._send_unsent()
+        if self._resend is None:  # else the queue waits for its one resend timer
+            self._send_unsent()
 
     def _send_unsent(self) -> None:
         self._resend = None
