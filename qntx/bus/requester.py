@@ -61,13 +61,8 @@ class Requester:
         self._hint = " (is `qntx up` running?)" if own_actors else ""
 
     def next_id(self) -> bytes:
+        """A fresh correlation id; the driver puts what waits for its reply in ``pending``."""
         return next(self._ids).to_bytes(8, "big")
-
-    def open(self, waiter: Any = None) -> bytes:
-        """A fresh correlation id whose reply ``waiter`` waits for."""
-        correlation = self.next_id()
-        self.pending[correlation] = waiter
-        return correlation
 
     def frames(self, correlation: bytes, message: msgspec.Struct) -> list[bytes]:
         """The frames of a request (or, with an empty correlation, of a notice)."""
