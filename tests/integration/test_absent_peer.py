@@ -19,7 +19,10 @@ from tests.integration.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-CALLS = 3_000  # well past the 1,000 messages a DEALER queues for a peer before a send blocks
+# Well past the 1,000 messages a DEALER queues for a peer before a send blocks, and
+# enough that a resend timer per call (not one for the queue) would keep the loop in
+# its timers until the calls expire, whatever the machine's speed.
+CALLS = 10_000
 
 ACTOR = textwrap.dedent("""
     import sys

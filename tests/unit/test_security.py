@@ -10,7 +10,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from qntx.bus.actor import Gate, Revoked
+from qntx.bus.gate import Gate, Revoked
 from qntx.bus.security import (
     AUTHORIZED,
     Keyring,

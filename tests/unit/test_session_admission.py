@@ -12,7 +12,9 @@ import pytest
 import zmq
 from loguru import logger
 
-from qntx.bus.actor import Actor, Request, raise_open_file_limit
+from qntx.bus.actor import Actor
+from qntx.bus.oslimits import raise_open_file_limit
+from qntx.bus.service import Request
 from qntx.protocol import WorkerReady
 from qntx.pulse.scheduler import Pulse
 from qntx.settings import load_settings

@@ -1,0 +1,142 @@
+"""An actor's events socket: small notices to subscribers, gated by role.
+
+A subscription is applied only once the subscriber's key may see every topic family
+it can match; a slow subscriber loses notices (counted), never the actor its memory.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+from loguru import logger
+
+from qntx.bus.codec import encode
+from qntx.bus.security import KEYRING_CHECK_S, peer_name
+from qntx.bus.sockets import DRAIN_LIMIT
+
+if TYPE_CHECKING:
+    from qntx.bus.actor import Actor
+
+# Notices an events socket queues for one subscriber that is slow to read them; past
+# it they are dropped (and counted). Notices are small (ids, names, a status), so
+# this bounds the memory a stalled subscriber can cost in bytes as well.
+EVENTS_QUEUE = 10_000
+MANY_PREFIXES = 64  # distinct subscribed prefixes past which every notice is just sent
+
+
+class Publisher:
+    """An events socket: events are ``[topic, body]``, small notices only.
+
+    It is an XPUB in manual mode: each subscription is applied only once the
+    subscriber's key holds a role ``topics`` asks for every topic family the prefix
+    can match (ipc subscribers are this host's user and pass); a refused one is
+    counted and logged, and that subscriber simply gets nothing. The send queue per
+    subscriber is bounded (EVENTS_QUEUE notices of bounded size): past it, a slow
+    subscriber's notices are dropped (counted), never the server's memory.
+
+    Over tcp, when a key is revoked the socket is opened anew, which drops every
+    subscriber; the others reconnect within a reconnect interval (their events
+    meanwhile are lost, as for any slow subscriber) and the revoked one is refused
+    by the ZAP handler."""
+
+    def __init__(self, actor: Actor, endpoint: str, also: str = "", topics: dict[bytes, frozenset[str]] | None = None):
+        self.actor, self.endpoint, self.also = actor, endpoint, also
+        self.topics = topics or {}
+        self.curve = actor.security.active(also or endpoint)
+        self.refused_subscriptions = 0
+        # Prefixes subscribed now (applied minus unsubscribed): a notice nobody could
+        # want is not even built. (Missed unsubscriptions only keep it being sent.)
+        self._subscribed: collections.Counter[bytes] = collections.Counter()
+        self.socket: zmq.Socket | None = self._open()
+        if self.curve:
+            self._keyring = actor.security.keyring
+            self._names = self._keyring.names()
+            actor.every(KEYRING_CHECK_S, self._drop_revoked)
+
+    def _open(self) -> zmq.Socket:
+        sock = self.actor.bind(zmq.XPUB, self.endpoint, also=self.also)
+        sock.setsockopt(zmq.SNDHWM, EVENTS_QUEUE)
+        sock.setsockopt(zmq.XPUB_MANUAL, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions are short prefixes
+        self.actor.add_reader(sock, self._on_subscriptions)
+        return sock
+
+    def allowed(self, peer: str | None, prefix: bytes) -> bool:
+        """May ``peer`` subscribe to ``prefix``? Every topic family it can match must allow it."""
+        if not self.curve or peer is None:
+            return True
+        held = self._keyring.roles(peer)
+        families = [roles for family, roles in self.topics.items() if family.startswith(prefix) or prefix.startswith(family)]
+        return bool(held) and all(held & roles for roles in families)
+
+    def _on_subscriptions(self) -> None:
+        sock = self.socket
+        for _ in range(DRAIN_LIMIT):
+            if sock is None:
+                return
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            prefix = data[1:]
+            if data[0] == 0:  # unsubscribe: applied to the pipe it came from
+                sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
+                if self._subscribed[prefix] > 1:
+                    self._subscribed[prefix] -= 1
+                else:
+                    self._subscribed.pop(prefix, None)  # no entry per prefix once unsubscribed
+                continue
+            peer = peer_name(frame) if self.curve else None
+            if self.allowed(peer, prefix):
+                sock.setsockopt(zmq.SUBSCRIBE, prefix)
+                self._subscribed[prefix] += 1
+            else:
+                self.refused_subscriptions += 1
+                logger.warning("refused the subscription {!r} of key {}: its roles do not allow it", prefix, peer)
+
+    def _drop_revoked(self) -> None:
+        names = self._keyring.names()
+        revoked, self._names = self._names - names, names
+        if revoked or self.socket is None:
+            if self.socket is not None:
+                logger.info("key(s) {} revoked: events subscribers are dropped and reconnect", ", ".join(sorted(revoked)))
+                self.actor.remove_reader(self.socket)
+                self.socket.close(0)
+                self.socket = None
+                self._subscribed.clear()  # the others subscribe again when they reconnect
+            try:
+                self.socket = self._open()
+            except zmq.ZMQError as exc:  # the old listener is still closing: next tick
+                logger.debug("events socket not bound again yet: {}", exc)
+
+    def wants(self, topic: bytes) -> bool:
+        """Whether any subscriber's prefix matches ``topic``. Past MANY_PREFIXES distinct
+        prefixes the answer is yes without looking: a loop turn never scans a
+        subscriber's whim."""
+        subscribed = self._subscribed
+        if not subscribed:
+            return False
+        if len(subscribed) > MANY_PREFIXES:
+            return True
+        return any(topic.startswith(prefix) for prefix in subscribed)
+
+    def publish(self, topic: bytes, message: msgspec.Struct | Callable[[], msgspec.Struct]) -> None:
+        """Send ``[topic, message]``; ``message`` may be a function that makes it,
+        called only if some subscriber wants the topic."""
+        if self.socket is None:
+            return  # being opened anew after a revocation
+        if callable(message):
+            if not self.wants(topic):
+                return
+            message = message()
+        try:
+            self.socket.send_multipart([topic, encode(message)], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass  # PUB drops for slow subscribers by design
