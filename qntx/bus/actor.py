@@ -234,18 +234,20 @@ class Actor:
         return max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
 
     def _run_due_timers(self) -> float | None:
-        """Run expired timers; return seconds until the next one (None if none)."""
-        now = time.monotonic()
+        """Run the timers due when the pass starts; return seconds until the next one
+        (None if none). A timer armed during the pass waits for the next pass, even if
+        it is due by then: one that re-arms itself sooner than a pass takes can never
+        keep the loop from reading its sockets."""
+        start = time.monotonic()
         while self._timers:
             deadline, _, timer = self._timers[0]
             if timer.cancelled:
                 heapq.heappop(self._timers)
                 continue
-            if deadline > now:
-                return deadline - now
+            if deadline > start:
+                return max(0.0, deadline - time.monotonic())
             heapq.heappop(self._timers)
             self._guarded(timer.callback)
-            now = time.monotonic()
         return None
 
     # ------------------------------------------------------------------ lifecycle
