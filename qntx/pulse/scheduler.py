@@ -74,7 +74,7 @@ from qntx.protocol import (
     WorkerResult,
     WorkerWelcome,
 )
-from qntx.pulse.core import Config, PulseCore, public
+from qntx.pulse.core import Config, PrunePlan, PulseCore, public
 from qntx.pulse.directives import Directives
 from qntx.pulse.events import (
     CancelAtPlugin,
@@ -184,6 +184,9 @@ class Pulse:
             dead_after_ms=int(settings.heartbeat_s * 3000),
             adopt_grace_ms=max(5_000, int(settings.heartbeat_s * 5000)),
             max_payload_bytes=settings.max_payload_bytes,
+            keep_completed_ms=int(settings.keep_completed_s * 1000),
+            keep_failed_ms=int(settings.keep_failed_s * 1000),
+            keep_completed_max=settings.keep_completed_max,
         )
         self.core = PulseCore(config, instant())
         live = {s.job.id for s in loaded.jobs}
@@ -348,8 +351,9 @@ class Pulse:
 
     def _release_held(self, held: list[SendJob]) -> None:
         for command in held:
-            lease = self.core.leases.get(command.message.lease)
-            if lease is not None and lease.session == command.session:  # not cancelled or taken back meanwhile
+            message = command.message
+            current, session = self.core.lease_holder(message.lease, message.job.id)
+            if current and session == command.session:  # not cancelled or taken back meanwhile
                 self._send_job(command)
 
     def end_turn(self) -> None:
@@ -485,7 +489,7 @@ class Pulse:
     def on_worker_ready(self, message: WorkerReady, request: Request) -> None:
         if request.peer is not None:  # over tcp (ipc peers are this host's user)
             self._check_owner(message, request)
-        if request.identity not in self.core.sessions and not self._admit(request.identity, message):
+        if not self.core.has_session(request.identity) and not self._admit(request.identity, message):
             return
         pipe = self._pipes.get(request.identity)
         ready = pipe is not None and bool(message.jobs_endpoint) and message.jobs_endpoint == pipe[1]
@@ -530,9 +534,9 @@ class Pulse:
             if not self.holds_lease(peer, message):
                 continue
             if isinstance(message, JobDone):
-                job = self.core.jobs.get(message.job_id)
-                if job is not None and job.lease == message.lease and job.status == "running" and job.started_at:
-                    self.runs[job.handler].observe(max(0, now_ms() - job.started_at) / 1000)
+                run = self.core.run_started_at(message.job_id, message.lease)
+                if run is not None:
+                    self.runs[run[0]].observe(max(0, now_ms() - run[1]) / 1000)
                 if self.spans.open:
                     self.spans.finished(message.lease, message.success, message.error.message if message.error else "")
                 self.apply(Finished(message))
@@ -545,14 +549,12 @@ class Pulse:
         only through the kind of endpoint that session came in on. Anything else, and a
         message without a lease, is discarded, counted and logged. A lease Pulse no
         longer has goes on to the core, which discards it as stale."""
-        lease = self.core.leases.get(message.lease) if message.lease else None
-        if message.lease and (lease is None or lease.job_id != message.job_id):
-            return True  # not a current run: the core discards it (and frees a taken-back slot)
-        if lease is not None:
-            if lease.session is None:  # left by a crashed server, not claimed yet: this host's only
-                owner = None
-            else:
-                owner = self.owners[lease.session][0] if lease.session in self.owners else None
+        if message.lease:
+            current, session = self.core.lease_holder(message.lease, message.job_id)
+            if not current:
+                return True  # not a current run: the core discards it (and frees a taken-back slot)
+            # (a lease left by a crashed server, not claimed yet: this host's only)
+            owner = self.owners[session][0] if session is not None and session in self.owners else None
             if owner == peer:
                 return True
         self.refused_reports += 1
@@ -701,21 +703,9 @@ class Pulse:
         a small transaction at a time on the writer thread, until none is left;
         ``done`` gets the counts deleted per status."""
         total = dict.fromkeys(FINAL_STATUSES, 0)
-        settings = self.settings
 
-        def batch() -> dict[str, list[str]]:
-            now = now_ms()
-            if older_than_ms is not None:
-                cutoffs = dict.fromkeys(FINAL_STATUSES, now - older_than_ms)
-                cap = None
-            else:
-                cutoffs = {
-                    "completed": now - int(settings.keep_completed_s * 1000),
-                    "failed": now - int(settings.keep_failed_s * 1000),
-                    "cancelled": now - int(settings.keep_failed_s * 1000),
-                }
-                cap = settings.keep_completed_max
-            return self.store.prune(cutoffs, max_completed=cap, keep=self.core.jobs)
+        def batch(plan: PrunePlan) -> dict[str, list[str]]:
+            return self.store.prune(plan.cutoffs, max_completed=plan.max_completed, keep=plan.keep)
 
         def after(outcome: Any) -> None:
             if isinstance(outcome, BaseException):
@@ -728,16 +718,16 @@ class Pulse:
                 for status, count in deleted.items():
                     total[status] += count
             if sum(deleted.values()) >= PRUNE_BATCH and not self._closing:
-                self.core.prune_started()
-                self.writer.submit(batch, after)  # more to go: the next small transaction
+                plan = self.core.prune_plan(now_ms(), older_than_ms)  # more to go: the next small transaction
+                self.writer.submit(lambda: batch(plan), after)
                 return
             if any(total.values()):
                 logger.info("pruned {} finished job(s): {}", sum(total.values()), ", ".join(f"{k} {v}" for k, v in total.items() if v))
             if done is not None:
                 done(total)
 
-        self.core.prune_started()
-        self.writer.submit(batch, after)
+        plan = self.core.prune_plan(now_ms(), older_than_ms)
+        self.writer.submit(lambda: batch(plan), after)
 
     def set_directives(self, directives: Directives) -> None:
         """The limits and schedules now in ATS (all of them)."""
@@ -784,7 +774,7 @@ class Pulse:
             if (status is None or job.status == status)
             and (before is None or (job.created_at, self.core.seq_of(job.id)) < before)
         ]
-        found += self.store.newest(status, limit, before=before, skip=unsaved, cached=self.core.jobs)
+        found += self.store.newest(status, limit, before=before, skip=unsaved, cached=self.core.live_jobs())
         found.sort(key=lambda row: row[:2], reverse=True)
         page = found[:limit]
         cursor = _cursor(*page[-1][:2]) if len(page) == limit else None
