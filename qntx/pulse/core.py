@@ -99,11 +99,12 @@ class Config:
 class PrunePlan:
     """What one prune batch deletes: finished jobs of each status in ``cutoffs`` that
     ended before it (wall ms), the oldest completed past ``max_completed``; never the
-    jobs in ``keep`` (in memory: live, or not saved in their final state yet)."""
+    jobs in ``keep``: those in memory (live, or not saved in their final state yet),
+    now and while the batch runs (a read-only view: a retry may bring one back)."""
 
     cutoffs: dict[str, int]
     max_completed: int | None
-    keep: frozenset[str]
+    keep: Mapping[str, Job]
 
 
 class PulseCore(Requests, Runs):
@@ -243,7 +244,7 @@ class PulseCore(Requests, Runs):
             }
             cap = self.config.keep_completed_max
         self.ledger.prune_started()
-        return PrunePlan(cutoffs, cap, self.ledger.live_ids())
+        return PrunePlan(cutoffs, cap, MappingProxyType(self.jobs))
 
     def pruned(self, deleted: dict[str, list[str]]) -> None:
         """Finished jobs were deleted from the store: count them out, except those a

@@ -130,10 +130,6 @@ class Ledger:
     def is_unsaved(self, job_id: str) -> bool:
         return job_id in self._unsaved
 
-    def live_ids(self) -> frozenset[str]:
-        """The ids of every job in memory (a prune leaves them alone)."""
-        return frozenset(self.jobs)
-
     # ---------------------------------------------------------------- commits
 
     def has_changes(self) -> bool:
