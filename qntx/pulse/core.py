@@ -158,7 +158,8 @@ class PulseCore(Requests, Runs):
         self._out = []
         self._wall, self._mono = now.wall, now.mono
         self._handlers[type(event)](event, now)
-        self._settle_dependents(now.wall)
+        if self.deps.ended:
+            self._settle_dependents(now.wall)
         out, self._out = self._out, []
         return out
 
@@ -367,8 +368,9 @@ class PulseCore(Requests, Runs):
                 self.deps.note_ended(job)  # its dependents hear of it at the end of the event
 
     def _enqueue(self, job: Job, wall: int) -> None:
-        route = self.registry.route_of(job.handler)
-        self.queue.add(job.id, job.handler, route, job.priority, self.ledger.seq_of(job.id), job.run_after, wall)
+        handler = job.handler
+        route = "" if handler in BUILTIN_HANDLERS else self.registry.route_of(handler)
+        self.queue.add(job.id, handler, route, job.priority, self.ledger.seq[job.id], job.run_after, wall)
 
     def _log(self, level: str, text: str) -> None:
         self._out.append(Log(level, text))

@@ -19,7 +19,7 @@ class Dependencies:
     def __init__(self) -> None:
         self._pending: dict[str, set[str]] = {}  # waiting job -> the jobs it still waits for
         self._dependents: dict[str, set[str]] = {}  # job -> waiting jobs that run after it
-        self._ended: list[Job] = []  # jobs that just ended, whose dependents must hear of it
+        self.ended: list[Job] = []  # jobs that just ended, whose dependents must hear of it
 
     @staticmethod
     def statuses(after: list[str], live: Callable[[str], Job | None], ended: dict[str, str], *, strict: bool) -> dict[str, str]:
@@ -68,13 +68,13 @@ class Dependencies:
 
     def note_ended(self, job: Job) -> None:
         if job.id in self._dependents:
-            self._ended.append(job)
+            self.ended.append(job)
 
     def next_ended(self) -> tuple[Job, list[str]] | None:
         """A job that ended, with the jobs that waited for it (each hears of it once)."""
-        if not self._ended:
+        if not self.ended:
             return None
-        done = self._ended.pop()
+        done = self.ended.pop()
         return done, sorted(self._dependents.pop(done.id, ()))
 
     def arrived(self, job_id: str, done_id: str) -> set[str] | None:

@@ -30,7 +30,7 @@ def public(job: Job) -> Job:
 class Ledger:
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}  # live jobs, and final ones until saved
-        self._seq: dict[str, int] = {}
+        self.seq: dict[str, int] = {}  # job id -> its number (the order of creation)
         self._on_disk: dict[str, str] = {}  # status on disk of each saved job in jobs
         self._version: dict[str, int] = {}
         self._dirty: set[str] = set()  # changed since the last rows()
@@ -41,16 +41,17 @@ class Ledger:
         self._revived: dict[str, str] | None = None  # while a prune runs: stored jobs brought back, their stored status
         self.next_seq = 0
         self.meta_dirty = True  # counts, next_seq, lease ceiling or plugin names changed
-        # plugin (the part of a handler's name before its first dot) -> handler -> ids
-        # of its jobs waiting to run.
-        self._waiting: dict[str, dict[str, set[str]]] = {}
+        # handler -> ids of its jobs waiting to run (a handler's set stays when empty:
+        # handlers are few, and jobs come and go)
+        self._waiting: dict[str, set[str]] = {}
+        self._handlers: dict[str, set[str]] = {}  # plugin (a name's part before its first dot) -> its handlers seen
 
     # ---------------------------------------------------------------- jobs
 
     def adopt(self, seq: int, job: Job) -> None:
         """A job read from the store (at start, or a stored one a retry brings back)."""
         self.jobs[job.id] = job
-        self._seq[job.id] = seq
+        self.seq[job.id] = seq
         self._on_disk[job.id] = job.status
         self._version[job.id] = 0
         if job.idempotency_key is not None:
@@ -63,7 +64,7 @@ class Ledger:
     def add(self, job: Job) -> None:
         """A new job: the next number (it has no status on disk yet)."""
         self.jobs[job.id] = job
-        self._seq[job.id] = self.next_seq
+        self.seq[job.id] = self.next_seq
         self.next_seq += 1
         if job.idempotency_key is not None:
             self._keys[job.idempotency_key] = job.id
@@ -83,35 +84,34 @@ class Ledger:
         job.status = status
         if status in WAITING_STATUSES:
             self._wait(job)
-        self.touch(job)
+        # (touch, inline: this runs at every change of every job)
+        self._version[job.id] = self._version.get(job.id, 0) + 1
+        self._dirty.add(job.id)
+        self._unsaved.add(job.id)
 
     def _wait(self, job: Job) -> None:
-        plugin = job.handler.split(".", 1)[0]
-        self._waiting.setdefault(plugin, {}).setdefault(job.handler, set()).add(job.id)
+        ids = self._waiting.get(job.handler)
+        if ids is None:
+            ids = self._waiting[job.handler] = set()
+            self._handlers.setdefault(job.handler.split(".", 1)[0], set()).add(job.handler)
+        ids.add(job.id)
 
     def _unwait(self, job: Job) -> None:
-        plugin = job.handler.split(".", 1)[0]
-        handlers = self._waiting.get(plugin)
-        ids = handlers.get(job.handler) if handlers is not None else None
-        if ids is None:
-            return
-        ids.discard(job.id)
-        if not ids:
-            del handlers[job.handler]
-            if not handlers:
-                del self._waiting[plugin]
+        ids = self._waiting.get(job.handler)
+        if ids is not None:
+            ids.discard(job.id)
 
     def waiting_handlers(self, plugin: str) -> set[str]:
         """The handlers named for ``plugin`` (``plugin.<name>``) that jobs wait to run."""
-        return set(self._waiting.get(plugin, ()))
+        waiting = self._waiting
+        return {h for h in self._handlers.get(plugin, ()) if waiting[h]}
 
     def waiting_jobs(self, handler: str) -> list[Job]:
         """The jobs of ``handler`` that wait to run (queued, paused, waiting)."""
-        ids = self._waiting.get(handler.split(".", 1)[0], {}).get(handler, ())
-        return [self.jobs[i] for i in sorted(ids)]
+        return [self.jobs[i] for i in sorted(self._waiting.get(handler, ()))]
 
     def seq_of(self, job_id: str) -> int:
-        return self._seq[job_id]
+        return self.seq[job_id]
 
     def owner_of_key(self, key: str | None) -> str | None:
         return None if key is None else self._keys.get(key)
@@ -143,7 +143,7 @@ class Ledger:
         self.meta_dirty = False
         # Snapshots: the commit encodes them on another thread while these jobs move on
         # (history lists are replaced, never changed in place: a shallow copy is one).
-        rows = [(self._seq[i], msgspec.structs.replace(self.jobs[i]), self._on_disk.get(i)) for i in dirty]
+        rows = [(self.seq[i], msgspec.structs.replace(self.jobs[i]), self._on_disk.get(i)) for i in dirty]
         return rows, {job.id: (self._version[job.id], job.status) for _, job, _ in rows}
 
     def commit_failed(self) -> None:
@@ -161,7 +161,7 @@ class Ledger:
                 continue  # changed again since: the next commit writes it
             self._unsaved.discard(job_id)
             if job.status in FINAL_STATUSES:  # durable now: memory keeps only live jobs
-                for table in (self.jobs, self._seq, self._on_disk, self._version):
+                for table in (self.jobs, self.seq, self._on_disk, self._version):
                     table.pop(job_id, None)
                 if job.idempotency_key is not None and self._keys.get(job.idempotency_key) == job_id:
                     del self._keys[job.idempotency_key]

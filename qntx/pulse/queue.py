@@ -168,14 +168,14 @@ class JobQueue:
         self._entries -= 1
         del self._live[entry[3]]
         state.listed = None
-        heap = self._routes[route]
-        heapq.heappop(heap)  # (entry, handler) is its head
+        heap = self._routes[route]  # (entry, handler) is its head
         head = self._live_head(state)
         if head is None:
+            heapq.heappop(heap)
             del self._handlers[handler]
         else:
             state.listed = head
-            heapq.heappush(heap, (head, handler))
+            heapq.heapreplace(heap, (head, handler))
         return entry[3], route
 
     def unpark(self) -> None:

@@ -43,7 +43,7 @@ class Requests(_Core):
             raise NotFound(f"unknown handler {spec.handler!r} (known handlers: {', '.join(self.known_handlers())})")
         if spec.id is not None and spec.id in spec.after:
             raise Invalid(f"job {spec.id} cannot run after itself")
-        statuses = self.deps.statuses(spec.after, self.jobs.get, event.ended, strict=True)
+        statuses = self.deps.statuses(spec.after, self.jobs.get, event.ended, strict=True) if spec.after else {}
         job = self._create(spec, now)
         # Its acceptance is the reply; the first event is its dispatch (or a later change).
         if job.after:

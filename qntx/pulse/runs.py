@@ -343,7 +343,7 @@ class Runs(_Core):
             job_id, route = found
             session = self.sessions_.best(route)
             self._send(self.jobs[job_id], session, route or None, now)
-            if self.sessions_.best(route) is None:
+            if session.free <= 0 and self.sessions_.best(route) is None:
                 routes.remove(route)
 
     def _send(self, job: Job, session: Session, plugin_name: str | None, now: Instant) -> None:
