@@ -576,7 +576,7 @@ PLUGIN_DEPTH = 4
 
 class InitializeReply(Message):
     handler_names: list[str]
-    capacity: int = 0  # jobs it takes at once (0: no limit); Pulse never sends more
+    capacity: int = 0  # jobs it takes at once here (informational: its sessions' credit bounds its jobs out)
     handler_versions: dict[str, str] = {}  # handler -> its current version (attestation ASID)
 
 
