@@ -532,7 +532,6 @@ class Dispatch(Message):
 
     lease: int
     job: Job
-    plugin_endpoint: str | None = None  # where to forward a plugin handler
     trace: str | None = None  # traced jobs: the traceparent of Pulse's span of this run
 
 
@@ -577,7 +576,7 @@ PLUGIN_DEPTH = 4
 
 class InitializeReply(Message):
     handler_names: list[str]
-    capacity: int = 0  # jobs it takes at once (0: no limit); Pulse never sends more
+    capacity: int = 0  # jobs it takes at once here (informational: its sessions' credit bounds its jobs out)
     handler_versions: dict[str, str] = {}  # handler -> its current version (attestation ASID)
 
 
@@ -590,27 +589,6 @@ class HealthReply(Message):
     detail: str = ""
 
 
-class ExecuteJob(Message):
-    job_id: str
-    handler: str
-    payload: msgspec.Raw = NIL
-    timeout_s: float = 300.0
-    attempt: int = 1
-    lease: int = 0  # names this run: progress, output and cancels carry it
-    version: str | None = None  # the handler version to run (None: the current one)
-    due: int | None = None  # a schedule firing's due time (Unix ms)
-    trace: str | None = None  # traced jobs: the traceparent the run continues
-
-
-class ExecuteResult(Message):
-    success: bool
-    result: msgspec.Raw = NIL
-    error: JobError | None = None
-    stdout: str = ""
-    stderr: str = ""
-    progress: Progress | None = None
-
-
 class CancelExecution(Message):
     job_id: str
     lease: int = 0  # 0: whichever run of the job
@@ -620,9 +598,9 @@ class Shutdown(Message):
     pass
 
 
-PluginRequest = Ping | Metadata | Initialize | Health | ExecuteJob | CancelExecution | Shutdown
+PluginRequest = Ping | Metadata | Initialize | Health | CancelExecution | Shutdown
 PluginReply = (
-    Pong | MetadataReply | InitializeReply | HealthReply | ExecuteResult | Ack | ErrorReply
+    Pong | MetadataReply | InitializeReply | HealthReply | Ack | ErrorReply
 )
 
 
@@ -756,6 +734,5 @@ ATS_EVENT_ROLES = {b"att.": _STORE}
 # (qntx.pulse.scheduler checks which); results come from either.
 WORKER_ROLES = {WorkerReady: frozenset({"worker", "plugin", "admin"})}
 SESSION_ROLE = {False: "worker", True: "plugin"}
-_FORWARD = frozenset({"worker", "admin"})
-# A plugin bound on tcp: workers forward jobs to it, the server host's key (admin) steers it.
-PLUGIN_ROLES = {Ping: _ANY, ExecuteJob: _FORWARD, CancelExecution: _FORWARD}
+# A plugin bound on tcp: the server host's key (admin) steers it.
+PLUGIN_ROLES = {Ping: _ANY, CancelExecution: frozenset({"admin"})}

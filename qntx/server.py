@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loguru import logger
 
@@ -51,7 +51,6 @@ from qntx.protocol import (
     GetJob,
     GetStatus,
     HandlersChanged,
-    HandlersRegistered,
     Health,
     HealthReply,
     Initialize,
@@ -82,7 +81,6 @@ from qntx.protocol import (
     Submit,
     WaitJob,
 )
-from qntx.pulse.core import BUILTIN_HANDLERS
 from qntx.pulse.events import HandlersAnnounced, PluginDown, PluginUp
 from qntx.pulse.follower import DirectivesFollower
 from qntx.pulse.scheduler import Pulse, instant
@@ -98,7 +96,6 @@ class PluginEntry:
     endpoint: str
     pid: int
     peer: Peer
-    handlers: list[str] = field(default_factory=list)
     healthy: bool = False
     failures: int = 0
     version: str = ""
@@ -125,8 +122,7 @@ class ServerActor(Actor):
     def __init__(self, settings: Settings):
         super().__init__(max_message_bytes=settings.max_message_bytes, security=settings.security)
         self.settings = settings
-        self.plugins: dict[str, PluginEntry] = {}
-        self.routes: dict[str, str] = {}  # handler name -> plugin name
+        self.plugins: dict[str, PluginEntry] = {}  # the plugins it calls (their handlers: Pulse's registry)
         self.remote_plugins: dict[tuple[str, str, int], RemotePlugin] = {}  # (key, name, pid) -> it
 
     def setup(self) -> None:
@@ -241,7 +237,7 @@ class ServerActor(Actor):
         # A worker is healthy while connected and heard from within two heartbeats
         # (Pulse gives its runs back only after three).
         now, fresh_ms = instant().mono, self.settings.heartbeat_s * 2000
-        for session in sorted(self.pulse.core.sessions.values(), key=lambda s: s.name):
+        for session in self.pulse.core.session_list():
             # A plugin's own session (this host's too) is listed like a worker, with its
             # slots: it takes jobs from the pool as one.
             key, role, peer_host = self.pulse.owners.get(session.id, ("", "", ""))
@@ -273,7 +269,7 @@ class ServerActor(Actor):
                 )  # fmt: skip
             )
         return StatusReply(
-            actors=actors, queue=self.pulse.core.counts(), handlers=self.known_handlers(),
+            actors=actors, queue=self.pulse.core.counts(), handlers=self.pulse.core.live_handlers(),
             sessions_free=self.pulse.sessions_free,
         )  # fmt: skip
 
@@ -302,9 +298,6 @@ class ServerActor(Actor):
         return SchedulesReply(schedules=states, loaded=self.directives.loaded, limits=limits)
 
     # ---------------------------------------------------------------- plugins
-
-    def known_handlers(self) -> list[str]:
-        return sorted([*BUILTIN_HANDLERS, *self.routes])
 
     def cancel_at_plugin(self, plugin: str, job_id: str, lease: int) -> None:
         entry = self.plugins.get(plugin)
@@ -363,9 +356,8 @@ class ServerActor(Actor):
             return
         entry.healthy = True
         entry.capacity = max(0, reply.capacity)
-        self._set_handlers(entry, reply.handler_names)
         versions = tuple(reply.handler_versions.items())
-        self.pulse.apply(PluginUp(entry.name, entry.endpoint, entry.capacity, tuple(entry.handlers), versions))
+        self.pulse.apply(PluginUp(entry.name, tuple(reply.handler_names), versions))
 
     def on_handlers_changed(self, message: HandlersChanged, request: Request) -> Ack:
         entry = self.plugins.get(message.plugin)
@@ -374,31 +366,12 @@ class ServerActor(Actor):
         if entry.key != request.peer:
             logger.warning("refused HandlersChanged for plugin {} from {}: not its key", message.plugin, request.peer or "this host")
             raise Forbidden(f"only plugin {message.plugin!r} itself announces its handlers")
-        self._set_handlers(entry, message.handler_names)
-        self.pulse.apply(HandlersAnnounced(entry.name, tuple(entry.handlers), tuple(message.handler_versions.items())))
+        versions = tuple(message.handler_versions.items())
+        self.pulse.apply(HandlersAnnounced(entry.name, tuple(message.handler_names), versions))
         return Ack()
-
-    def _set_handlers(self, entry: PluginEntry, names: list[str]) -> None:
-        for name in names:
-            owner = self.routes.get(name)
-            if owner is not None and owner != entry.name:
-                logger.error("plugin {} announced {} which plugin {} owns; ignored", entry.name, name, owner)
-        # Keep the plugin's announced order: the log reads like its announcement.
-        wanted = [n for n in dict.fromkeys(names) if self.routes.get(n, entry.name) == entry.name and n not in BUILTIN_HANDLERS]
-        for name in entry.handlers:
-            if name not in wanted:
-                self.routes.pop(name, None)
-                logger.info("Unregistering plugin async handler plugin={} handler={}", entry.name, name)
-        for name in wanted:
-            if name not in entry.handlers:
-                self.routes[name] = entry.name
-                logger.info("Registering plugin async handler plugin={} handler={}", entry.name, name)
-        entry.handlers = wanted
-        self.events.publish(b"handlers", HandlersRegistered(plugin=entry.name, handler_names=wanted))
 
     def _drop_plugin(self, entry: PluginEntry, why: str) -> None:
         logger.warning("plugin {} {}; its handlers are unregistered until it is back", entry.name, why)
-        self._set_handlers(entry, [])
         entry.peer.close()
         self.plugins.pop(entry.name, None)
         self.pulse.apply(PluginDown(entry.name))  # its handlers stay known: their jobs wait

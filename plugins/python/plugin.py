@@ -2,13 +2,13 @@
 
 Binds its ROUTER (``PluginRequest``) and registers with the server, repeating the
 registration as a heartbeat. Answers ``Metadata``, ``Initialize`` (discovers the
-handlers in ATS and returns their names), ``Health``, ``ExecuteJob`` (runs code in
-the warm interpreter pool), ``CancelExecution`` and ``Shutdown``.
+handlers in ATS and returns their names), ``Health``, ``CancelExecution`` and
+``Shutdown``.
 
-Once initialised it also joins Pulse's worker pool as a session of its own
+Once initialised it joins Pulse's worker pool as a session of its own
 (``qntx.pulse.worker.Worker`` with ``plugin="python"``), with as much credit as it
-takes jobs at once: Pulse hands it python jobs directly, one hop shorter than
-through a worker, and it reports their ``JobDone`` itself.
+takes jobs at once: that is the one way its jobs come (``Dispatch``); it runs each in
+the warm interpreter pool and reports its ``JobDone`` itself.
 
 Live discovery: it subscribes to the ATS event stream; a handler attestation
 (predicate ``handler``, context ``python``) triggers a re-discovery, the same log
@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from plugins.python.pool import InterpreterPool
+from plugins.python.pool import InterpreterPool, Outcome
 from plugins.python.runner import JobContext
 from qntx import __version__
 from qntx.ats.store import next_page
@@ -41,19 +41,17 @@ from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
 from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.join import reachable
-from qntx.log import about_run
 from qntx.obs.trace import Tracer
 from qntx.protocol import (
     PLUGIN_DEPTH,
     PLUGIN_ROLES,
+    STDERR_MARK,
     Ack,
     AtsReply,
     BusEndpoints,
     CancelExecution,
     Dispatch,
     Event,
-    ExecuteJob,
-    ExecuteResult,
     GetEndpoints,
     HandlersChanged,
     Health,
@@ -76,7 +74,7 @@ from qntx.protocol import (
     Shutdown,
     stored_notices,
 )
-from qntx.pulse.worker import Worker, done_from, execute_request, given_back
+from qntx.pulse.worker import Worker, given_back
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 
@@ -149,7 +147,6 @@ class PythonPlugin:
                 Metadata: self.on_metadata,
                 Initialize: self.on_initialize,
                 Health: self.on_health,
-                ExecuteJob: self.on_execute,
                 CancelExecution: self.on_cancel,
                 Shutdown: self.on_shutdown,
             },
@@ -351,28 +348,29 @@ class PythonPlugin:
         healthy = self.pool is not None and self.initialized.is_set()
         return HealthReply(healthy=healthy, detail="" if healthy else "not initialized")
 
-    async def on_execute(self, message: ExecuteJob, request: Request) -> ExecuteResult:
+    async def _run_dispatch(self, dispatch: Dispatch) -> JobDone:
+        """One job Pulse sent this plugin's own session: find its code and run it."""
+        job, lease = dispatch.job, dispatch.lease
         if self.pool is None or not self.initialized.is_set():
-            # Not the handler's failure: the worker gives the run back to Pulse.
-            raise Unavailable("the python plugin is not initialized yet")
-        code, filename = self._code_for(message)
+            # Not the handler's failure: the run goes back, no attempt used.
+            return given_back(job, lease, "the python plugin is not initialized yet")
+        code, filename = self._code_for(job.handler, job.payload, job.version)
         if code is None:
-            return ExecuteResult(success=False, error=JobError(message=filename))
-
-        lease = message.lease
+            return _done(job.id, lease, job.attempts, Outcome(success=False, error=JobError(message=filename)))
+        server = self.server
 
         def on_progress(current: float, total: float) -> None:
-            self.server.notify(JobProgress(job_id=message.job_id, current=current, total=total, lease=lease))
+            server.notify(JobProgress(job_id=job.id, current=current, total=total, lease=lease))
 
         def on_output(stream: str, text: str) -> None:
-            self.server.notify(JobOutput(job_id=message.job_id, stream=stream, text=text, lease=lease))
+            server.notify(JobOutput(job_id=job.id, stream=stream, text=text, lease=lease))
 
         def on_start() -> None:  # it waited for an interpreter until now: Pulse says running from here
-            self.server.notify(JobStarted(job_id=message.job_id, lease=lease))
+            server.notify(JobStarted(job_id=job.id, lease=lease))
 
-        context = JobContext(id=message.job_id, attempt=message.attempt, due=message.due, handler=message.handler, lease=lease)
-        span = None if message.trace is None else self.tracer.start(
-            "python.run", message.trace, **{"qntx.job_id": message.job_id, "qntx.handler": message.handler, "qntx.lease": lease}
+        context = JobContext(id=job.id, attempt=job.attempts, due=job.due, handler=job.handler, lease=lease)
+        span = None if dispatch.trace is None else self.tracer.start(
+            "python.run", dispatch.trace, **{"qntx.job_id": job.id, "qntx.handler": job.handler, "qntx.lease": lease}
         )  # fmt: skip
         on_marks = None
         if span is not None:
@@ -382,52 +380,43 @@ class PythonPlugin:
                 for what, start_ns, end_ns, items in marks:
                     self.tracer.record(what, below, start_ns, end_ns, **{"qntx.attestations": items})
 
-        with about_run(message.job_id, lease, message.handler, message.trace):
-            outcome = await self.pool.run(
-                run_key(message.job_id, lease),
-                code,
-                filename=filename,
-                payload=message.payload,
-                timeout_s=message.timeout_s,
-                cpu_s=self.settings.python_cpu_s,
-                on_progress=on_progress,
-                on_output=on_output,
-                on_start=on_start,
-                context=context,
-                on_marks=on_marks,
-            )
+        outcome = await self.pool.run(
+            run_key(job.id, lease),
+            code,
+            filename=filename,
+            payload=job.payload,
+            timeout_s=job.timeout_s,
+            cpu_s=self.settings.python_cpu_s,
+            on_progress=on_progress,
+            on_output=on_output,
+            on_start=on_start,
+            context=context,
+            on_marks=on_marks,
+        )
         if span is not None:
             if not outcome.success:
                 self.tracer.fail(span, outcome.error.message if outcome.error else "failed")
             span.end()
-        return outcome
+        return _done(job.id, lease, job.attempts, outcome)
 
-    def _code_for(self, message: ExecuteJob) -> tuple[str | None, str]:
+    def _code_for(self, handler: str, payload: msgspec.Raw, version: str | None) -> tuple[str | None, str]:
         """(code, filename) for a job, or (None, error message)."""
-        if message.handler == SCRIPT_HANDLER:
+        if handler == SCRIPT_HANDLER:
             try:  # only `content` is built: the rest of the payload is skipped unread
-                return msgspec.msgpack.decode(message.payload, type=ScriptPayload).content, "<python.script>"
+                return msgspec.msgpack.decode(payload, type=ScriptPayload).content, "<python.script>"
             except (msgspec.DecodeError, RecursionError):
                 return None, "python.script needs a payload {\"content\": \"<python code>\"}"
         prefix = f"{NAME}."
-        name = message.handler[len(prefix):] if message.handler.startswith(prefix) else ""
-        if message.version is not None:  # the version the job was submitted with, even if updated since
-            pinned = self.code_by_version.get(message.version)
+        name = handler[len(prefix):] if handler.startswith(prefix) else ""
+        if version is not None:  # the version the job was submitted with, even if updated since
+            pinned = self.code_by_version.get(version)
             if pinned is None or pinned[0] != name:
-                return None, f"handler {message.handler!r} has no version {message.version}"
+                return None, f"handler {handler!r} has no version {version}"
             return pinned[1], f"<handler {name}>"
         code = self.handlers.get(name)
         if code is None:
-            return None, f"unknown handler {message.handler!r}"
+            return None, f"unknown handler {handler!r}"
         return code, f"<handler {name}>"
-
-    async def _run_dispatch(self, dispatch: Dispatch) -> JobDone:
-        """One job Pulse sent this plugin's own session: run it as an ExecuteJob."""
-        try:
-            outcome = await self.on_execute(execute_request(dispatch), None)
-        except Unavailable as exc:  # not ready after all: the run goes back, no attempt used
-            return given_back(dispatch.job, dispatch.lease, str(exc))
-        return done_from(outcome, dispatch.job, dispatch.lease)
 
     async def on_cancel(self, message: CancelExecution, request: Request) -> Ack:
         if self.pool is not None:
@@ -442,6 +431,15 @@ class PythonPlugin:
     def on_shutdown(self, message: Shutdown, request: Request) -> Ack:
         self.stop.set()
         return Ack()
+
+
+def _done(job_id: str, lease: int, attempt: int, outcome: Outcome) -> JobDone:
+    """A run's outcome as its report (logs: stdout, the marker, stderr)."""
+    logs = outcome.stdout + ((STDERR_MARK + outcome.stderr) if outcome.stderr else "")
+    return JobDone(
+        job_id=job_id, lease=lease, attempt=attempt, success=outcome.success,
+        result=outcome.result, error=outcome.error, logs=logs, progress=outcome.progress,
+    )  # fmt: skip
 
 
 def run_python_plugin(settings: Settings, *, remote: bool = False, name: str | None = None) -> None:

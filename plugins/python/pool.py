@@ -27,7 +27,7 @@ from loguru import logger
 from plugins.python.channel import Died, Interpreter, JobDied
 from plugins.python.runner import JobContext, RunJob, RunResult
 from qntx.lifeline import die_with_parent, kill_group
-from qntx.protocol import TIMED_OUT, ExecuteResult, JobError, Progress
+from qntx.protocol import NIL, TIMED_OUT, JobError, Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0  # a cold interpreter start, on a loaded machine
@@ -36,8 +36,19 @@ EXIT_GRACE_S = 0.5  # after a child exits, how long its last frames may still be
 RESPAWN_MAX_DELAY_S = 10.0
 
 
-def _failure(message: str, progress: Progress | None = None) -> ExecuteResult:
-    return ExecuteResult(success=False, error=JobError(message=message), progress=progress)
+class Outcome(msgspec.Struct):
+    """How one run ended: what the plugin reports in its ``JobDone``."""
+
+    success: bool
+    result: msgspec.Raw = NIL
+    error: JobError | None = None
+    stdout: str = ""
+    stderr: str = ""
+    progress: Progress | None = None
+
+
+def _failure(message: str, progress: Progress | None = None) -> Outcome:
+    return Outcome(success=False, error=JobError(message=message), progress=progress)
 
 
 def describe_exit(returncode: int) -> str:
@@ -122,7 +133,7 @@ class InterpreterPool:
         on_start: Callable[[], None] | None = None,
         context: JobContext | None = None,
         on_marks: Callable[[list], None] | None = None,
-    ) -> ExecuteResult:
+    ) -> Outcome:
         """Run ``code`` in a free interpreter (waiting for one); ``on_start`` is called
         once it has one and the job is sent: the handler's code starts then."""
         interp = await self._acquire(job_id)
@@ -166,7 +177,7 @@ class InterpreterPool:
         self._release(interp)
         if on_marks is not None and message.marks:
             on_marks(message.marks)
-        return ExecuteResult(
+        return Outcome(
             success=message.success,
             result=message.result,
             error=message.error,

@@ -110,7 +110,7 @@ def worker(
         run_worker(settings(), name, capacity)
         return
     # A worker on another host runs built-ins; plugin jobs go to plugin sessions.
-    run_worker(settings(workers_endpoint=joined_workers_endpoint(connect)), name, capacity, forwards=False)
+    run_worker(settings(workers_endpoint=joined_workers_endpoint(connect)), name, capacity)
 
 
 def joined_workers_endpoint(connect: str) -> str:

@@ -123,7 +123,7 @@ def pulse_families(pulse: Any) -> Iterator[Any]:
                 ["status"], {(status,): count for status, count in core.counts().items()})  # fmt: skip
     sessions: dict[tuple[str], int] = {("worker",): 0, ("plugin",): 0}
     slots, free = dict(sessions), dict(sessions)
-    for session in list(core.sessions.values()):
+    for session in core.session_list():
         kind = ("plugin",) if session.plugin else ("worker",)
         sessions[kind] += 1
         slots[kind] += session.credit
@@ -131,7 +131,7 @@ def pulse_families(pulse: Any) -> Iterator[Any]:
     yield gauge("qntx_worker_sessions", "Worker sessions joined (kind: plain worker or a plugin's own).", ["kind"], sessions)
     yield gauge("qntx_worker_slots", "Job slots the sessions offer.", ["kind"], slots)
     yield gauge("qntx_worker_slots_free", "Job slots free now.", ["kind"], free)
-    yield gauge("qntx_plugins_up", "Plugins registered and up.", [], {(): sum(1 for p in core.plugins.values() if p.up)})
+    yield gauge("qntx_plugins_up", "Plugins registered and up.", [], {(): core.plugins_up()})
     yield histogram("qntx_job_queue_wait_seconds", "From a job's submission (or its due time) to its dispatch.",
                     "handler", dict(pulse.waits))  # fmt: skip
     yield histogram("qntx_job_run_duration_seconds", "From dispatch to the run's result.", "handler", dict(pulse.runs))

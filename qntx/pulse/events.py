@@ -96,9 +96,9 @@ class Steer:
 
 @dataclass(frozen=True, slots=True)
 class PluginUp:
+    """A plugin was initialised: the handlers it runs (through its own sessions)."""
+
     name: str
-    endpoint: str
-    capacity: int  # jobs it takes at once; 0: no limit
     handlers: tuple[str, ...]
     versions: tuple[tuple[str, str], ...] = ()  # (handler, its current version)
 
@@ -110,6 +110,8 @@ class PluginDown:
 
 @dataclass(frozen=True, slots=True)
 class HandlersAnnounced:
+    """A plugin's handlers changed (all of them: they replace the last)."""
+
     name: str
     handlers: tuple[str, ...]
     versions: tuple[tuple[str, str], ...] = ()

@@ -10,11 +10,12 @@ Its three pipes (docs/PROTOCOL.md §5.4):
   (named in the welcome): ``Dispatch``, never more than the credit it announced.
 * results: a PUSH connected to the server's results sink: ``JobDone``.
 
-A dispatch runs a built-in handler here or is forwarded to the plugin that owns the
-handler (``ExecuteJob``). Payloads and results stay raw MessagePack on the way
-through. Only the handler's own failure or timeout uses an attempt: if the plugin
-goes away, or this worker stops, the run is reported ``interrupted`` and Pulse
-queues it again as it was.
+A plain worker runs the built-in handlers; a plugin runs a session of its own
+(``plugin`` names it, ``execute`` runs each dispatch) and takes its handlers' jobs
+there: Pulse never sends a plugin's job anywhere else. Payloads and results stay raw
+MessagePack on the way through. Only the handler's own failure or timeout uses an
+attempt: if this worker stops, the run is reported ``interrupted`` and Pulse queues
+it again as it was.
 """
 
 from __future__ import annotations
@@ -35,26 +36,19 @@ from loguru import logger
 
 from qntx.bus.aio import install_stop_signals
 from qntx.bus.bounds import check_decoded_size
-from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import ErrorReply
-from qntx.errors import QntxError, Timeout, TooLarge, Unavailable
+from qntx.errors import QntxError, TooLarge
 from qntx.join import reachable
 from qntx.log import about_run
 from qntx.protocol import (
     NIL,
-    PLUGIN_DEPTH,
-    STDERR_MARK,
     TIMED_OUT,
-    CancelExecution,
     CancelRunning,
     Dispatch,
-    ExecuteJob,
-    ExecuteResult,
     Job,
     JobDone,
     JobError,
-    PluginReply,
     WorkerCommand,
     WorkerJob,
     WorkerReady,
@@ -68,8 +62,6 @@ from qntx.values import STOP_GRACE_S
 RECENT_RESULTS_S = 120.0
 RECENT_RESULTS = 10_000
 RECENT_RESULTS_BYTES = 64 << 20
-# How long past a job's own timeout the worker waits for its plugin to answer.
-PLUGIN_TIMEOUT_MARGIN_S = 2.0  # shorter than the lease's grace: the worker reports first
 # A session the server refused (no room) hangs up, so that it holds none of the
 # server's open files, and says hello again this much later.
 REFUSED_RETRY_S = 5.0
@@ -113,10 +105,9 @@ Executor = Callable[[Dispatch], Awaitable[JobDone]]
 
 
 class Worker:
-    """One session of the worker pool. A plain worker runs built-ins and forwards
-    plugin handlers to their plugin; a plugin may run a session of its own
-    (``plugin`` names it, ``execute`` runs each dispatch) and take its jobs directly,
-    one hop shorter."""
+    """One session of the worker pool. A plain worker runs built-ins; a plugin runs
+    a session of its own (``plugin`` names it, ``execute`` runs each dispatch) and
+    takes its handlers' jobs there."""
 
     def __init__(
         self,
@@ -126,13 +117,11 @@ class Worker:
         *,
         plugin: str = "",
         execute: Executor | None = None,
-        forwards: bool = True,
     ):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.plugin = plugin
         self.execute = execute
-        self.forwards = forwards  # forwards plugin jobs to their plugin (only on the server's host)
         self.session = f"{self.name}:{os.getpid()}:{secrets.token_hex(4)}"
         self.capacity = capacity
         self.context = zmq.asyncio.Context()
@@ -140,7 +129,6 @@ class Worker:
         self.jobs_decoder = Decoder(WorkerJob)
         self.running: dict[int, asyncio.Task] = {}  # lease -> its run
         self._not_started: dict[int, Job] = {}  # lease -> job, until its run begins
-        self.plugins: dict[str, AsyncClient] = {}
         self.draining = False
         self.stopping = False
         self.jobs: zmq.asyncio.Socket | None = None
@@ -186,8 +174,6 @@ class Worker:
         for task in [*tasks, *self._background]:
             task.cancel()
         await asyncio.gather(*tasks, *self._background, return_exceptions=True)
-        for client in self.plugins.values():
-            client.close()
         self.control.close(0)
         if self.jobs is not None:
             self.jobs.close(0)
@@ -242,7 +228,7 @@ class Worker:
             elif isinstance(command, CancelRunning):
                 task = self.running.get(command.lease)
                 if task is not None:
-                    task.cancel()  # a plugin job tells its plugin to stop it too
+                    task.cancel()
 
     async def _refused(self, refusal: ErrorReply) -> None:
         endpoint = self.settings.workers_endpoint
@@ -313,7 +299,7 @@ class Worker:
                 logger.warning("ignored an undecodable dispatch: {}", exc)
                 continue
             job = dispatch.job
-            if job.handler == "builtin.echo" and dispatch.plugin_endpoint is None and self.execute is None:
+            if job.handler == "builtin.echo" and self.execute is None:
                 # Nothing to wait for: answered here, without a task.
                 self._report(JobDone(job_id=job.id, lease=dispatch.lease, attempt=job.attempts, success=True, result=job.payload))
                 continue
@@ -338,7 +324,7 @@ class Worker:
                 if self.execute is not None:
                     done = await self.execute(dispatch)
                 else:
-                    done = await self._execute(job, lease, dispatch.plugin_endpoint)
+                    done = await self._builtin(job, lease)
         except asyncio.CancelledError:
             done = self._cancelled(job, lease)
         except Exception as exc:  # never leave the server holding a slot for nothing
@@ -391,75 +377,14 @@ class Worker:
         except zmq.ZMQError as exc:
             logger.warning("could not send a result to the server: {}", exc)
 
-    async def _execute(self, job: Job, lease: int, plugin_endpoint: str | None) -> JobDone:
-        if plugin_endpoint is None:
-            try:
-                result = await asyncio.wait_for(run_builtin(job), job.timeout_s)
-            except TimeoutError:
-                return _failed(job, lease, f"{TIMED_OUT} {job.timeout_s:g}s")
-            except Exception as exc:
-                return _failed(job, lease, f"{type(exc).__name__}: {exc}")
-            return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=True, result=result)
-        if not self.forwards:
-            # Joined from another host: the plugin's endpoint is not reachable from here.
-            return given_back(job, lease, f"worker {self.name} runs no plugin jobs (it joined with --connect)")
-        plugin = self._plugin(plugin_endpoint)
-        request = execute_request(Dispatch(lease=lease, job=job))
+    async def _builtin(self, job: Job, lease: int) -> JobDone:
         try:
-            # The plugin times the run itself; this backstop also covers a wait
-            # for one of its interpreters (see the lease length in qntx.pulse.rules).
-            reply = await plugin.request(request, timeout_s=PLUGIN_DEPTH * job.timeout_s + PLUGIN_TIMEOUT_MARGIN_S)
-        except asyncio.CancelledError:
-            self._tell_plugin_to_cancel(plugin, job.id, lease)
-            raise
-        except Timeout as exc:
-            self._tell_plugin_to_cancel(plugin, job.id, lease)
-            return _failed(job, lease, f"plugin at {plugin_endpoint} did not answer: {exc}")
-        except Unavailable as exc:  # the plugin went away or is not ready: not the handler's doing
-            self._tell_plugin_to_cancel(plugin, job.id, lease)
-            logger.info("job {} lease {}: plugin at {} failed ({}); giving the run back", job.id, lease, plugin_endpoint, exc)
-            return given_back(job, lease, f"plugin at {plugin_endpoint} failed: {exc}")
-        except QntxError as exc:  # the plugin refused this run: a failed attempt
-            return _failed(job, lease, f"plugin at {plugin_endpoint} refused the job: {exc}")
-        if not isinstance(reply, ExecuteResult):
-            return _failed(job, lease, f"plugin at {plugin_endpoint} answered {type(reply).__name__}")
-        return done_from(reply, job, lease)
-
-    def _plugin(self, endpoint: str) -> AsyncClient:
-        client = self.plugins.get(endpoint)
-        if client is None:
-            client = AsyncClient(
-                endpoint, PluginReply, context=self.context, fail_on_disconnect=True, security=self.settings.security
-            )
-            self.plugins[endpoint] = client
-        return client
-
-    def _tell_plugin_to_cancel(self, plugin: AsyncClient, job_id: str, lease: int) -> None:
-        async def tell() -> None:
-            try:
-                await plugin.request(CancelExecution(job_id=job_id, lease=lease), timeout_s=2)
-            except QntxError as exc:
-                logger.debug("cancel of {} lease {} at {}: {}", job_id, lease, plugin.endpoint, exc)
-
-        self._spawn(tell())
-
-
-def execute_request(dispatch: Dispatch) -> ExecuteJob:
-    """The plugin request that runs one dispatched run."""
-    job = dispatch.job
-    return ExecuteJob(
-        job_id=job.id, handler=job.handler, payload=job.payload, timeout_s=job.timeout_s,
-        attempt=job.attempts, lease=dispatch.lease, version=job.version, due=job.due, trace=dispatch.trace,
-    )  # fmt: skip
-
-
-def done_from(outcome: ExecuteResult, job: Job, lease: int) -> JobDone:
-    """A plugin's answer as the report of that run (logs: stdout, the marker, stderr)."""
-    logs = outcome.stdout + ((STDERR_MARK + outcome.stderr) if outcome.stderr else "")
-    return JobDone(
-        job_id=job.id, lease=lease, attempt=job.attempts, success=outcome.success,
-        result=outcome.result, error=outcome.error, logs=logs, progress=outcome.progress,
-    )  # fmt: skip
+            result = await asyncio.wait_for(run_builtin(job), job.timeout_s)
+        except TimeoutError:
+            return _failed(job, lease, f"{TIMED_OUT} {job.timeout_s:g}s")
+        except Exception as exc:
+            return _failed(job, lease, f"{type(exc).__name__}: {exc}")
+        return JobDone(job_id=job.id, lease=lease, attempt=job.attempts, success=True, result=result)
 
 
 def given_back(job: Job, lease: int, why: str) -> JobDone:
@@ -490,5 +415,5 @@ def _ignore_result(future) -> None:
         future.exception()
 
 
-def run_worker(settings: Settings, name: str | None = None, capacity: int = 8, *, forwards: bool = True) -> None:
-    asyncio.run(Worker(settings, name, capacity, forwards=forwards).run())
+def run_worker(settings: Settings, name: str | None = None, capacity: int = 8) -> None:
+    asyncio.run(Worker(settings, name, capacity).run())

@@ -16,7 +16,7 @@ from qntx.protocol import (
     Submit,
     WorkerReady,
 )
-from qntx.pulse.core import LEASE_BLOCK, Config, PulseCore
+from qntx.pulse.core import Config, PulseCore
 from qntx.pulse.events import (
     CancelAtPlugin,
     ClosePipe,
@@ -40,6 +40,7 @@ from qntx.pulse.events import (
     WorkerSeen,
 )
 from qntx.pulse.rules import lease_ms
+from qntx.pulse.sessions import LEASE_BLOCK
 
 LIVE = ("queued", "dispatched", "running", "paused", "waiting")
 CONFIG = Config(dead_after_ms=3_000, adopt_grace_ms=5_000, max_payload_bytes=1_000)
@@ -106,8 +107,10 @@ class Harness:
         [reply] = [c for c in out if isinstance(c, Reply)]
         return reply.message.job
 
-    def hello(self, session=b"s1", credit=4, leases=(), ready=True, name=None):
-        message = WorkerReady(worker=name or session.decode(), credit=credit, leases=list(leases), session=session.decode())
+    def hello(self, session=b"s1", credit=4, leases=(), ready=True, name=None, plugin=""):
+        message = WorkerReady(
+            worker=name or session.decode(), credit=credit, leases=list(leases), session=session.decode(), plugin=plugin
+        )
         return self(WorkerSeen(session, message, ready))
 
     def turn(self) -> list:
@@ -218,15 +221,15 @@ def test_a_taken_back_run_holds_its_slot_until_the_worker_stops_listing_it(h):
 
 
 def test_a_dead_session_gives_its_runs_back_without_using_attempts(h):
-    h(PluginUp("python", "ipc://p", 0, ("python.x",)))
+    h(PluginUp("python", ("python.x",)))
     job = h.submit(handler="python.x", max_attempts=1)
-    h.hello(b"s1", credit=1)
+    h.hello(b"s1", credit=1, plugin="python")
     [run] = h.dispatched(h.turn())
     out = h.idle(CONFIG.dead_after_ms + 1)
     assert ClosePipe(b"s1") in out and CancelAtPlugin("python", job.id, run.lease) in out
     record = h.core.jobs[job.id]
     assert record.status == "queued" and record.attempts == 0 and record.runs == 1
-    h.hello(b"s2", credit=1)
+    h.hello(b"s2", credit=1, plugin="python")
     [again] = h.dispatched(h.turn())
     assert again.lease > run.lease
     h.done(again, result=1)
@@ -291,7 +294,7 @@ def test_lease_ids_are_never_reused_across_restarts(h):
 
 
 def test_lease_ids_wait_for_their_block_to_be_durable(h):
-    h.core._next_lease = h.core._ceiling - 1  # the last id of the durable block
+    h.core.leases_.next_id = h.core.leases_.ceiling - 1  # the last id of the durable block
     h.hello(credit=10)
     for n in range(3):
         h.submit(payload=n)
@@ -302,9 +305,9 @@ def test_lease_ids_wait_for_their_block_to_be_durable(h):
 
 
 def test_cancel_then_retry_a_running_job(h):
-    h(PluginUp("python", "ipc://p", 0, ("python.x",)))
+    h(PluginUp("python", ("python.x",)))
     job = h.submit(handler="python.x")
-    h.hello()
+    h.hello(plugin="python")
     [run] = h.dispatched(h.turn())
     out = h(Steer("cancel", job.id, "client"))
     assert SendControl(b"s1", CancelRunning(lease=run.lease, job_id=job.id)) in out
@@ -312,7 +315,7 @@ def test_cancel_then_retry_a_running_job(h):
     with pytest.raises(Conflict):
         h(Steer("cancel", job.id, "client"))
     h(Steer("retry", job.id, "client"))
-    h.hello(leases=[])
+    h.hello(leases=[], plugin="python")
     [again] = h.dispatched(h.turn())
     assert again.lease != run.lease and again.job.attempts == 1
     old_output = h(OutputWritten(JobOutput(job_id=job.id, stream="stdout", text="old", lease=run.lease)))
@@ -342,19 +345,21 @@ def test_retry_of_a_stored_job_and_steering_errors(h):
     assert len(h.dispatched(h.turn())) == 1
 
 
-def test_plugin_capacity_and_plugin_restarts(h):
-    h(PluginUp("python", "ipc://p", 2, ("python.a",)))
+def test_a_plugins_jobs_go_to_its_own_sessions_only_and_wait_while_it_restarts(h):
+    h(PluginUp("python", ("python.a",)))
     ids = [h.submit(handler="python.a", payload=n).id for n in range(4)]
     h.hello(credit=10)
+    assert h.dispatched(h.turn()) == []  # a plain worker never takes a plugin's job
+    h.hello(b"own", credit=2, plugin="python")
     sent = h.dispatched(h.turn())
-    assert len(sent) == 2 and all(d.plugin_endpoint == "ipc://p" for d in sent)
+    assert len(sent) == 2 and h.core.jobs[sent[0].job.id].worker == "own"
     h(PluginDown("python"))
     late = h.submit(handler="python.a")  # accepted while the plugin restarts
     h.done(sent[0], success=False, interrupted=True)
     assert h.dispatched(h.turn()) == []  # nobody can run them now
-    h(PluginUp("python", "ipc://p2", 2, ("python.a",)))
+    h(PluginUp("python", ("python.a",)))
     again = h.dispatched(h.turn())
-    assert len(again) == 1 and again[0].plugin_endpoint == "ipc://p2"
+    assert len(again) == 1
     assert h.core.jobs[ids[0]].attempts == 1  # the interrupted run used none
     assert late.id in h.core.jobs
 
@@ -362,7 +367,7 @@ def test_plugin_capacity_and_plugin_restarts(h):
 def test_plugin_sessions_on_several_hosts_share_its_jobs_with_exact_credit(h):
     # The plugin announced capacity 2 (its own host's); its sessions' credit is what
     # bounds it: two hosts' sessions of 3 each take 6 at once, never a plain worker.
-    h(PluginUp("python", "ipc://p", 2, ("python.a",)))
+    h(PluginUp("python", ("python.a",)))
     for n in range(8):
         h.submit(handler="python.a", payload=n)
     h.hello(b"plain", credit=10)
@@ -371,13 +376,12 @@ def test_plugin_sessions_on_several_hosts_share_its_jobs_with_exact_credit(h):
         h(WorkerSeen(session, message, True))
     sent = [c for c in h.turn() if isinstance(c, SendJob)]
     assert sorted(c.session for c in sent) == [b"here"] * 3 + [b"there"] * 3
-    assert all(c.message.plugin_endpoint is None for c in sent)  # taken directly, never forwarded
 
 
 def test_handlers_of_a_known_plugin_are_accepted_while_it_is_down(h):
     with pytest.raises(NotFound, match="unknown handler 'python.early'"):
         h.submit(handler="python.early")  # no plugin named python was ever seen
-    h(PluginUp("python", "ipc://p", 0, ("python.a",)))
+    h(PluginUp("python", ("python.a",)))
     with pytest.raises(NotFound, match="unknown handler 'python.zzz'.*python.a"):
         h.submit(handler="python.zzz")
     h.commit()
@@ -385,13 +389,13 @@ def test_handlers_of_a_known_plugin_are_accepted_while_it_is_down(h):
     waiting = h2.submit(handler="python.new")  # maybe created while it was down
     with pytest.raises(NotFound):
         h2.submit(handler="other.thing")
-    h2(PluginUp("python", "ipc://p", 0, ("python.a",)))
+    h2(PluginUp("python", ("python.a",)))
     record = h2.core.jobs[waiting.id]
     assert record.status == "failed" and "python.new" in record.error.message
 
 
 def test_a_removed_handler_fails_its_waiting_jobs(h):
-    h(PluginUp("python", "ipc://p", 0, ("python.gone", "python.kept")))
+    h(PluginUp("python", ("python.gone", "python.kept")))
     gone, kept = h.submit(handler="python.gone"), h.submit(handler="python.kept")
     h(HandlersAnnounced("python", ("python.kept",)))
     assert h.core.jobs[gone.id].status == "failed" and "was deleted" in h.core.jobs[gone.id].error.message
@@ -478,7 +482,7 @@ def test_a_final_job_saved_before_the_turn_ends_is_still_published(h):
 
 
 def test_a_run_lost_after_its_handler_was_deleted_fails_instead_of_waiting(h):
-    h(PluginUp("python", "ipc://p", 0, ("python.gone",)))
+    h(PluginUp("python", ("python.gone",)))
     job = h.submit(handler="python.gone")
     h.hello(b"s1")
     h.dispatched(h.turn())
@@ -489,10 +493,10 @@ def test_a_run_lost_after_its_handler_was_deleted_fails_instead_of_waiting(h):
 
 
 def test_a_handler_its_plugin_does_not_have_fails_when_the_plugin_comes_back(h):
-    h(PluginUp("python", "ipc://p", 0, ("python.a",)))
+    h(PluginUp("python", ("python.a",)))
     h(PluginDown("python"))
     job = h.submit(handler="python.nope")  # accepted while the plugin is down
-    h(PluginUp("python", "ipc://p", 0, ("python.a",)))
+    h(PluginUp("python", ("python.a",)))
     record = h.core.jobs[job.id]
     assert record.status == "failed" and "python.nope" in record.error.message
 

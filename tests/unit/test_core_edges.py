@@ -14,6 +14,7 @@ from tests.unit.test_core import Harness
 
 def run_all(h, credit: int = 10) -> list:
     h.hello(credit=credit)
+    h.hello(b"p1", credit=credit, plugin="python")  # a plugin's jobs go to its own sessions
     return h.dispatched(h.turn())
 
 
@@ -139,11 +140,11 @@ def test_a_transient_forward_clock_step_does_not_stop_a_schedule_for_the_size_of
 def test_a_job_submitted_after_a_server_restart_before_the_plugin_registers_is_still_pinned(h):
     from qntx.pulse.events import PluginUp
 
-    h(PluginUp("python", "ipc://p", 4, ("python.work",), (("python.work", "AS-1"),)))
+    h(PluginUp("python", ("python.work",), (("python.work", "AS-1"),)))
     h.commit()
     h2 = Harness(h.disk, wall=h.wall + 100, mono=h.mono + 100)  # the server restarted; the plugin is not back yet
     job = h2.submit(handler="python.work")  # accepted: its plugin is known, just down
-    h2(PluginUp("python", "ipc://p", 4, ("python.work",), (("python.work", "AS-1"),)))  # back, unchanged
+    h2(PluginUp("python", ("python.work",), (("python.work", "AS-1"),)))  # back, unchanged
     h2(HandlersAnnounced("python", ("python.work",), (("python.work", "AS-2"),)))  # updated before the job ran
     [sent] = run_all(h2)
     assert sent.job.id == job.id

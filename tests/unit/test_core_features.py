@@ -20,6 +20,7 @@ def h() -> Harness:
 
 def run_all(h: Harness, credit: int = 10) -> list:
     h.hello(credit=credit)
+    h.hello(b"p1", credit=credit, plugin="python")  # a plugin's jobs go to its own sessions
     return h.dispatched(h.turn())
 
 
@@ -93,7 +94,7 @@ def test_a_cancelled_dependency_fails_its_dependent_and_a_cancelled_dependent_st
     assert h.job(dependent.id).status == "failed"
     waiting = h.submit(after=[other.id])
     h(Steer("cancel", waiting.id, "user"))
-    assert h.job(waiting.id).status == "cancelled" and other.id not in h.core._dependents
+    assert h.job(waiting.id).status == "cancelled" and not h.core.deps.has_dependents(other.id)
 
 
 def test_after_a_job_that_ended_long_ago(h):
@@ -201,7 +202,7 @@ def test_a_limit_removed_lets_the_rest_go(h):
 
 
 def test_a_job_pins_the_version_current_when_submitted(h):
-    h(PluginUp("python", "ipc://p", 4, ("python.work",), (("python.work", "AS-1"),)))
+    h(PluginUp("python", ("python.work",), (("python.work", "AS-1"),)))
     old = h.submit(handler="python.work")
     h(HandlersAnnounced("python", ("python.work",), (("python.work", "AS-2"),)))
     new = h.submit(handler="python.work")
@@ -212,7 +213,7 @@ def test_a_job_pins_the_version_current_when_submitted(h):
 
 
 def test_retry_keeps_the_version_unless_latest(h):
-    h(PluginUp("python", "ipc://p", 4, ("python.work",), (("python.work", "AS-1"),)))
+    h(PluginUp("python", ("python.work",), (("python.work", "AS-1"),)))
     job = h.submit(handler="python.work", max_attempts=1)
     [d] = run_all(h)
     h.done(d, success=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 
 from qntx.protocol import HISTORY_KEPT, NIL, STDERR_MARK, JobChanged, JobError, JobOutput
@@ -15,8 +17,10 @@ def wrote(h: Harness, job_id: str, lease: int, text: str, stream: str = "stdout"
 
 
 def python_harness() -> Harness:
+    """A core with plugin python up; ``hello`` joins that plugin's own sessions (its jobs go nowhere else)."""
     h = Harness()
-    h(PluginUp("python", "ipc://p", 0, ("python.x",)))
+    h(PluginUp("python", ("python.x",)))
+    h.hello = functools.partial(h.hello, plugin="python")
     return h
 
 
@@ -133,7 +137,8 @@ def test_a_plugin_job_is_dispatched_until_its_code_starts():
     h = python_harness()
     job = h.submit(handler="python.x")
     echo = h.submit(handler="builtin.echo")
-    h.hello(b"s1", credit=2)
+    h.hello(b"s1", credit=1)
+    h.hello(b"plain", credit=1, plugin="")
     sent = {d.job.id: d for d in h.dispatched(h.turn())}
     record = h.core.jobs[job.id]
     assert record.status == "dispatched" and record.started_at is None
@@ -148,7 +153,7 @@ def test_a_plugin_job_is_dispatched_until_its_code_starts():
     assert h.core.counts()["dispatched"] == 0 and h.core.counts()["running"] == 2
 
     other = h.submit(handler="python.x")
-    h.hello(b"s1", credit=3)
+    h.hello(b"s1", credit=2)
     [again] = h.dispatched(h.turn())
     wrote(h, other.id, again.lease, "hello\n")  # output also says the code started
     assert h.core.jobs[other.id].status == "running"

@@ -34,7 +34,7 @@ class PulseLife(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.h = Harness()
-        self.h(PluginUp("python", "ipc://p", 3, ("python.work",)))
+        self.h(PluginUp("python", ("python.work",)))
         self.h.commit()
         self.alive = set(SESSIONS)
         self.held: dict[bytes, set[int]] = {s: set() for s in SESSIONS}  # what each worker runs
@@ -69,7 +69,7 @@ class PulseLife(RuleBasedStateMachine):
                     status = self._status(dep)
                     assert status in FINAL_STATUSES, f"{job.id} started while {dep} is {status}"
                     assert job.after_policy == "always" or status == "completed"
-                limit = self.h.core._limits.get(job.handler)
+                limit = self.h.core.limits().get(job.handler)
                 if limit is not None and limit.concurrency is not None:
                     running = sum(1 for x in self.h.core.leases.values() if self.h.core.jobs[x.job_id].handler == job.handler)
                     assert running <= limit.concurrency, f"{running} {job.handler} running, limit {limit.concurrency}"
@@ -190,10 +190,10 @@ class PulseLife(RuleBasedStateMachine):
                 j: lease for j, lease in self.completed_by.items() if j in self.h.disk.jobs and self.h.disk.jobs[j][1].status == "completed"
             }
         wall, mono = self.h.wall + 50, self.h.mono + 50
-        limits = self.h.core._limits
+        limits = self.h.core.limits()
         self.h = Harness(self.h.disk, wall=wall, mono=mono)
         self.h(DirectivesSet(limits=limits, schedules={}))  # read again from ATS
-        self.h(PluginUp("python", "ipc://p", 3, ("python.work",)))
+        self.h(PluginUp("python", ("python.work",)))
         self._turn()
 
     @rule(committed=st.booleans())
@@ -230,7 +230,7 @@ class PulseLife(RuleBasedStateMachine):
     def the_plugin_restarts(self):
         self.h(PluginDown("python"))
         self._turn()
-        self.h(PluginUp("python", "ipc://p", 3, ("python.work",)))
+        self.h(PluginUp("python", ("python.work",)))
         self._turn()
 
     # ------------------------------------------------------------ invariants
@@ -259,24 +259,19 @@ class PulseLife(RuleBasedStateMachine):
         core = self.h.core
         for session in core.sessions.values():
             assert len(session.leases) <= max(session.credit, 0) or not session.leases
-        for plugin in core.plugins.values():
-            assert plugin.load >= 0
-            if plugin.capacity:
-                assert plugin.load <= plugin.capacity
 
     @invariant()
     def dispatch_targets_are_the_freest_ready_sessions(self):
         # The free-credit index chooses what a scan of every session in join order would.
         core = self.h.core
-        plain, own = core._targets()
         best: dict[str, object] = {}
         for session in core.sessions.values():
             usable = session.ready and session.free > 0
             current = best.setdefault(session.plugin, None)
             if usable and (current is None or session.free > current.free):
                 best[session.plugin] = session
-        assert plain is best.pop("", None)
-        assert own == best
+        for group in {s.plugin for s in core.sessions.values()}:
+            assert core.sessions_.best(group) is best[group]
 
     @invariant()
     def counts_match_the_jobs(self):

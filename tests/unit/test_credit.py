@@ -85,7 +85,7 @@ def test_a_slot_freed_by_a_result_takes_the_next_job_before_any_heartbeat():
 
 def test_a_plugin_session_takes_only_its_plugins_jobs_and_plain_ones_never_do():
     h = Harness()
-    h(PluginUp("python", "ipc://p", 0, ("python.work",)))
+    h(PluginUp("python", ("python.work",)))
     h(WorkerSeen(b"p", WorkerReady(worker="p", credit=9, session="p", plugin="python"), True))
     h.hello(b"w", credit=1)
     h.submit(handler="builtin.echo", payload=1)

@@ -19,17 +19,19 @@ from tests.unit.test_core import CONFIG, Harness
 
 def test_the_core_counts_each_transition_once_by_handler():
     h = Harness()
-    h(PluginUp("python", "ipc://p", 0, ("python.x",)))
+    h(PluginUp("python", ("python.x",)))
     ok = h.submit()
     flaky = h.submit(max_attempts=2)
     slow = h.submit(timeout_s=1, max_attempts=1)
     lost = h.submit(handler="python.x")
     h.hello(b"s1", credit=8)
+    h.hello(b"p1", credit=8, plugin="python")
     runs = {d.job.id: d for d in h.dispatched(h.turn())}
     h.done(runs[ok.id], result=1)
     h.done(runs[flaky.id], success=False)
     h.tick(lease_ms(1) + 1)
-    h.hello(b"s1", credit=8, leases=[runs[slow.id].lease, runs[lost.id].lease])
+    h.hello(b"s1", credit=8, leases=[runs[slow.id].lease])
+    h.hello(b"p1", credit=8, leases=[runs[lost.id].lease], plugin="python")
     h.turn()  # slow's lease expires: no attempt left, it fails
     h(Steer("retry", slow.id, "client"))  # by hand
     h(Steer("cancel", slow.id, "client"))

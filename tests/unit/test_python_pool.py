@@ -15,9 +15,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from plugins.python.pool import InterpreterPool
+from plugins.python.pool import InterpreterPool, Outcome
 from plugins.python.runner import REUSE_CPU_S
-from qntx.protocol import NIL, ExecuteResult, Progress
+from qntx.protocol import NIL, Progress
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,7 +36,7 @@ def in_pool(body, **options):
     return asyncio.run(main())
 
 
-async def run(pool: InterpreterPool, code: str, payload=None, **options) -> ExecuteResult:
+async def run(pool: InterpreterPool, code: str, payload=None, **options) -> Outcome:
     """Run ``code``; the outcome with its (raw) result decoded, as a client would see it."""
     options.setdefault("timeout_s", 20)
     raw = msgspec.Raw(msgspec.msgpack.encode(payload))

@@ -73,7 +73,7 @@ def test_prune_by_count_keeps_the_newest_completed_and_spares_live_jobs(tmp_path
 
 def test_the_core_counts_what_was_pruned_out():
     core = PulseCore(CONFIG, Harness().now)
-    core._counts["completed"] = 10
+    core.ledger.restore_counts({"completed": 10}, next_seq=0)
     core.pruned({"completed": ["JB-A", "JB-B", "JB-C", "JB-D"], "failed": []})
     assert core.counts()["completed"] == 6 and core.changes().counts["completed"] == 6
 
