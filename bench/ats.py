@@ -255,8 +255,8 @@ def realistic_mix(n: int, seed: int = 7):
     timestamps over a year, and a handful of ``[name] handler python`` records
     scattered through (the selective query looks for those).
     """
-    from qntx.handlers import handler_attestation
     from qntx.protocol import NewAttestation
+    from qntx.stored_handlers import handler_attestation
 
     rng = random.Random(seed)
     predicates = ["knows", "works_at", "member_of", "likes", "follows", "authored", "reviewed",

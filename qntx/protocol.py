@@ -731,7 +731,7 @@ SERVER_ROLES = {
 EVENT_ROLES = {b"job.": _CLIENT, b"handlers": _STORE}
 ATS_EVENT_ROLES = {b"att.": _STORE}
 # A plain worker session needs ``worker``, a plugin's own session ``plugin``
-# (qntx.pulse.scheduler checks which); results come from either.
+# (qntx.pulse.shell checks which); results come from either.
 WORKER_ROLES = {WorkerReady: frozenset({"worker", "plugin", "admin"})}
 SESSION_ROLE = {False: "worker", True: "plugin"}
 # A plugin bound on tcp: the server host's key (admin) steers it.

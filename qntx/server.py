@@ -4,7 +4,7 @@ Sockets:
   * server ROUTER (``ServerRequest``): clients submit and inspect jobs; plugins
     register, announce handler changes and report progress and output.
   * the worker pool's sockets (control ROUTER, one jobs PUSH per worker session,
-    the results PULL): ``qntx.pulse.scheduler``.
+    the results PULL): ``qntx.pulse.shell``.
   * events PUB: ``JobChanged``/``JobProgressed``/``JobOutput`` (topic ``job.<id>``)
     and ``HandlersRegistered`` (topic ``handlers``).
   * one DEALER per registered plugin, for Metadata/Initialize/Health/CancelExecution.
@@ -81,9 +81,9 @@ from qntx.protocol import (
     Submit,
     WaitJob,
 )
+from qntx.pulse.directive_feed import DirectivesFollower
 from qntx.pulse.events import HandlersAnnounced, PluginDown, PluginUp
-from qntx.pulse.follower import DirectivesFollower
-from qntx.pulse.scheduler import Pulse, instant
+from qntx.pulse.shell import Pulse, instant
 from qntx.settings import Settings
 from qntx.values import is_int
 

@@ -34,12 +34,11 @@ from plugins.python.runner import JobContext
 from qntx import __version__
 from qntx.ats.store import next_page
 from qntx.bus.actor import Request
-from qntx.bus.aio import AsyncService, install_stop_signals
+from qntx.bus.async_service import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
 from qntx.bus.codec import Decoder
 from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
-from qntx.handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.join import reachable
 from qntx.obs.trace import Tracer
 from qntx.protocol import (
@@ -76,6 +75,7 @@ from qntx.protocol import (
 )
 from qntx.pulse.worker import Worker, given_back
 from qntx.settings import Settings
+from qntx.stored_handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
 from qntx.values import STOP_GRACE_S
 
 

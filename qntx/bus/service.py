@@ -4,7 +4,7 @@ Both runtimes answer requests the same way: ``Responder`` holds it all (frames t
 typed message, the handler table, the sender's roles, replies and typed errors,
 the request counts), and a runtime only says how a reply is put on its socket and
 how an admitted request is run. ``Service`` is the poll loop's (``qntx.bus.actor``),
-``AsyncService`` asyncio's (``qntx.bus.aio``).
+``AsyncService`` asyncio's (``qntx.bus.async_service``).
 
 Whatever a client sends, the service survives: undecodable frames, oversized
 bodies, unknown types and handler bugs become a typed ErrorReply when a reply can

@@ -171,7 +171,7 @@ def create(
     file: Annotated[Path | None, Parameter(help="Read the handler's source from this file.")] = None,
 ):
     """Create a handler (or a new version of it) from --code or --file."""
-    from qntx.handlers import handler_attestation
+    from qntx.stored_handlers import handler_attestation
 
     if (code is None) == (file is None):
         fail("give exactly one of --code or --file")
@@ -190,7 +190,7 @@ def create(
 @handler_app.command(name="list")
 def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
     """List the current handlers."""
-    from qntx.handlers import HANDLER_FILTER, resolve
+    from qntx.stored_handlers import HANDLER_FILTER, resolve
 
     with open_bus() as bus:
         resolution = resolve(bus.query_filter(HANDLER_FILTER))
@@ -212,7 +212,7 @@ def show(name: str, /):
     """Show a handler's current code and its version history."""
     from qntx.ats.current import stored_last_first
     from qntx.cli.schedules import describe_limit
-    from qntx.handlers import current_version, history_filter, is_tombstone, is_version
+    from qntx.stored_handlers import current_version, history_filter, is_tombstone, is_version
 
     with open_bus() as bus:
         history = stored_last_first(bus.query_filter(history_filter(name)))
@@ -243,7 +243,7 @@ def show(name: str, /):
 @handler_app.command
 def delete(name: str, /):
     """Delete a handler (writes a tombstone; history is kept)."""
-    from qntx.handlers import HANDLER_FILTER, resolve, tombstone_attestation
+    from qntx.stored_handlers import HANDLER_FILTER, resolve, tombstone_attestation
 
     with open_bus() as bus:
         if name not in resolve(bus.query_filter(HANDLER_FILTER)).current:

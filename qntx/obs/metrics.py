@@ -112,7 +112,7 @@ def bus_families(actor: Any) -> Iterator[Any]:
 
 
 def pulse_families(pulse: Any) -> Iterator[Any]:
-    """Pulse's figures, read from its core and its shell (``qntx.pulse.scheduler``)."""
+    """Pulse's figures, read from its core and its shell (``qntx.pulse.shell``)."""
     core = pulse.core
     by_event: dict[str, dict[str, int]] = {event: {} for event in JOB_COUNTERS}
     for (event, handler), value in list(core.tally.items()):

@@ -1,6 +1,6 @@
 """Pulse's commits: the job store written in groups, on the loop or on its writer thread.
 
-Part of ``Pulse`` (``qntx.pulse.scheduler``). What a commit writes comes from the
+Part of ``Pulse`` (``qntx.pulse.shell``). What a commit writes comes from the
 core (``PulseCore.changes``), never from its tables. Replies that promise durability
 (a Submit's, a cancel's) and dispatches of handlers with side effects wait for the
 commit that holds their change; commits run one at a time, and whatever changes
@@ -19,13 +19,14 @@ from loguru import logger
 
 from qntx.errors import Unconfirmed
 from qntx.protocol import FINAL_STATUSES
+from qntx.pulse.commands import Changes
 from qntx.pulse.core import PrunePlan
-from qntx.pulse.events import Changes, Saved
+from qntx.pulse.events import Saved
 from qntx.pulse.jobstore import PRUNE_BATCH
 from qntx.values import now_ms
 
 if TYPE_CHECKING:
-    from qntx.pulse.scheduler import Pulse as _Pulse
+    from qntx.pulse.shell import Pulse as _Pulse
 else:
     _Pulse = object
 

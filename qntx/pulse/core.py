@@ -1,7 +1,7 @@
 """Pulse's core: every live job, every lease, every worker session. No I/O.
 
 ``PulseCore.handle(event, now) -> commands`` is the whole interface (events and
-commands are in ``qntx.pulse.events``); the server feeds it what its sockets and
+commands in ``qntx.pulse.events`` and ``qntx.pulse.commands``); the server feeds it what its sockets and
 timers observed, commits what ``changes()`` lists, then carries the commands out.
 Requests that are wrong raise a ``QntxError``, which the loop answers. The shell
 reads the core only through commands and the query methods below.
@@ -48,20 +48,18 @@ from qntx.protocol import (
     JobError,
     Submit,
 )
+from qntx.pulse.commands import Changes, Log, Publish
 from qntx.pulse.deps import Dependencies
 from qntx.pulse.directives import FIRINGS_KEPT, Limit, Schedule, firing_id
 from qntx.pulse.events import (
-    Changes,
     DirectivesSet,
     Finished,
     HandlersAnnounced,
     Instant,
-    Log,
     OutputWritten,
     PluginDown,
     PluginUp,
     Progressed,
-    Publish,
     Saved,
     Started,
     Steer,

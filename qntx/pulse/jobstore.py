@@ -31,7 +31,7 @@ import msgspec
 from qntx.errors import Invalid
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import JOB_STATUSES, NIL, Job
-from qntx.pulse.events import Changes
+from qntx.pulse.commands import Changes
 
 _U64 = struct.Struct(">Q")
 _STAMP = struct.Struct(">QQ")  # created_at, seq

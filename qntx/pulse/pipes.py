@@ -1,7 +1,7 @@
 """The worker pool's sockets on the server side: sessions admitted while they fit,
 one jobs PUSH bound per session, results read from the one PULL.
 
-Part of ``Pulse`` (``qntx.pulse.scheduler``). Each session costs the server five open
+Part of ``Pulse`` (``qntx.pulse.shell``). Each session costs the server five open
 files (its control connection; its jobs PUSH's mailbox, listener and connection; its
 results connection), so the room for sessions is worked out at start from the
 open-file limit. A session past that, or whose jobs PUSH cannot be bound, is refused
@@ -37,7 +37,7 @@ from qntx.pulse.events import Finished, Progressed, WorkerSeen
 from qntx.values import now_ms
 
 if TYPE_CHECKING:
-    from qntx.pulse.scheduler import Pulse as _Pulse
+    from qntx.pulse.shell import Pulse as _Pulse
 else:
     _Pulse = object
 

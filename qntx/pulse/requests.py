@@ -14,7 +14,8 @@ import msgspec
 from qntx.errors import Conflict, Invalid, NotFound
 from qntx.obs.tally import bump
 from qntx.protocol import FINAL_STATUSES, NIL, RUNNING_STATUSES, Job, JobError, JobReply, Submit
-from qntx.pulse.events import Instant, Reply, Steer, Submitted
+from qntx.pulse.commands import Reply
+from qntx.pulse.events import Instant, Steer, Submitted
 from qntx.pulse.ledger import public
 from qntx.pulse.rules import check_submit
 

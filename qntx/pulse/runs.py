@@ -28,18 +28,20 @@ from qntx.protocol import (
     JobProgressed,
     Progress,
 )
-from qntx.pulse.events import (
+from qntx.pulse.commands import (
     CancelAtPlugin,
     ClosePipe,
-    Finished,
-    Instant,
     Log,
     OpenPipe,
-    OutputWritten,
-    Progressed,
     Publish,
     SendControl,
     SendJob,
+)
+from qntx.pulse.events import (
+    Finished,
+    Instant,
+    OutputWritten,
+    Progressed,
     Started,
     Turn,
     Undeliverable,

@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from qntx.bus.aio import install_stop_signals
+from qntx.bus.async_service import install_stop_signals
 from qntx.bus.bounds import check_decoded_size
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import ErrorReply

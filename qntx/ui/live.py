@@ -34,7 +34,6 @@ from loguru import logger
 
 from qntx.aio import AsyncBus
 from qntx.errors import QntxError
-from qntx.handlers import CONTEXT, PREDICATE
 from qntx.protocol import (
     FINAL_STATUSES,
     AttestationsStored,
@@ -45,6 +44,7 @@ from qntx.protocol import (
     Ping,
     stored_notices,
 )
+from qntx.stored_handlers import CONTEXT, PREDICATE
 from qntx.ui.views import Throughput, notice_row, now_ms, overview, seed_throughput
 
 FLUSH_S = 0.25

@@ -15,8 +15,14 @@ import msgspec
 from qntx.aio import AsyncBus
 from qntx.ats.current import stored_last_first
 from qntx.errors import QntxError
-from qntx.handlers import HANDLER_FILTER, current_version, history_filter, is_tombstone, resolve
 from qntx.protocol import MAX_PAGE, Attestation, Job, JobNotice
+from qntx.stored_handlers import (
+    HANDLER_FILTER,
+    current_version,
+    history_filter,
+    is_tombstone,
+    resolve,
+)
 
 # A payload or result larger than this (as JSON) is shown as its size alone.
 SHOWN_VALUE_BYTES = 64 * 1024

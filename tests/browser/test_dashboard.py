@@ -11,7 +11,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from qntx.handlers import handler_attestation
+from qntx.stored_handlers import handler_attestation
 from tests.browser.conftest import not_reloaded, open_page, rows, texts, until
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ import time
 import pytest
 from selenium.webdriver.common.by import By
 
-from qntx.handlers import handler_attestation
+from qntx.stored_handlers import handler_attestation
 from tests.browser.conftest import (
     REQUIRED,
     chromium,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from selenium.webdriver.common.by import By
 
-from qntx.handlers import handler_attestation
 from qntx.protocol import JobOutput
+from qntx.stored_handlers import handler_attestation
 from tests.browser.conftest import until
 
 pytestmark = pytest.mark.timeout(60)

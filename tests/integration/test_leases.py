@@ -16,7 +16,7 @@ import pytest
 
 import qntx
 from qntx.protocol import GetJob, Job, JobProgress, ListJobs, Submit
-from qntx.pulse.events import Changes
+from qntx.pulse.commands import Changes
 from qntx.pulse.jobstore import JobStore
 from tests.integration.conftest import wait_for
 from tests.integration.test_faults import actor_pids

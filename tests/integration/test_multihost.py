@@ -23,7 +23,6 @@ import zmq.auth
 from qntx.bus.client import Client
 from qntx.bus.security import Security
 from qntx.errors import Forbidden, Timeout, Unavailable
-from qntx.handlers import HANDLER_FILTER
 from qntx.protocol import (
     AtsReply,
     GetEndpoints,
@@ -34,6 +33,7 @@ from qntx.protocol import (
     Submit,
     WorkerReady,
 )
+from qntx.stored_handlers import HANDLER_FILTER
 from tests.conftest import fresh_home
 from tests.integration.conftest import Bus, wait_for
 

@@ -19,7 +19,6 @@ import zmq
 from qntx.bus.client import Client
 from qntx.bus.codec import encode
 from qntx.errors import Forbidden, NotFound, Timeout
-from qntx.handlers import handler_attestation, tombstone_attestation
 from qntx.protocol import (
     AtsReply,
     Attest,
@@ -33,6 +32,7 @@ from qntx.protocol import (
     ServerReply,
     WaitJob,
 )
+from qntx.stored_handlers import handler_attestation, tombstone_attestation
 from tests.conftest import fresh_home
 from tests.integration.conftest import Bus, wait_for
 from tests.integration.test_multihost import Hosts, free_ports

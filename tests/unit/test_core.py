@@ -16,23 +16,25 @@ from qntx.protocol import (
     Submit,
     WorkerReady,
 )
-from qntx.pulse.core import Config, PulseCore
-from qntx.pulse.events import (
+from qntx.pulse.commands import (
     CancelAtPlugin,
     ClosePipe,
+    Log,
+    OpenPipe,
+    Publish,
+    Reply,
+    SendControl,
+    SendJob,
+)
+from qntx.pulse.core import Config, PulseCore
+from qntx.pulse.events import (
     Finished,
     HandlersAnnounced,
     Instant,
-    Log,
-    OpenPipe,
     OutputWritten,
     PluginDown,
     PluginUp,
-    Publish,
-    Reply,
     Saved,
-    SendControl,
-    SendJob,
     Steer,
     Submitted,
     Turn,

@@ -8,8 +8,9 @@ import pytest
 
 from qntx.errors import Invalid, NotFound
 from qntx.protocol import Submit
+from qntx.pulse.commands import Reply
 from qntx.pulse.directives import Limit, Schedule, firing_id
-from qntx.pulse.events import DirectivesSet, HandlersAnnounced, PluginUp, Reply, Steer, Submitted
+from qntx.pulse.events import DirectivesSet, HandlersAnnounced, PluginUp, Steer, Submitted
 from tests.unit.test_core import CONFIG, Harness
 
 

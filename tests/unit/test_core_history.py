@@ -7,7 +7,8 @@ import functools
 import msgspec
 
 from qntx.protocol import HISTORY_KEPT, NIL, STDERR_MARK, JobChanged, JobError, JobOutput
-from qntx.pulse.events import OutputWritten, PluginUp, Publish, Reply, Steer, Undeliverable
+from qntx.pulse.commands import Publish, Reply
+from qntx.pulse.events import OutputWritten, PluginUp, Steer, Undeliverable
 from qntx.pulse.rules import MAX_LOG_BYTES, lease_ms
 from tests.unit.test_core import CONFIG, Harness, raw
 

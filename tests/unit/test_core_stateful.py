@@ -12,16 +12,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from qntx.errors import QntxError
 from qntx.protocol import FINAL_STATUSES, RUNNING_STATUSES, JobDone, JobError, JobStarted
+from qntx.pulse.commands import SendJob
 from qntx.pulse.directives import Limit
-from qntx.pulse.events import (
-    DirectivesSet,
-    Finished,
-    PluginDown,
-    PluginUp,
-    SendJob,
-    Started,
-    Steer,
-)
+from qntx.pulse.events import DirectivesSet, Finished, PluginDown, PluginUp, Started, Steer
 from tests.unit.test_core import CONFIG, Harness, raw
 
 pytestmark = pytest.mark.timeout(300)

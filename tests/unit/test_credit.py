@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qntx.protocol import WorkerReady
+from qntx.pulse.commands import SendJob
 from qntx.pulse.credit import FreeCredit
-from qntx.pulse.events import PluginUp, SendJob, WorkerSeen
+from qntx.pulse.events import PluginUp, WorkerSeen
 from tests.unit.test_core import Harness
 
 pytestmark = pytest.mark.timeout(120)

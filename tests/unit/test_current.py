@@ -12,10 +12,10 @@ import pytest
 
 from qntx.ats.current import latest, latest_per
 from qntx.ats.store import AttestationStore
-from qntx.handlers import HANDLER_FILTER, handler_attestation, resolve, tombstone_attestation
 from qntx.protocol import Filter, NewAttestation
 from qntx.pulse.directives import LIMIT, directive_attestation
 from qntx.pulse.directives import resolve as resolve_directives
+from qntx.stored_handlers import HANDLER_FILTER, handler_attestation, resolve, tombstone_attestation
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from qntx.errors import Invalid
-from qntx.handlers import (
+from qntx.protocol import Attestation
+from qntx.stored_handlers import (
     check_name,
     current_version,
     handler_attestation,
     resolve,
     tombstone_attestation,
 )
-from qntx.protocol import Attestation
 
 pytestmark = pytest.mark.timeout(30)
 

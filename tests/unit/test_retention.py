@@ -143,7 +143,8 @@ def test_the_store_knows_what_runs_after_a_job_and_prunes_it_with_the_job(tmp_pa
     h = StoreHarness(store)
     [first] = finished_jobs(h, 1)
     from qntx.protocol import Submit
-    from qntx.pulse.events import Reply, Submitted
+    from qntx.pulse.commands import Reply
+    from qntx.pulse.events import Submitted
 
     after = []
     for n in range(3):  # (as the server does: how the job it runs after ended, read from the store)

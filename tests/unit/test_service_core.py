@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from qntx.bus.actor import Actor
-from qntx.bus.aio import AsyncService
+from qntx.bus.async_service import AsyncService
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import Ack, ErrorReply, Ping, Pong
 

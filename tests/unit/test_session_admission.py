@@ -1,4 +1,4 @@
-"""Admission of worker sessions (qntx.pulse.scheduler): a session whose jobs PUSH cannot
+"""Admission of worker sessions (qntx.pulse.shell): a session whose jobs PUSH cannot
 be had is refused with a typed error and a log line, never a crash. Real sockets, a
 real store; the context's socket limit is filled by hand."""
 
@@ -16,7 +16,7 @@ from qntx.bus.actor import Actor
 from qntx.bus.oslimits import raise_open_file_limit
 from qntx.bus.service import Request
 from qntx.protocol import WorkerReady
-from qntx.pulse.scheduler import Pulse
+from qntx.pulse.shell import Pulse
 from qntx.settings import load_settings
 
 pytestmark = pytest.mark.timeout(60)

@@ -64,22 +64,24 @@ from qntx.protocol import (
     WorkerReady,
     WorkerResult,
 )
-from qntx.pulse.commits import Commits
-from qntx.pulse.core import Config, PulseCore, public
-from qntx.pulse.directives import Directives
-from qntx.pulse.events import (
+from qntx.pulse.commands import (
     CancelAtPlugin,
     ClosePipe,
-    DirectivesSet,
-    Instant,
     Log,
     OpenPipe,
-    OutputWritten,
-    Progressed,
     Publish,
     Reply,
     SendControl,
     SendJob,
+)
+from qntx.pulse.commits import Commits
+from qntx.pulse.core import Config, PulseCore, public
+from qntx.pulse.directives import Directives
+from qntx.pulse.events import (
+    DirectivesSet,
+    Instant,
+    OutputWritten,
+    Progressed,
     Started,
     Steer,
     Submitted,
