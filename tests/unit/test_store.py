@@ -183,13 +183,13 @@ def test_a_generated_id_that_is_taken_is_drawn_again(
     """The id is drawn before the transaction; one that is stored already, or that an
     explicit id of the same batch claims, is replaced by a fresh draw (and re-encoded)."""
     import qntx.ats.records as records_module
-    import qntx.ats.store as store_module
+    import qntx.ats.batch as batch_module
 
     [stored] = store.put_many([new(id="AS-TAKEN---22222222")])
     draws = iter(["AS-TAKEN---22222222", "AS-MINE---33333333", "AS-FREE---44444444"])
     # The first draw is made with the item's checks (records), the next ones by the store.
     monkeypatch.setattr(records_module, "new_asid", lambda *parts: next(draws))
-    monkeypatch.setattr(store_module, "new_asid", lambda *parts: next(draws))
+    monkeypatch.setattr(batch_module, "new_asid", lambda *parts: next(draws))
     # The first draw hits the stored id, the second the explicit id later in the batch.
     generated, explicit = store.put_many([new("gen"), new("exp", id="AS-MINE---33333333")])
     assert generated.id == "AS-FREE---44444444"
