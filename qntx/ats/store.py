@@ -73,6 +73,7 @@ class AttestationStore(LmdbQueries):
         """``journal``: keep the journal open for ``log_batches`` (the ATS actor, the
         one writer of its store); without it writes go straight to LMDB."""
         self.path = Path(path)
+        self.location = str(self.path)
         self.readonly = readonly
         self._sync = sync
         if readonly and not (self.path / "data.mdb").exists():

@@ -1,0 +1,257 @@
+"""The attestation store on PostgreSQL: the interface of ``qntx.ats.backend`` over the
+tables of ``qntx.ats.sql``.
+
+Every group commit is one transaction: lock ``ats_meta`` (so sequence numbers follow
+commit order), claim the group's ids, number its records, ``COPY`` them in, move the
+sequence and the count on, commit. Records are validated, encoded and numbered by
+``qntx.ats.batch`` exactly as on LMDB, and stored as those bytes. There is no journal
+in front of the tables: the commit is the durable write (the server's
+``synchronous_commit`` and replication decide how durable), so ``log_batches``
+commits at once and ``apply_logged`` has nothing to do.
+
+Reads are single statements on the autocommit connection. A lost connection fails
+the request with ``Unavailable`` and the next request connects again.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+
+from qntx import db
+from qntx.ats import sql
+from qntx.ats.batch import Prepared, claim_ids, prepare_batches
+from qntx.ats.filters import next_page, normalise_filter, parse_cursor
+from qntx.ats.indexing import TS_SEQ
+from qntx.ats.records import MAX_ID_BYTES, Stored
+from qntx.ats.store_query import MAX_SCAN, MAX_SEEKS
+from qntx.errors import Conflict, QntxError, Unavailable
+from qntx.protocol import MAX_PAGE, Attestation, Filter, NewAttestation
+
+
+class PgAttestationStore:
+    """Attestations in a PostgreSQL database migrated by ``qntx db upgrade``."""
+
+    def __init__(self, url: str, *, readonly: bool = False):
+        self.url = url
+        self.location = db.redact(url)
+        self.readonly = readonly
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(Attestation)
+        self._pg = db.psycopg()
+        self._lock = threading.Lock()  # one statement or transaction at a time
+        self._conn = None
+        self._seq = 0
+        self.last_query_scanned = 0
+        self._connection()
+        self._seq = self._run(lambda conn: conn.execute("SELECT seq FROM ats_meta").fetchone()[0])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _connection(self):
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            conn = db.connect(self.url, application="qntx ats")
+            try:
+                db.require_schema(conn, "ats", self.url)
+                if self.readonly:
+                    conn.execute("SET default_transaction_read_only = on")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _run(self, work):
+        """``work(connection)`` under the lock; a database error is ``Unavailable``."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                return work(conn)
+            except self._pg.Error as exc:
+                if isinstance(exc, self._pg.errors.ReadOnlySqlTransaction):
+                    raise Unavailable(f"attestation store {self.location} is open read-only") from None
+                raise Unavailable(f"attestation store {self.location}: {db.first_line(exc)}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+
+    def clear_stale_readers(self) -> int:
+        return 0  # LMDB's reader slots; the database server tracks its own sessions
+
+    def __enter__(self) -> PgAttestationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def put_many(self, items: list[NewAttestation], *, now_ms: int | None = None) -> list[Attestation]:
+        outcome = self.put_batches([items], now_ms=now_ms)[0]
+        if isinstance(outcome, QntxError):
+            raise outcome
+        return outcome
+
+    def put_batches(
+        self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
+    ) -> list[list[Attestation] | QntxError]:
+        """Group commit: every batch durable when this returns, each all or nothing, in
+        one transaction; a batch with a bad item or a taken id gets its error."""
+        outcomes = self._commit(batches, now_ms)
+        return [o if isinstance(o, QntxError) else [p.record for p in o] for o in outcomes]
+
+    def log_batches(
+        self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
+    ) -> list[Stored | QntxError]:
+        """``put_batches`` as the ATS actor wants it: each batch with its bytes."""
+        outcomes = self._commit(batches, now_ms)
+        return [
+            o if isinstance(o, QntxError) else Stored([p.record for p in o], [p.blob for p in o])
+            for o in outcomes
+        ]
+
+    # Nothing waits behind a journal here: every committed record is queryable.
+    logged = 0
+
+    @property
+    def logged_seq(self) -> int:
+        return self._seq
+
+    @property
+    def indexed_seq(self) -> int:
+        return self._seq
+
+    def apply_logged(self) -> int:
+        return 0
+
+    def _commit(self, batches, now_ms: int | None) -> list[list[Prepared] | QntxError]:
+        if self.readonly:
+            raise Unavailable(f"attestation store {self.location} is open read-only")
+        prepared = prepare_batches(batches, now_ms, self._encoder)
+        if not any(isinstance(b, list) and b for b in prepared):
+            return prepared
+
+        def work(conn) -> list[list[Prepared] | QntxError]:
+            with conn.transaction():
+                seq = conn.execute("SELECT seq FROM ats_meta FOR UPDATE").fetchone()[0]
+                wanted = [p.record.id for b in prepared if isinstance(b, list) for p in b]
+                taken_ids = self._taken(conn, wanted)
+                checked, claimed = set(wanted), set()
+
+                def taken(id: str) -> bool:
+                    if id in claimed or id in taken_ids:
+                        return True
+                    if id not in checked:  # a generated id drawn again
+                        checked.add(id)
+                        taken_ids.update(self._taken(conn, [id]))
+                    return id in taken_ids
+
+                results: list[list[Prepared] | QntxError] = []
+                rows = []
+                encode = self._encoder.encode
+                for batch in prepared:
+                    if isinstance(batch, QntxError):
+                        results.append(batch)
+                        continue
+                    try:
+                        batch = claim_ids(batch, taken, self._encoder)
+                    except Conflict as exc:
+                        results.append(exc)
+                        continue
+                    numbered = []
+                    for item in batch:
+                        seq += 1
+                        item = item.numbered(seq, encode)
+                        rows.append(_row(item))
+                        numbered.append(item)
+                        claimed.add(item.record.id)
+                    results.append(numbered)
+                if rows:
+                    with conn.cursor() as cursor, cursor.copy(sql.COPY_ROWS) as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                    conn.execute("UPDATE ats_meta SET seq = %s, count = count + %s", (seq, len(rows)))
+            self._seq = seq
+            return results
+
+        return self._run(work)
+
+    @staticmethod
+    def _taken(conn, ids: list[str]) -> set[str]:
+        found = conn.execute("SELECT id FROM ats_attestations WHERE id = ANY(%s::text[])", (ids,))
+        return {row[0] for row in found.fetchall()}
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, id: str) -> Attestation | None:
+        if not isinstance(id, str) or not id or len(id.encode()) > MAX_ID_BYTES or "\x00" in id:
+            return None
+        row = self._run(
+            lambda conn: conn.execute("SELECT record FROM ats_attestations WHERE id = %s", (id,)).fetchone()
+        )
+        return None if row is None else self._decoder.decode(row[0])
+
+    def count(self) -> int:
+        return self._run(lambda conn: conn.execute("SELECT count FROM ats_meta").fetchone()[0])
+
+    def stats(self) -> dict:
+        def work(conn):
+            count = conn.execute("SELECT count FROM ats_meta").fetchone()[0]
+            size = conn.execute("SELECT pg_total_relation_size('ats_attestations')").fetchone()[0]
+            return count, size
+
+        count, size = self._run(work)
+        # map_size is LMDB's; a database grows as its disk allows.
+        return {"attestations": count, "map_size": 0, "used_bytes": size, "path": self.location}
+
+    def query(self, flt: Filter) -> list[Attestation]:
+        """Every attestation matching ``flt`` (up to its limit), newest first, page by page."""
+        out: list[Attestation] = []
+        current = flt
+        while current is not None:
+            records, cursor = self.query_page(current)
+            out += records
+            current = next_page(flt, cursor, len(out))
+        return out
+
+    def query_page(
+        self, flt: Filter, *, page: int = MAX_PAGE, max_scan: int = MAX_SCAN,
+        max_seeks: int = MAX_SEEKS,
+    ) -> tuple[list[Attestation], str | None]:  # fmt: skip
+        """One page of ``query``: at most ``page`` records (and no more than
+        ``max_scan``: the database reads what it must for them), newest first, and the
+        cursor of the next page, or None when there is no more."""
+        want, lo, hi, limit = normalise_filter(flt)
+        start = parse_cursor(flt.cursor)
+        self.last_query_scanned = 0
+        if lo > hi:
+            return [], None
+        size = min(page, max_scan) if limit is None else min(limit, page, max_scan)
+        below = TS_SEQ.unpack(start) if start is not None else None
+        statement, params = sql.query_sql(want, lo, hi, below, size)
+        rows = self._run(lambda conn: conn.execute(statement, params).fetchall())
+        decode = self._decoder.decode
+        records = [decode(row[0]) for row in rows]
+        self.last_query_scanned = len(records)
+        if len(rows) < size:
+            return records, None
+        last = rows[-1]
+        return records, TS_SEQ.pack(last[1], last[2]).hex()
+
+
+def _row(item: Prepared) -> tuple:
+    record = item.record
+    return (
+        record.seq,
+        record.id,
+        record.timestamp,
+        sql.keys(record.subjects),
+        sql.keys(record.predicates),
+        sql.keys(record.contexts),
+        sql.keys(record.actors),
+        sql.key(record.source),
+        item.blob,
+    )
