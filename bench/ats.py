@@ -16,7 +16,8 @@ ATS so its store holds only the realistic mix; stage 6 runs the CLI against a ho
 with no actor (``bin/bench cli`` times the everyday commands). Every process is
 stopped in a ``finally``. ``--quick`` shrinks everything for a smoke test.
 ``--and`` runs instead the AND-of-two-broad-fields query at a million attestations
-(``bench.ats_and``).
+(``bench.ats_and``); ``--store URL`` the store on PostgreSQL beside LMDB
+(``bench.ats_stores``).
 """
 
 from __future__ import annotations
@@ -452,6 +453,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--and", dest="and_query", action="store_true",
         help="only the query that ANDs two broad fields, at 1,000,000 attestations",
     )  # fmt: skip
+    parser.add_argument(
+        "--store", metavar="URL",
+        help="instead: PostgreSQL at URL (an empty database; `local`: a server of its own) beside LMDB",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -464,6 +469,13 @@ def main(argv: list[str]) -> int:
         from bench import ats_and
 
         ats_and.run(report, args.quick)
+        report.seconds = time.perf_counter() - start
+        report.print(args.json)
+        return 0
+    if args.store:
+        from bench import ats_stores
+
+        ats_stores.run(report, sizes, args.store)
         report.seconds = time.perf_counter() - start
         report.print(args.json)
         return 0

@@ -1,0 +1,174 @@
+"""``bin/bench ats --store URL``: the ATS through the bus on PostgreSQL beside LMDB.
+
+The same workload runs against a real ATS actor twice in one run: first with its
+default LMDB store in a throwaway home, then with ``QNTX_STORE=URL`` (the database
+is migrated with ``qntx db upgrade`` and must hold no attestations: nothing in it is
+deleted). Each PostgreSQL figure is printed beside LMDB's, the LMDB figure as its
+limit, and judged by the ratio:
+
+1. durable attestations/s from one sequential client      (>= 0.5x of LMDB)
+2. the same from 8 client processes, sequential
+3. ``attest_many`` in batches of 1,000                     (>= 0.5x)
+4. query p50/p99 over the realistic mix (handler/python, knows limit 10)
+
+``--store local`` starts a PostgreSQL server of its own for the run (the test
+suite's, with fsync and synchronous commit on, as in production).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from bench.actors import Home
+from bench.ats import Sizes, concurrent_writes, fact, realistic_mix, timed
+from bench.probe import StageProbe
+from bench.report import Metric, Report, Target, percentile, progress
+
+
+@contextlib.contextmanager
+def database(url: str):
+    """``url`` migrated (and checked empty), or a durable local server's for ``local``."""
+    if url != "local":
+        yield _prepared(url)
+        return
+    from tests.pg import missing, running_server
+
+    reason = missing()
+    if reason:
+        raise RuntimeError(f"--store local: {reason}")
+    with running_server(durable=True) as server:
+        server.admin("CREATE DATABASE bench")
+        yield _prepared(server.url("bench"))
+
+
+def _prepared(url: str) -> str:
+    from qntx import db
+
+    db.upgrade(url)
+    conn = db.connect(url)
+    try:
+        if conn.execute("SELECT count FROM ats_meta").fetchone()[0]:
+            raise RuntimeError(f"{db.redact(url)} holds attestations already: give an empty database")
+    finally:
+        conn.close()
+    return url
+
+
+def measure(sizes: Sizes, store: str | None) -> dict[str, float]:
+    """Every figure of one backend, from a fresh ATS actor (and, for queries, another)."""
+    from qntx import connect
+
+    figures: dict[str, float] = {}
+    with Home() as home:
+        if store:
+            home.env["QNTX_STORE"] = store
+        ats = home.start_ats()
+        probe = StageProbe(ats.pid, home.path / "ats") if not store else _NoProbe()
+        try:
+            with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
+                bus.attest("warm", "up")
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < sizes.write_seconds:
+                    bus.attest(f"user-{n % 997}", "knows", "work", actors="bench", attributes={"i": n})
+                    n += 1
+                figures["attest_1_client"] = n / (time.perf_counter() - start)
+            figures["attest_8_clients"], _ = concurrent_writes(home, "sequential", sizes, probe)
+            prebuilt = [[fact(b * sizes.batch + i) for i in range(sizes.batch)] for b in range(20)]
+            with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < sizes.write_seconds:
+                    bus.attest_many(prebuilt[(n // sizes.batch) % len(prebuilt)])
+                    n += sizes.batch
+                bus.stats()  # every record queryable
+                figures["attest_many"] = n / (time.perf_counter() - start)
+        finally:
+            probe.close()
+    if store:  # the queries run over the realistic mix alone, as in `bin/bench ats`
+        _empty(store)
+    with Home() as home:
+        figures.update(_queries(home, sizes, store))
+    return figures
+
+
+class _NoProbe:
+    """StageProbe reads the LMDB file's stats, which a PostgreSQL store has not."""
+
+    def snapshot(self) -> None:
+        return None
+
+    def note(self, *args) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+def _empty(url: str) -> None:
+    from qntx import db
+
+    conn = db.connect(url)
+    try:
+        conn.execute("TRUNCATE ats_attestations")
+        conn.execute("UPDATE ats_meta SET seq = 0, count = 0")
+    finally:
+        conn.close()
+
+
+def _queries(home: Home, sizes: Sizes, store: str | None) -> dict[str, float]:
+    from qntx import connect
+
+    items, handlers = realistic_mix(sizes.stored)
+    if store:
+        home.env["QNTX_STORE"] = store
+    home.start_ats()
+    with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
+        progress(f"loading {sizes.stored:,} attestations")
+        start = time.perf_counter()
+        for i in range(0, len(items), sizes.load_batch):
+            bus.attest_many(items[i : i + sizes.load_batch])
+        load = sizes.stored / (time.perf_counter() - start)
+        selective = lambda: bus.query(predicates=["handler"], contexts=["python"])  # noqa: E731
+        broad = lambda: bus.query(predicates=["knows"], limit=10)  # noqa: E731
+        if len(selective()) != handlers or len(broad()) != 10:
+            raise RuntimeError("the queries did not return what was loaded")
+        for call in (selective, broad):
+            timed(call, max(20, sizes.samples // 20))
+        times: dict[str, list[float]] = {"selective": [], "broad": []}
+        for _ in range(10):
+            for name, call in (("selective", selective), ("broad", broad)):
+                times[name] += timed(call, sizes.samples // 10)
+    out = {"load": load}
+    for name, values in times.items():
+        values.sort()
+        out[f"query_{name}_p50"], out[f"query_{name}_p99"] = percentile(values, 50), percentile(values, 99)
+    return out
+
+
+def run(report: Report, sizes: Sizes, url: str) -> None:
+    from qntx.db import redact
+
+    with database(url) as store:
+        progress("LMDB: writes and queries")
+        lmdb = measure(sizes, None)
+        progress(f"PostgreSQL ({redact(store)}): writes and queries")
+        pg = measure(sizes, store)
+    for key, value in lmdb.items():
+        report.add_raw(f"lmdb_{key}", value, "us" if key.startswith("query") else "/s", "-")
+    half = Target(">=", 0.5)
+    rows = [
+        ("attest_1_client", "attest, 1 client (durable)", "/s", half),
+        ("attest_8_clients", f"attest, {sizes.clients} clients sequential", "/s", None),
+        ("attest_many", f"attest_many, batches of {sizes.batch}", "/s", half),
+        ("load", f"load of {sizes.stored:,} (attest_many {sizes.load_batch:,})", "/s", None),
+        ("query_selective_p50", "query handler/python p50", "us", None),
+        ("query_selective_p99", "query handler/python p99", "us", None),
+        ("query_broad_p50", "query knows, limit 10 p50", "us", None),
+        ("query_broad_p99", "query knows, limit 10 p99", "us", None),
+    ]
+    for key, label, unit, target in rows:
+        report.add(Metric(f"pg_{key}", f"PostgreSQL {label}", pg[key], unit, lmdb[key], f"LMDB {key}", target))
+    report.notes.append(
+        "PostgreSQL and LMDB share this machine's cores and disk; the figures are one run each, "
+        "LMDB first. A query's ratio above 1 is PostgreSQL being slower."
+    )
