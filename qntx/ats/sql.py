@@ -55,8 +55,15 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
-COLUMNS = ("seq", "id", "ts", *LIST_FIELDS, "source", "record")
-COPY_ROWS = f"COPY ats_attestations ({', '.join(COLUMNS)}) FROM STDIN"
+TAKEN = "SELECT id FROM ats_attestations WHERE id = ANY(%s::text[])"
+# A group's rows as one statement of one array per column (a list field's keys travel
+# as array literals, one per row: arrays of arrays must be rectangular).
+INSERT_ROWS = (
+    "INSERT INTO ats_attestations (seq, id, ts, subjects, predicates, contexts, actors, source, record)"
+    " SELECT seq, id, ts, s::text[], p::text[], c::text[], a::text[], src, rec FROM unnest("
+    "%s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
+    " %s::text[], %s::bytea[]) AS t(seq, id, ts, s, p, c, a, src, rec)"
+)
 
 
 def key(value: str) -> str:
@@ -68,6 +75,25 @@ def key(value: str) -> str:
 
 def keys(values: list[str]) -> list[str]:
     return [key(v) for v in values]
+
+
+def columns(items) -> list[list]:
+    """The parameters of ``INSERT_ROWS`` for numbered items (``Prepared``)."""
+    records = [item.record for item in items]
+    return [
+        [r.seq for r in records],
+        [r.id for r in records],
+        [r.timestamp for r in records],
+        *([array_literal(keys(getattr(r, field))) for r in records] for field in LIST_FIELDS),
+        [key(r.source) for r in records],
+        [item.blob for item in items],
+    ]
+
+
+def array_literal(values: list[str]) -> str:
+    """``values`` as a PostgreSQL array literal: each element quoted, ``\\`` and ``"``
+    escaped (values hold no NUL: the store refuses it)."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
 def query_sql(

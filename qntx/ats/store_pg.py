@@ -134,55 +134,69 @@ class PgAttestationStore:
         if not any(isinstance(b, list) and b for b in prepared):
             return prepared
 
+        wanted = [p.record.id for b in prepared if isinstance(b, list) for p in b]
+
         def work(conn) -> list[list[Prepared] | QntxError]:
-            with conn.transaction():
-                seq = conn.execute("SELECT seq FROM ats_meta FOR UPDATE").fetchone()[0]
-                wanted = [p.record.id for b in prepared if isinstance(b, list) for p in b]
-                taken_ids = self._taken(conn, wanted)
-                checked, claimed = set(wanted), set()
-
-                def taken(id: str) -> bool:
-                    if id in claimed or id in taken_ids:
-                        return True
-                    if id not in checked:  # a generated id drawn again
-                        checked.add(id)
-                        taken_ids.update(self._taken(conn, [id]))
-                    return id in taken_ids
-
-                results: list[list[Prepared] | QntxError] = []
-                rows = []
-                encode = self._encoder.encode
-                for batch in prepared:
-                    if isinstance(batch, QntxError):
-                        results.append(batch)
-                        continue
-                    try:
-                        batch = claim_ids(batch, taken, self._encoder)
-                    except Conflict as exc:
-                        results.append(exc)
-                        continue
-                    numbered = []
-                    for item in batch:
-                        seq += 1
-                        item = item.numbered(seq, encode)
-                        rows.append(_row(item))
-                        numbered.append(item)
-                        claimed.add(item.record.id)
-                    results.append(numbered)
+            # One round trip before the rows go (lock the sequence and move it on as if
+            # every record were stored; ask which ids are taken) and one with them and
+            # the commit: the pipeline sends each group of statements together.
+            with conn.pipeline(), conn.transaction():
+                moved = conn.execute(
+                    "UPDATE ats_meta SET seq = seq + %s, count = count + %s RETURNING seq",
+                    (len(wanted), len(wanted)),
+                )
+                found = conn.execute(sql.TAKEN, (wanted,))
+                seq = moved.fetchone()[0] - len(wanted)
+                taken_ids = {row[0] for row in found.fetchall()}
+                results, rows = self._claim(conn, prepared, seq, taken_ids, set(wanted))
+                if len(rows) != len(wanted):  # a batch failed: the sequence ends at the last stored
+                    conn.execute(
+                        "UPDATE ats_meta SET seq = %s, count = count - %s",
+                        (seq + len(rows), len(wanted) - len(rows)),
+                    )
                 if rows:
-                    with conn.cursor() as cursor, cursor.copy(sql.COPY_ROWS) as copy:
-                        for row in rows:
-                            copy.write_row(row)
-                    conn.execute("UPDATE ats_meta SET seq = %s, count = count + %s", (seq, len(rows)))
-            self._seq = seq
+                    conn.execute(sql.INSERT_ROWS, sql.columns(rows))
+            self._seq = seq + len(rows)
             return results
 
         return self._run(work)
 
-    @staticmethod
-    def _taken(conn, ids: list[str]) -> set[str]:
-        found = conn.execute("SELECT id FROM ats_attestations WHERE id = ANY(%s::text[])", (ids,))
-        return {row[0] for row in found.fetchall()}
+    def _claim(self, conn, prepared, seq: int, taken_ids: set[str], checked: set[str]):
+        """Each batch with its ids claimed and its records numbered after ``seq`` (or its
+        error), and the rows to insert; ``taken_ids``: the stored ones among the ids
+        ``checked``."""
+        claimed: set[str] = set()
+
+        def taken(id: str) -> bool:
+            if id in claimed or id in taken_ids:
+                return True
+            if id not in checked:  # a generated id drawn again: ask the table
+                checked.add(id)
+                if conn.execute(sql.TAKEN, ([id],)).fetchone() is not None:
+                    taken_ids.add(id)
+            return id in taken_ids
+
+        results: list[list[Prepared] | QntxError] = []
+        rows: list[Prepared] = []
+        encode = self._encoder.encode
+        for batch in prepared:
+            if isinstance(batch, QntxError):
+                results.append(batch)
+                continue
+            try:
+                batch = claim_ids(batch, taken, self._encoder)
+            except Conflict as exc:
+                results.append(exc)
+                continue
+            numbered = []
+            for item in batch:
+                seq += 1
+                item = item.numbered(seq, encode)
+                numbered.append(item)
+                claimed.add(item.record.id)
+            rows += numbered
+            results.append(numbered)
+        return results, rows
 
     # ------------------------------------------------------------------ reads
 
@@ -241,17 +255,3 @@ class PgAttestationStore:
         last = rows[-1]
         return records, TS_SEQ.pack(last[1], last[2]).hex()
 
-
-def _row(item: Prepared) -> tuple:
-    record = item.record
-    return (
-        record.seq,
-        record.id,
-        record.timestamp,
-        sql.keys(record.subjects),
-        sql.keys(record.predicates),
-        sql.keys(record.contexts),
-        sql.keys(record.actors),
-        sql.key(record.source),
-        item.blob,
-    )

@@ -589,7 +589,8 @@ def test_another_process_reads_while_the_map_grows(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- against a model
 
-VALUES = ["alice", "Alice", "bob", "BOB", "ß", "SS", "ss", "x", "_"]
+# with what SQL array literals must escape, and a word that is NULL when unquoted there
+VALUES = ["alice", "Alice", "bob", "BOB", "ß", "SS", "ss", "x", "_", 'q"u\\o{t,e} ', "NULL"]
 values = st.sampled_from(VALUES)
 new_attestations = st.builds(
     NewAttestation,
