@@ -44,7 +44,7 @@ MIGRATIONS: list[list[str]] = [
         " record bytea NOT NULL)",
         "CREATE INDEX ats_attestations_time ON ats_attestations (ts, seq)",
         *(
-            f"CREATE INDEX ats_attestations_{field} ON ats_attestations USING gin ({field})"
+            f"CREATE INDEX ats_attestations_{field} ON ats_attestations USING gin ({field}) WITH (fastupdate = off)"
             for field in LIST_FIELDS
         ),
         "CREATE INDEX ats_attestations_source ON ats_attestations (source, ts, seq)",

@@ -54,6 +54,10 @@ class PgAttestationStore:
             conn = db.connect(self.url, application="qntx ats")
             try:
                 db.require_schema(conn, "ats", self.url)
+                # Plan each query for its values: a plan made once for any value (what a
+                # prepared statement gets after a few runs) may walk the whole time index
+                # for a value the GIN index answers at once.
+                conn.execute("SET plan_cache_mode = force_custom_plan")
                 if self.readonly:
                     conn.execute("SET default_transaction_read_only = on")
             except BaseException:
