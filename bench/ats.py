@@ -303,6 +303,23 @@ def timed(call, samples: int) -> list[float]:
     return sorted(out)
 
 
+def load_for_queries(bus, sizes: Sizes, items, handlers: int):
+    """Load ``items`` in batches; the seconds it took, and the selective and broad
+    queries, each checked once against what was loaded."""
+    progress(f"loading {sizes.stored:,} attestations")
+    start = time.perf_counter()
+    for i in range(0, len(items), sizes.load_batch):
+        bus.attest_many(items[i : i + sizes.load_batch])
+    load_s = time.perf_counter() - start
+    if bus.stats().attestations != sizes.stored:
+        raise RuntimeError("the store does not hold what was loaded")
+    selective = lambda: bus.query(predicates=["handler"], contexts=["python"])  # noqa: E731
+    broad = lambda: bus.query(predicates=["knows"], limit=10)  # noqa: E731
+    if len(selective()) != handlers or len(broad()) != 10:
+        raise RuntimeError("the queries did not return what was loaded")
+    return load_s, selective, broad
+
+
 def query_stage(report: Report, sizes: Sizes) -> None:
     """Stage 4: query latency over a loaded store, beside a ping to the same actor."""
     from qntx import connect
@@ -311,23 +328,12 @@ def query_stage(report: Report, sizes: Sizes) -> None:
     with Home() as home:
         home.start_ats()
         with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
-            progress(f"loading {sizes.stored:,} attestations")
-            start = time.perf_counter()
-            for i in range(0, len(items), sizes.load_batch):
-                bus.attest_many(items[i : i + sizes.load_batch])
-            load_s = time.perf_counter() - start
+            load_s, selective, broad = load_for_queries(bus, sizes, items, handlers)
             report.notes.append(
                 f"loaded {sizes.stored:,} attestations with attest_many({sizes.load_batch:,}) in "
                 f"{load_s:.1f} s ({sizes.stored / load_s:,.0f}/s)"
             )
-            if bus.stats().attestations != sizes.stored:
-                raise RuntimeError("the store does not hold what was loaded")
-
             progress(f"{sizes.samples} pings and queries of each kind")
-            selective = lambda: bus.query(predicates=["handler"], contexts=["python"])  # noqa: E731
-            broad = lambda: bus.query(predicates=["knows"], limit=10)  # noqa: E731
-            if len(selective()) != handlers or len(broad()) != 10:
-                raise RuntimeError("the queries did not return what was loaded")
             for call in (bus.ping, selective, broad):
                 timed(call, max(20, sizes.samples // 20))  # warm: page cache, code paths
             # Interleaved rounds, so a noisy second hurts all three kinds alike.

@@ -21,7 +21,7 @@ import contextlib
 import time
 
 from bench.actors import Home
-from bench.ats import Sizes, concurrent_writes, fact, realistic_mix, timed
+from bench.ats import Sizes, concurrent_writes, fact, load_for_queries, realistic_mix, timed
 from bench.probe import StageProbe
 from bench.report import Metric, Report, Target, percentile, progress
 
@@ -123,15 +123,8 @@ def _queries(home: Home, sizes: Sizes, store: str | None) -> dict[str, float]:
         home.env["QNTX_STORE"] = store
     home.start_ats()
     with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
-        progress(f"loading {sizes.stored:,} attestations")
-        start = time.perf_counter()
-        for i in range(0, len(items), sizes.load_batch):
-            bus.attest_many(items[i : i + sizes.load_batch])
-        load = sizes.stored / (time.perf_counter() - start)
-        selective = lambda: bus.query(predicates=["handler"], contexts=["python"])  # noqa: E731
-        broad = lambda: bus.query(predicates=["knows"], limit=10)  # noqa: E731
-        if len(selective()) != handlers or len(broad()) != 10:
-            raise RuntimeError("the queries did not return what was loaded")
+        load_s, selective, broad = load_for_queries(bus, sizes, items, handlers)
+        load = sizes.stored / load_s
         for call in (selective, broad):
             timed(call, max(20, sizes.samples // 20))
         times: dict[str, list[float]] = {"selective": [], "broad": []}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from qntx import db
+from qntx.ats.filters import next_page
 from qntx.ats.records import Stored
 from qntx.errors import QntxError
 from qntx.protocol import Attestation, Filter, NewAttestation
@@ -60,6 +61,39 @@ class AtsStore(Protocol):
     def clear_stale_readers(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+class StoreCommon:
+    """What both backends do the same way on top of ``put_batches`` and ``query_page``."""
+
+    last_query_scanned = 0
+
+    def put_many(self, items: list[NewAttestation], *, now_ms: int | None = None) -> list[Attestation]:
+        """Store ``items`` durably, all or nothing; raise the batch's error if any."""
+        outcome = self.put_batches([items], now_ms=now_ms)[0]
+        if isinstance(outcome, QntxError):
+            raise outcome
+        return outcome
+
+    def query(self, flt: Filter) -> list[Attestation]:
+        """Every attestation matching ``flt`` (up to its limit), newest first (SPEC
+        §3.3), page by page (an actor serves single pages instead);
+        ``last_query_scanned`` sums the pages'."""
+        out: list[Attestation] = []
+        scanned, current = 0, flt
+        while current is not None:
+            records, cursor = self.query_page(current)
+            out += records
+            scanned += self.last_query_scanned
+            current = next_page(flt, cursor, len(out))
+        self.last_query_scanned = scanned
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_store(settings: Settings, *, journal: bool = False, readonly: bool = False) -> AtsStore:

@@ -84,3 +84,36 @@ def claim_ids(batch: list[Prepared], taken: Callable[[str], bool], encoder) -> l
         out.append(item)
     return out
 
+
+
+def claim_and_number(
+    prepared: list[list[Prepared] | QntxError], taken: Callable[[str], bool], seq: int, encoder
+) -> tuple[list[list[Prepared] | QntxError], list[Prepared]]:
+    """Each batch with its ids claimed and its records numbered from ``seq + 1`` on, in
+    order, or its error (a bad item, a taken id); and every numbered item. ``taken``
+    says whether the store holds an id; ids claimed by earlier batches count too."""
+    claimed: set[str] = set()
+
+    def unavailable(id: str) -> bool:
+        return id in claimed or taken(id)
+
+    results: list[list[Prepared] | QntxError] = []
+    accepted: list[Prepared] = []
+    encode = encoder.encode
+    for batch in prepared:
+        if isinstance(batch, QntxError):
+            results.append(batch)
+            continue
+        try:
+            batch = claim_ids(batch, unavailable, encoder)
+        except Conflict as exc:
+            results.append(exc)
+            continue
+        numbered = []
+        for item in batch:
+            seq += 1
+            numbered.append(item.numbered(seq, encode))
+        claimed.update(item.record.id for item in numbered)
+        accepted += numbered
+        results.append(numbered)
+    return results, accepted

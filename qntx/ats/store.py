@@ -39,13 +39,14 @@ from typing import NamedTuple
 
 import msgspec
 
-from qntx.ats.batch import Prepared, claim_ids, prepare_batches
+from qntx.ats.backend import StoreCommon
+from qntx.ats.batch import Prepared, claim_and_number, prepare_batches
 from qntx.ats.filters import next_page  # noqa: F401  (callers page with it from here)
 from qntx.ats.indexing import INDEXED_FIELDS, PAIR, U64, IndexWriter  # noqa: F401
 from qntx.ats.journal import Journal
 from qntx.ats.records import MAX_ID_BYTES, Stored
 from qntx.ats.store_query import MAX_JOINED_VALUES, MAX_SCAN, MAX_SEEKS, LmdbQueries  # noqa: F401
-from qntx.errors import Conflict, QntxError, Unavailable
+from qntx.errors import QntxError, Unavailable
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import Attestation, NewAttestation
 
@@ -57,7 +58,7 @@ JOURNAL_MAX_BYTES = 64 << 20
 JOURNAL_WAIT_S = 5.0  # a direct write waits this long for the journal's lock
 
 
-class AttestationStore(LmdbQueries):
+class AttestationStore(LmdbQueries, StoreCommon):
     """Append-only attestations in an LMDB directory, indexed for ``Filter`` queries."""
 
     def __init__(
@@ -147,22 +148,7 @@ class AttestationStore(LmdbQueries):
     def clear_stale_readers(self) -> int:
         return self._env.clear_stale_readers()
 
-    def __enter__(self) -> AttestationStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ writes
-
-    def put_many(
-        self, items: list[NewAttestation], *, now_ms: int | None = None
-    ) -> list[Attestation]:
-        """Store ``items`` durably, all or nothing; raise the batch's error if any."""
-        outcome = self.put_batches([items], now_ms=now_ms)[0]
-        if isinstance(outcome, QntxError):
-            raise outcome
-        return outcome
 
     def put_batches(
         self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
@@ -214,40 +200,22 @@ class AttestationStore(LmdbQueries):
         if journal is None:
             raise Unavailable(f"attestation store {self.path} has no journal open")
         prepared = self._prepare_batches(batches, now_ms)
-        claimed: set[str] = set()
-        results: list[Stored | QntxError] = []
-        accepted: list[Prepared] = []
 
-        def claim(txn) -> None:
-            results.clear(), accepted.clear(), claimed.clear()  # LmdbEnv may run this twice
+        def claim(txn):
             get, db, logged = txn.get, self._records, self._logged_records
 
             def taken(id: str) -> bool:
-                return id in logged or id in claimed or get(id.encode(), db=db) is not None
+                return id in logged or get(id.encode(), db=db) is not None
 
-            for batch in prepared:
-                if isinstance(batch, QntxError):
-                    results.append(batch)
-                    continue
-                try:
-                    batch = claim_ids(batch, taken, self._encoder)
-                except Conflict as exc:
-                    results.append(exc)
-                    continue
-                claimed.update(p.record.id for p in batch)
-                accepted.extend(batch)
-                results.append(len(batch))  # a Stored once numbered, below
+            return claim_and_number(prepared, taken, self._next_seq - 1, self._encoder)
 
-        self._env.read(claim)
+        outcomes, accepted = self._env.read(claim)
+        results: list[Stored | QntxError] = [
+            o if isinstance(o, QntxError) else Stored([p.record for p in o], [p.blob for p in o])
+            for o in outcomes
+        ]
         if not accepted:
             return results
-        encode = self._encoder.encode
-        accepted[:] = [p.numbered(seq, encode) for seq, p in enumerate(accepted, self._next_seq)]
-        done = iter(accepted)
-        for n, outcome in enumerate(results):
-            if isinstance(outcome, int):
-                batch = [next(done) for _ in range(outcome)]
-                results[n] = Stored([p.record for p in batch], [p.blob for p in batch])
         blobs = [p.blob for p in accepted]
         size = journal.entry_size(blobs)
         if not journal.empty and not self._logged:
@@ -367,31 +335,13 @@ class AttestationStore(LmdbQueries):
 
     def _write_batches(self, txn, prepared: list[list[Prepared] | QntxError]):
         writer = IndexWriter(self, txn)
-        get, db, added = txn.get, self._records, writer.ids
-
-        def taken(id: str) -> bool:
-            return id in added or get(id.encode(), db=db) is not None
-
-        results: list[list[Attestation] | QntxError] = []
-        seq = writer.start_seq
-        for batch in prepared:
-            if isinstance(batch, QntxError):
-                results.append(batch)
-                continue
-            try:
-                batch = claim_ids(batch, taken, self._encoder)
-            except Conflict as exc:
-                results.append(exc)
-                continue
-            numbered = []
-            for item in batch:
-                seq += 1
-                item = item.numbered(seq, self._encoder.encode)
-                writer.add(item.record, item.blob, seq)
-                numbered.append(item.record)
-            results.append(numbered)
+        get, db = txn.get, self._records
+        results, accepted = claim_and_number(
+            prepared, lambda id: get(id.encode(), db=db) is not None, writer.start_seq, self._encoder
+        )
+        writer.add_many((item.record, item.blob, item.record.seq) for item in accepted)
         writer.finish()
-        return results
+        return [r if isinstance(r, QntxError) else [item.record for item in r] for r in results]
 
     # ------------------------------------------------------------------ reads
 

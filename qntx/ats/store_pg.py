@@ -21,16 +21,17 @@ import msgspec
 
 from qntx import db
 from qntx.ats import sql
-from qntx.ats.batch import Prepared, claim_ids, prepare_batches
-from qntx.ats.filters import next_page, normalise_filter, parse_cursor
+from qntx.ats.backend import StoreCommon
+from qntx.ats.batch import Prepared, claim_and_number, prepare_batches
+from qntx.ats.filters import normalise_filter, parse_cursor
 from qntx.ats.indexing import TS_SEQ
 from qntx.ats.records import MAX_ID_BYTES, Stored
 from qntx.ats.store_query import MAX_SCAN, MAX_SEEKS
-from qntx.errors import Conflict, QntxError, Unavailable
+from qntx.errors import QntxError, Unavailable
 from qntx.protocol import MAX_PAGE, Attestation, Filter, NewAttestation
 
 
-class PgAttestationStore:
+class PgAttestationStore(StoreCommon):
     """Attestations in a PostgreSQL database migrated by ``qntx db upgrade``."""
 
     def __init__(self, url: str, *, readonly: bool = False):
@@ -85,19 +86,7 @@ class PgAttestationStore:
     def clear_stale_readers(self) -> int:
         return 0  # LMDB's reader slots; the database server tracks its own sessions
 
-    def __enter__(self) -> PgAttestationStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ writes
-
-    def put_many(self, items: list[NewAttestation], *, now_ms: int | None = None) -> list[Attestation]:
-        outcome = self.put_batches([items], now_ms=now_ms)[0]
-        if isinstance(outcome, QntxError):
-            raise outcome
-        return outcome
 
     def put_batches(
         self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
@@ -152,7 +141,7 @@ class PgAttestationStore:
                 found = conn.execute(sql.TAKEN, (wanted,))
                 seq = moved.fetchone()[0] - len(wanted)
                 taken_ids = {row[0] for row in found.fetchall()}
-                results, rows = self._claim(conn, prepared, seq, taken_ids, set(wanted))
+                results, rows = self._claim(conn, prepared, seq, taken_ids, set(wanted), self._encoder)
                 if len(rows) != len(wanted):  # a batch failed: the sequence ends at the last stored
                     conn.execute(
                         "UPDATE ats_meta SET seq = %s, count = count - %s",
@@ -165,42 +154,19 @@ class PgAttestationStore:
 
         return self._run(work)
 
-    def _claim(self, conn, prepared, seq: int, taken_ids: set[str], checked: set[str]):
-        """Each batch with its ids claimed and its records numbered after ``seq`` (or its
-        error), and the rows to insert; ``taken_ids``: the stored ones among the ids
-        ``checked``."""
-        claimed: set[str] = set()
+    @staticmethod
+    def _claim(conn, prepared, seq: int, taken_ids: set[str], checked: set[str], encoder):
+        """``claim_and_number`` against the table: ``taken_ids`` are the stored ones
+        among the ids ``checked``; an id drawn again is asked for on its own."""
 
         def taken(id: str) -> bool:
-            if id in claimed or id in taken_ids:
-                return True
-            if id not in checked:  # a generated id drawn again: ask the table
+            if id not in checked:
                 checked.add(id)
                 if conn.execute(sql.TAKEN, ([id],)).fetchone() is not None:
                     taken_ids.add(id)
             return id in taken_ids
 
-        results: list[list[Prepared] | QntxError] = []
-        rows: list[Prepared] = []
-        encode = self._encoder.encode
-        for batch in prepared:
-            if isinstance(batch, QntxError):
-                results.append(batch)
-                continue
-            try:
-                batch = claim_ids(batch, taken, self._encoder)
-            except Conflict as exc:
-                results.append(exc)
-                continue
-            numbered = []
-            for item in batch:
-                seq += 1
-                item = item.numbered(seq, encode)
-                numbered.append(item)
-                claimed.add(item.record.id)
-            rows += numbered
-            results.append(numbered)
-        return results, rows
+        return claim_and_number(prepared, taken, seq, encoder)
 
     # ------------------------------------------------------------------ reads
 
@@ -224,16 +190,6 @@ class PgAttestationStore:
         count, size = self._run(work)
         # map_size is LMDB's; a database grows as its disk allows.
         return {"attestations": count, "map_size": 0, "used_bytes": size, "path": self.location}
-
-    def query(self, flt: Filter) -> list[Attestation]:
-        """Every attestation matching ``flt`` (up to its limit), newest first, page by page."""
-        out: list[Attestation] = []
-        current = flt
-        while current is not None:
-            records, cursor = self.query_page(current)
-            out += records
-            current = next_page(flt, cursor, len(out))
-        return out
 
     def query_page(
         self, flt: Filter, *, page: int = MAX_PAGE, max_scan: int = MAX_SCAN,

@@ -18,7 +18,6 @@ from qntx.ats.filters import (
     MAX_FILTER_VALUES,
     Budget,
     matches,
-    next_page,
     normalise_filter,
     parse_cursor,
 )
@@ -38,21 +37,7 @@ _MIN_SEQ, _MAX_SEQ = b"\x00" * 8, b"\xff" * 8
 
 
 class LmdbQueries:
-    """``query`` and ``query_page`` over the store's indexes."""
-
-    def query(self, flt: Filter) -> list[Attestation]:
-        """Every attestation matching ``flt`` (up to its limit), newest first (SPEC
-        §3.3), never a full scan when a list field or source is given. Pages through
-        ``query_page``; an actor serves single pages instead."""
-        out: list[Attestation] = []
-        scanned, current = 0, flt
-        while current is not None:
-            records, cursor = self.query_page(current)
-            out += records
-            scanned += self.last_query_scanned
-            current = next_page(flt, cursor, len(out))
-        self.last_query_scanned = scanned
-        return out
+    """``query_page`` over the store's indexes (``query`` pages through it)."""
 
     def query_page(
         self, flt: Filter, *, page: int = MAX_PAGE, max_scan: int = MAX_SCAN,
