@@ -17,7 +17,7 @@ line that says to run ``qntx db upgrade``.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from qntx.errors import Invalid, Unavailable
 
@@ -39,13 +39,20 @@ def check_store_setting(text: str) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for logs, errors and stats."""
+    """``url`` without its password (in the user part or as ``?password=``), for logs,
+    errors and stats."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if "password=" in parts.query:
+        query = "&".join(
+            "password=***" if pair.startswith("password=") else pair for pair in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    # Put together by hand: urlunsplit drops the empty host of postgresql:///db.
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{query}"
 
 
 def psycopg():

@@ -17,6 +17,10 @@ transactions: once ``APPLY_AT`` records wait, or once no group has come for
 ``APPLY_IDLE_S``. A read (query, get, stats) that arrives while acknowledged records are
 not yet indexed waits for them, so a query right after an acknowledgement sees
 it. A crash between the two loses nothing: the store replays the journal on open.
+
+With ``store = "postgresql://..."`` (``qntx.ats.backend``) the same calls reach the
+PostgreSQL store: a group is one transaction, committed before any writer hears
+"stored", and nothing waits behind it, so reads are answered at once.
 """
 
 from __future__ import annotations
