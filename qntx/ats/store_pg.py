@@ -1,16 +1,19 @@
 """The attestation store on PostgreSQL: the interface of ``qntx.ats.backend`` over the
 tables of ``qntx.ats.sql``.
 
-Every group commit is one transaction: lock ``ats_meta`` (so sequence numbers follow
-commit order), claim the group's ids, number its records, ``COPY`` them in, move the
-sequence and the count on, commit. Records are validated, encoded and numbered by
+Every group commit is one transaction in two round trips: move the sequence and the
+count on in ``ats_meta`` (its row lock, held to the commit, makes sequence numbers
+follow commit order) and ask which of the group's ids are taken; then claim the ids,
+number the records, insert them as one statement, commit. Records are validated, encoded and numbered by
 ``qntx.ats.batch`` exactly as on LMDB, and stored as those bytes. There is no journal
 in front of the tables: the commit is the durable write (the server's
 ``synchronous_commit`` and replication decide how durable), so ``log_batches``
 commits at once and ``apply_logged`` has nothing to do.
 
 Reads are single statements on the autocommit connection. A lost connection fails
-the request with ``Unavailable`` and the next request connects again.
+the request with ``Unavailable`` and the next request connects again (a group whose
+commit was sent when the connection broke may have been stored: its writers hear
+``Unavailable`` all the same).
 """
 
 from __future__ import annotations
