@@ -1,9 +1,10 @@
 """``bin/bench ats --store URL``: the ATS through the bus on PostgreSQL beside LMDB.
 
-The same workload runs against a real ATS actor twice in one run: first with its
-default LMDB store in a throwaway home, then with ``QNTX_STORE=URL`` (the database
-is migrated with ``qntx db upgrade`` and must hold no attestations: nothing in it is
-deleted). Each PostgreSQL figure is printed beside LMDB's, the LMDB figure as its
+The same workload runs against real ATS actors in one run, with the default LMDB
+store in a throwaway home and with ``QNTX_STORE=URL`` in turn (the write stages in
+three rounds each, their medians reported). The database is migrated as by
+``qntx db upgrade`` and must hold no attestations at the start: the benchmark empties
+it between its stages, so what it deletes is only its own. Each PostgreSQL figure is printed beside LMDB's, the LMDB figure as its
 limit, and judged by the ratio:
 
 1. durable attestations/s from one sequential client      (>= 0.5x of LMDB)
@@ -18,12 +19,15 @@ suite's, with fsync and synchronous commit on, as in production).
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 
 from bench.actors import Home
-from bench.ats import Sizes, concurrent_writes, fact, load_for_queries, realistic_mix, timed
+from bench.ats import QUICK, Sizes, concurrent_writes, fact, load_for_queries, realistic_mix, timed
 from bench.probe import StageProbe
 from bench.report import Metric, Report, Target, percentile, progress
+
+ROUNDS = 3  # of the write stages, each backend in turn
 
 
 @contextlib.contextmanager
@@ -55,8 +59,8 @@ def _prepared(url: str) -> str:
     return url
 
 
-def measure(sizes: Sizes, store: str | None) -> dict[str, float]:
-    """Every figure of one backend, from a fresh ATS actor (and, for queries, another)."""
+def measure_writes(sizes: Sizes, store: str | None) -> dict[str, float]:
+    """The write figures of one backend, from a fresh ATS actor."""
     from qntx import connect
 
     figures: dict[str, float] = {}
@@ -84,11 +88,16 @@ def measure(sizes: Sizes, store: str | None) -> dict[str, float]:
                 figures["attest_many"] = n / (time.perf_counter() - start)
         finally:
             probe.close()
-    if store:  # the queries run over the realistic mix alone, as in `bin/bench ats`
+    return figures
+
+
+def measure_queries(sizes: Sizes, store: str | None) -> dict[str, float]:
+    """The load and query figures of one backend, over the realistic mix alone (as in
+    `bin/bench ats`), from a fresh ATS actor."""
+    if store:
         _empty(store)
     with Home() as home:
-        figures.update(_queries(home, sizes, store))
-    return figures
+        return _queries(home, sizes, store)
 
 
 class _NoProbe:
@@ -141,11 +150,24 @@ def _queries(home: Home, sizes: Sizes, store: str | None) -> dict[str, float]:
 def run(report: Report, sizes: Sizes, url: str) -> None:
     from qntx.db import redact
 
+    rounds = 1 if sizes is QUICK else ROUNDS
+    writes: dict[str, list[dict[str, float]]] = {"LMDB": [], "PostgreSQL": []}
     with database(url) as store:
-        progress("LMDB: writes and queries")
-        lmdb = measure(sizes, None)
-        progress(f"PostgreSQL ({redact(store)}): writes and queries")
-        pg = measure(sizes, store)
+        # Rounds of LMDB then PostgreSQL in turn: the machine's load and its disk's sync
+        # rate drift within a run, and each backend gets its share of both.
+        for n in range(rounds):
+            for name, target in (("LMDB", None), ("PostgreSQL", store)):
+                progress(f"round {n + 1} of {rounds}: {name} writes")
+                if target:
+                    _empty(target)
+                writes[name].append(measure_writes(sizes, target))
+        progress("LMDB: load and queries")
+        lmdb = {**_medians(writes["LMDB"]), **measure_queries(sizes, None)}
+        progress(f"PostgreSQL ({redact(store)}): load and queries")
+        pg = {**_medians(writes["PostgreSQL"]), **measure_queries(sizes, store)}
+    for name, runs in writes.items():
+        for key in runs[0]:
+            report.notes.append(f"{name} {key} per round: " + ", ".join(f"{r[key]:,.0f}/s" for r in runs))
     for key, value in lmdb.items():
         report.add_raw(f"lmdb_{key}", value, "us" if key.startswith("query") else "/s", "-")
     half = Target(">=", 0.5)
@@ -162,6 +184,11 @@ def run(report: Report, sizes: Sizes, url: str) -> None:
     for key, label, unit, target in rows:
         report.add(Metric(f"pg_{key}", f"PostgreSQL {label}", pg[key], unit, lmdb[key], f"LMDB {key}", target))
     report.notes.append(
-        "PostgreSQL and LMDB share this machine's cores and disk; the figures are one run each, "
-        "LMDB first. A query's ratio above 1 is PostgreSQL being slower."
+        f"PostgreSQL and LMDB share this machine's cores and disk; write figures are the median "
+        f"of {rounds} round(s) each, taken in turn; load and queries one run each. A query's "
+        "ratio above 1 is PostgreSQL being slower."
     )
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}

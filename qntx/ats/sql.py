@@ -64,6 +64,14 @@ INSERT_ROWS = (
     "%s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
     " %s::text[], %s::bytea[]) AS t(seq, id, ts, s, p, c, a, src, rec)"
 )
+# The whole group commit as one statement (its own transaction): move the sequence on
+# by N from the number the writer expects and insert the rows numbered after it, or
+# do nothing when another writer moved it (0 rows stored); a taken id fails it whole.
+COMMIT_ROWS = (
+    "WITH advance AS (UPDATE ats_meta SET seq = seq + %s, count = count + %s WHERE seq = %s RETURNING seq),"
+    f" stored AS ({INSERT_ROWS} WHERE EXISTS (SELECT FROM advance) RETURNING 1)"
+    " SELECT count(*) FROM stored"
+)
 
 
 def key(value: str) -> str:

@@ -33,6 +33,11 @@ from qntx.ats.store_query import MAX_SCAN, MAX_SEEKS
 from qntx.errors import QntxError, Unavailable
 from qntx.protocol import MAX_PAGE, Attestation, Filter, NewAttestation
 
+# Times a group is tried in one statement before its ids are checked first (another
+# writer moving the sequence each time).
+_FAST_TRIES = 3
+_CLAIM = object()  # a group's ids must be checked first
+
 
 class PgAttestationStore(StoreCommon):
     """Attestations in a PostgreSQL database migrated by ``qntx db upgrade``."""
@@ -130,32 +135,56 @@ class PgAttestationStore(StoreCommon):
         if not any(isinstance(b, list) and b for b in prepared):
             return prepared
 
-        wanted = [p.record.id for b in prepared if isinstance(b, list) for p in b]
+        for _ in range(_FAST_TRIES):
+            done = self._run(lambda conn: self._commit_at_once(conn, prepared))
+            if done is _CLAIM:
+                break
+            if done is not None:
+                return done
+        return self._run(lambda conn: self._commit_claiming(conn, prepared))
 
-        def work(conn) -> list[list[Prepared] | QntxError]:
-            # One round trip before the rows go (lock the sequence and move it on as if
-            # every record were stored; ask which ids are taken) and one with them and
-            # the commit: the pipeline sends each group of statements together.
-            with conn.pipeline(), conn.transaction():
-                moved = conn.execute(
-                    "UPDATE ats_meta SET seq = seq + %s, count = count + %s RETURNING seq",
-                    (len(wanted), len(wanted)),
-                )
-                found = conn.execute(sql.TAKEN, (wanted,))
-                seq = moved.fetchone()[0] - len(wanted)
-                taken_ids = {row[0] for row in found.fetchall()}
-                results, rows = self._claim(conn, prepared, seq, taken_ids, set(wanted), self._encoder)
-                if len(rows) != len(wanted):  # a batch failed: the sequence ends at the last stored
-                    conn.execute(
-                        "UPDATE ats_meta SET seq = %s, count = count - %s",
-                        (seq + len(rows), len(wanted) - len(rows)),
-                    )
-                if rows:
-                    conn.execute(sql.INSERT_ROWS, sql.columns(rows))
-            self._seq = seq + len(rows)
+    def _commit_at_once(self, conn, prepared) -> list[list[Prepared] | QntxError] | None:
+        """The group in one statement, numbered after the last sequence number this
+        store wrote or read: None when another writer moved it since (read it again),
+        ``_CLAIM`` when an id is taken (``_commit_claiming`` tells which batch)."""
+        results, rows = claim_and_number(prepared, lambda id: False, self._seq, self._encoder)
+        if not rows:
             return results
+        try:
+            stored = conn.execute(
+                sql.COMMIT_ROWS, (len(rows), len(rows), self._seq, *sql.columns(rows))
+            ).fetchone()[0]
+        except self._pg.errors.UniqueViolation:
+            return _CLAIM
+        if stored != len(rows):
+            self._seq = conn.execute("SELECT seq FROM ats_meta").fetchone()[0]
+            return None
+        self._seq += len(rows)
+        return results
 
-        return self._run(work)
+    def _commit_claiming(self, conn, prepared) -> list[list[Prepared] | QntxError]:
+        """The group with its ids checked against the table first, in two round trips:
+        move the sequence on as if every record were stored and ask which ids are
+        taken (one pipeline), then the rows and the commit."""
+        wanted = [p.record.id for b in prepared if isinstance(b, list) for p in b]
+        with conn.pipeline(), conn.transaction():
+            moved = conn.execute(
+                "UPDATE ats_meta SET seq = seq + %s, count = count + %s RETURNING seq",
+                (len(wanted), len(wanted)),
+            )
+            found = conn.execute(sql.TAKEN, (wanted,))
+            seq = moved.fetchone()[0] - len(wanted)
+            taken_ids = {row[0] for row in found.fetchall()}
+            results, rows = self._claim(conn, prepared, seq, taken_ids, set(wanted), self._encoder)
+            if len(rows) != len(wanted):  # a batch failed: the sequence ends at the last stored
+                conn.execute(
+                    "UPDATE ats_meta SET seq = %s, count = count - %s",
+                    (seq + len(rows), len(wanted) - len(rows)),
+                )
+            if rows:
+                conn.execute(sql.INSERT_ROWS, sql.columns(rows))
+        self._seq = seq + len(rows)
+        return results
 
     @staticmethod
     def _claim(conn, prepared, seq: int, taken_ids: set[str], checked: set[str], encoder):

@@ -24,7 +24,7 @@ from qntx.asid import is_asid
 from qntx.ats.store import MAX_JOINED_VALUES, AttestationStore, next_page
 from qntx.errors import Conflict, Invalid, Unavailable
 from qntx.protocol import Attestation, Filter, NewAttestation
-from tests.pg import TEMPLATE, pg_server  # noqa: F401  (a fixture)
+from tests.pg import TEMPLATE, pg_server, pg_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -800,3 +800,37 @@ def test_ax_queries_give_the_same_answers_on_every_backend(store, people, text, 
 
     flt = parse_ax(text, now_ms=NOW + 10).filter
     assert names(people, store.query(flt)) == expected
+
+
+def test_writers_sharing_a_database_share_one_sequence(pg_url) -> None:  # noqa: F811
+    """Two stores on one PostgreSQL database (two hosts' processes), writing at once:
+    every record gets its own sequence number, with none skipped, each writer's in
+    the order it wrote them, and a taken explicit id is still a Conflict."""
+    import threading
+
+    from qntx.ats.store_pg import PgAttestationStore
+
+    stores = [PgAttestationStore(pg_url), PgAttestationStore(pg_url)]
+    written: list[list[Attestation]] = [[], []]
+
+    def write(n: int) -> None:
+        for i in range(60):
+            for batch in stores[n].put_batches([[new(f"w{n}-{i}")], [new(f"w{n}-{i}b"), new(f"w{n}-{i}c")]]):
+                written[n] += batch
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    try:
+        assert all([r.seq for r in records] == sorted(r.seq for r in records) for records in written)
+        everything = stores[0].query(Filter())
+        assert sorted(r.seq for r in everything) == list(range(1, 361))
+        assert {r.id: r.seq for r in everything} == {r.id: r.seq for rs in written for r in rs}
+        with pytest.raises(Conflict):
+            stores[1].put_many([new(id=written[0][0].id)])
+        assert stores[0].count() == stores[1].count() == 360
+    finally:
+        for store in stores:
+            store.close()
