@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import psycopg
 import pytest
 
 from tests.integration.conftest import wait_for
@@ -52,6 +51,8 @@ def test_up_refuses_an_unmigrated_database(bus, pg_empty_url):  # noqa: F811
     assert result.returncode == 3
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "has no QNTX schema: run `qntx db upgrade --store URL` first" in result.stderr
+    import psycopg  # here: the fixture has skipped the test where it is missing
+
     with psycopg.connect(pg_empty_url) as conn:  # and it created nothing there
         assert conn.execute("SELECT to_regclass('ats_attestations')").fetchone()[0] is None
 
@@ -78,6 +79,8 @@ def test_seed_flow_on_postgresql(bus, pg_empty_url):  # noqa: F811
     assert [h["subjects"] for h in handlers] == [["vacancies"]]
 
     # They are in the database, in commit order, and the home has no LMDB store.
+    import psycopg
+
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT id, seq FROM ats_attestations ORDER BY seq").fetchall()
     assert [id for id, _ in rows] == [handlers[0]["id"], record["id"]]
