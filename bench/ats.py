@@ -16,7 +16,8 @@ ATS so its store holds only the realistic mix; stage 6 runs the CLI against a ho
 with no actor (``bin/bench cli`` times the everyday commands). Every process is
 stopped in a ``finally``. ``--quick`` shrinks everything for a smoke test.
 ``--and`` runs instead the AND-of-two-broad-fields query at a million attestations
-(``bench.ats_and``).
+(``bench.ats_and``); ``--store URL`` the store on PostgreSQL beside LMDB
+(``bench.ats_stores``).
 """
 
 from __future__ import annotations
@@ -302,6 +303,23 @@ def timed(call, samples: int) -> list[float]:
     return sorted(out)
 
 
+def load_for_queries(bus, sizes: Sizes, items, handlers: int):
+    """Load ``items`` in batches; the seconds it took, and the selective and broad
+    queries, each checked once against what was loaded."""
+    progress(f"loading {sizes.stored:,} attestations")
+    start = time.perf_counter()
+    for i in range(0, len(items), sizes.load_batch):
+        bus.attest_many(items[i : i + sizes.load_batch])
+    load_s = time.perf_counter() - start
+    if bus.stats().attestations != sizes.stored:
+        raise RuntimeError("the store does not hold what was loaded")
+    selective = lambda: bus.query(predicates=["handler"], contexts=["python"])  # noqa: E731
+    broad = lambda: bus.query(predicates=["knows"], limit=10)  # noqa: E731
+    if len(selective()) != handlers or len(broad()) != 10:
+        raise RuntimeError("the queries did not return what was loaded")
+    return load_s, selective, broad
+
+
 def query_stage(report: Report, sizes: Sizes) -> None:
     """Stage 4: query latency over a loaded store, beside a ping to the same actor."""
     from qntx import connect
@@ -310,23 +328,12 @@ def query_stage(report: Report, sizes: Sizes) -> None:
     with Home() as home:
         home.start_ats()
         with connect(home.path, embedded=False, request_timeout_s=60.0) as bus:
-            progress(f"loading {sizes.stored:,} attestations")
-            start = time.perf_counter()
-            for i in range(0, len(items), sizes.load_batch):
-                bus.attest_many(items[i : i + sizes.load_batch])
-            load_s = time.perf_counter() - start
+            load_s, selective, broad = load_for_queries(bus, sizes, items, handlers)
             report.notes.append(
                 f"loaded {sizes.stored:,} attestations with attest_many({sizes.load_batch:,}) in "
                 f"{load_s:.1f} s ({sizes.stored / load_s:,.0f}/s)"
             )
-            if bus.stats().attestations != sizes.stored:
-                raise RuntimeError("the store does not hold what was loaded")
-
             progress(f"{sizes.samples} pings and queries of each kind")
-            selective = lambda: bus.query(predicates=["handler"], contexts=["python"])  # noqa: E731
-            broad = lambda: bus.query(predicates=["knows"], limit=10)  # noqa: E731
-            if len(selective()) != handlers or len(broad()) != 10:
-                raise RuntimeError("the queries did not return what was loaded")
             for call in (bus.ping, selective, broad):
                 timed(call, max(20, sizes.samples // 20))  # warm: page cache, code paths
             # Interleaved rounds, so a noisy second hurts all three kinds alike.
@@ -452,6 +459,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--and", dest="and_query", action="store_true",
         help="only the query that ANDs two broad fields, at 1,000,000 attestations",
     )  # fmt: skip
+    parser.add_argument(
+        "--store", metavar="URL",
+        help="instead: PostgreSQL at URL (an empty database; `local`: a server of its own) beside LMDB",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -464,6 +475,13 @@ def main(argv: list[str]) -> int:
         from bench import ats_and
 
         ats_and.run(report, args.quick)
+        report.seconds = time.perf_counter() - start
+        report.print(args.json)
+        return 0
+    if args.store:
+        from bench import ats_stores
+
+        ats_stores.run(report, sizes, args.store)
         report.seconds = time.perf_counter() - start
         report.print(args.json)
         return 0

@@ -31,6 +31,9 @@ class Settings:
     max_message_bytes: int = 16 << 20
     max_payload_bytes: int = 15 << 20  # a job's payload, as MessagePack
     max_result_bytes: int = 15 << 20  # a job's result, as MessagePack
+    # Where the ATS keeps attestations: "" is LMDB under the home; postgresql://... a
+    # PostgreSQL database migrated by `qntx db upgrade` (qntx.ats.backend)
+    store: str = ""
     ats_map_size: int = 1 << 30  # initial LMDB map; it grows on demand
     ats_max_map_size: int = 0  # the map never grows past it (0: only the disk limits it)
     python_pool_size: int = 0  # python jobs at once (fork servers of the plugin); 0: as many as `workers`
@@ -238,6 +241,9 @@ def load_settings(home: str | Path | None = None, environ: dict[str, str] | None
     for name, sock in _ENDPOINTS.items():
         if not values.get(name):
             values[name] = f"ipc://{home_path / 'run' / sock}"
+    from qntx.db import check_store_setting
+
+    check_store_setting(values.get("store", ""))
     if values.get("log_format", "text") not in LOG_FORMATS:
         raise Invalid(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {values['log_format']!r}")
     return Settings(home=home_path, extra=extra, **values)

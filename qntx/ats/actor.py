@@ -17,6 +17,10 @@ transactions: once ``APPLY_AT`` records wait, or once no group has come for
 ``APPLY_IDLE_S``. A read (query, get, stats) that arrives while acknowledged records are
 not yet indexed waits for them, so a query right after an acknowledgement sees
 it. A crash between the two loses nothing: the store replays the journal on open.
+
+With ``store = "postgresql://..."`` (``qntx.ats.backend``) the same calls reach the
+PostgreSQL store: a group is one transaction, committed before any writer hears
+"stored", and nothing waits behind it, so reads are answered at once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import msgspec
 from loguru import logger
 
 from qntx import __version__
-from qntx.ats.store import AttestationStore
+from qntx.ats.backend import open_store
 from qntx.bus.actor import Actor, Offloader, Publisher, Request, Timer
 from qntx.bus.pidlock import PidLock
 from qntx.errors import NotFound, QntxError, Unavailable
@@ -86,12 +90,7 @@ class AtsActor(Actor):
         self.lock = PidLock(self.settings.lock_path(self.name))
         if not self.lock.acquire():
             raise Unavailable(f"another ATS actor already owns {self.settings.ats_path}")
-        self.store = AttestationStore(
-            self.settings.ats_path,
-            map_size=self.settings.ats_map_size,
-            max_map_size=self.settings.ats_max_map_size,
-            journal=True,
-        )
+        self.store = open_store(self.settings, journal=True)
         self.events = Publisher(
             self, self.settings.ats_events_endpoint, self.settings.public("ats_events_endpoint"), topics=ATS_EVENT_ROLES
         )
@@ -111,7 +110,7 @@ class AtsActor(Actor):
             roles=ATS_ROLES,
             also=self.settings.public("ats_endpoint"),
         )
-        logger.info("ATS serving {} (store {}, {} attestations)", self.settings.ats_endpoint, self.settings.ats_path, self.store.count())
+        logger.info("ATS serving {} (store {}, {} attestations)", self.settings.ats_endpoint, self.store.location, self.store.count())
 
     def teardown(self) -> None:
         self.writer.close()  # finishes an index write in flight

@@ -25,83 +25,40 @@ sub-databases above later, many groups per transaction, and opening the store
 replays whatever the journal holds beyond ``meta/seq``. Each index transaction is
 atomic, so a crash never leaves a record half indexed.
 
-Queries walk one index backwards (the one the counts say is smallest) instead of
-scanning records, so cost follows the number of candidates, not the store size. A
-query that ANDs fields intersects their posting lists (``qntx.ats.postings``) and
-reads only the records that every field carries.
+Queries (``qntx.ats.store_query``) walk one index backwards, the smallest the counts
+name, or intersect the posting lists of several. A new group is validated, encoded
+and its ids claimed by ``qntx.ats.batch``, as on every backend (``qntx.ats.backend``).
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
 
-from qntx.asid import new_asid
-from qntx.ats.indexing import (
-    INDEXED_FIELDS,
-    LIST_FIELDS,
-    PAIR,
-    TS_SEQ,
-    U64,
-    IndexWriter,
-    count_key,
-    pair_key,
-    value_key,
-)
+from qntx.ats.backend import StoreCommon
+from qntx.ats.batch import Prepared, claim_and_number, prepare_batches
+from qntx.ats.filters import next_page  # noqa: F401  (callers page with it from here)
+from qntx.ats.indexing import INDEXED_FIELDS, PAIR, U64, IndexWriter  # noqa: F401
 from qntx.ats.journal import Journal
-from qntx.ats.postings import Intersection, PostingList, tail_after, tail_before, walk_back
-from qntx.ats.records import MAX_ID_BYTES, MAX_TIMESTAMP, Stored, check_list, check_text, validated
-from qntx.errors import Conflict, Invalid, QntxError, Unavailable
+from qntx.ats.records import MAX_ID_BYTES, Stored
+from qntx.ats.store_query import MAX_JOINED_VALUES, MAX_SCAN, MAX_SEEKS, LmdbQueries  # noqa: F401
+from qntx.errors import QntxError, Unavailable
 from qntx.lmdbenv import LmdbEnv
-from qntx.protocol import MAX_PAGE, Attestation, Filter, NewAttestation
-from qntx.values import is_int
-from qntx.values import now_ms as wall_clock_ms
+from qntx.protocol import Attestation, NewAttestation
 
-# Records one query request may read (matching or not), and index seeks it may make,
-# before it answers with what it found and a cursor: bounded work per request (a few
-# milliseconds of the actor's loop), whatever the filter.
-MAX_SCAN = 2_000
-MAX_SEEKS = 8_000
-# Values one filter field may OR together: each is a lookup and a cursor per page.
-MAX_FILTER_VALUES = 1_000
-# A field with more values than this is checked on the records the other fields
-# found rather than joined in the intersection (each seek in it seeks every value).
-MAX_JOINED_VALUES = 16
 _PAIRS_BUILT = b"pairs-built"  # meta: every record has its pair entries
 _BACKFILL_BATCH = 10_000
 # The journal grows up to this while the indexes are behind; past it a group commit
 # first brings the indexes up to date and writes the journal from the start again.
 JOURNAL_MAX_BYTES = 64 << 20
 JOURNAL_WAIT_S = 5.0  # a direct write waits this long for the journal's lock
-_MIN_SEQ, _MAX_SEQ = b"\x00" * 8, b"\xff" * 8
 
 
-class _Prepared(NamedTuple):
-    """A validated attestation with its id chosen and its one encoding made."""
-
-    record: Attestation
-    blob: bytes
-    explicit: bool  # the id came with the item (else the store generated it)
-
-    def numbered(self, seq: int, encode) -> _Prepared:
-        """The record, and its encoding, with its commit sequence number: what decides
-        which record is current (``qntx.ats.current``). ``seq`` is the last field of
-        the encoding (0 until now), so only its last byte changes."""
-        blob = self.blob[:-1] + encode(seq) if self.blob.endswith(_SEQ_UNSET) else None
-        record = msgspec.structs.replace(self.record, seq=seq)
-        return self._replace(record=record, blob=blob or encode(record))
-
-
-_SEQ_UNSET = b"\xa3seq\x00"  # how an Attestation's encoding ends while its seq is 0
-
-
-class AttestationStore:
+class AttestationStore(LmdbQueries, StoreCommon):
     """Append-only attestations in an LMDB directory, indexed for ``Filter`` queries."""
 
     def __init__(
@@ -117,6 +74,7 @@ class AttestationStore:
         """``journal``: keep the journal open for ``log_batches`` (the ATS actor, the
         one writer of its store); without it writes go straight to LMDB."""
         self.path = Path(path)
+        self.location = str(self.path)
         self.readonly = readonly
         self._sync = sync
         if readonly and not (self.path / "data.mdb").exists():
@@ -190,22 +148,7 @@ class AttestationStore:
     def clear_stale_readers(self) -> int:
         return self._env.clear_stale_readers()
 
-    def __enter__(self) -> AttestationStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ writes
-
-    def put_many(
-        self, items: list[NewAttestation], *, now_ms: int | None = None
-    ) -> list[Attestation]:
-        """Store ``items`` durably, all or nothing; raise the batch's error if any."""
-        outcome = self.put_batches([items], now_ms=now_ms)[0]
-        if isinstance(outcome, QntxError):
-            raise outcome
-        return outcome
 
     def put_batches(
         self, batches: list[list[NewAttestation]], *, now_ms: int | None = None
@@ -257,40 +200,22 @@ class AttestationStore:
         if journal is None:
             raise Unavailable(f"attestation store {self.path} has no journal open")
         prepared = self._prepare_batches(batches, now_ms)
-        claimed: set[str] = set()
-        results: list[Stored | QntxError] = []
-        accepted: list[_Prepared] = []
 
-        def claim(txn) -> None:
-            results.clear(), accepted.clear(), claimed.clear()  # LmdbEnv may run this twice
+        def claim(txn):
             get, db, logged = txn.get, self._records, self._logged_records
 
             def taken(id: str) -> bool:
-                return id in logged or id in claimed or get(id.encode(), db=db) is not None
+                return id in logged or get(id.encode(), db=db) is not None
 
-            for batch in prepared:
-                if isinstance(batch, QntxError):
-                    results.append(batch)
-                    continue
-                try:
-                    batch = _claim_ids(batch, taken, self._encoder)
-                except Conflict as exc:
-                    results.append(exc)
-                    continue
-                claimed.update(p.record.id for p in batch)
-                accepted.extend(batch)
-                results.append(len(batch))  # a Stored once numbered, below
+            return claim_and_number(prepared, taken, self._next_seq - 1, self._encoder)
 
-        self._env.read(claim)
+        outcomes, accepted = self._env.read(claim)
+        results: list[Stored | QntxError] = [
+            o if isinstance(o, QntxError) else Stored([p.record for p in o], [p.blob for p in o])
+            for o in outcomes
+        ]
         if not accepted:
             return results
-        encode = self._encoder.encode
-        accepted[:] = [p.numbered(seq, encode) for seq, p in enumerate(accepted, self._next_seq)]
-        done = iter(accepted)
-        for n, outcome in enumerate(results):
-            if isinstance(outcome, int):
-                batch = [next(done) for _ in range(outcome)]
-                results[n] = Stored([p.record for p in batch], [p.blob for p in batch])
         blobs = [p.blob for p in accepted]
         size = journal.entry_size(blobs)
         if not journal.empty and not self._logged:
@@ -379,7 +304,6 @@ class AttestationStore:
         entries = list(journal.read_all())
         if entries:
 
-
             def work(txn) -> int:
                 applied = U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0]
                 writer = IndexWriter(self, txn)
@@ -404,60 +328,20 @@ class AttestationStore:
     def _applied_seq(self) -> int:
         return self._env.read(lambda txn: U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0])
 
-    def _prepare_batches(self, batches, now_ms: int | None) -> list[list[_Prepared] | QntxError]:
+    def _prepare_batches(self, batches, now_ms: int | None) -> list[list[Prepared] | QntxError]:
         if self.readonly:
             raise Unavailable(f"attestation store {self.path} is open read-only")
-        now = wall_clock_ms() if now_ms is None else now_ms
-        prepared: list[list[_Prepared] | QntxError] = []
-        for batch in batches:
-            try:
-                prepared.append(self._prepare_batch(batch, now))
-            except Invalid as exc:
-                prepared.append(exc)
-        return prepared
+        return prepare_batches(batches, now_ms, self._encoder)
 
-    def _prepare_batch(self, batch: list[NewAttestation], now: int) -> list[_Prepared]:
-        if not isinstance(batch, list | tuple):
-            raise Invalid("a batch must be a list of attestations")
-        return [self._prepare(item, now) for item in batch]
-
-    def _prepare(self, item: NewAttestation, now: int) -> _Prepared:
-        """Validate, fill defaults, pick an id and encode: all before the write,
-        so a bad item fails its batch before anything is written."""
-        record = validated(item, now)
-        try:  # the one encoding of the record; only attributes can fail it
-            blob = self._encoder.encode(record)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-            raise Invalid(f"attributes cannot be encoded: {exc}") from None
-        return _Prepared(record, blob, item.id is not None)
-
-    def _write_batches(self, txn, prepared: list[list[_Prepared] | QntxError]):
+    def _write_batches(self, txn, prepared: list[list[Prepared] | QntxError]):
         writer = IndexWriter(self, txn)
-        get, db, added = txn.get, self._records, writer.ids
-
-        def taken(id: str) -> bool:
-            return id in added or get(id.encode(), db=db) is not None
-
-        results: list[list[Attestation] | QntxError] = []
-        seq = writer.start_seq
-        for batch in prepared:
-            if isinstance(batch, QntxError):
-                results.append(batch)
-                continue
-            try:
-                batch = _claim_ids(batch, taken, self._encoder)
-            except Conflict as exc:
-                results.append(exc)
-                continue
-            numbered = []
-            for item in batch:
-                seq += 1
-                item = item.numbered(seq, self._encoder.encode)
-                writer.add(item.record, item.blob, seq)
-                numbered.append(item.record)
-            results.append(numbered)
+        get, db = txn.get, self._records
+        results, accepted = claim_and_number(
+            prepared, lambda id: get(id.encode(), db=db) is not None, writer.start_seq, self._encoder
+        )
+        writer.add_many((item.record, item.blob, item.record.seq) for item in accepted)
         writer.finish()
-        return results
+        return [r if isinstance(r, QntxError) else [item.record for item in r] for r in results]
 
     # ------------------------------------------------------------------ reads
 
@@ -485,254 +369,10 @@ class AttestationStore:
 
         return self._env.read(work)
 
-    def query(self, flt: Filter) -> list[Attestation]:
-        """Every attestation matching ``flt`` (up to its limit), newest first (SPEC
-        §3.3), never a full scan when a list field or source is given. Pages through
-        ``query_page``; an actor serves single pages instead."""
-        out: list[Attestation] = []
-        scanned, current = 0, flt
-        while current is not None:
-            records, cursor = self.query_page(current)
-            out += records
-            scanned += self.last_query_scanned
-            current = next_page(flt, cursor, len(out))
-        self.last_query_scanned = scanned
-        return out
-
-    def query_page(
-        self, flt: Filter, *, page: int = MAX_PAGE, max_scan: int = MAX_SCAN,
-        max_seeks: int = MAX_SEEKS,
-    ) -> tuple[list[Attestation], str | None]:  # fmt: skip
-        """One page of ``query``: at most ``page`` records, ``max_scan`` records read
-        and ``max_seeks`` index seeks, so no request holds the actor for long; the
-        cursor of the next page, or None when there is no more."""
-        want, lo, hi, limit = _normalise_filter(flt)
-        start = _parse_cursor(flt.cursor)
-        self.last_query_scanned, self.last_query_plan = 0, []
-        if lo > hi:
-            return [], None
-        limit = page if limit is None else min(limit, page)
-        budget = _Budget(limit, max_scan, max_seeks)
-        self._page_tails: list[bytes] = []  # beside each record found, its ts + seq
-        def work(txn):
-            self._page_indexed = self._snapshot_seq(txn)  # what the overlay must not repeat
-            return self._run_query(txn, want, lo, hi, start, budget)
-
-        records, cursor = self._env.read(work)
-        if self._logged:  # only when the index writes fail (a full disk): readers wait otherwise
-            return self._with_logged(records, cursor, want, lo, hi, start, limit)
-        return records, cursor
-
-    def _with_logged(
-        self, records: list[Attestation], cursor: str | None, want: dict[str, set[str]],
-        lo: int, hi: int, start: bytes | None, limit: int,
-    ) -> tuple[list[Attestation], str | None]:  # fmt: skip
-        """The page with the journaled records that match and fall in its range of
-        ts + seq (the indexes do not hold them yet), in order, cut to ``limit``."""
-        floor = bytes.fromhex(cursor) if cursor is not None else None
-        found = list(zip(self._page_tails, records, strict=True))
-        for entry in list(self._logged):
-            for seq, item in enumerate(entry.items, entry.first_seq):
-                if seq <= self._page_indexed:  # an index write committed before the page's read
-                    continue
-                record = item.record
-                tail = TS_SEQ.pack(record.timestamp, seq)
-                in_page = (start is None or tail < start) and (floor is None or tail > floor)
-                if in_page and lo <= record.timestamp <= hi and _matches(record, want):
-                    found.append((tail, record))
-        found.sort(key=lambda pair: pair[0], reverse=True)
-        if len(found) > limit:
-            found = found[:limit]
-            cursor = found[-1][0].hex()
-        return [record for _, record in found], cursor
-
-    def _run_query(
-        self, txn, want: dict[str, set[str]], lo: int, hi: int, start: bytes | None, budget: _Budget
-    ) -> tuple[list[Attestation], str | None]:
-        low, high = U64.pack(lo) + _MIN_SEQ, U64.pack(hi) + _MAX_SEQ
-        if start is not None:
-            high = min(high, start)  # resume below the previous page's last record
-        if want:
-            plan = self._plan(txn, want)
-            self.last_query_plan = [field for field, _ in plan]
-            if not plan:
-                return [], None
-            if len(plan) > 1:
-                return self._intersect(txn, want, plan, low, high, start, budget)
-            field, vkeys = plan[0]
-            walks = [
-                walk_back(
-                    txn.cursor(self._index[field]), vkey + b"\x00" + low, vkey + b"\x00" + high
-                )
-                for vkey in vkeys
-            ]
-            # Each walk yields (ts+seq, id) newest first; merging keeps that order.
-            candidates = walks[0] if len(walks) == 1 else heapq.merge(*walks, reverse=True)
-        else:
-            candidates = walk_back(txn.cursor(self._time), low, high)
-        out: list[Attestation] = []
-        previous = start
-        for tail, id in candidates:
-            if tail == previous:  # the same record through two OR values, or the cursor's
-                continue
-            previous = tail
-            self._read_candidate(txn, id, tail, want, out)
-            if len(out) >= budget.limit or self.last_query_scanned >= budget.max_scan:
-                return out, tail.hex()  # the page is full, or its work is done
-        return out, None
-
-    def _intersect(
-        self, txn, want: dict[str, set[str]], plan: list[tuple[str, list[bytes]]],
-        low: bytes, high: bytes, start: bytes | None, budget: _Budget,
-    ) -> tuple[list[Attestation], str | None]:  # fmt: skip
-        """The query's records through the intersection of the planned fields' posting
-        lists: only records every one of them carries are read."""
-        if start is not None:  # the cursor's own record was on the previous page
-            high = tail_before(start)
-            if high is None:
-                return [], None
-        lists = [
-            PostingList(
-                [txn.cursor(self._index[field]) for _ in vkeys], [k + b"\x00" for k in vkeys], low
-            )
-            for field, vkeys in plan
-        ]
-        join = Intersection(lists, high)
-        out: list[Attestation] = []
-        while join.pivot is not None:
-            if join.seeks >= budget.max_seeks or self.last_query_scanned >= budget.max_scan:
-                # Its work is done: the next page starts at the first unsettled tail.
-                return out, tail_after(join.pivot).hex()
-            tail = join.step()
-            if tail is None:
-                continue
-            self._read_candidate(txn, txn.get(tail, db=self._time), tail, want, out)
-            if len(out) >= budget.limit:
-                return out, tail.hex()
-        return out, None
-
-    def _read_candidate(self, txn, id: bytes, tail: bytes, want: dict[str, set[str]], out: list) -> None:
-        """Decode one candidate and keep it when it matches: index keys may be cut short
-        and a field may be left out of the intersection, so the record has the word."""
-        self.last_query_scanned += 1
-        record = self._decoder.decode(txn.get(id, db=self._records))
-        if _matches(record, want):
-            out.append(record)
-            self._page_tails.append(tail)
-
-    def _plan(self, txn, want: dict[str, set[str]]) -> list[tuple[str, list[bytes]]]:
-        """The fields to walk, each with its value keys, the one carried by the fewest
-        attestations first: that one alone, or with every other field of few enough
-        values to join in an intersection. Empty when a field matches no attestation.
-        Subjects and predicates asked together walk their pair index instead."""
-        ranked: list[tuple[int, str, list[bytes]]] = []
-        fields = dict.fromkeys(want)
-        subjects, predicates = want.get("subjects"), want.get("predicates")
-        if self._pairs and subjects and predicates and len(subjects) * len(predicates) <= MAX_FILTER_VALUES:
-            fields = {f: None for f in want if f not in ("subjects", "predicates")}
-            fields[PAIR] = {pair_key(value_key(s), value_key(p)) for s in subjects for p in predicates}
-        for field, pair_keys in fields.items():
-            vkeys = sorted(pair_keys) if pair_keys is not None else sorted({value_key(v) for v in want[field]})
-            counts = [txn.get(count_key(field, k), db=self._counts) for k in vkeys]
-            total = sum(U64.unpack(c)[0] for c in counts if c)
-            if total == 0:
-                return []
-            ranked.append((total, field, vkeys))
-        ranked.sort()
-        first, rest = ranked[0], ranked[1:]
-        joined = [r for r in rest if len(r[2]) <= MAX_JOINED_VALUES]
-        return [(field, vkeys) for _, field, vkeys in (first, *joined)]
-
-
-class _Budget(NamedTuple):
-    """What one query page may return and do."""
-
-    limit: int
-    max_scan: int
-    max_seeks: int
-
 
 class _Logged(NamedTuple):
     """One journal entry whose records the indexes do not hold yet."""
 
     first_seq: int
-    items: list[_Prepared]
+    items: list[Prepared]
 
-
-def _claim_ids(batch: list[_Prepared], taken: Callable[[str], bool], encoder) -> list[_Prepared]:
-    """The batch with every id free: Conflict when an explicit id is taken or repeated;
-    a generated id that is taken (or another item's explicit id) is drawn again."""
-    explicit = [p.record.id for p in batch if p.explicit]
-    unique = frozenset(explicit)
-    if len(unique) != len(explicit):
-        raise Conflict("a batch repeats an attestation id")
-    for id in explicit:
-        if taken(id):
-            raise Conflict(f"attestation {id} already exists")
-    out, generated = [], set()
-    for item in batch:
-        if not item.explicit:
-            record = item.record
-            while record.id in unique or record.id in generated or taken(record.id):
-                fresh = new_asid(record.subjects[0], record.predicates[0], record.contexts[0])
-                record = msgspec.structs.replace(record, id=fresh)
-            if record is not item.record:
-                item = _Prepared(record, encoder.encode(record), False)
-            generated.add(record.id)
-        out.append(item)
-    return out
-
-
-def next_page(flt: Filter, cursor: str | None, found: int) -> Filter | None:
-    """The filter asking for the page after one that ended at ``cursor``, having
-    found ``found`` records in all so far; None when the query is done."""
-    if cursor is None or (flt.limit is not None and found >= flt.limit):
-        return None
-    left = None if flt.limit is None else flt.limit - found
-    return msgspec.structs.replace(flt, cursor=cursor, limit=left)
-
-
-def _parse_cursor(cursor: str | None) -> bytes | None:
-    if cursor is None:
-        return None
-    try:
-        tail = bytes.fromhex(cursor) if isinstance(cursor, str) else b""
-    except ValueError:
-        tail = b""
-    if len(tail) != TS_SEQ.size:
-        raise Invalid(f"not a page cursor: {cursor!r}")
-    return tail
-
-
-def _matches(record: Attestation, want: dict[str, set[str]]) -> bool:
-    """The field conditions (the time range is already bounded by the index keys)."""
-    for field, values in want.items():
-        have = [record.source] if field == "source" else getattr(record, field)
-        if not any(v.casefold() in values for v in have):
-            return False
-    return True
-
-
-def _normalise_filter(flt: Filter) -> tuple[dict[str, set[str]], int, int, int | None]:
-    """Validate ``flt``; return casefolded wanted values per field, the ms range, the limit."""
-    if not isinstance(flt, Filter):
-        raise Invalid(f"expected a Filter, got {type(flt).__name__}")
-    want: dict[str, set[str]] = {}
-    for field in LIST_FIELDS:
-        values = check_list(f"filter {field}", getattr(flt, field), default=None)
-        if len(values) > MAX_FILTER_VALUES:
-            raise Invalid(f"filter {field} has {len(values)} values, more than {MAX_FILTER_VALUES}")
-        if values:
-            want[field] = {v.casefold() for v in values}
-    if flt.source is not None:
-        want["source"] = {check_text("filter source", flt.source).casefold()}
-    bounds = []
-    for name, default in (("time_start", 0), ("time_end", MAX_TIMESTAMP)):
-        value = getattr(flt, name)
-        if value is not None and not is_int(value):
-            raise Invalid(f"filter {name} must be an integer of ms, got {value!r}")
-        bounds.append(default if value is None else value)
-    lo, hi = max(bounds[0], 0), min(bounds[1], MAX_TIMESTAMP)
-    if flt.limit is not None and (not is_int(flt.limit) or flt.limit <= 0):
-        raise Invalid(f"limit must be a positive integer, got {flt.limit!r}")
-    return want, lo, hi, flt.limit

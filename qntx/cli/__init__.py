@@ -88,7 +88,7 @@ def _error_line(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qntx.cli import attestations, jobs, keys, run, schedules, ui  # noqa: F401  (registers commands)
+    from qntx.cli import attestations, db, jobs, keys, run, schedules, ui  # noqa: F401  (registers commands)
 
     os.umask(0o077)  # whatever a qntx process creates (keys, data, logs) is its owner's alone
 

@@ -27,6 +27,10 @@ def up(
         str | None,
         Parameter(help="Serve other hosts: tcp://HOST:PORT is the server; the other sockets take the next 5 ports."),
     ] = None,
+    store: Annotated[
+        str | None,
+        Parameter(help="Keep attestations in PostgreSQL, postgresql://USER@HOST/DB (migrated by `qntx db upgrade`)."),
+    ] = None,
 ):
     """Start the bus: every actor as its own supervised process, until Ctrl-C."""
     import os
@@ -34,7 +38,12 @@ def up(
     from qntx.supervisor import Child, Supervisor, actor_command
 
     _actor_logging("QNTX")
-    resolved = settings(workers=workers, bind=bind, python_pool_size=python_pool)
+    resolved = settings(workers=workers, bind=bind, python_pool_size=python_pool, store=store)
+    if resolved.store:
+        from qntx.db import check_schema
+
+        check_schema(resolved.store)  # an unmigrated database fails here, in one line
+        os.environ["QNTX_STORE"] = resolved.store  # the children resolve their settings again
     if resolved.bind:
         resolved.public("server_endpoint")  # a bad address fails here, once
         os.environ["QNTX_BIND"] = resolved.bind  # the children resolve their settings again

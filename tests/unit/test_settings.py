@@ -66,3 +66,27 @@ def test_plugin_tables_are_kept_for_the_plugins(tmp_path):
     (tmp_path / "config.toml").write_text("plugins = 3\n")
     with pytest.raises(Invalid, match="plugins must be a table"):
         load_settings(tmp_path, environ={})
+
+
+def test_the_store_is_lmdb_or_a_postgresql_url(tmp_path):
+    from qntx.ats.backend import open_store
+    from qntx.ats.store import AttestationStore
+    from qntx.db import redact
+
+    assert load_settings(tmp_path, environ={}).store == ""
+    with open_store(load_settings(tmp_path, environ={})) as store:  # the default: LMDB in the home
+        assert isinstance(store, AttestationStore) and store.location == str(tmp_path.resolve() / "ats")
+    (tmp_path / "config.toml").write_text('store = "postgresql://qntx@db.example/qntx"\n')
+    assert load_settings(tmp_path, environ={}).store == "postgresql://qntx@db.example/qntx"
+    url = "postgres://u@h/d"
+    assert load_settings(tmp_path, environ={"QNTX_STORE": url}).store == url
+    for bad in ("mysql://u@h/d", "/var/lib/qntx", "sqlite:///x"):
+        with pytest.raises(Invalid, match="store must be empty .* or postgresql://"):
+            load_settings(tmp_path, environ={}, store=bad)
+    assert redact("postgresql://qntx:s3cret@db:5432/qntx?sslmode=verify-full") == (
+        "postgresql://qntx:***@db:5432/qntx?sslmode=verify-full"
+    )
+    assert redact("postgresql://qntx@/qntx?host=/run/postgresql") == "postgresql://qntx@/qntx?host=/run/postgresql"
+    assert redact("postgresql:///qntx?host=/tmp&password=s3cret&sslmode=require") == (
+        "postgresql:///qntx?host=/tmp&password=***&sslmode=require"
+    )

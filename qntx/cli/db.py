@@ -1,0 +1,61 @@
+"""``qntx db``: the PostgreSQL database a bus keeps its stores in (``store`` in
+config.toml, or ``--store URL``). ``upgrade`` creates and migrates the schema, the
+only command that does (a bus never migrates on start); ``check`` prints the
+connection and each store's schema version. Only the ATS is kept there for now.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from cyclopts import App, Parameter
+
+from qntx.cli import app, settings
+
+db_app = App(name="db", help="The PostgreSQL database of the stores: upgrade its schema, check it.")
+app.command(db_app)
+
+StoreOption = Annotated[
+    str | None,
+    Parameter(help="postgresql://USER@HOST/DB (default: `store` in config.toml or $QNTX_STORE)."),
+]
+
+
+def _url(store: str | None) -> str:
+    from qntx.errors import Invalid
+
+    url = settings(store=store).store
+    if not url:
+        raise Invalid("no database: give --store postgresql://... or set store in config.toml")
+    return url
+
+
+@db_app.command
+def upgrade(*, store: StoreOption = None):
+    """Create the schema, or migrate it to this version; safe to run again."""
+    from qntx import db
+
+    url = _url(store)
+    moved = db.upgrade(url)
+    for component, start, end in moved:
+        print(f"upgraded {component} schema {start} -> {end}")
+    if not moved:
+        print(f"schema up to date in {db.redact(url)}")
+
+
+@db_app.command
+def check(*, store: StoreOption = None, json_: Annotated[bool, Parameter(name="--json", help="Print JSON.")] = False):
+    """The connection and each store's schema version; exit 3 when one is not current."""
+    from qntx import db
+
+    info = db.check(_url(store))
+    if json_:
+        print(json.dumps(info))
+    else:
+        print(f"connected  {info['url']} (database {info['database']}, user {info['user']}, PostgreSQL {info['server_version']})")
+        print(f"durability synchronous_commit={info['synchronous_commit']} fsync={info['fsync']}")
+        for name, schema in info["schema"].items():
+            state = "current" if schema["version"] == schema["latest"] else "run `qntx db upgrade`"
+            print(f"schema     {name} version {schema['version']} of {schema['latest']} ({state})")
+    return 0 if all(s["version"] == s["latest"] for s in info["schema"].values()) else 3

@@ -1,0 +1,192 @@
+"""The PostgreSQL database a bus may keep its stores in: connecting, and the schema's
+versions and their upgrade.
+
+psycopg (3) is imported only here and only when a store is configured as
+``postgresql://...`` (``store`` in config.toml, ``qntx up --store URL``); it comes
+with the optional extra ``qntx[postgres]``, and without it that store fails in one line.
+
+Each store kept in the database (the ATS today) is a *component* with an ordered list
+of migrations, each a list of SQL statements; the table ``qntx_schema`` holds the
+version each component is at. ``qntx db upgrade`` (``upgrade``) applies the missing
+ones, all in one transaction under an advisory lock, so two upgrades at once do the
+work once and a failed one leaves the old version whole. Opening a store never
+migrates: ``require_schema`` refuses a database that is not at this version, in one
+line that says to run ``qntx db upgrade``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from qntx.errors import Invalid, Unavailable
+
+SCHEMES = ("postgresql://", "postgres://")
+CONNECT_TIMEOUT_S = 10
+# Held by ``upgrade`` for its transaction: one upgrade at a time per database.
+_UPGRADE_LOCK = 0x51_4E_54_58  # "QNTX"
+
+
+def is_database_url(text: str) -> bool:
+    return isinstance(text, str) and text.startswith(SCHEMES)
+
+
+def check_store_setting(text: str) -> str:
+    """``store`` as a setting: empty (LMDB in the home) or a PostgreSQL URL."""
+    if text and not is_database_url(text):
+        raise Invalid(f"store must be empty (LMDB in the home) or postgresql://..., got {text!r}")
+    return text
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (in the user part or as ``?password=``), for logs,
+    errors and stats."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if "password=" in parts.query:
+        query = "&".join(
+            "password=***" if pair.startswith("password=") else pair for pair in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    # Put together by hand: urlunsplit drops the empty host of postgresql:///db.
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{query}"
+
+
+def psycopg():
+    """The psycopg module, or one clear line on how to install it."""
+    try:
+        import psycopg as module
+    except ImportError:
+        raise Unavailable(
+            "a postgresql:// store needs psycopg 3: pip install 'qntx[postgres]'"
+        ) from None
+    return module
+
+
+def connect(url: str, *, application: str = "qntx") -> Any:
+    """An autocommit connection (work that must be atomic opens ``conn.transaction()``)."""
+    pg = psycopg()
+    try:
+        return pg.connect(
+            url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name=application
+        )
+    except pg.Error as exc:
+        raise Unavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def components() -> dict[str, list[list[str]]]:
+    """Every component's migrations, oldest first (version N is the first N applied)."""
+    from qntx.ats.sql import MIGRATIONS as ATS
+
+    return {"ats": ATS}
+
+
+def latest(component: str) -> int:
+    return len(components()[component])
+
+
+def versions(conn) -> dict[str, int]:
+    """The version each component is at (empty before the first upgrade)."""
+    found = conn.execute("SELECT to_regclass('qntx_schema') IS NOT NULL").fetchone()[0]
+    if not found:
+        return {}
+    return dict(conn.execute("SELECT component, version FROM qntx_schema").fetchall())
+
+
+def require_schema(conn, component: str, url: str) -> None:
+    """Refuse a database whose ``component`` schema is not this version's."""
+    have, want = versions(conn).get(component, 0), latest(component)
+    if have == want:
+        return
+    where = redact(url)
+    if have > want:
+        raise Unavailable(
+            f"the {component} schema in {where} is version {have}, newer than this qntx ({want}): upgrade qntx"
+        )
+    state = "has no QNTX schema" if have == 0 else f"has {component} schema version {have}, this qntx needs {want}"
+    raise Unavailable(f"the database {where} {state}: run `qntx db upgrade --store URL` first")
+
+
+def check_schema(url: str) -> None:
+    """Connect and ``require_schema`` for every component: what ``qntx up`` does first."""
+    conn = connect(url, application="qntx up")
+    try:
+        for component in components():
+            require_schema(conn, component, url)
+    finally:
+        conn.close()
+
+
+def upgrade(url: str) -> list[tuple[str, int, int]]:
+    """Bring every component to its latest version; (component, from, to) for each
+    that moved. Idempotent: a database already there is left as it is."""
+    pg = psycopg()
+    conn = connect(url, application="qntx db upgrade")
+    moved: list[tuple[str, int, int]] = []
+    try:
+        encoding = conn.execute("SHOW server_encoding").fetchone()[0]
+        if encoding.upper() not in ("UTF8", "UTF-8"):
+            raise Unavailable(f"the database {redact(url)} is {encoding}; QNTX needs a UTF8 database")
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS qntx_schema ("
+                " component text PRIMARY KEY, version integer NOT NULL,"
+                " upgraded_at timestamptz NOT NULL DEFAULT now())"
+            )
+            have = versions(conn)
+            for component, migrations in components().items():
+                start = have.get(component, 0)
+                if start > len(migrations):
+                    raise Unavailable(
+                        f"the {component} schema in {redact(url)} is version {start}, newer than this qntx ({len(migrations)})"
+                    )
+                for statements in migrations[start:]:
+                    for statement in statements:
+                        conn.execute(statement)
+                if start < len(migrations):
+                    conn.execute(
+                        "INSERT INTO qntx_schema (component, version) VALUES (%s, %s)"
+                        " ON CONFLICT (component) DO UPDATE SET version = excluded.version, upgraded_at = now()",
+                        (component, len(migrations)),
+                    )
+                    moved.append((component, start, len(migrations)))
+    except pg.Error as exc:
+        raise Unavailable(f"upgrading {redact(url)} failed: {first_line(exc)}") from None
+    finally:
+        conn.close()
+    return moved
+
+
+def check(url: str) -> dict[str, Any]:
+    """What ``qntx db check`` prints: the connection and each component's version."""
+    pg = psycopg()
+    conn = connect(url, application="qntx db check")
+    try:
+        row = conn.execute(
+            "SELECT current_database(), current_user, current_setting('server_version'),"
+            " current_setting('synchronous_commit'), current_setting('fsync')"
+        ).fetchone()
+        have = versions(conn)
+    except pg.Error as exc:
+        raise Unavailable(f"checking {redact(url)} failed: {first_line(exc)}") from None
+    finally:
+        conn.close()
+    database, user, server, synchronous_commit, fsync = row
+    return {
+        "url": redact(url),
+        "database": database,
+        "user": user,
+        "server_version": server,
+        "synchronous_commit": synchronous_commit,
+        "fsync": fsync,
+        "schema": {name: {"version": have.get(name, 0), "latest": latest(name)} for name in components()},
+    }
