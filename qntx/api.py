@@ -613,11 +613,11 @@ class Bus:
 
     def _read_pulse(self, work, *, empty):
         """Read the job store directly, for when no server runs (nothing is changed)."""
-        from qntx.pulse.jobstore import JobStore
+        from qntx.pulse.jobstore import open_job_store
 
-        if not (self.settings.pulse_path / "data.mdb").exists():
+        store = open_job_store(self.settings, readonly=True)
+        if store is None:
             return empty()
-        store = JobStore(self.settings.pulse_path, readonly=True)
         try:
             return work(store)
         finally:
