@@ -276,7 +276,7 @@ class PgJobStore:
         while len(found) < limit:
             page = max(_PAGE, limit - len(found))
             params = {"status": status, "created": created, "seq": seq, "page": page}
-            rows = self._read(lambda conn: conn.execute(statement, params).fetchall())
+            rows = self._read(lambda conn, params=params: conn.execute(statement, params).fetchall())
             for job_id, created, seq, record, result in rows:
                 if len(found) == limit:
                     break

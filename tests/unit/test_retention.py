@@ -14,9 +14,14 @@ from qntx.protocol import Job
 from qntx.pulse.core import PulseCore
 from qntx.pulse.events import Saved
 from qntx.pulse.jobstore import JobStore, PulseStore
-from tests.pg import job_store as store  # noqa: F401  (the fixture, on both backends)
-from tests.pg import pg_server  # noqa: F401  (fixtures)
+from tests.pg import job_store, pg_server  # noqa: F401  (fixtures)
 from tests.unit.test_core import CONFIG, Harness
+
+
+@pytest.fixture
+def store(job_store):  # noqa: F811
+    """An empty job store, once on LMDB and once on PostgreSQL."""
+    return job_store
 
 pytestmark = pytest.mark.timeout(60)
 
