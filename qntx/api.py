@@ -217,17 +217,16 @@ class _RemoteAts:
 
 
 class _EmbeddedAts:
-    """The LMDB store opened in this process (no actor running)."""
+    """The store the settings name (LMDB in the home, or PostgreSQL), opened in this
+    process (no actor running)."""
 
     embedded = True
 
     def __init__(self, settings: Settings):
-        from qntx.ats.store import AttestationStore
+        from qntx.ats.backend import open_store
 
         settings.home.mkdir(parents=True, exist_ok=True)
-        self.store = AttestationStore(
-            settings.ats_path, map_size=settings.ats_map_size, max_map_size=settings.ats_max_map_size
-        )
+        self.store = open_store(settings)
 
     def ping(self) -> Pong:
         import os
