@@ -66,7 +66,7 @@ def test_prune_deletes_what_is_past_its_cutoff_in_batches_and_keeps_counts_right
         total = {k: total[k] + len(deleted[k]) for k in total}
     assert total == {"completed": 20, "failed": 10}
     assert all(store.get(i) is None for i in ids) and all(store.get(i) is not None for i in newer)
-    assert store.find(None, "k1") is None  # its idempotency key went with it
+    assert store.find(None, "k1") is None and _stored_keys(store) == 0  # the keys went with their jobs
     counts = store.load(()).counts
     assert counts["completed"] == 5 and counts["failed"] == 0
     assert [j.id for _, _, j in store.newest(None, 100)] == newer[::-1]
@@ -165,6 +165,13 @@ def test_the_store_knows_what_runs_after_a_job_and_prunes_it_with_the_job(store)
     assert store.dependents(first) == []  # the index went with the jobs
     with pytest.raises(Invalid):
         store.get("")
+
+
+def _stored_keys(store: PulseStore) -> int:
+    """How many idempotency keys the backend holds."""
+    if isinstance(store, JobStore):
+        return store._env.read(lambda txn: txn.stat(store._db["keys"])["entries"])
+    return store._read(lambda conn: conn.execute("SELECT count(*) FROM pulse_keys").fetchone()[0])
 
 
 def _stored_bytes(store: PulseStore, job_id: str) -> tuple[bytes | None, bytes | None]:
