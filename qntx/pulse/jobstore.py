@@ -121,6 +121,9 @@ class PulseStore(Protocol):
     orders and the same prune choices (tests/unit/test_retention.py runs on both)."""
 
     location: str
+    # Whether a small group commit is best run on the loop (it costs less than a hop
+    # to the writer thread and back) rather than on the writer thread.
+    commits_inline: bool
 
     def load(self, statuses: Iterable[str]) -> Loaded: ...
 
@@ -164,6 +167,8 @@ def open_job_store(settings: Settings, *, readonly: bool = False) -> PulseStore 
 
 class JobStore:
     """Every job of one Pulse home in an LMDB directory, indexed by status and age."""
+
+    commits_inline = True  # a small commit is a local write and one fsync
 
     def __init__(self, path: str | Path, *, map_size: int = 256 << 20, sync: bool = True, readonly: bool = False):
         self._env = LmdbEnv(path, _DBS, map_size=map_size, sync=sync, readonly=readonly)

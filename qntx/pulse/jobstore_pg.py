@@ -14,13 +14,14 @@ The tables mirror the LMDB sub-databases, and hold the same bytes:
 * ``pulse_meta``   one row: the next seq, the lease ceiling, the plugin names, and the
   schedules, limits and handler versions as MessagePack
 
-Every ``save`` (one group commit) and every ``prune`` batch is one transaction sent
-as one pipeline, on the writer connection; reads run on a connection of their own,
+Every ``save`` (one group commit) is one statement, and so one transaction in one
+round trip; every ``prune`` batch is one transaction; both on the writer connection; reads run on a connection of their own,
 so the loop's reads never wait behind a prune on the writer thread. Text columns
 compare bytewise (``COLLATE "C"``), the order of LMDB's keys.
 
-Every write goes through ``_write``: a leadership epoch checked there, in the same
-transaction, is all that fencing a paused old leader needs.
+Every write goes through ``_write_one`` or ``prune``'s transaction: a leadership
+epoch checked there, in the same statement or transaction, is all that fencing a
+paused old leader needs.
 """
 
 from __future__ import annotations
@@ -93,11 +94,18 @@ _SAVE_META = (
     "UPDATE pulse_meta SET seq = %s, lease = %s, plugins = %s, schedules = coalesce(%s, schedules),"
     " limits = coalesce(%s, limits), handler_versions = coalesce(%s, handler_versions)"
 )
-_PAGE = 500  # rows read at a time by ``newest`` while it passes over skipped jobs
+# ``newest`` reads what it still needs and a few more (for jobs it passes over), at
+# most this many rows at a time.
+_PAGE = 500
+_SPARE = 16
 
 
 class PgJobStore:
     """Every job of one bus in a PostgreSQL database migrated by ``qntx db upgrade``."""
+
+    # Every commit waits for the database (a round trip and its sync): on the writer
+    # thread the loop goes on meanwhile, and what arrives joins the next commit.
+    commits_inline = False
 
     def __init__(self, url: str, *, readonly: bool = False):
         self.url = url
@@ -142,16 +150,11 @@ class PgJobStore:
     def _read(self, work):
         return self._run("read", work)
 
-    def _write(self, work):
-        """``work(connection)`` in one transaction, its statements sent as one pipeline."""
+    def _write_one(self, statement: str, params) -> None:
+        """One statement: its own transaction, in one round trip."""
         if self.readonly:
             raise Unavailable(f"job store {self.location} is open read-only")
-
-        def transaction(conn):
-            with conn.pipeline(), conn.transaction():
-                return work(conn)
-
-        return self._run("write", transaction)
+        self._run("write", lambda conn: conn.execute(statement, params))
 
     def close(self) -> None:
         for slot in self._conns.values():
@@ -177,6 +180,11 @@ class PgJobStore:
         statuses = list(statuses)
 
         def work(conn) -> Loaded:
+            with conn.transaction():  # one snapshot for all of it
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                return snapshot(conn)
+
+        def snapshot(conn) -> Loaded:
             meta = conn.execute(
                 "SELECT seq, lease, plugins, schedules, limits, handler_versions FROM pulse_meta"
             ).fetchone()
@@ -274,7 +282,7 @@ class PgJobStore:
         found: list[tuple[int, int, Job]] = []
         created, seq = before if before is not None else (2**63 - 1, 2**63 - 1)
         while len(found) < limit:
-            page = max(_PAGE, limit - len(found))
+            page = min(_PAGE, limit - len(found) + _SPARE)
             params = {"status": status, "created": created, "seq": seq, "page": page}
             rows = self._read(lambda conn, params=params: conn.execute(statement, params).fetchall())
             for job_id, created, seq, record, result in rows:
@@ -296,7 +304,8 @@ class PgJobStore:
         """Write changed jobs (each with its seq and its status on disk, None if new),
         the counters, the lease ceiling and the plugin names in one transaction."""
         ids, seqs, created, statuses, finished, records, payloads, results = ([] for _ in range(8))
-        keys, key_ids, deps, dep_ids = [], [], [], []
+        keys: dict[str, str] = {}  # (a key given twice in one commit: the later job's, as on LMDB)
+        deps: dict[tuple[str, str], None] = {}
         for seq, job, old in changes.rows:
             record, apart = encode_record(self._encoder, seq, job)
             ids.append(job.id)
@@ -309,11 +318,9 @@ class PgJobStore:
             results.append(bytes(job.result) if apart else None)
             if old is None:
                 if job.idempotency_key is not None:
-                    keys.append(job.idempotency_key)
-                    key_ids.append(job.id)
+                    keys[job.idempotency_key] = job.id
                 for dep in job.after:
-                    deps.append(dep)
-                    dep_ids.append(job.id)
+                    deps[dep, job.id] = None
         encode = self._encoder.encode
         meta = (
             changes.next_seq,
@@ -325,18 +332,23 @@ class PgJobStore:
         )
         counts = list(changes.counts.items())
 
-        def work(conn) -> None:
-            if ids:
-                conn.execute(_UPSERT_JOBS, (ids, seqs, created, statuses, finished, records, payloads, results))
-            if keys:
-                conn.execute(_UPSERT_KEYS, (keys, key_ids))
-            if deps:
-                conn.execute(_INSERT_AFTER, (deps, dep_ids))
-            conn.execute(_SAVE_META, meta)
-            if counts:
-                conn.execute(_UPSERT_COUNTS, ([s for s, _ in counts], [c for _, c in counts]))
-
-        self._write(work)
+        # One statement, so one implicit transaction in one round trip: each table's
+        # rows as a data-modifying CTE (all run, referenced or not), the meta row last.
+        parts, params = [], []
+        if ids:
+            parts.append(f"j AS ({_UPSERT_JOBS} RETURNING 1)")
+            params += [ids, seqs, created, statuses, finished, records, payloads, results]
+        if keys:
+            parts.append(f"k AS ({_UPSERT_KEYS} RETURNING 1)")
+            params += [list(keys), list(keys.values())]
+        if deps:
+            parts.append(f"a AS ({_INSERT_AFTER} RETURNING 1)")
+            params += [[dep for dep, _ in deps], [job_id for _, job_id in deps]]
+        if counts:
+            parts.append(f"c AS ({_UPSERT_COUNTS} RETURNING 1)")
+            params += [[s for s, _ in counts], [c for _, c in counts]]
+        statement = ("WITH " + ", ".join(parts) + " " if parts else "") + _SAVE_META
+        self._write_one(statement, (*params, *meta))
 
     def prune(
         self,
