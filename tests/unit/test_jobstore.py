@@ -130,6 +130,7 @@ def test_newest_pages_by_cursor_and_passes_over_skipped_jobs(store):
     assert [j.id for _, _, j in found] == [jobs[28].id, jobs[26].id, jobs[25].id]
     assert found[0][2].status == "running"  # taken from the cache, not the store
     assert store.newest(None, 100, before=(0, 0)) == []
+    assert len(store.newest(None, 100, before=(2**64 - 1, 2**64 - 1))) == 30  # any cursor a client may send
 
 
 def test_dependents_are_listed_in_id_order(store):
