@@ -280,8 +280,7 @@ class PgJobStore:
             "(created_at, seq) < (%(created)s, %(seq)s) ORDER BY created_at DESC, seq DESC LIMIT %(page)s"
         )
         found: list[tuple[int, int, Job]] = []
-        top = 2**63 - 1  # (a cursor may name any 64-bit value; the columns are signed)
-        created, seq = (top, top) if before is None or before[0] > top else (before[0], min(before[1], top))
+        created, seq = before if before is not None else (2**63 - 1, 2**63 - 1)
         while len(found) < limit:
             page = min(_PAGE, limit - len(found) + _SPARE)
             params = {"status": status, "created": created, "seq": seq, "page": page}
