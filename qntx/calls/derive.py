@@ -1,0 +1,73 @@
+"""The methods of a driver, written from the calls.
+
+Each method is a real ``def`` (``async def`` for the asyncio driver) with the
+call's own parameters and defaults, so a misspelt argument is a TypeError at the
+call, ``help()`` and ``inspect.signature`` show the parameters, and the
+blocking and asyncio APIs cannot differ in what they accept. Its body hands the
+call's generator to the driver's ``_run``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Generator
+
+from qntx.calls.effects import CALLS
+
+
+def _source(name: str, fn: Callable, asynchronous: bool) -> tuple[str, dict]:
+    namespace: dict = {"_call": fn}
+    params: list[str] = []
+    forward: list[str] = []
+    starred = False
+    parameters = list(inspect.signature(fn).parameters.values())
+    for i, p in enumerate(parameters):
+        if p.kind is p.POSITIONAL_ONLY:
+            raise TypeError(f"call {name}: positional-only parameters are not supported")
+        if p.kind is p.VAR_POSITIONAL:
+            params.append(f"*{p.name}")
+            forward.append(f"*{p.name}")
+            starred = True
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            params.append(f"**{p.name}")
+            forward.append(f"**{p.name}")
+            continue
+        if p.kind is p.KEYWORD_ONLY and not starred:
+            params.append("*")
+            starred = True
+        text = p.name
+        if p.default is not p.empty:
+            namespace[f"_default{i}"] = p.default  # the very object: a default is never copied
+            text += f"=_default{i}"
+        params.append(text)
+        forward.append(f"{p.name}={p.name}" if p.kind is p.KEYWORD_ONLY else p.name)
+    bus = parameters[0].name
+    run = f"await {bus}._run" if asynchronous else f"{bus}._run"
+    head = "async def" if asynchronous else "def"
+    return f"{head} {name}({', '.join(params)}):\n    return {run}(_call({', '.join(forward)}))\n", namespace
+
+
+def method(name: str, fn: Callable[..., Generator], owner: type, *, asynchronous: bool) -> Callable:
+    source, namespace = _source(name, fn, asynchronous)
+    exec(compile(source, f"<qntx call {name}>", "exec"), namespace)  # noqa: S102 (our own text)
+    made = namespace[name]
+    made.__doc__ = fn.__doc__
+    made.__annotations__ = dict(fn.__annotations__)
+    made.__module__ = owner.__module__
+    made.__qualname__ = f"{owner.__qualname__}.{name}"
+    return made
+
+
+def with_calls(*, asynchronous: bool) -> Callable[[type], type]:
+    """Class decorator: give a driver one method per call (a method the class
+    writes itself is an error: it would be a twin)."""
+
+    def decorate(cls: type) -> type:
+        for name, fn in CALLS.items():
+            if name in cls.__dict__:
+                raise TypeError(f"{cls.__name__}.{name} is a call: it is derived, not written by hand")
+            setattr(cls, name, method(name, fn, cls, asynchronous=asynchronous))
+        return cls
+
+    return decorate
