@@ -10,6 +10,7 @@ call's generator to the driver's ``_run``.
 from __future__ import annotations
 
 import inspect
+import linecache
 from collections.abc import Callable, Generator
 
 from qntx.calls.effects import CALLS
@@ -50,7 +51,9 @@ def _source(name: str, fn: Callable, asynchronous: bool) -> tuple[str, dict]:
 
 def method(name: str, fn: Callable[..., Generator], owner: type, *, asynchronous: bool) -> Callable:
     source, namespace = _source(name, fn, asynchronous)
-    exec(compile(source, f"<qntx call {name}>", "exec"), namespace)  # noqa: S102 (our own text)
+    filename = f"<qntx call {owner.__name__}.{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 (our own text)
     made = namespace[name]
     made.__doc__ = fn.__doc__
     made.__annotations__ = dict(fn.__annotations__)
