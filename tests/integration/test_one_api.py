@@ -11,6 +11,7 @@ import pytest
 
 import qntx.aio
 from qntx.errors import NotFound
+from qntx.protocol import Filter
 from qntx.pulse.directives import Limit
 from tests.conftest import fresh_home
 from tests.integration.conftest import Bus
@@ -126,3 +127,37 @@ def test_async_bus_chains_acts_on_matches_limits_schedules_and_prunes(up: Bus) -
             await abus.job(steps[0].id)
 
     run(everything, up)
+
+
+def test_bus_reads_events_and_single_pages_as_async_bus_does(up: Bus) -> None:
+    import threading
+
+    from qntx.protocol import AttestationsStored
+
+    with up.connect() as bus:
+        stored = bus.attest("paged-1", "listed", "pages")
+        records, _ = bus.query_page(Filter(subjects=["paged-1"]))
+        assert [r.id for r in records] == [stored.id]
+        newest = [bus.submit("builtin.echo", n).id for n in range(3)][::-1]
+        bus.flush()
+        page, cursor = bus.jobs_page(limit=2)
+        assert [j.id for j in page] == newest[:2] and cursor is not None
+
+        stop = threading.Event()
+
+        def attest_until_seen() -> None:  # until the subscription has reached the publisher
+            while not stop.is_set():
+                bus_two.attest("evented", "seen", "events")
+                stop.wait(0.05)
+
+        with up.connect() as bus_two:
+            writer = threading.Thread(target=attest_until_seen)
+            events = bus.events()
+            writer.start()
+            try:
+                first = next(e for e in events if isinstance(e, AttestationsStored))
+            finally:
+                stop.set()
+                writer.join()
+                events.close()
+        assert first.stored and all(n.predicates == ["seen"] for n in first.stored)
