@@ -7,6 +7,7 @@ retried: an outcome held for it is stale)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
@@ -77,7 +78,7 @@ def chain(self, *steps: str | tuple | dict) -> list:
     """Submit jobs that run one after the other: each waits for the one before
     (and fails if it fails), and names it as its parent. A step is a handler
     name, ``(handler, payload)`` or a dict of ``submit`` arguments."""
-    handles: list = []
+    read: list[dict] = []
     for step in steps:
         if isinstance(step, str):
             step = {"handler": step}
@@ -85,12 +86,19 @@ def chain(self, *steps: str | tuple | dict) -> list:
             step = dict(zip(("handler", "payload"), step, strict=False))
         elif not isinstance(step, dict):
             raise Invalid(f"a chain step is a handler, (handler, payload) or a dict, got {step!r}")
+        _SUBMIT.bind(self, **step)  # a misspelt argument in any step: TypeError before the first is sent
+        read.append(step)
+    handles: list = []
+    for step in read:
         if handles:  # after the one before (and whatever else the step names)
             extra = step.get("after")
             extra = [] if extra is None else [extra] if isinstance(extra, str) or hasattr(extra, "id") else list(extra)
             step = {"parent_id": handles[-1].id, **step, "after": [handles[-1].id, *extra]}
         handles.append((yield from submit(self, **step)))
     return handles
+
+
+_SUBMIT = inspect.signature(submit)
 
 
 @call
