@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -104,23 +104,7 @@ class AsyncBus:
         """The request connection to the server."""
         return self._server
 
-    # ---------------------------------------------------------------- running the calls
-
-    async def _run(self, call: Generator) -> Any:
-        """Carry out what a call asks, until it returns; an error is raised in the
-        call where it asked (it may handle it)."""
-        effects = self._effects
-        try:
-            effect = next(call)
-            while True:
-                try:
-                    result = await effects[type(effect)](effect)
-                except Exception as exc:
-                    effect = call.throw(exc)
-                else:
-                    effect = call.send(result)
-        except StopIteration as done:
-            return done.value
+    # ---------------------------------------------------------------- the effects the calls ask for
 
     async def _ask(self, effect: Ask) -> Any:
         client = self._ats if effect.to == ATS else self._server

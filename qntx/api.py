@@ -18,7 +18,7 @@ import atexit
 import sys
 import time
 import weakref
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,23 +154,7 @@ class Bus:
             self._server = self._client(self.settings.server_endpoint, ServerReply)
         return self._server
 
-    # ---------------------------------------------------------------- running the calls
-
-    def _run(self, call: Generator) -> Any:
-        """Carry out what a call asks, until it returns; an error is raised in the
-        call where it asked (it may handle it)."""
-        effects = self._effects
-        try:
-            effect = next(call)
-            while True:
-                try:
-                    result = effects[type(effect)](effect)
-                except Exception as exc:
-                    effect = call.throw(exc)
-                else:
-                    effect = call.send(result)
-        except StopIteration as done:
-            return done.value
+    # ---------------------------------------------------------------- the effects the calls ask for
 
     def _ask(self, effect: Ask) -> Any:
         client = self._ats if effect.to == ATS else self.server

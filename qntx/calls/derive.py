@@ -3,8 +3,9 @@
 Each method is a real ``def`` (``async def`` for the asyncio driver) with the
 call's own parameters and defaults, so a misspelt argument is a TypeError at the
 call, ``help()`` and ``inspect.signature`` show the parameters, and the
-blocking and asyncio APIs cannot differ in what they accept. Its body hands the
-call's generator to the driver's ``_run``.
+blocking and asyncio APIs cannot differ in what they accept. Its body runs the
+call's generator, carrying out each effect it yields with the driver's
+``_effects`` (effect type -> the driver's function, awaited on asyncio).
 """
 
 from __future__ import annotations
@@ -44,9 +45,32 @@ def _source(name: str, fn: Callable, asynchronous: bool) -> tuple[str, dict]:
         params.append(text)
         forward.append(f"{p.name}={p.name}" if p.kind is p.KEYWORD_ONLY else p.name)
     bus = parameters[0].name
-    run = f"await {bus}._run" if asynchronous else f"{bus}._run"
+    if any(p.name.startswith("_") for p in parameters):
+        raise TypeError(f"call {name}: a parameter name starting with _ would meet the body's own")
     head = "async def" if asynchronous else "def"
-    return f"{head} {name}({', '.join(params)}):\n    return {run}(_call({', '.join(forward)}))\n", namespace
+    wait = "await " if asynchronous else ""
+    return RUN.format(head=head, name=name, params=", ".join(params), forward=", ".join(forward), bus=bus, wait=wait), namespace
+
+
+# The driver's loop, in each method (one frame less than a shared runner: the asyncio
+# submit is on a hot path). It carries out what the call asks until it returns; an
+# error is raised in the call where it asked (the call may handle it).
+RUN = """\
+{head} {name}({params}):
+    _call_ = _call({forward})
+    _effects = {bus}._effects
+    try:
+        _effect = next(_call_)
+        while True:
+            try:
+                _result = {wait}_effects[type(_effect)](_effect)
+            except Exception as _error:
+                _effect = _call_.throw(_error)
+            else:
+                _effect = _call_.send(_result)
+    except StopIteration as _done:
+        return _done.value
+"""
 
 
 def method(name: str, fn: Callable[..., Generator], owner: type, *, asynchronous: bool) -> Callable:
