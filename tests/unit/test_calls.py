@@ -1,5 +1,5 @@
 """The calls of the scripting API without any bus: what each asks for, page after
-page, given the replies (they are generators; this test is their driver)."""
+page, given the replies (a driver derived like Bus and AsyncBus, over no connection)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import tempfile
 
 import pytest
 
-from qntx.calls import CALLS, SERVER, Ask, AskEach, Enqueue
+from qntx.calls import SERVER, Ask, AskEach, Enqueue, Nap
+from qntx.calls.derive import with_calls
 from qntx.errors import Invalid, NotFound
 from qntx.protocol import (
     MAX_PAGE,
@@ -26,8 +27,10 @@ from qntx.settings import load_settings
 pytestmark = pytest.mark.timeout(30)
 
 
+@with_calls(asynchronous=False)
 class Driver:
-    """Stands in for a driver: the settings, and the answers it would get."""
+    """A driver whose effects are answered by ``answer``: the calls' own derived
+    methods, over no connection."""
 
     embedded = False
 
@@ -36,6 +39,11 @@ class Driver:
         self.answer = answer
         self.asked: list = []
         self.forgotten: list[str] = []
+        self._effects = dict.fromkeys((Ask, AskEach, Enqueue, Nap), self._answer)
+
+    def _answer(self, effect):
+        self.asked.append(effect)
+        return self.answer(effect)
 
     def _server_up(self) -> bool:
         return True
@@ -44,19 +52,7 @@ class Driver:
         self.forgotten.append(job_id)
 
     def run(self, name: str, *args, **kwargs):
-        call = CALLS[name](self, *args, **kwargs)
-        try:
-            effect = next(call)
-            while True:
-                self.asked.append(effect)
-                try:
-                    reply = self.answer(effect)
-                except Exception as exc:
-                    effect = call.throw(exc)
-                else:
-                    effect = call.send(reply)
-        except StopIteration as done:
-            return done.value
+        return getattr(self, name)(*args, **kwargs)
 
 
 def job(n: int, created_at: int = 0) -> Job:
