@@ -92,7 +92,6 @@ class AsyncBus:
         self._follower = AsyncJobFollower(self._server, timeout)
         self._submitted: list[AsyncJobHandle] = []
         self._prune_at = 1024
-        self._effects = {Ask: self._ask, AskEach: self._ask_each, Enqueue: self._enqueue, Nap: self._nap}
 
     @property
     def embedded(self) -> bool:
@@ -145,6 +144,8 @@ class AsyncBus:
             self._submitted = [h for h in self._submitted if not h._acceptance.settled or h._acceptance.error]
             self._prune_at = max(1024, 2 * len(self._submitted))  # amortised: no rescan per submit
         return handle
+
+    _effects = {Ask: _ask, AskEach: _ask_each, Enqueue: _enqueue, Nap: _nap}  # (as Bus._effects)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every submission so far is accepted or refused; raise the first

@@ -133,7 +133,6 @@ class Bus:
         self._accepting: dict[bytes, JobHandle] = {}  # submissions waiting for their reply
         self._unreported: list[tuple[str, QntxError]] = []  # refusals settled on the way, not yet raised
         self._closed = False
-        self._effects = {Ask: self._ask, AskEach: self._ask_each, Enqueue: self._enqueue, Nap: self._nap}
         _open_buses.add(self)
 
     def _client(self, endpoint: str, replies: Any) -> Client:
@@ -190,6 +189,10 @@ class Bus:
         else:
             self._collect()
         return handle
+
+    # What carries out each effect (a class attribute: no bound methods, no cycle
+    # keeping a dropped Bus alive).
+    _effects = {Ask: _ask, AskEach: _ask_each, Enqueue: _enqueue, Nap: _nap}
 
     def _collect(self, wait_s: float = 0.0) -> None:
         """Settle every submission whose reply is already here."""

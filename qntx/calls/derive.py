@@ -4,8 +4,9 @@ Each method is a real ``def`` (``async def`` for the asyncio driver) with the
 call's own parameters and defaults, so a misspelt argument is a TypeError at the
 call, ``help()`` and ``inspect.signature`` show the parameters, and the
 blocking and asyncio APIs cannot differ in what they accept. Its body runs the
-call's generator, carrying out each effect it yields with the driver's
-``_effects`` (effect type -> the driver's function, awaited on asyncio).
+call's generator, carrying out each effect it yields with the driver class's
+``_effects`` (effect type -> its function of the driver and the effect; awaited
+on asyncio).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ RUN = """\
         _effect = next(_call_)
         while True:
             try:
-                _result = {wait}_effects[type(_effect)](_effect)
+                _result = {wait}_effects[type(_effect)]({bus}, _effect)
             except Exception as _error:
                 _effect = _call_.throw(_error)
             else:

@@ -39,11 +39,12 @@ class Driver:
         self.answer = answer
         self.asked: list = []
         self.forgotten: list[str] = []
-        self._effects = dict.fromkeys((Ask, AskEach, Enqueue, Nap), self._answer)
 
     def _answer(self, effect):
         self.asked.append(effect)
         return self.answer(effect)
+
+    _effects = dict.fromkeys((Ask, AskEach, Enqueue, Nap), _answer)
 
     def _server_up(self) -> bool:
         return True
