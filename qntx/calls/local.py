@@ -30,15 +30,14 @@ from qntx.settings import Settings
 
 
 class EmbeddedAts:
-    """The LMDB store opened in this process, answering the ATS actor's requests."""
+    """The home's store (LMDB, or the PostgreSQL database ``store`` names) opened in
+    this process, answering the ATS actor's requests."""
 
     def __init__(self, settings: Settings):
-        from qntx.ats.store import AttestationStore
+        from qntx.ats.backend import open_store
 
         settings.home.mkdir(parents=True, exist_ok=True)
-        self.store = AttestationStore(
-            settings.ats_path, map_size=settings.ats_map_size, max_map_size=settings.ats_max_map_size
-        )
+        self.store = open_store(settings)
         self._answers: dict[type, Callable[[Any], Any]] = {
             Ping: lambda _: Pong(actor="embedded", pid=os.getpid()),
             Attest: lambda m: Attested(records=self.store.put_many(m.items)),
