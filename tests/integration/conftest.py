@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qntx.settings import Settings, load_settings
+from tests.conftest import fresh_home
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,6 +126,12 @@ class Bus:
         process.wait_output(f"handler=python.{list(handlers)[-1]}")
         return process
 
+    def create_handler(self, up: Process, name: str, code: str) -> None:
+        """Store a handler while ``up`` runs and wait until the server registers it."""
+        result = self.run("handler", "create", name, "--code", code)
+        assert result.returncode == 0, result.stderr
+        up.wait_output(f"Registering plugin async handler plugin=python handler=python.{name}\n")
+
     def connect(self, **kw):
         import qntx
 
@@ -142,3 +149,22 @@ def bus(home):
         yield b
     finally:
         b.stop_all()
+
+
+@pytest.fixture
+def private_bus(bus):
+    """The test's own bus, in a module whose ``bus`` is shared by its tests."""
+    return bus
+
+
+@pytest.fixture(scope="module")
+def module_bus():
+    """One bus for a whole module (a module starts its ``qntx up`` on it once): for
+    tests that need a running bus but not a quiet one. Its tests tell their jobs and
+    handlers apart by id and name, never by counting everything on the bus."""
+    with fresh_home() as home:
+        b = Bus(home)
+        try:
+            yield b
+        finally:
+            b.stop_all()
