@@ -89,6 +89,7 @@ class Bus:
         # Any free port: tests (and other buses on this machine) never fight over 9464.
         self.env["QNTX_METRICS"] = "127.0.0.1:0"
         self.processes: list[Process] = []
+        self.up: Process | None = None  # the shared bus's `qntx up` (the ``shared`` fixture)
         self._count = 0
 
     def qntx_argv(self, *args: str) -> list[str]:
@@ -151,20 +152,20 @@ def bus(home):
         b.stop_all()
 
 
-@pytest.fixture
-def private_bus(bus):
-    """The test's own bus, in a module whose ``bus`` is shared by its tests."""
-    return bus
-
-
 @pytest.fixture(scope="module")
-def module_bus():
-    """One bus for a whole module (a module starts its ``qntx up`` on it once): for
-    tests that need a running bus but not a quiet one. Its tests tell their jobs and
-    handlers apart by id and name, never by counting everything on the bus."""
+def shared(request):
+    """One bus with ``qntx up`` running for every test of a module that asks for it
+    (an ``up`` costs seconds; most tests need a running bus, not a quiet one). The
+    module's ``HANDLERS`` (name -> code), if it has any, are stored first, and its
+    ``SHARED_UP`` (extra ``up`` arguments) passed; ``shared.up`` is the process.
+    Tests on it tell their jobs and handlers apart by id and name, never by counting
+    everything on the bus; a test that needs a quiet or private bus takes ``bus``."""
+    handlers = getattr(request.module, "HANDLERS", None)
+    extra = getattr(request.module, "SHARED_UP", ())
     with fresh_home() as home:
         b = Bus(home)
         try:
+            b.up = b.start_up_with(handlers, *extra) if handlers else b.start_up(*extra)
             yield b
         finally:
             b.stop_all()

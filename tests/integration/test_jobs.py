@@ -42,19 +42,14 @@ HANDLERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def shared_up(module_bus):
-    return module_bus.start_up_with(HANDLERS)
+@pytest.fixture
+def bus(shared):
+    return shared
 
 
 @pytest.fixture
-def bus(module_bus, shared_up):
-    return module_bus
-
-
-@pytest.fixture
-def up(shared_up):
-    return shared_up
+def up(shared):
+    return shared.up
 
 
 def test_timeout_kills_an_endless_loop(bus, up):
