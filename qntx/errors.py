@@ -14,6 +14,13 @@ class QntxError(Exception):
     code = "internal"
     exit_code = 1
 
+    def __init_subclass__(cls, *, code: str | None = None, exit_code: int | None = None, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        if code is not None:
+            cls.code = code
+        if exit_code is not None:
+            cls.exit_code = exit_code
+
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
@@ -22,24 +29,20 @@ class QntxError(Exception):
         return self.message
 
 
-class BadRequest(QntxError):
-    code = "bad_request"
-    exit_code = 2
+class BadRequest(QntxError, code="bad_request", exit_code=2):
+    """A message that cannot be read (not MessagePack, no correlation frame...)."""
 
 
-class UnknownType(QntxError):
-    code = "unknown_type"
-    exit_code = 2
+class UnknownType(QntxError, code="unknown_type", exit_code=2):
+    """A message type the socket does not answer."""
 
 
-class TooLarge(QntxError):
-    code = "too_large"
-    exit_code = 2
+class TooLarge(QntxError, code="too_large", exit_code=2):
+    """A message over the bus's size limit."""
 
 
-class Invalid(QntxError):
-    code = "invalid"
-    exit_code = 2
+class Invalid(QntxError, code="invalid", exit_code=2):
+    """A request that reads well but asks for something not allowed."""
 
 
 class InvalidQuery(Invalid):
@@ -50,42 +53,35 @@ class InvalidQuery(Invalid):
         self.position = position
 
 
-class NotFound(QntxError):
-    code = "not_found"
+class NotFound(QntxError, code="not_found"):
+    """No such job, attestation, schedule or handler."""
 
 
-class Conflict(QntxError):
-    code = "conflict"
+class Conflict(QntxError, code="conflict"):
+    """The request clashes with what is stored (an id taken, a job in the wrong state)."""
 
 
-class Unavailable(QntxError):
-    code = "unavailable"
-    exit_code = 3
+class Unavailable(QntxError, code="unavailable", exit_code=3):
+    """An actor that does not answer, or cannot do the request now."""
 
 
-class Forbidden(QntxError):
+class Forbidden(QntxError, code="forbidden", exit_code=5):
     """The peer's key has no role that may send this message."""
 
-    code = "forbidden"
-    exit_code = 5
+
+class Timeout(QntxError, code="timeout", exit_code=4):
+    """No answer within the time given."""
 
 
-class Timeout(QntxError):
-    code = "timeout"
-    exit_code = 4
+class Internal(QntxError, code="internal"):
+    """A fault of QNTX itself (logged where it happened)."""
 
 
-class Internal(QntxError):
-    code = "internal"
-
-
-class Unconfirmed(Unavailable):
+class Unconfirmed(Unavailable, code="unconfirmed"):
     """A change whose outcome is not known yet: the job may or may not have been
     accepted (or steered), e.g. its commit failed after it was dispatched; it goes
     with the next commit that succeeds. Ask again (a submit with the same id returns
     the job once it is on disk)."""
-
-    code = "unconfirmed"
 
 
 _BY_CODE = {

@@ -26,12 +26,14 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from qntx.bus.client import Client
-from qntx.bus.codec import raise_if_error
+from qntx.bus.codec import Decoder, raise_if_error
 from qntx.bus.security import Security
 from qntx.errors import QntxError, Timeout
+from qntx.handles import decoded_event
 from qntx.protocol import (
     FINAL_STATUSES,
     EndedJobs,
+    Event,
     Job,
     JobChanged,
     JobOutput,
@@ -43,6 +45,7 @@ from qntx.protocol import (
 
 if TYPE_CHECKING:
     from qntx.bus.async_client import AsyncClient
+    from qntx.settings import Settings
 
 JobEvent = JobChanged | JobProgressed | JobOutput
 READ_AHEAD = 512
@@ -424,6 +427,24 @@ class AsyncOutcomes:
             if update.job.status in FINAL_STATUSES:
                 self._settle(job_id, update.job)
                 return
+
+
+def event_sockets(context: zmq.Context, settings: Settings) -> tuple[list[zmq.Socket], Decoder]:
+    """SUB sockets on every events endpoint of the bus (the server's, the ATS's),
+    and the decoder of what they carry."""
+    endpoints = [e for e in (settings.events_endpoint, settings.ats_events_endpoint) if e]
+    return [subscriber(context, e, settings.security, b"") for e in endpoints], Decoder(Event)
+
+
+def read_event(frames: list[bytes], decoder: Decoder) -> Any:
+    """The notice in one message of an events socket (decoded); None if it is not
+    one this version can read."""
+    if len(frames) != 2:
+        return None
+    try:
+        return decoded_event(decoder.decode(frames[1]))
+    except QntxError:
+        return None  # an event of a newer version: not ours to read
 
 
 def subscriber(context: zmq.Context, endpoint: str, security: Security, topic: bytes = b"") -> zmq.Socket:

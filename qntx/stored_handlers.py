@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from qntx.ats.current import latest, latest_per
 from qntx.errors import Invalid
-from qntx.protocol import Attestation, Filter, NewAttestation
+from qntx.protocol import Attestation, Filter, NewAttestation, StoredNotice
 
 PREDICATE = "handler"
 CONTEXT = "python"
@@ -66,6 +66,13 @@ def tombstone_attestation(name: str, source: str = "qntx-cli") -> NewAttestation
         actors=[name],
         attributes={"deleted": True},
         source=source,
+    )
+
+
+def is_handler(record: Attestation | StoredNotice) -> bool:
+    """Whether a record (or the notice of one) is a handler attestation."""
+    return PREDICATE in (p.casefold() for p in record.predicates) and CONTEXT in (
+        c.casefold() for c in record.contexts
     )
 
 

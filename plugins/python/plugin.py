@@ -32,11 +32,10 @@ from loguru import logger
 from plugins.python.pool import InterpreterPool, Outcome
 from plugins.python.runner import JobContext
 from qntx import __version__
-from qntx.ats.store import next_page
+from qntx.ats.feed import Feed, subscribe
 from qntx.bus.actor import Request
 from qntx.bus.async_service import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
-from qntx.bus.codec import Decoder
 from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
 from qntx.join import reachable
@@ -50,7 +49,6 @@ from qntx.protocol import (
     BusEndpoints,
     CancelExecution,
     Dispatch,
-    Event,
     GetEndpoints,
     HandlersChanged,
     Health,
@@ -67,15 +65,13 @@ from qntx.protocol import (
     Ping,
     PluginRequest,
     Pong,
-    Query,
     RegisterPlugin,
     ServerReply,
     Shutdown,
-    stored_notices,
 )
 from qntx.pulse.worker import Worker, given_back
 from qntx.settings import Settings
-from qntx.stored_handlers import CONTEXT, HANDLER_FILTER, PREDICATE, resolve
+from qntx.stored_handlers import HANDLER_FILTER, is_handler, resolve
 from qntx.values import STOP_GRACE_S
 
 
@@ -94,6 +90,7 @@ class ScriptPayload(msgspec.Struct):
 
 
 RESYNC_S = 5.0
+HANDLERS_FEED = Feed(HANDLER_FILTER, is_handler)
 ANNOUNCE_RETRY_S = 1.0  # an announcement the server did not acknowledge is sent again this soon
 
 
@@ -289,25 +286,18 @@ class PythonPlugin:
 
     async def _follow_ats(self) -> None:
         """Live discovery from the ATS event stream, with a slow resync as a safety net."""
-        sub = self.context.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"att.")
-        self.settings.security.connect(sub, self.ats_events_endpoint)
-        decoder = Decoder(Event)
+        sub = subscribe(self.context, self.settings, self.ats_events_endpoint)
         # What the server has acknowledged (it got the first set in InitializeReply);
         # a change is announced until an announcement of it is acknowledged.
         announced = (self.handler_names(), self.handler_versions())
         while not self.stop.is_set():
-            relevant = False
             pending = not self.remote and (self.handler_names(), self.handler_versions()) != announced
             try:
                 if await sub.poll((ANNOUNCE_RETRY_S if pending else RESYNC_S) * 1000):
+                    bodies = []
                     while await sub.poll(0):
-                        frames = await sub.recv_multipart()
-                        event = decoder.decode(frames[-1])
-                        if any(self._is_handler(r) for r in stored_notices(event)):
-                            relevant = True
-                    if relevant:
+                        bodies.append((await sub.recv_multipart())[-1])
+                    if HANDLERS_FEED.touched(bodies):
                         await self._discover()
                 elif not pending:
                     await self._quiet_resync()
@@ -325,24 +315,20 @@ class PythonPlugin:
 
     async def _handler_records(self) -> list:
         """Every handler attestation in ATS, page after page (no cap on their number)."""
-        records, current = [], HANDLER_FILTER
-        while current is not None:
-            page = await self.ats.request(Query(filter=current))
-            records += page.records
-            current = next_page(HANDLER_FILTER, page.cursor, len(records))
-        return records
+        pages = HANDLERS_FEED.pages()
+        query = next(pages)
+        while True:
+            reply = await self.ats.request(query)
+            try:
+                query = pages.send(reply)
+            except StopIteration as done:
+                return done.value
 
     async def _quiet_resync(self) -> bool:
         current = {n: r.attributes["code"] for n, r in resolve(await self._handler_records()).current.items()}
         if current == self.handlers:
             return False
         return await self._discover()
-
-    @staticmethod
-    def _is_handler(record) -> bool:
-        return PREDICATE in (p.casefold() for p in record.predicates) and CONTEXT in (
-            c.casefold() for c in record.contexts
-        )
 
     def on_health(self, message: Health, request: Request) -> HealthReply:
         healthy = self.pool is not None and self.initialized.is_set()

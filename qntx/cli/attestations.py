@@ -88,7 +88,7 @@ def ax(
     results, one JSON line each.
     """
 
-    from qntx.api import parse_query
+    from qntx.calls.args import parse_query
 
     if limit is not None and limit <= 0:
         fail("--limit must be positive")

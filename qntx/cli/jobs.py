@@ -76,7 +76,7 @@ def ix(
     dot is used as is (``builtin.echo``). On a terminal the handler's progress is a
     live bar; into a pipe it is plain lines. Exits 0 on success, 1 on failure.
     """
-    from qntx.api import handler_for
+    from qntx.calls.args import handler_for
     from qntx.cli.progress import ProgressView
 
     handler = handler_for(name)
@@ -385,7 +385,7 @@ def watch(
     from rich.console import Console
     from rich.live import Live
 
-    from qntx.api import handler_for
+    from qntx.calls.args import handler_for
 
     wanted = handler_for(handler) if handler else None
     console = Console()

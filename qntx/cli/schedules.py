@@ -51,7 +51,7 @@ def add(
     Examples: ``qntx schedule add nightly --handler report --cron "0 3 * * *" --tz Europe/Berlin``,
     ``qntx schedule add tick --handler builtin.echo --every 30s --payload '"hi"'``.
     """
-    from qntx.api import handler_for
+    from qntx.calls.args import handler_for
 
     if (every is None) == (cron is None):
         fail("give exactly one of --every or --cron")
@@ -179,7 +179,7 @@ def limit(
     order, without taking a worker slot. Stored as an attestation: it survives
     restarts and applies at once. `qntx handler limits` lists them all.
     """
-    from qntx.api import handler_for
+    from qntx.calls.args import handler_for
 
     changes = concurrency is not None or rate is not None or no_concurrency or no_rate
     if clear == changes:

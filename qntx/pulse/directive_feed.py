@@ -14,11 +14,9 @@ from collections.abc import Callable
 import zmq
 from loguru import logger
 
-from qntx.ats.store import next_page
+from qntx.ats.feed import Feed, subscribe
 from qntx.bus.actor import Actor
-from qntx.bus.codec import Decoder
-from qntx.errors import QntxError
-from qntx.protocol import AtsReply, ErrorReply, Event, Query, QueryResult, stored_notices
+from qntx.protocol import AtsReply, ErrorReply, QueryResult
 from qntx.pulse.directives import DIRECTIVES_FILTER, Directives, is_directive, resolve
 from qntx.settings import Settings
 
@@ -31,15 +29,12 @@ class DirectivesFollower:
         self.actor = actor
         self._apply = apply
         self.ats = actor.connect(settings.ats_endpoint, AtsReply)
-        self.events = actor.context.socket(zmq.SUB)
-        self.events.setsockopt(zmq.LINGER, 0)
-        self.events.setsockopt(zmq.SUBSCRIBE, b"att.")
-        settings.security.connect(self.events, settings.ats_events_endpoint)
-        self._decoder = Decoder(Event)
+        self.feed = Feed(DIRECTIVES_FILTER, is_directive)
+        self.events = subscribe(actor.context, settings, settings.ats_events_endpoint)
         actor.add_reader(self.events, self._on_events)
         self._reading = False
         self._again = False
-        self._records: list = []
+        self._pages = self.feed.pages()
         self._last: Directives | None = None
         self._problems: set[str] = set()
         actor.every(RESYNC_S, self.refresh)
@@ -53,11 +48,11 @@ class DirectivesFollower:
         if self._reading:
             self._again = True  # read once more when this read ends: it may predate the change
             return
-        self._reading, self._records = True, []
-        self._ask(DIRECTIVES_FILTER)
+        self._reading, self._pages = True, self.feed.pages()
+        self._ask(next(self._pages))
 
-    def _ask(self, flt) -> None:
-        self.ats.call(Query(filter=flt), self._on_page, timeout_s=5.0)
+    def _ask(self, query) -> None:
+        self.ats.call(query, self._on_page, timeout_s=5.0)
 
     def _on_page(self, reply) -> None:
         if not isinstance(reply, QueryResult):
@@ -66,13 +61,13 @@ class DirectivesFollower:
             logger.debug("could not read limits and schedules from ATS ({}); asking again", message)
             self.actor.call_later(RETRY_S, self.refresh)
             return
-        self._records += reply.records
-        following = next_page(DIRECTIVES_FILTER, reply.cursor, len(self._records))
-        if following is not None:
-            self._ask(following)
+        try:
+            self._ask(self._pages.send(reply))
             return
+        except StopIteration as done:
+            records = done.value
         self._reading = False
-        directives = resolve(self._records)
+        directives = resolve(records)
         for problem in sorted(set(directives.problems) - self._problems):
             logger.warning("ignored a directive that cannot be read: {}", problem)
         self._problems = set(directives.problems)
@@ -87,19 +82,13 @@ class DirectivesFollower:
             self.refresh()
 
     def _on_events(self) -> None:
-        relevant = False
+        bodies = []
         for _ in range(1000):
             try:
-                frames = self.events.recv_multipart(zmq.NOBLOCK)
+                bodies.append(self.events.recv_multipart(zmq.NOBLOCK)[-1])
             except zmq.Again:
                 break
-            try:
-                event = self._decoder.decode(frames[-1])
-            except QntxError:
-                continue
-            if any(is_directive(r) for r in stored_notices(event)):
-                relevant = True
-        if relevant:
+        if self.feed.touched(bodies):
             self.refresh()
 
     def close(self) -> None:

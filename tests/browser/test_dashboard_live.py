@@ -159,7 +159,9 @@ def test_the_chart_has_axes_and_a_burst_does_not_flatten_the_rest(browser, dashb
 
     tallest = bars(browser)
     assert tallest["failed"] >= 0.1 * tallest["completed"], tallest  # one job still reads
-    assert browser.find_element(By.CSS_SELECTOR, "svg.chart").get_attribute("data-scale") == "log"
+    # read in the page at once: the live chart may be redrawn between a find and a read
+    scale = browser.execute_script("return document.querySelector('svg.chart').getAttribute('data-scale');")
+    assert scale == "log"
     counts_axis = svg_texts(browser, "svg.chart .axis-y text")
     assert counts_axis[:3] == ["0", "1", "10"] and "100" in counts_axis, counts_axis
     times = svg_texts(browser, "svg.chart .axis-x text[data-at]")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qntx.settings import Settings, load_settings
+from tests.conftest import fresh_home
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,6 +89,7 @@ class Bus:
         # Any free port: tests (and other buses on this machine) never fight over 9464.
         self.env["QNTX_METRICS"] = "127.0.0.1:0"
         self.processes: list[Process] = []
+        self.up: Process | None = None  # the shared bus's `qntx up` (the ``shared`` fixture)
         self._count = 0
 
     def qntx_argv(self, *args: str) -> list[str]:
@@ -125,6 +127,12 @@ class Bus:
         process.wait_output(f"handler=python.{list(handlers)[-1]}")
         return process
 
+    def create_handler(self, up: Process, name: str, code: str) -> None:
+        """Store a handler while ``up`` runs and wait until the server registers it."""
+        result = self.run("handler", "create", name, "--code", code)
+        assert result.returncode == 0, result.stderr
+        up.wait_output(f"Registering plugin async handler plugin=python handler=python.{name}\n")
+
     def connect(self, **kw):
         import qntx
 
@@ -142,3 +150,22 @@ def bus(home):
         yield b
     finally:
         b.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared(request):
+    """One bus with ``qntx up`` running for every test of a module that asks for it
+    (an ``up`` costs seconds; most tests need a running bus, not a quiet one). The
+    module's ``HANDLERS`` (name -> code), if it has any, are stored first, and its
+    ``SHARED_UP`` (extra ``up`` arguments) passed; ``shared.up`` is the process.
+    Tests on it tell their jobs and handlers apart by id and name, never by counting
+    everything on the bus; a test that needs a quiet or private bus takes ``bus``."""
+    handlers = getattr(request.module, "HANDLERS", None)
+    extra = getattr(request.module, "SHARED_UP", ())
+    with fresh_home() as home:
+        b = Bus(home)
+        try:
+            b.up = b.start_up_with(handlers, *extra) if handlers else b.start_up(*extra)
+            yield b
+        finally:
+            b.stop_all()

@@ -37,11 +37,19 @@ def create(bus, name: str, code: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+HANDLERS = {
+    "counter": COUNTER,
+    "versioned": "_result = 'old'",
+    "tagger": "_result = [upstream['attestation']['subjects'], args]",
+}
+
+
 @pytest.fixture
 def up(bus):
-    create(bus, "counter", COUNTER)
-    create(bus, "versioned", "_result = 'old'")
-    create(bus, "tagger", "_result = [upstream['attestation']['subjects'], args]")
+    """A private bus: for tests that restart it, kill its server, or set a limit on a
+    built-in handler (limits are bus-wide); the others share one (``shared``)."""
+    for name, code in HANDLERS.items():
+        create(bus, name, code)
     return bus.start_up()
 
 
@@ -108,8 +116,8 @@ def test_a_concurrency_limit_holds_under_200_jobs(bus, tmp_path):
     assert max(peaks) >= 2  # the limit, not a lack of workers, held them
 
 
-def test_dependencies_run_in_order_and_a_failure_fails_the_dependents(bus, up):
-    with bus.connect() as client:
+def test_dependencies_run_in_order_and_a_failure_fails_the_dependents(shared):
+    with shared.connect() as client:
         a, b, c = client.chain(("builtin.sleep", 0.3), ("builtin.echo", "b"), ("builtin.echo", "c"))
         assert c.result(timeout=30) == "c"
         ja, jb, jc = (client.job(h.id) for h in (a, b, c))
@@ -125,31 +133,31 @@ def test_dependencies_run_in_order_and_a_failure_fails_the_dependents(bus, up):
             client.submit("builtin.echo", after=["JB-NO-SUCH-JOB"]).accepted(timeout=10)
 
 
-def test_a_job_submitted_before_a_handler_update_runs_the_old_code(bus, up):
-    with bus.connect() as client:
+def test_a_job_submitted_before_a_handler_update_runs_the_old_code(shared):
+    with shared.connect() as client:
         first = client.submit("builtin.sleep", 1.0)
         old = client.submit("python.versioned", after=[first])
         old.accepted(timeout=10)
-        result = bus.run("handler", "create", "versioned", "--code", "_result = 'new'")
+        result = shared.run("handler", "create", "versioned", "--code", "_result = 'new'")
         assert result.returncode == 0, result.stderr
         wait_for(lambda: client.submit("python.versioned").result(timeout=30) == "new", timeout=20, what="the update")
         assert old.result(timeout=30) == "old"
         client.cancel(client.submit("python.versioned", after=[client.submit("builtin.sleep", 5)]).id)
 
 
-def test_ax_so_runs_a_handler_once_per_match(bus, up):
-    with bus.connect() as client:
+def test_ax_so_runs_a_handler_once_per_match(shared):
+    with shared.connect() as client:
         for name in ("ann", "bob", "cyd"):
             client.attest(name, "tagged", "demo")
         client.attest("dan", "other", "demo")
-    result = bus.run("ax", "is", "tagged", "so", "tagger", "x", "--wait")
+    result = shared.run("ax", "is", "tagged", "so", "tagger", "x", "--wait")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert sorted(line[0][0] for line in lines) == ["ann", "bob", "cyd"]
     assert all(line[1] == ["x"] for line in lines)
-    ids = bus.run("ax", "is", "tagged", "so", "tagger")
+    ids = shared.run("ax", "is", "tagged", "so", "tagger")
     assert ids.returncode == 0 and len(ids.stdout.split()) == 3
-    with bus.connect() as client:
+    with shared.connect() as client:
         handles = client.ax("is tagged", so="tagger", args=["y"])
         assert sorted(h.result(timeout=30)[0][0] for h in handles) == ["ann", "bob", "cyd"]
 
@@ -185,13 +193,13 @@ def _run_on_a_terminal(bus, *args: str, timeout: float = 60) -> tuple[int, str]:
         os.close(main_fd)
 
 
-def test_ix_draws_a_bar_on_a_terminal_and_plain_lines_into_a_pipe(bus, up):
-    create(bus, "stepper", "import time\nfor i in range(10):\n    print('step', i)\n    progress(i + 1, 10)\n    time.sleep(0.05)\n_result = 'ok'")
-    code, screen = _run_on_a_terminal(bus, "ix", "stepper")
+def test_ix_draws_a_bar_on_a_terminal_and_plain_lines_into_a_pipe(shared):
+    create(shared, "stepper", "import time\nfor i in range(10):\n    print('step', i)\n    progress(i + 1, 10)\n    time.sleep(0.05)\n_result = 'ok'")
+    code, screen = _run_on_a_terminal(shared, "ix", "stepper")
     assert code == 0, screen
     assert "━" in screen and "10/10" in screen and "/s" in screen and "eta" in screen
     assert "step 9" in screen and '"ok"' in screen
-    piped = bus.run("ix", "stepper")
+    piped = shared.run("ix", "stepper")
     assert piped.returncode == 0, piped.stderr
     assert "progress 10/10" in piped.stderr and "━" not in piped.stderr + piped.stdout
     assert "step 9" in piped.stdout and '"ok"' in piped.stdout
@@ -265,7 +273,7 @@ def test_a_rate_window_holds_across_a_kill_9_of_the_server(bus, up):
     assert starts[0] >= first_start + 20_000 - 5, (first_start, starts)
 
 
-def test_bad_durations_and_values_are_one_line(bus, up):
+def test_bad_durations_and_values_are_one_line(shared):
     for args in (
         ("schedule", "add", "s", "--handler", "builtin.echo", "--every", "abc"),
         ("schedule", "add", "s", "--handler", "builtin.echo", "--every", "9000 years"),
@@ -274,46 +282,44 @@ def test_bad_durations_and_values_are_one_line(bus, up):
         ("handler", "limit", "builtin.echo", "--rate", "10/abc"),
         ("ix", "builtin.echo", "--in", "soon"),
     ):
-        result = bus.run(*args)
+        result = shared.run(*args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert result.stderr.startswith("error: ") and "internal" not in result.stderr, (args, result.stderr)
-    assert "(no schedules)" in bus.run("schedule", "list").stdout
+    assert "(no schedules)" in shared.run("schedule", "list").stdout
 
 
-def test_start_times_people_type_and_what_they_are_told(bus):
+def test_start_times_people_type_and_what_they_are_told(shared):
     """--at takes 'tomorrow 09:00', '2026-12-04 09:00' and 'in 5 minutes'; --in takes
     fractions; a past --at is an error unless --now-if-past; the due time is shown;
     `ax … so` says when nothing matched and exits 2 for an unknown handler."""
-    bus.start_up()
     for at in ("tomorrow 09:00", "in 5 minutes"):
-        done = bus.run("ix", "builtin.echo", "--at", at, "--no-wait")
+        done = shared.run("ix", "builtin.echo", "--at", at, "--no-wait")
         assert done.returncode == 0 and done.stdout.strip().startswith("JB-"), (at, done.stderr)
         assert done.stderr.startswith("runs at "), done.stderr
-    later = bus.run("ix", "builtin.echo", "--at", "2099-12-04 09:00", "--no-wait")
+    later = shared.run("ix", "builtin.echo", "--at", "2099-12-04 09:00", "--no-wait")
     assert later.returncode == 0 and "runs at 2099-12-04 09:00:00 UTC" in later.stderr
-    listed = bus.run("pulse", "jobs", "--status", "queued").stdout
+    listed = shared.run("pulse", "jobs", "--status", "queued").stdout
     assert "runs at 2099-12-04 09:00:00" in listed
-    quick = bus.run("ix", "builtin.echo", "hi", "--in", "0.5s")
+    quick = shared.run("ix", "builtin.echo", "hi", "--in", "0.5s")
     assert quick.returncode == 0 and '"args"' in quick.stdout, quick.stderr
-    past = bus.run("ix", "builtin.echo", "--at", "2020-01-01 09:00")
+    past = shared.run("ix", "builtin.echo", "--at", "2020-01-01 09:00")
     assert past.returncode == 2 and "in the past" in past.stderr and "--now-if-past" in past.stderr
-    anyway = bus.run("ix", "builtin.echo", "late", "--at", "2020-01-01 09:00", "--now-if-past")
+    anyway = shared.run("ix", "builtin.echo", "late", "--at", "2020-01-01 09:00", "--now-if-past")
     assert anyway.returncode == 0, anyway.stderr
-    bad = bus.run("ix", "builtin.echo", "--at", "tomorrow 25:00")
+    bad = shared.run("ix", "builtin.echo", "--at", "tomorrow 25:00")
     assert bad.returncode == 2 and "time of day" in bad.stderr
-    nothing = bus.run("ax", "nobody", "is", "here", "so", "builtin.echo")
+    nothing = shared.run("ax", "nobody", "is", "here", "so", "builtin.echo")
     assert nothing.returncode == 0 and "no attestation matches" in nothing.stderr
-    bus.run("as", "somebody", "is", "here")
-    unknown = bus.run("ax", "somebody", "is", "here", "so", "nosuchhandler")
+    shared.run("as", "somebody", "is", "here")
+    unknown = shared.run("ax", "somebody", "is", "here", "so", "nosuchhandler")
     assert unknown.returncode == 2 and "unknown handler" in unknown.stderr and "JB-" not in unknown.stderr
 
 
-def test_ix_after(bus):
-    bus.start_up()
-    first = bus.run("ix", "builtin.sleep", "1", "--no-wait").stdout.strip()
-    second = bus.run("ix", "builtin.echo", "then", "--after", first)
+def test_ix_after(shared):
+    first = shared.run("ix", "builtin.sleep", "1", "--no-wait").stdout.strip()
+    second = shared.run("ix", "builtin.echo", "then", "--after", first)
     assert second.returncode == 0 and '"then"' in second.stdout, second.stderr
-    with bus.connect() as api:
+    with shared.connect() as api:
         assert api.job(first).status == "completed"  # it waited for the first
         ran_after = [j for j in api.jobs(limit=5) if j.after == [first]]
         assert ran_after and ran_after[0].started_at >= api.job(first).finished_at

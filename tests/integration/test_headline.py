@@ -25,6 +25,16 @@ PLUGIN_LINES = [
 ]
 
 
+# Stored before the shared `up` starts (``shared``: the tests that need a bus but
+# not its whole log or its life to themselves).
+HANDLERS = {
+    "boom": "def f():\n    raise ValueError('bad thing')\nf()\n",
+    "chatty": "import sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr)\ntime.sleep(1.5)\nprint('last')\n",
+    "both": "import sys\nprint('out')\nprint('err', file=sys.stderr)",
+    "steps": "for i in range(1, 21):\n    progress(i, 20)\n_result = 'done'",
+}
+
+
 def _messages(output: str) -> list[str]:
     """Log lines without their time and level prefix."""
     return [m.group(1) for m in re.finditer(r"^\S+ +\w+ +(\[.*)$", output, re.M)]
@@ -109,26 +119,23 @@ def test_headline_flow(bus):
     assert "python.vacancies" in data["handlers"] and "python.live" not in data["handlers"]
 
 
-def test_failing_handler_shows_its_traceback_and_exits_non_zero(bus):
-    bus.run("handler", "create", "boom", "--code", "def f():\n    raise ValueError('bad thing')\nf()\n")
-    bus.start_up()
-    ran = bus.run("ix", "boom", "--max-attempts", "1")
+def test_failing_handler_shows_its_traceback_and_exits_non_zero(shared):
+    ran = shared.run("ix", "boom", "--max-attempts", "1")
     assert ran.returncode == 1
     assert "ValueError: bad thing" in ran.stderr
     assert "<handler boom>" in ran.stderr and "line 2" in ran.stderr
 
 
-def test_no_wait_prints_the_job_id(bus):
-    bus.start_up()
-    ran = bus.run("ix", "builtin.echo", "--no-wait")
+def test_no_wait_prints_the_job_id(shared):
+    ran = shared.run("ix", "builtin.echo", "--no-wait")
     assert ran.returncode == 0, ran.stderr
     job_id = ran.stdout.strip()
     assert job_id.startswith("JB-")
-    with qntx.connect(bus.home) as b:
+    with qntx.connect(shared.home) as b:
         assert b.wait(job_id, timeout=20).status == "completed"
-    shown = bus.run("pulse", "show", job_id, "--json")
+    shown = shared.run("pulse", "show", job_id, "--json")
     assert json.loads(shown.stdout)["id"] == job_id
-    listed = bus.run("pulse", "jobs", "--status", "completed", "--json")
+    listed = shared.run("pulse", "jobs", "--status", "completed", "--json")
     assert job_id in [j["id"] for j in json.loads(listed.stdout)]
 
 
@@ -149,15 +156,12 @@ def test_up_stops_cleanly_on_sigterm(bus):
     wait_for(lambda: all(gone(p) for p in pids), 10, what="actors to exit")
 
 
-def test_ix_streams_the_output_of_a_long_job(bus):
-    code = "import sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr)\ntime.sleep(1.5)\nprint('last')\n"
-    assert bus.run("handler", "create", "chatty", "--code", code).returncode == 0
-    bus.start_up()
+def test_ix_streams_the_output_of_a_long_job(shared):
     import subprocess
     import time
 
     process = subprocess.Popen(
-        bus.qntx_argv("ix", "chatty"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bus.env
+        shared.qntx_argv("ix", "chatty"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=shared.env
     )
     try:
         started = time.monotonic()
@@ -173,10 +177,8 @@ def test_ix_streams_the_output_of_a_long_job(bus):
     assert process.returncode == 0
 
 
-def test_quick_jobs_show_their_output_once(bus):
-    assert bus.run("handler", "create", "both", "--code", "import sys\nprint('out')\nprint('err', file=sys.stderr)").returncode == 0
-    bus.start_up()
-    ran = bus.run("ix", "both")
+def test_quick_jobs_show_their_output_once(shared):
+    ran = shared.run("ix", "both")
     assert ran.returncode == 0 and ran.stdout == "out\n" and ran.stderr.count("err") == 1
 
 
@@ -215,14 +217,11 @@ def test_a_codeless_handler_attestation_is_skipped_with_a_warning(bus):
     assert bus.run("ix", "foo").stdout == "the real foo\n"
 
 
-def test_ix_always_shows_the_last_progress(bus):
+def test_ix_always_shows_the_last_progress(shared):
     """The final progress comes with the result (WaitJob's last answer), so `ix` never
     stops at 19/20 however quickly the handler ran."""
-    code = "for i in range(1, 21):\n    progress(i, 20)\n_result = 'done'"
-    assert bus.run("handler", "create", "steps", "--code", code).returncode == 0
-    bus.start_up()
     for _ in range(6):
-        ran = bus.run("ix", "steps")
+        ran = shared.run("ix", "steps")
         assert ran.returncode == 0, ran.stderr
         lines = ran.stderr.splitlines()
         assert lines and lines[-1] == "progress 20/20", ran.stderr

@@ -1,5 +1,6 @@
 """Every run of a job kept, against a real `qntx up`: what a cancelled or timed-out run
-wrote, the first attempt's error after a retry, `pulse show` and the steering replies."""
+wrote, the first attempt's error after a retry, `pulse show` and the steering replies.
+The tests that need no `up` of their own share one with HANDLERS (``shared``)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,6 @@ HANDLERS = {
 }
 
 
-@pytest.fixture
-def up(bus):
-    return bus.start_up_with(HANDLERS)
-
-
 def _wait_for_output(b, job_id: str, text: str) -> None:
     """Follow the job until ``text`` was streamed."""
     seen = ""
@@ -42,8 +38,8 @@ def _wait_for_output(b, job_id: str, text: str) -> None:
     raise AssertionError(f"the job ended before writing {text!r}: {seen!r}")
 
 
-def test_a_cancelled_run_keeps_what_it_wrote_and_a_retry_keeps_it_too(bus, up):
-    with qntx.connect(bus.home) as b:
+def test_a_cancelled_run_keeps_what_it_wrote_and_a_retry_keeps_it_too(shared):
+    with qntx.connect(shared.home) as b:
         handle = b.submit("python.chatty", {"args": ["60"]}, max_attempts=1)
         _wait_for_output(b, handle.id, "to stderr")
         cancelled = b.cancel(handle.id)
@@ -64,14 +60,14 @@ def test_a_cancelled_run_keeps_what_it_wrote_and_a_retry_keeps_it_too(bus, up):
         assert [r.outcome for r in runs] == ["cancelled", "cancelled"]
         assert "line 5" in runs[0].logs and "line 5" in runs[1].logs
 
-        shown = bus.run("pulse", "show", handle.id)
+        shown = shared.run("pulse", "show", handle.id)
         assert shown.returncode == 0, shown.stderr
         assert "History (2 runs)" in shown.stdout and shown.stdout.count("cancelled") >= 3
         assert "line 5" in shown.stdout.split("History")[1]
 
 
-def test_a_retried_job_keeps_the_first_attempts_error_and_a_timeout_its_output(bus, up):
-    with qntx.connect(bus.home) as b:
+def test_a_retried_job_keeps_the_first_attempts_error_and_a_timeout_its_output(shared):
+    with qntx.connect(shared.home) as b:
         failed = b.submit("python.flaky", {"args": [1]}, max_attempts=2).wait(timeout=30)
         assert failed.status == "failed"
         b.retry(failed.id)
@@ -87,13 +83,13 @@ def test_a_retried_job_keeps_the_first_attempts_error_and_a_timeout_its_output(b
         assert run.outcome == "timed out" and "line 5" in run.logs and "timed out after 2s" in run.error.message
 
 
-def test_the_asyncio_api_returns_payloads_from_steering_and_the_history(bus, up):
+def test_the_asyncio_api_returns_payloads_from_steering_and_the_history(shared):
     import asyncio
 
     import qntx.aio
 
     async def main():
-        async with await qntx.aio.connect(bus.home) as api:
+        async with await qntx.aio.connect(shared.home) as api:
             submitted = await api.submit("builtin.echo", {"n": 2}, delay_s=60)
             await submitted.accepted()
             assert (await api.pause(submitted.id)).payload == {"n": 2}

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.integration.conftest import wait_for
-from tests.pg import pg_empty_url, pg_server  # noqa: F401  (fixtures)
+from tests.pg import pg_empty_url, pg_server, pg_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,3 +95,18 @@ def test_seed_flow_on_postgresql(bus, pg_empty_url):  # noqa: F811
     ran = bus.run("ix", "vacancies")
     assert ran.returncode == 0 and ran.stdout == "Hello from vacancies handler\n", ran.stderr
     wait_for(lambda: "(store postgresql://" in again.output(), what="the ATS naming its store")
+
+
+def test_the_embedded_api_reads_and_writes_the_database_while_the_bus_is_down(bus, pg_url):  # noqa: F811
+    import psycopg
+
+    import qntx
+
+    with qntx.connect(bus.home, store=pg_url) as api:
+        assert api.embedded
+        stored = api.attest("bob", "maintainer", "qntx")
+        [found] = api.query(subjects="BOB")
+    assert found.id == stored.id
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT id FROM ats_attestations").fetchall() == [(stored.id,)]
+    assert not (bus.home / "ats" / "data.mdb").exists()

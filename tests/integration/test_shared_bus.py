@@ -126,6 +126,9 @@ def running_sleep(bus, seconds: float):
 
 
 def test_reports_from_a_key_that_does_not_hold_the_run_are_discarded(shared):
+    # The keys first (each is a `keys allow` run, seconds on a busy machine): the forged
+    # reports must reach the server while the job still runs.
+    shared.key("worker"), shared.key("plugin")
     with shared.a.connect() as bus:
         handle, job = running_sleep(bus, 1.5)
         forged_result = encode("forged")

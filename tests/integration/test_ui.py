@@ -18,6 +18,11 @@ from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
+# The tests that need a bus share one `up` (``shared``); those about a dashboard with
+# no bus, or that list every job on it, keep a private one (``bus``).
+HANDLERS = {"nap": "import time\ntime.sleep(30)"}
+SHARED_UP = ("--workers", "1")
+
 
 def start_ui(bus, *args: str) -> tuple[object, str]:
     process = bus.start("ui", "--port", "0", *args)
@@ -74,11 +79,10 @@ def test_a_remote_dashboard_needs_the_token_which_is_printed_once(bus):
     assert token not in again.output() and f"Access token: in {token_file}" in again.output()
 
 
-def test_actions_need_the_page_value_and_this_origin(bus):
-    bus.start_up("--workers", "1")
-    _, base = start_ui(bus)
+def test_actions_need_the_page_value_and_this_origin(shared):
+    _, base = start_ui(shared)
     csrf = page_value(base)
-    with bus.connect() as api:
+    with shared.connect() as api:
         job = api.submit("builtin.sleep", {"args": [30]}, max_attempts=1)
         wait_for(lambda: job.record().status == "running", what="the job running")
         url = f"{base}/api/jobs/{job.id}/cancel"
@@ -93,11 +97,10 @@ def test_actions_need_the_page_value_and_this_origin(bus):
         assert job.record().status == "cancelled"
 
 
-def test_pause_and_resume_a_queued_job(bus):
-    bus.start_up("--workers", "1")
-    _, base = start_ui(bus)
+def test_pause_and_resume_a_queued_job(shared):
+    _, base = start_ui(shared)
     act = {"X-Qntx-Csrf": page_value(base)}
-    with bus.connect() as api:
+    with shared.connect() as api:
         slots = [a.credit for a in api.status().actors if a.name == "worker-1"][0]
         busy = [api.submit("builtin.sleep", {"args": [30]}, max_attempts=1) for _ in range(slots)]
         wait_for(lambda: all(h.record().status == "running" for h in busy), what="every slot busy")
@@ -121,12 +124,9 @@ def test_pause_and_resume_a_queued_job(bus):
         assert waiting.result(timeout=20) == "later"
 
 
-def test_the_overview_lists_jobs_handed_to_a_plugin_beside_running_ones(bus):
-    assert bus.run("handler", "create", "nap", "--code", "import time\ntime.sleep(30)").returncode == 0
-    up = bus.start_up("--workers", "1")
-    up.wait_output("handler=python.nap", timeout=40)
-    _, base = start_ui(bus)
-    with bus.connect() as api:
+def test_the_overview_lists_jobs_handed_to_a_plugin_beside_running_ones(shared):
+    _, base = start_ui(shared)
+    with shared.connect() as api:
         naps = [api.submit("python.nap", {}, max_attempts=1) for _ in range(6)]
         wait_for(lambda: {api.job(h.id).status for h in naps} >= {"running", "dispatched"}, 30, what="some dispatched")
         status, body, _ = call(base + "/api/overview")
@@ -143,9 +143,8 @@ def test_another_host_name_is_refused_on_loopback(bus):
     assert call(base + "/", headers={"Host": "localhost"})[0] == 200
 
 
-def test_bad_input_is_a_clear_error_and_the_dashboard_goes_on(bus):
-    bus.start_up("--workers", "1")
-    process, base = start_ui(bus)
+def test_bad_input_is_a_clear_error_and_the_dashboard_goes_on(shared):
+    process, base = start_ui(shared)
     csrf = page_value(base)
     cases = {
         "/api/jobs?status=bogus": (400, "unknown status 'bogus'"),
@@ -221,15 +220,14 @@ def test_listings_filter_and_page_through_everything_once(bus):
     ]
 
 
-def test_a_public_url_admits_actions_from_its_origin_alone(bus):
-    bus.start_up("--workers", "1")
-    process, base = start_ui(bus, "--public-url", "https://qntx.example:8443/")
+def test_a_public_url_admits_actions_from_its_origin_alone(shared):
+    process, base = start_ui(shared, "--public-url", "https://qntx.example:8443/")
     assert "Public address (through a proxy): https://qntx.example:8443/" in process.output()
     csrf = page_value(base)
     # a proxy that passes the public name on as the Host is let in; other names are not
     assert call(base + "/", headers={"Host": "qntx.example:8443"})[0] == 200
     assert call(base + "/", headers={"Host": "rebound.example"})[0] == 403
-    with bus.connect() as api:
+    with shared.connect() as api:
         job = api.submit("builtin.sleep", {"args": [30]}, max_attempts=1)
         wait_for(lambda: job.record().status == "running", what="the job running")
         url = f"{base}/api/jobs/{job.id}/cancel"
