@@ -18,6 +18,9 @@ with keys, through the ZAP handler) and measures the two plain loops again, judg
 against the ipc figures of the same run: target >= 0.75x. Every job is durable: accepted only after a synced
 commit; a completion may reach its followers before its own commit syncs (a crash
 then re-runs the job). ``--quick`` shrinks everything.
+
+``--store URL`` (issue 18) runs only the plain loops, on LMDB and with the stores
+on PostgreSQL in turn (``bench.pulse_stores``).
 """
 
 from __future__ import annotations
@@ -227,10 +230,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--tcp", action="store_true", help="also the plain loops over tcp+CURVE, against ipc")
+    parser.add_argument(
+        "--store", metavar="URL",
+        help="only the plain loops, with the stores on this PostgreSQL database beside LMDB ('local': a server of its own)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     report = Report("pulse", args.quick)
     began = time.perf_counter()
+    if args.store:
+        from bench import pulse_stores
+
+        pulse_stores.run(report, sizes, args.store, quick=args.quick)
+        report.seconds = time.perf_counter() - began
+        report.print(args.json)
+        return 0
 
     progress("raw limits: pyzmq round trips and pipelined messages, synced LMDB txns")
     with raw.echo_server() as endpoint:

@@ -5,7 +5,7 @@ psycopg (3) is imported only here and only when a store is configured as
 ``postgresql://...`` (``store`` in config.toml, ``qntx up --store URL``); it comes
 with the optional extra ``qntx[postgres]``, and without it that store fails in one line.
 
-Each store kept in the database (the ATS today) is a *component* with an ordered list
+Each store kept in the database (``ats``: the attestations, ``pulse``: the jobs) is a *component* with an ordered list
 of migrations, each a list of SQL statements; the table ``qntx_schema`` holds the
 version each component is at. ``qntx db upgrade`` (``upgrade``) applies the missing
 ones, all in one transaction under an advisory lock, so two upgrades at once do the
@@ -85,8 +85,9 @@ def first_line(exc: BaseException) -> str:
 def components() -> dict[str, list[list[str]]]:
     """Every component's migrations, oldest first (version N is the first N applied)."""
     from qntx.ats.sql import MIGRATIONS as ATS
+    from qntx.pulse.jobstore_pg import MIGRATIONS as PULSE
 
-    return {"ats": ATS}
+    return {"ats": ATS, "pulse": PULSE}
 
 
 def latest(component: str) -> int:
@@ -103,7 +104,8 @@ def versions(conn) -> dict[str, int]:
 
 def require_schema(conn, component: str, url: str) -> None:
     """Refuse a database whose ``component`` schema is not this version's."""
-    have, want = versions(conn).get(component, 0), latest(component)
+    found = versions(conn)
+    have, want = found.get(component, 0), latest(component)
     if have == want:
         return
     where = redact(url)
@@ -111,7 +113,12 @@ def require_schema(conn, component: str, url: str) -> None:
         raise Unavailable(
             f"the {component} schema in {where} is version {have}, newer than this qntx ({want}): upgrade qntx"
         )
-    state = "has no QNTX schema" if have == 0 else f"has {component} schema version {have}, this qntx needs {want}"
+    if not found:
+        state = "has no QNTX schema"
+    elif have == 0:
+        state = f"has no {component} schema (an older qntx's)"
+    else:
+        state = f"has {component} schema version {have}, this qntx needs {want}"
     raise Unavailable(f"the database {where} {state}: run `qntx db upgrade --store URL` first")
 
 

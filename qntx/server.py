@@ -171,7 +171,7 @@ class ServerActor(Actor):
         logger.info(
             "QNTX server serving {} (pulse {}: {} queued, {} running, {} paused; running ones wait for their workers to claim them)",
             self.settings.server_endpoint,
-            self.settings.pulse_path,
+            self.pulse.store.location,
             counts.get("queued", 0),
             counts.get("running", 0) + counts.get("dispatched", 0),
             counts.get("paused", 0),

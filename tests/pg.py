@@ -6,6 +6,8 @@ directory, listening only on a unix socket there; as root it runs them as the
 database, copied from a template that ``qntx db upgrade`` migrated once, and drops it
 after. The server stops at the end of the session.
 
+``job_store`` gives a test an empty Pulse job store on each backend.
+
 The binaries are found on PATH, in /usr/local/bin or in Debian's
 /usr/lib/postgresql/NN/bin. Without them (or without psycopg) the tests that need a
 server skip with one line, unless ``QNTX_REQUIRE_POSTGRES=1`` (set by .ci/run),
@@ -174,3 +176,26 @@ def pg_empty_url(pg_server: PgServer):
         yield pg_server.url(name)
     finally:
         pg_server.drop(name)
+
+
+@pytest.fixture(params=["lmdb", "postgresql"])
+def job_store(request, tmp_path):
+    """An empty Pulse job store on each backend: LMDB in a temp dir, and a fresh
+    migrated database (``pg_server`` must be imported beside this fixture)."""
+    if request.param == "lmdb":
+        from qntx.pulse.jobstore import JobStore
+
+        opened = JobStore(tmp_path / "pulse")
+        yield opened
+        opened.close()
+        return
+    from qntx.pulse.jobstore_pg import PgJobStore
+
+    server = request.getfixturevalue("pg_server")
+    name = server.new_database(TEMPLATE)
+    opened = PgJobStore(server.url(name))
+    try:
+        yield opened
+    finally:
+        opened.close()
+        server.drop(name)

@@ -89,11 +89,11 @@ def stored_job(store, job_id: str) -> Job:
 
 def read_pulse(settings: Settings, work: Callable[[Any], Any], *, empty: Callable[[], Any]) -> Any:
     """Read the job store directly, for when no server runs (nothing is changed)."""
-    from qntx.pulse.jobstore import JobStore
+    from qntx.pulse.jobstore import open_job_store
 
-    if not (settings.pulse_path / "data.mdb").exists():
+    store = open_job_store(settings, readonly=True)
+    if store is None:
         return empty()
-    store = JobStore(settings.pulse_path, readonly=True)
     try:
         return work(store)
     finally:

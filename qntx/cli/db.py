@@ -1,7 +1,7 @@
 """``qntx db``: the PostgreSQL database a bus keeps its stores in (``store`` in
 config.toml, or ``--store URL``). ``upgrade`` creates and migrates the schema, the
 only command that does (a bus never migrates on start); ``check`` prints the
-connection and each store's schema version. Only the ATS is kept there for now.
+connection and each store's schema version. Both the ATS and Pulse's jobs are kept there.
 """
 
 from __future__ import annotations

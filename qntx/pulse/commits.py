@@ -115,9 +115,10 @@ class Commits(_Pulse):
                 self._tell_big_ended(number)
             self._start_commit()  # what changed meanwhile goes next
 
-        if self._small(changes):
+        if self.store.commits_inline and self._small(changes):
             # On the loop: handing a small commit to the writer thread and back costs
-            # more than it saves. Messages that arrive meanwhile wait in their sockets
+            # more than it saves (on LMDB; a database's commits always go to the
+            # writer thread). Messages that arrive meanwhile wait in their sockets
             # and go into the next commit together.
             try:
                 work()

@@ -1,4 +1,6 @@
-"""Pulse's jobs on disk: the LMDB layout behind the Pulse core (``qntx.pulse.core``).
+"""Pulse's jobs on disk: the store's interface (``PulseStore``, ``open_job_store``)
+and its LMDB layout behind the Pulse core (``qntx.pulse.core``); the PostgreSQL
+backend is ``qntx.pulse.jobstore_pg``.
 
 Owns keys, values and indexes, nothing of job semantics: the core decides what a
 job's state is and hands over whatever changed; this module stores it and reads it
@@ -25,13 +27,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
+from qntx import db
 from qntx.errors import Invalid
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import JOB_STATUSES, NIL, Job
 from qntx.pulse.commands import Changes
+from qntx.settings import Settings
 
 _U64 = struct.Struct(">Q")
 _STAMP = struct.Struct(">QQ")  # created_at, seq
@@ -89,14 +94,88 @@ def _inline(job: Job) -> bool:
     return len(job.payload) <= INLINE_PAYLOAD_BYTES
 
 
+def check_job_id(job_id: object) -> None:
+    """Raise ``Invalid`` unless ``job_id`` can be a stored job's id."""
+    if not isinstance(job_id, str):
+        raise Invalid(f"a job id must be a string, got {job_id!r}")
+    if not _is_job_id(job_id):
+        shown = job_id if len(job_id) <= 40 else job_id[:40] + "…"
+        raise Invalid(f"not a job id: {shown!r} (a job id is 1 to 511 bytes, not blank)")
+
+
+def encode_record(encoder: msgspec.msgpack.Encoder, seq: int, job: Job) -> tuple[bytes, bool]:
+    """The job's record as both backends store it, and whether its result goes apart
+    (a big payload always does: the record then holds nil for it)."""
+    apart = len(job.result) > INLINE_RESULT_BYTES
+    if apart or not _inline(job):
+        job = msgspec.structs.replace(
+            job, payload=job.payload if _inline(job) else NIL, result=NIL if apart else job.result
+        )
+    return encoder.encode(StoredJob(seq=seq, job=job, apart=apart)), apart
+
+
+class PulseStore(Protocol):
+    """What Pulse's shell, its commits and the embedded API read and write, no more.
+    ``JobStore`` (LMDB in the home) and ``qntx.pulse.jobstore_pg.PgJobStore``
+    (``store = "postgresql://..."``) implement it with the same records, the same
+    orders and the same prune choices (tests/unit/test_retention.py runs on both)."""
+
+    location: str
+    # Whether a small group commit is best run on the loop (it costs less than a hop
+    # to the writer thread and back) rather than on the writer thread.
+    commits_inline: bool
+
+    def load(self, statuses: Iterable[str]) -> Loaded: ...
+
+    def get(self, job_id: str) -> StoredJob | None: ...
+
+    def statuses(self, job_ids: Iterable[str]) -> dict[str, str]: ...
+
+    def find(self, job_id: str | None, idempotency_key: str | None) -> StoredJob | None: ...
+
+    def save(self, changes: Changes) -> None: ...
+
+    def prune(
+        self, cutoffs: Mapping[str, int], *, max_completed: int | None = None, keep: Container[str] = (),
+        batch: int = PRUNE_BATCH,
+    ) -> dict[str, list[str]]: ...  # fmt: skip
+
+    def dependents(self, job_id: str, limit: int = 1000) -> list[str]: ...
+
+    def newest(
+        self, status: str | None, limit: int, *, before: tuple[int, int] | None = None,
+        skip: Container[str] = (), cached: Mapping[str, Job] | None = None,
+    ) -> list[tuple[int, int, Job]]: ...  # fmt: skip
+
+    def clear_stale_readers(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def open_job_store(settings: Settings, *, readonly: bool = False) -> PulseStore | None:
+    """The job store ``settings`` name: PostgreSQL when ``store`` is a URL (at this
+    version's schema: ``qntx db upgrade``), else LMDB under the home. Read-only on
+    LMDB gives None while the home has no store yet (nothing was ever submitted)."""
+    if db.is_database_url(settings.store):
+        from qntx.pulse.jobstore_pg import PgJobStore
+
+        return PgJobStore(settings.store, readonly=readonly)
+    if readonly and not (settings.pulse_path / "data.mdb").exists():
+        return None
+    return JobStore(settings.pulse_path, readonly=readonly)
+
+
 class JobStore:
     """Every job of one Pulse home in an LMDB directory, indexed by status and age."""
+
+    commits_inline = True  # a small commit is a local write and one fsync
 
     def __init__(self, path: str | Path, *, map_size: int = 256 << 20, sync: bool = True, readonly: bool = False):
         self._env = LmdbEnv(path, _DBS, map_size=map_size, sync=sync, readonly=readonly)
         self._db = {name: self._env.db(name) for name in _DBS}
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(StoredJob)
+        self.location = str(path)
 
     def close(self) -> None:
         self._env.close()
@@ -117,15 +196,6 @@ class JobStore:
             if raw is not None:
                 stored.job.result = msgspec.Raw(raw)
         return stored
-
-    def _record(self, seq: int, job: Job) -> tuple[bytes, bool]:
-        """The job's record, and whether its result goes apart (the payload too, if big)."""
-        apart = len(job.result) > INLINE_RESULT_BYTES
-        if apart or not _inline(job):
-            job = msgspec.structs.replace(
-                job, payload=job.payload if _inline(job) else NIL, result=NIL if apart else job.result
-            )
-        return self._encoder.encode(StoredJob(seq=seq, job=job, apart=apart)), apart
 
     def load(self, statuses: Iterable[str]) -> Loaded:
         """The counters, and every job whose status is one of ``statuses`` (with payloads)."""
@@ -162,11 +232,7 @@ class JobStore:
 
     def get(self, job_id: str) -> StoredJob | None:
         """One job with its payload, or None."""
-        if not isinstance(job_id, str):
-            raise Invalid(f"a job id must be a string, got {job_id!r}")
-        if not _is_job_id(job_id):
-            shown = job_id if len(job_id) <= 40 else job_id[:40] + "…"
-            raise Invalid(f"not a job id: {shown!r} (a job id is 1 to 511 bytes, not blank)")
+        check_job_id(job_id)
         key = job_id.encode()
 
         def work(txn) -> StoredJob | None:
@@ -206,7 +272,7 @@ class JobStore:
         limits = None if changes.limits is None else self._encoder.encode(changes.limits)
         versions = None if changes.handler_versions is None else self._encoder.encode(changes.handler_versions)
         # Encoded before the transaction, which runs again if the map has to grow.
-        prepared = [(seq, job, old, *self._record(seq, job)) for seq, job, old in rows]
+        prepared = [(seq, job, old, *encode_record(self._encoder, seq, job)) for seq, job, old in rows]
 
         def work(txn) -> None:
             db = self._db

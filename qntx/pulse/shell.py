@@ -88,7 +88,7 @@ from qntx.pulse.events import (
     Turn,
     Undeliverable,
 )
-from qntx.pulse.jobstore import JobStore
+from qntx.pulse.jobstore import PulseStore, open_job_store
 from qntx.pulse.pipes import SessionPipes, jobs_endpoint_for
 from qntx.pulse.rules import MAX_AFTER
 from qntx.pulse.watch import JobWatch, notice
@@ -139,7 +139,7 @@ class Pulse(Commits, SessionPipes):
         self.settings = settings
         self._publish = publish
         self._cancel_at_plugin = cancel_at_plugin
-        self.store = JobStore(settings.pulse_path)
+        self.store: PulseStore = open_job_store(settings)
         loaded = self.store.load(LIVE_STATUSES)
         config = Config(
             dead_after_ms=int(settings.heartbeat_s * 3000),

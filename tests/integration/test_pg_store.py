@@ -20,17 +20,18 @@ def test_db_upgrade_is_versioned_idempotent_and_checked(bus, pg_empty_url):  # n
     check = bus.run("db", "check", "--store", url)
     assert check.returncode == 3, check.stderr
     assert "ats version 0 of 1 (run `qntx db upgrade`)" in check.stdout
+    assert "pulse version 0 of 1 (run `qntx db upgrade`)" in check.stdout
 
     first = bus.run("db", "upgrade", "--store", url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == "upgraded ats schema 0 -> 1\n"
+    assert first.stdout == "upgraded ats schema 0 -> 1\nupgraded pulse schema 0 -> 1\n"
     again = bus.run("db", "upgrade", "--store", url)
     assert again.returncode == 0 and again.stdout.startswith("schema up to date"), again.stderr
 
     check = bus.run("db", "check", "--store", url, "--json")
     assert check.returncode == 0, check.stderr
     info = json.loads(check.stdout)
-    assert info["schema"] == {"ats": {"version": 1, "latest": 1}}
+    assert info["schema"] == {"ats": {"version": 1, "latest": 1}, "pulse": {"version": 1, "latest": 1}}
     assert info["database"] == url.partition("?")[0].rpartition("/")[2]
 
 

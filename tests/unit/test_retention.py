@@ -1,4 +1,8 @@
-"""Retention: finished jobs leave Pulse's store in small transactions; logs rotate."""
+"""Retention: finished jobs leave Pulse's store in small transactions; logs rotate.
+
+The store's cases run on both backends (LMDB in a temp dir, and a fresh migrated
+PostgreSQL database from tests/pg.py): the same cases, the same answers.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,23 @@ from qntx.errors import Invalid
 from qntx.protocol import Job
 from qntx.pulse.core import PulseCore
 from qntx.pulse.events import Saved
-from qntx.pulse.jobstore import JobStore
+from qntx.pulse.jobstore import JobStore, PulseStore
+from tests.pg import job_store, pg_server  # noqa: F401  (fixtures)
 from tests.unit.test_core import CONFIG, Harness
+
+
+@pytest.fixture
+def store(job_store):  # noqa: F811
+    """An empty job store, once on LMDB and once on PostgreSQL."""
+    return job_store
+
+pytestmark = pytest.mark.timeout(60)
 
 
 class StoreHarness(Harness):
     """The core's harness, committing into a real JobStore (LMDB in a temp dir)."""
 
-    def __init__(self, store: JobStore):
+    def __init__(self, store: PulseStore):
         self.store = store
         super().__init__()
 
@@ -37,8 +50,7 @@ def finished_jobs(h: StoreHarness, count: int, *, fail_every: int = 0, key: bool
     return ids
 
 
-def test_prune_deletes_what_is_past_its_cutoff_in_batches_and_keeps_counts_right(tmp_path):
-    store = JobStore(tmp_path / "pulse")
+def test_prune_deletes_what_is_past_its_cutoff_in_batches_and_keeps_counts_right(store):
     h = StoreHarness(store)
     ids = finished_jobs(h, 30, fail_every=3, key=True)
     h.tick(10_000)
@@ -54,21 +66,18 @@ def test_prune_deletes_what_is_past_its_cutoff_in_batches_and_keeps_counts_right
         total = {k: total[k] + len(deleted[k]) for k in total}
     assert total == {"completed": 20, "failed": 10}
     assert all(store.get(i) is None for i in ids) and all(store.get(i) is not None for i in newer)
-    assert store.find(None, "k1") is None  # its idempotency key went with it
+    assert store.find(None, "k1") is None and _stored_keys(store) == 0  # the keys went with their jobs
     counts = store.load(()).counts
     assert counts["completed"] == 5 and counts["failed"] == 0
     assert [j.id for _, _, j in store.newest(None, 100)] == newer[::-1]
-    store.close()
 
 
-def test_prune_by_count_keeps_the_newest_completed_and_spares_live_jobs(tmp_path):
-    store = JobStore(tmp_path / "pulse")
+def test_prune_by_count_keeps_the_newest_completed_and_spares_live_jobs(store):
     h = StoreHarness(store)
     ids = finished_jobs(h, 20)
     deleted = store.prune({"completed": 0}, max_completed=15, keep={ids[0]})
     assert deleted == {"completed": ids[1:6]}
     assert store.get(ids[0]) is not None and all(store.get(i) is None for i in ids[1:6])
-    store.close()
 
 
 def test_the_core_counts_what_was_pruned_out():
@@ -78,8 +87,7 @@ def test_the_core_counts_what_was_pruned_out():
     assert core.counts()["completed"] == 6 and core.changes().counts["completed"] == 6
 
 
-def test_a_retried_job_pruned_meanwhile_is_listed_again(tmp_path):
-    store = JobStore(tmp_path / "pulse")
+def test_a_retried_job_pruned_meanwhile_is_listed_again(store):
     h = StoreHarness(store)
     [job_id] = finished_jobs(h, 1, fail_every=1)
     stored = store.get(job_id)
@@ -90,14 +98,12 @@ def test_a_retried_job_pruned_meanwhile_is_listed_again(tmp_path):
     h.commit()
     assert [j.id for _, _, j in store.newest(None, 10)] == [job_id]
     assert isinstance(store.get(job_id).job, Job) and msgspec.msgpack.decode(store.get(job_id).job.payload) == 0
-    store.close()
 
 
-def test_a_prune_and_a_retry_of_the_same_failed_job_count_it_out_once(tmp_path):
+def test_a_prune_and_a_retry_of_the_same_failed_job_count_it_out_once(store):
     """The retry counts the job out of ``failed``; the prune batch that deleted it
     meanwhile must not count it out again (the count went to -1 and every commit
     after failed)."""
-    store = JobStore(tmp_path / "pulse")
     h = StoreHarness(store)
     [job_id] = finished_jobs(h, 1, fail_every=1)
     assert h.core.counts()["failed"] == 1
@@ -113,11 +119,9 @@ def test_a_prune_and_a_retry_of_the_same_failed_job_count_it_out_once(tmp_path):
     assert counts["failed"] == 0 and counts["queued"] == 1
     h.commit()  # (with -1 it raised struct.error here, and at every commit after)
     assert store.load(()).counts["failed"] == 0 and store.get(job_id).job.status == "queued"
-    store.close()
 
 
-def test_a_retried_job_that_ran_and_left_memory_during_the_prune_is_counted_once(tmp_path):
-    store = JobStore(tmp_path / "pulse")
+def test_a_retried_job_that_ran_and_left_memory_during_the_prune_is_counted_once(store):
     h = StoreHarness(store)
     [job_id] = finished_jobs(h, 1, fail_every=1)
     stored = store.get(job_id)
@@ -135,11 +139,9 @@ def test_a_retried_job_that_ran_and_left_memory_during_the_prune_is_counted_once
     counts = h.core.counts()
     assert counts["failed"] == 0 and counts["completed"] == 1
     h.commit()
-    store.close()
 
 
-def test_the_store_knows_what_runs_after_a_job_and_prunes_it_with_the_job(tmp_path):
-    store = JobStore(tmp_path / "pulse")
+def test_the_store_knows_what_runs_after_a_job_and_prunes_it_with_the_job(store):
     h = StoreHarness(store)
     [first] = finished_jobs(h, 1)
     from qntx.protocol import Submit
@@ -163,13 +165,29 @@ def test_the_store_knows_what_runs_after_a_job_and_prunes_it_with_the_job(tmp_pa
     assert store.dependents(first) == []  # the index went with the jobs
     with pytest.raises(Invalid):
         store.get("")
-    store.close()
 
 
-def test_a_big_result_is_kept_apart_read_back_everywhere_and_pruned_with_its_job(tmp_path):
+def _stored_keys(store: PulseStore) -> int:
+    """How many idempotency keys the backend holds."""
+    if isinstance(store, JobStore):
+        return store._env.read(lambda txn: txn.stat(store._db["keys"])["entries"])
+    return store._read(lambda conn: conn.execute("SELECT count(*) FROM pulse_keys").fetchone()[0])
+
+
+def _stored_bytes(store: PulseStore, job_id: str) -> tuple[bytes | None, bytes | None]:
+    """The job's record and its result kept apart, as the backend holds them."""
+    if isinstance(store, JobStore):
+        record = store._env.read(lambda txn: txn.get(job_id.encode(), db=store._db["jobs"]))
+        return record, store._env.read(lambda txn: txn.get(job_id.encode(), db=store._db["results"]))
+    row = store._read(
+        lambda conn: conn.execute("SELECT record, result FROM pulse_jobs WHERE id = %s", (job_id,)).fetchone()
+    )
+    return (None, None) if row is None else row
+
+
+def test_a_big_result_is_kept_apart_read_back_everywhere_and_pruned_with_its_job(store):
     from qntx.pulse.jobstore import INLINE_RESULT_BYTES
 
-    store = JobStore(tmp_path / "pulse")
     h = StoreHarness(store)
     big = "r" * (INLINE_RESULT_BYTES + 1)
     job_id = h.submit(payload=1, max_attempts=1).id
@@ -177,11 +195,11 @@ def test_a_big_result_is_kept_apart_read_back_everywhere_and_pruned_with_its_job
     (dispatch,) = h.dispatched(h.turn())
     h.done(dispatch, result=big)
     h.commit()
-    record = store._env.read(lambda txn: txn.get(job_id.encode(), db=store._db["jobs"]))
-    assert len(record) < 1024  # the record stays small: the result went apart, as it came
+    record, apart = _stored_bytes(store, job_id)
+    assert len(record) < 1024 and msgspec.msgpack.decode(apart) == big  # the record stays small: the result went apart, as it came
     assert msgspec.msgpack.decode(store.get(job_id).job.result) == big
     assert msgspec.msgpack.decode(store.load(("completed",)).jobs[0].job.result) == big
     assert msgspec.msgpack.decode(store.newest("completed", 10)[0][2].result) == big
     h.tick(10_000)
     assert sum(map(len, store.prune({"completed": h.wall}).values())) == 1
-    assert store._env.read(lambda txn: txn.get(job_id.encode(), db=store._db["results"])) is None
+    assert _stored_bytes(store, job_id) == (None, None)
