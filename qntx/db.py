@@ -77,6 +77,29 @@ def connect(url: str, *, application: str = "qntx") -> Any:
         raise Unavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
 
 
+def open_store_connection(url: str, component: str, *, application: str, readonly: bool, setup: tuple[str, ...] = ()) -> Any:
+    """A store's connection: ``component``'s schema checked (never migrated), the
+    ``setup`` statements run, read-only when asked; closed again if any of it fails."""
+    conn = connect(url, application=application)
+    try:
+        require_schema(conn, component, url)
+        for statement in setup:
+            conn.execute(statement)
+        if readonly:
+            conn.execute("SET default_transaction_read_only = on")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def unavailable(exc: BaseException, what: str) -> Unavailable:
+    """A database error met by a store (``what`` names it) as the error its callers get."""
+    if isinstance(exc, psycopg().errors.ReadOnlySqlTransaction):
+        return Unavailable(f"{what} is open read-only")
+    return Unavailable(f"{what}: {first_line(exc)}")
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

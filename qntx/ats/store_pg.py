@@ -60,18 +60,13 @@ class PgAttestationStore(StoreCommon):
 
     def _connection(self):
         if self._conn is None or self._conn.closed or self._conn.broken:
-            conn = db.connect(self.url, application="qntx ats")
-            try:
-                db.require_schema(conn, "ats", self.url)
-                # Plan each query for its values: a plan made once for any value (what a
-                # prepared statement gets after a few runs) may walk the whole time index
-                # for a value the GIN index answers at once.
-                conn.execute("SET plan_cache_mode = force_custom_plan")
-                if self.readonly:
-                    conn.execute("SET default_transaction_read_only = on")
-            except BaseException:
-                conn.close()
-                raise
+            # Plan each query for its values: a plan made once for any value (what a
+            # prepared statement gets after a few runs) may walk the whole time index
+            # for a value the GIN index answers at once.
+            conn = db.open_store_connection(
+                self.url, "ats", application="qntx ats", readonly=self.readonly,
+                setup=("SET plan_cache_mode = force_custom_plan",),
+            )  # fmt: skip
             self._conn = conn
         return self._conn
 
@@ -82,9 +77,7 @@ class PgAttestationStore(StoreCommon):
             try:
                 return work(conn)
             except self._pg.Error as exc:
-                if isinstance(exc, self._pg.errors.ReadOnlySqlTransaction):
-                    raise Unavailable(f"attestation store {self.location} is open read-only") from None
-                raise Unavailable(f"attestation store {self.location}: {db.first_line(exc)}") from None
+                raise db.unavailable(exc, f"attestation store {self.location}") from None
 
     def close(self) -> None:
         with self._lock:

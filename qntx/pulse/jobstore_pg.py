@@ -124,14 +124,7 @@ class PgJobStore:
         slot = self._conns[role]
         conn = slot[0]
         if conn is None or conn.closed or conn.broken:
-            conn = db.connect(self.url, application=f"qntx pulse {role}")
-            try:
-                db.require_schema(conn, "pulse", self.url)
-                if self.readonly:
-                    conn.execute("SET default_transaction_read_only = on")
-            except BaseException:
-                conn.close()
-                raise
+            conn = db.open_store_connection(self.url, "pulse", application=f"qntx pulse {role}", readonly=self.readonly)
             slot[0] = conn
         return conn
 
@@ -143,9 +136,7 @@ class PgJobStore:
             try:
                 return work(conn)
             except self._pg.Error as exc:
-                if isinstance(exc, self._pg.errors.ReadOnlySqlTransaction):
-                    raise Unavailable(f"job store {self.location} is open read-only") from None
-                raise Unavailable(f"job store {self.location}: {db.first_line(exc)}") from None
+                raise db.unavailable(exc, f"job store {self.location}") from None
 
     def _read(self, work):
         return self._run("read", work)
