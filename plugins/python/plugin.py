@@ -32,7 +32,7 @@ from loguru import logger
 from plugins.python.pool import InterpreterPool, Outcome
 from plugins.python.runner import JobContext
 from qntx import __version__
-from qntx.ats.feed import Feed, subscribe
+from qntx.ats.feed import NOTICE_BURST, Feed, subscribe
 from qntx.bus.actor import Request
 from qntx.bus.async_service import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
@@ -295,7 +295,7 @@ class PythonPlugin:
             try:
                 if await sub.poll((ANNOUNCE_RETRY_S if pending else RESYNC_S) * 1000):
                     bodies = []
-                    while await sub.poll(0):
+                    while len(bodies) < NOTICE_BURST and await sub.poll(0):
                         bodies.append((await sub.recv_multipart())[-1])
                     if HANDLERS_FEED.touched(bodies):
                         await self._discover()

@@ -34,6 +34,10 @@ from qntx.protocol import (
 )
 from qntx.settings import Settings
 
+# Notices an actor reads in one pass before it looks at them: a flood of them holds
+# neither its loop nor its memory (the rest are read on the next pass).
+NOTICE_BURST = 1000
+
 
 def subscribe(context: Any, settings: Settings, endpoint: str) -> Any:
     """A SUB socket (of ``context``: blocking or asyncio) on the ATS's notices."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import zmq
 from loguru import logger
 
-from qntx.ats.feed import Feed, subscribe
+from qntx.ats.feed import NOTICE_BURST, Feed, subscribe
 from qntx.bus.actor import Actor
 from qntx.protocol import AtsReply, ErrorReply, QueryResult
 from qntx.pulse.directives import DIRECTIVES_FILTER, Directives, is_directive, resolve
@@ -83,7 +83,7 @@ class DirectivesFollower:
 
     def _on_events(self) -> None:
         bodies = []
-        for _ in range(1000):
+        for _ in range(NOTICE_BURST):
             try:
                 bodies.append(self.events.recv_multipart(zmq.NOBLOCK)[-1])
             except zmq.Again:
