@@ -462,6 +462,7 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
                 "queue": reply.queue,
                 "handlers": reply.handlers,
                 "sessions_free": reply.sessions_free,
+                "leadership": reply.leadership,
             }
         )
         return
@@ -476,3 +477,19 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     print("Handlers: " + (", ".join(reply.handlers) or "(none)"))
     if reply.sessions_free is not None:
         print(f"Sessions: room for {reply.sessions_free} more worker session(s)")
+    if reply.leadership is not None:
+        _print_leadership(reply.leadership)
+
+
+def _print_leadership(lease: dict) -> None:
+    """The leader, its epoch and the standbys of a bus kept in PostgreSQL."""
+    from qntx.leader import holder_line, standby_line
+
+    if "error" in lease:
+        print(f"Leader:   unknown ({lease['error']})")
+        return
+    print(f"Leader:   {holder_line(lease)}")
+    for standby in lease["standbys"]:
+        print(f"Standby:  {standby_line(standby)}")
+    if not lease["standbys"]:
+        print("Standby:  (none)")

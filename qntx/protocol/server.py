@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from qntx.bus.messages import Ack, ErrorReply, Message, Ping, Pong
@@ -93,6 +95,8 @@ class StatusReply(Message):
     queue: dict[str, int]
     handlers: list[str]
     sessions_free: int | None = None  # how many more worker sessions the server has room for
+    # On a PostgreSQL store: the lease's epoch, leader and standbys (qntx.leader.describe).
+    leadership: dict[str, Any] | None = None
 
 
 class Prune(Message):
