@@ -57,7 +57,7 @@ MIGRATIONS: list[list[str]] = [
         " one boolean PRIMARY KEY DEFAULT true CHECK (one),"
         " epoch bigint NOT NULL, host text, home text, pid integer, address text,"
         " since timestamptz, renewed timestamptz, expires timestamptz NOT NULL)",
-        "INSERT INTO qntx_leader (epoch, expires) VALUES (0, '-infinity')",
+        "INSERT INTO qntx_leader (epoch, expires) VALUES (0, 'epoch')",
         "CREATE TABLE qntx_standbys ("
         " host text NOT NULL, home text NOT NULL, pid integer NOT NULL, address text,"
         " last_seen timestamptz NOT NULL, PRIMARY KEY (host, home))",
