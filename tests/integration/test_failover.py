@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,61 @@ def test_a_paused_leader_that_wakes_past_its_lease_is_fenced_and_stands_by(pair,
             assert job.result["run"] in runs and len(runs) >= 2, runs  # A's run (fenced) and B's
     assert pair.epoch() == first + 1  # A never took the lease back
     assert f"leading the bus at epoch {first + 1}" in up_b.output()
+
+
+def test_a_paused_leader_inside_a_transaction_cannot_block_a_takeover(pg_url):  # noqa: F811
+    """A leader stopped mid-transaction holds the lease row's share lock; the database
+    ends its idle transaction, so the standby's takeover goes through."""
+    from qntx import db
+    from qntx.errors import Unavailable
+    from qntx.leader import IDLE_IN_TRANSACTION_MS, LEASE_TTL_S, Lease
+
+    old, new = Lease(pg_url, home="/a", address="tcp://a:7400"), Lease(pg_url, home="/b", address="tcp://b:7400")
+    try:
+        epoch = old.try_take()
+        assert epoch is not None and new.try_take() is None  # held: the other stands by
+        store = db.open_store_connection(pg_url, "pulse", application="paused leader", readonly=False)
+        store.execute("BEGIN")
+        store.execute("SELECT qntx_fence(%s)", (epoch,))  # ...and the process stops here
+        began = time.monotonic()
+
+        def took() -> bool:
+            try:
+                return new.try_take() is not None
+            except Unavailable:  # waited for the lock LOCK_TIMEOUT_MS: the standby tries again
+                return False
+
+        wait_for(took, LEASE_TTL_S + IDLE_IN_TRANSACTION_MS / 1000 + 5, what="takeover")
+        assert new.epoch == epoch + 1 and time.monotonic() - began >= LEASE_TTL_S - 0.5
+        assert not old.renew()  # the old one learns it lost the lease
+        import psycopg
+
+        with pytest.raises(psycopg.Error, match="idle-in-transaction timeout"):
+            store.execute("SELECT 1")  # its session was ended by the database
+        store.close()
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_store_without_an_epoch_writes_only_while_no_up_leads(pg_url):  # noqa: F811
+    from qntx.leader import Fenced, Lease
+    from qntx.pulse.commands import Changes
+    from qntx.pulse.jobstore_pg import PgJobStore
+
+    store = PgJobStore(pg_url)  # a tool's store: no epoch
+    lease = Lease(pg_url, home="/a", address="tcp://a:7400")
+    try:
+        empty = Changes(next_seq=5, lease_ceiling=1)
+        store.save(empty)  # nobody leads: written
+        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(5,)]
+        assert lease.try_take() is not None
+        with pytest.raises(Fenced, match="the bus is led by an `up` on this database"):
+            store.save(replace(empty, next_seq=9))
+        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(5,)]  # nothing written
+        lease.release()
+        store.save(replace(empty, next_seq=9))
+        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(9,)]
+    finally:
+        store.close()
+        lease.close()
