@@ -245,11 +245,15 @@ class Supervisor:
             renewer = lease.keep(self._lose, done)
             try:
                 self._serve()
+                if self._lost is None:
+                    # A stop: the actors' last commits go in while the lease is still
+                    # renewed; the caller gives it back after.
+                    self._stop_all()
             finally:
                 done.set()
                 renewer.join(timeout=5)
             if self._lost is None:
-                return  # a stop: the caller stops the actors and gives the lease back
+                return
             logger.error("lost the lead: {}; the actors are stopped at once and this host stands by", self._lost)
             self._kill_all()
             lease.epoch = None

@@ -273,3 +273,26 @@ def test_a_store_without_an_epoch_writes_only_while_no_up_leads(pg_url):  # noqa
     finally:
         store.close()
         lease.close()
+
+
+def test_a_database_without_the_lease_is_refused_until_upgraded(bus, pg_empty_url):  # noqa: F811
+    import psycopg
+
+    from qntx.ats.sql import MIGRATIONS as ATS
+    from qntx.pulse.jobstore_pg import MIGRATIONS as PULSE
+
+    with psycopg.connect(pg_empty_url, autocommit=True) as conn:  # as the qntx before the lease left it
+        for statement in (*ATS[0], *PULSE[0]):
+            conn.execute(statement)
+        conn.execute("CREATE TABLE qntx_schema (component text PRIMARY KEY, version integer NOT NULL, upgraded_at timestamptz)")
+        conn.execute("INSERT INTO qntx_schema VALUES ('ats', 1, now()), ('pulse', 1, now())")
+    refused = bus.run("up", "--store", pg_empty_url, timeout=30)
+    assert refused.returncode == 3 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "has no leader schema (an older qntx's): run `qntx db upgrade --store URL` first" in refused.stderr
+    assert rows(pg_empty_url, "SELECT to_regclass('qntx_leader')") == [(None,)]  # up created nothing
+
+    upgraded = bus.run("db", "upgrade", "--store", pg_empty_url)
+    assert upgraded.returncode == 0 and upgraded.stdout == "upgraded leader schema 0 -> 1\n", upgraded.stderr
+    check = bus.run("db", "check", "--store", pg_empty_url)
+    assert check.returncode == 0, check.stdout
+    assert "leader     none (epoch 0, the lease has expired)" in check.stdout, check.stdout
