@@ -252,26 +252,34 @@ def test_a_paused_leader_inside_a_transaction_cannot_block_a_takeover(pg_url):  
         new.close()
 
 
-def test_a_store_without_an_epoch_writes_only_while_no_up_leads(pg_url):  # noqa: F811
+def test_stores_without_an_epoch_write_only_while_no_up_leads(pg_url):  # noqa: F811
+    from qntx.ats.store_pg import PgAttestationStore
     from qntx.leader import Fenced, Lease
+    from qntx.protocol import NewAttestation
     from qntx.pulse.commands import Changes
     from qntx.pulse.jobstore_pg import PgJobStore
 
-    store = PgJobStore(pg_url)  # a tool's store: no epoch
+    jobs, ats = PgJobStore(pg_url), PgAttestationStore(pg_url)  # a tool's stores: no epoch
     lease = Lease(pg_url, home="/a", address="tcp://a:7400")
+    one = [[NewAttestation(subjects=["s"])]]
     try:
         empty = Changes(next_seq=5, lease_ceiling=1)
-        store.save(empty)  # nobody leads: written
-        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(5,)]
+        jobs.save(empty)  # nobody leads: written
+        assert not isinstance(ats.put_batches(one)[0], Exception)
+        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(5,)] and ats.count() == 1
         assert lease.try_take() is not None
         with pytest.raises(Fenced, match="the bus is led by an `up` on this database"):
-            store.save(replace(empty, next_seq=9))
-        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(5,)]  # nothing written
+            jobs.save(replace(empty, next_seq=9))
+        with pytest.raises(Fenced, match="the bus is led by an `up` on this database"):
+            ats.put_batches(one)
+        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(5,)] and ats.count() == 1  # nothing written
         lease.release()
-        store.save(replace(empty, next_seq=9))
-        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(9,)]
+        jobs.save(replace(empty, next_seq=9))
+        assert not isinstance(ats.put_batches(one)[0], Exception)
+        assert rows(pg_url, "SELECT seq FROM pulse_meta") == [(9,)] and ats.count() == 2
     finally:
-        store.close()
+        jobs.close()
+        ats.close()
         lease.close()
 
 
