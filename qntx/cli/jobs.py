@@ -439,8 +439,23 @@ def _server_down(settings, exc: Exception) -> str:
 
     holder = lock_holder(settings.lock_path("server"))
     if holder is None:
-        return f"the server is down: none runs on {settings.home} (start it with `qntx up`)"
+        return f"the server is down: none runs on {settings.home} (start it with `qntx up`){_elsewhere(settings)}"
     return f"the server (pid {holder}) is not answering: {exc}"
+
+
+def _elsewhere(settings) -> str:
+    """On a PostgreSQL store, who leads the bus (this host may be a standby)."""
+    from qntx import db
+
+    if not db.is_database_url(settings.store):
+        return ""
+    from qntx.errors import QntxError
+    from qntx.leader import holder_line, read
+
+    try:
+        return f"; the bus is led by {holder_line(read(settings.store))}"
+    except QntxError:
+        return ""
 
 
 @app.command

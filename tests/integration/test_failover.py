@@ -123,6 +123,9 @@ def test_a_standby_takes_over_a_killed_leader_and_every_accepted_job_ends_with_i
     assert f"leading the bus at epoch {pair.epoch()}" in up_a.output()
     assert f"{pair.address[pair.a]} (home {pair.a.home}" in up_b.output()  # who leads, in its one line
     assert not any(actor_pids(pair.b).values())  # a standby runs no actor and binds nothing
+    on_standby = pair.b.run("status")  # no server here: it says who leads
+    assert on_standby.returncode == 3 and "the bus is led by " in on_standby.stderr, on_standby.stderr
+    assert f"{pair.address[pair.a]} (home {pair.a.home}" in on_standby.stderr
     pair.join_remote(pair.a)
 
     status = pair.a.run("status")
