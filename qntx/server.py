@@ -27,6 +27,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+import msgspec
 from loguru import logger
 
 from qntx import __version__, db, leader
@@ -61,6 +62,7 @@ from qntx.protocol import (
     JobReply,
     JobStarted,
     JobUpdate,
+    Leadership,
     ListJobs,
     ListSchedules,
     Metadata,
@@ -273,14 +275,14 @@ class ServerActor(Actor):
             sessions_free=self.pulse.sessions_free, leadership=self._leadership(),
         )  # fmt: skip
 
-    def _leadership(self) -> dict | None:
+    def _leadership(self) -> Leadership | None:
         """The lease as the database has it now, on a PostgreSQL store (else None)."""
         if not db.is_database_url(self.settings.store):
             return None
         try:
-            return leader.read(self.settings.store)
+            return msgspec.convert(leader.read(self.settings.store), Leadership)
         except QntxError as exc:
-            return {"error": str(exc)}
+            return Leadership(error=str(exc))
 
     def on_prune(self, message: Prune, request: Request) -> None:
         older = message.older_than_ms

@@ -477,7 +477,7 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
                 "queue": reply.queue,
                 "handlers": reply.handlers,
                 "sessions_free": reply.sessions_free,
-                "leadership": reply.leadership,
+                "leadership": msgspec.to_builtins(reply.leadership),
             }
         )
         return
@@ -493,14 +493,14 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     if reply.sessions_free is not None:
         print(f"Sessions: room for {reply.sessions_free} more worker session(s)")
     if reply.leadership is not None:
-        _print_leadership(reply.leadership)
+        _print_leadership(msgspec.to_builtins(reply.leadership))
 
 
 def _print_leadership(lease: dict) -> None:
     """The leader, its epoch and the standbys of a bus kept in PostgreSQL."""
     from qntx.leader import holder_line, standby_line
 
-    if "error" in lease:
+    if lease.get("error"):
         print(f"Leader:   unknown ({lease['error']})")
         return
     print(f"Leader:   {holder_line(lease)}")

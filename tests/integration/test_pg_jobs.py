@@ -105,6 +105,7 @@ def test_server_kill_9_mid_load_on_postgresql_loses_and_repeats_nothing(bus, pg_
     os.kill(server, signal.SIGKILL)  # while the echoes are being worked through
     up.wait_output("server exited with code -9")
     wait_for(lambda: actor_pids(bus).get("server", server) != server, 20, what="a new server")
+    wait_for(lambda: up.output().count("QNTX server serving") == 2, 30, what="the new server serving")
     with qntx.connect(bus.home) as b:
         for i, handle in enumerate(echoes):
             job = b.wait(handle.id, timeout=60)
