@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import secrets
 import socket
@@ -32,6 +33,7 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 from loguru import logger
 
 from qntx.bus.async_service import install_stop_signals
@@ -39,7 +41,7 @@ from qntx.bus.bounds import check_decoded_size
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import ErrorReply
 from qntx.errors import QntxError, TooLarge
-from qntx.join import reachable
+from qntx.join import SILENT_HEARTBEATS, join, reachable
 from qntx.log import about_run
 from qntx.protocol import (
     NIL,
@@ -117,6 +119,7 @@ class Worker:
         *,
         plugin: str = "",
         execute: Executor | None = None,
+        rejoin: Callable[[], Awaitable[None]] | None = None,
     ):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
@@ -141,6 +144,14 @@ class Worker:
         self._recent_bytes = 0
         self._background: set[asyncio.Task] = set()
         self._refusals = 0  # hellos the server refused since it last took this session
+        # Joined through server addresses: what finds the leading server again when this
+        # one goes silent (by default: join again and re-point this session).
+        if rejoin is None and settings.connect:
+            rejoin = self._rejoin
+        self.rejoin = rejoin
+        self._connected = False  # the control connection's handshake is done and not lost since
+        self._last_contact = time.monotonic()
+        self._holding_off = False  # refused: hung up on purpose for a while
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -155,9 +166,16 @@ class Worker:
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTING_ID, self.session.encode())
+        tasks = [self._spawn(self._heartbeat()), self._spawn(self._read_control())]
+        if self.rejoin is not None:
+            # The transport's own heartbeat finds a server that went silent with its
+            # connection open (stopped, or cut off without a reset).
+            self.control.setsockopt(zmq.HEARTBEAT_IVL, int(self.settings.heartbeat_s * 1000))
+            self.control.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.settings.heartbeat_s * 1000 * SILENT_HEARTBEATS))
+            monitor = self.control.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            tasks += [self._spawn(self._watch_control(monitor)), self._spawn(self._find_leader())]
         self.settings.security.connect(self.control, self.settings.workers_endpoint)
         logger.info("worker {} connected to {} (capacity {})", self.name, self.settings.workers_endpoint, self.capacity)
-        tasks = [self._spawn(self._heartbeat()), self._spawn(self._read_control())]
         await stop.wait()
         self.draining = True  # heartbeats now say credit 0: no new work, still alive
         self._send_ready()
@@ -212,6 +230,7 @@ class Worker:
     async def _read_control(self) -> None:
         while True:
             frames = await self.control.recv_multipart()
+            self._last_contact = time.monotonic()
             if len(frames) != 2:
                 continue
             try:
@@ -235,15 +254,70 @@ class Worker:
         level = "DEBUG" if self._refusals else "WARNING"  # said once, until it gets in
         self._refusals += 1
         logger.log(level, "worker {}: the server refused this session: {}; trying again in {:g}s", self.name, refusal.message, REFUSED_RETRY_S)
-        self.control.disconnect(endpoint)  # heartbeats meanwhile find no peer and are skipped
-        await asyncio.sleep(REFUSED_RETRY_S)
-        self.settings.security.connect(self.control, endpoint)
+        self._holding_off = True
+        try:
+            self.control.disconnect(endpoint)  # heartbeats meanwhile find no peer and are skipped
+            await asyncio.sleep(REFUSED_RETRY_S)
+            self.settings.security.connect(self.control, endpoint)
+        finally:
+            self._last_contact, self._holding_off = time.monotonic(), False
+
+    # ---------------------------------------------------------------- finding the leading server
+
+    async def _watch_control(self, monitor: zmq.asyncio.Socket) -> None:
+        """Whether the control connection to the current server is up."""
+        try:
+            while True:
+                event = zmq.utils.monitor.parse_monitor_message(await monitor.recv_multipart())
+                endpoint = event["endpoint"].decode(errors="replace") if isinstance(event["endpoint"], bytes) else event["endpoint"]
+                if endpoint != self.settings.workers_endpoint:
+                    continue  # (the server this session left)
+                self._connected = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self._last_contact = time.monotonic()
+        finally:
+            monitor.close(0)
+
+    async def _find_leader(self) -> None:
+        """Join again when the server has been unreachable or silent past the window."""
+        window = self.settings.heartbeat_s * SILENT_HEARTBEATS
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s / 2)
+            if self._connected or self._holding_off or time.monotonic() - self._last_contact < window:
+                continue
+            logger.warning("worker {}: no server at {} for {:g}s; looking for the leading one", self.name, self.settings.workers_endpoint, window)
+            await self.rejoin()
+            self._last_contact = time.monotonic()
+
+    async def _rejoin(self) -> None:
+        try:
+            joined = await asyncio.to_thread(join, self.settings)
+        except QntxError as exc:
+            logger.warning("worker {}: {}", self.name, exc)
+            return
+        self.repoint(joined.workers_endpoint)
+
+    def repoint(self, workers_endpoint: str) -> None:
+        """Take part in the pool of the server at ``workers_endpoint`` from now on, as the
+        same session (so that server adopts the runs it holds); the welcome there
+        re-points the jobs pipe and the results."""
+        old = self.settings.workers_endpoint
+        if workers_endpoint == old:
+            return
+        logger.warning("worker {}: moving to the server at {} (was {})", self.name, workers_endpoint, old)
+        try:
+            self.control.disconnect(old)
+        except zmq.ZMQError:
+            pass
+        self.settings = dataclasses.replace(self.settings, workers_endpoint=workers_endpoint)
+        self._connected, self.jobs_endpoint = False, ""  # that server has not seen this pipe connected
+        self.settings.security.connect(self.control, workers_endpoint)
+        self._send_ready()
 
     def _welcomed(self, welcome: WorkerWelcome) -> None:
         if self._refusals:
             logger.info("worker {}: the server took this session after {} refusal(s)", self.name, self._refusals)
             self._refusals = 0
-        self._resend_recent()
+        welcomed_before = self.results is not None
         via = self.settings.workers_endpoint
         results = reachable(welcome.results_endpoint, via)
         if results != self._results_endpoint:
@@ -257,6 +331,8 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for body in unsent:
                 self._push(body)
+        if welcomed_before:
+            self._resend_recent()  # (to the results sink of the server that welcomed it now)
         target = reachable(welcome.jobs_endpoint, via)
         if target != self._jobs_target:
             if self.jobs is not None:
