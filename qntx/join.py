@@ -86,9 +86,11 @@ def find_server(settings: Settings, connect: str | Sequence[str], timeout_s: flo
     """(address, its ``BusEndpoints``) of the first of ``connect``'s servers to answer
     ``GetEndpoints``, all asked at once; (address, None) when the only answer came
     from an older peer that does not know GetEndpoints (e.g. a workers endpoint given
-    directly). Raises Unavailable, naming every address, when none answers in time;
-    a refusal (e.g. Forbidden) is raised when it is all that came back."""
+    directly). Raises Unavailable, naming every address, when none answers in time
+    (or when, after CONNECT_WAIT_S, none has even taken a connection); a refusal (e.g.
+    Forbidden) is raised when it is all that came back."""
     from qntx.bus.codec import Decoder, encode, raise_if_error
+    from qntx.bus.requester import CONNECT_WAIT_S
     from qntx.protocol import BusEndpoints, GetEndpoints, ServerReply
 
     tried = addresses(connect)
@@ -99,18 +101,31 @@ def find_server(settings: Settings, connect: str | Sequence[str], timeout_s: flo
     sockets: dict[zmq.Socket, str] = {}
     refusals: list[QntxError] = []
     older_peer = None
+    monitors: list[zmq.Socket] = []
+    connected = False  # some address took a connection (it may still answer)
     body = encode(GetEndpoints())
     try:
         for address in tried:
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED))
+            poller.register(monitors[-1], zmq.POLLIN)
             settings.security.connect(sock, address)
             sock.send_multipart([_CORRELATION, body], zmq.NOBLOCK)  # queued until its connection is up
             sockets[sock] = address
             poller.register(sock, zmq.POLLIN)
-        deadline = time.monotonic() + limit
+        started = time.monotonic()
+        deadline = started + limit
         while (left := deadline - time.monotonic()) > 0 and len(refusals) + (older_peer is not None) < len(tried):
+            if not connected:  # nobody home anywhere: said as soon as a request would say it
+                left = min(left, started + CONNECT_WAIT_S - time.monotonic())
+                if left <= 0:
+                    break
             for sock, _ in poller.poll(left * 1000):
+                if sock not in sockets:  # a monitor: that address took a connection
+                    sock.recv_multipart()
+                    connected = True
+                    continue
                 frames = sock.recv_multipart()
                 poller.unregister(sock)  # one answer each
                 if len(frames) != 2 or frames[0] != _CORRELATION:
@@ -127,13 +142,16 @@ def find_server(settings: Settings, connect: str | Sequence[str], timeout_s: flo
                     return sockets[sock], reply
     finally:
         for sock in sockets:
+            sock.disable_monitor()
             sock.close(0)
+        for monitor in monitors:
+            monitor.close(0)
     if older_peer is not None:
         return older_peer, None
     if refusals:
         raise refusals[0]
     raise Unavailable(
-        f"no QNTX server answers at {', '.join(tried)} within {limit:g}s; is its `qntx up --bind` running, and "
+        f"no QNTX server answers at {', '.join(tried)} within {time.monotonic() - started:.1f}s; is its `qntx up --bind` running, and "
         "is this host's key authorised there (`qntx keys allow`) and the server's key set here (`qntx keys server`)?"
     )
 
