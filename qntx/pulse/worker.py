@@ -273,12 +273,16 @@ class Worker:
                 if endpoint != self.settings.workers_endpoint:
                     continue  # (the server this session left)
                 self._connected = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-                self._last_contact = time.monotonic()
+                if self._connected:
+                    self._last_contact = time.monotonic()
+                # Lost: the server was silent a heartbeat window already (the transport's
+                # heartbeat said so), or it is gone (reset): its leader is looked for now.
         finally:
             monitor.close(0)
 
     async def _find_leader(self) -> None:
-        """Join again when the server has been unreachable or silent past the window."""
+        """Join again when the connection to the server is lost, and at most once a
+        window while no server takes it (the first join finds no server: a window later)."""
         window = self.settings.heartbeat_s * SILENT_HEARTBEATS
         while True:
             await asyncio.sleep(self.settings.heartbeat_s / 2)
