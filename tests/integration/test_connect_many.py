@@ -11,6 +11,7 @@ its connections open) is left within the heartbeat window.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -114,8 +115,12 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
     assert listed.returncode == 0 and "python.where" in listed.stdout, listed.stderr
     assert not (c.home / "ats").exists()  # nothing went to an embedded store here
 
+    import qntx.aio
+
+    loop = asyncio.new_event_loop()  # an asyncio client too, kept across the takeover
+    aclient = loop.run_until_complete(qntx.aio.connect(c.home, connect=hosts.both))
     with c.connect(connect=[hosts.addr_b, hosts.addr_a]) as client:
-        assert client.settings.server_endpoint == hosts.addr_a
+        assert client.settings.server_endpoint == aclient.settings.server_endpoint == hosts.addr_a
         with a.connect() as bus_a:
             assert {"worker-c", "plugin-c"} & set(ran_on(bus_a, 6)), "C's sessions ran none of A's jobs"
 
@@ -133,6 +138,10 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
         assert client.settings.server_endpoint == hosts.addr_b
         assert "python.where" in status.handlers and "worker-c" in {x.name for x in status.actors}
         assert client.submit("python.where").wait(30).status == "completed"
+        astatus = loop.run_until_complete(aclient.status())
+        assert aclient.settings.server_endpoint == hosts.addr_b and "python.where" in astatus.handlers
+        loop.run_until_complete(aclient.close())
+        loop.close()
 
         # With neither up, the CLI fails in one line within the join timeout, naming both.
         up_b.stop()
