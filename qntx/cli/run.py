@@ -123,7 +123,8 @@ def worker(
         run_worker(settings(), name, capacity)
         return
     # A worker on another host runs built-ins; plugin jobs go to plugin sessions.
-    run_worker(joined_worker_settings(connect), name, capacity)
+    joined = joined_worker_settings(connect)
+    run_worker(joined, name, capacity, joined=bool(joined.connect))
 
 
 def joined_worker_settings(connect: str):
@@ -135,7 +136,7 @@ def joined_worker_settings(connect: str):
     joined = settings(connect=connect)
     address, bus = find_server(joined, connect)
     if bus is None:  # the workers endpoint itself: nothing to join again through
-        return settings(workers_endpoint=address)
+        return settings(connect="", workers_endpoint=address)
     return settings(connect=connect, server_endpoint=address, workers_endpoint=reachable(bus.workers_endpoint, address))
 
 

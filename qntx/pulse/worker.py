@@ -120,6 +120,7 @@ class Worker:
         plugin: str = "",
         execute: Executor | None = None,
         rejoin: Callable[[], Awaitable[None]] | None = None,
+        joined: bool = False,
     ):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
@@ -144,9 +145,9 @@ class Worker:
         self._recent_bytes = 0
         self._background: set[asyncio.Task] = set()
         self._refusals = 0  # hellos the server refused since it last took this session
-        # Joined through server addresses: what finds the leading server again when this
-        # one goes silent (by default: join again and re-point this session).
-        if rejoin is None and settings.connect:
+        # Joined through server addresses (``settings.connect``): what finds the leading
+        # server again when this one goes silent (by default: join again, re-point this session).
+        if rejoin is None and joined and settings.connect:
             rejoin = self._rejoin
         self.rejoin = rejoin
         self._connected = False  # the control connection's handshake is done and not lost since
@@ -495,5 +496,6 @@ def _ignore_result(future) -> None:
         future.exception()
 
 
-def run_worker(settings: Settings, name: str | None = None, capacity: int = 8) -> None:
-    asyncio.run(Worker(settings, name, capacity).run())
+def run_worker(settings: Settings, name: str | None = None, capacity: int = 8, *, joined: bool = False) -> None:
+    """``joined``: through ``settings.connect``'s server addresses, joined again when silent."""
+    asyncio.run(Worker(settings, name, capacity, joined=joined).run())
