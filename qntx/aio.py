@@ -163,7 +163,13 @@ class AsyncBus:
     # ---------------------------------------------------------------- submissions
 
     async def _enqueue(self, effect: Enqueue) -> AsyncJobHandle:
-        handle = AsyncJobHandle(self, effect.job_id, await self._server.send(effect.message))
+        try:
+            reply = await self._server.send(effect.message)
+        except Unavailable:  # not sent at all (no server took the connection): it may go to another
+            if not await self._moved():
+                raise
+            reply = await self._server.send(effect.message)
+        handle = AsyncJobHandle(self, effect.job_id, reply)
         if effect.keyed:  # the key may name an older job: its id is in the answer
             try:
                 await handle.accepted()

@@ -208,7 +208,12 @@ class Bus:
     # ---------------------------------------------------------------- submissions
 
     def _enqueue(self, effect: Enqueue) -> JobHandle:
-        correlation = self.server.send(effect.message)
+        try:
+            correlation = self.server.send(effect.message)
+        except Unavailable:  # not sent at all (no server took the connection): it may go to another
+            if not self._moved():
+                raise
+            correlation = self.server.send(effect.message)
         handle = JobHandle(self, effect.job_id, correlation, keyed=effect.keyed)
         self._accepting[correlation] = handle
         if not effect.keyed:  # (a key may name an older job: its id is known later)

@@ -133,13 +133,16 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
             ran_b = ran_on(bus_b, 12)
         assert "worker-c" in ran_b and "plugin-c" in ran_b, ran_b  # C's sessions ran B's jobs
 
-        # The client's next call reaches B (which knows the handler and holds B's jobs).
-        status = client.status()
-        assert client.settings.server_endpoint == hosts.addr_b
-        assert "python.where" in status.handlers and "worker-c" in {x.name for x in status.actors}
+        # The clients' next calls reach B: a submission (it was not sent anywhere before
+        # the client found B), a status (B's handlers and sessions).
         assert client.submit("python.where").wait(30).status == "completed"
+        assert client.settings.server_endpoint == hosts.addr_b
+        status = client.status()
+        assert "python.where" in status.handlers and "worker-c" in {x.name for x in status.actors}
+        ajob = loop.run_until_complete(loop.run_until_complete(aclient.submit("builtin.echo", 1)).wait(30))
+        assert ajob.status == "completed" and aclient.settings.server_endpoint == hosts.addr_b
         astatus = loop.run_until_complete(aclient.status())
-        assert aclient.settings.server_endpoint == hosts.addr_b and "python.where" in astatus.handlers
+        assert "python.where" in astatus.handlers
         loop.run_until_complete(aclient.close())
         loop.close()
 
