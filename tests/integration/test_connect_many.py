@@ -119,7 +119,7 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
 
     loop = asyncio.new_event_loop()  # an asyncio client too, kept across the takeover
     aclient = loop.run_until_complete(qntx.aio.connect(c.home, connect=hosts.both))
-    with c.connect(connect=[hosts.addr_b, hosts.addr_a]) as client:
+    with c.connect(connect=[hosts.addr_b, hosts.addr_a]) as client, c.connect(connect=hosts.both) as reader:
         assert client.settings.server_endpoint == aclient.settings.server_endpoint == hosts.addr_a
         with a.connect() as bus_a:
             assert {"worker-c", "plugin-c"} & set(ran_on(bus_a, 6)), "C's sessions ran none of A's jobs"
@@ -133,8 +133,9 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
             ran_b = ran_on(bus_b, 12)
         assert "worker-c" in ran_b and "plugin-c" in ran_b, ran_b  # C's sessions ran B's jobs
 
-        # The clients' next calls reach B: a submission (it was not sent anywhere before
+        # The clients' next calls reach B: a read (asked again of B), a submission (it was not sent anywhere before
         # the client found B), a status (B's handlers and sessions).
+        assert "python.where" in reader.status().handlers and reader.settings.server_endpoint == hosts.addr_b
         assert client.submit("python.where").wait(30).status == "completed"
         assert client.settings.server_endpoint == hosts.addr_b
         status = client.status()
