@@ -24,6 +24,7 @@ from qntx.errors import Unavailable
 from qntx.join import JOIN_TIMEOUT_S, SILENT_HEARTBEATS
 from tests.conftest import fresh_home
 from tests.integration.conftest import Bus, Process, wait_for
+from tests.integration.test_faults import actor_pids
 from tests.integration.test_multihost import free_ports
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.timeout(180)
 # A python job that takes a moment (the job's record says which session ran it).
 WHERE = "import os, time\ntime.sleep(0.3)\n_result = os.getpid()\n"
 HEARTBEAT_WINDOW_S = 1.0 * SILENT_HEARTBEATS  # (heartbeat_s is 1 s by default)
+RUN_S = 12  # a run that outlasts a server's death, a new `up` and the worker's rejoin
 
 
 class Hosts:
@@ -179,3 +181,32 @@ def test_a_stopped_server_is_left_within_the_heartbeat_window(hosts):
         assert worker.alive() and plugin.alive()
     finally:
         os.kill(server_a, signal.SIGCONT)
+
+
+def test_runs_in_flight_are_adopted_by_the_server_that_takes_over(hosts):
+    """The server comes back elsewhere on the same store (home A on the second address:
+    what a standby on the shared database is): the worker rejoins it as the same session
+    and its runs in flight are adopted, each run once, with its own result."""
+    a, c = hosts.a, hosts.c
+    up_a = hosts.up(a, hosts.addr_a)
+    worker = c.start("worker", "--connect", hosts.both, "--name", "worker-c", "--capacity", "4")
+    wait_for(lambda: "worker-c" in hosts.actors(a), 40, what="C's worker joined A")
+    with a.connect() as bus_a:
+        # Long enough to be still running when the worker has found the new server (a run
+        # that ends while no server is there runs again: a server takes a remote session's
+        # result only for a lease that session has claimed).
+        handles = [bus_a.submit("builtin.sleep", RUN_S, max_attempts=1) for _ in range(10)]
+        wait_for(lambda: sum(bus_a.job(h.id).worker == "worker-c" for h in handles) >= 2, 20, what="runs on worker-c")
+        on_c = {h.id for h in handles if bus_a.job(h.id).worker == "worker-c"}
+    pids = actor_pids(a)
+    up_a.stop(signal.SIGKILL)  # the whole host goes: its supervisor, then every actor
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    up_b = hosts.up(a, hosts.addr_b)
+    with a.connect() as bus_b:
+        wait_for(lambda: "worker-c" in {x.name for x in bus_b.status().actors}, 40, what="worker-c at the new address")
+        for job_id in on_c:
+            job = bus_b.wait(job_id, timeout=60)
+            assert (job.status, job.worker, job.runs, job.attempts) == ("completed", "worker-c", 1, 1), job
+            assert job.result == {"slept": RUN_S}
+    assert "adopted" in up_b.output() and worker.alive()
