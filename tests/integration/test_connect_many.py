@@ -15,6 +15,7 @@ import asyncio
 import os
 import shutil
 import signal
+import threading
 import time
 
 import pytest
@@ -121,6 +122,33 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
 
     loop = asyncio.new_event_loop()  # an asyncio client too, kept across the takeover
     aclient = loop.run_until_complete(qntx.aio.connect(c.home, connect=hosts.both))
+    notices = aclient.events()  # subscribed at A now
+
+    def a_notice_while_jobs_run_at(home: Bus):
+        """The first notice about a job submitted at ``home`` (while they keep coming)."""
+        stop, submitted = threading.Event(), set()
+
+        def keep_submitting() -> None:
+            with home.connect() as bus:
+                while not stop.is_set():
+                    handle = bus.submit("builtin.echo", 1)
+                    submitted.add(handle.id)
+                    handle.wait(10)
+
+        async def heard():
+            async for notice in notices:
+                if getattr(notice, "id", None) in submitted:
+                    return notice
+
+        thread = threading.Thread(target=keep_submitting)
+        thread.start()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(heard(), 20))
+        finally:
+            stop.set()
+            thread.join(20)
+
+    assert a_notice_while_jobs_run_at(a) is not None
     with c.connect(connect=[hosts.addr_b, hosts.addr_a]) as client, c.connect(connect=hosts.both) as reader:
         assert client.settings.server_endpoint == aclient.settings.server_endpoint == hosts.addr_a
         with a.connect() as bus_a:
@@ -142,10 +170,13 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
         assert client.settings.server_endpoint == hosts.addr_b
         status = client.status()
         assert "python.where" in status.handlers and "worker-c" in {x.name for x in status.actors}
+        # Its events subscription finds B by itself (a quiet spell, no answer from A) and hears B.
+        assert a_notice_while_jobs_run_at(b) is not None and aclient.settings.server_endpoint == hosts.addr_b
         ajob = loop.run_until_complete(loop.run_until_complete(aclient.submit("builtin.echo", 1)).wait(30))
         assert ajob.status == "completed" and aclient.settings.server_endpoint == hosts.addr_b
         astatus = loop.run_until_complete(aclient.status())
         assert "python.where" in astatus.handlers
+        loop.run_until_complete(notices.aclose())
         loop.run_until_complete(aclient.close())
         loop.close()
 
