@@ -33,7 +33,6 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
-import zmq.utils.monitor
 from loguru import logger
 
 from qntx.bus.async_service import install_stop_signals
@@ -41,7 +40,7 @@ from qntx.bus.bounds import check_decoded_size
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import ErrorReply
 from qntx.errors import QntxError, TooLarge
-from qntx.join import SILENT_HEARTBEATS, join, reachable
+from qntx.join import join, reachable
 from qntx.log import about_run
 from qntx.protocol import (
     NIL,
@@ -56,6 +55,7 @@ from qntx.protocol import (
     WorkerReady,
     WorkerWelcome,
 )
+from qntx.pulse.leader_watch import LeaderWatch
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 
@@ -149,10 +149,7 @@ class Worker:
         # server again when this one goes silent (by default: join again, re-point this session).
         if rejoin is None and joined and settings.connect:
             rejoin = self._rejoin
-        self.rejoin = rejoin
-        self._connected = False  # the control connection's handshake is done and not lost since
-        self._last_contact = time.monotonic()
-        self._holding_off = False  # refused: hung up on purpose for a while
+        self.watch = None if rejoin is None else LeaderWatch(self.name, settings.heartbeat_s, rejoin)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -168,13 +165,8 @@ class Worker:
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTING_ID, self.session.encode())
         tasks = [self._spawn(self._heartbeat()), self._spawn(self._read_control())]
-        if self.rejoin is not None:
-            # The transport's own heartbeat finds a server that went silent with its
-            # connection open (stopped, or cut off without a reset).
-            self.control.setsockopt(zmq.HEARTBEAT_IVL, int(self.settings.heartbeat_s * 1000))
-            self.control.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.settings.heartbeat_s * 1000 * SILENT_HEARTBEATS))
-            monitor = self.control.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-            tasks += [self._spawn(self._watch_control(monitor)), self._spawn(self._find_leader())]
+        if self.watch is not None:
+            tasks += [self._spawn(c) for c in self.watch.arm(self.control, self.settings.workers_endpoint)]
         self.settings.security.connect(self.control, self.settings.workers_endpoint)
         logger.info("worker {} connected to {} (capacity {})", self.name, self.settings.workers_endpoint, self.capacity)
         await stop.wait()
@@ -231,7 +223,8 @@ class Worker:
     async def _read_control(self) -> None:
         while True:
             frames = await self.control.recv_multipart()
-            self._last_contact = time.monotonic()
+            if self.watch is not None:
+                self.watch.heard()
             if len(frames) != 2:
                 continue
             try:
@@ -255,43 +248,18 @@ class Worker:
         level = "DEBUG" if self._refusals else "WARNING"  # said once, until it gets in
         self._refusals += 1
         logger.log(level, "worker {}: the server refused this session: {}; trying again in {:g}s", self.name, refusal.message, REFUSED_RETRY_S)
-        self._holding_off = True
+        if self.watch is not None:
+            self.watch.holding_off = True
         try:
             self.control.disconnect(endpoint)  # heartbeats meanwhile find no peer and are skipped
             await asyncio.sleep(REFUSED_RETRY_S)
             self.settings.security.connect(self.control, endpoint)
         finally:
-            self._last_contact, self._holding_off = time.monotonic(), False
+            if self.watch is not None:
+                self.watch.holding_off = False
+                self.watch.heard()
 
     # ---------------------------------------------------------------- finding the leading server
-
-    async def _watch_control(self, monitor: zmq.asyncio.Socket) -> None:
-        """Whether the control connection to the current server is up."""
-        try:
-            while True:
-                event = zmq.utils.monitor.parse_monitor_message(await monitor.recv_multipart())
-                endpoint = event["endpoint"].decode(errors="replace") if isinstance(event["endpoint"], bytes) else event["endpoint"]
-                if endpoint != self.settings.workers_endpoint:
-                    continue  # (the server this session left)
-                self._connected = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-                if self._connected:
-                    self._last_contact = time.monotonic()
-                # Lost: the server was silent a heartbeat window already (the transport's
-                # heartbeat said so), or it is gone (reset): its leader is looked for now.
-        finally:
-            monitor.close(0)
-
-    async def _find_leader(self) -> None:
-        """Join again when the connection to the server is lost, and at most once a
-        window while no server takes it (the first join finds no server: a window later)."""
-        window = self.settings.heartbeat_s * SILENT_HEARTBEATS
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_s / 2)
-            if self._connected or self._holding_off or time.monotonic() - self._last_contact < window:
-                continue
-            logger.warning("worker {}: no server at {} for {:g}s; looking for the leading one", self.name, self.settings.workers_endpoint, window)
-            await self.rejoin()
-            self._last_contact = time.monotonic()
 
     async def _rejoin(self) -> None:
         try:
@@ -314,7 +282,9 @@ class Worker:
         except zmq.ZMQError:
             pass
         self.settings = dataclasses.replace(self.settings, workers_endpoint=workers_endpoint)
-        self._connected, self.jobs_endpoint = False, ""  # that server has not seen this pipe connected
+        self.jobs_endpoint = ""  # that server has not seen this pipe connected
+        if self.watch is not None:
+            self.watch.moved(workers_endpoint)
         self.settings.security.connect(self.control, workers_endpoint)
         self._send_ready()
 
