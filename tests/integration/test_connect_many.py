@@ -53,8 +53,9 @@ class Hosts:
         return up
 
     def actors(self, home: Bus) -> set[str]:
+        """The sessions ready at ``home``'s server (healthy, with credit)."""
         with home.connect() as bus:
-            return {x.name for x in bus.status().actors}
+            return {x.name for x in bus.status().actors if x.healthy and x.credit > 0}
 
 
 @pytest.fixture
