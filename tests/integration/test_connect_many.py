@@ -158,7 +158,9 @@ def test_the_leader_is_found_and_found_again_after_a_takeover(hosts):
         # A goes away; B (the standby that took over) starts on the other address.
         up_a.stop()
         up_b = hosts.up(b, hosts.addr_b)
+        serving = time.monotonic()
         wait_for(lambda: {"worker-c", "plugin-c"} <= hosts.actors(b), 30, what="C's worker and plugin joined B by themselves")
+        print(f"C's worker and plugin ready at B {time.monotonic() - serving:.1f}s after it serves")
         assert worker.alive() and plugin.alive()  # the same processes: nothing restarted them
         with b.connect() as bus_b:
             ran_b = ran_on(bus_b, 12)
