@@ -19,12 +19,13 @@ import zmq.asyncio
 
 from qntx.api import split_address, warn_unsettled
 from qntx.bus.client import PIPELINE_WINDOW, AsyncClient
-from qntx.calls import ATS, Ask, AskEach, Enqueue, Nap
+from qntx.calls import ATS, SERVER, Ask, AskEach, Enqueue, Nap
 from qntx.calls.derive import with_calls
-from qntx.errors import QntxError
+from qntx.errors import QntxError, Timeout, Unavailable
 from qntx.follow import AsyncJobFollower, JobEvent, event_sockets, read_event
 from qntx.handles import Acceptance, decoded, decoded_event, first_failure, result_of, unconfirmed
-from qntx.protocol import AtsReply, Event, Job, ServerReply
+from qntx.join import SILENT_HEARTBEATS, join, retried
+from qntx.protocol import AtsReply, Event, Job, Ping, ServerReply
 from qntx.settings import Settings, load_settings
 
 
@@ -106,10 +107,42 @@ class AsyncBus:
     # ---------------------------------------------------------------- the effects the calls ask for
 
     async def _ask(self, effect: Ask) -> Any:
+        try:
+            return await self._ask_once(effect)
+        except (Timeout, Unavailable):
+            if not (retried(effect.message) and await self._moved()):
+                raise
+        return await self._ask_once(effect)  # the same request, to the server that took over
+
+    async def _ask_once(self, effect: Ask) -> Any:
         client = self._ats if effect.to == ATS else self._server
         return await client.request(effect.message, timeout_s=effect.timeout_s)
 
     async def _ask_each(self, effect: AskEach) -> list[Any]:
+        try:
+            return await self._ask_each_once(effect)
+        except (Timeout, Unavailable):
+            if not (all(retried(m) for m in effect.messages) and await self._moved()):
+                raise
+        return await self._ask_each_once(effect)
+
+    async def _moved(self) -> bool:
+        """Joined through server addresses and the server stopped answering: join again;
+        True if another server leads now (every connection then points at it)."""
+        if not self.settings.connect:
+            return False
+        try:
+            joined = await asyncio.to_thread(join, self.settings)
+        except QntxError:
+            return False
+        if joined.server_endpoint == self.settings.server_endpoint:
+            return False
+        self.settings = joined
+        self._ats.repoint(joined.ats_endpoint)
+        self._server.repoint(joined.server_endpoint)
+        return True
+
+    async def _ask_each_once(self, effect: AskEach) -> list[Any]:
         client = self._ats if effect.to == ATS else self._server
         replies: list[Any] = []
         messages = effect.messages
@@ -130,7 +163,13 @@ class AsyncBus:
     # ---------------------------------------------------------------- submissions
 
     async def _enqueue(self, effect: Enqueue) -> AsyncJobHandle:
-        handle = AsyncJobHandle(self, effect.job_id, await self._server.send(effect.message))
+        try:
+            reply = await self._server.send(effect.message)
+        except Unavailable:  # not sent at all (no server took the connection): it may go to another
+            if not await self._moved():
+                raise
+            reply = await self._server.send(effect.message)
+        handle = AsyncJobHandle(self, effect.job_id, reply)
         if effect.keyed:  # the key may name an older job: its id is in the answer
             try:
                 await handle.accepted()
@@ -171,26 +210,51 @@ class AsyncBus:
 
     async def wait(self, id: str, *, timeout: float | None = None) -> Job:
         """Wait until job ``id`` is final and return its record (with its result)."""
-        return decoded(await self._follower.outcome(id, timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return decoded(await self._follower.outcome(id, timeout))
+        except (Timeout, Unavailable):
+            if not await self._moved():
+                raise
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return decoded(await self._follower.outcome(id, left))  # asked of the server that took over
 
     async def events(self) -> AsyncIterator[Event]:
         """Every notice of the bus as it happens: the server's (a job changed, handlers
         registered) and the ATS's (attestations created). Notices carry no results,
         output or bodies (``job``, ``follow`` and ``get`` have those); they are fast,
         not guaranteed (a slow reader's are dropped): who needs the state asks."""
-        sockets, decoder = event_sockets(self._context, self.settings)
-        poller = zmq.asyncio.Poller()
-        for sock in sockets:
-            poller.register(sock, zmq.POLLIN)
+        # Joined through server addresses, a quiet stream is a cue to check the server is
+        # still there, and to subscribe at the one that took over if it is not.
+        quiet_ms = self.settings.heartbeat_s * SILENT_HEARTBEATS * 1000 if self.settings.connect else None
+        sockets: list = []
         try:
             while True:
-                for sock, _ in await poller.poll():
-                    event = read_event(await sock.recv_multipart(), decoder)
-                    if event is not None:
-                        yield event
+                subscribed = self.settings
+                sockets, decoder = event_sockets(self._context, subscribed)
+                poller = zmq.asyncio.Poller()
+                for sock in sockets:
+                    poller.register(sock, zmq.POLLIN)
+                while self.settings is subscribed:
+                    ready = await poller.poll(quiet_ms)
+                    for sock, _ in ready:
+                        event = read_event(await sock.recv_multipart(), decoder)
+                        if event is not None:
+                            yield event
+                    if not ready:
+                        await self._still_there()
+                for sock in sockets:
+                    sock.close(0)
         finally:
             for sock in sockets:
                 sock.close(0)
+
+    async def _still_there(self) -> None:
+        """Ask the server for a sign of life (joining the one that took over if none comes)."""
+        try:
+            await self._ask(Ask(SERVER, Ping(), timeout_s=self.settings.heartbeat_s * SILENT_HEARTBEATS))
+        except QntxError:
+            pass  # no server answers yet: asked again after the next quiet spell
 
     # ---------------------------------------------------------------- closing
 
@@ -223,7 +287,5 @@ async def connect(home: str | Path | None = None, **settings: Any) -> AsyncBus:
     home, settings = split_address(home, settings)
     resolved = load_settings(home, **settings)
     if resolved.connect:
-        from qntx.join import join
-
         resolved = await asyncio.to_thread(join, resolved)
     return AsyncBus(resolved)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qntx.bus.client import Client
-from qntx.calls import ATS, Ask, AskEach, Enqueue, Nap
+from qntx.calls import ATS, SERVER, Ask, AskEach, Enqueue, Nap
 from qntx.calls.args import (  # noqa: F401  (re-exported: the CLI and scripts import them from here)
     ax_filter,
     handler_for,
@@ -34,7 +34,7 @@ from qntx.calls.args import (  # noqa: F401  (re-exported: the CLI and scripts i
 )
 from qntx.calls.derive import with_calls
 from qntx.calls.local import EmbeddedAts, ats_is_up, server_is_up, with_local_actors  # noqa: F401
-from qntx.errors import QntxError
+from qntx.errors import QntxError, Timeout, Unavailable
 from qntx.follow import JobEvent, event_sockets, read_event
 from qntx.handles import (
     Acceptance,
@@ -45,7 +45,8 @@ from qntx.handles import (
     result_of,
     unconfirmed,
 )
-from qntx.protocol import AtsReply, Event, Job, ServerReply
+from qntx.join import SILENT_HEARTBEATS, join, retried
+from qntx.protocol import AtsReply, Event, Job, Ping, ServerReply
 from qntx.settings import Settings, load_settings
 
 # Submissions a Bus lets wait for their reply before it waits for the oldest.
@@ -119,9 +120,7 @@ class Bus:
     ``qntx.calls``, the same as ``AsyncBus``'s."""
 
     def __init__(self, settings: Settings, *, embedded: bool | None = None):
-        if settings.connect:  # a bus on another host: its endpoints, asked of its server
-            from qntx.join import join
-
+        if settings.connect:  # a bus on another host: its endpoints, asked of its (leading) server
             settings, embedded = join(settings), False
         self.settings = settings
         if embedded is None:
@@ -156,13 +155,45 @@ class Bus:
     # ---------------------------------------------------------------- the effects the calls ask for
 
     def _ask(self, effect: Ask) -> Any:
+        try:
+            return self._ask_once(effect)
+        except (Timeout, Unavailable):
+            if not (self._moved() and retried(effect.message)):
+                raise
+        return self._ask_once(effect)  # the same request, to the server that took over
+
+    def _ask_once(self, effect: Ask) -> Any:
         client = self._ats if effect.to == ATS else self.server
         return client.request(effect.message, timeout_s=effect.timeout_s)
 
     def _ask_each(self, effect: AskEach) -> list[Any]:
+        try:
+            return self._ask_each_once(effect)
+        except (Timeout, Unavailable):
+            if not (self._moved() and all(retried(m) for m in effect.messages)):
+                raise
+        return self._ask_each_once(effect)
+
+    def _ask_each_once(self, effect: AskEach) -> list[Any]:
         if effect.to == ATS:
             return [self._ats.request(m) for m in effect.messages]
         return self.server.request_many(effect.messages)
+
+    def _moved(self) -> bool:
+        """Joined through server addresses and the server stopped answering: join again;
+        True if another server leads now (every connection then points at it)."""
+        if not self.settings.connect:
+            return False
+        try:
+            joined = join(self.settings)
+        except QntxError:
+            return False
+        if joined.server_endpoint == self.settings.server_endpoint:
+            return False
+        self.settings = joined
+        self._ats.repoint(joined.ats_endpoint)
+        self.server.repoint(joined.server_endpoint)
+        return True
 
     def _nap(self, effect: Nap) -> None:
         time.sleep(effect.seconds)
@@ -177,7 +208,12 @@ class Bus:
     # ---------------------------------------------------------------- submissions
 
     def _enqueue(self, effect: Enqueue) -> JobHandle:
-        correlation = self.server.send(effect.message)
+        try:
+            correlation = self.server.send(effect.message)
+        except Unavailable:  # not sent at all (no server took the connection): it may go to another
+            if not self._moved():
+                raise
+            correlation = self.server.send(effect.message)
         handle = JobHandle(self, effect.job_id, correlation, keyed=effect.keyed)
         self._accepting[correlation] = handle
         if not effect.keyed:  # (a key may name an older job: its id is known later)
@@ -243,7 +279,14 @@ class Bus:
 
     def wait(self, id: str, *, timeout: float | None = None) -> Job:
         """Block until job ``id`` is final and return its record (with its result)."""
-        return decoded(self._ensure_follower().outcome(id, timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return decoded(self._ensure_follower().outcome(id, timeout))
+        except (Timeout, Unavailable):
+            if not self._moved():
+                raise
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return decoded(self._ensure_follower().outcome(id, left))  # asked of the server that took over
 
     def events(self) -> Iterator[Event]:
         """Every notice of the bus as it happens: the server's (a job changed, handlers
@@ -252,19 +295,37 @@ class Bus:
         not guaranteed (a slow reader's are dropped): who needs the state asks."""
         import zmq
 
-        sockets, decoder = event_sockets(zmq.Context.instance(), self.settings)
-        poller = zmq.Poller()
-        for sock in sockets:
-            poller.register(sock, zmq.POLLIN)
+        # Joined through server addresses, a quiet stream is a cue to check the server is
+        # still there, and to subscribe at the one that took over if it is not.
+        quiet_ms = self.settings.heartbeat_s * SILENT_HEARTBEATS * 1000 if self.settings.connect else None
+        sockets: list[zmq.Socket] = []
         try:
             while True:
-                for sock, _ in poller.poll():
-                    event = read_event(sock.recv_multipart(), decoder)
-                    if event is not None:
-                        yield event
+                subscribed = self.settings
+                sockets, decoder = event_sockets(zmq.Context.instance(), subscribed)
+                poller = zmq.Poller()
+                for sock in sockets:
+                    poller.register(sock, zmq.POLLIN)
+                while self.settings is subscribed:
+                    ready = poller.poll(quiet_ms)
+                    for sock, _ in ready:
+                        event = read_event(sock.recv_multipart(), decoder)
+                        if event is not None:
+                            yield event
+                    if not ready:
+                        self._still_there()
+                for sock in sockets:
+                    sock.close(0)
         finally:
             for sock in sockets:
                 sock.close(0)
+
+    def _still_there(self) -> None:
+        """Ask the server for a sign of life (joining the one that took over if none comes)."""
+        try:
+            self._ask(Ask(SERVER, Ping(), timeout_s=self.settings.heartbeat_s * SILENT_HEARTBEATS))
+        except QntxError:
+            pass  # no server answers yet: asked again after the next quiet spell
 
     def _ensure_follower(self):
         if self._follower is None:
@@ -327,15 +388,22 @@ def _flush_at_exit() -> None:
 def connect(home: str | Path | None = None, *, embedded: bool | None = None, **settings: Any) -> Bus:
     """Connect to the bus of ``home`` ($QNTX_HOME, default ~/.qntx), or to the bus of
     another host through its server's address: ``connect("tcp://HOST:PORT")`` (this
-    home's keys authenticate; a bus that does not answer raises Unavailable)."""
+    home's keys authenticate; a bus that does not answer raises Unavailable). Where a
+    standby server may take over, give every server's address (a comma-separated
+    string or a list): the bus joins the one that leads, and again when it changes."""
     home, settings = split_address(home, settings)
     return Bus(load_settings(home, **settings), embedded=embedded)
 
 
 def split_address(home: str | Path | None, settings: dict[str, Any]) -> tuple[str | Path | None, dict[str, Any]]:
-    """``connect("tcp://…")`` names a server, not a home."""
+    """``connect("tcp://…")`` names a server (or several: ``"tcp://a:7400,tcp://b:7400"``,
+    or a list of them), not a home."""
+    if isinstance(home, (list, tuple)):
+        return None, {**settings, "connect": ",".join(str(address) for address in home)}
     if isinstance(home, str) and home.startswith("tcp://"):
         return None, {**settings, "connect": home}
+    if isinstance(settings.get("connect"), (list, tuple)):
+        return home, {**settings, "connect": ",".join(str(address) for address in settings["connect"])}
     return home, settings
 
 

@@ -58,7 +58,7 @@ class Settings:
     # tcp ports the jobs pipes of sessions from other hosts take, "FIRST-LAST"
     # (default: the 100 ports after bind's six), so a firewall opens one known range
     jobs_ports: str = ""
-    connect: str = ""  # tcp://HOST:PORT of another host's server: use that bus (qntx.join)
+    connect: str = ""  # tcp://HOST:PORT of another host's server (or several, comma-separated): use that bus (qntx.join)
     # https://NAME[:PORT]: where people open `qntx ui` through a (TLS) proxy; actions
     # from pages of that origin are then accepted, and that host name on a loopback ui
     ui_public_url: str = ""

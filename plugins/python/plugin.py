@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import socket
+import time
 
 import msgspec
 import zmq
@@ -38,7 +39,7 @@ from qntx.bus.async_service import AsyncService, install_stop_signals
 from qntx.bus.client import AsyncClient
 from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import QntxError, Unavailable
-from qntx.join import reachable
+from qntx.join import SILENT_HEARTBEATS, find_server, reachable
 from qntx.obs.trace import Tracer
 from qntx.protocol import (
     PLUGIN_DEPTH,
@@ -49,7 +50,6 @@ from qntx.protocol import (
     BusEndpoints,
     CancelExecution,
     Dispatch,
-    GetEndpoints,
     HandlersChanged,
     Health,
     HealthReply,
@@ -118,6 +118,7 @@ class PythonPlugin:
         self.session_task: asyncio.Task | None = None
         self.stop = asyncio.Event()
         self._discovery_lock = asyncio.Lock()
+        self._joining = asyncio.Lock()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -182,33 +183,71 @@ class PythonPlugin:
     async def _register_forever(self) -> None:
         endpoint = "" if self.remote else self.endpoint
         message = RegisterPlugin(name=NAME, endpoint=endpoint, pid=os.getpid(), host=socket.gethostname())
+        answered = time.monotonic()
         while True:
             try:
                 await self.server.request(message, timeout_s=self.settings.heartbeat_s * 2)
+                answered = time.monotonic()
             except QntxError as exc:
                 logger.debug("server not reachable yet: {}", exc)
+                silent = time.monotonic() - answered
+                if self.remote and self.initialized.is_set() and silent >= self.settings.heartbeat_s * SILENT_HEARTBEATS:
+                    logger.warning("no answer from the server at {} for {:.1f}s; looking for the leading one", self.server.endpoint, silent)
+                    await self._rejoin()
+                    answered = time.monotonic()
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _join(self) -> None:
-        """A remote plugin: learn the bus from the server's one address, then start."""
-        via = self.settings.server_endpoint
+        """A remote plugin: learn the bus from the server (the leading one of its
+        addresses), then start."""
         while not self.initialized.is_set():
             try:
-                bus: BusEndpoints = await self.server.request(GetEndpoints(), timeout_s=self.settings.heartbeat_s * 2)
-                self.settings = dataclasses.replace(
-                    self.settings,
-                    workers_endpoint=reachable(bus.workers_endpoint, via),
-                    ats_events_endpoint=reachable(bus.ats_events_endpoint, via),
-                )
-                init = Initialize(
-                    ats_endpoint=reachable(bus.ats_endpoint, via),
-                    ats_events_endpoint=self.settings.ats_events_endpoint,
-                    server_endpoint=via,
-                )
-                await self.on_initialize(init, None)
+                async with self._joining:
+                    address, bus = await asyncio.to_thread(find_server, self.settings, self.settings.connect)
+                    if bus is None:
+                        raise Unavailable(f"{address} is not a QNTX server's address (it does not answer GetEndpoints)")
+                    await self.on_initialize(self._point_at(address, bus), None)
             except QntxError as exc:
-                logger.warning("cannot join the bus at {} yet: {}", via, exc)
+                logger.warning("cannot join the bus at {} yet: {}", self.settings.connect, exc)
                 await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _rejoin(self) -> None:
+        """The server went silent (it died, or stopped, or a standby took over): join
+        the leading one of the addresses again, as the same worker session (so it adopts
+        the runs in flight), and re-point every connection at it."""
+        async with self._joining:
+            try:
+                address, bus = await asyncio.to_thread(find_server, self.settings, self.settings.connect)
+            except QntxError as exc:
+                logger.warning("no server to join again yet: {}", exc)
+                return
+            if bus is None or address == self.settings.server_endpoint:
+                return  # the same server: it was only slow or restarting
+            logger.warning("joining the server at {} (was {})", address, self.settings.server_endpoint)
+            init = self._point_at(address, bus)
+            try:
+                await self.on_initialize(init, None)
+            except QntxError as exc:  # its ATS not answering yet: the resync finds the handlers later
+                logger.warning("handler discovery at {} failed: {}; trying again", address, exc)
+
+    def _point_at(self, address: str, bus: BusEndpoints) -> Initialize:
+        """Every connection of this plugin pointed at the server at ``address``: requests,
+        the worker session (jobs and results follow its welcome), ATS and its events
+        (``on_initialize`` and ``_follow_ats``)."""
+        self.server.repoint(address)
+        self.settings = dataclasses.replace(
+            self.settings,
+            server_endpoint=address,
+            workers_endpoint=reachable(bus.workers_endpoint, address),
+            ats_events_endpoint=reachable(bus.ats_events_endpoint, address),
+        )
+        if self.session is not None:
+            self.session.repoint(self.settings.workers_endpoint)
+        return Initialize(
+            ats_endpoint=reachable(bus.ats_endpoint, address),
+            ats_events_endpoint=self.settings.ats_events_endpoint,
+            server_endpoint=address,
+        )
 
     # ---------------------------------------------------------------- requests
 
@@ -225,6 +264,8 @@ class PythonPlugin:
                 self.ats.close()
             self.ats_endpoint = message.ats_endpoint
             self.ats = AsyncClient(message.ats_endpoint, AtsReply, context=self.context, security=self.settings.security)
+            if self.pool is not None:
+                self.pool.use_ats(message.ats_endpoint)
         logger.info("ATSStore endpoint: {}", message.ats_endpoint)
         self.ats_events_endpoint = message.ats_events_endpoint or self.settings.ats_events_endpoint
         if self.pool is None:
@@ -245,7 +286,8 @@ class PythonPlugin:
             asyncio.create_task(self._follow_ats())
             # Its own session of the worker pool: Pulse hands it its jobs directly.
             self.session = Worker(
-                self.settings, self.session_name, PLUGIN_DEPTH * self.pool.size, plugin=NAME, execute=self._run_dispatch
+                self.settings, self.session_name, PLUGIN_DEPTH * self.pool.size, plugin=NAME, execute=self._run_dispatch,
+                rejoin=self._rejoin if self.remote else None,
             )
             self.session_task = asyncio.create_task(self.session.serve(self.stop))
         # A few jobs per interpreter keep each one busy across the round trips.
@@ -286,11 +328,16 @@ class PythonPlugin:
 
     async def _follow_ats(self) -> None:
         """Live discovery from the ATS event stream, with a slow resync as a safety net."""
-        sub = subscribe(self.context, self.settings, self.ats_events_endpoint)
+        endpoint = self.ats_events_endpoint
+        sub = subscribe(self.context, self.settings, endpoint)
         # What the server has acknowledged (it got the first set in InitializeReply);
         # a change is announced until an announcement of it is acknowledged.
         announced = (self.handler_names(), self.handler_versions())
         while not self.stop.is_set():
+            if endpoint != self.ats_events_endpoint:  # joined another server: its events now
+                sub.close(0)
+                endpoint = self.ats_events_endpoint
+                sub = subscribe(self.context, self.settings, endpoint)
             pending = not self.remote and (self.handler_names(), self.handler_versions()) != announced
             try:
                 if await sub.poll((ANNOUNCE_RETRY_S if pending else RESYNC_S) * 1000):

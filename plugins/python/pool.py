@@ -96,6 +96,11 @@ class InterpreterPool:
         self._tasks: set[asyncio.Task] = set()  # reapers and respawners
         self._closed = False
 
+    def use_ats(self, endpoint: str) -> None:
+        """Handler code of the runs from now on attests at ``endpoint`` (a server that
+        took over serves its ATS elsewhere)."""
+        self._ats_endpoint = endpoint
+
     @property
     def size(self) -> int:
         return self._size

@@ -52,6 +52,7 @@ class Requester:
         security.connect(socket, endpoint)
         self.socket = socket
         self.endpoint = endpoint
+        self.security = security
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
         self.decoder = Decoder(reply_type, replies=own_actors)
@@ -103,6 +104,18 @@ class Requester:
     def lost(self) -> Unavailable:
         return Unavailable(f"lost the connection to {self.endpoint}")
 
+    def repoint(self, endpoint: str) -> None:
+        """Talk to ``endpoint`` from now on, on the same socket (whoever holds the client
+        keeps it); a request in flight to the old endpoint gets no reply."""
+        if endpoint == self.endpoint:
+            return
+        try:
+            self.socket.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass  # (never connected, or already gone)
+        self.security.connect(self.socket, endpoint)
+        self.endpoint = endpoint
+
     def notify(self, message: msgspec.Struct) -> None:
         """Fire and forget, never waiting: dropped while the peer is not connected."""
         try:
@@ -119,6 +132,10 @@ class ClientBase:
     @property
     def endpoint(self) -> str:
         return self._requests.endpoint
+
+    def repoint(self, endpoint: str) -> None:
+        """Send to ``endpoint`` from now on (a server that took over from this one's)."""
+        self._requests.repoint(endpoint)
 
     @property
     def timeout_s(self) -> float:

@@ -51,7 +51,10 @@ def _launcher(
     insecure: Annotated[bool, Parameter(help="Allow tcp:// endpoints without CURVE encryption.")] = False,
     connect: Annotated[
         str | None,
-        Parameter(help="Use the bus of another host through its server's address, tcp://HOST:PORT (this home's keys)."),
+        Parameter(
+            help="Use the bus of another host through its server's address, tcp://HOST:PORT (this home's keys); "
+            "several, comma-separated (or a name with a record per server), where a standby may take over."
+        ),
     ] = None,
 ):
     options.home = home

@@ -114,7 +114,11 @@ def worker(
     name: Annotated[str | None, Parameter(help="Worker name (default worker-<host>-<pid>).")] = None,
     capacity: Annotated[int, Parameter(help="Job attempts this worker runs at once.")] = 8,
     connect: Annotated[
-        str | None, Parameter(help="Join the bus of another host: its server's tcp://HOST:PORT (or workers endpoint).")
+        str | None,
+        Parameter(
+            help="Join the bus of another host: its server's tcp://HOST:PORT (or workers endpoint); several, "
+            "comma-separated, where a standby server may take over."
+        ),
     ] = None,
 ):
     """Run one worker that takes jobs from the server (`qntx up` starts some itself)."""
@@ -129,15 +133,21 @@ def worker(
         run_worker(settings(), name, capacity)
         return
     # A worker on another host runs built-ins; plugin jobs go to plugin sessions.
-    run_worker(settings(workers_endpoint=joined_workers_endpoint(connect)), name, capacity)
+    joined = joined_worker_settings(connect)
+    run_worker(joined, name, capacity, joined=bool(joined.connect))
 
 
-def joined_workers_endpoint(connect: str) -> str:
-    """The workers endpoint of the bus whose server is at ``connect`` (asked of it)."""
-    from qntx.join import ask_endpoints, reachable
+def joined_worker_settings(connect: str):
+    """Settings for a worker of the bus whose server is one of ``connect``'s addresses
+    (its workers endpoint asked of it; the addresses kept, to find the leading server
+    again later). An older peer's workers endpoint given directly is used as it is."""
+    from qntx.join import find_server, reachable
 
-    bus = ask_endpoints(settings(server_endpoint=connect), connect)
-    return connect if bus is None else reachable(bus.workers_endpoint, connect)  # None: the workers endpoint itself
+    joined = settings(connect=connect)
+    address, bus = find_server(joined, connect)
+    if bus is None:  # the workers endpoint itself: nothing to join again through
+        return settings(connect="", workers_endpoint=address)
+    return settings(connect=connect, server_endpoint=address, workers_endpoint=reachable(bus.workers_endpoint, address))
 
 
 @app.command
@@ -146,7 +156,8 @@ def plugin(
     /,
     *,
     connect: Annotated[
-        str | None, Parameter(help="Run it for the bus of another host: its server's tcp://HOST:PORT.")
+        str | None,
+        Parameter(help="Run it for the bus of another host: its server's tcp://HOST:PORT (several: comma-separated)."),
     ] = None,
     name: Annotated[str | None, Parameter(help="Its worker session's name (default plugin-python@<host>-<pid>).")] = None,
 ):
@@ -162,4 +173,7 @@ def plugin(
     if connect is None:
         run_python_plugin(settings(), name=name)
     else:
-        run_python_plugin(settings(server_endpoint=connect), remote=True, name=name)
+        from qntx.join import addresses
+
+        first = addresses(connect)[0]  # (bad input fails here, in one line)
+        run_python_plugin(settings(connect=connect, server_endpoint=first), remote=True, name=name)

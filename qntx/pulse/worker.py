@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import secrets
 import socket
@@ -39,7 +40,7 @@ from qntx.bus.bounds import check_decoded_size
 from qntx.bus.codec import Decoder, encode
 from qntx.bus.messages import ErrorReply
 from qntx.errors import QntxError, TooLarge
-from qntx.join import reachable
+from qntx.join import join, reachable
 from qntx.log import about_run
 from qntx.protocol import (
     NIL,
@@ -54,6 +55,7 @@ from qntx.protocol import (
     WorkerReady,
     WorkerWelcome,
 )
+from qntx.pulse.leader_watch import LeaderWatch
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
 
@@ -117,6 +119,8 @@ class Worker:
         *,
         plugin: str = "",
         execute: Executor | None = None,
+        rejoin: Callable[[], Awaitable[None]] | None = None,
+        joined: bool = False,
     ):
         self.settings = settings
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
@@ -141,6 +145,11 @@ class Worker:
         self._recent_bytes = 0
         self._background: set[asyncio.Task] = set()
         self._refusals = 0  # hellos the server refused since it last took this session
+        # Joined through server addresses (``settings.connect``): what finds the leading
+        # server again when this one goes silent (by default: join again, re-point this session).
+        if rejoin is None and joined and settings.connect:
+            rejoin = self._rejoin
+        self.watch = None if rejoin is None else LeaderWatch(self.name, settings.heartbeat_s, rejoin)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -155,9 +164,11 @@ class Worker:
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTING_ID, self.session.encode())
+        tasks = [self._spawn(self._heartbeat()), self._spawn(self._read_control())]
+        if self.watch is not None:
+            tasks += [self._spawn(c) for c in self.watch.arm(self.control, self.settings.workers_endpoint)]
         self.settings.security.connect(self.control, self.settings.workers_endpoint)
         logger.info("worker {} connected to {} (capacity {})", self.name, self.settings.workers_endpoint, self.capacity)
-        tasks = [self._spawn(self._heartbeat()), self._spawn(self._read_control())]
         await stop.wait()
         self.draining = True  # heartbeats now say credit 0: no new work, still alive
         self._send_ready()
@@ -212,6 +223,8 @@ class Worker:
     async def _read_control(self) -> None:
         while True:
             frames = await self.control.recv_multipart()
+            if self.watch is not None:
+                self.watch.heard()
             if len(frames) != 2:
                 continue
             try:
@@ -235,15 +248,51 @@ class Worker:
         level = "DEBUG" if self._refusals else "WARNING"  # said once, until it gets in
         self._refusals += 1
         logger.log(level, "worker {}: the server refused this session: {}; trying again in {:g}s", self.name, refusal.message, REFUSED_RETRY_S)
-        self.control.disconnect(endpoint)  # heartbeats meanwhile find no peer and are skipped
-        await asyncio.sleep(REFUSED_RETRY_S)
-        self.settings.security.connect(self.control, endpoint)
+        if self.watch is not None:
+            self.watch.holding_off = True
+        try:
+            self.control.disconnect(endpoint)  # heartbeats meanwhile find no peer and are skipped
+            await asyncio.sleep(REFUSED_RETRY_S)
+            self.settings.security.connect(self.control, endpoint)
+        finally:
+            if self.watch is not None:
+                self.watch.holding_off = False
+                self.watch.heard()
+
+    # ---------------------------------------------------------------- finding the leading server
+
+    async def _rejoin(self) -> None:
+        try:
+            joined = await asyncio.to_thread(join, self.settings)
+        except QntxError as exc:
+            logger.warning("worker {}: {}", self.name, exc)
+            return
+        self.repoint(joined.workers_endpoint)
+
+    def repoint(self, workers_endpoint: str) -> None:
+        """Take part in the pool of the server at ``workers_endpoint`` from now on, as the
+        same session (so that server adopts the runs it holds); the welcome there
+        re-points the jobs pipe and the results."""
+        old = self.settings.workers_endpoint
+        if workers_endpoint == old:
+            return
+        logger.warning("worker {}: moving to the server at {} (was {})", self.name, workers_endpoint, old)
+        try:
+            self.control.disconnect(old)
+        except zmq.ZMQError:
+            pass
+        self.settings = dataclasses.replace(self.settings, workers_endpoint=workers_endpoint)
+        self.jobs_endpoint = ""  # that server has not seen this pipe connected
+        if self.watch is not None:
+            self.watch.moved(workers_endpoint)
+        self.settings.security.connect(self.control, workers_endpoint)
+        self._send_ready()
 
     def _welcomed(self, welcome: WorkerWelcome) -> None:
         if self._refusals:
             logger.info("worker {}: the server took this session after {} refusal(s)", self.name, self._refusals)
             self._refusals = 0
-        self._resend_recent()
+        welcomed_before = self.results is not None
         via = self.settings.workers_endpoint
         results = reachable(welcome.results_endpoint, via)
         if results != self._results_endpoint:
@@ -257,6 +306,8 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for body in unsent:
                 self._push(body)
+        if welcomed_before:
+            self._resend_recent()  # (to the results sink of the server that welcomed it now)
         target = reachable(welcome.jobs_endpoint, via)
         if target != self._jobs_target:
             if self.jobs is not None:
@@ -415,5 +466,6 @@ def _ignore_result(future) -> None:
         future.exception()
 
 
-def run_worker(settings: Settings, name: str | None = None, capacity: int = 8) -> None:
-    asyncio.run(Worker(settings, name, capacity).run())
+def run_worker(settings: Settings, name: str | None = None, capacity: int = 8, *, joined: bool = False) -> None:
+    """``joined``: through ``settings.connect``'s server addresses, joined again when silent."""
+    asyncio.run(Worker(settings, name, capacity, joined=joined).run())
