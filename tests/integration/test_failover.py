@@ -4,8 +4,10 @@ two hosts would. One leads, the other stands by (binding nothing) until the leas
 expires; every write is fenced by the lease's epoch.
 
 * kill -9 of the leader with 2,000 jobs in flight, a remote worker and a remote
-  python plugin joined: the standby leads within 10 s, every accepted job ends with
-  its own result, and every run a stored handler started is one its job counts.
+  python plugin joined with both servers' addresses: the standby leads within 10 s,
+  they find it by themselves and it adopts their runs in flight, every accepted job
+  ends with its own result, and every run a stored handler started is one its job
+  counts.
 * SIGSTOP of the leader past its lease, then SIGCONT: its writes are refused by
   epoch (its server exits fenced, its `up` stands by again), and the jobs' states in
   the database are the new leader's only.
