@@ -22,6 +22,7 @@ BENCHMARKS = {
     "results": "others' results cost a waiting client and the server nothing (a stalled subscriber too)",
     "swarm": "1,000 worker sessions from one process: plain loop, idle CPU, status latency",
     "obs": "the plain loops with metrics on and with every job traced, against both off",
+    "failover": "a standby on PostgreSQL takes over: kill -9 of the leader to the first job done, 10 kills",
 }
 
 USAGE = """usage: bin/bench <benchmark> [--quick] [--json]

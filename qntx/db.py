@@ -5,7 +5,8 @@ psycopg (3) is imported only here and only when a store is configured as
 ``postgresql://...`` (``store`` in config.toml, ``qntx up --store URL``); it comes
 with the optional extra ``qntx[postgres]``, and without it that store fails in one line.
 
-Each store kept in the database (``ats``: the attestations, ``pulse``: the jobs) is a *component* with an ordered list
+Each store kept in the database (``ats``: the attestations, ``pulse``: the jobs, and
+``leader``: the leadership lease of ``qntx.leader``) is a *component* with an ordered list
 of migrations, each a list of SQL statements; the table ``qntx_schema`` holds the
 version each component is at. ``qntx db upgrade`` (``upgrade``) applies the missing
 ones, all in one transaction under an advisory lock, so two upgrades at once do the
@@ -78,12 +79,16 @@ def connect(url: str, *, application: str = "qntx") -> Any:
 
 
 def open_store_connection(url: str, component: str, *, application: str, readonly: bool, setup: tuple[str, ...] = ()) -> Any:
-    """A store's connection: ``component``'s schema checked (never migrated), the
-    ``setup`` statements run, read-only when asked; closed again if any of it fails."""
+    """A store's connection: ``component``'s schema and the lease's checked (never
+    migrated), the ``setup`` statements run (and those every store connection runs:
+    ``qntx.leader.STORE_SETUP``), read-only when asked; closed again if any of it fails."""
+    from qntx.leader import STORE_SETUP
+
     conn = connect(url, application=application)
     try:
         require_schema(conn, component, url)
-        for statement in setup:
+        require_schema(conn, "leader", url)  # every write calls its fence
+        for statement in (*STORE_SETUP, *setup):
             conn.execute(statement)
         if readonly:
             conn.execute("SET default_transaction_read_only = on")
@@ -108,9 +113,10 @@ def first_line(exc: BaseException) -> str:
 def components() -> dict[str, list[list[str]]]:
     """Every component's migrations, oldest first (version N is the first N applied)."""
     from qntx.ats.sql import MIGRATIONS as ATS
+    from qntx.leader import MIGRATIONS as LEADER
     from qntx.pulse.jobstore_pg import MIGRATIONS as PULSE
 
-    return {"ats": ATS, "pulse": PULSE}
+    return {"ats": ATS, "pulse": PULSE, "leader": LEADER}
 
 
 def latest(component: str) -> int:
@@ -197,7 +203,8 @@ def upgrade(url: str) -> list[tuple[str, int, int]]:
 
 
 def check(url: str) -> dict[str, Any]:
-    """What ``qntx db check`` prints: the connection and each component's version."""
+    """What ``qntx db check`` prints: the connection, each component's version and
+    (once the lease's schema is there) the leader and the standbys."""
     pg = psycopg()
     conn = connect(url, application="qntx db check")
     try:
@@ -206,6 +213,11 @@ def check(url: str) -> dict[str, Any]:
             " current_setting('synchronous_commit'), current_setting('fsync')"
         ).fetchone()
         have = versions(conn)
+        lease = None
+        if have.get("leader", 0):
+            from qntx.leader import describe
+
+            lease = describe(conn)
     except pg.Error as exc:
         raise Unavailable(f"checking {redact(url)} failed: {first_line(exc)}") from None
     finally:
@@ -219,4 +231,5 @@ def check(url: str) -> dict[str, Any]:
         "synchronous_commit": synchronous_commit,
         "fsync": fsync,
         "schema": {name: {"version": have.get(name, 0), "latest": latest(name)} for name in components()},
+        "leadership": lease,
     }

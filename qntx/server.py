@@ -27,13 +27,14 @@ import socket
 import time
 from dataclasses import dataclass
 
+import msgspec
 from loguru import logger
 
-from qntx import __version__
+from qntx import __version__, db, leader
 from qntx.bus.actor import Actor, Peer, Publisher, Request
 from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.bus.security import HOST
-from qntx.errors import Forbidden, Invalid, NotFound, Unavailable
+from qntx.errors import Forbidden, Invalid, NotFound, QntxError, Unavailable
 from qntx.lmdbenv import READER_CHECK_S, clear_stale_readers_logged
 from qntx.obs.metrics import export, pulse_families
 from qntx.protocol import (
@@ -61,6 +62,7 @@ from qntx.protocol import (
     JobReply,
     JobStarted,
     JobUpdate,
+    Leadership,
     ListJobs,
     ListSchedules,
     Metadata,
@@ -270,8 +272,17 @@ class ServerActor(Actor):
             )
         return StatusReply(
             actors=actors, queue=self.pulse.core.counts(), handlers=self.pulse.core.live_handlers(),
-            sessions_free=self.pulse.sessions_free,
+            sessions_free=self.pulse.sessions_free, leadership=self._leadership(),
         )  # fmt: skip
+
+    def _leadership(self) -> Leadership | None:
+        """The lease as the database has it now, on a PostgreSQL store (else None)."""
+        if not db.is_database_url(self.settings.store):
+            return None
+        try:
+            return msgspec.convert(leader.read(self.settings.store), Leadership)
+        except QntxError as exc:
+            return Leadership(error=str(exc))
 
     def on_prune(self, message: Prune, request: Request) -> None:
         older = message.older_than_ms

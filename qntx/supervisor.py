@@ -6,6 +6,14 @@ to the console and to ``<home>/logs/<child>.log``, restarts a child that dies wi
 exponential backoff, and on SIGINT/SIGTERM stops them in reverse order: SIGTERM,
 a grace period, then SIGKILL. Children get PR_SET_PDEATHSIG so they die with the
 supervisor even when it is killed with -9.
+
+On a PostgreSQL store several ``up`` (on different hosts) share one bus, and only one
+leads (``qntx.leader``): the supervisor first takes the lease or waits as a standby,
+starting no actor and binding nothing meanwhile; once it leads it starts the actors
+with the epoch (``QNTX_EPOCH``) and renews the lease on a thread. When the lease is
+lost (taken over after a pause, not renewable) or an actor's write was fenced, it
+kills every actor at once, never letting one finish a thing more, and stands by
+again: the host that was cut off comes back as a standby, not as a second leader.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from loguru import logger
 
 from qntx.bus.pidlock import PidLock, lock_holder
 from qntx.errors import Conflict
+from qntx.leader import EPOCH_ENV, FENCED_EXIT, Lease
 from qntx.lifeline import die_with_parent
 from qntx.settings import Settings
 from qntx.values import STOP_GRACE_S
@@ -74,10 +83,12 @@ def actor_command(settings: Settings, *args: str) -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, children: list[Child], *, echo: bool = True):
+    def __init__(self, settings: Settings, children: list[Child], *, echo: bool = True, lease: Lease | None = None):
         self.settings = settings
         self.children = children
         self.echo = echo
+        self.lease = lease  # a database store: lead or stand by
+        self._lost: str | None = None  # why the lease was lost, while leading
         # A plain flag: a signal handler must not take the locks of a
         # threading.Event the main thread may be holding while it waits.
         self._stopping = False
@@ -88,6 +99,8 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.lease is not None and self.lease.epoch is not None:
+            env[EPOCH_ENV] = str(self.lease.epoch)  # every write of its stores is fenced by it
         child.process = subprocess.Popen(
             child.argv,
             stdin=subprocess.DEVNULL,
@@ -190,15 +203,15 @@ class Supervisor:
         self.metrics.prepare()
         self.metrics.start()
         try:
-            for child in self.children:
-                if child.ready_socket is not None:
-                    child.ready_socket.unlink(missing_ok=True)  # a stale file from a killed run
-                self._start(child)
-                self._wait_ready(child)
-            logger.info("QNTX is up on {} ({} actors); Ctrl-C stops it", self.settings.home, len(self.children))
-            self._monitor()
+            if self.lease is None:
+                self._serve()
+            else:
+                self._lead_or_stand_by()
         finally:
             self._stop_all()
+            if self.lease is not None:
+                self.lease.release()
+                self.lease.close()
             self.metrics.stop()
             (self.settings.run_dir / "actors").unlink(missing_ok=True)
             self._console.put((b"", None))  # the children are gone: flush what is held
@@ -206,17 +219,76 @@ class Supervisor:
             lock.release()
         return 0
 
+    def _serve(self) -> None:
+        """Start every actor in order, then watch them until a stop (or a lost lease)."""
+        for child in self.children:
+            if self._stopping or self._lost:
+                return
+            if child.ready_socket is not None:
+                child.ready_socket.unlink(missing_ok=True)  # a stale file from a killed run
+            child.restarts, child.backoff_s = 0, BACKOFF_START_S
+            self._start(child)
+            self._wait_ready(child)
+        logger.info("QNTX is up on {} ({} actors); Ctrl-C stops it", self.settings.home, len(self.children))
+        self._monitor()
+
+    def _lead_or_stand_by(self) -> None:
+        lease = self.lease
+        assert lease is not None
+        while not self._stopping:
+            epoch = lease.wait_to_lead(lambda: self._stopping)
+            if epoch is None:
+                return
+            logger.info("leading the bus at epoch {} ({})", epoch, lease.identity["address"])
+            self._lost = None
+            done = threading.Event()
+            renewer = lease.keep(self._lose, done)
+            try:
+                self._serve()
+                if self._lost is None:
+                    # A stop: the actors' last commits go in while the lease is still
+                    # renewed; the caller gives it back after.
+                    self._stop_all()
+            finally:
+                done.set()
+                renewer.join(timeout=5)
+            if self._lost is None:
+                return
+            logger.error("lost the lead: {}; the actors are stopped at once and this host stands by", self._lost)
+            self._kill_all()
+            lease.epoch = None
+
+    def _lose(self, why: str) -> None:
+        if self._lost is None:
+            self._lost = why
+
+    def _kill_all(self) -> None:
+        """SIGKILL every actor: a leader that lost its lease must not answer another request."""
+        for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.kill()
+        for child in self.children:
+            if child.process is not None:
+                child.process.wait()
+                for thread in child.log_threads:
+                    thread.join(timeout=1)
+            child.restart_at = None
+        self._write_pidfile()
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
 
     def _monitor(self) -> None:
-        while not self._stopping:
+        while not self._stopping and not self._lost:
             time.sleep(0.05)
             now = time.monotonic()
             for child in self.children:
                 process = child.process
                 if process is None or process.poll() is None:
                     continue
+                if process.returncode == FENCED_EXIT and self.lease is not None:
+                    self._lose(f"{child.name}'s write was fenced (another host leads)")
+                    return
                 if child.restart_at is None:
                     ran = now - child.started_at
                     if ran > STABLE_AFTER_S:

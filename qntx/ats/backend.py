@@ -102,8 +102,9 @@ def open_store(settings: Settings, *, journal: bool = False, readonly: bool = Fa
     for the ATS actor, its one writer)."""
     if db.is_database_url(settings.store):
         from qntx.ats.store_pg import PgAttestationStore
+        from qntx.leader import epoch_from_env
 
-        return PgAttestationStore(settings.store, readonly=readonly)
+        return PgAttestationStore(settings.store, readonly=readonly, epoch=epoch_from_env())
     from qntx.ats.store import AttestationStore
 
     return AttestationStore(

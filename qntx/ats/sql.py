@@ -66,9 +66,11 @@ INSERT_ROWS = (
 )
 # The whole group commit as one statement (its own transaction): move the sequence on
 # by N from the number the writer expects and insert the rows numbered after it, or
-# do nothing when another writer moved it (0 rows stored); a taken id fails it whole.
+# do nothing when another writer moved it (0 rows stored); a taken id fails it whole,
+# and so does the lease's fence (``qntx.leader``) when the writer's epoch does not lead.
 COMMIT_ROWS = (
-    "WITH advance AS (UPDATE ats_meta SET seq = seq + %s, count = count + %s WHERE seq = %s RETURNING seq),"
+    "WITH advance AS (UPDATE ats_meta SET seq = seq + %s, count = count + %s"
+    " WHERE seq = %s AND qntx_fence(%s) RETURNING seq),"
     f" stored AS ({INSERT_ROWS} WHERE EXISTS (SELECT FROM advance) RETURNING 1)"
     " SELECT count(*) FROM stored"
 )

@@ -4,7 +4,8 @@ tables of ``qntx.ats.sql``.
 Every group commit is one transaction in two round trips: move the sequence and the
 count on in ``ats_meta`` (its row lock, held to the commit, makes sequence numbers
 follow commit order) and ask which of the group's ids are taken; then claim the ids,
-number the records, insert them as one statement, commit. Records are validated, encoded and numbered by
+number the records, insert them as one statement, commit. Both ways call the lease's
+fence (``qntx.leader``): a commit of a process that no longer leads stores nothing. Records are validated, encoded and numbered by
 ``qntx.ats.batch`` exactly as on LMDB, and stored as those bytes. There is no journal
 in front of the tables: the commit is the durable write (the server's
 ``synchronous_commit`` and replication decide how durable), so ``log_batches``
@@ -22,7 +23,7 @@ import threading
 
 import msgspec
 
-from qntx import db
+from qntx import db, leader
 from qntx.ats import sql
 from qntx.ats.backend import StoreCommon
 from qntx.ats.batch import Prepared, claim_and_number, prepare_batches
@@ -42,10 +43,13 @@ _CLAIM = object()  # a group's ids must be checked first
 class PgAttestationStore(StoreCommon):
     """Attestations in a PostgreSQL database migrated by ``qntx db upgrade``."""
 
-    def __init__(self, url: str, *, readonly: bool = False):
+    def __init__(self, url: str, *, readonly: bool = False, epoch: int | None = None):
+        """``epoch``: the leadership epoch every commit is fenced by (None: commit
+        only while no ``up`` leads the bus)."""
         self.url = url
         self.location = db.redact(url)
         self.readonly = readonly
+        self.epoch = epoch
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Attestation)
         self._pg = db.psycopg()
@@ -77,6 +81,8 @@ class PgAttestationStore(StoreCommon):
             try:
                 return work(conn)
             except self._pg.Error as exc:
+                if leader.is_fenced(exc):
+                    raise leader.fenced(self.epoch, f"attestation store {self.location}", exc) from None
                 raise db.unavailable(exc, f"attestation store {self.location}") from None
 
     def close(self) -> None:
@@ -145,7 +151,7 @@ class PgAttestationStore(StoreCommon):
             return results
         try:
             stored = conn.execute(
-                sql.COMMIT_ROWS, (len(rows), len(rows), self._seq, *sql.columns(rows))
+                sql.COMMIT_ROWS, (len(rows), len(rows), self._seq, self.epoch, *sql.columns(rows))
             ).fetchone()[0]
         except self._pg.errors.UniqueViolation:
             return _CLAIM
@@ -161,6 +167,7 @@ class PgAttestationStore(StoreCommon):
         taken (one pipeline), then the rows and the commit."""
         wanted = [p.record.id for b in prepared if isinstance(b, list) for p in b]
         with conn.pipeline(), conn.transaction():
+            conn.execute("SELECT qntx_fence(%s)", (self.epoch,))
             moved = conn.execute(
                 "UPDATE ats_meta SET seq = seq + %s, count = count + %s RETURNING seq",
                 (len(wanted), len(wanted)),

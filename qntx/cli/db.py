@@ -46,7 +46,7 @@ def upgrade(*, store: StoreOption = None):
 
 @db_app.command
 def check(*, store: StoreOption = None, json_: Annotated[bool, Parameter(name="--json", help="Print JSON.")] = False):
-    """The connection and each store's schema version; exit 3 when one is not current."""
+    """The connection, each store's schema version and the leader; exit 3 when a schema is not current."""
     from qntx import db
 
     info = db.check(_url(store))
@@ -58,4 +58,11 @@ def check(*, store: StoreOption = None, json_: Annotated[bool, Parameter(name="-
         for name, schema in info["schema"].items():
             state = "current" if schema["version"] == schema["latest"] else "run `qntx db upgrade`"
             print(f"schema     {name} version {schema['version']} of {schema['latest']} ({state})")
+        lease = info["leadership"]
+        if lease is not None:
+            from qntx.leader import holder_line, standby_line
+
+            print(f"leader     {holder_line(lease)}")
+            for standby in lease["standbys"]:
+                print(f"standby    {standby_line(standby)}")
     return 0 if all(s["version"] == s["latest"] for s in info["schema"].values()) else 3

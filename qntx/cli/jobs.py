@@ -439,8 +439,23 @@ def _server_down(settings, exc: Exception) -> str:
 
     holder = lock_holder(settings.lock_path("server"))
     if holder is None:
-        return f"the server is down: none runs on {settings.home} (start it with `qntx up`)"
+        return f"the server is down: none runs on {settings.home} (start it with `qntx up`){_elsewhere(settings)}"
     return f"the server (pid {holder}) is not answering: {exc}"
+
+
+def _elsewhere(settings) -> str:
+    """On a PostgreSQL store, who leads the bus (this host may be a standby)."""
+    from qntx import db
+
+    if not db.is_database_url(settings.store):
+        return ""
+    from qntx.errors import QntxError
+    from qntx.leader import holder_line, read
+
+    try:
+        return f"; the bus is led by {holder_line(read(settings.store))}"
+    except QntxError:
+        return ""
 
 
 @app.command
@@ -462,6 +477,7 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
                 "queue": reply.queue,
                 "handlers": reply.handlers,
                 "sessions_free": reply.sessions_free,
+                "leadership": msgspec.to_builtins(reply.leadership),
             }
         )
         return
@@ -476,3 +492,19 @@ def status(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     print("Handlers: " + (", ".join(reply.handlers) or "(none)"))
     if reply.sessions_free is not None:
         print(f"Sessions: room for {reply.sessions_free} more worker session(s)")
+    if reply.leadership is not None:
+        _print_leadership(msgspec.to_builtins(reply.leadership))
+
+
+def _print_leadership(lease: dict) -> None:
+    """The leader, its epoch and the standbys of a bus kept in PostgreSQL."""
+    from qntx.leader import holder_line, standby_line
+
+    if lease.get("error"):
+        print(f"Leader:   unknown ({lease['error']})")
+        return
+    print(f"Leader:   {holder_line(lease)}")
+    for standby in lease["standbys"]:
+        print(f"Standby:  {standby_line(standby)}")
+    if not lease["standbys"]:
+        print("Standby:  (none)")

@@ -29,7 +29,10 @@ def up(
     ] = None,
     store: Annotated[
         str | None,
-        Parameter(help="Keep attestations in PostgreSQL, postgresql://USER@HOST/DB (migrated by `qntx db upgrade`)."),
+        Parameter(
+            help="Keep attestations and jobs in PostgreSQL, postgresql://USER@HOST/DB (migrated by `qntx db upgrade`);"
+            " several `up` on one database: one leads, the others stand by."
+        ),
     ] = None,
 ):
     """Start the bus: every actor as its own supervised process, until Ctrl-C."""
@@ -77,7 +80,14 @@ def up(
         ),
         Child("plugin-python", actor_command(resolved, "plugin", "python"), ipc_path(resolved.plugin_endpoint("python"))),
     ]
-    return Supervisor(resolved, children).run()
+    lease = None
+    if resolved.store:
+        from qntx.leader import Lease
+
+        # One `up` per database leads; the others stand by (qntx.leader).
+        address = resolved.for_other_hosts("server_endpoint")
+        lease = Lease(resolved.store, home=str(resolved.home), address=address)
+    return Supervisor(resolved, children, lease=lease).run()
 
 
 @app.command(show=False)

@@ -88,11 +88,41 @@ class ActorStatus(msgspec.Struct, kw_only=True):
     leases: int = 0  # the runs it holds now (also those Pulse took back that it still runs)
 
 
+class LeaseHolder(msgspec.Struct, kw_only=True):
+    """Who holds the leadership lease of a bus on PostgreSQL (``qntx.leader``)."""
+
+    host: str | None = None
+    home: str | None = None
+    pid: int | None = None
+    address: str | None = None
+    live: bool = False  # held now (not expired)
+    expires_in_s: float = 0.0
+    held_s: float = 0.0  # since this holder took it
+
+
+class Standby(msgspec.Struct, kw_only=True):
+    host: str
+    home: str
+    pid: int
+    address: str | None = None
+    seen_s_ago: float = 0.0
+
+
+class Leadership(msgspec.Struct, kw_only=True):
+    """The lease's epoch, its holder and the standbys, as the database has them."""
+
+    epoch: int = 0
+    leader: LeaseHolder = msgspec.field(default_factory=LeaseHolder)
+    standbys: list[Standby] = []
+    error: str | None = None  # the database could not be read
+
+
 class StatusReply(Message):
     actors: list[ActorStatus]
     queue: dict[str, int]
     handlers: list[str]
     sessions_free: int | None = None  # how many more worker sessions the server has room for
+    leadership: Leadership | None = None  # on a PostgreSQL store (None on LMDB)
 
 
 class Prune(Message):

@@ -157,9 +157,10 @@ def open_job_store(settings: Settings, *, readonly: bool = False) -> PulseStore 
     version's schema: ``qntx db upgrade``), else LMDB under the home. Read-only on
     LMDB gives None while the home has no store yet (nothing was ever submitted)."""
     if db.is_database_url(settings.store):
+        from qntx.leader import epoch_from_env
         from qntx.pulse.jobstore_pg import PgJobStore
 
-        return PgJobStore(settings.store, readonly=readonly)
+        return PgJobStore(settings.store, readonly=readonly, epoch=epoch_from_env())
     if readonly and not (settings.pulse_path / "data.mdb").exists():
         return None
     return JobStore(settings.pulse_path, readonly=readonly)

@@ -19,9 +19,9 @@ round trip; every ``prune`` batch is one transaction; both on the writer connect
 so the loop's reads never wait behind a prune on the writer thread. Text columns
 compare bytewise (``COLLATE "C"``), the order of LMDB's keys.
 
-Every write goes through ``_write_one`` or ``prune``'s transaction: a leadership
-epoch checked there, in the same statement or transaction, is all that fencing a
-paused old leader needs.
+Every write goes through ``save``'s statement or ``prune``'s transaction, and both
+call the lease's fence (``qntx.leader``) with the epoch this store writes for: a
+write of a process that no longer leads the bus stores nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Container, Iterable, Mapping
 
 import msgspec
 
-from qntx import db
+from qntx import db, leader
 from qntx.errors import Unavailable
 from qntx.protocol import JOB_STATUSES, NIL, Job
 from qntx.pulse.commands import Changes
@@ -107,10 +107,13 @@ class PgJobStore:
     # thread the loop goes on meanwhile, and what arrives joins the next commit.
     commits_inline = False
 
-    def __init__(self, url: str, *, readonly: bool = False):
+    def __init__(self, url: str, *, readonly: bool = False, epoch: int | None = None):
+        """``epoch``: the leadership epoch every write is fenced by (None: write only
+        while no ``up`` leads the bus)."""
         self.url = url
         self.location = db.redact(url)
         self.readonly = readonly
+        self.epoch = epoch
         self._pg = db.psycopg()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(StoredJob)
@@ -136,6 +139,8 @@ class PgJobStore:
             try:
                 return work(conn)
             except self._pg.Error as exc:
+                if leader.is_fenced(exc):
+                    raise leader.fenced(self.epoch, f"job store {self.location}", exc) from None
                 raise db.unavailable(exc, f"job store {self.location}") from None
 
     def _read(self, work):
@@ -324,7 +329,8 @@ class PgJobStore:
         counts = list(changes.counts.items())
 
         # One statement, so one implicit transaction in one round trip: each table's
-        # rows as a data-modifying CTE (all run, referenced or not), the meta row last.
+        # rows as a data-modifying CTE (all run, referenced or not), the meta row last,
+        # fenced: a statement whose fence raises writes none of it.
         parts, params = [], []
         if ids:
             parts.append(f"j AS ({_UPSERT_JOBS} RETURNING 1)")
@@ -339,7 +345,7 @@ class PgJobStore:
             parts.append(f"c AS ({_UPSERT_COUNTS} RETURNING 1)")
             params += [[s for s, _ in counts], [c for _, c in counts]]
         statement = ("WITH " + ", ".join(parts) + " " if parts else "") + _SAVE_META
-        self._write_one(statement, (*params, *meta))
+        self._write_one(statement + " WHERE qntx_fence(%s)", (*params, *meta, self.epoch))
 
     def prune(
         self,
@@ -361,6 +367,7 @@ class PgJobStore:
             # Chosen and deleted in one transaction (the writer's lock keeps out saves).
             deleted, budget = {status: [] for status in cutoffs}, batch
             with conn.transaction():
+                conn.execute("SELECT qntx_fence(%s)", (self.epoch,))
                 for status, cutoff in cutoffs.items():
                     row = conn.execute("SELECT count FROM pulse_counts WHERE status = %s", (status,)).fetchone()
                     count = row[0] if row else 0

@@ -105,3 +105,22 @@ def test_bench_swarm_quick_reports_every_metric_with_its_limit():
             assert positive(m["measured"]) and positive(m["limit"]), (key, m)
         assert m["result"] in ("PASS", "MISS", "info"), (key, m)
     assert any("50 sessions joined and ready" in note for note in report["notes"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_failover_quick_reports_the_takeover_beside_its_limit():
+    from tests.pg import missing, skip_or_fail
+
+    reason = missing()
+    if reason:
+        skip_or_fail(reason)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "failover", "--quick", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr  # 1: a target missed on a loaded machine, still a whole report
+    report = json.loads(done.stdout)
+    assert set(report["raw"]) == {"lease TTL + cold start", "cold start (up to first result)"}
+    assert {m["key"] for m in report["metrics"]} == {"failover_p50_ms", "failover_max_ms"}
+    assert all(positive(m["measured"]) and positive(m["limit"]) for m in report["metrics"])
+    assert report["notes"][0].startswith("failover per kill: ")

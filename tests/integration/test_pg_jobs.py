@@ -51,7 +51,8 @@ def test_a_database_without_the_jobs_schema_is_refused_until_upgraded(bus, pg_em
     assert rows(pg_empty_url, "SELECT to_regclass('pulse_jobs')") == [(None,)]  # up created nothing
 
     upgraded = bus.run("db", "upgrade", "--store", pg_empty_url)
-    assert upgraded.returncode == 0 and upgraded.stdout == "upgraded pulse schema 0 -> 1\n", upgraded.stderr
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout == "upgraded pulse schema 0 -> 1\nupgraded leader schema 0 -> 1\n"
     check = bus.run("db", "check", "--store", pg_empty_url)
     assert check.returncode == 0 and "pulse version 1 of 1 (current)" in check.stdout, check.stdout
 
@@ -104,6 +105,7 @@ def test_server_kill_9_mid_load_on_postgresql_loses_and_repeats_nothing(bus, pg_
     os.kill(server, signal.SIGKILL)  # while the echoes are being worked through
     up.wait_output("server exited with code -9")
     wait_for(lambda: actor_pids(bus).get("server", server) != server, 20, what="a new server")
+    wait_for(lambda: up.output().count("QNTX server serving") == 2, 30, what="the new server serving")
     with qntx.connect(bus.home) as b:
         for i, handle in enumerate(echoes):
             job = b.wait(handle.id, timeout=60)

@@ -24,14 +24,14 @@ def test_db_upgrade_is_versioned_idempotent_and_checked(bus, pg_empty_url):  # n
 
     first = bus.run("db", "upgrade", "--store", url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == "upgraded ats schema 0 -> 1\nupgraded pulse schema 0 -> 1\n"
+    assert first.stdout == "upgraded ats schema 0 -> 1\nupgraded pulse schema 0 -> 1\nupgraded leader schema 0 -> 1\n"
     again = bus.run("db", "upgrade", "--store", url)
     assert again.returncode == 0 and again.stdout.startswith("schema up to date"), again.stderr
 
     check = bus.run("db", "check", "--store", url, "--json")
     assert check.returncode == 0, check.stderr
     info = json.loads(check.stdout)
-    assert info["schema"] == {"ats": {"version": 1, "latest": 1}, "pulse": {"version": 1, "latest": 1}}
+    assert info["schema"] == {c: {"version": 1, "latest": 1} for c in ("ats", "pulse", "leader")}
     assert info["database"] == url.partition("?")[0].rpartition("/")[2]
 
 
