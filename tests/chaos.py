@@ -20,7 +20,9 @@ reads every job in pages of a thousand, and checks, and prints:
 2. every run of a python job is counted in its record (``runs``), so no extra run
    went unrecorded;
 3. every accepted attestation is in ATS exactly once;
-4. both LMDB environments open clean and every record in them reads back.
+4. both LMDB environments open clean and every record in them reads back (with
+   ``--store postgresql://…``: both stores in that database, which ``qntx db
+   check`` finds reachable and current at the end).
 
 ``python -m tests.chaos --rounds 20 --power 5`` (what ``bin/chaos`` runs);
 ``tests/integration/test_chaos.py`` runs a shortened version.
@@ -72,14 +74,17 @@ class Tally:
 
 
 class Chaos:
-    def __init__(self, home: Path, seed: int, log=print):
+    def __init__(self, home: Path, seed: int, log=print, store: str = ""):
         self.home = home
+        self.store = store  # a postgresql:// URL: both stores there (else LMDB in the home)
         self.random = random.Random(seed)
         self.log = log
         self.tally = Tally()
         self.stop = threading.Event()
         self.up: subprocess.Popen | None = None
         self.env = dict(os.environ, QNTX_HOME=str(home), PYTHONUNBUFFERED="1")
+        if store:
+            self.env["QNTX_STORE"] = store
         self.settled = (0, 0, 0.0)  # check(): jobs not final when the load stopped, left, seconds
         self.runs_dir = home / "chaos-runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -397,6 +402,14 @@ class Chaos:
                     counts["attestations missing or duplicated"] += 1
                     self.log(f"    attestation {att_id}: stored {stored[att_id]} times")
         self.stop_up()
+        if self.store:  # the database's own check: reachable, every schema current
+            checked = subprocess.run(self.qntx("db", "check"), env=self.env, capture_output=True, text=True, timeout=60)
+            if checked.returncode == 0:
+                counts["databases that check clean"] += 1
+            else:
+                counts["databases that fail to open or check"] += 1
+                self.log(f"    qntx db check: {checked.stdout}{checked.stderr}")
+            return counts
         for name in ("ats", "pulse"):
             try:
                 counts[f"records read back from {name}"] = read_every_record(self.home / name)
@@ -444,11 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stops", type=int, default=2, help="SIGSTOP rounds past a lease (default 2)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the home for inspection")
+    parser.add_argument("--store", default="", help="postgresql://… : both stores in this database (migrated, empty)")
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where it is
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     home = Path(tempfile.mkdtemp(prefix="qc-", dir="/tmp"))
-    chaos = Chaos(home, seed)
+    chaos = Chaos(home, seed, store=args.store)
     began = time.monotonic()
     try:
         chaos.run(args.rounds, args.power, args.stops)
