@@ -42,6 +42,7 @@ import zmq
 from loguru import logger
 
 from qntx.bus.codec import DEFAULT_MAX_MESSAGE_BYTES
+from qntx.bus.gaps import Gaps
 from qntx.bus.gate import Gate, Revoked, RolePolicy
 from qntx.bus.offload import Offloader
 from qntx.bus.oslimits import UNLIMITED_FILES, open_file_count, raise_open_file_limit
@@ -133,6 +134,8 @@ class Actor:
         # and messages refused before any handler saw them, by reason.
         self.requests: dict[tuple[str, str], int] = {}
         self.refused: dict[str, int] = {}
+        self.publishers: list[Publisher] = []  # its events sockets (what they sent: qntx.obs.metrics)
+        self.gaps: list[Gaps] = []  # what its subscriptions missed (qntx.bus.gaps)
 
     # ------------------------------------------------------------------ sockets
 
