@@ -140,13 +140,21 @@ class Actor:
     # ------------------------------------------------------------------ sockets
 
     def bind(
-        self, kind: int, endpoint: str, *, handover: bool = False, only: str | None = None, also: str = ""
+        self,
+        kind: int,
+        endpoint: str,
+        *,
+        handover: bool = False,
+        only: str | None = None,
+        also: str = "",
+        options: dict[int, int] | None = None,
     ) -> zmq.Socket:
         """A socket of ``kind`` bound to ``endpoint`` (and ``also``), as ``bound_socket`` says."""
         limit = self.max_message_bytes
         return bound_socket(
-            self.context, kind, self.security, endpoint, max_message_bytes=limit, handover=handover, only=only, also=also
-        )
+            self.context, kind, self.security, endpoint, max_message_bytes=limit, handover=handover, only=only,
+            also=also, options=options,
+        )  # fmt: skip
 
     def serve(
         self,

@@ -74,10 +74,10 @@ class Publisher:
             actor.every(KEYRING_CHECK_S, self._drop_revoked)
 
     def _open(self) -> zmq.Socket:
-        sock = self.actor.bind(zmq.XPUB, self.endpoint, also=self.also)
-        sock.setsockopt(zmq.SNDHWM, EVENTS_QUEUE)
+        # (before the bind: what is set after it never applies to the subscribers it accepts)
+        limits = {zmq.SNDHWM: EVENTS_QUEUE, zmq.MAXMSGSIZE: 4096}  # (subscriptions are short prefixes)
+        sock = self.actor.bind(zmq.XPUB, self.endpoint, also=self.also, options=limits)
         sock.setsockopt(zmq.XPUB_MANUAL, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions are short prefixes
         self.actor.add_reader(sock, self._on_subscriptions)
         return sock
 
