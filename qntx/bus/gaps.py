@@ -55,6 +55,10 @@ class Gaps:
         family = FAMILIES.get(type(event))
         return family is not None and self.saw(family, event.seq)
 
+    def counts(self) -> dict[str, int]:
+        """What was missed, by family: every family seen so far (0 if nothing was)."""
+        return {family: self.missed.get(family, 0) for family in list(self._last)}
+
     @property
     def total(self) -> int:
         return sum(self.missed.values())

@@ -118,7 +118,7 @@ def bus_families(actor: Any) -> Iterator[Any]:
             oversized[family] = oversized.get(family, 0) + count
     missed: dict[str, int] = {}
     for gaps in getattr(actor, "gaps", ()):
-        for family, count in list(gaps.missed.items()):
+        for family, count in gaps.counts().items():
             missed[family] = missed.get(family, 0) + count
     yield counter("qntx_notices_published", "Notices numbered on this actor's events sockets, by topic family "
                   "(each subscriber of the family got them, less what it was too slow to take).", "family", published)
