@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 import zmq
@@ -20,6 +21,7 @@ from qntx.bus.gaps import Gaps
 from qntx.bus.publisher import QUEUE_BYTES
 from qntx.protocol import AtsReply, Attest, Event, NewAttestation
 from qntx.protocol.events import NOTICE_MAX_BYTES
+from qntx.stored_handlers import handler_attestation
 from tests.integration.conftest import wait_for
 from tests.integration.test_shared_bus import rss_kb
 
@@ -159,7 +161,7 @@ def actor_pid(bus, prefix: str) -> int:
         return next(a.pid for a in client.status().actors if a.name.startswith(prefix))
 
 
-def test_a_stopped_plugin_loses_notices_within_a_byte_bound_counts_them_and_learns_the_handler_it_missed(bus):
+def test_a_stopped_plugin_counts_what_it_lost_and_learns_the_handler_created_meanwhile(bus):
     bus.env["QNTX_HEARTBEAT_S"] = "5"  # (stopped for longer than 3 health checks of 1 s, it would be killed)
     up = bus.start_up_with({"hello": "_result = 'hello'"})
     plugin_pid = actor_pid(bus, "plugin")
@@ -226,3 +228,44 @@ def test_a_stopped_plugin_loses_notices_within_a_byte_bound_counts_them_and_lear
         if stopped:
             os.kill(plugin_pid, signal.SIGCONT)
         sub.close(0)
+
+
+def test_a_stopped_dashboard_counts_what_it_missed_and_tells_its_pages_to_fetch_again(bus):
+    """The dashboard's hub, stopped while notices flood, finds the gap when it resumes:
+    it logs what it missed and every page is told to ``resync`` (no other notice of
+    this flood would make it: attestations that are not handlers change no page)."""
+    from tests.integration.test_ui import start_ui
+
+    bus.start_up()
+    ui, base = start_ui(bus)
+    lines: list[str] = []
+    response = urllib.request.urlopen(base + "/api/events", timeout=60)
+
+    def read() -> None:
+        try:
+            for line in response:
+                lines.append(line.decode())
+        except Exception:  # closed at the end of the test
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    stopped = False
+    try:
+        wait_for(lambda: "event: bus\n" in lines, what="the page connected")
+        with Client(bus.settings.ats_endpoint, AtsReply, timeout_s=30) as ats:
+            probe = handler_attestation("probe", "_result = 1")  # the hub tells its pages: it reads the notices
+            wait_for(lambda: ats.request(Attest(items=[probe])) and "event: handlers\n" in lines, what="the hub")
+            os.kill(ui.pid, signal.SIGSTOP)
+            stopped = True
+            flood(ats, "d")
+            os.kill(ui.pid, signal.SIGCONT)
+            stopped = False
+            # The hub drains what was queued for it; the next notice that reaches it shows the gap.
+            wait_for(lambda: ats.request(Attest(items=[record("after", 0)])) and "event: resync\n" in lines,
+                     timeout=20, interval=0.2, what="resync sent to the page")  # fmt: skip
+        assert "the dashboard missed" in ui.output()
+    finally:
+        if stopped:
+            os.kill(ui.pid, signal.SIGCONT)
+        response.close()
