@@ -27,6 +27,10 @@ from tests.integration.test_shared_bus import rss_kb
 
 pytestmark = pytest.mark.timeout(240)
 
+GROUPS = 150  # Attest requests of GROUP records each: one group commit, one notice whole
+GROUP = 200
+FILL = "x" * 420  # each record's notice is over half of NOTICE_MAX_BYTES: one per piece
+
 PUBLISHER = """
 import sys
 from qntx.bus.actor import Actor
@@ -35,10 +39,10 @@ from qntx.protocol import AttestationsStored, StoredNotice
 
 actor = Actor()
 events = Publisher(actor, sys.argv[1], topics={b"att.": frozenset({"client"})})
-fill = "x" * 420
+fill = "x" * 420  # (FILL)
 
 
-def group(g):
+def group(g):  # (GROUP)
     return AttestationsStored(stored=[
         StoredNotice(id=f"AS-{g}-{k}", predicates=["p1-" + fill, "p2-" + fill], contexts=["c-" + fill])
         for k in range(200)
@@ -136,10 +140,6 @@ def test_a_stopped_subscriber_costs_the_publisher_its_byte_bound_at_most_and_cou
                     process.kill()
                     process.wait(10)
 
-
-GROUPS = 150  # Attest requests of GROUP records each: one group commit, one notice whole
-GROUP = 200
-FILL = "x" * 420  # each record's notice is over half of NOTICE_MAX_BYTES: one per piece
 
 
 def record(tag: str, n: int) -> NewAttestation:
