@@ -104,7 +104,7 @@ def fitted(
     pieces (its notices in order, each piece numbered); anything else, and a single
     attestation's notice too big alone, as its ids only (``partial``). A message
     whose ids alone do not fit is left out: its number is used all the same, so
-    subscribers see the gap and read the store."""
+    subscribers see the gap and read the store. (``event.seq`` is set.)"""
     event.seq = next_seq()
     body = encode(event)
     if len(topic) + len(body) <= NOTICE_MAX_BYTES:

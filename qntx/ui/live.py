@@ -178,7 +178,7 @@ class Hub:
 
     def _attestation_created(self, event: AttestationsStored) -> None:
         for record in stored_notices(event):
-            if PREDICATE in record.predicates and CONTEXT in record.contexts:
+            if record.partial or (PREDICATE in record.predicates and CONTEXT in record.contexts):
                 self._handlers_changed = True
 
     async def _push(self) -> None:

@@ -162,7 +162,7 @@ def actor_pid(bus, prefix: str) -> int:
 
 
 def test_a_stopped_plugin_counts_what_it_lost_and_learns_the_handler_created_meanwhile(bus):
-    bus.env["QNTX_HEARTBEAT_S"] = "5"  # (stopped for longer than 3 health checks of 1 s, it would be killed)
+    bus.env["QNTX_HEARTBEAT_S"] = "20"  # (stopped for longer than 3 health checks of 1 s, it would be killed)
     up = bus.start_up_with({"hello": "_result = 'hello'"})
     plugin_pid = actor_pid(bus, "plugin")
     settings = bus.settings
@@ -218,7 +218,7 @@ def test_a_stopped_plugin_counts_what_it_lost_and_learns_the_handler_created_mea
             streamer.start()
             os.kill(plugin_pid, signal.SIGCONT)
             stopped = False
-            up.wait_output("Registering plugin async handler plugin=python handler=python.late\n", timeout=30)
+            up.wait_output("Registering plugin async handler plugin=python handler=python.late\n", timeout=60)
             with bus.connect() as client:
                 assert client.submit("python.late", None).result(timeout=30) == "late"
         plugin_log = (bus.home / "logs" / "plugin-python.log").read_text()
