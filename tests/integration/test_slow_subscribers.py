@@ -269,3 +269,25 @@ def test_a_stopped_dashboard_counts_what_it_missed_and_tells_its_pages_to_fetch_
         if stopped:
             os.kill(ui.pid, signal.SIGCONT)
         response.close()
+
+
+def test_an_attestation_with_a_long_subject_still_has_its_notice(bus):
+    """The subject goes in the topic only when short: a notice never passes 2 KiB,
+    and one whose topic alone would is not left out."""
+    bus.start_ats()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"att.")
+    sub.connect(bus.settings.ats_events_endpoint)
+    try:
+        with Client(bus.settings.ats_endpoint, AtsReply, timeout_s=10) as ats:
+            wait_for(lambda: ats.request(Attest(items=[record("short", 0)])) and sub.poll(100), what="a notice")
+            while sub.poll(200):
+                sub.recv_multipart()
+            long = NewAttestation(subjects=["s" * 3000], predicates=["is"])
+            stored = ats.request(Attest(items=[long])).records[0].id
+            assert sub.poll(5000), "no notice for the attestation with a long subject"
+            topic, body = sub.recv_multipart()
+            assert topic == b"att." and [n.id for n in Decoder(Event).decode(body).stored] == [stored]
+    finally:
+        sub.close(0)
