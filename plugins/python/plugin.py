@@ -12,8 +12,10 @@ the warm interpreter pool and reports its ``JobDone`` itself.
 
 Live discovery: it subscribes to the ATS event stream; a handler attestation
 (predicate ``handler``, context ``python``) triggers a re-discovery, the same log
-lines, and ``HandlersChanged`` to the server when the set of names changed. A slow
-resync covers events missed while ATS restarted.
+lines, and ``HandlersChanged`` to the server when the set of names changed. So does
+a gap in the notices' numbers (notices it was too slow to take, or lost while ATS
+restarted: counted and logged by ``qntx.ats.feed``), and a quiet resync every
+RESYNC_S without notices.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class ScriptPayload(msgspec.Struct):
 
 
 RESYNC_S = 5.0
-HANDLERS_FEED = Feed(HANDLER_FILTER, is_handler)
+HANDLERS_FEED = Feed(HANDLER_FILTER, is_handler, "the python plugin's handler discovery")
 ANNOUNCE_RETRY_S = 1.0  # an announcement the server did not acknowledge is sent again this soon
 
 

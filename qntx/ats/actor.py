@@ -67,6 +67,9 @@ APPLY_IDLE_S = 0.05
 INDEX_RETRY_S = 1.0  # after a failed index write (a full disk)
 
 
+MAX_TOPIC_SUBJECT = 256  # a longer subject is not put in the topic of its notice
+
+
 class AtsActor(Actor):
     name = "ats"
     label = "ATS"
@@ -166,7 +169,8 @@ class AtsActor(Actor):
         self.commit_size.observe(len(stored))
         self.written += len(stored)
         if stored:  # one notice for the group: what was stored, never the bodies
-            topic = b"att." + stored[0].subjects[0].encode() if len(stored) == 1 else b"att."
+            subject = stored[0].subjects[0].encode() if len(stored) == 1 else b""
+            topic = b"att." + subject if len(subject) <= MAX_TOPIC_SUBJECT else b"att."  # (a notice has 2 KiB in all)
             notices = [StoredNotice(id=r.id, predicates=r.predicates, contexts=r.contexts, seq=r.seq) for r in stored]
             self.events.publish(topic, AttestationsStored(stored=notices))
         self._last_group = time.monotonic()

@@ -5,7 +5,9 @@ on the poll loop) and the python plugin its handlers (``plugins.python.plugin``,
 asyncio). Both do the same three things, and only wait differently:
 
 * subscribe to the ``att.`` notices of the ATS events socket (``subscribe``);
-* tell whether the notices that arrived touch the set (``Feed.touched``);
+* tell whether the notices that arrived touch the set (``Feed.touched``): one of the
+  set, one too big to say (``partial``), or a gap in their numbers (notices lost to
+  a slow read or a restart: ``qntx.bus.gaps``, counted in ``Feed.gaps``);
 * read the whole set, page after page (``Feed.pages``: a generator that yields each
   query and is sent each reply), at start, when touched, and every so often as a
   safety net for notices a restart dropped.
@@ -22,6 +24,7 @@ import zmq
 
 from qntx.ats.filters import next_page
 from qntx.bus.codec import Decoder
+from qntx.bus.gaps import Gaps
 from qntx.errors import QntxError
 from qntx.protocol import (
     Attestation,
@@ -51,22 +54,27 @@ def subscribe(context: Any, settings: Settings, endpoint: str) -> Any:
 class Feed:
     """One set of attestations (``filter``) and which stored notices belong to it."""
 
-    def __init__(self, filter: Filter, member: Callable[[StoredNotice], bool]):
+    def __init__(self, filter: Filter, member: Callable[[StoredNotice], bool], who: str = "a feed"):
         self.filter = filter
         self._member = member
         self._decoder = Decoder(Event)
+        self.gaps = Gaps(who)
 
     def touched(self, bodies: Iterable[bytes]) -> bool:
-        """Whether any of these notices (message bodies) is of the set; a body that
-        cannot be read is skipped."""
+        """Whether these notices (message bodies, in the order read) may have changed
+        the set: one is of it or too big to say, or some were lost before one of them.
+        A body that cannot be read is skipped."""
+        touched = False
         for body in bodies:
             try:
                 event = self._decoder.decode(body)
             except QntxError:
                 continue
-            if any(self._member(notice) for notice in stored_notices(event)):
-                return True
-        return False
+            if self.gaps.saw_event(event):
+                touched = True
+            elif not touched:
+                touched = any(notice.partial or self._member(notice) for notice in stored_notices(event))
+        return touched
 
     def pages(self) -> Generator[Query, QueryResult, list[Attestation]]:
         """Every record of the set: yields each page's query, is sent its reply,

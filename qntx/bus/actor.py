@@ -42,6 +42,7 @@ import zmq
 from loguru import logger
 
 from qntx.bus.codec import DEFAULT_MAX_MESSAGE_BYTES
+from qntx.bus.gaps import Gaps
 from qntx.bus.gate import Gate, Revoked, RolePolicy
 from qntx.bus.offload import Offloader
 from qntx.bus.oslimits import UNLIMITED_FILES, open_file_count, raise_open_file_limit
@@ -133,17 +134,27 @@ class Actor:
         # and messages refused before any handler saw them, by reason.
         self.requests: dict[tuple[str, str], int] = {}
         self.refused: dict[str, int] = {}
+        self.publishers: list[Publisher] = []  # its events sockets (what they sent: qntx.obs.metrics)
+        self.gaps: list[Gaps] = []  # what its subscriptions missed (qntx.bus.gaps)
 
     # ------------------------------------------------------------------ sockets
 
     def bind(
-        self, kind: int, endpoint: str, *, handover: bool = False, only: str | None = None, also: str = ""
+        self,
+        kind: int,
+        endpoint: str,
+        *,
+        handover: bool = False,
+        only: str | None = None,
+        also: str = "",
+        options: dict[int, int] | None = None,
     ) -> zmq.Socket:
         """A socket of ``kind`` bound to ``endpoint`` (and ``also``), as ``bound_socket`` says."""
         limit = self.max_message_bytes
         return bound_socket(
-            self.context, kind, self.security, endpoint, max_message_bytes=limit, handover=handover, only=only, also=also
-        )
+            self.context, kind, self.security, endpoint, max_message_bytes=limit, handover=handover, only=only,
+            also=also, options=options,
+        )  # fmt: skip
 
     def serve(
         self,

@@ -31,13 +31,19 @@ def bound_socket(
     handover: bool = False,
     only: str | None = None,
     also: str = "",
+    options: dict[int, int] | None = None,
 ) -> zmq.Socket:
     """A socket of ``kind`` (of ``context``'s flavour: blocking or asyncio) bound to
     ``endpoint`` and to ``also`` (a tcp endpoint for other hosts). ``handover``: a
     ROUTER peer that reconnects with the same routing id takes its old connection
-    over. ``only``: over tcp, the one authorised key name that may connect."""
+    over. ``only``: over tcp, the one authorised key name that may connect.
+    ``options`` are set before the binds: a listener copies the socket's options
+    when it binds, so a queue bound (SNDHWM) or a size limit set after would never
+    apply to the peers it accepts."""
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    for option, value in (options or {}).items():
+        sock.setsockopt(option, value)
     if kind in (zmq.ROUTER, zmq.PULL):
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
     if handover:

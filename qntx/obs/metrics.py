@@ -109,6 +109,23 @@ def bus_families(actor: Any) -> Iterator[Any]:
         "qntx_refused_messages", "Messages refused before any handler saw them (forbidden, too_large, bad_request, …).",
         "reason", dict(actor.refused),
     )  # fmt: skip
+    published: dict[str, int] = {}
+    oversized: dict[str, int] = {}
+    for publisher in getattr(actor, "publishers", ()):
+        for family, count in list(publisher.published.items()):
+            published[family] = published.get(family, 0) + count
+        for family, count in list(publisher.oversized.items()):
+            oversized[family] = oversized.get(family, 0) + count
+    missed: dict[str, int] = {}
+    for gaps in getattr(actor, "gaps", ()):
+        for family, count in gaps.counts().items():
+            missed[family] = missed.get(family, 0) + count
+    yield counter("qntx_notices_published", "Notices numbered on this actor's events sockets, by topic family "
+                  "(each subscriber of the family got them, less what it was too slow to take).", "family", published)
+    yield counter("qntx_notices_oversized", "Notices over NOTICE_MAX_BYTES, sent in pieces or as their ids only.",
+                  "family", oversized)  # fmt: skip
+    yield counter("qntx_notices_missed", "Notices this actor's subscriptions lost (gaps in their numbers); "
+                  "each gap made it read the store again.", "family", missed)  # fmt: skip
 
 
 def pulse_families(pulse: Any) -> Iterator[Any]:

@@ -1,8 +1,9 @@
 """Pulse follows its directives (handler limits, schedules) in ATS, live.
 
 Reads them all at start (page by page), then re-reads whenever the ATS event stream
-shows a new limit or schedule attestation, and every ``RESYNC_S`` as a safety net
-for events a restart may have dropped. Every read hands the complete current set
+shows a new limit or schedule attestation or a gap in the notices' numbers (notices
+lost to a slow read or an ATS restart: counted in the server's metrics as
+``qntx_notices_missed``), and every ``RESYNC_S`` as a safety net. Every read hands the complete current set
 to Pulse, so it takes effect at once. It never blocks the server's loop: queries
 are non-blocking calls with callbacks, and an ATS that is down is simply asked again.
 """
@@ -29,7 +30,8 @@ class DirectivesFollower:
         self.actor = actor
         self._apply = apply
         self.ats = actor.connect(settings.ats_endpoint, AtsReply)
-        self.feed = Feed(DIRECTIVES_FILTER, is_directive)
+        self.feed = Feed(DIRECTIVES_FILTER, is_directive, "Pulse's limits and schedules")
+        actor.gaps.append(self.feed.gaps)
         self.events = subscribe(actor.context, settings, settings.ats_events_endpoint)
         actor.add_reader(self.events, self._on_events)
         self._reading = False

@@ -17,7 +17,10 @@ the pages connected to ``/api/events``. What it sends:
   then, it does not fail).
 
 A page that reads too slowly loses its backlog and is told to ``resync`` (fetch
-what it shows again) instead of events being dropped unseen.
+what it shows again) instead of events being dropped unseen. So are all pages when
+the hub itself lost notices (a gap in their numbers: ``qntx.bus.gaps``, counted in
+``Hub.gaps`` and logged) or got one too big to say what changed (``partial``): the
+overview and the handlers are asked for again too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from aiohttp import web
 from loguru import logger
 
 from qntx.aio import AsyncBus
+from qntx.bus.gaps import Gaps
 from qntx.errors import QntxError
 from qntx.protocol import (
     FINAL_STATUSES,
@@ -84,6 +88,8 @@ class Hub:
         self._progress: dict[str, dict[str, Any]] = {}
         self._dirty = True
         self._handlers_changed = False
+        self._resync_due = False  # notices were lost (or said too little): every page fetches again
+        self.gaps = Gaps("the dashboard")
         self.bus_error: str | None = None  # why the server does not answer now (None: it does)
         self._on_event = {
             JobNotice: self._job_changed,
@@ -129,13 +135,20 @@ class Hub:
             handle = self._on_event.get(type(event))
             if handle is None:
                 continue
+            if self.gaps.saw_event(event) or getattr(event, "partial", False):
+                self._lost()
             try:
                 handle(event)
             except Exception:  # one odd event must not stop the pages' live updates
                 logger.opt(exception=True).warning("dashboard: an event could not be shown")
 
+    def _lost(self) -> None:
+        """What the pages show may be stale (notices were lost): they fetch it again."""
+        self._resync_due = self._handlers_changed = self._dirty = True
+
     def _job_changed(self, job: JobNotice) -> None:
-        self._changed[job.id] = notice_row(job)
+        if not job.partial:  # (its row lacks its handler: the resync brings it)
+            self._changed[job.id] = notice_row(job)
         if job.finished_at and (job.id, job.lease) not in self._counted:
             if job.status in FINAL_STATUSES:  # a run's end may be announced more than once
                 self._counted[(job.id, job.lease)] = None
@@ -165,18 +178,18 @@ class Hub:
 
     def _attestation_created(self, event: AttestationsStored) -> None:
         for record in stored_notices(event):
-            if PREDICATE in record.predicates and CONTEXT in record.contexts:
+            if record.partial or (PREDICATE in record.predicates and CONTEXT in record.contexts):
                 self._handlers_changed = True
 
     async def _push(self) -> None:
         last_overview = last_burst = 0.0
         while True:
             await asyncio.sleep(FLUSH_S)
-            if len(self._changed) > BURST:
-                # too many rows to patch in: each page fetches what it shows, once a second
+            if len(self._changed) > BURST or self._resync_due:
+                # too many rows to patch in, or lost: each page fetches what it shows, once a second
                 if time.monotonic() - last_burst >= OVERVIEW_MIN_S:
                     last_burst = time.monotonic()
-                    self._changed = {}
+                    self._changed, self._resync_due = {}, False
                     self._broadcast("resync", {})
             elif self._changed:
                 changed, self._changed = list(self._changed.values()), {}

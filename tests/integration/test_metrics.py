@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 ECHOES = 7
 LIMIT = 1 << 20  # max_message_bytes of the bus whose refusals are counted
 FAILS = 3  # each with max_attempts=2: one retry, then failed for good
+ATTESTS = 5  # one at a time: one group commit, one notice each
 
 
 def scrape(url: str) -> str:
@@ -113,6 +114,24 @@ def test_counters_move_by_exactly_the_jobs_run(bus, tmp_path):
     assert value(text, "qntx_pulse_commit_duration_seconds_count") > 0
     assert value(text, "qntx_refused_messages_total", actor="server", reason="too_large") == 1
     assert value(text, "qntx_requests_total", actor="server", type="undecoded", code="too_large") == 1
+
+    # Every notice the ATS sends is numbered and counted by topic family; the server's
+    # directives feed counts what it missed (nothing here).
+    from qntx.bus.client import Client
+    from qntx.protocol import AtsReply, Attest, NewAttestation
+
+    def notices() -> float:
+        return value(scrape(url), "qntx_notices_published_total", actor="ats", family="att.")
+
+    wait_for(lambda: notices() == value(text, "qntx_notices_published_total", actor="ats", family="att."), timeout=10)
+    first = notices()
+    with Client(bus.settings.ats_endpoint, AtsReply, timeout_s=10) as ats:
+        for n in range(ATTESTS):
+            ats.request(Attest(items=[NewAttestation(subjects=[f"metered{n}"], predicates=["metered"])]))
+    wait_for(lambda: notices() == first + ATTESTS, timeout=10, what="the notices counted")
+    missed = 'qntx_notices_missed_total{actor="server",family="att."} 0.0'
+    text = wait_for(lambda: (lambda t: t if missed in t else None)(scrape(url)), timeout=10, what="the feed's count")
+    assert value(text, "qntx_notices_oversized_total", actor="ats") == 0
 
     promtool = need(PROMTOOL, "promtool")
     (tmp_path / "scrape.txt").write_text(text)
