@@ -64,6 +64,8 @@ def test_server_kill_9_with_jobs_running_loses_and_repeats_nothing(bus, marked, 
     os.kill(server, signal.SIGKILL)
     marked.wait_output("server exited with code -9")
     wait_for(lambda: actor_pids(bus).get("server", server) != server, 20, what="a new server")
+    # (its pid is known before it binds: on a loaded machine a client can come first)
+    wait_for(lambda: marked.output().count("QNTX server serving") == 2, 30, what="the new server serving")
     with qntx.connect(bus.home) as b:
         for n, handle in enumerate(handles):
             job = b.wait(handle.id, timeout=60)
