@@ -136,30 +136,31 @@ class ServerActor(Actor):
             self, self.settings.events_endpoint, self.settings.public("events_endpoint"), topics=EVENT_ROLES
         )
         self.pulse = Pulse(self, self.settings, publish=self.events.publish, cancel_at_plugin=self.cancel_at_plugin)
+        handlers = {
+            Ping: self.on_ping,
+            Submit: self.on_submit,
+            WaitJob: self.on_wait,
+            EndedJobs: self.on_ended,
+            GetJob: self.on_get_job,
+            ListJobs: self.on_list_jobs,
+            CancelJob: self.on_cancel,
+            RetryJob: self.on_retry,
+            PauseJob: self.on_pause,
+            ResumeJob: self.on_resume,
+            GetStatus: self.on_status,
+            ListSchedules: self.on_list_schedules,
+            Prune: self.on_prune,
+            RegisterPlugin: self.on_register_plugin,
+            HandlersChanged: self.on_handlers_changed,
+            JobProgress: self.on_progress,
+            JobOutput: self.on_output,
+            JobStarted: self.on_started,
+            GetEndpoints: self.on_get_endpoints,
+        }
         self.service = self.serve(
             self.settings.server_endpoint,
             ServerRequest,
-            {
-                Ping: self.on_ping,
-                Submit: self.on_submit,
-                WaitJob: self.on_wait,
-                EndedJobs: self.on_ended,
-                GetJob: self.on_get_job,
-                ListJobs: self.on_list_jobs,
-                CancelJob: self.on_cancel,
-                RetryJob: self.on_retry,
-                PauseJob: self.on_pause,
-                ResumeJob: self.on_resume,
-                GetStatus: self.on_status,
-                ListSchedules: self.on_list_schedules,
-                Prune: self.on_prune,
-                RegisterPlugin: self.on_register_plugin,
-                HandlersChanged: self.on_handlers_changed,
-                JobProgress: self.on_progress,
-                JobOutput: self.on_output,
-                JobStarted: self.on_started,
-                GetEndpoints: self.on_get_endpoints,
-            },
+            {kind: handler if kind is Submit else self._after_submits(handler) for kind, handler in handlers.items()},
             roles=SERVER_ROLES,
             also=self.settings.public("server_endpoint"),
         )
@@ -188,6 +189,16 @@ class ServerActor(Actor):
         self.lock.release()
 
     # ---------------------------------------------------------------- clients
+
+    def _after_submits(self, handler):
+        """``handler``, run once the submissions before it are in the core (on a
+        remote job store they may still wait for their lookup)."""
+
+        def run(message, request):
+            self.pulse.settle_submits()
+            return handler(message, request)
+
+        return run
 
     def on_ping(self, message: Ping, request: Request) -> Pong:
         return Pong(actor=self.name, pid=self.pid, version=__version__)

@@ -106,6 +106,7 @@ class PgJobStore:
     # Every commit waits for the database (a round trip and its sync): on the writer
     # thread the loop goes on meanwhile, and what arrives joins the next commit.
     commits_inline = False
+    local_reads = False  # every read is a round trip: lookups are batched
 
     def __init__(self, url: str, *, readonly: bool = False, epoch: int | None = None):
         """``epoch``: the leadership epoch every write is fenced by (None: write only
@@ -230,20 +231,33 @@ class PgJobStore:
 
     def find(self, job_id: str | None, idempotency_key: str | None) -> StoredJob | None:
         """The stored job with this id, else the one with this idempotency key."""
-        if job_id is not None and _is_job_id(job_id):  # (the core refuses the others)
-            found = self.get(job_id)
-            if found is not None:
-                return found
-        if idempotency_key is not None and 0 < len(idempotency_key.encode()) <= 511:
-            row = self._read(
-                lambda conn: conn.execute(
-                    "SELECT j.record, j.payload, j.result FROM pulse_keys k JOIN pulse_jobs j ON j.id = k.id"
-                    " WHERE k.key = %s",
-                    (idempotency_key,),
-                ).fetchone()
-            )
-            return None if row is None else self._stored(*row)
-        return None
+        return self.find_many([(job_id, idempotency_key)])[0]
+
+    def find_many(self, wanted: list[tuple[str | None, str | None]]) -> list[StoredJob | None]:
+        """``find`` for each (id, idempotency key), in one round trip for them all."""
+        ids = [job_id for job_id, _ in wanted if job_id is not None and _is_job_id(job_id)]  # (the core refuses the others)
+        keys = [key for _, key in wanted if key is not None and 0 < len(key.encode()) <= 511]
+
+        def work(conn) -> tuple[dict, dict]:
+            by_id = by_key = {}
+            if ids:
+                rows = conn.execute("SELECT id, record, payload, result FROM pulse_jobs WHERE id = ANY(%s)", (ids,))
+                by_id = {row[0]: row[1:] for row in rows}
+            if keys:
+                rows = conn.execute(
+                    "SELECT k.key, j.record, j.payload, j.result FROM pulse_keys k JOIN pulse_jobs j ON j.id = k.id"
+                    " WHERE k.key = ANY(%s)",
+                    (keys,),
+                )
+                by_key = {row[0]: row[1:] for row in rows}
+            return by_id, by_key
+
+        by_id, by_key = self._read(work) if ids or keys else ({}, {})
+        found: list[StoredJob | None] = []
+        for job_id, key in wanted:
+            row = by_id.get(job_id) or by_key.get(key)
+            found.append(None if row is None else self._stored(*row))
+        return found
 
     def dependents(self, job_id: str, limit: int = 1000) -> list[str]:
         """The ids of up to ``limit`` stored jobs that run after ``job_id``."""

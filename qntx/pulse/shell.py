@@ -35,9 +35,10 @@ import zmq
 from loguru import logger
 
 from qntx.bus.actor import Actor, Offloader, Request
-from qntx.bus.codec import Decoder, encode
+from qntx.bus.codec import Decoder, encode, error_reply
 from qntx.bus.security import HOST
-from qntx.errors import Invalid, NotFound
+from qntx.bus.service import answer
+from qntx.errors import Invalid, NotFound, QntxError
 from qntx.log import job_context
 from qntx.obs.tally import BATCH_BOUNDS, COMMIT_BOUNDS, DURATION_BOUNDS, Buckets, ByLabel
 from qntx.obs.trace import RunSpans
@@ -101,6 +102,9 @@ LIVE_STATUSES = ("queued", "dispatched", "running", "paused", "waiting")
 # commit's own copy of the result exists (a big result costs the server at most
 # twice its size at a time, not three or four times).
 BIG_RESULT_BYTES = 1 << 20
+# On a remote job store, submissions with an id the core does not know wait for one
+# lookup per read pass; at most this many share one.
+LOOKUP_BATCH = 256
 # How often waiting requests are checked for their deadline (they are answered up to
 # this much after it).
 WAIT_CHECK_S = 0.1
@@ -157,6 +161,7 @@ class Pulse(Commits, SessionPipes):
             plugins=loaded.plugins, ended=self.store.statuses(after), schedules=loaded.schedules, limits=loaded.limits,
             handler_versions=loaded.handler_versions,
         )  # fmt: skip
+        self._looking: list[tuple[Submit, Request]] = []  # submissions waiting for their stored twin's lookup
         self._durable: list[Reply] = []  # replies waiting for the next commit
         self._held: list[SendJob] = []  # dispatches waiting for the next commit
         self._committing = False
@@ -203,7 +208,10 @@ class Pulse(Commits, SessionPipes):
     # ---------------------------------------------------------------- the core
 
     def apply(self, event: Any) -> None:
-        """Feed one event to the core and carry out what it says."""
+        """Feed one event to the core and carry out what it says (after the submissions
+        still waiting for their lookup: they came first)."""
+        if self._looking:
+            self.settle_submits()
         for command in self.core.handle(event, instant()):
             self._carry_out(command)
 
@@ -345,11 +353,37 @@ class Pulse(Commits, SessionPipes):
     # ---------------------------------------------------------------- requests
 
     def submit(self, message: Submit, request: Request) -> None:
-        existing = None
+        """A submission whose id (or key) the core does not know may name a stored job:
+        on a local store it is looked up at once; on a remote one the lookups of a
+        read pass go in one query (``settle_submits``), not a round trip each."""
         if (message.id is not None and self.core.get(message.id) is None) or message.idempotency_key is not None:
+            if not self.store.local_reads:
+                self._looking.append((message, request))
+                if len(self._looking) >= LOOKUP_BATCH:
+                    self.settle_submits()
+                return
             stored = self.store.find(message.id, message.idempotency_key)
+            self.apply(Submitted(message, request, stored.job if stored else None, self._ended(message.after)))
+            return
+        self.apply(Submitted(message, request, None, self._ended(message.after)))
+
+    def settle_submits(self) -> None:
+        """Apply the submissions waiting for their lookup, in the order they came. Runs
+        before anything else reaches the core (``apply``) and before every other
+        request is answered (the server's handlers), so no one sees them out of order."""
+        looking, self._looking = self._looking, []
+        if not looking:
+            return
+        try:
+            found = self.store.find_many([(message.id, message.idempotency_key) for message, _ in looking])
+        except QntxError as exc:  # the store is out of reach: each sender is told, nothing is taken
+            for _, request in looking:
+                request.reply(error_reply(exc))
+            return
+        for (message, request), stored in zip(looking, found, strict=True):
             existing = stored.job if stored is not None else None
-        self.apply(Submitted(message, request, existing, self._ended(message.after)))
+            # (as a handler: a refusal, a conflict or an unknown handler, goes to its sender alone)
+            answer(lambda m, r, e=existing: self.apply(Submitted(m, r, e, self._ended(m.after))), message, request)
 
     def _ended(self, after: Any) -> dict[str, str]:
         """The stored status of the jobs in ``after`` that are not live (the core knows those)."""

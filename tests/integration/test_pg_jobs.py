@@ -122,3 +122,44 @@ def test_server_kill_9_mid_load_on_postgresql_loses_and_repeats_nothing(bus, pg_
         what="606 completed in pulse_counts and no other status",
     )
     assert rows(pg_url, "SELECT status, count(*) FROM pulse_jobs GROUP BY status") == [("completed", 606)]
+
+
+def test_pipelined_submissions_keep_their_order_while_their_lookups_are_batched(bus, pg_url):  # noqa: F811
+    """On PostgreSQL a submission whose id the server does not hold in memory waits
+    for one lookup shared by its read pass: a request right behind it on the same
+    connection still finds it, and a stored job's id or key still names that job."""
+    import msgspec
+
+    from qntx.protocol import CancelJob, ErrorReply, GetJob, JobReply, Submit
+
+    def raw(value) -> msgspec.Raw:
+        return msgspec.Raw(msgspec.msgpack.encode(value))
+
+    on_database(bus, pg_url)
+    up = bus.start_up()
+    with qntx.connect(bus.home) as b:
+        kept = b.submit("builtin.echo", "kept", id="JB-KEPT", idempotency_key="order-kept")
+        assert kept.result(timeout=10) == "kept"
+    assert up.stop() == 0
+    bus.start_up()  # the ended job is in the database only now
+    with qntx.connect(bus.home) as b:
+        client = b.server
+        asked = []
+        for n in range(300):  # each submission with the request that names it right behind
+            asked.append(("submit", n, client.send(Submit(handler="builtin.echo", payload=raw(n), id=f"JB-PIPE-{n}"))))
+            follow = GetJob(id=f"JB-PIPE-{n}") if n % 2 else CancelJob(id=f"JB-PIPE-{n}")
+            asked.append(("follow", n, client.send(follow)))
+        same = client.send(Submit(handler="builtin.echo", payload=raw("kept"), id="JB-KEPT"))
+        clash = client.send(Submit(handler="builtin.echo", payload=raw("other"), id="JB-KEPT"))
+        keyed = client.send(Submit(handler="builtin.echo", payload=raw("again"), idempotency_key="order-kept"))
+        for kind, n, correlation in asked:
+            reply = client.take(correlation, 30)
+            assert isinstance(reply, JobReply), (kind, n, reply)
+            assert reply.job.id == f"JB-PIPE-{n}"
+        assert client.take(same, 30).job.id == "JB-KEPT"
+        refused = client.take(clash, 30)
+        assert isinstance(refused, ErrorReply) and refused.code == "conflict", refused
+        assert client.take(keyed, 30).job.id == "JB-KEPT"
+        for n in range(300):  # a cancel may come after its job's dispatch: it completes then
+            assert b.wait(f"JB-PIPE-{n}", timeout=30).status in (("cancelled", "completed") if n % 2 == 0 else ("completed",))
+        assert b.job("JB-KEPT").result == "kept"

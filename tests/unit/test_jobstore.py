@@ -1,5 +1,6 @@
 """Pulse's job store interface, the same cases on LMDB and on PostgreSQL: what a
-restart loads, big payloads and results kept apart, idempotency keys, listings
+restart loads, big payloads and results kept apart, idempotency keys (one at a time
+and many at once), listings
 newest first with cursors, skips and cached jobs, and a read-only store."""
 
 from __future__ import annotations
@@ -113,6 +114,21 @@ def test_idempotency_keys_find_their_job(store):
         store.get("   ")
     with pytest.raises(Invalid):
         store.get(42)
+
+
+def test_many_lookups_at_once_answer_each_as_find_would(store):
+    keyed, plain = job(1, idempotency_key="order-17"), job(2)
+    store.save(changes([(1, keyed, None), (2, plain, None)]))
+    wanted = [
+        (plain.id, None), ("JB-nope", None), (None, "order-17"), ("JB-nope", "order-17"), (plain.id, "order-17"),
+        (None, None), ("   ", ""), (plain.id, None),
+    ]  # fmt: skip
+    found = store.find_many(wanted)
+    assert [f.job.id if f else None for f in found] == [plain.id, None, keyed.id, keyed.id, plain.id, None, None, plain.id]
+    assert [f.job.id if f else None for f in found] == [
+        f.job.id if (f := store.find(job_id, key)) else None for job_id, key in wanted
+    ]
+    assert msgspec.msgpack.decode(found[0].job.payload) == 2 and store.find_many([]) == []
 
 
 def test_newest_pages_by_cursor_and_passes_over_skipped_jobs(store):
