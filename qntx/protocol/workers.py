@@ -54,6 +54,9 @@ class JobDone(Message):
     # Not the handler's doing (the worker stopped, the plugin went away): the run
     # is given back to the queue and uses no attempt.
     interrupted: bool = False
+    # The session that ran it, on a result sent again to a server that took over
+    # (which may not know yet that the run is that session's: the result claims it).
+    session: str = ""
 
 
 class Dispatch(Message):

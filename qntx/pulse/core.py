@@ -60,6 +60,7 @@ from qntx.pulse.events import (
     PluginDown,
     PluginUp,
     Progressed,
+    RunClaimed,
     Saved,
     Started,
     Steer,
@@ -135,6 +136,7 @@ class PulseCore(Requests, Runs):
         self._handlers = {
             Submitted: self._submit,
             WorkerSeen: self._worker_seen,
+            RunClaimed: self._run_claimed,
             Finished: self._finished,
             Progressed: self._progressed,
             Started: self._started,
@@ -335,6 +337,10 @@ class PulseCore(Requests, Runs):
         """Whether the next turn may judge a session's liveness (its input must be read first)."""
         at = self.sessions_.next_liveness()
         return at is not None and at < now.mono
+
+    def session_known(self, session_id: bytes) -> bool:
+        """Whether ``session_id`` is a live session."""
+        return self.sessions_.get(session_id) is not None
 
     def session_named(self, name: str) -> Session | None:
         """The live session of the worker called ``name``."""

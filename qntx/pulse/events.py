@@ -42,6 +42,15 @@ class Submitted:
 
 
 @dataclass(frozen=True, slots=True)
+class RunClaimed:
+    """A result sent again names the session that ran it: a run a crashed server
+    left, which nobody claimed yet, is that session's."""
+
+    session: bytes
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerSeen:
     """A worker's hello or heartbeat, from its control socket."""
 

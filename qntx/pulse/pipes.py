@@ -33,7 +33,7 @@ from qntx.protocol import (
     WorkerReady,
     WorkerWelcome,
 )
-from qntx.pulse.events import Finished, Progressed, WorkerSeen
+from qntx.pulse.events import Finished, Progressed, RunClaimed, WorkerSeen
 from qntx.values import now_ms
 
 if TYPE_CHECKING:
@@ -151,9 +151,16 @@ class SessionPipes(_Pulse):
             current, session = self.core.lease_holder(message.lease, message.job_id)
             if not current:
                 return True  # not a current run: the core discards it (and frees a taken-back slot)
+            if session is None and type(message) is JobDone and message.session:
+                # A result sent again to a server that took over, naming the session
+                # that ran it: a lease nobody claimed yet is that session's, if it
+                # is the sender's own.
+                claimant = message.session.encode()
+                if self.core.session_known(claimant) and self._owner_key(claimant) == peer:
+                    self.apply(RunClaimed(claimant, message.lease))
+                    current, session = self.core.lease_holder(message.lease, message.job_id)
             # (a lease left by a crashed server, not claimed yet: this host's only)
-            owner = self.owners[session][0] if session is not None and session in self.owners else None
-            if owner == peer:
+            if self._owner_key(session) == peer:
                 return True
         self.refused_reports += 1
         kind = type(message).__name__
@@ -165,6 +172,10 @@ class SessionPipes(_Pulse):
                 kind, message.job_id, message.lease, f"key {peer}" if peer else "this host",
             )  # fmt: skip
         return False
+
+    def _owner_key(self, session: bytes | None) -> str | None:
+        """The name of the key that opened ``session`` (None: this host's, or none)."""
+        return self.owners[session][0] if session is not None and session in self.owners else None
 
     def _admit(self, session: bytes, message: WorkerReady) -> bool:
         """Bind a new session's jobs PUSH if it fits; else refuse it (False). A worker

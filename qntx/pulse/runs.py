@@ -42,6 +42,7 @@ from qntx.pulse.events import (
     Instant,
     OutputWritten,
     Progressed,
+    RunClaimed,
     Started,
     Turn,
     Undeliverable,
@@ -171,6 +172,11 @@ class Runs(_Core):
                 self._out.append(SendControl(session.id, CancelRunning(lease=lease_id)))
             # else: it ended with its JobDone; the heartbeat was sent before that arrived
         self.sessions_.index(session)
+
+    def _run_claimed(self, event: RunClaimed, now: Instant) -> None:
+        lease, session = self.leases.get(event.lease), self.sessions_.get(event.session)
+        if lease is not None and session is not None and lease.session is None:
+            self._claim(lease, session, now)
 
     def _claim(self, lease: Lease, session: Session, now: Instant) -> None:
         """A worker still runs a lease a crashed server left: it is its again."""

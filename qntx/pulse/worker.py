@@ -417,7 +417,9 @@ class Worker:
         if self._recent and self.results is not None:
             logger.info("worker {}: sending the last {} result(s) again to a new server", self.name, len(self._recent))
             for _, body in self._recent.values():
-                self._push(body)
+                done = msgspec.msgpack.decode(body, type=JobDone)
+                done.session = self.session  # its run may be one the new server has not seen claimed
+                self._push(encode(done))
 
     def _push(self, body: bytes) -> None:
         if self.results is None:

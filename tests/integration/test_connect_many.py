@@ -244,3 +244,33 @@ def test_runs_in_flight_are_adopted_by_the_server_that_takes_over(hosts):
             assert (job.status, job.worker, job.runs, job.attempts) == ("completed", "worker-c", 1, 1), job
             assert job.result == {"slept": RUN_S}
     assert "adopted" in up_b.output() and worker.alive()
+
+
+def test_a_run_that_ends_while_no_server_leads_counts_once_its_result_reaches_the_new_one(hosts):
+    """Runs end on the remote worker while no server is up; the worker sends their
+    results again to the server that comes back elsewhere on the same store, naming its
+    session, which claims each run: every job completes on the first run, none runs twice."""
+    short_s = 1.0
+    a, c = hosts.a, hosts.c
+    up_a = hosts.up(a, hosts.addr_a)
+    worker = c.start("worker", "--connect", hosts.both, "--name", "worker-c", "--capacity", "4")
+    wait_for(lambda: "worker-c" in hosts.actors(a), 40, what="C's worker joined A")
+    with a.connect() as bus_a:
+        handles = [bus_a.submit("builtin.sleep", short_s, max_attempts=1) for _ in range(10)]
+        wait_for(lambda: sum(bus_a.job(h.id).worker == "worker-c" for h in handles) >= 2, 20, what="runs on worker-c")
+        on_c = {h.id for h in handles if bus_a.job(h.id).worker == "worker-c"}
+    pids = actor_pids(a)
+    up_a.stop(signal.SIGKILL)  # the whole host goes: its supervisor, then every actor
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    # No server anywhere until every run on C has ended (each started before the kill).
+    ends = time.time() + short_s + 0.5
+    wait_for(lambda: time.time() > ends, 10, what="the runs on worker-c to end with no server up")
+    up_b = hosts.up(a, hosts.addr_b)
+    with a.connect() as bus_b:
+        for job_id in on_c:
+            job = bus_b.wait(job_id, timeout=60)
+            assert (job.status, job.worker, job.runs, job.attempts) == ("completed", "worker-c", 1, 1), job
+            assert job.result == {"slept": short_s}
+    up_b.wait_output("adopted", timeout=10)  # (the server's log reaches up's output a moment later)
+    assert worker.alive()
