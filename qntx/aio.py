@@ -24,7 +24,7 @@ from qntx.calls.derive import with_calls
 from qntx.errors import QntxError, Timeout, Unavailable
 from qntx.follow import AsyncJobFollower, JobEvent, event_sockets, read_event
 from qntx.handles import Acceptance, decoded, decoded_event, first_failure, result_of, unconfirmed
-from qntx.join import SILENT_HEARTBEATS, join, retried
+from qntx.join import SILENT_HEARTBEATS, join, rejoined, retried
 from qntx.protocol import AtsReply, Event, Job, Ping, ServerReply
 from qntx.settings import Settings, load_settings
 
@@ -129,13 +129,8 @@ class AsyncBus:
     async def _moved(self) -> bool:
         """Joined through server addresses and the server stopped answering: join again;
         True if another server leads now (every connection then points at it)."""
-        if not self.settings.connect:
-            return False
-        try:
-            joined = await asyncio.to_thread(join, self.settings)
-        except QntxError:
-            return False
-        if joined.server_endpoint == self.settings.server_endpoint:
+        joined = await asyncio.to_thread(rejoined, self.settings)
+        if joined is None:
             return False
         self.settings = joined
         self._ats.repoint(joined.ats_endpoint)

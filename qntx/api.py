@@ -45,7 +45,7 @@ from qntx.handles import (
     result_of,
     unconfirmed,
 )
-from qntx.join import SILENT_HEARTBEATS, join, retried
+from qntx.join import SILENT_HEARTBEATS, join, rejoined, retried
 from qntx.protocol import AtsReply, Event, Job, Ping, ServerReply
 from qntx.settings import Settings, load_settings
 
@@ -182,13 +182,8 @@ class Bus:
     def _moved(self) -> bool:
         """Joined through server addresses and the server stopped answering: join again;
         True if another server leads now (every connection then points at it)."""
-        if not self.settings.connect:
-            return False
-        try:
-            joined = join(self.settings)
-        except QntxError:
-            return False
-        if joined.server_endpoint == self.settings.server_endpoint:
+        joined = rejoined(self.settings)
+        if joined is None:
             return False
         self.settings = joined
         self._ats.repoint(joined.ats_endpoint)

@@ -201,3 +201,15 @@ def retried(message: object) -> bool:
     return isinstance(
         message, (Ping, WaitJob, EndedJobs, GetJob, ListJobs, GetStatus, ListSchedules, GetEndpoints, Query, GetAttestation, Stats)
     )
+
+
+def rejoined(settings: Settings) -> Settings | None:
+    """Joined through server addresses and the server stopped answering: join again.
+    The new settings if another server leads now, else None (the same one, or none)."""
+    if not settings.connect:
+        return None
+    try:
+        joined = join(settings)
+    except QntxError:
+        return None
+    return None if joined.server_endpoint == settings.server_endpoint else joined

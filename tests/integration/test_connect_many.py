@@ -217,32 +217,42 @@ def test_a_stopped_server_is_left_within_the_heartbeat_window(hosts):
         os.kill(server_a, signal.SIGCONT)
 
 
-def test_runs_in_flight_are_adopted_by_the_server_that_takes_over(hosts):
-    """The server comes back elsewhere on the same store (home A on the second address:
-    what a standby on the shared database is): the worker rejoins it as the same session
-    and its runs in flight are adopted, each run once, with its own result."""
+def runs_on_c_then_a_dies(hosts, run_s: float):
+    """C's worker joined with both addresses runs some of 10 sleeps of ``run_s`` for A;
+    then A's whole host dies (kill -9 of its supervisor and every actor). Returns C's
+    worker and the ids of the jobs it was running."""
     a, c = hosts.a, hosts.c
     up_a = hosts.up(a, hosts.addr_a)
     worker = c.start("worker", "--connect", hosts.both, "--name", "worker-c", "--capacity", "4")
     wait_for(lambda: "worker-c" in hosts.actors(a), 40, what="C's worker joined A")
     with a.connect() as bus_a:
-        # Long enough to be still running when the worker has found the new server (a run
-        # that ends while no server is there runs again: a server takes a remote session's
-        # result only for a lease that session has claimed).
-        handles = [bus_a.submit("builtin.sleep", RUN_S, max_attempts=1) for _ in range(10)]
+        handles = [bus_a.submit("builtin.sleep", run_s, max_attempts=1) for _ in range(10)]
         wait_for(lambda: sum(bus_a.job(h.id).worker == "worker-c" for h in handles) >= 2, 20, what="runs on worker-c")
         on_c = {h.id for h in handles if bus_a.job(h.id).worker == "worker-c"}
     pids = actor_pids(a)
-    up_a.stop(signal.SIGKILL)  # the whole host goes: its supervisor, then every actor
+    up_a.stop(signal.SIGKILL)
     for pid in pids.values():
         os.kill(pid, signal.SIGKILL)
-    up_b = hosts.up(a, hosts.addr_b)
-    with a.connect() as bus_b:
+    return worker, on_c
+
+
+def each_ran_once_on_c(bus, on_c, run_s: float) -> None:
+    for job_id in on_c:
+        job = bus.wait(job_id, timeout=60)
+        assert (job.status, job.worker, job.runs, job.attempts) == ("completed", "worker-c", 1, 1), job
+        assert job.result == {"slept": run_s}
+
+
+def test_runs_in_flight_are_adopted_by_the_server_that_takes_over(hosts):
+    """The server comes back elsewhere on the same store (home A on the second address:
+    what a standby on the shared database is): the worker rejoins it as the same session
+    and its runs in flight are adopted, each run once, with its own result."""
+    # Runs long enough to be still running when the worker has found the new server.
+    worker, on_c = runs_on_c_then_a_dies(hosts, RUN_S)
+    up_b = hosts.up(hosts.a, hosts.addr_b)
+    with hosts.a.connect() as bus_b:
         wait_for(lambda: "worker-c" in {x.name for x in bus_b.status().actors}, 40, what="worker-c at the new address")
-        for job_id in on_c:
-            job = bus_b.wait(job_id, timeout=60)
-            assert (job.status, job.worker, job.runs, job.attempts) == ("completed", "worker-c", 1, 1), job
-            assert job.result == {"slept": RUN_S}
+        each_ran_once_on_c(bus_b, on_c, RUN_S)
     assert "adopted" in up_b.output() and worker.alive()
 
 
@@ -251,26 +261,12 @@ def test_a_run_that_ends_while_no_server_leads_counts_once_its_result_reaches_th
     results again to the server that comes back elsewhere on the same store, naming its
     session, which claims each run: every job completes on the first run, none runs twice."""
     short_s = 1.0
-    a, c = hosts.a, hosts.c
-    up_a = hosts.up(a, hosts.addr_a)
-    worker = c.start("worker", "--connect", hosts.both, "--name", "worker-c", "--capacity", "4")
-    wait_for(lambda: "worker-c" in hosts.actors(a), 40, what="C's worker joined A")
-    with a.connect() as bus_a:
-        handles = [bus_a.submit("builtin.sleep", short_s, max_attempts=1) for _ in range(10)]
-        wait_for(lambda: sum(bus_a.job(h.id).worker == "worker-c" for h in handles) >= 2, 20, what="runs on worker-c")
-        on_c = {h.id for h in handles if bus_a.job(h.id).worker == "worker-c"}
-    pids = actor_pids(a)
-    up_a.stop(signal.SIGKILL)  # the whole host goes: its supervisor, then every actor
-    for pid in pids.values():
-        os.kill(pid, signal.SIGKILL)
+    worker, on_c = runs_on_c_then_a_dies(hosts, short_s)
     # No server anywhere until every run on C has ended (each started before the kill).
     ends = time.time() + short_s + 0.5
     wait_for(lambda: time.time() > ends, 10, what="the runs on worker-c to end with no server up")
-    up_b = hosts.up(a, hosts.addr_b)
-    with a.connect() as bus_b:
-        for job_id in on_c:
-            job = bus_b.wait(job_id, timeout=60)
-            assert (job.status, job.worker, job.runs, job.attempts) == ("completed", "worker-c", 1, 1), job
-            assert job.result == {"slept": short_s}
+    up_b = hosts.up(hosts.a, hosts.addr_b)
+    with hosts.a.connect() as bus_b:
+        each_ran_once_on_c(bus_b, on_c, short_s)
     up_b.wait_output("adopted", timeout=10)  # (the server's log reaches up's output a moment later)
     assert worker.alive()
