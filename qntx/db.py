@@ -17,6 +17,8 @@ line that says to run ``qntx db upgrade``.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -96,6 +98,44 @@ def open_store_connection(url: str, component: str, *, application: str, readonl
         conn.close()
         raise
     return conn
+
+
+class StoreConnection:
+    """One connection of a store (``component``'s), opened by ``open_store_connection``
+    and opened again once broken, used by one statement or transaction at a time. A
+    database error is ``Unavailable`` naming ``what``; a write the lease's fence
+    refused is ``qntx.leader.fenced`` (an actor of a leader stops there)."""
+
+    def __init__(
+        self, url: str, component: str, *, application: str, readonly: bool, what: str,
+        epoch: int | None = None, setup: tuple[str, ...] = (),
+    ):  # fmt: skip
+        self.url, self.component, self.application = url, component, application
+        self.readonly, self.what, self.epoch, self.setup = readonly, what, epoch, setup
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[Any], Any]) -> Any:
+        """``work(connection)`` under the lock (the connection made or made again first)."""
+        with self._lock:
+            conn = self._conn
+            if conn is None or conn.closed or conn.broken:
+                conn = self._conn = open_store_connection(
+                    self.url, self.component, application=self.application, readonly=self.readonly, setup=self.setup
+                )
+            try:
+                return work(conn)
+            except psycopg().Error as exc:
+                from qntx import leader
+
+                if leader.is_fenced(exc):
+                    raise leader.fenced(self.epoch, self.what, exc) from None
+                raise unavailable(exc, self.what) from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
 
 
 def unavailable(exc: BaseException, what: str) -> Unavailable:

@@ -19,11 +19,9 @@ commit was sent when the connection broke may have been stored: its writers hear
 
 from __future__ import annotations
 
-import threading
-
 import msgspec
 
-from qntx import db, leader
+from qntx import db
 from qntx.ats import sql
 from qntx.ats.backend import StoreCommon
 from qntx.ats.batch import Prepared, claim_and_number, prepare_batches
@@ -53,42 +51,21 @@ class PgAttestationStore(StoreCommon):
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Attestation)
         self._pg = db.psycopg()
-        self._lock = threading.Lock()  # one statement or transaction at a time
-        self._conn = None
-        self._seq = 0
+        # One statement or transaction at a time. Each query is planned for its values:
+        # a plan made once for any value (what a prepared statement gets after a few
+        # runs) may walk the whole time index for a value the GIN index answers at once.
+        self._conn = db.StoreConnection(
+            url, "ats", application="qntx ats", readonly=readonly, epoch=epoch,
+            what=f"attestation store {self.location}", setup=("SET plan_cache_mode = force_custom_plan",),
+        )  # fmt: skip
+        self._run = self._conn.run
         self.last_query_scanned = 0
-        self._connection()
         self._seq = self._run(lambda conn: conn.execute("SELECT seq FROM ats_meta").fetchone()[0])
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _connection(self):
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            # Plan each query for its values: a plan made once for any value (what a
-            # prepared statement gets after a few runs) may walk the whole time index
-            # for a value the GIN index answers at once.
-            conn = db.open_store_connection(
-                self.url, "ats", application="qntx ats", readonly=self.readonly,
-                setup=("SET plan_cache_mode = force_custom_plan",),
-            )  # fmt: skip
-            self._conn = conn
-        return self._conn
-
-    def _run(self, work):
-        """``work(connection)`` under the lock; a database error is ``Unavailable``."""
-        with self._lock:
-            conn = self._connection()
-            try:
-                return work(conn)
-            except self._pg.Error as exc:
-                if leader.is_fenced(exc):
-                    raise leader.fenced(self.epoch, f"attestation store {self.location}", exc) from None
-                raise db.unavailable(exc, f"attestation store {self.location}") from None
-
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
+        self._conn.close()
 
     def clear_stale_readers(self) -> int:
         return 0  # LMDB's reader slots; the database server tracks its own sessions

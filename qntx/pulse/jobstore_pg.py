@@ -26,12 +26,11 @@ write of a process that no longer leads the bus stores nothing.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Container, Iterable, Mapping
 
 import msgspec
 
-from qntx import db, leader
+from qntx import db
 from qntx.errors import Unavailable
 from qntx.protocol import JOB_STATUSES, NIL, Job
 from qntx.pulse.commands import Changes
@@ -115,49 +114,30 @@ class PgJobStore:
         self.location = db.redact(url)
         self.readonly = readonly
         self.epoch = epoch
-        self._pg = db.psycopg()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(StoredJob)
-        # (connection, its lock): writes and reads each on their own.
-        self._conns: dict[str, list] = {"write": [None, threading.Lock()], "read": [None, threading.Lock()]}
+        # Writes and reads each on a connection of their own.
+        self._writer, self._reader = (
+            db.StoreConnection(
+                url, "pulse", application=f"qntx pulse {role}", readonly=readonly, epoch=epoch,
+                what=f"job store {self.location}",
+            )
+            for role in ("write", "read")
+        )  # fmt: skip
+        self._read = self._reader.run
         self._read(lambda conn: None)  # connect now: a missing schema fails the start
 
     # ------------------------------------------------------------------ lifecycle
-
-    def _connection(self, role: str):
-        slot = self._conns[role]
-        conn = slot[0]
-        if conn is None or conn.closed or conn.broken:
-            conn = db.open_store_connection(self.url, "pulse", application=f"qntx pulse {role}", readonly=self.readonly)
-            slot[0] = conn
-        return conn
-
-    def _run(self, role: str, work):
-        """``work(connection)`` under that connection's lock; a database error is
-        ``Unavailable`` (the next call connects again if the connection broke)."""
-        with self._conns[role][1]:
-            conn = self._connection(role)
-            try:
-                return work(conn)
-            except self._pg.Error as exc:
-                if leader.is_fenced(exc):
-                    raise leader.fenced(self.epoch, f"job store {self.location}", exc) from None
-                raise db.unavailable(exc, f"job store {self.location}") from None
-
-    def _read(self, work):
-        return self._run("read", work)
 
     def _write_one(self, statement: str, params) -> None:
         """One statement: its own transaction, in one round trip."""
         if self.readonly:
             raise Unavailable(f"job store {self.location} is open read-only")
-        self._run("write", lambda conn: conn.execute(statement, params))
+        self._writer.run(lambda conn: conn.execute(statement, params))
 
     def close(self) -> None:
-        for slot in self._conns.values():
-            with slot[1]:
-                if slot[0] is not None:
-                    slot[0].close()
+        self._writer.close()
+        self._reader.close()
 
     def clear_stale_readers(self) -> int:
         return 0  # LMDB's reader slots; the database server tracks its own sessions
@@ -411,4 +391,4 @@ class PgJobStore:
                     budget -= len(victims)
             return deleted
 
-        return self._run("write", choose)
+        return self._writer.run(choose)
