@@ -9,26 +9,29 @@ terminal reaches only the parent and the whole group can be killed at once.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import signal
 
 PR_SET_PDEATHSIG = 1
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
+def _prctl_function():
     try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
         return None
+
+
+# Loaded and looked up once, at import, in the parent: ``die_with_parent`` runs between
+# fork and exec, where a dlopen or a symbol lookup can hang on a lock that another
+# thread of the parent held at the fork (the parent's threads do not exist there).
+_PRCTL = _prctl_function()
 
 
 def prctl(option: int, value: int) -> None:
     """Linux's prctl(2); elsewhere nothing (children are still stopped on a clean shutdown)."""
-    libc = _libc()
-    if libc is not None:
-        libc.prctl(option, value)
+    if _PRCTL is not None:
+        _PRCTL(option, value)
 
 
 def die_with_parent() -> None:
