@@ -29,6 +29,7 @@ _NOT_ALNUM = re.compile(r"[^A-Z0-9]")  # text is ASCII and uppercased by then
 _RUNS = re.compile(r"(.)\1+")
 _NOT_ALPHABET = re.compile(rf"[^{ALPHABET}]")
 _PREFIX = re.compile(r"[A-Z]{2}")
+_PREFIXES_SEEN = frozenset(("AS", "JB"))  # checked already: the two the project makes
 _SEG = rf"(?:[A-Z][{ALPHABET}]{{0,{SEGMENT_LENGTH - 1}}})?"
 _ASID = re.compile(
     rf"[A-Z]{{2}}-{_SEG}-{_SEG}-{_SEG}-(?:[{ALPHABET}]{{{SUFFIX_LENGTH}}}|[{ALPHABET}]{{{JOB_SUFFIX_LENGTH}}})"
@@ -82,7 +83,7 @@ def _suffix(length: int = SUFFIX_LENGTH) -> str:
 
 def new_asid(subject: str, predicate: str = "_", context: str = "_", *, prefix: str = "AS") -> str:
     """A fresh ASID: ``AS`` for attestations, ``JB`` for jobs (with a longer suffix)."""
-    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+    if not isinstance(prefix, str) or (prefix not in _PREFIXES_SEEN and not _PREFIX.fullmatch(prefix)):
         raise ValueError(f"ASID prefix must be two uppercase letters, got {prefix!r}")
     suffix = _suffix(JOB_SUFFIX_LENGTH if prefix == "JB" else SUFFIX_LENGTH)
     parts = (prefix, segment(subject), segment(predicate), segment(context), suffix)

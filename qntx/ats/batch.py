@@ -6,7 +6,6 @@ attestation store, so both store exactly the same records and bytes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import msgspec
 
@@ -17,7 +16,7 @@ from qntx.protocol import Attestation, NewAttestation
 from qntx.values import now_ms as wall_clock_ms
 
 
-class Prepared(NamedTuple):
+class Prepared(msgspec.Struct, frozen=True, gc=False):
     """A validated attestation with its id chosen and its one encoding made."""
 
     record: Attestation
@@ -28,9 +27,10 @@ class Prepared(NamedTuple):
         """The record, and its encoding, with its commit sequence number: what decides
         which record is current (``qntx.ats.current``). ``seq`` is the last field of
         the encoding (0 until now), so only its last byte changes."""
-        blob = self.blob[:-1] + encode(seq) if self.blob.endswith(SEQ_UNSET) else None
         record = msgspec.structs.replace(self.record, seq=seq)
-        return self._replace(record=record, blob=blob or encode(record))
+        blob = self.blob
+        blob = blob[:-1] + encode(seq) if blob.endswith(SEQ_UNSET) else encode(record)
+        return Prepared(record, blob, self.explicit)
 
 
 SEQ_UNSET = b"\xa3seq\x00"  # how an Attestation's encoding ends while its seq is 0

@@ -43,28 +43,29 @@ def count_key(field: str, vkey: bytes) -> bytes:
     return field.encode() + b":" + vkey
 
 
-class IndexWriter:
-    """Puts records and their index entries into one write transaction.
+class IndexRows:
+    """The records and index entries of a set of attestations, gathered to be put into
+    one write transaction (``write``).
 
-    Gathers every entry first and writes each sub-database's entries sorted, in one
-    ``putmulti`` call: neighbouring keys share pages, and the loop runs in C. Count
-    increments are summed per value and written once at the end. Value keys are
-    made once per distinct value.
+    Gathering is Python work and writing is mostly LMDB's, so the two can happen in
+    different places: the ATS gathers a group's entries as it journals the group, on
+    its loop, and its writer thread only sorts and puts them. Each entry's key is made
+    once, from its value's key prefix (made once per distinct value) and the record's
+    ts + seq tail; each sub-database's entries are written sorted, in one ``putmulti``
+    call, so neighbouring keys share pages and the loop runs in C; count increments
+    are counted per prefix (in C) and written once.
     """
 
-    def __init__(self, store: AttestationStore, txn):
-        self._txn = txn
-        self._store = store
-        self.start_seq = U64.unpack(txn.get(b"seq", U64.pack(0), db=store._meta))[0]
-        self._seq = self.start_seq
-        self.ids: set[str] = set()  # of the records added
+    def __init__(self):
         self.added = 0
+        self.top_seq = 0  # the highest sequence number added
         self._records: list[tuple[bytes, bytes]] = []
         self._time: list[tuple[bytes, bytes]] = []
-        # field -> (value key, ts + seq, id) of each index entry to write
-        self._rows: dict[str, list[tuple[bytes, bytes, bytes]]] = {f: [] for f in (*INDEXED_FIELDS, PAIR)}
-        self.value_keys: dict[str, bytes] = {}
-        self.pair_keys: dict[tuple[bytes, bytes], bytes] = {}
+        # field -> its entries (key, id), and the prefix (value key + NUL) of each
+        self._rows: dict[str, list[tuple[bytes, bytes]]] = {f: [] for f in (*INDEXED_FIELDS, PAIR)}
+        self._prefixes: dict[str, list[bytes]] = {f: [] for f in (*INDEXED_FIELDS, PAIR)}
+        self._value_prefix: dict[str, bytes] = {}  # value -> value key + NUL
+        self._pair_prefix: dict[tuple[bytes, bytes], bytes] = {}  # (prefix, prefix) -> pair key + NUL
 
     def add(self, record: Attestation, blob: bytes, seq: int) -> None:
         """One record (encoded as ``blob``) under sequence number ``seq``."""
@@ -72,18 +73,18 @@ class IndexWriter:
 
     def add_many(self, items) -> None:
         """Records as (record, blob, seq): the hot loop of every index write, so it
-        keeps its lookups local and makes each distinct value key once."""
-        pack, keys_of, cache = TS_SEQ.pack, self._keys_of, self.value_keys
-        add_id, add_record, add_time = self.ids.add, self._records.append, self._time.append
-        rows = self._rows
-        subjects_rows, predicates_rows = rows["subjects"].append, rows["predicates"].append
-        contexts_rows, actors_rows = rows["contexts"].append, rows["actors"].append
-        source_rows, pair_rows = rows["source"].append, rows[PAIR].append
-        pairs = self.pair_keys
-        added, top = 0, self._seq
+        keeps its lookups local and makes each distinct value's prefix once."""
+        pack, prefixes_of, cache = TS_SEQ.pack, self._prefixes_of, self._value_prefix
+        add_record, add_time = self._records.append, self._time.append
+        rows, prefixes = self._rows, self._prefixes
+        s_rows, p_rows, x_rows = rows["subjects"].append, rows["predicates"].append, rows[PAIR].append
+        c_rows, a_rows, o_rows = rows["contexts"].append, rows["actors"].append, rows["source"].append
+        s_pre, p_pre, x_pre = prefixes["subjects"].append, prefixes["predicates"].append, prefixes[PAIR].append
+        c_pre, a_pre, o_pre = prefixes["contexts"].append, prefixes["actors"].append, prefixes["source"].append
+        pairs = self._pair_prefix
+        added, top = 0, self.top_seq
         for record, blob, seq in items:
             id = record.id.encode()
-            add_id(record.id)
             added += 1
             if seq > top:
                 top = seq
@@ -92,78 +93,98 @@ class IndexWriter:
             add_time((tail, id))
             subjects, predicates = record.subjects, record.predicates
             if len(subjects) == 1 and len(predicates) == 1:  # the usual shape, inline
-                s_key, p_key = cache.get(subjects[0]), cache.get(predicates[0])
-                if s_key is None:
-                    s_key = cache[subjects[0]] = value_key(subjects[0])
-                if p_key is None:
-                    p_key = cache[predicates[0]] = value_key(predicates[0])
-                subjects_rows((s_key, tail, id))
-                predicates_rows((p_key, tail, id))
-                pair = pairs.get((s_key, p_key))
-                if pair is None:
-                    pair = pairs[(s_key, p_key)] = pair_key(s_key, p_key)
-                pair_rows((pair, tail, id))
+                s, p = cache.get(subjects[0]), cache.get(predicates[0])
+                if s is None:
+                    s = cache[subjects[0]] = value_key(subjects[0]) + b"\x00"
+                if p is None:
+                    p = cache[predicates[0]] = value_key(predicates[0]) + b"\x00"
+                s_rows((s + tail, id))
+                s_pre(s)
+                p_rows((p + tail, id))
+                p_pre(p)
+                x = pairs.get((s, p))
+                if x is None:
+                    x = pairs[(s, p)] = pair_key(s[:-1], p[:-1]) + b"\x00"
+                x_rows((x + tail, id))
+                x_pre(x)
             else:
-                s_keys, p_keys = keys_of(subjects), keys_of(predicates)
-                for key in s_keys:
-                    subjects_rows((key, tail, id))
-                for key in p_keys:
-                    predicates_rows((key, tail, id))
-                self._add_pairs(s_keys, p_keys, tail, id)
-            for key in keys_of(record.contexts):
-                contexts_rows((key, tail, id))
-            for key in keys_of(record.actors):
-                actors_rows((key, tail, id))
-            key = cache.get(record.source)
-            if key is None:
-                key = cache[record.source] = value_key(record.source)
-            source_rows((key, tail, id))
+                s_all, p_all = prefixes_of(subjects), prefixes_of(predicates)
+                for s in s_all:
+                    s_rows((s + tail, id))
+                    s_pre(s)
+                for p in p_all:
+                    p_rows((p + tail, id))
+                    p_pre(p)
+                self._add_pairs(s_all, p_all, tail, id)
+            contexts = record.contexts
+            if len(contexts) == 1:
+                c = cache.get(contexts[0])
+                if c is None:
+                    c = cache[contexts[0]] = value_key(contexts[0]) + b"\x00"
+                c_rows((c + tail, id))
+                c_pre(c)
+            else:
+                for c in prefixes_of(contexts):
+                    c_rows((c + tail, id))
+                    c_pre(c)
+            for a in prefixes_of(record.actors):
+                a_rows((a + tail, id))
+                a_pre(a)
+            o = cache.get(record.source)
+            if o is None:
+                o = cache[record.source] = value_key(record.source) + b"\x00"
+            o_rows((o + tail, id))
+            o_pre(o)
         self.added += added
-        self._seq = top
+        self.top_seq = top
 
     def index_pairs(self, record: Attestation, tail: bytes, id: bytes) -> None:
         """A stored record's pair entries (building the pair index of an older store)."""
-        self._add_pairs(self._keys_of(record.subjects), self._keys_of(record.predicates), tail, id)
+        self._add_pairs(self._prefixes_of(record.subjects), self._prefixes_of(record.predicates), tail, id)
 
     def _add_pairs(self, subjects, predicates, tail: bytes, id: bytes) -> None:
-        append, pairs = self._rows[PAIR].append, self.pair_keys
+        """The pair entries of one record, from its subjects' and predicates' prefixes."""
+        append, prefixes, pairs = self._rows[PAIR].append, self._prefixes[PAIR].append, self._pair_prefix
         if len(subjects) == 1 and len(predicates) == 1:
             both = (subjects[0], predicates[0])
-            key = pairs.get(both)
-            if key is None:
-                key = pairs[both] = pair_key(*both)
-            append((key, tail, id))
+            x = pairs.get(both)
+            if x is None:
+                x = pairs[both] = pair_key(subjects[0][:-1], predicates[0][:-1]) + b"\x00"
+            append((x + tail, id))
+            prefixes(x)
             return
-        for key in {pair_key(s, p) for s in subjects for p in predicates}:  # cut keys may meet
-            append((key, tail, id))
+        for x in {pair_key(s[:-1], p[:-1]) + b"\x00" for s in subjects for p in predicates}:  # cut keys may meet
+            append((x + tail, id))
+            prefixes(x)
 
-    def _keys_of(self, values) -> tuple[bytes, ...]:
-        """The distinct value keys of one field: "Alice" and "alice" in one record
-        are one entry and one count."""
-        cache = self.value_keys
+    def _prefixes_of(self, values) -> tuple[bytes, ...]:
+        """The distinct prefixes (value key + NUL) of one field: "Alice" and "alice"
+        in one record are one entry and one count."""
+        cache = self._value_prefix
         if len(values) == 1:
-            vkey = cache.get(values[0])
-            if vkey is None:
-                vkey = cache[values[0]] = value_key(values[0])
-            return (vkey,)
+            prefix = cache.get(values[0])
+            if prefix is None:
+                prefix = cache[values[0]] = value_key(values[0]) + b"\x00"
+            return (prefix,)
         out = set()
         for value in values:
-            vkey = cache.get(value)
-            if vkey is None:
-                vkey = cache[value] = value_key(value)
-            out.add(vkey)
+            prefix = cache.get(value)
+            if prefix is None:
+                prefix = cache[value] = value_key(value) + b"\x00"
+            out.add(prefix)
         return tuple(out)
 
-    def finish(self) -> None:
-        """Write the gathered entries, add to the counts and store the sequence number."""
-        txn, store = self._txn, self._store
+    def write(self, store: AttestationStore, txn) -> None:
+        """Put the gathered records and entries, add to the counts and move the stored
+        sequence number on. May run again in a new transaction (a map grown): it
+        changes nothing here but the order of the gathered lists."""
         writes = [(store._records, self._records), (store._time, self._time)]
         added: dict[bytes, int] = {}  # count key -> entries added in this transaction
         for field, rows in self._rows.items():
-            writes.append((store._index[field], [(vkey + b"\x00" + tail, id) for vkey, tail, id in rows]))
-            prefix = field.encode() + b":"
-            for vkey, n in collections.Counter(vkey for vkey, _, _ in rows).items():
-                added[prefix + vkey] = n
+            writes.append((store._index[field], rows))
+            head = field.encode() + b":"
+            for prefix, n in collections.Counter(self._prefixes[field]).items():
+                added[head + prefix[:-1]] = n
         for db, items in writes:
             if items:
                 items.sort()
@@ -172,5 +193,10 @@ class IndexWriter:
         for key, n in sorted(added.items()):
             old = get(key, db=counts)
             put(key, U64.pack(n + (U64.unpack(old)[0] if old else 0)), db=counts)
-        if self._seq != self.start_seq:
-            put(b"seq", U64.pack(self._seq), db=store._meta)
+        if self.top_seq > stored_seq(store, txn):
+            put(b"seq", U64.pack(self.top_seq), db=store._meta)
+
+
+def stored_seq(store: AttestationStore, txn) -> int:
+    """The last sequence number in the indexes, as ``txn`` sees them."""
+    return U64.unpack(txn.get(b"seq", U64.pack(0), db=store._meta))[0]

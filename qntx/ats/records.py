@@ -31,6 +31,10 @@ def check_text(what: str, value: object) -> str:
 
 
 def check_list(field: str, values: object, *, default: list[str] | None) -> list[str]:
+    if type(values) is list and len(values) == 1:  # the usual shape, checked first
+        value = values[0]
+        if type(value) is str and value and "\x00" not in value:
+            return [value]
     if values is None:
         values = []
     if not isinstance(values, list | tuple):

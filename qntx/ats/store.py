@@ -42,7 +42,7 @@ import msgspec
 from qntx.ats.backend import StoreCommon
 from qntx.ats.batch import Prepared, claim_and_number, prepare_batches
 from qntx.ats.filters import next_page  # noqa: F401  (callers page with it from here)
-from qntx.ats.indexing import INDEXED_FIELDS, PAIR, U64, IndexWriter  # noqa: F401
+from qntx.ats.indexing import INDEXED_FIELDS, PAIR, U64, IndexRows, stored_seq  # noqa: F401
 from qntx.ats.journal import Journal
 from qntx.ats.records import MAX_ID_BYTES, Stored
 from qntx.ats.store_query import MAX_JOINED_VALUES, MAX_SCAN, MAX_SEEKS, LmdbQueries  # noqa: F401
@@ -93,6 +93,10 @@ class AttestationStore(LmdbQueries, StoreCommon):
         self._journal: Journal | None = None
         self._logged: list[_Logged] = []  # journaled, not yet in the indexes; oldest first
         self._logged_records: dict[str, Attestation] = {}  # the same records by id
+        # Their index entries, gathered as they are journaled (on the ATS loop): the
+        # writer thread only puts them. Swapped with _logged under _rows_lock.
+        self._rows = IndexRows()
+        self._rows_lock = threading.Lock()
         self._apply_lock = threading.Lock()
         self._next_seq = 0
         if not readonly:
@@ -126,16 +130,16 @@ class AttestationStore(LmdbQueries, StoreCommon):
         position = [b""]
 
         def batch(txn) -> bool:
-            writer = IndexWriter(self, txn)
+            rows = IndexRows()
             cursor = txn.cursor(self._time)
             found = cursor.set_range(position[0]) if position[0] else cursor.first()
             done = 0
             while found and done < _BACKFILL_BATCH:
                 tail, id = cursor.key(), cursor.value()
-                writer.index_pairs(self._decoder.decode(txn.get(id, db=self._records)), tail, id)
+                rows.index_pairs(self._decoder.decode(txn.get(id, db=self._records)), tail, id)
                 done += 1
                 found = cursor.next()
-            writer.finish()
+            rows.write(self, txn)
             if found:
                 position[0] = cursor.key()
                 return False
@@ -202,10 +206,10 @@ class AttestationStore(LmdbQueries, StoreCommon):
         prepared = self._prepare_batches(batches, now_ms)
 
         def claim(txn):
-            get, db, logged = txn.get, self._records, self._logged_records
+            seek, logged = txn.cursor(self._records).set_key, self._logged_records
 
             def taken(id: str) -> bool:
-                return id in logged or get(id.encode(), db=db) is not None
+                return id in logged or seek(id.encode())
 
             return claim_and_number(prepared, taken, self._next_seq - 1, self._encoder)
 
@@ -230,9 +234,11 @@ class AttestationStore(LmdbQueries, StoreCommon):
                     journal.grow(size)  # one group bigger than the journal
         first = self._next_seq
         journal.append(first, blobs)
-        # Before the entry: an applier drops both in this order.
-        self._logged_records.update({item.record.id: item.record for item in accepted})
-        self._logged.append(_Logged(first, accepted))
+        with self._rows_lock:
+            self._rows.add_many((item.record, item.blob, item.record.seq) for item in accepted)
+            # Before the entry: an applier drops both in this order.
+            self._logged_records.update({item.record.id: item.record for item in accepted})
+            self._logged.append(_Logged(first, accepted))
         self._next_seq = first + len(accepted)
         return results
 
@@ -257,19 +263,19 @@ class AttestationStore(LmdbQueries, StoreCommon):
         transaction; returns how many. Safe on another thread than ``log_batches``
         (one applier at a time; the journal is only rewound by ``log_batches``)."""
         with self._apply_lock:
-            entries = list(self._logged)
+            with self._rows_lock:
+                entries = list(self._logged)
+                rows, self._rows = self._rows, IndexRows()
             if not entries:
                 return 0
-
-            def work(txn) -> None:
-                writer = IndexWriter(self, txn)
-                for entry in entries:
-                    writer.add_many(
-                        (item.record, item.blob, seq) for seq, item in enumerate(entry.items, entry.first_seq)
-                    )
-                writer.finish()
-
-            self._env.write(work)
+            try:
+                self._env.write(lambda txn: rows.write(self, txn))
+            except BaseException:
+                with self._rows_lock:  # the entries stay journaled: gather theirs again
+                    self._rows = IndexRows()
+                    for entry in self._logged:
+                        self._rows.add_many((item.record, item.blob, item.record.seq) for item in entry.items)
+                raise
             del self._logged[: len(entries)]
             for entry in entries:
                 for item in entry.items:
@@ -305,14 +311,14 @@ class AttestationStore(LmdbQueries, StoreCommon):
         if entries:
 
             def work(txn) -> int:
-                applied = U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0]
-                writer = IndexWriter(self, txn)
+                applied = stored_seq(self, txn)
+                rows = IndexRows()
                 for first, blobs in entries:
                     for seq, blob in enumerate(blobs, first):
                         if seq > applied:
-                            writer.add(self._decoder.decode(blob), blob, seq)
-                writer.finish()
-                return writer.added
+                            rows.add(self._decoder.decode(blob), blob, seq)
+                rows.write(self, txn)
+                return rows.added
 
             replayed = self._env.write(work)
             if replayed:
@@ -321,12 +327,8 @@ class AttestationStore(LmdbQueries, StoreCommon):
                 logger.info("replayed {} journaled attestation(s) into the indexes", replayed)
         self._next_seq = self._applied_seq() + 1
 
-    def _snapshot_seq(self, txn) -> int:
-        """The last sequence number in the indexes as ``txn`` sees them."""
-        return U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0]
-
     def _applied_seq(self) -> int:
-        return self._env.read(lambda txn: U64.unpack(txn.get(b"seq", U64.pack(0), db=self._meta))[0])
+        return self._env.read(lambda txn: stored_seq(self, txn))
 
     def _prepare_batches(self, batches, now_ms: int | None) -> list[list[Prepared] | QntxError]:
         if self.readonly:
@@ -334,13 +336,13 @@ class AttestationStore(LmdbQueries, StoreCommon):
         return prepare_batches(batches, now_ms, self._encoder)
 
     def _write_batches(self, txn, prepared: list[list[Prepared] | QntxError]):
-        writer = IndexWriter(self, txn)
         get, db = txn.get, self._records
         results, accepted = claim_and_number(
-            prepared, lambda id: get(id.encode(), db=db) is not None, writer.start_seq, self._encoder
+            prepared, lambda id: get(id.encode(), db=db) is not None, stored_seq(self, txn), self._encoder
         )
-        writer.add_many((item.record, item.blob, item.record.seq) for item in accepted)
-        writer.finish()
+        rows = IndexRows()
+        rows.add_many((item.record, item.blob, item.record.seq) for item in accepted)
+        rows.write(self, txn)
         return [r if isinstance(r, QntxError) else [item.record for item in r] for r in results]
 
     # ------------------------------------------------------------------ reads
@@ -360,7 +362,7 @@ class AttestationStore(LmdbQueries, StoreCommon):
     def stats(self) -> dict:
         def work(txn):
             # Journaled records past this snapshot's last indexed one count too.
-            journaled = max(0, self.logged_seq - self._snapshot_seq(txn)) if self._journal is not None else 0
+            journaled = max(0, self.logged_seq - stored_seq(self, txn)) if self._journal is not None else 0
             return {
                 "attestations": txn.stat(self._records)["entries"] + journaled,
                 **self._env.stats,

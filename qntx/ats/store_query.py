@@ -21,7 +21,7 @@ from qntx.ats.filters import (
     normalise_filter,
     parse_cursor,
 )
-from qntx.ats.indexing import PAIR, TS_SEQ, U64, count_key, pair_key, value_key
+from qntx.ats.indexing import PAIR, TS_SEQ, U64, count_key, pair_key, stored_seq, value_key
 from qntx.ats.postings import Intersection, PostingList, tail_after, tail_before, walk_back
 from qntx.protocol import MAX_PAGE, Attestation, Filter
 
@@ -55,7 +55,7 @@ class LmdbQueries:
         budget = Budget(limit, max_scan, max_seeks)
         self._page_tails: list[bytes] = []  # beside each record found, its ts + seq
         def work(txn):
-            self._page_indexed = self._snapshot_seq(txn)  # what the overlay must not repeat
+            self._page_indexed = stored_seq(self, txn)  # what the overlay must not repeat
             return self._run_query(txn, want, lo, hi, start, budget)
 
         records, cursor = self._env.read(work)

@@ -155,3 +155,24 @@ def test_a_direct_write_first_indexes_what_a_dead_journal_holder_left(tmp_path):
         if holder.poll() is None:
             holder.kill()
             holder.wait(10)
+
+
+def test_an_index_write_that_failed_is_made_whole_by_the_next(tmp_path):
+    """The indexes fall behind the journal when their write fails (a full disk); the
+    next write, once there is room, indexes every journaled record, the failed
+    write's ones too."""
+    store = AttestationStore(tmp_path / "ats", map_size=256 << 10, max_map_size=1 << 20, sync=False, journal=True)
+    try:
+        pad = {"pad": "x" * 2_000}
+        first = store.log_batches([[NewAttestation(subjects=[f"a{i}"], predicates=["p"], attributes=pad) for i in range(400)]])
+        with pytest.raises(Unavailable, match="disk full"):
+            store.apply_logged()
+        second = store.log_batches([[NewAttestation(subjects=["b"], predicates=["p"])]])
+        store._env._max_map_size = 8 << 20  # room made (space freed on the disk)
+        assert store.apply_logged() == 401
+        logged = [r.id for r in first[0].records + second[0].records]
+        assert store.count() == 401
+        assert sorted(r.id for r in store.query(Filter(predicates=["p"], limit=1000))) == sorted(logged)
+        assert store.stats()["attestations"] == 401
+    finally:
+        store.close()
