@@ -154,6 +154,11 @@ def test_pipelined_submissions_keep_their_order_while_their_lookups_are_batched(
         keyed = client.send(Submit(handler="builtin.echo", payload=raw("again"), idempotency_key="order-kept"))
         for kind, n, correlation in asked:
             reply = client.take(correlation, 30)
+            if kind == "follow" and isinstance(reply, ErrorReply) and reply.code == "conflict":
+                # A cancel that came after the echo ended (the server read it in a later
+                # pass): it found the job all the same, which is what is checked here.
+                assert reply.message == f"job JB-PIPE-{n} is already completed", reply
+                continue
             assert isinstance(reply, JobReply), (kind, n, reply)
             assert reply.job.id == f"JB-PIPE-{n}"
         assert client.take(same, 30).job.id == "JB-KEPT"
