@@ -9,6 +9,7 @@ terminal reaches only the parent and the whole group can be killed at once.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 
@@ -58,3 +59,13 @@ def give_big_blocks_back() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
     except (OSError, AttributeError):
         pass  # not glibc: its allocator has its own policy
+
+
+def freeze_what_lives_on() -> None:
+    """Keep what a process made before its loop (modules, classes, its store and
+    sockets) out of the cycle collector's walks. They live as long as the process,
+    yet each full collection visits every one of them; a burst of records held
+    briefly (an ATS group waiting for its index write) starts full collections
+    often, and they cost the ATS about a tenth of its CPU per attestation."""
+    gc.collect()
+    gc.freeze()

@@ -60,7 +60,7 @@ from qntx.bus.service import (
     unpack_request,
 )
 from qntx.bus.sockets import DRAIN_LIMIT, REPLY_QUEUE_LIMIT, bound_socket, receive
-from qntx.lifeline import give_big_blocks_back
+from qntx.lifeline import freeze_what_lives_on, give_big_blocks_back
 
 __all__ = [
     "DRAIN_LIMIT",
@@ -284,6 +284,7 @@ class Actor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
         self.setup()
+        freeze_what_lives_on()
         try:
             self.loop()
         finally:
