@@ -18,6 +18,8 @@ from qntx.errors import Conflict
 from qntx.protocol import GetJob, Submit, WaitJob
 from tests.integration.conftest import wait_for
 from tests.integration.test_faults import actor_pids
+from tests.integration.test_pg_jobs import on_database
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,7 +44,15 @@ def stored_payload(bus, job_id: str) -> bytes:
     return bytes(bus.server.request(GetJob(id=job_id), timeout_s=30).job.payload)
 
 
-def test_a_big_payload_and_result_survive_a_retry_and_a_server_kill_9_byte_for_byte(bus, tmp_path):
+@pytest.fixture(params=["lmdb", "postgresql"])
+def store(request, bus):
+    """The bus's job store: LMDB in its home, or a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        on_database(bus, request.getfixturevalue("pg_url"))
+    return request.param
+
+
+def test_a_big_payload_and_result_survive_a_retry_and_a_server_kill_9_byte_for_byte(bus, store, tmp_path):
     assert bus.run("handler", "create", "big", "--code", BIG).returncode == 0
     up = bus.start_up()
     up.wait_output("handler=python.big")
