@@ -83,7 +83,6 @@ def test_a_big_payload_and_result_survive_a_retry_and_a_server_kill_9_byte_for_b
         assert job.result == {"attempt": 2, "blob": blob[::-1]} and job.attempts == 2
         assert stored_payload(b, job_id) == payload  # and from the store once it left memory
     assert sorted(p.name for p in runs.iterdir()) == ["1", "2"]  # the crash cost no run
-    assert "adopted" in up.output()
 
 
 def rss_anon_kb(pid: int) -> int:
