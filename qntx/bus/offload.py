@@ -43,6 +43,9 @@ class Offloader:
             except BaseException as exc:  # handed to the callback, which decides
                 result = exc
             self._done.append((callback, result))
+            # Not kept while waiting for the next job: what a job refers to may be big
+            # (a commit's rows hold the payloads and results they write).
+            job = work = callback = result = None
             os.write(self._write_fd, b"!")
 
     def drain(self) -> None:

@@ -36,6 +36,7 @@ from qntx.errors import Invalid
 from qntx.lmdbenv import LmdbEnv
 from qntx.protocol import JOB_STATUSES, NIL, Job
 from qntx.pulse.commands import Changes
+from qntx.pulse.ledger import STORED
 from qntx.settings import Settings
 
 _U64 = struct.Struct(">Q")
@@ -91,7 +92,12 @@ def _is_job_id(job_id: object) -> bool:
 
 
 def _inline(job: Job) -> bool:
-    return len(job.payload) <= INLINE_PAYLOAD_BYTES
+    return job.payload is not STORED and len(job.payload) <= INLINE_PAYLOAD_BYTES
+
+
+def _payload_apart(job: Job) -> bool:
+    """Whether a new job's payload is written apart (big, and held: not let go to the store)."""
+    return job.payload is not STORED and len(job.payload) > INLINE_PAYLOAD_BYTES
 
 
 def check_job_id(job_id: object) -> None:
@@ -294,7 +300,7 @@ class JobStore:
                     txn.put(job_id, job.result, db=db["results"])
                 if old is None:
                     txn.put(stamp, job_id, db=db["created"])
-                    if not _inline(job):  # (a buffer: LMDB copies it once, into the map)
+                    if _payload_apart(job):  # (a buffer: LMDB copies it once, into the map)
                         txn.put(job_id, job.payload, db=db["payloads"])
                     if job.idempotency_key is not None:
                         txn.put(job.idempotency_key.encode(), job_id, db=db["keys"])

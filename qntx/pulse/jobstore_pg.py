@@ -38,8 +38,8 @@ from qntx.pulse.jobstore import (
     PRUNE_BATCH,
     Loaded,
     StoredJob,
-    _inline,
     _is_job_id,
+    _payload_apart,
     check_job_id,
     encode_record,
 )
@@ -304,7 +304,7 @@ class PgJobStore:
             statuses.append(job.status)
             finished.append(job.finished_at or job.created_at)
             records.append(record)
-            payloads.append(bytes(job.payload) if old is None and not _inline(job) else None)
+            payloads.append(bytes(job.payload) if old is None and _payload_apart(job) else None)
             results.append(bytes(job.result) if apart else None)
             if old is None:
                 if job.idempotency_key is not None:

@@ -16,9 +16,17 @@ from __future__ import annotations
 
 import msgspec
 
-from qntx.protocol import FINAL_STATUSES, JOB_STATUSES, NIL, Job
+from qntx.protocol import FINAL_STATUSES, JOB_STATUSES, NIL, RUNNING_STATUSES, Job
 
 WAITING_STATUSES = ("queued", "paused", "waiting")  # not running yet, not ended
+# A payload bigger than this is let go from memory once it is on disk and its job is
+# out on a lease: the store has it for a retry, a re-dispatch or GetJob (the server
+# then holds one copy of a big payload at a time, not one more for as long as it runs).
+BIG_PAYLOAD_BYTES = 1 << 20
+# What a job in memory holds in place of a payload it let go (the shell reads it back
+# from the store). 0xc1 is the one byte MessagePack never uses: should it ever reach a
+# reader, it is refused, never taken for a value.
+STORED = msgspec.Raw(b"\xc1")
 
 
 def public(job: Job) -> Job:
@@ -157,6 +165,8 @@ class Ledger:
             if job is None:
                 continue
             self._on_disk[job_id] = status  # what the index on disk now says
+            if job.status in RUNNING_STATUSES and job.payload is not STORED and len(job.payload) > BIG_PAYLOAD_BYTES:
+                job.payload = STORED  # on disk since its first commit; the dispatch holds its own reference
             if self._version.get(job_id) != version:
                 continue  # changed again since: the next commit writes it
             self._unsaved.discard(job_id)

@@ -16,7 +16,7 @@ from qntx.obs.tally import bump
 from qntx.protocol import FINAL_STATUSES, NIL, RUNNING_STATUSES, Job, JobError, JobReply, Submit
 from qntx.pulse.commands import Reply
 from qntx.pulse.events import Instant, Steer, Submitted
-from qntx.pulse.ledger import public
+from qntx.pulse.ledger import STORED, public
 from qntx.pulse.rules import check_submit
 
 if TYPE_CHECKING:
@@ -33,8 +33,11 @@ class Requests(_Core):
         if existing_id is not None or event.existing is not None:
             # A resubmission: the same job, durable once its first submission is.
             job = self.jobs[existing_id] if existing_id is not None else event.existing
+            payload = job.payload
+            if payload is STORED and event.existing is not None:  # let go: the shell read it back
+                payload = event.existing.payload
             if job.id == spec.id and spec.idempotency_key is None and (
-                job.handler != spec.handler or job.payload != spec.payload
+                job.handler != spec.handler or payload != spec.payload
             ):
                 raise Conflict(f"job id {spec.id} is taken by another job (a different handler or payload)")
             durable = self.ledger.is_unsaved(job.id)

@@ -49,7 +49,7 @@ from qntx.pulse.events import (
     WorkerSeen,
 )
 from qntx.pulse.history import claim_run, end_run, forget_run, late_logs, start_run
-from qntx.pulse.ledger import public
+from qntx.pulse.ledger import BIG_PAYLOAD_BYTES, public
 from qntx.pulse.registry import BUILTIN_HANDLERS
 from qntx.pulse.rules import MAX_LOST_RUNS, backoff_ms, bound_logs, lease_ms
 from qntx.pulse.sessions import Lease, Session
@@ -373,7 +373,9 @@ class Runs(_Core):
         start_run(job, lease.id, session.name, session.host, plugin_name, now.wall)
         self._set_status(job, "running" if started else "dispatched")
         # A built-in (no side effects) goes before the commit and runs while the
-        # disk syncs; any other handler only once its run is on disk.
-        durable = job.handler not in BUILTIN_HANDLERS
+        # disk syncs; any other handler only once its run is on disk. So does a big
+        # payload: its encoding for the worker is made once the commit's own copy of
+        # it (the store's pages being written) is gone, never beside it.
+        durable = job.handler not in BUILTIN_HANDLERS or len(job.payload) > BIG_PAYLOAD_BYTES
         sent = msgspec.structs.replace(job, history=[])  # the worker needs none of the earlier runs
         self._out.append(SendJob(session.id, Dispatch(lease=lease.id, job=sent), durable))

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import zmq
 from loguru import logger
 
@@ -55,6 +56,7 @@ from qntx.protocol import (
     JobOutput,
     JobProgress,
     JobProgressed,
+    JobReply,
     JobStarted,
     JobUpdate,
     ListJobs,
@@ -90,6 +92,7 @@ from qntx.pulse.events import (
     Undeliverable,
 )
 from qntx.pulse.jobstore import PulseStore, open_job_store
+from qntx.pulse.ledger import STORED
 from qntx.pulse.pipes import SessionPipes, jobs_endpoint_for
 from qntx.pulse.rules import MAX_AFTER
 from qntx.pulse.watch import JobWatch, notice
@@ -177,7 +180,9 @@ class Pulse(Commits, SessionPipes):
         self.commit_seconds, self.commit_rows = Buckets(COMMIT_BOUNDS), Buckets(BATCH_BOUNDS)
         self.spans = RunSpans()  # traced jobs only (qntx.obs.trace)
         self.refused_reports = 0  # results, progress and output from a sender that holds no such run
-        self.watch = JobWatch(self.get, public, self.core.running_or_due)
+        self.watch = JobWatch(
+            lambda job_id: self.get(job_id, payload=False), public, self.core.running_or_due, self._told_later
+        )
         actor.every(WAIT_CHECK_S, lambda: self.watch.expire(time.monotonic()))
         self._refused: dict[bytes, None] = {}  # sessions refused lately, oldest first
         self.refusals = 0  # hellos refused since start
@@ -229,6 +234,9 @@ class Pulse(Commits, SessionPipes):
         elif kind is Publish:
             self._announce(command.topic, command.message)
         elif kind is Reply:
+            message = command.message
+            if type(message) is JobReply and message.job.payload is STORED:  # (a steer's reply)
+                command = Reply(command.reply_to, JobReply(job=self._with_payload(message.job)), command.durable)
             if command.durable:
                 self._durable.append(command)
             else:
@@ -280,6 +288,10 @@ class Pulse(Commits, SessionPipes):
         else:
             self._publish(topic, message)
 
+    def _told_later(self, job_id: str) -> bool:
+        """Whether ``job_id`` ended with a big result that is told once its commit is done."""
+        return any(job.id == job_id for _, job in self._big_ended)
+
     def wait(self, message: WaitJob, request: Request) -> JobUpdate | None:
         return self.watch.wait(message, request, time.monotonic())
 
@@ -295,9 +307,24 @@ class Pulse(Commits, SessionPipes):
         try:
             if pipe is None:
                 raise zmq.Again()
-            pipe[0].send(encode(command.message), zmq.NOBLOCK, copy=False)
+            message = command.message
+            if message.job.payload is STORED:  # a big payload the core let go: the store has it
+                message = msgspec.structs.replace(message, job=self._with_payload(message.job))
+            pipe[0].send(encode(message), zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             self.apply(Undeliverable(command.message.lease))
+        except QntxError as exc:  # its payload could not be read back: the run's lease expires, and it retries
+            logger.error("job {}: its payload could not be read back for lease {}: {}", command.message.job.id, command.message.lease, exc)
+
+    def _with_payload(self, job: Job) -> Job:
+        """``job`` with its payload: read back from the store if the core let it go
+        (a big one, on disk since the job's first commit: ``qntx.pulse.ledger``)."""
+        if job.payload is not STORED:
+            return job
+        stored = self.store.get(job.id)
+        if stored is None:  # (a live job is never pruned)
+            raise NotFound(f"job {job.id}: its payload is not in the store")
+        return msgspec.structs.replace(job, payload=stored.job.payload)
 
     def _release_held(self, held: list[SendJob]) -> None:
         for command in held:
@@ -356,7 +383,9 @@ class Pulse(Commits, SessionPipes):
         """A submission whose id (or key) the core does not know may name a stored job:
         on a local store it is looked up at once; on a remote one the lookups of a
         read pass go in one query (``settle_submits``), not a round trip each."""
-        if (message.id is not None and self.core.get(message.id) is None) or message.idempotency_key is not None:
+        known = self.core.get(message.id) if message.id is not None else None
+        # (a job that let its payload go is looked up too: a resubmission compares payloads)
+        if (message.id is not None and (known is None or known.payload is STORED)) or message.idempotency_key is not None:
             if not self.store.local_reads:
                 self._looking.append((message, request))
                 if len(self._looking) >= LOOKUP_BATCH:
@@ -418,10 +447,12 @@ class Pulse(Commits, SessionPipes):
         if self.holds_lease(peer, message):
             self.apply(OutputWritten(message))
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, *, payload: bool = True) -> Job:
+        """A job's current record; ``payload=False``: one its reader strips anyway (a
+        big payload the core let go is then not read back)."""
         job = self.core.get(job_id)
         if job is not None:
-            return job
+            return self._with_payload(job) if payload else job
         stored = self.store.get(job_id)
         if stored is None:
             raise NotFound(f"no job {job_id}")

@@ -107,11 +107,16 @@ def notice(job: Job) -> JobNotice:
 
 class JobWatch:
     def __init__(
-        self, lookup: Callable[[str], Job], strip: Callable[[Job], Job], live: Callable[[set[str]], set[str]] | None = None
-    ):
+        self, lookup: Callable[[str], Job], strip: Callable[[Job], Job], live: Callable[[set[str]], set[str]] | None = None,
+        later: Callable[[str], bool] | None = None,
+    ):  # fmt: skip
         self._lookup = lookup  # a job's current record (raises NotFound)
         self._strip = strip  # the record without its payload
         self._live = live or (lambda ids: set())  # which of these ids are jobs in memory, not yet ended
+        # Whether a job's end is told later by ``changed`` (a big result, once its commit
+        # is on disk): who waits for it is answered then, never before, not even at its
+        # deadline (so no answer encodes the result while the commit holds a copy).
+        self._later = later or (lambda job_id: False)
         self._waiters: dict[str, list[Waiter]] = {}
         self._deadlines: list[tuple[float, int, Waiter | BatchWaiter]] = []
         # job id -> the batch waiter indexed under it (the latest; answered ones are
@@ -144,9 +149,10 @@ class JobWatch:
         job = self._lookup(message.id)
         timeout_ms = message.timeout_ms if isinstance(message.timeout_ms, int) else 0
         timeout_s = min(max(timeout_ms, 0), MAX_WAIT_MS) / 1000
-        update = self._update_if_news(job, cursor)
-        if update is not None or timeout_s == 0:
-            return update or self._update(job, cursor)
+        if not self._later(job.id):
+            update = self._update_if_news(job, cursor)
+            if update is not None or timeout_s == 0:
+                return update or self._update(job, cursor)
         if self._count >= MAX_WAITERS:
             raise Unavailable(f"the server holds {MAX_WAITERS} waiting requests already; ask again later")
         waiter = Waiter(request, job.id, now + timeout_s, cursor)
@@ -297,6 +303,7 @@ class JobWatch:
 
     def expire(self, now: float) -> None:
         """Answer the waiters whose deadline passed with the job as it is."""
+        later = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, waiter = heapq.heappop(self._deadlines)
             if waiter.done:
@@ -305,6 +312,9 @@ class JobWatch:
                 if not waiter.found:  # (one that found something is answered at the turn's end)
                     self._finish(waiter)
                     waiter.request.reply(EndedJobsReply())
+                continue
+            if self._later(waiter.job_id):  # answered by ``changed`` in a moment
+                later.append(waiter)  # (or, should the job change again first, at the next check)
                 continue
             try:
                 job = self._lookup(waiter.job_id)
@@ -320,6 +330,8 @@ class JobWatch:
                     self._waiters[waiter.job_id] = waiters
                 else:
                     del self._waiters[waiter.job_id]
+        for waiter in later:
+            heapq.heappush(self._deadlines, (now, next(self._order), waiter))
 
     def _answer(self, waiter: Waiter, update: JobUpdate) -> None:
         self._finish(waiter)

@@ -545,3 +545,29 @@ def test_a_refused_retry_of_a_stored_job_leaves_nothing_behind(h):
     with pytest.raises(Conflict):
         h(Steer("retry", job.id, "c", stored, seq))
     assert job.id not in h.core.jobs
+
+
+def test_a_big_payload_leaves_the_core_once_on_disk_and_out_on_a_lease():
+    """Over 1 MiB: its dispatch waits for the commit that writes it (never encoded
+    beside the commit's copy); once saved and running, the core holds ``STORED`` in
+    its place, and its next dispatch carries that for the shell to read back."""
+    from qntx.pulse.ledger import BIG_PAYLOAD_BYTES, STORED
+
+    h = Harness()
+    h.core.config = Config(max_payload_bytes=4 << 20)
+    h.hello()
+    big = "x" * (BIG_PAYLOAD_BYTES + 1)
+    job = h.submit(payload=big, max_attempts=2)
+    [command] = [c for c in h.turn() if isinstance(c, SendJob)]
+    assert command.durable and bytes(command.message.job.payload) == bytes(raw(big))
+    assert h.core.jobs[job.id].payload is not STORED  # not on disk yet
+    h.commit()
+    assert h.core.jobs[job.id].payload is STORED and bytes(h.disk.jobs[job.id][1].payload) == bytes(raw(big))
+    h.done(command.message, success=False, error=JobError(message="once more"))
+    h.tick(60_000)
+    [again] = h.dispatched(h.turn())
+    assert again.job.payload is STORED  # the shell reads it back from the store
+    small = h.submit(payload="small")
+    [sent] = [c for c in h.turn() if isinstance(c, SendJob)]
+    h.commit()
+    assert not sent.durable and h.core.jobs[small.id].payload == raw("small")  # small ones stay

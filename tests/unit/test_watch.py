@@ -225,3 +225,24 @@ def test_waiting_ended_jobs_are_bounded_by_the_ids_they_hold(monkeypatch):
     with pytest.raises(Unavailable):
         watch.ended_or_wait(ids[800:], 5_000, Asker(), now=0)  # 1,500 ids past the 1,000
     assert watch.ended_or_wait(ids[800:1_000], 5_000, Asker(), now=0) is None  # 1,000: room yet
+
+
+def test_an_end_told_later_is_answered_only_when_told_even_past_the_deadline(jobs):
+    """A big result is told once its commit is on disk: a WaitJob asked meanwhile, or
+    whose deadline passes meanwhile, gets nothing before (no copy of the result is
+    encoded beside the commit's), then the end."""
+    later = set()
+    watch = JobWatch(lambda job_id: jobs[job_id], lambda job: job, later=lambda job_id: job_id in later)
+    early = Asker()
+    assert watch.wait(WaitJob(id="a", timeout_ms=50), early, now=0) is None
+    jobs["a"] = Job(id="a", handler="h", status="completed", result=b"\x07", lease=5, attempts=1)  # ended, not told
+    later.add("a")
+    meanwhile = Asker()
+    assert watch.wait(WaitJob(id="a", timeout_ms=0), meanwhile, now=0.01) is None  # held, though it asks for now
+    watch.expire(now=1.0)
+    watch.expire(now=2.0)
+    assert early.replies == meanwhile.replies == [] and watch.waiting == 2
+    later.discard("a")
+    watch.changed(jobs["a"])  # told: both get the end
+    assert [r.job.status for r in early.replies + meanwhile.replies] == ["completed", "completed"]
+    assert watch.waiting == 0
