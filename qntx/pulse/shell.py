@@ -346,8 +346,6 @@ class Pulse(Commits, SessionPipes):
         self._closing = True
         self.writer.close()  # the commit in flight finishes and answers
         self._committing = False
-        self._commits = 0  # commits started so far
-        self._big_ended: list[tuple[int, Job]] = []  # (commits started before it ended, the job)
         self._closing = False
         try:
             self._commit_now()
