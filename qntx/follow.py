@@ -135,6 +135,7 @@ class Outcomes:
     def __init__(self, follower: JobFollower):
         self._follower = follower
         self._submitted: OrderedDict[str, weakref.ref] = OrderedDict()  # not asked for yet
+        self._prune_at = 4 * READ_AHEAD  # handles dropped unasked are forgotten at this many
         self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (prefetch)
         self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
@@ -147,9 +148,10 @@ class Outcomes:
 
     def submitted(self, job_id: str, handle: object) -> None:
         self._submitted[job_id] = weakref.ref(handle)
-        if len(self._submitted) > 4 * READ_AHEAD and len(self._submitted) % READ_AHEAD == 0:
+        if len(self._submitted) >= self._prune_at:  # (twice what a pruning left: linear overall)
             for dead in [i for i, ref in self._submitted.items() if ref() is None]:
                 del self._submitted[dead]
+            self._prune_at = max(4 * READ_AHEAD, 2 * len(self._submitted))
 
     def owns(self, correlation: bytes) -> bool:
         return correlation in self._in_flight
