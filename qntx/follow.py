@@ -142,7 +142,9 @@ class Outcomes:
         self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
         self._batch: _Batch | None = None  # the EndedJobs in flight
-        self._carry: dict[str, weakref.ref] = {}  # asked for in a batch, not answered: first in the next
+        # Asked for in a batch and not answered, or left over from a narrower batch:
+        # first in the next (ordered: taken from the front, given back to the front).
+        self._carry: OrderedDict[str, weakref.ref] = OrderedDict()
         self._span = READ_AHEAD  # how many ids the next batch asks for (see _settle_batch)
         self._held: dict[str, Job] = {}  # final records that came ahead of need
         self._held_refs: dict[str, weakref.ref] = {}  # … and the handles they are for
@@ -239,8 +241,8 @@ class Outcomes:
         ids = {first: ref}
         span, carry = self._span, self._carry
         while carry and len(ids) < span:  # (the answer before left them: they come first)
-            job_id = next(iter(carry))
-            ids[job_id] = carry.pop(job_id)
+            job_id, other = carry.popitem(last=False)
+            ids[job_id] = other
         while self._submitted and len(ids) < span:
             job_id, other = self._submitted.popitem(last=False)
             if other() is not None and job_id not in self._asked and job_id not in self._held:
@@ -283,7 +285,9 @@ class Outcomes:
             ref = batch.ids.pop(job_id, None)
             for other in gone:
                 batch.ids.pop(other, None)  # asked for alone when their turn comes
-            self._carry = {**batch.ids, **self._carry}  # asked for again, first in line
+            for unanswered in reversed(batch.ids):  # asked for again, first in line
+                self._carry[unanswered] = batch.ids[unanswered]
+                self._carry.move_to_end(unanswered, last=False)
         if job_id in self._held:
             return True
         if reply is None or job_id in gone or not (reply.jobs or reply.gone):
@@ -306,7 +310,7 @@ class Outcomes:
         self._in_flight.clear()
         self._answers.clear()
         self._batch = None
-        self._carry = {}
+        self._carry = OrderedDict()
 
 
 @dataclass(slots=True)
