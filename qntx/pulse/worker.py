@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import os
 import secrets
 import socket
@@ -69,6 +70,7 @@ RECENT_RESULTS_BYTES = 64 << 20
 REFUSED_RETRY_S = 5.0
 # Dispatches taken from the jobs pipe in one loop turn; more wait for the next turn.
 JOBS_PER_TURN = 64
+_monitors = itertools.count()  # names the jobs pipes' monitors
 
 
 class BuiltinFailure(Exception):
@@ -319,7 +321,8 @@ class Worker:
             jobs.setsockopt(zmq.LINGER, 0)
             jobs.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes * 4)
             self._jobs_target, self.jobs_endpoint = target, ""
-            address = f"inproc://qntx-jobs-monitor-{id(jobs)}"
+            # (a fresh name each time: a closed pipe's name is released only later)
+            address = f"inproc://qntx-jobs-monitor-{next(_monitors)}"
             jobs.monitor(address, zmq.EVENT_HANDSHAKE_SUCCEEDED)
             monitor = self.context.socket(zmq.PAIR)
             monitor.connect(address)
