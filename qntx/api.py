@@ -51,6 +51,9 @@ from qntx.settings import Settings, load_settings
 
 # Submissions a Bus lets wait for their reply before it waits for the oldest.
 SUBMIT_WINDOW = 10_000
+# Replies that came are read on the way every this many submissions waiting for
+# theirs (each look costs system calls; the replies wait in the socket meanwhile).
+COLLECT_EVERY = 16
 
 __all__ = ["Bus", "JobFailed", "JobHandle", "connect"]
 
@@ -217,7 +220,7 @@ class Bus:
             oldest = next(iter(self._accepting.values()))
             self._settle(oldest, None)
             self._note_refusal(oldest)
-        else:
+        elif len(self._accepting) % COLLECT_EVERY == 0:
             self._collect()
         return handle
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 JobEvent = JobChanged | JobProgressed | JobOutput
 READ_AHEAD = 512
+MIN_SPAN = 16  # the fewest ids a read-ahead batch asks for
 HELD_BYTES = 64 << 20
 SWEEP_BYTES = 256 << 10  # past this (and then past twice what a sweep left), records nobody can ask for are dropped
 
@@ -124,8 +125,9 @@ class JobFollower:
 class Outcomes:
     """Outcomes of the jobs submitted on one connection, asked for ahead of need.
 
-    While one result is awaited, one waiting ``EndedJobs`` asks for the next
-    READ_AHEAD jobs submitted here (whose handles are still held) together: the
+    While one result is awaited, one waiting ``EndedJobs`` asks for the next jobs
+    submitted here (whose handles are still held) together, about twice as many as
+    the answer before brought and READ_AHEAD at most: the
     server answers at the end of the loop turn in which the first of them ended,
     with every one of them that ended by then. A loop of results so costs one
     request per answer, and an answer carries what ended in a turn, not one job.
@@ -135,11 +137,15 @@ class Outcomes:
     def __init__(self, follower: JobFollower):
         self._follower = follower
         self._submitted: OrderedDict[str, weakref.ref] = OrderedDict()  # not asked for yet
+        self._prune_at = 4 * READ_AHEAD  # handles dropped unasked are forgotten at this many
         self._asked: dict[str, bytes] = {}  # job id -> its WaitJob in flight (prefetch)
         self._in_flight: set[bytes] = set()  # the correlations in _asked and of the batch
         self._answers: dict[bytes, Any] = {}  # answers the bus collected on the way
         self._batch: _Batch | None = None  # the EndedJobs in flight
-        self._carry: dict[str, weakref.ref] = {}  # asked for in a batch, not answered: first in the next
+        # Asked for in a batch and not answered, or left over from a narrower batch:
+        # first in the next (ordered: taken from the front, given back to the front).
+        self._carry: OrderedDict[str, weakref.ref] = OrderedDict()
+        self._span = READ_AHEAD  # how many ids the next batch asks for (see _settle_batch)
         self._held: dict[str, Job] = {}  # final records that came ahead of need
         self._held_refs: dict[str, weakref.ref] = {}  # … and the handles they are for
         self._held_bytes = 0
@@ -147,9 +153,10 @@ class Outcomes:
 
     def submitted(self, job_id: str, handle: object) -> None:
         self._submitted[job_id] = weakref.ref(handle)
-        if len(self._submitted) > 4 * READ_AHEAD and len(self._submitted) % READ_AHEAD == 0:
+        if len(self._submitted) >= self._prune_at:  # (twice what a pruning left: linear overall)
             for dead in [i for i, ref in self._submitted.items() if ref() is None]:
                 del self._submitted[dead]
+            self._prune_at = max(4 * READ_AHEAD, 2 * len(self._submitted))
 
     def owns(self, correlation: bytes) -> bool:
         return correlation in self._in_flight
@@ -232,9 +239,11 @@ class Outcomes:
         if self._held_bytes >= HELD_BYTES:
             return False
         ids = {first: ref}
-        ids.update(self._carry)  # (the answer before left them: they come first)
-        self._carry = {}
-        while self._submitted and len(ids) < READ_AHEAD:
+        span, carry = self._span, self._carry
+        while carry and len(ids) < span:  # (the answer before left them: they come first)
+            job_id, other = carry.popitem(last=False)
+            ids[job_id] = other
+        while self._submitted and len(ids) < span:
             job_id, other = self._submitted.popitem(last=False)
             if other() is not None and job_id not in self._asked and job_id not in self._held:
                 ids[job_id] = other
@@ -260,6 +269,9 @@ class Outcomes:
             self._in_flight.discard(batch.correlation)
             self._follower.client.forget(batch.correlation)
             if reply is not None:
+                # Ask next for about twice what ended by this answer: every id asked costs
+                # encoding here and a lookup at the server, and those not ended are asked again.
+                self._span = min(READ_AHEAD, max(MIN_SPAN, 2 * len(reply.jobs)))
                 for job in reply.jobs:
                     held = batch.ids.pop(job.id, None)
                     # kept only while someone holds its handle (the one awaited does)
@@ -273,7 +285,9 @@ class Outcomes:
             ref = batch.ids.pop(job_id, None)
             for other in gone:
                 batch.ids.pop(other, None)  # asked for alone when their turn comes
-            self._carry = batch.ids  # asked for again, first in line
+            for unanswered in reversed(batch.ids):  # asked for again, first in line
+                self._carry[unanswered] = batch.ids[unanswered]
+                self._carry.move_to_end(unanswered, last=False)
         if job_id in self._held:
             return True
         if reply is None or job_id in gone or not (reply.jobs or reply.gone):
@@ -296,7 +310,7 @@ class Outcomes:
         self._in_flight.clear()
         self._answers.clear()
         self._batch = None
-        self._carry = {}
+        self._carry = OrderedDict()
 
 
 @dataclass(slots=True)

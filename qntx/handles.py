@@ -108,23 +108,32 @@ def result_of(job: Job) -> Any:
 class Acceptance:
     """Where one submission stands: waiting for its reply, accepted, or refused."""
 
-    __slots__ = ("job_id", "record", "error")
+    __slots__ = ("job_id", "_accepted", "_record", "error")
 
     def __init__(self, job_id: str):
         self.job_id = job_id
-        self.record: Job | None = None  # the job as accepted (without its payload)
+        self._accepted: Job | None = None  # the job as accepted, as it came (decoded when asked for)
+        self._record: Job | None = None
         self.error: QntxError | None = None
 
     @property
+    def record(self) -> Job | None:
+        """The job as accepted (without its payload); None until then. A plain loop
+        of submits never asks: its records are not decoded."""
+        if self._record is None and self._accepted is not None:
+            self._record = decoded(self._accepted)
+        return self._record
+
+    @property
     def settled(self) -> bool:
-        return self.record is not None or self.error is not None
+        return self._accepted is not None or self.error is not None
 
     def settle(self, reply: Any) -> None:
         try:
             reply = raise_if_error(reply)
             if not isinstance(reply, JobReply):
                 raise QntxError(f"unexpected reply to Submit: {type(reply).__name__}")
-            self.record = decoded(reply.job)
+            self._accepted = reply.job
         except QntxError as exc:
             self.error = exc
 
@@ -135,7 +144,7 @@ class Acceptance:
     def outcome(self) -> Job:
         if self.error is not None:
             raise self.error
-        assert self.record is not None
+        assert self._accepted is not None
         return self.record
 
 

@@ -156,7 +156,8 @@ class PythonPlugin:
             roles=PLUGIN_ROLES,
         )
         self.server = AsyncClient(
-            self.settings.server_endpoint, ServerReply, context=self.context, security=self.settings.security
+            self.settings.server_endpoint, ServerReply, context=self.context, security=self.settings.security,
+            notices=True,  # a job's start, progress and output: one each per run at least
         )
         tasks = [asyncio.create_task(self._register_forever())]
         if self.service is not None:

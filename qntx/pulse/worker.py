@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import os
 import secrets
 import socket
@@ -67,6 +68,9 @@ RECENT_RESULTS_BYTES = 64 << 20
 # A session the server refused (no room) hangs up, so that it holds none of the
 # server's open files, and says hello again this much later.
 REFUSED_RETRY_S = 5.0
+# Dispatches taken from the jobs pipe in one loop turn; more wait for the next turn.
+JOBS_PER_TURN = 64
+_monitors = itertools.count()  # names the jobs pipes' monitors
 
 
 class BuiltinFailure(Exception):
@@ -129,16 +133,19 @@ class Worker:
         self.session = f"{self.name}:{os.getpid()}:{secrets.token_hex(4)}"
         self.capacity = capacity
         self.context = zmq.asyncio.Context()
+        # The jobs pipe and the results are plain sockets on the same context, read and
+        # written without futures: a job's messages cost no asyncio machinery.
+        self._plain = zmq.Context.shadow(self.context.underlying)
         self.commands = Decoder(WorkerCommand)
         self.jobs_decoder = Decoder(WorkerJob)
         self.running: dict[int, asyncio.Task] = {}  # lease -> its run
         self._not_started: dict[int, Job] = {}  # lease -> job, until its run begins
         self.draining = False
         self.stopping = False
-        self.jobs: zmq.asyncio.Socket | None = None
+        self.jobs: zmq.Socket | None = None
         self.jobs_endpoint = ""  # connected (handshake done) to this jobs PUSH
         self._jobs_target = ""
-        self.results: zmq.asyncio.Socket | None = None
+        self.results: zmq.Socket | None = None
         self._results_endpoint = ""
         self._unsent: list[bytes] = []  # results finished before the first welcome
         self._recent: collections.OrderedDict[int, tuple[float, bytes]] = collections.OrderedDict()
@@ -186,8 +193,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, *self._background, return_exceptions=True)
         self.control.close(0)
-        if self.jobs is not None:
-            self.jobs.close(0)
+        self._close_jobs()
         if self.results is not None:
             self.results.close(linger=2000)  # the last JobDone messages get 2 s to go out
 
@@ -298,7 +304,7 @@ class Worker:
         if results != self._results_endpoint:
             if self.results is not None:
                 self.results.close(0)
-            self.results = self.context.socket(zmq.PUSH)
+            self.results = self._plain.socket(zmq.PUSH)
             self.results.setsockopt(zmq.LINGER, 2000)
             self.results.setsockopt(zmq.SNDHWM, 0)  # results wait for a server, however long
             self.settings.security.connect(self.results, results)
@@ -310,16 +316,21 @@ class Worker:
             self._resend_recent()  # (to the results sink of the server that welcomed it now)
         target = reachable(welcome.jobs_endpoint, via)
         if target != self._jobs_target:
-            if self.jobs is not None:
-                self.jobs.close(0)
-            self.jobs = self.context.socket(zmq.PULL)
-            self.jobs.setsockopt(zmq.LINGER, 0)
-            self.jobs.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes * 4)
+            self._close_jobs()
+            self.jobs = jobs = self._plain.socket(zmq.PULL)
+            jobs.setsockopt(zmq.LINGER, 0)
+            jobs.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes * 4)
             self._jobs_target, self.jobs_endpoint = target, ""
-            monitor = self.jobs.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            self.settings.security.connect(self.jobs, target)
+            # (a fresh name each time: a closed pipe's name is released only later)
+            address = f"inproc://qntx-jobs-monitor-{next(_monitors)}"
+            jobs.monitor(address, zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            monitor = self.context.socket(zmq.PAIR)
+            monitor.connect(address)
+            self.settings.security.connect(jobs, target)
             self._spawn(self._watch_jobs_pipe(monitor, welcome.jobs_endpoint))
-            self._spawn(self._read_jobs(self.jobs))
+            loop = asyncio.get_running_loop()
+            loop.add_reader(jobs.FD, self._take_jobs, jobs)
+            loop.call_soon(self._take_jobs, jobs)  # (what came before the reader was added)
         else:
             self._send_ready()  # the same pipe (a restarted server binds it again)
 
@@ -338,27 +349,48 @@ class Worker:
 
     # ---------------------------------------------------------------- runs
 
-    async def _read_jobs(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
+    def _close_jobs(self) -> None:
+        if self.jobs is None:
+            return
+        try:
+            asyncio.get_running_loop().remove_reader(self.jobs.FD)
+        except RuntimeError:  # (no loop running any more)
+            pass
+        self.jobs.close(0)
+        self.jobs = None
+
+    def _take_jobs(self, sock: zmq.Socket) -> None:
+        """The jobs pipe is readable: take what it holds, JOBS_PER_TURN at most (the
+        rest in the next loop turn). Its descriptor signals only new arrivals, so it is
+        read until empty, and that ``Again`` readies it for the next signal."""
+        if sock is not self.jobs:
+            return  # replaced by a new pipe
+        for _ in range(JOBS_PER_TURN):
             try:
-                body = await sock.recv()
+                body = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
             except zmq.ZMQError:
-                return  # replaced by a new pipe
-            try:
-                dispatch = self.jobs_decoder.decode(body)
-            except QntxError as exc:
-                logger.warning("ignored an undecodable dispatch: {}", exc)
-                continue
-            job = dispatch.job
-            if job.handler == "builtin.echo" and self.execute is None:
-                # Nothing to wait for: answered here, without a task.
-                self._report(JobDone(job_id=job.id, lease=dispatch.lease, attempt=job.attempts, success=True, result=job.payload))
-                continue
-            task = asyncio.get_running_loop().create_task(self._run(dispatch))
-            self.running[dispatch.lease] = task
-            self._not_started[dispatch.lease] = dispatch.job
-            # Also when cancelled before it ever ran (then its body never runs).
-            task.add_done_callback(lambda t, lease=dispatch.lease: self._forget(lease, t))
+                return  # closed
+            self._take_job(body)
+        asyncio.get_running_loop().call_soon(self._take_jobs, sock)
+
+    def _take_job(self, body: bytes) -> None:
+        try:
+            dispatch = self.jobs_decoder.decode(body)
+        except QntxError as exc:
+            logger.warning("ignored an undecodable dispatch: {}", exc)
+            return
+        job = dispatch.job
+        if job.handler == "builtin.echo" and self.execute is None:
+            # Nothing to wait for: answered here, without a task.
+            self._report(JobDone(job_id=job.id, lease=dispatch.lease, attempt=job.attempts, success=True, result=job.payload))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(dispatch))
+        self.running[dispatch.lease] = task
+        self._not_started[dispatch.lease] = dispatch.job
+        # Also when cancelled before it ever ran (then its body never runs).
+        task.add_done_callback(lambda t, lease=dispatch.lease: self._forget(lease, t))
 
     def _forget(self, lease: int, task: asyncio.Task) -> None:
         if self.running.get(lease) is task:
@@ -426,7 +458,7 @@ class Worker:
             self._unsent.append(body)
             return
         try:
-            self.results.send(body, zmq.NOBLOCK).add_done_callback(_ignore_result)
+            self.results.send(body, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             logger.warning("could not send a result to the server: {}", exc)
 

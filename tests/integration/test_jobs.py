@@ -324,3 +324,23 @@ def test_pulse_commands(bus, up):
     assert job_id in listed.stdout
     bad = bus.run("pulse", "jobs", "--status", "sleeping")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_worker_takes_a_burst_of_dispatches_larger_than_one_loop_turn_reads(bus, up):
+    """A worker reads at most JOBS_PER_TURN dispatches per loop turn and takes the
+    rest in the next: a burst past that (jobs due at one instant, a wide worker)
+    runs whole, none left unread in the pipe until the next dispatch comes."""
+    from qntx.pulse.worker import JOBS_PER_TURN
+
+    wide = bus.start("worker", "--name", "wide", "--capacity", "400")
+    jobs = 3 * JOBS_PER_TURN
+    try:
+        with qntx.connect(bus.home) as b:
+            wait_for(lambda: any(a.name == "wide" for a in b.status().actors), 30, what="the wide worker")
+            due = int(time.time() * 1000) + 1500  # all due together: dispatched in one burst
+            handles = [b.submit("builtin.sleep", 0.2, run_at=due) for _ in range(jobs)]
+            assert [h.result(timeout=30) for h in handles] == [{"slept": 0.2}] * jobs
+            workers = [b.job(h.id).worker for h in handles]
+        assert sum(1 for w in workers if w == "wide") > JOBS_PER_TURN, workers
+    finally:
+        wide.stop()

@@ -290,6 +290,26 @@ def test_a_loop_of_results_asks_once_per_answer_not_once_per_job(shared, monkeyp
     assert asks <= jobs // 3, f"{asks} requests for {jobs} results: {sent.count('WaitJob')} WaitJob"
 
 
+def test_a_loop_of_results_asks_for_about_as_many_ids_as_end(shared, monkeypatch):
+    """Each id in an EndedJobs is encoded by the client and looked up by the server,
+    and one not ended is asked for again: a loop asks for a few ids per result, not
+    the whole read-ahead window on every answer."""
+    jobs, ids = 600, []
+    real_send = Client.send
+
+    def counted(self, message):
+        if isinstance(message, EndedJobs):
+            ids.append(len(message.ids))
+        return real_send(self, message)
+
+    monkeypatch.setattr(Client, "send", counted)
+    with shared.a.connect() as bus:
+        handles = [bus.submit("builtin.echo", n) for n in range(jobs)]
+        assert [h.result(timeout=60) for h in handles] == list(range(jobs))
+    assert ids, "the loop asked for its results together"
+    assert sum(ids) <= 8 * jobs, f"{sum(ids)} ids asked in {len(ids)} EndedJobs for {jobs} results"
+
+
 def test_a_gather_of_results_asks_once_per_answer_and_each_keeps_its_own_outcome(shared, monkeypatch):
     import asyncio
 
