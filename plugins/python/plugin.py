@@ -74,7 +74,7 @@ from qntx.protocol import (
 from qntx.pulse.worker import Worker, given_back
 from qntx.settings import Settings
 from qntx.stored_handlers import HANDLER_FILTER, is_handler, resolve
-from qntx.values import STOP_GRACE_S
+from qntx.values import STOP_GRACE_S, now_ms
 
 
 def run_key(job_id: str, lease: int) -> str:
@@ -94,6 +94,9 @@ class ScriptPayload(msgspec.Struct):
 RESYNC_S = 5.0
 HANDLERS_FEED = Feed(HANDLER_FILTER, is_handler, "the python plugin's handler discovery")
 ANNOUNCE_RETRY_S = 1.0  # an announcement the server did not acknowledge is sent again this soon
+# A run's JobStarted goes out once its code has run this long; a run that ends sooner
+# says when it started in its result (JobDone.started_at).
+START_NOTICE_S = 0.1
 
 
 class PythonPlugin:
@@ -401,8 +404,16 @@ class PythonPlugin:
         def on_output(stream: str, text: str) -> None:
             server.notify(JobOutput(job_id=job.id, stream=stream, text=text, lease=lease))
 
-        def on_start() -> None:  # it waited for an interpreter until now: Pulse says running from here
-            server.notify(JobStarted(job_id=job.id, lease=lease))
+        started: list = [0, None]  # when its code began (ms), the JobStarted waiting to go
+
+        def on_start() -> None:
+            # Pulse says "running" from here (it may have waited for an interpreter). A
+            # run that ends within START_NOTICE_S says so in its result instead: two
+            # messages and two server turns fewer for every short job.
+            started[0] = now_ms()
+            started[1] = asyncio.get_running_loop().call_later(
+                START_NOTICE_S, server.notify, JobStarted(job_id=job.id, lease=lease)
+            )
 
         context = JobContext(id=job.id, attempt=job.attempts, due=job.due, handler=job.handler, lease=lease)
         span = None if dispatch.trace is None else self.tracer.start(
@@ -429,11 +440,13 @@ class PythonPlugin:
             context=context,
             on_marks=on_marks,
         )
+        if started[1] is not None:
+            started[1].cancel()
         if span is not None:
             if not outcome.success:
                 self.tracer.fail(span, outcome.error.message if outcome.error else "failed")
             span.end()
-        return _done(job.id, lease, job.attempts, outcome)
+        return _done(job.id, lease, job.attempts, outcome, started[0])
 
     def _code_for(self, handler: str, payload: msgspec.Raw, version: str | None) -> tuple[str | None, str]:
         """(code, filename) for a job, or (None, error message)."""
@@ -469,12 +482,12 @@ class PythonPlugin:
         return Ack()
 
 
-def _done(job_id: str, lease: int, attempt: int, outcome: Outcome) -> JobDone:
+def _done(job_id: str, lease: int, attempt: int, outcome: Outcome, started_at: int = 0) -> JobDone:
     """A run's outcome as its report (logs: stdout, the marker, stderr)."""
     logs = outcome.stdout + ((STDERR_MARK + outcome.stderr) if outcome.stderr else "")
     return JobDone(
-        job_id=job_id, lease=lease, attempt=attempt, success=outcome.success,
-        result=outcome.result, error=outcome.error, logs=logs, progress=outcome.progress,
+        job_id=job_id, lease=lease, attempt=attempt, success=outcome.success, result=outcome.result,
+        error=outcome.error, logs=logs, progress=outcome.progress, started_at=started_at,
     )  # fmt: skip
 
 

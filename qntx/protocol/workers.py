@@ -57,6 +57,9 @@ class JobDone(Message):
     # The session that ran it, on a result sent again to a server that took over
     # (which may not know yet that the run is that session's: the result claims it).
     session: str = ""
+    # ms (wall clock): when the handler's code began, for a run that ended before its
+    # JobStarted went out (a plugin says "started" only for runs that last); 0: unsaid.
+    started_at: int = 0
 
 
 class Dispatch(Message):

@@ -237,6 +237,8 @@ class Runs(_Core):
             self._close_run(job, lease.id, "lost", now.wall, JobError(message=why), done.logs)
             self._requeue_without_attempt(job, now.wall, "interrupted")
             return
+        if job.status == "dispatched" and done.started_at > 0:  # ended before it said it started
+            job.started_at = min(done.started_at, now.wall)
         error = None if done.success else done.error or JobError(message="failed")
         self._close_run(job, lease.id, "completed" if done.success else "failed", now.wall, error, done.logs)
         if done.success:

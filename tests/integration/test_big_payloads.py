@@ -64,7 +64,7 @@ def test_a_big_payload_and_result_survive_a_retry_and_a_server_kill_9_byte_for_b
         b.server.request(Submit(handler="python.big", payload=msgspec.Raw(payload), id=job_id, max_attempts=3), timeout_s=60)
         # The second attempt got its payload back from the store (the first let it go).
         wait_for(lambda: (runs / "2").exists(), 60, what="the second attempt running")
-        assert b.job(job_id).status == "running"
+        wait_for(lambda: b.job(job_id).status == "running", 10, what="its JobStarted (sent once it ran 0.1 s)")
         assert stored_payload(b, job_id) == payload  # GetJob reads it back too
         # Submitted again with its id: the same payload is the same job; another is refused.
         again = b.server.request(Submit(handler="python.big", payload=msgspec.Raw(payload), id=job_id), timeout_s=60)

@@ -129,7 +129,8 @@ def test_a_job_waiting_inside_the_plugin_is_dispatched_not_running(bus):
         result = quick.result(timeout=30)
         assert result == [quick.id, 1, None, "python.nap"]  # the job context its code sees
         record = b.job(quick.id)
-        assert record.started_at >= waiting.history[0].started_at
+        # A run this short never sends JobStarted: its result says when its code began.
+        assert waiting.history[0].started_at <= record.started_at <= record.finished_at
 
 
 def test_pulse_show_lists_what_runs_after_a_job(bus):
