@@ -47,6 +47,7 @@ from pathlib import Path
 
 import lmdb
 
+from qntx.protocol import FINAL_STATUSES
 from qntx.supervisor import BACKOFF_MAX_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,7 +336,7 @@ class Chaos:
         while True:
             try:
                 queue = bus.status().queue
-                left = sum(queue.get(s, 0) for s in ("queued", "waiting", "running", "paused"))
+                left = sum(n for status, n in queue.items() if status not in FINAL_STATUSES)
             except QntxError:
                 left = None
             now = time.monotonic()
