@@ -14,10 +14,12 @@ import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qntx.bus.security import Security
 from qntx.errors import Invalid
+
+if TYPE_CHECKING:  # (imported when asked for: it brings in pyzmq, which embedded commands never use)
+    from qntx.bus.security import Security
 
 DEFAULT_HOME = "~/.qntx"
 LOG_FORMATS = ("text", "json")
@@ -97,6 +99,8 @@ class Settings:
 
     @property
     def security(self) -> Security:
+        from qntx.bus.security import Security
+
         return Security(keys_dir=self.keys_dir, insecure=self.insecure)
 
     def lock_path(self, actor: str) -> Path:

@@ -32,9 +32,9 @@ from pathlib import Path
 import zmq
 
 from qntx.errors import Invalid, NotFound, Unavailable
+from qntx.protocol.roles import ROLES
 
 # What each role may send is in qntx.protocol (ATS_ROLES, SERVER_ROLES, …).
-ROLES = ("client", "developer", "worker", "plugin", "admin")
 ZAP_DOMAIN = "qntx"
 ONLY = "/only/"  # "qntx/only/NAME": a socket only the key authorised as NAME may reach
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from qntx.bus.messages import Ping
-from qntx.bus.security import ROLES
 from qntx.protocol.ats import Attest, GetAttestation, Query, Stats
 from qntx.protocol.plugins import CancelExecution
 from qntx.protocol.records import NewAttestation
@@ -31,6 +30,8 @@ from qntx.protocol.workers import WorkerReady
 
 # The roles a tcp peer's key needs to send each request (docs/DEPLOY.md); a message
 # missing here needs ``admin``. ipc peers are this host's own user and pass.
+# What a key may be authorised as (``qntx keys allow --role``).
+ROLES = ("client", "developer", "worker", "plugin", "admin")
 _ANY = frozenset(ROLES)
 _CLIENT = frozenset({"client", "developer", "admin"})  # a developer may do what a client may
 _PLUGIN = frozenset({"plugin", "admin"})
