@@ -379,7 +379,7 @@ class Chaos:
                 else:
                     counts["jobs stuck (not final in time)"] += 1
                     if counts["jobs stuck (not final in time)"] <= 20:
-                        self.log(f"    {job_id}: {job.status}, attempt {job.attempts}, runs {job.runs}, lease {job.lease}, worker {job.worker}, run_after {job.run_after}")
+                        self.log(f"    {job_id}: {job.status}, attempt {job.attempts}, runs {job.runs}, lease {job.lease}, worker {job.worker}, run_after {job.run_after}, error {job.error.message if job.error else None!r}")
             for job_id, job in final.items():
                 n = jobs[job_id]
                 own = job.result == n or (isinstance(job.result, dict) and job.result.get("id") == job_id and job.result.get("n") == n)

@@ -68,7 +68,9 @@ class Commits(_Pulse):
         if self._committing or self._closing:
             return
         if lazy_ok and not self._durable and not self._held and not self.core.urgent:
-            if self._lazy_timer is None and self.core.has_changes():
+            # (big ended jobs are told after a commit: one comes even if nothing else
+            # changes, e.g. when their end was announced by the commit that saved it)
+            if self._lazy_timer is None and (self.core.has_changes() or self._big_ended):
                 self._lazy_timer = self.actor.call_later(LAZY_COMMIT_S, self._lazy_commit)
             return
         if self._lazy_timer is not None:
