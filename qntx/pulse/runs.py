@@ -239,6 +239,7 @@ class Runs(_Core):
             return
         if job.status == "dispatched" and done.started_at > 0:  # ended before it said it started
             job.started_at = min(done.started_at, now.wall)
+            self._set_status(job, "running")  # (queued -> running -> its end, as every run goes)
         error = None if done.success else done.error or JobError(message="failed")
         self._close_run(job, lease.id, "completed" if done.success else "failed", now.wall, error, done.logs)
         if done.success:
