@@ -404,14 +404,15 @@ class PythonPlugin:
         def on_output(stream: str, text: str) -> None:
             server.notify(JobOutput(job_id=job.id, stream=stream, text=text, lease=lease))
 
-        started: list = [0, None]  # when its code began (ms), the JobStarted waiting to go
+        started_at, start_notice = 0, None  # when its code began (ms), its JobStarted waiting to go
 
         def on_start() -> None:
             # Pulse says "running" from here (it may have waited for an interpreter). A
             # run that ends within START_NOTICE_S says so in its result instead: two
             # messages and two server turns fewer for every short job.
-            started[0] = now_ms()
-            started[1] = asyncio.get_running_loop().call_later(
+            nonlocal started_at, start_notice
+            started_at = now_ms()
+            start_notice = asyncio.get_running_loop().call_later(
                 START_NOTICE_S, server.notify, JobStarted(job_id=job.id, lease=lease)
             )
 
@@ -440,13 +441,13 @@ class PythonPlugin:
             context=context,
             on_marks=on_marks,
         )
-        if started[1] is not None:
-            started[1].cancel()
+        if start_notice is not None:
+            start_notice.cancel()
         if span is not None:
             if not outcome.success:
                 self.tracer.fail(span, outcome.error.message if outcome.error else "failed")
             span.end()
-        return _done(job.id, lease, job.attempts, outcome, started[0])
+        return _done(job.id, lease, job.attempts, outcome, started_at)
 
     def _code_for(self, handler: str, payload: msgspec.Raw, version: str | None) -> tuple[str | None, str]:
         """(code, filename) for a job, or (None, error message)."""

@@ -28,10 +28,11 @@ from qntx.protocol.server import (
 )
 from qntx.protocol.workers import WorkerReady
 
-# The roles a tcp peer's key needs to send each request (docs/DEPLOY.md); a message
-# missing here needs ``admin``. ipc peers are this host's own user and pass.
 # What a key may be authorised as (``qntx keys allow --role``).
 ROLES = ("client", "developer", "worker", "plugin", "admin")
+
+# The roles a tcp peer's key needs to send each request (docs/DEPLOY.md); a message
+# missing here needs ``admin``. ipc peers are this host's own user and pass.
 _ANY = frozenset(ROLES)
 _CLIENT = frozenset({"client", "developer", "admin"})  # a developer may do what a client may
 _PLUGIN = frozenset({"plugin", "admin"})
