@@ -31,6 +31,7 @@ reads every job in pages of a thousand, and checks, and prints:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import os
 import random
@@ -280,15 +281,26 @@ class Chaos:
             found = [pids[kind]] if kind in pids else []
         return found[int(pick * len(found))] if found else None
 
-    def stop_a_worker(self) -> None:
-        pids = self.pids()
-        names = [n for n in pids if n.startswith("worker")]
-        if not names:
-            return
-        pid = pids[self.random.choice(names)]
-        os.kill(pid, signal.SIGSTOP)
-        time.sleep(LEASE_S + 1)  # past its lease: Pulse gave its runs to others meanwhile
-        os.kill(pid, signal.SIGCONT)
+    def stop_a_worker(self, patience_s: float = BACKOFF_MAX_S + 5) -> str:
+        """SIGSTOP a live worker past its lease, then let it go on. A worker killed in
+        a round before may not be back yet (its pid file still names the dead one):
+        one is waited for as ``kill_one`` does, so a round is a stop, not a miss."""
+        pick = self.random.random()
+        deadline = time.monotonic() + patience_s
+        while time.monotonic() < deadline:
+            pid = self.target("worker", pick)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+                else:
+                    time.sleep(LEASE_S + 1)  # past its lease: Pulse gave its runs to others meanwhile
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                    return "SIGSTOP past the lease"
+            time.sleep(0.1)
+        return "none (stop)"
 
     def run(self, rounds: int, power: int, stops: int) -> None:
         self.log(f"chaos: home {self.home}; {rounds} kill rounds, {power} power losses, {stops} SIGSTOP rounds")
@@ -312,8 +324,7 @@ class Chaos:
                 self.power_loss()
                 self.tally.kills["power loss"] += 1
             else:
-                self.stop_a_worker()
-                self.tally.kills["SIGSTOP past the lease"] += 1
+                self.tally.kills[self.stop_a_worker()] += 1
             self.log(f"  {time.monotonic() - self.began:5.1f}s round {self.tally.rounds}: {fault} -> {dict(self.tally.kills)}; {len(self.tally.jobs)} jobs, {len(self.tally.attestations)} attestations accepted")
         time.sleep(1.0)
         self.stop.set()
