@@ -124,6 +124,7 @@ class PythonPlugin:
         self.stop = asyncio.Event()
         self._discovery_lock = asyncio.Lock()
         self._joining = asyncio.Lock()
+        self._starting = asyncio.Lock()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -274,18 +275,9 @@ class PythonPlugin:
                 self.pool.use_ats(message.ats_endpoint)
         logger.info("ATSStore endpoint: {}", message.ats_endpoint)
         self.ats_events_endpoint = message.ats_events_endpoint or self.settings.ats_events_endpoint
-        if self.pool is None:
-            self.pool = InterpreterPool(
-                self.settings.python_interpreters,
-                memory_mb=self.settings.python_memory_mb,
-                file_mb=self.settings.python_file_mb,
-                processes=self.settings.python_processes,
-                fresh=self.settings.python_fresh_process,
-                ats_endpoint=message.ats_endpoint,
-                keys_dir=self.settings.security.runner_keys(),
-                insecure=self.settings.insecure,
-            )
-            await self.pool.start()
+        async with self._starting:  # (a second Initialize, after a slow start, waits for it)
+            if self.pool is None:
+                await self._start_pool(message.ats_endpoint)
         await self._discover()
         if not self.initialized.is_set():
             self.initialized.set()
@@ -301,6 +293,23 @@ class PythonPlugin:
             handler_names=self.handler_names(), capacity=PLUGIN_DEPTH * self.pool.size,
             handler_versions=self.handler_versions(),
         )  # fmt: skip
+
+    async def _start_pool(self, ats_endpoint: str) -> None:
+        """Start the interpreters. The pool is kept only once it has started: a start
+        that fails (an interpreter killed as it came up) closes it, and the next
+        Initialize makes a new one, so no job is ever given to a closed pool."""
+        pool = InterpreterPool(
+            self.settings.python_interpreters,
+            memory_mb=self.settings.python_memory_mb,
+            file_mb=self.settings.python_file_mb,
+            processes=self.settings.python_processes,
+            fresh=self.settings.python_fresh_process,
+            ats_endpoint=ats_endpoint,
+            keys_dir=self.settings.security.runner_keys(),
+            insecure=self.settings.insecure,
+        )
+        await pool.start()
+        self.pool = pool
 
     def handler_names(self) -> list[str]:
         return [SCRIPT_HANDLER, *(f"{NAME}.{name}" for name in sorted(self.handlers))]

@@ -186,3 +186,40 @@ def test_handler_deleted_while_its_plugin_is_down(bus):
         jobs = [b.wait(h.id, timeout=60) for h in handles]
     assert all(j.status in ("completed", "failed") for j in jobs), [j.status for j in jobs]
     assert any("was deleted" in (j.error.message if j.error else "") for j in jobs)
+
+
+SITECUSTOMIZE = """
+import os, sys
+flag = os.environ.get("QNTX_TEST_FAIL_ONCE")
+if flag and "plugins.python.forkserver" in sys.orig_argv:
+    try:
+        os.unlink(flag)  # only the first interpreter to start finds it
+    except FileNotFoundError:
+        pass
+    else:
+        os._exit(3)
+"""
+
+
+def test_an_interpreter_that_dies_as_the_plugin_starts_costs_no_job_an_attempt(bus, tmp_path):
+    """The plugin's pool fails to start (one interpreter dies as it comes up, as a kill
+    in a chaos run can make it): the plugin starts a new pool at its next Initialize,
+    and no job is run on the closed one, where each would fail at once."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    flag = tmp_path / "fail-once"
+    flag.touch()
+    bus.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "site"), bus.env.get("PYTHONPATH")]))
+    bus.env["QNTX_TEST_FAIL_ONCE"] = str(flag)
+    assert bus.run("handler", "create", "work", "--code", WORK).returncode == 0
+    up = bus.start("up")
+    up.wait_output("python interpreter failed to start", timeout=30)
+    assert not flag.exists()
+    up.wait_output("handler=python.work", timeout=60)  # the plugin initialized at last
+    with qntx.connect(bus.home) as b:
+        handles = [b.submit("python.work", {"n": n}, max_attempts=1) for n in range(20)]
+        jobs = [h.wait(timeout=60) for h in handles]
+    assert [(j.status, j.result["n"] if j.result else None) for j in jobs] == [("completed", n) for n in range(20)], [
+        j.error for j in jobs
+    ]
+    assert all(j.attempts == 1 for j in jobs)
