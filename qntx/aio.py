@@ -21,7 +21,7 @@ from qntx.api import split_address, warn_unsettled
 from qntx.bus.client import PIPELINE_WINDOW, AsyncClient
 from qntx.calls import ATS, SERVER, Ask, AskEach, Enqueue, Nap
 from qntx.calls.derive import with_calls
-from qntx.errors import QntxError, Timeout, Unavailable
+from qntx.errors import NotFound, QntxError, Timeout, Unavailable
 from qntx.follow import AsyncJobFollower, JobEvent, event_sockets, read_event
 from qntx.handles import Acceptance, decoded, decoded_event, first_failure, result_of, unconfirmed
 from qntx.join import SILENT_HEARTBEATS, join, rejoined, retried
@@ -54,6 +54,8 @@ class AsyncJobHandle:
                 self._acceptance.settle(await self.bus.server.take(self._reply, timeout))
             except QntxError as exc:
                 self._acceptance.fail(unconfirmed(self._id, exc))
+        if self._acceptance.error is not None and self in self.bus._submitted:
+            self.bus._submitted.remove(self)  # raised here: flush need not report it again
         return self._acceptance.outcome()
 
     async def record(self) -> Job:
@@ -204,15 +206,30 @@ class AsyncBus:
             yield decoded_event(event)
 
     async def wait(self, id: str, *, timeout: float | None = None) -> Job:
-        """Wait until job ``id`` is final and return its record (with its result)."""
+        """Wait until job ``id`` is final and return its record (with its result).
+        A job this connection submitted and the server refused raises the refusal."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             return decoded(await self._follower.outcome(id, timeout))
+        except NotFound:
+            if not await self._accepted_now(id):
+                raise
         except (Timeout, Unavailable):
             if not await self._moved():
                 raise
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return decoded(await self._follower.outcome(id, left))  # asked of the server that took over
+        return decoded(await self._follower.outcome(id, left))  # asked again (of the server that took over)
+
+    async def _accepted_now(self, id: str) -> bool:
+        """For a job the server does not know: raise the refusal of this connection's
+        submission of it, if it was refused; True if that submission was still
+        waiting for its answer and is accepted now."""
+        for handle in self._submitted:
+            if handle._id == id:
+                settled = handle._acceptance.settled
+                await handle.accepted()  # raises its refusal
+                return not settled
+        return False
 
     async def events(self) -> AsyncIterator[Event]:
         """Every notice of the bus as it happens: the server's (a job changed, handlers

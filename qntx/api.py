@@ -34,7 +34,7 @@ from qntx.calls.args import (  # noqa: F401  (re-exported: the CLI and scripts i
 )
 from qntx.calls.derive import with_calls
 from qntx.calls.local import EmbeddedAts, ats_is_up, server_is_up, with_local_actors  # noqa: F401
-from qntx.errors import QntxError, Timeout, Unavailable
+from qntx.errors import NotFound, QntxError, Timeout, Unavailable
 from qntx.follow import JobEvent, event_sockets, read_event
 from qntx.handles import (
     Acceptance,
@@ -255,6 +255,20 @@ class Bus:
         if handle._acceptance.error is not None:
             self._unreported.append((handle._id, handle._acceptance.error))
 
+    def _accepted_now(self, id: str) -> bool:
+        """For a job the server does not know: raise the refusal of this connection's
+        submission of it, if it was refused and nobody has heard why yet; True if
+        that submission was still waiting for its answer and is accepted now."""
+        for handle in list(self._accepting.values()):
+            if handle._id == id:
+                handle.accepted()  # raises its refusal
+                return True
+        for job_id, error in self._unreported:
+            if job_id == id:
+                self._unreported = [(i, e) for i, e in self._unreported if i != id]
+                raise error
+        return False
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every submission so far is accepted or refused; raise the first
         refusal (its ``failures`` lists every refused or unconfirmed job id)."""
@@ -276,15 +290,19 @@ class Bus:
             yield decoded_event(event)
 
     def wait(self, id: str, *, timeout: float | None = None) -> Job:
-        """Block until job ``id`` is final and return its record (with its result)."""
+        """Block until job ``id`` is final and return its record (with its result).
+        A job this connection submitted and the server refused raises the refusal."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             return decoded(self._ensure_follower().outcome(id, timeout))
+        except NotFound:
+            if not self._accepted_now(id):
+                raise
         except (Timeout, Unavailable):
             if not self._moved():
                 raise
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return decoded(self._ensure_follower().outcome(id, left))  # asked of the server that took over
+        return decoded(self._ensure_follower().outcome(id, left))  # asked again (of the server that took over)
 
     def events(self) -> Iterator[Event]:
         """Every notice of the bus as it happens: the server's (a job changed, handlers

@@ -159,3 +159,30 @@ def test_bus_reads_events_and_single_pages_as_async_bus_does(up: Bus) -> None:
                 writer.join()
                 events.close()
         assert first.stored and all(n.predicates == ["seen"] for n in first.stored)
+
+
+def test_waiting_by_id_for_a_refused_submission_raises_its_refusal_on_both(up: Bus) -> None:
+    """``wait(id)`` right after ``submit`` (its answer not read yet, or read on the
+    way and not reported): the server knows no such job, and the call says why."""
+    with up.connect() as bus:
+        refused = bus.submit("python.nothere", 1)
+        with pytest.raises(NotFound, match="unknown handler 'python.nothere'"):
+            bus.wait(refused.id, timeout=30)
+        # read on the way: a later submission's answer settles it first
+        refused = bus.submit("python.nothere", 2)
+        bus.submit("builtin.echo", 3).result(timeout=30)
+        with pytest.raises(NotFound, match="unknown handler 'python.nothere'"):
+            bus.wait(refused.id, timeout=30)
+        accepted = bus.submit("builtin.echo", 4)
+        assert bus.wait(accepted.id, timeout=30).result == 4
+        with pytest.raises(NotFound, match="no job JB-NEVER-SUBMITTED"):
+            bus.wait("JB-NEVER-SUBMITTED", timeout=5)
+
+    async def refused_async(abus):
+        refused = abus.submit("python.nothere", 5)
+        with pytest.raises(NotFound, match="unknown handler 'python.nothere'"):
+            await abus.wait((await refused).id, timeout=30)
+        accepted = await abus.submit("builtin.echo", 6)
+        return (await abus.wait(accepted.id, timeout=30)).result
+
+    assert run(refused_async, up) == 6
