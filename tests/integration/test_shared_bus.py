@@ -8,6 +8,7 @@ client, a developer, a worker and a plugin host elsewhere.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import time
@@ -420,11 +421,12 @@ def test_memory_stays_bounded_for_watchers_and_stalled_subscribers(shared):
             server_pid = next(a.pid for a in bus.status().actors if a.name == "server")
             assert watcher.stdout.readline().strip() == "waiting"
 
-            def heard() -> bool:
+            # A subscriber hears only what is published once its connection is up:
+            # jobs go on until it has heard one (a single one can come too early).
+            deadline = time.monotonic() + 30
+            while not select.select([subscriber.stdout], [], [], 0.1)[0]:
+                assert time.monotonic() < deadline, "the subscriber heard no event in 30 s"
                 bus.submit("builtin.echo", 1).wait(10)
-                return True
-
-            heard()
             assert subscriber.stdout.readline().strip() == "subscribed"
             blob = "x" * 40_000
 
