@@ -357,8 +357,11 @@ class ServerActor(Actor):
         return Ack()
 
     def _on_metadata(self, entry: PluginEntry, reply) -> None:
+        if self.plugins.get(entry.name) is not entry:
+            return  # replaced meanwhile
         if isinstance(reply, ErrorReply):
-            logger.error("plugin {} did not answer Metadata: {}", entry.name, reply.message)
+            # Dropped: its next RegisterPlugin (one per heartbeat) starts over.
+            self._drop_plugin(entry, f"did not answer Metadata: {reply.message}")
             return
         if isinstance(reply, MetadataReply):
             entry.version = reply.version
@@ -374,7 +377,9 @@ class ServerActor(Actor):
         if self.plugins.get(entry.name) is not entry:
             return  # replaced meanwhile
         if not isinstance(reply, InitializeReply):
-            logger.error("plugin {} failed to initialize: {}", entry.name, getattr(reply, "message", reply))
+            # Dropped: its next RegisterPlugin (one per heartbeat) asks it again. Kept, a
+            # plugin that answers Health would never be initialized by this server.
+            self._drop_plugin(entry, f"failed to initialize: {getattr(reply, 'message', reply)}")
             return
         entry.healthy = True
         entry.capacity = max(0, reply.capacity)

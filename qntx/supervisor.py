@@ -181,10 +181,15 @@ class Supervisor:
         logger.warning("{} did not bind {} within {}s", child.name, child.ready_socket, timeout_s)
 
     def _write_pidfile(self) -> None:
+        """Name the live actors' pids in ``run/actors`` (for tools and tests: the bus
+        never reads it). A failed write (a full disk) is logged; the bus goes on."""
         lines = [f"{c.name} {c.process.pid}" for c in self.children if c.process and c.process.poll() is None]
         tmp = self.settings.run_dir / "actors.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(self.settings.run_dir / "actors")
+        try:
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(self.settings.run_dir / "actors")
+        except OSError as exc:
+            logger.warning("cannot write {}: {}", self.settings.run_dir / "actors", exc)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -301,7 +306,12 @@ class Supervisor:
                 elif now >= child.restart_at:
                     child.restarts += 1
                     self.metrics.forget(process.pid)
-                    self._start(child)
+                    try:
+                        self._start(child)
+                    except OSError as exc:  # no new process now (out of memory or processes)
+                        child.restart_at = now + child.backoff_s
+                        logger.error("{} could not be restarted: {}; trying again in {:.2f}s", child.name, exc, child.backoff_s)
+                        child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
 
     def _stop_all(self) -> None:
         """Stop in stages, most dependent first: workers and plugins get their grace

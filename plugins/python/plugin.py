@@ -217,6 +217,9 @@ class PythonPlugin:
             except QntxError as exc:
                 logger.warning("cannot join the bus at {} yet: {}", self.settings.connect, exc)
                 await asyncio.sleep(self.settings.heartbeat_s)
+            except Exception:  # its interpreters failed to start (one killed as it came up)
+                logger.exception("joining the bus at {} failed; trying again", self.settings.connect)
+                await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _rejoin(self) -> None:
         """The server went silent (it died, or stopped, or a standby took over): join

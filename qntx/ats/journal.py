@@ -64,7 +64,11 @@ class Journal:
         self._size = os.fstat(self._fd).st_size
         self._offset = 0  # where the next entry goes; set past the valid entries by read_all
         if self._size < INITIAL_BYTES:
-            self._fill(INITIAL_BYTES)
+            try:
+                self._fill(INITIAL_BYTES)
+            except BaseException:  # (a full disk) no half-open journal keeps the lock
+                self.close()
+                raise
 
     def read_all(self) -> Iterator[tuple[int, list[bytes]]]:
         """Every valid entry in order, as (first seq, record blobs); afterwards appends

@@ -223,3 +223,25 @@ def test_an_interpreter_that_dies_as_the_plugin_starts_costs_no_job_an_attempt(b
         j.error for j in jobs
     ]
     assert all(j.attempts == 1 for j in jobs)
+
+
+def test_up_restarts_an_actor_when_it_cannot_write_its_pid_file(bus, working):
+    """The pid file is for tools: a write of it that fails (here its temporary file is
+    a directory; a full disk does the same) is logged, and ``up`` goes on restarting
+    the actor that died rather than stopping the whole bus."""
+    pids = actor_pids(bus)
+    (bus.home / "run" / "actors.tmp").mkdir()
+    os.kill(pids["worker-1"], signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:
+            with qntx.connect(bus.home) as b:
+                return any(a.name == "worker-1" and a.healthy and a.pid != pids["worker-1"] for a in b.status().actors)
+        except QntxError:
+            return False  # the bus is going down
+
+    wait_for(restarted, 30, 0.1, what="worker-1 restarted")
+    assert working.alive()
+    assert "cannot write" in working.output()
+    with qntx.connect(bus.home) as b:
+        assert b.submit("builtin.echo", 7).result(timeout=30) == 7

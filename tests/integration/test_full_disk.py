@@ -105,3 +105,16 @@ def test_a_full_disk_refuses_writes_with_a_typed_error_and_keeps_everything_else
     output = bus.processes[0].output()
     # Each refused commit is one error line, not a storm of retries.
     assert output.count("commit of") < 50, output[-3000:]
+
+
+def test_a_journal_that_cannot_be_made_on_a_full_disk_lets_go_of_its_lock(small_home):
+    """Opening the journal on a full disk fails with the disk's error; once there is
+    room it opens, in the same process too (the failed open keeps no lock behind)."""
+    from qntx.ats.journal import Journal
+
+    fill(small_home / "filler")
+    with pytest.raises(Unavailable, match="disk full"):
+        Journal(small_home / "journal")
+    (small_home / "filler").unlink()
+    journal = Journal(small_home / "journal")  # not "in use by another process"
+    journal.close()
