@@ -245,3 +245,18 @@ def test_up_restarts_an_actor_when_it_cannot_write_its_pid_file(bus, working):
     assert "cannot write" in working.output()
     with qntx.connect(bus.home) as b:
         assert b.submit("builtin.echo", 7).result(timeout=30) == 7
+
+
+def test_a_plugin_that_fails_a_restarted_servers_initialize_is_asked_again(bus, working):
+    """The server restarts while ATS does not answer: the plugin cannot discover its
+    handlers, so it fails the new server's Initialize. Once ATS answers again, the
+    server asks again (the plugin registers afresh) and python jobs run."""
+    pids = actor_pids(bus)
+    os.kill(pids["ats"], signal.SIGSTOP)
+    try:
+        os.kill(pids["server"], signal.SIGKILL)
+        working.wait_output("failed to initialize", timeout=60)
+    finally:
+        os.kill(pids["ats"], signal.SIGCONT)
+    with qntx.connect(bus.home) as b:
+        assert b.submit("python.work", {"n": 5}).result(timeout=60)["n"] == 5
