@@ -359,3 +359,36 @@ def test_keys_commands(home):
     assert "box-2" not in bus.run("keys", "list").stdout
     gone = bus.run("keys", "revoke", "box-2")
     assert gone.returncode != 0 and "no key is authorised as 'box-2'" in gone.stderr
+
+
+def test_a_remote_plugin_whose_interpreters_fail_to_start_joins_again(hosts, tmp_path, home):
+    """One interpreter of a remote plugin dies as its pool comes up: the plugin tries
+    to join again, with a fresh pool, and takes its share of the python jobs."""
+    from tests.integration.test_faults import SITECUSTOMIZE
+
+    host_d = Bus(home)
+    try:
+        assert host_d.run("keys").returncode == 0
+        assert host_d.run("keys", "server", hosts.key_of(hosts.a)).returncode == 0
+        allowed = hosts.a.run("keys", "allow", "host-d", hosts.key_of(host_d), "--role", "plugin")
+        assert allowed.returncode == 0, allowed.stderr
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        (tmp_path / "fail-once").touch()
+        host_d.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "site"), host_d.env.get("PYTHONPATH")]))
+        host_d.env["QNTX_TEST_FAIL_ONCE"] = str(tmp_path / "fail-once")
+        plugin = host_d.start("plugin", "python", "--connect", hosts.server, "--name", "plugin-d")
+        runs = tmp_path / "runs"
+        runs.mkdir()
+        with hosts.a.connect() as bus:
+
+            def ran_on_d() -> bool:  # a batch at a time, until plugin-d has taken some
+                jobs = [h.wait(60) for h in submit_marked(bus, runs, 24, 0.2)]
+                assert all(j.status == "completed" for j in jobs), [j.error for j in jobs]
+                return any(j.worker == "plugin-d" for j in jobs)
+
+            wait_for(ran_on_d, 60, 0.1, what="plugin-d running python jobs")
+        assert not (tmp_path / "fail-once").exists()  # its first interpreter did die
+        assert "python interpreter failed to start" in plugin.output()
+    finally:
+        host_d.stop_all()
