@@ -270,10 +270,10 @@ class PythonPlugin:
     async def on_initialize(self, message: Initialize, request: Request) -> InitializeReply:
         logger.info("Initializing Python plugin")
         if self.ats is None or message.ats_endpoint != self.ats_endpoint:
-            if self.ats is not None:
+            ats = AsyncClient(message.ats_endpoint, AtsReply, context=self.context, security=self.settings.security)
+            if self.ats is not None:  # (replaced once the new one exists: never a closed one kept)
                 self.ats.close()
-            self.ats_endpoint = message.ats_endpoint
-            self.ats = AsyncClient(message.ats_endpoint, AtsReply, context=self.context, security=self.settings.security)
+            self.ats, self.ats_endpoint = ats, message.ats_endpoint
             if self.pool is not None:
                 self.pool.use_ats(message.ats_endpoint)
         logger.info("ATSStore endpoint: {}", message.ats_endpoint)
