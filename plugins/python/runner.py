@@ -25,6 +25,7 @@ import hashlib
 import io
 import linecache
 import os
+import re
 import resource
 import signal
 import sys
@@ -229,9 +230,25 @@ def cpu_left() -> bool:
 
 
 def _tail(text: str) -> str:
+    text = sendable(text)
     if len(text) <= MAX_OUTPUT_CHARS:
         return text
     return f"[... {len(text) - MAX_OUTPUT_CHARS} characters dropped]\n" + text[-MAX_OUTPUT_CHARS:]
+
+
+def sendable(text: str) -> str:
+    """``text`` as MessagePack can carry it: a lone surrogate (a name in another
+    encoding, as ``os.listdir`` gives it) becomes U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _job_error(exc: BaseException) -> JobError:
@@ -243,7 +260,7 @@ def _job_error(exc: BaseException) -> JobError:
     text = str(exc)
     message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return JobError(
-        message=message, traceback="".join(traceback.format_exception(type(exc), exc, tb))
+        message=sendable(message), traceback=sendable("".join(traceback.format_exception(type(exc), exc, tb)))
     )
 
 
@@ -345,7 +362,7 @@ class OutputStreamer:
         for stream, parts in chunks:
             text = "".join(parts)
             for at in range(0, len(text), STREAM_CHUNK_CHARS):
-                piece = text[at : at + STREAM_CHUNK_CHARS]
+                piece = sendable(text[at : at + STREAM_CHUNK_CHARS])
                 self._pipe.send(self._encoder.encode(ReportOutput(stream=stream, text=piece)))
 
 
@@ -460,7 +477,6 @@ class HandlerRunner:
             # Most likely `_result` is not MessagePack-able: return its repr instead of
             # losing the whole job, and say so where the author will look.
             note = f"\n[qntx] _result is not MessagePack-able ({exc}); returning its repr()\n"
-            reply.result = msgspec.Raw(self._encoder.encode(repr(result)))
-            reply.stdout = _tail(stdout.encode("utf-8", "replace").decode())
-            reply.stderr = _tail(stderr.encode("utf-8", "replace").decode() + note)
+            reply.result = msgspec.Raw(self._encoder.encode(sendable(repr(result))))
+            reply.stderr = _tail(stderr + sendable(note))
             return self._encoder.encode(reply)

@@ -39,6 +39,18 @@ HANDLERS = {
         "    caught = f'{type(exc).__name__}: {exc}'\n"
         "_result = {'ids': [r['id'] for r in recs[:1000]], 'early': early, 'caught': caught}\n"
     ),
+    # Text that is not valid UTF-8 (a lone surrogate, as os.listdir gives for a name
+    # in another encoding), printed early, streamed live, printed last and raised.
+    "surrogates": (
+        "import time\n"
+        "name = b'caf\\xe9'.decode('utf-8', 'surrogateescape')\n"
+        "print('first', name)\n"
+        "time.sleep(0.5)\n"
+        "print('last', name)\n"
+        "if args:\n"
+        "    raise ValueError(name)\n"
+        "_result = 'fine'\n"
+    ),
 }
 
 
@@ -344,3 +356,17 @@ def test_a_worker_takes_a_burst_of_dispatches_larger_than_one_loop_turn_reads(bu
         assert sum(1 for w in workers if w == "wide") > JOBS_PER_TURN, workers
     finally:
         wide.stop()
+
+
+def test_output_and_errors_that_are_not_valid_utf8_reach_the_client_replaced(bus, up):
+    """A lone surrogate in printed text or an exception message is sent as U+FFFD;
+    the run ends as the handler did (its result, or its own error), with its output."""
+    with bus.connect() as b:
+        ok = b.submit("python.surrogates", {"args": []})
+        lines = [e.text for e in b.follow(ok.id, timeout=60) if getattr(e, "text", None)]
+        job = ok.wait(timeout=60)
+        assert job.status == "completed" and job.result == "fine", job.error
+        assert "first caf\ufffd" in "".join(lines) and "last caf\ufffd" in job.logs
+        failed = b.submit("python.surrogates", {"args": [1]}, max_attempts=1).wait(timeout=60)
+        assert failed.status == "failed" and failed.error.message == "ValueError: caf\ufffd", failed.error
+        assert "last caf\ufffd" in failed.logs
