@@ -88,7 +88,7 @@ class Keyring:
             try:
                 st = self.path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
-            except FileNotFoundError:
+            except OSError:  # gone, or unreadable: read_authorized says which, and admits nobody
                 stamp = None
             if stamp == self._stamp and self.generation:
                 return
@@ -127,7 +127,8 @@ def read_authorized(path: Path) -> dict[str, Authorized]:
     entries = {}
     for name, value in raw.items() if isinstance(raw, dict) else ():
         if isinstance(value, dict) and isinstance(value.get("key"), str):
-            roles = tuple(r for r in value.get("roles", ()) if r in ROLES)
+            listed = value.get("roles")  # (a hand-edited entry may hold anything here)
+            roles = tuple(r for r in listed if r in ROLES) if isinstance(listed, list) else ()
             entries[name] = Authorized(name, value["key"], roles, str(value.get("added", "")))
     return entries
 
@@ -256,7 +257,13 @@ class ZapHandler:
         try:
             while not self._stop.is_set():
                 if self._socket.poll(250):
-                    self._socket.send_multipart(self.answer(self._socket.recv_multipart()))
+                    frames = self._socket.recv_multipart()
+                    try:
+                        reply = self.answer(frames)
+                    except Exception as exc:  # refused, and the next handshake is answered again
+                        request_id = frames[1] if len(frames) > 1 else b""
+                        reply = self._deny(request_id, "a peer", f"its request could not be checked: {exc!r}")
+                    self._socket.send_multipart(reply)
         except zmq.ZMQError:
             pass  # the context is going away
         finally:

@@ -13,6 +13,7 @@ import zmq.auth
 from qntx.bus.gate import Gate, Revoked
 from qntx.bus.security import (
     AUTHORIZED,
+    ZAP_ENDPOINT,
     Keyring,
     Security,
     ZapHandler,
@@ -97,6 +98,35 @@ def test_the_zap_handler_admits_authorised_curve_keys_in_its_domain_only(tmp_pat
             assert zap.answer(zap_request(b"qntx", b"", b"NULL"))[2] == b"400"
             assert zap.answer([b"1.0"])[2] == b"400"
         finally:
+            zap.stop()
+    finally:
+        context.destroy(linger=0)
+
+
+def test_a_hand_edited_authorized_file_never_stops_the_zap_handler(tmp_path):
+    """Entries whose roles are not a list (edited by hand) authorise nothing; the
+    handler's thread answers every request on, the good entries' ones with 200."""
+    keys = tmp_path / "keys"
+    key, raw = a_key(tmp_path)
+    allow(keys, "box-2", key, ["worker"])
+    odd = {name: a_key(tmp_path, name) for name in ("nulled", "numbered")}
+    entries = json.loads((keys / AUTHORIZED).read_text())
+    entries["nulled"] = {"key": odd["nulled"][0], "roles": None}
+    entries["numbered"] = {"key": odd["numbered"][0], "roles": 5}
+    (keys / AUTHORIZED).write_text(json.dumps(entries))
+    context = zmq.Context()
+    try:
+        zap = ZapHandler(context, Keyring(keys))
+        asker = context.socket(zmq.REQ)
+        asker.setsockopt(zmq.RCVTIMEO, 5000)
+        asker.connect(ZAP_ENDPOINT)
+        try:
+            for raw_key, status in ((odd["nulled"][1], b"400"), (odd["numbered"][1], b"400"), (raw, b"200")):
+                asker.send_multipart(zap_request(b"qntx", raw_key))
+                assert asker.recv_multipart()[2] == status
+            assert zap.alive
+        finally:
+            asker.close(0)
             zap.stop()
     finally:
         context.destroy(linger=0)
