@@ -118,22 +118,35 @@ class Supervisor:
         self._write_pidfile()
 
     def _pump(self, child: Child, process: subprocess.Popen, log_path: Path) -> None:
-        # Rotated at log_max_bytes, log_files kept: a long-running bus never fills the disk with logs.
-        log = RotatingFileHandler(
-            log_path, maxBytes=self.settings.log_max_bytes, backupCount=max(1, self.settings.log_files), encoding="utf-8"
-        )
-        log.terminator = ""
+        log = self._log_file(child, log_path)
         try:
             stamp = b""
             for line in process.stdout:  # type: ignore[union-attr]
-                log.emit(logging.makeLogRecord({"msg": line.decode("utf-8", "replace")}))
+                if log is not None:
+                    log.emit(logging.makeLogRecord({"msg": line.decode("utf-8", "replace")}))
                 if self.echo:
                     # A line without its own stamp (a traceback) goes with the line before it.
                     if STAMP.match(line):
                         stamp = line[:15]
                     self._console.put((stamp, line))
         finally:
-            log.close()
+            if log is not None:
+                log.close()
+
+    def _log_file(self, child: Child, log_path: Path) -> RotatingFileHandler | None:
+        """The actor's log file, rotated at log_max_bytes with log_files kept (a
+        long-running bus never fills the disk with logs); None if it cannot be opened
+        (a full disk): its pipe is read on all the same, or the actor would block."""
+        try:
+            log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (removed to make room, say)
+            log = RotatingFileHandler(
+                log_path, maxBytes=self.settings.log_max_bytes, backupCount=max(1, self.settings.log_files), encoding="utf-8"
+            )
+        except OSError as exc:
+            logger.error("cannot open {}'s log {}: {}; its lines go to the console only", child.name, log_path, exc)
+            return None
+        log.terminator = ""
+        return log
 
     def _echo(self) -> None:
         """Write the children's lines to the console in stamp order.
@@ -162,11 +175,17 @@ class Supervisor:
         held.sort()
         self._write(held)
 
-    @staticmethod
-    def _write(lines) -> None:
-        for *_, line in lines:
-            sys.stderr.buffer.write(line)
-        sys.stderr.buffer.flush()
+    def _write(self, lines) -> None:
+        if not self.echo:
+            return
+        try:
+            for *_, line in lines:
+                sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+        except (OSError, ValueError):
+            # The console is gone (its pipe's reader exited, a full disk): echo no more,
+            # and hold nothing for it. The actors' logs still go to their files.
+            self.echo = False
 
     def _wait_ready(self, child: Child, timeout_s: float = 15.0) -> None:
         if child.ready_socket is None:
@@ -181,8 +200,9 @@ class Supervisor:
         logger.warning("{} did not bind {} within {}s", child.name, child.ready_socket, timeout_s)
 
     def _write_pidfile(self) -> None:
-        """Name the live actors' pids in ``run/actors`` (for tools and tests: the bus
-        never reads it). A failed write (a full disk) is logged; the bus goes on."""
+        """Name the live actors' pids in ``run/actors`` (read by ``qntx status``, the
+        metrics endpoint and tools). A failed write (a full disk) is logged and the
+        bus goes on; the next start of an actor writes it again."""
         lines = [f"{c.name} {c.process.pid}" for c in self.children if c.process and c.process.poll() is None]
         tmp = self.settings.run_dir / "actors.tmp"
         try:

@@ -260,3 +260,17 @@ def test_a_plugin_that_fails_a_restarted_servers_initialize_is_asked_again(bus, 
         os.kill(pids["ats"], signal.SIGCONT)
     with qntx.connect(bus.home) as b:
         assert b.submit("python.work", {"n": 5}).result(timeout=60)["n"] == 5
+
+
+def test_an_actor_restarted_after_its_logs_directory_was_removed_logs_again(bus, working):
+    """The logs directory removed (to make room, say) while ``up`` runs: the actor it
+    restarts gets its log file again, and its output is read as before."""
+    import shutil
+
+    pids = actor_pids(bus)
+    shutil.rmtree(bus.home / "logs")
+    os.kill(pids["worker-1"], signal.SIGKILL)
+    log = bus.home / "logs" / "worker-1.log"
+    wait_for(lambda: log.exists() and log.stat().st_size > 0, 30, 0.1, what="worker-1's log written again")
+    with qntx.connect(bus.home) as b:
+        assert b.submit("builtin.echo", 8).result(timeout=30) == 8
