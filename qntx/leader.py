@@ -160,13 +160,19 @@ class Lease:
         self._conn = None
 
     def _run(self, work: Callable[[Any], Any]) -> Any:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = db.connect(self.url, application="qntx lease")
-            self._conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
-            self._conn.execute(f"SET statement_timeout = {int(LEASE_TTL_S * 1000)}")
         try:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = None
+                conn = db.connect(self.url, application="qntx lease")
+                try:  # kept once its timeouts are set: a connection lost in between is made again
+                    conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+                    conn.execute(f"SET statement_timeout = {int(LEASE_TTL_S * 1000)}")
+                except BaseException:
+                    conn.close()
+                    raise
+                self._conn = conn
             return work(self._conn)
-        except self._pg.Error as exc:
+        except self._pg.Error as exc:  # (as Unavailable, which every caller handles: renewals go on)
             raise Unavailable(f"the lease in {db.redact(self.url)}: {db.first_line(exc)}") from None
 
     def try_take(self) -> int | None:
