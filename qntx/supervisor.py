@@ -51,6 +51,28 @@ ECHO_HOLD_S = 0.05  # how long a console line may wait for an earlier one from a
 STAMP = re.compile(rb"^\d\d:\d\d:\d\d\.\d{6} ")
 
 
+class ActorLog(RotatingFileHandler):
+    """One actor's log file, rotated. A write that fails (a full disk) is reported
+    once, when it starts failing, and once more when it works again; its lines are
+    dropped meanwhile (the console still has them), not each followed by a traceback."""
+
+    failing = False
+    _failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if self.failing and not self._failed_now:
+            self.failing = False
+            logger.info("{} is written again", self.baseFilename)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if not self.failing:
+            self.failing = True
+            logger.error("cannot write {}: {}; its lines are dropped until it can", self.baseFilename, sys.exc_info()[1])
+
+
 @dataclass
 class Child:
     name: str
@@ -133,13 +155,13 @@ class Supervisor:
             if log is not None:
                 log.close()
 
-    def _log_file(self, child: Child, log_path: Path) -> RotatingFileHandler | None:
+    def _log_file(self, child: Child, log_path: Path) -> ActorLog | None:
         """The actor's log file, rotated at log_max_bytes with log_files kept (a
         long-running bus never fills the disk with logs); None if it cannot be opened
         (a full disk): its pipe is read on all the same, or the actor would block."""
         try:
             log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (removed to make room, say)
-            log = RotatingFileHandler(
+            log = ActorLog(
                 log_path, maxBytes=self.settings.log_max_bytes, backupCount=max(1, self.settings.log_files), encoding="utf-8"
             )
         except OSError as exc:
@@ -182,10 +204,12 @@ class Supervisor:
             for *_, line in lines:
                 sys.stderr.buffer.write(line)
             sys.stderr.buffer.flush()
-        except (OSError, ValueError):
-            # The console is gone (its pipe's reader exited, a full disk): echo no more,
-            # and hold nothing for it. The actors' logs still go to their files.
+        except (BrokenPipeError, ValueError):
+            # The console is gone (its pipe's reader exited, or it was closed): echo no
+            # more, and hold nothing for it. The actors' logs still go to their files.
             self.echo = False
+        except OSError:
+            pass  # (a console file on a full disk) these lines are dropped; later ones are tried
 
     def _wait_ready(self, child: Child, timeout_s: float = 15.0) -> None:
         if child.ready_socket is None:

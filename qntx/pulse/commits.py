@@ -38,6 +38,9 @@ LAZY_COMMIT_S = 0.02
 # loop keeps answering while a big one syncs.
 INLINE_COMMIT_ROWS = 2_000
 INLINE_COMMIT_BYTES = 1 << 20
+# After a commit failed (a full disk), the next try waits this long: not one per loop
+# turn, nor one straight from the failure's own handling (on the loop, that recursed).
+COMMIT_RETRY_S = 0.25
 
 
 class Commits(_Pulse):
@@ -65,7 +68,7 @@ class Commits(_Pulse):
         self._big_ended = later
 
     def _start_commit(self, *, lazy_ok: bool = True) -> None:
-        if self._committing or self._closing:
+        if self._committing or self._closing or self._retry_timer is not None:
             return
         if lazy_ok and not self._durable and not self._held and not self.core.urgent:
             # (big ended jobs are told after a commit: one comes even if nothing else
@@ -107,14 +110,15 @@ class Commits(_Pulse):
                     # commit) and goes with the next commit that succeeds: not known yet.
                     reply.reply_to.fail(Unconfirmed(f"{outcome}; the change is not confirmed yet: ask again"))
                 self._held = held + self._held  # they go with the next commit that succeeds
-            else:
-                self.commit_seconds.observe(took[0])
-                self.commit_rows.observe(len(changes.rows))
-                self.apply(Saved(changes.versions, changes.lease_ceiling))
-                for reply in replies:
-                    reply.reply_to.reply(reply.message)
-                self._release_held(held)
-                self._tell_big_ended(number)
+                self._retry_timer = self.actor.call_later(COMMIT_RETRY_S, self._retry_commit)
+                return
+            self.commit_seconds.observe(took[0])
+            self.commit_rows.observe(len(changes.rows))
+            self.apply(Saved(changes.versions, changes.lease_ceiling))
+            for reply in replies:
+                reply.reply_to.reply(reply.message)
+            self._release_held(held)
+            self._tell_big_ended(number)
             self._start_commit()  # what changed meanwhile goes next
 
         if self.store.commits_inline and self._small(changes):
@@ -140,6 +144,10 @@ class Commits(_Pulse):
 
     def _lazy_commit(self) -> None:
         self._lazy_timer = None
+        self._start_commit(lazy_ok=False)
+
+    def _retry_commit(self) -> None:
+        self._retry_timer = None
         self._start_commit(lazy_ok=False)
 
     def prune(self, older_than_ms: int | None = None, done: Callable[[dict[str, int]], None] | None = None) -> None:

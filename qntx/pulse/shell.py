@@ -172,6 +172,7 @@ class Pulse(Commits, SessionPipes):
         self._big_ended: list[tuple[int, Job]] = []  # (commits started before it ended, the job)
         self._closing = False
         self._lazy_timer = None
+        self._retry_timer = None  # after a failed commit: the next try waits for it
         self._pipes: dict[bytes, tuple[zmq.Socket, str]] = {}
         self.jobs_ports = jobs_port_range(settings)  # tcp ports for the jobs pipes of other hosts' sessions
         self._next_port = self.jobs_ports.start if self.jobs_ports else 0

@@ -7,12 +7,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from qntx.errors import Unavailable
-from tests.integration.conftest import Bus, wait_for
+from tests.integration.conftest import Bus, Process, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -118,3 +119,36 @@ def test_a_journal_that_cannot_be_made_on_a_full_disk_lets_go_of_its_lock(small_
     (small_home / "filler").unlink()
     journal = Journal(small_home / "journal")  # not "in use by another process"
     journal.close()
+
+
+def test_commits_that_fail_while_runs_end_and_wait_are_retried_calmly(small_home, tmp_path):
+    """The disk fills while python jobs run and more wait: their ends and the next
+    dispatches (held until their commit) cannot be written. The server tries again
+    now and then, not at once and not from inside its own failure (that recursed),
+    and once there is room every job ends with its own result."""
+    bus = Bus(small_home)
+    try:
+        # Results of 50 KB: each end needs new pages (a small one may fit in free ones).
+        code = "import time\ntime.sleep(0.3)\n_result = {'n': upstream['n'], 'pad': 'x' * 50_000}"
+        assert bus.run("handler", "create", "nap", "--code", code).returncode == 0
+        up = Process(bus.qntx_argv("up"), tmp_path / "up.out", bus.env)  # (its console off the full disk)
+        bus.processes.append(up)
+        up.wait_output("handler=python.nap", timeout=30)
+        with bus.connect() as b:
+            handles = [b.submit("python.nap", {"n": n}) for n in range(40)]
+            b.flush()
+            wait_for(lambda: b.status().queue["running"] > 0, 20, what="jobs running")
+            fill(small_home / "filler")
+            failing = lambda: up.output().count("commit of") >= 3 or "RecursionError" in up.output()  # noqa: E731
+            try:
+                wait_for(failing, 30, what="commits failing")
+            except AssertionError:
+                raise AssertionError(up.output()[-3000:]) from None
+            time.sleep(2)  # (what is measured: how often it tries in that time)
+            failures = up.output().count("commit of")
+            (small_home / "filler").unlink()
+            assert [h.result(timeout=60)["n"] for h in handles] == list(range(40))
+        assert "RecursionError" not in up.output()
+        assert failures < 40, up.output()[-3000:]
+    finally:
+        bus.stop_all()
