@@ -22,6 +22,22 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def utc_text(ms: int) -> str:
+    """Unix ms as ``YYYY-MM-DD HH:MM:SS`` (UTC); a time no calendar date holds (past
+    the year 9999, say) as its milliseconds."""
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):
+        return f"{ms} ms after 1970"
+
+
+def moment_text(ms: int | None) -> str:
+    """A job's time (created, started, runs at...) as ``utc_text``; ``-`` when unset (0)."""
+    return utc_text(ms) if ms else "-"
+
+
 def is_int(value: object) -> bool:
     """An integer that is not a bool (``True`` must not pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from cyclopts import App, Parameter
 
 from qntx.cli import app, fail, open_bus
+from qntx.values import utc_text
 
 if TYPE_CHECKING:
     from qntx.protocol import Attestation
 
 handler_app = App(name="handler", help="Create, list, show and delete Python handlers.")
 app.command(handler_app)
-
-
-def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def query_text(words: tuple[str, ...]) -> str:
@@ -63,7 +59,7 @@ def print_table(records: list[Attestation]) -> None:
     rows = [("ASID", "SUBJECTS", "PREDICATES", "CONTEXTS", "ACTORS", "TIME (UTC)")]
     for r in records:
         rows.append(
-            (r.id, ", ".join(r.subjects), ", ".join(r.predicates), ", ".join(r.contexts), ", ".join(r.actors), _time(r.timestamp))
+            (r.id, ", ".join(r.subjects), ", ".join(r.predicates), ", ".join(r.contexts), ", ".join(r.actors), utc_text(r.timestamp))
         )
     widths = [min(40, max(len(row[i]) for row in rows)) for i in range(len(rows[0]))]
     for row in rows:
@@ -204,7 +200,7 @@ def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
         return
     for name, record in resolution.current.items():
         lines = record.attributes["code"].count("\n") + 1
-        print(f"python.{name:<24} {record.id}  {_time(record.timestamp)}  {lines} line{'s' if lines != 1 else ''}")
+        print(f"python.{name:<24} {record.id}  {utc_text(record.timestamp)}  {lines} line{'s' if lines != 1 else ''}")
 
 
 @handler_app.command
@@ -221,7 +217,7 @@ def show(name: str, /):
     if current is None:
         fail(f"no handler named {name!r}", 1)
     if is_tombstone(current):
-        print(f"Handler '{name}' (deleted {_time(current.timestamp)} UTC)")
+        print(f"Handler '{name}' (deleted {utc_text(current.timestamp)} UTC)")
     else:
         print(f"Handler '{name}' (python.{name})")
         print(f"  ASID: {current.id}")
@@ -237,7 +233,7 @@ def show(name: str, /):
             what = f"{len(record.attributes['code'])} bytes"
         else:
             what = "no code (skipped)"
-        print(f"    {_time(record.timestamp)}  {record.id}  {what}")
+        print(f"    {utc_text(record.timestamp)}  {record.id}  {what}")
 
 
 @handler_app.command

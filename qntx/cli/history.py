@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+
+from qntx.values import moment_text
 
 if TYPE_CHECKING:
     from qntx.protocol import Job, Run
 
 LOG_LINES = 10  # the last lines of each run's output shown (pulse show --json has all)
-
-
-def _clock(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
 def run_lines(number: int, run: Run) -> list[str]:
@@ -24,7 +21,7 @@ def run_lines(number: int, run: Run) -> list[str]:
     took = f" ({(run.finished_at - run.started_at) / 1000:.1f}s)" if run.finished_at else ""
     lines = [
         f"    #{number} {run.outcome:<10} attempt {run.attempt}  lease {run.lease}  {where}",
-        f"       {_clock(run.started_at)} → {_clock(run.finished_at) if run.finished_at else 'still running'}{took}",
+        f"       {moment_text(run.started_at)} → {moment_text(run.finished_at) if run.finished_at else 'still running'}{took}",
     ]
     if run.error:
         lines.append(f"       error: {run.error.message}")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 import sys
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 from cyclopts import App, Parameter
 
 from qntx.cli import app, fail, open_bus
 from qntx.cli.attestations import print_json
+from qntx.values import moment_text
 
 if TYPE_CHECKING:  # imported where used: a command pays only for what it needs
     from qntx.cli.progress import ProgressView
@@ -18,12 +18,6 @@ if TYPE_CHECKING:  # imported where used: a command pays only for what it needs
 
 pulse_app = App(name="pulse", help="Inspect and steer Pulse jobs.")
 app.command(pulse_app)
-
-
-def _time(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _job_dict(job: Job) -> dict:
@@ -80,7 +74,7 @@ def ix(
     from qntx.cli.progress import ProgressView
 
     handler = handler_for(name)
-    run_at = start_time(at, in_, now_if_past=now_if_past)
+    run_at = startmoment_text(at, in_, now_if_past=now_if_past)
     with open_bus() as bus:
         handle = bus.submit(
             handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout, run_at=run_at,
@@ -88,7 +82,7 @@ def ix(
         )  # fmt: skip
         accepted = handle.accepted()  # a refusal (an unknown handler) is one line, before any waiting
         if run_at is not None:  # (on stderr: stdout is the id alone, for scripts)
-            print(f"runs at {_time(accepted.run_after or run_at)} UTC", file=sys.stderr)
+            print(f"runs at {moment_text(accepted.run_after or run_at)} UTC", file=sys.stderr)
         if no_wait:
             print(handle.id)
             return 0
@@ -124,7 +118,7 @@ def span_ms(text: str, option: str) -> int:
         fail(f"{option}: {exc.message}")
 
 
-def start_time(at: str | None, in_: str | None, *, now_if_past: bool = False) -> int | None:
+def startmoment_text(at: str | None, in_: str | None, *, now_if_past: bool = False) -> int | None:
     """When a job may start: ``--at`` (now, tomorrow 09:00, 2026-12-04 09:00, in 5
     minutes, RFC 3339 …, UTC) or ``--in`` (30s, 1.5s, 2h). A past ``--at`` is an error
     unless ``now_if_past``."""
@@ -158,7 +152,7 @@ def start_time(at: str | None, in_: str | None, *, now_if_past: bool = False) ->
     except AxSyntaxError as exc:
         fail(f"--at: {exc.message} (also: tomorrow 09:00, 2026-12-04 09:00, in 5 minutes)")
     if when < now - 1000 and not now_if_past:
-        fail(f"--at {at!r} is in the past ({_time(when)} UTC); add --now-if-past to run it at once")
+        fail(f"--at {at!r} is in the past ({moment_text(when)} UTC); add --now-if-past to run it at once")
     return when
 
 
@@ -203,8 +197,8 @@ def jobs(
     for job in found:
         error = job.error.message.splitlines()[0][:60] if job.error else ""
         if job.status == "queued" and job.run_after > job.created_at:
-            error = f"runs at {_time(job.run_after)}" + (f"; {error}" if error else "")
-        print(f"{job.id:<34} {job.handler[:24]:<24} {job.status:<10} {job.attempts}/{job.max_attempts:<4} {_time(job.created_at):<20} {error}")
+            error = f"runs at {moment_text(job.run_after)}" + (f"; {error}" if error else "")
+        print(f"{job.id:<34} {job.handler[:24]:<24} {job.status:<10} {job.attempts}/{job.max_attempts:<4} {moment_text(job.created_at):<20} {error}")
 
 
 @pulse_app.command
@@ -224,10 +218,10 @@ def show(job_id: str, /, *, json_: Annotated[bool, Parameter(name="--json")] = F
     print(f"  Handler:  {job.handler}")
     print(f"  Status:   {job.status} (attempt {job.attempts} of {job.max_attempts})")
     print(f"  Priority: {job.priority}   Timeout: {job.timeout_s:g}s")
-    print(f"  Created:  {_time(job.created_at)}   Started: {_time(job.started_at)}   Finished: {_time(job.finished_at)}")
+    print(f"  Created:  {moment_text(job.created_at)}   Started: {moment_text(job.started_at)}   Finished: {moment_text(job.finished_at)}")
     when = "if they all complete" if job.after_policy == "completed" else "once they end"
     optional = (
-        ("Runs at", job.run_after and job.status in ("queued", "waiting") and _time(job.run_after)),
+        ("Runs at", job.run_after and job.status in ("queued", "waiting") and moment_text(job.run_after)),
         ("Version", job.version),
         ("Parent", job.parent_id),
         ("After", job.after and f"{', '.join(job.after)} ({when})"),
@@ -422,7 +416,7 @@ def _watch_table(bus, handler: str | None):
             since = job.started_at if state == "running" else job.created_at
             shown_state = state
             if state == "queued" and job.run_after > now:  # a delayed job: when it runs
-                shown_state = f"queued, at {_time(job.run_after)}"
+                shown_state = f"queued, at {moment_text(job.run_after)}"
             table.add_row(
                 job.id, job.handler, shown_state, f"{job.attempts}/{job.max_attempts}", progress, job.worker or "",
                 f"{(now - since) / 1000:.1f}s" if since else "",

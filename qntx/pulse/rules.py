@@ -24,7 +24,7 @@ MAX_KEY_BYTES = 400  # idempotency keys and job ids: LMDB keys stop at 511 bytes
 # past this many extra runs a job that keeps taking its runner down fails anyway.
 MAX_LOST_RUNS = 25
 MAX_AFTER = 1000  # jobs one job may run after
-MAX_RUN_AT = 2**53  # ms: far beyond any date anyone means
+MAX_RUN_AT = 253_402_300_800_000  # ms: 10000-01-01T00:00Z, the first time no calendar date holds
 BACKOFF_BASE_MS = 500
 BACKOFF_MAX_MS = 60_000
 
@@ -86,7 +86,7 @@ def check_submit(spec: Submit, max_payload_bytes: int) -> None:
     if size > max_payload_bytes:
         raise TooLarge(f"payload of {size} bytes exceeds max_payload_bytes ({max_payload_bytes})")
     if spec.run_at is not None and (not is_int(spec.run_at) or not 0 <= spec.run_at < MAX_RUN_AT):
-        raise Invalid(f"run_at must be a time in Unix ms, got {spec.run_at!r}")
+        raise Invalid(f"run_at must be a time in Unix ms before the year 10000, got {spec.run_at!r}")
     if not isinstance(spec.after, list) or len(spec.after) > MAX_AFTER:
         raise Invalid(f"after must be a list of at most {MAX_AFTER} job ids")
     for job_id in spec.after:

@@ -315,6 +315,21 @@ def test_start_times_people_type_and_what_they_are_told(shared):
     assert unknown.returncode == 2 and "unknown handler" in unknown.stderr and "JB-" not in unknown.stderr
 
 
+def test_times_past_the_calendar_are_refused_or_shown_as_numbers(shared):
+    """A start past the year 9999 is refused before anything is stored (it used to be
+    stored, reported as an internal error, and break every job listing after it);
+    an attestation's timestamp past it is listed as its milliseconds."""
+    before = shared.run("pulse", "jobs").stdout
+    far = shared.run("ix", "builtin.echo", "--in", "8000 years", "--no-wait")
+    assert far.returncode == 2 and far.stderr.count("\n") == 1, far.stderr
+    assert "before the year 10000" in far.stderr and "internal" not in far.stderr, far.stderr
+    assert shared.run("pulse", "jobs").stdout == before  # nothing stored
+    with shared.connect() as api:
+        api.attest("far-future", "is", "stamped", timestamp=2**62)
+    listed = shared.run("ax", "far-future")
+    assert listed.returncode == 0 and f"{2**62} ms after 1970" in listed.stdout, listed.stderr
+
+
 def test_ix_after(shared):
     first = shared.run("ix", "builtin.sleep", "1", "--no-wait").stdout.strip()
     second = shared.run("ix", "builtin.echo", "then", "--after", first)
