@@ -38,13 +38,22 @@ def check_store_setting(text: str) -> str:
     """``store`` as a setting: empty (LMDB in the home) or a PostgreSQL URL."""
     if text and not is_database_url(text):
         raise Invalid(f"store must be empty (LMDB in the home) or postgresql://..., got {text!r}")
+    if text:
+        try:
+            urlsplit(text).port  # noqa: B018 (reads the host and port: a bad one raises)
+        except ValueError as exc:
+            raise Invalid(f"store is not a valid URL: {exc}") from None
     return text
 
 
 def redact(url: str) -> str:
     """``url`` without its password (in the user part or as ``?password=``), for logs,
     errors and stats."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a bad host or port raises here)
+    except ValueError:
+        return url.partition("://")[0] + "://(a malformed address)"
     if parts.password is not None:
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import stat
 import tomllib
@@ -174,9 +175,15 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return False
         raise Invalid(f"{origin}: {name} must be true or false, got {value!r}")
     try:
-        return kind(value)
+        coerced = kind(value)
     except (TypeError, ValueError):
         raise Invalid(f"{origin}: {name} must be {kind.__name__}, got {value!r}") from None
+    if kind is float:  # seconds: a number of them, and some more than none
+        least = 0.0 if name.startswith("keep_") else None
+        if not math.isfinite(coerced) or coerced < 0 or (least is None and coerced == 0):
+            bound = ">= 0" if least is not None else "> 0"
+            raise Invalid(f"{origin}: {name} must be a number of seconds {bound}, got {value!r}")
+    return coerced
 
 
 # The order of the ports `qntx up --bind tcp://HOST:PORT` takes, from PORT on.
@@ -216,6 +223,8 @@ def load_settings(home: str | Path | None = None, environ: dict[str, str] | None
     """Resolve settings. ``flags`` with value None are ignored (an unset CLI flag)."""
     env = os.environ if environ is None else environ
     home_path = Path(home or env.get("QNTX_HOME") or DEFAULT_HOME).expanduser().resolve()
+    if home_path.exists() and not home_path.is_dir():
+        raise Invalid(f"home {home_path} is not a directory")
     values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
     extra: dict[str, Any] = {}

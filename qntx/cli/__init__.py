@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return _error_line(f"a number is out of range: {exc}", 2)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    except OSError as exc:  # the machine said no (a path that is a file, no permission, a full disk)
+        if options.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        return _error_line(f"{exc.strerror or exc}{where}", 1)
     except Exception as exc:  # a bug: still one line unless --debug
         if options.debug:
             raise

@@ -173,9 +173,11 @@ def create(
         fail("give exactly one of --code or --file")
     if file is not None:
         try:
-            code = file.read_text()
+            code = file.read_text(encoding="utf-8")
         except OSError as exc:
             fail(f"cannot read {file}: {exc.strerror}")
+        except UnicodeDecodeError as exc:
+            fail(f"cannot read {file}: it is not UTF-8 text (byte {exc.start})")
     item = handler_attestation(name, code)
     with open_bus() as bus:
         record = bus.attest_many([item])[0]

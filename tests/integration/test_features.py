@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from qntx.errors import NotFound
 from qntx.handles import JobFailed
 from qntx.pulse.directives import firing_id
-from tests.integration.conftest import stays, wait_for
+from tests.integration.conftest import Bus, stays, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -338,3 +340,32 @@ def test_ix_after(shared):
         assert api.job(first).status == "completed"  # it waited for the first
         ran_after = [j for j in api.jobs(limit=5) if j.after == [first]]
         assert ran_after and ran_after[0].started_at >= api.job(first).finished_at
+
+
+def test_what_the_machine_or_a_setting_refuses_is_one_line_not_an_internal_error(home):
+    """A home that is a file or cannot be made, a handler file that is not UTF-8, a
+    store URL that cannot be parsed, a timeout that is not a number of seconds: one
+    line naming the problem, a non-zero exit, never "internal error"."""
+    env = Bus(home).env
+
+    def qntx(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "qntx", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**env, **extra})
+
+    afile = home / "afile"
+    afile.write_text("not a directory\n")
+    latin1 = home / "latin1.py"
+    latin1.write_bytes(b'x = "\xe9"\n')
+    cases = [
+        (["--home", str(afile), "handler", "list"], "is not a directory"),
+        (["--home", str(afile / "sub"), "handler", "list"], "Not a directory"),
+        (["--home", str(home), "handler", "create", "latin", "--file", str(latin1)], "not UTF-8 text"),
+        (["--home", str(home), "db", "check", "--store", "postgresql://[bad"], "store is not a valid URL"),
+    ]
+    for args, expected in cases:
+        done = qntx(*args)
+        assert done.returncode != 0 and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert expected in done.stderr and "internal" not in done.stderr, (args, done.stderr)
+    for bad in ("nan", "-1", "0"):
+        done = qntx("--home", str(home), "status", QNTX_REQUEST_TIMEOUT_S=bad)
+        assert done.returncode == 2 and "request_timeout_s must be a number of seconds > 0" in done.stderr, done.stderr
