@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from cyclopts import App, Parameter
 from cyclopts.exceptions import CycloptsError
@@ -83,6 +83,27 @@ def open_bus(**flags):
 def fail(message: str, code: int = 2) -> None:
     """Stop the command with one error line."""
     raise SystemExit(_error_line(message, code))
+
+
+def json_option(text: str, option: str) -> Any:
+    """The value of a JSON option, strictly: NaN, Infinity and numbers too large for a
+    float are refused (JSON has no such numbers: what is stored is printed back as JSON)."""
+    import json
+    import math
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite(digits: str) -> float:
+        value = float(digits)
+        if not math.isfinite(value):
+            raise ValueError(f"{digits} is too large for a number")
+        return value
+
+    try:
+        return json.loads(text, parse_constant=no_constant, parse_float=finite)
+    except ValueError as exc:  # (json.JSONDecodeError too)
+        fail(f"{option} is not valid JSON: {exc}")
 
 
 def _error_line(message: str, code: int) -> int:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from cyclopts import App, Parameter
 
-from qntx.cli import app, fail, open_bus
+from qntx.cli import app, fail, json_option, open_bus
 from qntx.values import utc_text
 
 if TYPE_CHECKING:
@@ -143,10 +143,7 @@ def as_(
         fail(f"as: {exc}")
     attributes = {}
     if attr is not None:
-        try:
-            attributes = json.loads(attr)
-        except json.JSONDecodeError as exc:
-            fail(f"--attr is not valid JSON: {exc}")
+        attributes = json_option(attr, "--attr")
         if not isinstance(attributes, dict):
             fail("--attr must be a JSON object")
     with open_bus() as bus:
@@ -186,7 +183,7 @@ def create(
 
 
 @handler_app.command(name="list")
-def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
+def list_(*, json_: Annotated[bool, Parameter(name="--json", negative="", help="Print JSON.")] = False):
     """List the current handlers."""
     from qntx.stored_handlers import HANDLER_FILTER, resolve
 

@@ -50,7 +50,7 @@ def ix(
     name: str,
     /,
     *args: str,
-    no_wait: Annotated[bool, Parameter(help="Print the job id and return at once.")] = False,
+    no_wait: Annotated[bool, Parameter(negative="", help="Print the job id and return at once.")] = False,
     timeout: Annotated[float, Parameter(help="Seconds the handler may run.")] = 300.0,
     priority: Annotated[int, Parameter(help="Higher runs first.")] = 0,
     max_attempts: Annotated[int, Parameter(help="Attempts before the job fails.")] = 3,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import App, Parameter
 
-from qntx.cli import app, fail, open_bus
+from qntx.cli import app, fail, json_option, open_bus
 from qntx.cli.attestations import handler_app, print_json
 
 if TYPE_CHECKING:  # imported where used: a command pays only for what it needs
@@ -57,10 +57,7 @@ def add(
         fail("give exactly one of --every or --cron")
     value = None
     if payload is not None:
-        try:
-            value = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            fail(f"--payload is not valid JSON: {exc}")
+        value = json_option(payload, "--payload")
     with open_bus() as bus:
         state = bus.schedule_add(
             name, handler_for(handler), every=every, cron=cron, payload=value, tz=tz, missed=missed,
@@ -70,7 +67,7 @@ def add(
 
 
 @schedule_app.command(name="list")
-def list_(json_: Annotated[bool, Parameter(name="--json")] = False):
+def list_(*, json_: Annotated[bool, Parameter(name="--json", negative="", help="Print JSON.")] = False):
     """List the schedules with their next due time."""
     import msgspec
 
@@ -168,9 +165,9 @@ def limit(
     *,
     concurrency: Annotated[int | None, Parameter(help="At most N jobs of it running at once, on all hosts.")] = None,
     rate: Annotated[str | None, Parameter(help="At most N starts per period: 10/s, 100/minute, 5/30s.")] = None,
-    no_concurrency: Annotated[bool, Parameter(help="Remove its concurrency limit (keep its rate).")] = False,
-    no_rate: Annotated[bool, Parameter(help="Remove its rate limit (keep its concurrency).")] = False,
-    clear: Annotated[bool, Parameter(help="Remove its limits.")] = False,
+    no_concurrency: Annotated[bool, Parameter(negative="", help="Remove its concurrency limit (keep its rate).")] = False,
+    no_rate: Annotated[bool, Parameter(negative="", help="Remove its rate limit (keep its concurrency).")] = False,
+    clear: Annotated[bool, Parameter(negative="", help="Remove its limits.")] = False,
 ):
     """Limit how many jobs of handler NAME run at once and how fast they start.
 
@@ -204,7 +201,6 @@ def limit(
 @handler_app.command
 def limits(*, json_: Annotated[bool, Parameter(name="--json")] = False):
     """Every handler's limits: at most N at once, at most N starts per period."""
-    import json
 
     with open_bus() as bus:
         found = bus.limits()

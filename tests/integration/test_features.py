@@ -344,8 +344,9 @@ def test_ix_after(shared):
 
 def test_what_the_machine_or_a_setting_refuses_is_one_line_not_an_internal_error(home):
     """A home that is a file or cannot be made, a handler file that is not UTF-8, a
-    store URL that cannot be parsed, a timeout that is not a number of seconds: one
-    line naming the problem, a non-zero exit, never "internal error"."""
+    store URL that cannot be parsed, JSON numbers JSON has not, a stray word, a timeout
+    that is not a number of seconds: one line naming the problem, a non-zero exit,
+    never "internal error"."""
     env = Bus(home).env
 
     def qntx(*args: str, **extra: str) -> subprocess.CompletedProcess:
@@ -361,6 +362,9 @@ def test_what_the_machine_or_a_setting_refuses_is_one_line_not_an_internal_error
         (["--home", str(afile / "sub"), "handler", "list"], "Not a directory"),
         (["--home", str(home), "handler", "create", "latin", "--file", str(latin1)], "not UTF-8 text"),
         (["--home", str(home), "db", "check", "--store", "postgresql://[bad"], "store is not a valid URL"),
+        (["--home", str(home), "as", "alice", "is", "here", "--attr", '{"a": NaN}'], "NaN is not a JSON number"),
+        (["--home", str(home), "as", "alice", "is", "here", "--attr", '{"a": 1e999}'], "too large for a number"),
+        (["--home", str(home), "handler", "list", "yes"], "yes"),  # a stray word, not --json
     ]
     for args, expected in cases:
         done = qntx(*args)
