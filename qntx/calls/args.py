@@ -80,7 +80,18 @@ def ax_filter(text: str, limit: int | None = None) -> Filter:
 
 def handler_for(name: str) -> str:
     """A handler as users type it: ``tagger`` is ``python.tagger``; a name with a dot is as is."""
-    return name if "." in name else f"python.{name}"
+    return check_handler(name if "." in name else f"python.{name}")
+
+
+def check_handler(handler: object) -> str:
+    """A handler's full name, PLUGIN.NAME (``python.tagger``, ``builtin.echo``), each
+    part as a handler's name may be; else Invalid."""
+    from qntx.stored_handlers import NAME_PATTERN
+
+    plugin, dot, name = handler.partition(".") if isinstance(handler, str) else ("", "", "")
+    if not (dot and NAME_PATTERN.match(plugin) and NAME_PATTERN.match(name)):
+        raise Invalid(f"invalid handler {handler!r}: PLUGIN.NAME, as python.tagger or builtin.echo")
+    return handler
 
 
 def split_action(action: str) -> tuple[str, list[str]]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from qntx.ats.ax import duration_ms
 from qntx.ats.current import latest
+from qntx.calls.args import check_handler
 from qntx.calls.attestations import query_filter
 from qntx.calls.effects import ATS, SERVER, Ask, Nap, call
 from qntx.calls.jobs import status
@@ -53,6 +54,7 @@ def schedule_add(
     like ``"5 minutes"``) or ``cron`` ("m h dom mon dow", in ``tz``). Firings
     missed while the bus was down run once (``missed="once"``) or not ("skip").
     Stored as an attestation; a running bus picks it up at once."""
+    check_handler(handler)
     every_ms = None
     if every is not None:
         every_ms = duration_ms(every, "every") if isinstance(every, str) else seconds_to_ms(every, "every")
@@ -113,6 +115,7 @@ def limit(
     """Limit ``handler``: at most ``concurrency`` running at once (across every
     worker and host) and at most ``rate`` starts per ``per_s`` seconds. Jobs over
     a limit wait in Pulse. Both None removes the limit. Stored as an attestation."""
+    check_handler(handler)
     attributes = {"concurrency": concurrency, "rate": rate, "per_ms": seconds_to_ms(per_s, "per_s")}
     if concurrency is None and rate is None:
         attributes = {"deleted": True}

@@ -365,6 +365,8 @@ def test_what_the_machine_or_a_setting_refuses_is_one_line_not_an_internal_error
         (["--home", str(home), "as", "alice", "is", "here", "--attr", '{"a": NaN}'], "NaN is not a JSON number"),
         (["--home", str(home), "as", "alice", "is", "here", "--attr", '{"a": 1e999}'], "too large for a number"),
         (["--home", str(home), "handler", "list", "yes"], "yes"),  # a stray word, not --json
+        (["--home", str(home), "schedule", "add", "s1", "--handler", "a b", "--every", "30s"], "invalid handler"),
+        (["--home", str(home), "handler", "limit", "", "--concurrency", "2"], "invalid handler"),
     ]
     for args, expected in cases:
         done = qntx(*args)
