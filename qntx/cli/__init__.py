@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error_line(f"a number is out of range: {exc}", 2)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    except UnicodeError as exc:  # text with a lone surrogate (bytes in another encoding) where UTF-8 must go
+        if options.debug:
+            raise
+        return _error_line(f"text that is not valid UTF-8 ({exc.reason}); give it as UTF-8", 2)
     except OSError as exc:  # the machine said no (a path that is a file, no permission, a full disk)
         if options.debug:
             raise

@@ -64,6 +64,13 @@ def up(
     os.environ["QNTX_PYTHON_POOL_SIZE"] = str(pool)
     from loguru import logger
 
+    from qntx.bus.pidlock import lock_holder
+
+    holder = lock_holder(resolved.lock_path("up"))
+    if holder is not None:  # said before anything else is (Supervisor.run checks it for good)
+        from qntx.errors import Conflict
+
+        raise Conflict(f"qntx is already up on {resolved.home} (pid {holder}); stop it first")
     logger.info("running ats, server, {} worker(s) and the python plugin with {} interpreter(s)", resolved.workers, pool)
 
     def ipc_path(endpoint: str):

@@ -367,6 +367,7 @@ def test_what_the_machine_or_a_setting_refuses_is_one_line_not_an_internal_error
         (["--home", str(home), "handler", "list", "yes"], "yes"),  # a stray word, not --json
         (["--home", str(home), "schedule", "add", "s1", "--handler", "a b", "--every", "30s"], "invalid handler"),
         (["--home", str(home), "handler", "limit", "", "--concurrency", "2"], "invalid handler"),
+        (["--home", str(home), "handler", "show", "caf\udce9"], "not valid UTF-8"),  # as a shell passes bad bytes
     ]
     for args, expected in cases:
         done = qntx(*args)

@@ -88,6 +88,7 @@ def test_headline_flow(bus):
     second = bus.run("up")
     assert second.returncode != 0
     assert "already up" in second.stderr and "Traceback" not in second.stderr
+    assert second.stderr.count("\n") == 1 and second.stdout == "", second.stderr
 
     # Live discovery: a handler created while up is registered within a second or so.
     created = bus.run("handler", "create", "live", "--code", "_result = {'args': args, 'up': upstream}")
