@@ -26,7 +26,7 @@ HANDLER_FILTER = Filter(predicates=[PREDICATE], contexts=[CONTEXT])
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise Invalid(
             f"invalid handler name {name!r}: use letters, digits, '_' and '-', starting with a letter or '_'"
         )

@@ -89,7 +89,7 @@ def check_handler(handler: object) -> str:
     from qntx.stored_handlers import NAME_PATTERN
 
     plugin, dot, name = handler.partition(".") if isinstance(handler, str) else ("", "", "")
-    if not (dot and NAME_PATTERN.match(plugin) and NAME_PATTERN.match(name)):
+    if not (dot and NAME_PATTERN.fullmatch(plugin) and NAME_PATTERN.fullmatch(name)):
         raise Invalid(f"invalid handler {handler!r}: PLUGIN.NAME, as python.tagger or builtin.echo")
     return handler
 

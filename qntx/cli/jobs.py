@@ -74,7 +74,7 @@ def ix(
     from qntx.cli.progress import ProgressView
 
     handler = handler_for(name)
-    run_at = startmoment_text(at, in_, now_if_past=now_if_past)
+    run_at = start_time(at, in_, now_if_past=now_if_past)
     with open_bus() as bus:
         handle = bus.submit(
             handler, {"args": list(args)}, priority=priority, max_attempts=max_attempts, timeout_s=timeout, run_at=run_at,
@@ -118,7 +118,7 @@ def span_ms(text: str, option: str) -> int:
         fail(f"{option}: {exc.message}")
 
 
-def startmoment_text(at: str | None, in_: str | None, *, now_if_past: bool = False) -> int | None:
+def start_time(at: str | None, in_: str | None, *, now_if_past: bool = False) -> int | None:
     """When a job may start: ``--at`` (now, tomorrow 09:00, 2026-12-04 09:00, in 5
     minutes, RFC 3339 …, UTC) or ``--in`` (30s, 1.5s, 2h). A past ``--at`` is an error
     unless ``now_if_past``."""
