@@ -18,6 +18,7 @@ again: the host that was cut off comes back as a standby, not as a second leader
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -49,6 +50,10 @@ STABLE_AFTER_S = 30.0  # a child that ran this long gets its backoff reset
 STAGE_WAIT_S = STOP_GRACE_S + 5.0
 ECHO_HOLD_S = 0.05  # how long a console line may wait for an earlier one from another actor
 STAMP = re.compile(rb"^\d\d:\d\d:\d\d\.\d{6} ")
+# The console's queue holds at most this many lines of at most this many bytes (about
+# 32 MiB): a console slower than the actors drops lines (the log files keep them all).
+ECHO_QUEUE_LINES = 2_000
+ECHO_LINE_BYTES = 16 << 10
 
 
 class ActorLog(RotatingFileHandler):
@@ -114,7 +119,9 @@ class Supervisor:
         # A plain flag: a signal handler must not take the locks of a
         # threading.Event the main thread may be holding while it waits.
         self._stopping = False
-        self._console: queue.Queue = queue.Queue()
+        self._console: queue.Queue = queue.Queue(maxsize=ECHO_QUEUE_LINES)
+        self._dropped = 0  # console lines dropped while the queue was full (said on the console)
+        self._dropped_lock = threading.Lock()
         self._echo_thread = threading.Thread(target=self._echo, name="console", daemon=True)
 
     # ---------------------------------------------------------------- processes
@@ -150,7 +157,13 @@ class Supervisor:
                     # A line without its own stamp (a traceback) goes with the line before it.
                     if STAMP.match(line):
                         stamp = line[:15]
-                    self._console.put((stamp, line))
+                    if len(line) > ECHO_LINE_BYTES:
+                        line = line[:ECHO_LINE_BYTES] + b" [... cut here; the log file has it whole]\n"
+                    try:
+                        self._console.put_nowait((stamp, line))
+                    except queue.Full:
+                        with self._dropped_lock:
+                            self._dropped += 1
         finally:
             if log is not None:
                 log.close()
@@ -200,7 +213,11 @@ class Supervisor:
     def _write(self, lines) -> None:
         if not self.echo:
             return
+        with self._dropped_lock:
+            dropped, self._dropped = self._dropped, 0
         try:
+            if dropped:
+                sys.stderr.buffer.write(f"[qntx] {dropped} console line(s) dropped: the console is slower than the actors (the logs have them)\n".encode())
             for *_, line in lines:
                 sys.stderr.buffer.write(line)
             sys.stderr.buffer.flush()
@@ -263,7 +280,8 @@ class Supervisor:
                 self.lease.close()
             self.metrics.stop()
             (self.settings.run_dir / "actors").unlink(missing_ok=True)
-            self._console.put((b"", None))  # the children are gone: flush what is held
+            with contextlib.suppress(queue.Full):  # the children are gone: flush what is held
+                self._console.put((b"", None), timeout=2)
             self._echo_thread.join(timeout=2)
             lock.release()
         return 0

@@ -32,3 +32,26 @@ def test_a_console_whose_reader_is_gone_is_no_longer_echoed_to(tmp_path, monkeyp
             console.close()
         except BrokenPipeError:
             pass
+
+
+def test_a_console_slower_than_the_actors_drops_lines_instead_of_holding_them(tmp_path):
+    """Nothing reads the console queue (a console that blocks): an actor's 5,000 lines,
+    some of 100 KB, leave at most ECHO_QUEUE_LINES in it, each cut to ECHO_LINE_BYTES;
+    the rest are counted, and all of them reach the actor's log file."""
+    import subprocess
+
+    from qntx.supervisor import ECHO_LINE_BYTES, ECHO_QUEUE_LINES, Child
+
+    supervisor = Supervisor(load_settings(tmp_path), [])
+    talker = "for i in range(5000): print(('x' * 100_000) if i % 100 == 0 else i)"
+    process = subprocess.Popen([sys.executable, "-c", talker], stdout=subprocess.PIPE)
+    log = tmp_path / "talker.log"
+    try:
+        supervisor._pump(Child("talker", []), process, log)
+    finally:
+        process.wait(30)
+    assert supervisor._console.qsize() == ECHO_QUEUE_LINES
+    assert supervisor._dropped == 5000 - ECHO_QUEUE_LINES
+    held = [supervisor._console.get_nowait()[1] for _ in range(ECHO_QUEUE_LINES)]
+    assert max(len(line) for line in held) < ECHO_LINE_BYTES + 100
+    assert log.read_text().count("\n") == 5000
