@@ -136,7 +136,8 @@ def test_a_running_jobs_page_starts_with_the_output_so_far(browser, dashboard):
 
 
 def test_the_chart_has_axes_and_a_burst_does_not_flatten_the_rest(browser, dashboard, tmp_path):
-    burst = [dashboard.api.submit("builtin.echo", n) for n in range(100)]
+    # 200: a burst split between two buckets of the chart still has 100 in one of them
+    burst = [dashboard.api.submit("builtin.echo", n) for n in range(200)]
     lone = dashboard.api.submit("builtin.fail", "one", max_attempts=1)
     for handle in [*burst, lone]:
         handle.wait(timeout=30)
